@@ -1,0 +1,132 @@
+"""Guidance terms: a loss on what the edit branch produced, a weight and an active step window.
+
+A term says which layers it needs (``request``), given the denoiser's layer list, and computes its loss
+from a ``StepContext``. Terms compose as a tuple (a ZEROCON_GUIDANCE link carries one); the sampler sums
+``weight * loss`` of the terms active at a step and takes one gradient step on the latent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .denoiser import CaptureRequest, LayerInfo, Prediction, parse_layer_spec, select_layers
+from .losses import cross_attention_loss, multi_patch_nce_loss
+
+
+@dataclass
+class StepContext:
+    """What a term sees at one guided step.
+
+    ``x`` is the edit latent in sigma space (requires grad), ``eps`` its prediction under the edit
+    conditioning (differentiable), ``edit``/``ref`` the captures of the edit branch (differentiable) and of
+    the reference branch (detached). ``step`` counts from 0; ``sigma`` is a 0-d tensor.
+    """
+
+    step: int
+    num_steps: int
+    sigma: Tensor
+    x: Tensor
+    eps: Tensor
+    edit: Prediction
+    ref: Prediction
+    generator: torch.Generator
+
+    @property
+    def x0(self) -> Tensor:
+        """Predicted clean latent (sigma space = unscaled latent), differentiable w.r.t. ``x``."""
+        return self.x - self.sigma * self.eps
+
+
+@dataclass(frozen=True)
+class GuidanceTerm:
+    """Base class. ``weight`` scales the loss; the term is active for steps with ``start <= i/N < end``."""
+
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.start < self.end <= 1.0):
+            raise ValueError(f"guidance window must satisfy 0 <= start < end <= 1, got [{self.start}, {self.end}]")
+
+    def active(self, step: int, num_steps: int) -> bool:
+        frac = step / max(num_steps, 1)
+        return self.weight != 0.0 and self.start <= frac < self.end
+
+    def request(self, layers: Sequence[LayerInfo]) -> CaptureRequest:
+        return CaptureRequest()
+
+    def loss(self, ctx: StepContext, request: CaptureRequest) -> Tensor:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class CrossAttentionGuidance(GuidanceTerm):
+    """pix2pix-zero's cross-attention loss on ``attn2`` probabilities of the layers in ``layers``.
+
+    Default weight 0.1 = pix2pix-zero's ``xa_guidance`` for real images with SD1.x (use <= 0.01 for
+    v-prediction models). ``layers``: "all" (the paper's choice) or a spec like "up" / "down,up:1,2".
+    """
+
+    weight: float = 0.1
+    layers: str = "all"
+
+    def request(self, layers: Sequence[LayerInfo]) -> CaptureRequest:
+        blocks, levels = parse_layer_spec(self.layers)
+        return CaptureRequest(probs=frozenset(select_layers(layers, "cross", blocks, levels)))
+
+    def loss(self, ctx: StepContext, request: CaptureRequest) -> Tensor:
+        names = sorted(request.probs)
+        return cross_attention_loss({n: ctx.edit.probs[n] for n in names}, {n: ctx.ref.probs[n] for n in names})
+
+
+@dataclass(frozen=True)
+class PatchNCEGuidance(GuidanceTerm):
+    """Patch-wise contrastive (CUT PatchNCE) loss between edit and reference self-attention outputs.
+
+    Our defaults for pix2pix-zeroCon (the paper is silent; method-zerocon.md §4.3): up-block ``attn1``
+    outputs, patch sizes {1, 2}, 256 shared sample locations, tau 0.07, no MLP head. The weight is
+    calibrated against the cross-attention loss (see README, "Calibrating PatchNCE").
+    """
+
+    weight: float = 0.05
+    layers: str = "up"
+    num_patches: int = 256
+    tau: float = 0.07
+    patch_sizes: tuple[int, ...] = field(default=(1, 2))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_patches < 2:
+            raise ValueError(f"PatchNCE needs at least 2 patches, got {self.num_patches}")
+        if self.tau <= 0:
+            raise ValueError(f"PatchNCE temperature must be > 0, got {self.tau}")
+        if not self.patch_sizes or any(int(p) < 1 for p in self.patch_sizes):
+            raise ValueError(f"patch sizes must be integers >= 1, got {self.patch_sizes}")
+
+    def request(self, layers: Sequence[LayerInfo]) -> CaptureRequest:
+        blocks, levels = parse_layer_spec(self.layers)
+        return CaptureRequest(features=frozenset(select_layers(layers, "self", blocks, levels)))
+
+    def loss(self, ctx: StepContext, request: CaptureRequest) -> Tensor:
+        names = sorted(request.features)
+        return multi_patch_nce_loss(
+            {n: ctx.edit.features[n] for n in names},
+            {n: ctx.ref.features[n] for n in names},
+            patch_sizes=self.patch_sizes,
+            num_patches=self.num_patches,
+            tau=self.tau,
+            generator=ctx.generator,
+        )
+
+
+Guidance = tuple[GuidanceTerm, ...]
+
+
+def chain(previous: Guidance | None, term: GuidanceTerm) -> Guidance:
+    """Append ``term`` to an optional previous guidance tuple (what the term nodes do)."""
+    return tuple(previous or ()) + (term,)

@@ -1,0 +1,145 @@
+"""Guidance and regularisation losses: pure tensor functions, computed in float32 (or the input's
+dtype when that is float64, so tests can check them in double precision).
+
+Sources: pix2pix-zero (cross-attention loss, auto-correlation and KL noise regularisers), CUT (PatchNCE).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _f(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def cross_attention_loss(edit: Mapping[str, Tensor], ref: Mapping[str, Tensor]) -> Tensor:
+    """pix2pix-zero's cross-attention loss, summed over layers.
+
+    Each map is ``(B, heads, HW, T)``; per layer: squared difference summed over space and tokens, averaged
+    over batch and heads. The reference side is detached. Raises ``ValueError`` when layers or shapes differ.
+    """
+    if set(edit) != set(ref):
+        raise ValueError(f"cross-attention layers differ: {sorted(set(edit) ^ set(ref))}")
+    if not edit:
+        raise ValueError("cross-attention loss needs at least one layer")
+    total = None
+    for name, m_edit in edit.items():
+        m_ref = ref[name]
+        if m_edit.shape != m_ref.shape:
+            raise ValueError(
+                f"cross-attention maps of layer {name} differ in shape: edit {tuple(m_edit.shape)} vs "
+                f"reference {tuple(m_ref.shape)} (different prompt lengths or latent sizes?)"
+            )
+        d = _f(m_edit) - _f(m_ref).detach()
+        term = d.pow(2).sum(dim=(-2, -1)).mean()
+        total = term if total is None else total + term
+    return total
+
+
+def sample_patch_indices(num_locations: int, num_patches: int, generator: torch.Generator | None, device) -> Tensor:
+    """``min(num_patches, num_locations)`` distinct locations out of ``num_locations`` (a random permutation's head)."""
+    perm = torch.randperm(num_locations, generator=generator, device="cpu")
+    return perm[: min(num_patches, num_locations)].to(device)
+
+
+def patch_nce_loss(query: Tensor, key: Tensor, indices: Tensor, tau: float = 0.07) -> Tensor:
+    """CUT's PatchNCE for one layer: query patches against key patches at the same ``indices``.
+
+    ``query`` and ``key`` are ``(B, C, H, W)`` feature maps; the key side is detached (CUT orientation:
+    query = edited, key = source). Features are L2-normalised over channels; no MLP head. For each sampled
+    location the positive is the key at the same location and the negatives are the keys at the other
+    sampled locations of the same image (the diagonal of the negative block is masked with -10 before
+    dividing by ``tau``, as CUT does). Returns the mean cross-entropy; about ln(S) at chance for S patches.
+    """
+    if query.shape != key.shape:
+        raise ValueError(f"PatchNCE features differ in shape: {tuple(query.shape)} vs {tuple(key.shape)}")
+    b, c, h, w = query.shape
+    q = F.normalize(_f(query).flatten(2)[:, :, indices].transpose(1, 2), dim=-1)  # (B, S, C)
+    k = F.normalize(_f(key).detach().flatten(2)[:, :, indices].transpose(1, 2), dim=-1)
+    s = q.shape[1]
+    l_pos = (q * k).sum(-1, keepdim=True)  # (B, S, 1)
+    l_neg = torch.bmm(q, k.transpose(1, 2))  # (B, S, S)
+    eye = torch.eye(s, dtype=torch.bool, device=q.device)[None]
+    l_neg = l_neg.masked_fill(eye, -10.0)
+    logits = torch.cat([l_pos, l_neg], dim=-1) / tau  # (B, S, 1 + S)
+    target = torch.zeros(b * s, dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits.reshape(b * s, 1 + s), target)
+
+
+def multi_patch_nce_loss(
+    edit: Mapping[str, Tensor],
+    ref: Mapping[str, Tensor],
+    patch_sizes: Sequence[int] = (1, 2),
+    num_patches: int = 256,
+    tau: float = 0.07,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """PatchNCE summed over layers and patch sizes (size p = p x p average pooling first).
+
+    Sample indices are drawn once per (layer, patch size) and shared by query and key. Our choice for
+    pix2pix-zeroCon (the paper does not say; method-zerocon.md §4.3).
+    """
+    if set(edit) != set(ref):
+        raise ValueError(f"PatchNCE layers differ: {sorted(set(edit) ^ set(ref))}")
+    if not edit:
+        raise ValueError("PatchNCE loss needs at least one layer")
+    if not patch_sizes or any(int(p) < 1 for p in patch_sizes):
+        raise ValueError(f"patch sizes must be integers >= 1, got {list(patch_sizes)}")
+    total = None
+    for name, f_edit in edit.items():
+        f_ref = ref[name]
+        for p in patch_sizes:
+            p = int(p)
+            q, k = (f_edit, f_ref) if p == 1 else (F.avg_pool2d(f_edit, p), F.avg_pool2d(f_ref, p))
+            if q.shape[-1] * q.shape[-2] < 2:
+                continue  # one location: no negatives, nothing to contrast
+            idx = sample_patch_indices(q.shape[-1] * q.shape[-2], num_patches, generator, q.device)
+            term = patch_nce_loss(q, k, idx, tau)
+            total = term if total is None else total + term
+    if total is None:
+        raise ValueError("PatchNCE: every layer is too small for the chosen patch sizes")
+    return total
+
+
+def auto_corr_loss(eps: Tensor, generator: torch.Generator | None = None, min_size: int = 8) -> Tensor:
+    """pix2pix-zero's auto-correlation regulariser on predicted noise ``eps`` (B, C, H, W), summed over batch.
+
+    Per image and channel, over a pyramid of 2x2 average pools down to side ``min_size``: at each level a
+    shift d drawn uniformly from [1, side/2) (never 0: the fix of pix2pix-zero commit ec33392) and the
+    terms ``mean(n * roll(n, d, H))^2 + mean(n * roll(n, d, W))^2``. Rolls are circular.
+    """
+    total = eps.new_zeros(())
+    x = _f(eps)
+    b, c = x.shape[:2]
+    for ch in range(c):
+        noise = x[:, ch : ch + 1]
+        while True:
+            side = min(noise.shape[-2], noise.shape[-1])
+            hi = max(side // 2, 2)
+            d = int(torch.randint(1, hi, (1,), generator=generator))
+            for dim in (-2, -1):
+                corr = (noise * torch.roll(noise, shifts=d, dims=dim)).mean(dim=(1, 2, 3))  # per image
+                total = total + corr.pow(2).sum()
+            if side <= min_size:
+                break
+            noise = F.avg_pool2d(noise, kernel_size=2)
+    return total
+
+
+def kl_loss(eps: Tensor) -> Tensor:
+    """pix2pix-zero's KL term per image, summed over batch: var + mean^2 - 1 - log(var + 1e-7) (unbiased var)."""
+    x = _f(eps).flatten(1)
+    var = x.var(dim=1)
+    mu = x.mean(dim=1)
+    return (var + mu.pow(2) - 1 - torch.log(var + 1e-7)).sum()
+
+
+def chance_patch_nce(num_patches: int) -> float:
+    """ln(S): the PatchNCE value at chance with S sampled patches."""
+    return math.log(num_patches)
