@@ -104,9 +104,11 @@ def guided_ddim_sample(
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
 
     x = x.detach().clone()
-    x_ref = x.clone() if (terms or keep_reference) else None
+    # The reference branch must advance at every step up to the last one where a term is active.
+    last_active = max((i for i in range(n) for t in terms if t.active(i, n)), default=-1)
+    ref_until = n if keep_reference else last_active + 1
+    x_ref = x.clone() if ref_until > 0 else None
     result = SampleResult(latent=x, reference=None)
-    ran_reference_always = True
 
     with denoiser.autograd_session():
         for i in range(n):
@@ -116,7 +118,7 @@ def guided_ddim_sample(
             active = [(t, r) for t, r in zip(terms, reqs) if t.active(i, n)]
 
             ref_preds: list[Prediction] | None = None
-            if x_ref is not None and (active or keep_reference):
+            if x_ref is not None and i < ref_until:
                 with torch.no_grad():
                     capture = merged if active else None
                     if neg_is_source:
@@ -128,8 +130,6 @@ def guided_ddim_sample(
                         ref_preds = [p_neg, p_src]
                         eps_ref = cfg_combine(p_neg.eps, p_src.eps, cfg)
                     x_ref = ddim_step(x_ref, eps_ref, s, s_next)
-            else:
-                ran_reference_always = False
 
             if active:
                 x = _guidance_step(
@@ -146,7 +146,7 @@ def guided_ddim_sample(
                 callback(i, n, x, x0)
 
     result.latent = x
-    result.reference = x_ref if (x_ref is not None and ran_reference_always) else None
+    result.reference = x_ref if ref_until == n else None
     if result.skipped:
         logger.warning("guidance skipped at %d of %d steps (non-finite gradient): %s", len(result.skipped), n, result.skipped)
     return result

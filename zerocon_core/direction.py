@@ -1,0 +1,621 @@
+"""Edit directions in CLIP text-embedding space (pix2pix-zero's sentence banks; method-zerocon.md §1.1 step 4).
+
+A direction is the token-wise difference of two mean text embeddings, ``mean(target) - mean(source)``, over
+all 77 positions (BOS, EOS and padding included, as pix2pix-zero does). It is added to the conditional caption
+embedding: ``c_edit = c + strength * delta`` on every 77-token chunk.
+
+Host independence: the text encoder is an *encode callable* supplied by the host,
+
+    encode(texts: list[str]) -> (embeds (N, 77, D_total), pooled (N, P) | None)
+
+where ``embeds`` is exactly what the host's UNet receives as cross-attention context (for SDXL the
+encoders' hidden states concatenated along the channel axis, CLIP-L first: 768 + 1280 = 2048, as both
+diffusers and ComfyUI do) and ``pooled`` is the pooled text embedding (SDXL: text_encoder_2 / "g"), or
+``None``. Hosts must return a fixed token length (77): a ComfyUI CLIP host should keep the first 77-token
+chunk of long sentences. The encoder split of ``D_total`` comes from, in order: the ``encoders`` argument,
+an ``encoders`` attribute on the callable (set by :func:`clip_encoder` / :func:`sdxl_clip_encoder`), or
+the width (768 -> ``l``, 1024 -> ``h``, 2048 -> ``l`` + ``g``; ComfyUI's encoder keys).
+
+Representation: :class:`EditDirection` holds one ``(T, D_e)`` delta per encoder in an insertion-ordered
+dict (order = concatenation order in the conditioning); :attr:`EditDirection.delta` is their
+concatenation ``(T, D_total)``. Deltas are float32 on the CPU; means are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence, overload
+
+import torch
+from torch import Tensor
+
+from .log import logger
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "EditDirection",
+    "EncodeFn",
+    "apply_direction",
+    "clip_encoder",
+    "default_encoders",
+    "load_direction",
+    "parse_sentence_list",
+    "prompt_difference_direction",
+    "save_direction",
+    "sdxl_clip_encoder",
+    "sentence_bank_direction",
+    "template_sentences",
+]
+
+FORMAT = "zerocon.edit_direction"
+FORMAT_VERSION = 1
+
+EncodeFn = Callable[[list[str]], "tuple[Tensor, Tensor | None]"]
+"""Host text encoder: ``list[str] -> (embeds (N, 77, D_total), pooled (N, P) | None)``."""
+
+# Conditioning width -> model family, for error messages.
+_FAMILY = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
+
+
+def _family(width: int) -> str:
+    return _FAMILY.get(width, "unknown model family")
+
+
+def default_encoders(width: int) -> tuple[tuple[str, int], ...]:
+    """Encoder split ``((name, width), ...)`` guessed from a conditioning width (ComfyUI's encoder keys)."""
+    if width == 768:
+        return (("l", 768),)
+    if width == 1024:
+        return (("h", 1024),)
+    if width == 2048:
+        return (("l", 768), ("g", 1280))
+    return (("text", int(width)),)
+
+
+@dataclass
+class EditDirection:
+    """A token-wise edit direction.
+
+    ``deltas``: encoder name -> ``(T, D_e)`` float32 delta (T = 77), in the order the encoders are
+    concatenated in the conditioning. ``pooled``: ``(P,)`` pooled-embedding delta (SDXL) or ``None``.
+    ``mode``: ``"sentences"`` (sentence banks) or ``"prompt"`` (prompt difference).
+    """
+
+    deltas: dict[str, Tensor]
+    pooled: Tensor | None = None
+    source: str = ""
+    target: str = ""
+    mode: str = "sentences"
+    num_source: int = 0
+    num_target: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.deltas:
+            raise ValueError("an edit direction needs at least one encoder delta")
+        lengths = {tuple(d.shape[:-1]) for d in self.deltas.values()}
+        if any(d.ndim != 2 for d in self.deltas.values()) or len(lengths) != 1:
+            shapes = {k: tuple(v.shape) for k, v in self.deltas.items()}
+            raise ValueError(f"edit direction deltas must all be (T, D) with the same T, got {shapes}")
+        if self.mode not in ("sentences", "prompt"):
+            raise ValueError(f"edit direction mode must be 'sentences' or 'prompt', got {self.mode!r}")
+        if self.pooled is not None and self.pooled.ndim != 1:
+            raise ValueError(f"pooled delta must be 1-D (P,), got shape {tuple(self.pooled.shape)}")
+
+    @property
+    def delta(self) -> Tensor:
+        """The concatenated delta ``(T, D_total)``, as it adds to a conditioning."""
+        parts = list(self.deltas.values())
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    @property
+    def encoders(self) -> tuple[tuple[str, int], ...]:
+        """``((name, width), ...)`` in concatenation order."""
+        return tuple((k, int(v.shape[-1])) for k, v in self.deltas.items())
+
+    @property
+    def width(self) -> int:
+        """Total conditioning width D_total (768 SD1.x, 1024 SD2.x, 2048 SDXL)."""
+        return sum(w for _, w in self.encoders)
+
+    @property
+    def length(self) -> int:
+        """Token length T of the delta (77)."""
+        return int(next(iter(self.deltas.values())).shape[0])
+
+    def describe(self) -> str:
+        """One-line human description, e.g. for a node's UI."""
+        enc = "+".join(f"{k}{w}" for k, w in self.encoders)
+        counts = f", {self.num_source}/{self.num_target} sentences" if self.mode == "sentences" else ""
+        pooled = ", pooled" if self.pooled is not None else ""
+        return f"'{self.source}' -> '{self.target}' ({self.mode}{counts}; {enc} = {self.width} wide, {_family(self.width)}{pooled})"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building directions
+
+
+def _resolve_encoders(encode, encoders, width: int) -> tuple[tuple[str, int], ...]:
+    enc = encoders if encoders is not None else getattr(encode, "encoders", None)
+    enc = tuple((str(k), int(w)) for k, w in enc) if enc is not None else default_encoders(width)
+    if sum(w for _, w in enc) != width:
+        raise ValueError(f"encoder split {list(enc)} does not add up to the text encoder's width {width}")
+    return enc
+
+
+def _check_texts(texts: Sequence[str], what: str) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError(f"{what} must be a list of sentences, not a single string (use parse_sentence_list)")
+    texts = [str(t) for t in texts]
+    if not texts:
+        raise ValueError(f"{what} is empty: give at least one sentence")
+    return texts
+
+
+def _mean_embedding(encode: EncodeFn, texts: list[str], batch_size: int, what: str) -> tuple[Tensor, Tensor | None]:
+    """Mean over ``texts`` of the host embeddings: ``((T, D) float64, (P,) float64 | None)``."""
+    total = pooled_total = None
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i : i + batch_size]
+        with torch.no_grad():
+            emb, pooled = encode(chunk)
+        if emb.ndim != 3 or emb.shape[0] != len(chunk):
+            raise ValueError(
+                f"encode() must return embeddings of shape (N, 77, D) for N={len(chunk)} texts, got {tuple(emb.shape)}"
+            )
+        s = emb.detach().to("cpu", torch.float64).sum(0)
+        if total is not None and s.shape != total.shape:
+            raise ValueError(
+                f"encode() returned {tuple(emb.shape[1:])} for some {what} and {tuple(total.shape)} for others: "
+                "the host must pad/truncate every text to the same token length (77)"
+            )
+        total = s if total is None else total + s
+        if pooled is not None:
+            if pooled.ndim != 2 or pooled.shape[0] != len(chunk):
+                raise ValueError(f"encode() pooled output must be (N, P) for N={len(chunk)}, got {tuple(pooled.shape)}")
+            p = pooled.detach().to("cpu", torch.float64).sum(0)
+            pooled_total = p if pooled_total is None else pooled_total + p
+        elif pooled_total is not None:
+            raise ValueError("encode() returned a pooled output for some texts but not for others")
+    n = len(texts)
+    return total / n, (pooled_total / n if pooled_total is not None else None)
+
+
+def _split(delta: Tensor, encoders: tuple[tuple[str, int], ...]) -> dict[str, Tensor]:
+    out, start = {}, 0
+    for name, w in encoders:
+        out[name] = delta[:, start : start + w].to(torch.float32).contiguous()
+        start += w
+    return out
+
+
+def sentence_bank_direction(
+    encode: EncodeFn,
+    source_sentences: Sequence[str],
+    target_sentences: Sequence[str],
+    source: str = "",
+    target: str = "",
+    batch_size: int = 32,
+    encoders: Sequence[tuple[str, int]] | None = None,
+) -> EditDirection:
+    """pix2pix-zero's sentence-bank direction: ``mean(encode(target)) - mean(encode(source))``, token-wise.
+
+    Embeddings ``(N, 77, D)`` are averaged over sentences (float64 accumulation) at every position; the
+    pooled delta is kept when ``encode`` returns pooled outputs. ``encode`` is called with at most
+    ``batch_size`` texts at a time. Raises ``ValueError`` for an empty sentence list.
+    """
+    src = _check_texts(source_sentences, "source sentence list")
+    tgt = _check_texts(target_sentences, "target sentence list")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    mean_src, pooled_src = _mean_embedding(encode, src, batch_size, "source sentences")
+    mean_tgt, pooled_tgt = _mean_embedding(encode, tgt, batch_size, "target sentences")
+    if mean_src.shape != mean_tgt.shape:
+        raise ValueError(
+            f"source and target embeddings differ in shape: {tuple(mean_src.shape)} vs {tuple(mean_tgt.shape)}"
+        )
+    enc = _resolve_encoders(encode, encoders, int(mean_src.shape[-1]))
+    pooled = (pooled_tgt - pooled_src).to(torch.float32) if pooled_src is not None and pooled_tgt is not None else None
+    d = EditDirection(
+        deltas=_split(mean_tgt - mean_src, enc),
+        pooled=pooled,
+        source=source,
+        target=target,
+        mode="sentences",
+        num_source=len(src),
+        num_target=len(tgt),
+    )
+    logger.info("edit direction %s", d.describe())
+    return d
+
+
+def prompt_difference_direction(
+    encode: EncodeFn,
+    source_prompt: str,
+    target_prompt: str,
+    encoders: Sequence[tuple[str, int]] | None = None,
+) -> EditDirection:
+    """Direction ``encode(target_prompt) - encode(source_prompt)`` (e.g. target prompt minus the caption)."""
+    if not isinstance(source_prompt, str) or not isinstance(target_prompt, str):
+        raise TypeError("prompt_difference_direction takes two strings")
+    if source_prompt == target_prompt:
+        logger.warning("source and target prompts are identical: the edit direction is zero")
+    d = sentence_bank_direction(encode, [source_prompt], [target_prompt], source_prompt, target_prompt, 2, encoders)
+    d.mode = "prompt"
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sentences
+
+_BACKGROUNDS = (
+    "in a park",
+    "on a beach",
+    "in a living room",
+    "in the snow",
+    "on a city street",
+    "in a forest",
+    "in a kitchen",
+    "on a grassy field",
+    "at sunset",
+    "in a studio",
+    "by a lake",
+    "in the desert",
+    "on a wooden floor",
+    "in front of a brick wall",
+    "in a garden",
+    "under a blue sky",
+    "in the rain",
+    "on a mountain trail",
+    "in a barn",
+    "near a window",
+)
+_VERBS = (
+    "sitting",
+    "standing",
+    "lying down",
+    "running",
+    "walking",
+    "resting",
+    "playing",
+    "looking at the camera",
+    "sleeping",
+    "jumping",
+    "waiting",
+    "posing",
+    "looking around",
+    "turning its head",
+    "relaxing",
+)
+_ADJECTIVES = (
+    "beautiful",
+    "small",
+    "large",
+    "cute",
+    "old",
+    "young",
+    "happy",
+    "colorful",
+    "quiet",
+    "majestic",
+    "fluffy",
+    "elegant",
+    "curious",
+    "calm",
+    "friendly",
+    "bright",
+    "detailed",
+    "lovely",
+    "striking",
+    "charming",
+)
+_SHOTS = (
+    "a photo",
+    "a close-up photo",
+    "a picture",
+    "an image",
+    "a high quality photo",
+    "a snapshot",
+    "a candid photo",
+    "a wide shot",
+    "a portrait",
+    "a blurry photo",
+)
+_STRUCTURES = (
+    "{art} {adj} {word} {verb} {bg}.",
+    "{shot} of {art} {adj} {word} {verb} {bg}.",
+    "{shot} of {art} {word} {bg}.",
+    "{Art} {word} {verb} {bg}.",
+    "{bg_cap}, {art} {adj} {word} is {verb}.",
+    "there is {art} {adj} {word} {verb} {bg}.",
+    "{shot} showing {art} {adj} {word} {bg}.",
+    "{art} {adj} {word} {bg}, {verb}.",
+    "{art} {word} {verb} {bg}, in soft natural light.",
+    "{shot} of {art} {adj} {word}.",
+    "this is {art} {adj} {word} {verb} {bg}.",
+    "{art} {adj} {word}, {verb} {bg}, {shot_bare}.",
+)
+
+
+def _article(next_word: str) -> str:
+    return "an" if next_word[:1].lower() in "aeiou" else "a"
+
+
+def template_sentences(word: str, n: int = 300, seed: int = 0) -> list[str]:
+    """``n`` distinct template sentences that all contain ``word`` (deterministic for a given seed).
+
+    Built from sentence structures x shots x adjectives x verbs x backgrounds (like pix2pix-zero's fixed
+    template; no language model). Such banks give more entangled directions than LLM-written ones.
+    Banks for two words made with the same ``n`` and ``seed`` are *paired*: sentence i of both uses the
+    same structure and context, so the mean difference isolates the word (articles a/an may differ).
+    """
+    word = " ".join(str(word).split())
+    if not word:
+        raise ValueError("template_sentences needs a non-empty word")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    sizes = (len(_STRUCTURES), len(_SHOTS), len(_ADJECTIVES), len(_VERBS), len(_BACKGROUNDS))
+    total = 1
+    for s in sizes:
+        total *= s
+    rng = random.Random(seed)
+    out: list[str] = []
+    seen: set[str] = set()
+    for idx in rng.sample(range(total), min(total, max(4 * n, n + 64))):
+        k = idx
+        parts = []
+        for s in sizes:
+            parts.append(k % s)
+            k //= s
+        st, sh, ad, vb, bg = parts
+        adj, shot, background = _ADJECTIVES[ad], _SHOTS[sh], _BACKGROUNDS[bg]
+        template = _STRUCTURES[st]
+        art = _article(adj) if "{adj}" in template else _article(word)
+        text = template.format(
+            art=art,
+            Art=art.capitalize(),
+            adj=adj,
+            word=word,
+            verb=_VERBS[vb],
+            bg=background,
+            bg_cap=background[0].upper() + background[1:],
+            shot=shot,
+            shot_bare=shot.split(" ", 1)[1],
+        )
+        text = text[0].upper() + text[1:]
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+            if len(out) == n:
+                break
+    if len(out) < n:
+        logger.warning("template_sentences: only %d distinct sentences for %r (asked for %d)", len(out), word, n)
+    return out
+
+
+def parse_sentence_list(text: str | Iterable[str]) -> list[str]:
+    """User sentence list: one sentence per line; blank lines and lines starting with ``#`` are dropped."""
+    lines = text.splitlines() if isinstance(text, str) else list(text)
+    return [s for s in (" ".join(str(line).split()) for line in lines) if s and not s.startswith("#")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Applying
+
+
+def _check_width(width: int, direction: EditDirection) -> None:
+    if width != direction.width:
+        raise ValueError(
+            f"edit direction was made with a {direction.width}-wide text encoder ({_family(direction.width)}) "
+            f"but the conditioning is {width} wide ({_family(width)}): make the direction with the same "
+            "model's text encoder (CLIP) as the conditioning"
+        )
+
+
+@overload
+def apply_direction(cond_embeds: Tensor, direction: EditDirection, strength: float, pooled: None = None) -> Tensor: ...
+@overload
+def apply_direction(
+    cond_embeds: Tensor, direction: EditDirection, strength: float, pooled: Tensor
+) -> tuple[Tensor, Tensor]: ...
+def apply_direction(cond_embeds, direction, strength, pooled=None):
+    """``cond + strength * delta`` on every ``T``-token chunk of ``cond_embeds`` (``(B, k*T, D)`` or ``(k*T, D)``).
+
+    A 154-token conditioning gets the delta on each of its two 77-token chunks. Returns the new
+    conditioning (same dtype/device); when ``pooled`` ``(B, P)`` is given, returns ``(cond, pooled)`` with
+    ``pooled + strength * direction.pooled`` (unchanged if the direction has no pooled delta). Inputs are
+    not modified. Raises ``ValueError`` on width or length mismatch.
+    """
+    if cond_embeds.ndim not in (2, 3):
+        raise ValueError(f"conditioning must be (B, tokens, D) or (tokens, D), got {tuple(cond_embeds.shape)}")
+    _check_width(int(cond_embeds.shape[-1]), direction)
+    t, n = direction.length, int(cond_embeds.shape[-2])
+    if n % t != 0:
+        raise ValueError(
+            f"conditioning has {n} tokens, not a multiple of the edit direction's {t}: cannot add the direction"
+        )
+    strength = float(strength)
+    delta = direction.delta.to(cond_embeds.device)
+    work = torch.float64 if cond_embeds.dtype == torch.float64 else torch.float32
+    if strength == 0.0:
+        out = cond_embeds.clone()
+    else:
+        out = (cond_embeds.to(work) + strength * delta.to(work).repeat(n // t, 1)).to(cond_embeds.dtype)
+    if pooled is None:
+        return out
+    if direction.pooled is None or strength == 0.0:
+        return out, pooled.clone()
+    if pooled.shape[-1] != direction.pooled.shape[-1]:
+        raise ValueError(
+            f"pooled output is {pooled.shape[-1]} wide but the edit direction's pooled delta is "
+            f"{direction.pooled.shape[-1]} wide ({_family(direction.width)} text encoder)"
+        )
+    pwork = torch.float64 if pooled.dtype == torch.float64 else torch.float32
+    new_pooled = (pooled.to(pwork) + strength * direction.pooled.to(pooled.device, pwork)).to(pooled.dtype)
+    return out, new_pooled
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Saving / loading
+
+
+def save_direction(path: str | os.PathLike, direction: EditDirection) -> None:
+    """Write ``direction`` to a ``.safetensors`` file with metadata (atomic: temp file, then ``os.replace``)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    tensors = {f"delta.{k}": v.detach().to("cpu").contiguous().clone() for k, v in direction.deltas.items()}
+    if direction.pooled is not None:
+        tensors["pooled"] = direction.pooled.detach().to("cpu").contiguous().clone()
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "source": direction.source,
+        "target": direction.target,
+        "mode": direction.mode,
+        "encoders": json.dumps([[k, w] for k, w in direction.encoders]),
+        "width": str(direction.width),
+        "num_source_sentences": str(direction.num_source),
+        "num_target_sentences": str(direction.num_target),
+        "extra": json.dumps(direction.extra),
+    }
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    logger.info("saved edit direction %s to %s", direction.describe(), path)
+
+
+def load_direction(path: str | os.PathLike) -> EditDirection:
+    """Read a direction written by :func:`save_direction`. Raises ``FileNotFoundError`` / ``ValueError``."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"edit direction file not found: {path}")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        raise ValueError(f"{path} is not an edit direction file (not a readable .safetensors file: {e})") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an edit direction file (its metadata has no format '{FORMAT}')")
+    try:
+        version = int(meta.get("format_version", "0"))
+    except ValueError:
+        version = -1
+    if version < 1 or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: edit direction format version {meta.get('format_version')!r} is not supported "
+            f"(this version reads 1..{FORMAT_VERSION}; update ComfyUI-ZeroCon)"
+        )
+    try:
+        encoders = [(str(k), int(w)) for k, w in json.loads(meta["encoders"])]
+        deltas = {k: tensors[f"delta.{k}"] for k, _ in encoders}
+        extra = json.loads(meta.get("extra", "{}"))
+        d = EditDirection(
+            deltas=deltas,
+            pooled=tensors.get("pooled"),
+            source=meta.get("source", ""),
+            target=meta.get("target", ""),
+            mode=meta.get("mode", "sentences"),
+            num_source=int(meta.get("num_source_sentences", "0")),
+            num_target=int(meta.get("num_target_sentences", "0")),
+            extra={str(k): str(v) for k, v in extra.items()},
+        )
+    except (KeyError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: broken edit direction file ({e})") from e
+    for k, w in encoders:
+        if d.deltas[k].shape[-1] != w:
+            raise ValueError(f"{path}: broken edit direction file (encoder {k} should be {w} wide)")
+    return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# transformers CLIP encoders (diffusers / CLI side)
+
+
+class _Encoder:
+    """An encode callable with an ``encoders`` attribute (the split of its output width)."""
+
+    def __init__(self, fn, encoders):
+        self._fn = fn
+        self.encoders = tuple(encoders)
+
+    def __call__(self, texts: list[str]):
+        return self._fn(list(texts))
+
+
+def _tokenize(tokenizer, texts, device):
+    ids = tokenizer(
+        texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return ids.to(device)
+
+
+def _model_device(model, device):
+    if device is not None:
+        return torch.device(device)
+    return next(model.parameters()).device
+
+
+def clip_encoder(tokenizer, text_encoder, device=None, batch_size: int = 64) -> EncodeFn:
+    """Encode callable over a transformers ``CLIPTokenizer`` + ``CLIPTextModel`` (SD1.x / SD2.x, as diffusers).
+
+    Texts are padded/truncated to ``tokenizer.model_max_length`` (77); returns ``(last_hidden_state (N, 77, D)
+    float32 on the CPU, None)``. Runs under ``torch.no_grad`` in batches of ``batch_size``.
+    """
+    dev = _model_device(text_encoder, device)
+    width = int(text_encoder.config.hidden_size)
+
+    def encode(texts: list[str]):
+        outs = []
+        for i in range(0, len(texts), batch_size):
+            with torch.no_grad():
+                out = text_encoder(_tokenize(tokenizer, texts[i : i + batch_size], dev))
+            outs.append(out.last_hidden_state.float().cpu())
+        return torch.cat(outs), None
+
+    return _Encoder(encode, default_encoders(width) if width in (768, 1024) else (("l", width),))
+
+
+def sdxl_clip_encoder(
+    tokenizer, text_encoder, tokenizer_2, text_encoder_2, device=None, batch_size: int = 64
+) -> EncodeFn:
+    """Encode callable for SDXL's two encoders, as diffusers ``StableDiffusionXLPipeline.encode_prompt``.
+
+    Penultimate hidden states of ``text_encoder`` (CLIPTextModel, "l") and ``text_encoder_2``
+    (CLIPTextModelWithProjection, "g") concatenated -> ``(N, 77, D1 + D2)``; pooled = ``text_encoder_2``'s
+    ``text_embeds`` ``(N, P)``. Float32 on the CPU.
+    """
+    dev1 = _model_device(text_encoder, device)
+    dev2 = _model_device(text_encoder_2, device)
+    w1, w2 = int(text_encoder.config.hidden_size), int(text_encoder_2.config.hidden_size)
+
+    def encode(texts: list[str]):
+        embs, pooleds = [], []
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i : i + batch_size]
+            with torch.no_grad():
+                o1 = text_encoder(_tokenize(tokenizer, chunk, dev1), output_hidden_states=True)
+                o2 = text_encoder_2(_tokenize(tokenizer_2, chunk, dev2), output_hidden_states=True)
+            h1 = o1.hidden_states[-2].float().cpu()
+            h2 = o2.hidden_states[-2].float().cpu()
+            embs.append(torch.cat([h1, h2], dim=-1))
+            pooleds.append(o2.text_embeds.float().cpu())
+        return torch.cat(embs), torch.cat(pooleds)
+
+    return _Encoder(encode, (("l", w1), ("g", w2)))
