@@ -52,6 +52,11 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000, steps_offset: in
     check_steps(steps, num_train_timesteps)
     ratio = num_train_timesteps // steps
     t = torch.arange(steps, dtype=torch.int64) * ratio + steps_offset
+    if int(t[-1]) >= num_train_timesteps:
+        raise ValueError(
+            f"{steps} steps with steps_offset {steps_offset} would reach timestep {int(t[-1])}, past the model's "
+            f"last ({num_train_timesteps - 1}); use at most {num_train_timesteps - steps_offset} steps"
+        )
     return t.flip(0)
 
 

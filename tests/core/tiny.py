@@ -1,0 +1,144 @@
+"""Tiny random models for core tests: no weights, no network, fast on CPU.
+
+Builders are deterministic (seeded). Float64 models let tests compare against diffusers to ~1e-12.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+
+from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond
+
+#: Cross-attention width and prompt length of the tiny models (SD: 768 and 77).
+TEXT_DIM = 32
+TOKENS = 8
+
+
+def tiny_unet_config(**overrides) -> dict:
+    """A two-level SD-style UNet config: 8x8 latents, levels 0 (8x8) and 1 (4x4), 8 heads of width 4/8."""
+    cfg = dict(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_unet(seed: int = 0, dtype: torch.dtype = torch.float64, **overrides):
+    """A seeded tiny ``UNet2DConditionModel`` in eval mode (float64 by default)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config(**overrides)).eval()
+    if dtype == torch.float64:
+        return unet.double()
+    return unet if dtype == torch.float32 else unet.to(dtype)
+
+
+def smooth_in_time(unet, max_freq: float = 0.005):
+    """Make ``unet`` smooth in the timestep, as trained models are: zero the time-embedding weights of the
+    sinusoidal frequencies above ``max_freq`` (radians per timestep). A random UNet reads the fastest
+    frequencies (period 2*pi timesteps), so its eps jumps between DDIM grid points 20 timesteps apart and
+    discretisation errors do not shrink with the step count. Returns ``unet``."""
+    proj, lin = unet.time_proj, unet.time_embedding.linear_1
+    half = proj.num_channels // 2
+    k = torch.arange(half, dtype=torch.float64)
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0, dtype=torch.float64)) * k / (half - proj.downscale_freq_shift))
+    fast = torch.cat([freqs, freqs]) > max_freq  # columns: [cos | sin] or [sin | cos], same frequencies
+    with torch.no_grad():
+        lin.weight[:, fast] = 0
+    return unet
+
+
+def tiny_sdxl_unet(seed: int = 0, dtype: torch.dtype = torch.float64):
+    """A tiny SDXL-style UNet: ``added_cond_kwargs`` with ``text_embeds`` (B, 16) and ``time_ids`` (B, 6)."""
+    return tiny_unet(
+        seed,
+        dtype,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=16 + 6 * 8,
+        transformer_layers_per_block=(1, 2),
+    )
+
+
+def sd_scheduler_config(prediction_type: str = "epsilon") -> dict:
+    """SD1.x/2.x's DDIM scheduler config (scaled_linear 0.00085..0.012, steps_offset 1, no alpha-to-one)."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+
+
+def tiny_cond(seed: int, batch: int = 1, tokens: int = TOKENS, dtype: torch.dtype = torch.float64) -> TextCond:
+    """A random text conditioning (batch, tokens, TEXT_DIM)."""
+    g = torch.Generator().manual_seed(seed)
+    return TextCond(torch.randn(batch, tokens, TEXT_DIM, generator=g, dtype=dtype))
+
+
+def tiny_sdxl_cond(seed: int, batch: int = 1, dtype: torch.dtype = torch.float64) -> TextCond:
+    """A random SDXL-style conditioning for ``tiny_sdxl_unet``."""
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(batch, TOKENS, TEXT_DIM, generator=g, dtype=dtype)
+    text_embeds = torch.randn(batch, 16, generator=g, dtype=dtype)
+    time_ids = torch.tensor([[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]], dtype=dtype).expand(batch, 6)
+    return TextCond(embeds, {"text_embeds": text_embeds, "time_ids": time_ids})
+
+
+def tiny_latent(seed: int, batch: int = 1, dtype: torch.dtype = torch.float64, size: int = 8) -> torch.Tensor:
+    """A random (batch, 4, size, size) latent."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 4, size, size, generator=g, dtype=dtype)
+
+
+def tiny_denoiser(
+    prediction_type: str = "epsilon",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    keep_copy: bool = False,
+    smooth: bool = False,
+):
+    """A ``DiffusersDenoiser`` over ``tiny_unet(seed)`` with SD's schedule (``smooth``: ``smooth_in_time``).
+
+    With ``keep_copy`` returns ``(denoiser, unet_copy)``: an untouched deep copy of the UNet (diffusers' own
+    attention processors) for reference loops.
+    """
+    from diffusers import DDIMScheduler
+
+    unet = tiny_unet(seed, dtype)
+    if smooth:
+        smooth_in_time(unet)
+    original = copy.deepcopy(unet) if keep_copy else None
+    sched = DDIMScheduler.from_config(sd_scheduler_config(prediction_type))
+    den = DiffusersDenoiser(unet, scheduler_config=sched)
+    return (den, original) if keep_copy else den
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch single-threaded inside (restored after): tiny models gain nothing from intra-op threads,
+    and on a shared CPU those threads thrash (a 20x slowdown was measured on a loaded 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
