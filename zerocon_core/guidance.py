@@ -23,7 +23,10 @@ class StepContext:
 
     ``x`` is the edit latent in sigma space (requires grad), ``eps`` its prediction under the edit
     conditioning (differentiable), ``edit``/``ref`` the captures of the edit branch (differentiable) and of
-    the reference branch (detached). ``step`` counts from 0; ``sigma`` is a 0-d tensor.
+    the reference branch (detached; None when no active term requested captures, so the reference branch
+    did not run). ``step`` counts from 0; ``sigma`` is a 0-d tensor. ``sigma_next``: the level the step goes
+    down to (0-d; None if the host does not say). ``state``: scratch space shared by the terms for one
+    sampling run (created empty per run; terms key their entries by themselves).
     """
 
     step: int
@@ -32,8 +35,10 @@ class StepContext:
     x: Tensor
     eps: Tensor
     edit: Prediction
-    ref: Prediction
+    ref: Prediction | None
     generator: torch.Generator
+    sigma_next: Tensor | None = None
+    state: dict = field(default_factory=dict)
 
     @property
     def x0(self) -> Tensor:

@@ -18,6 +18,7 @@ from torch import Tensor
 from .denoiser import CaptureRequest, Denoiser, Prediction
 from .guidance import GuidanceTerm, StepContext
 from .log import logger
+from .resample import renoise
 
 STEP_MODES = ("raw", "normalized")
 BRANCHES = ("edit", "both")
@@ -77,6 +78,7 @@ def guided_ddim_sample(
     seed: int = 0,
     callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    resample: int = 1,
 ) -> SampleResult:
     """Run the guided DDIM loop from ``x`` (sigma space, at ``sigmas[0]``) down the descending ``sigmas``.
 
@@ -88,12 +90,18 @@ def guided_ddim_sample(
       negative-conditioned half, losses averaged over the halves (pix2pix-zero's batch of two).
     - A step whose gradient is not finite is skipped (logged; listed in ``SampleResult.skipped``).
     - ``callback(i, n, x, x0)`` after each step; ``check_interrupt()`` before each (it raises to stop).
+    - The reference branch runs only while an active term requests captures (or with ``keep_reference``).
+    - ``resample`` N > 1: DiffuseIT's first-step resampling (method-diffuseit.md §5.1): the first step
+      (guidance + DDIM step) is done N times, each but the last followed by an exact re-noise from
+      ``sigmas[1]`` back to ``sigmas[0]`` with fresh noise (seeded by ``seed``). N = 1: plain sampling.
     """
     if step_mode not in STEP_MODES:
         raise ValueError(f"step_mode must be one of {STEP_MODES}, got {step_mode!r}")
     if branches not in BRANCHES:
         raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
     _check_sigmas(x, sigmas)
+    if not isinstance(resample, int) or isinstance(resample, bool) or resample < 1:
+        raise ValueError(f"resample must be an integer >= 1, got {resample!r}")
     terms = tuple(guidance)
     n = len(sigmas) - 1
     layers = denoiser.layers() if terms else []
@@ -104,11 +112,13 @@ def guided_ddim_sample(
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
 
     x = x.detach().clone()
-    # The reference branch must advance at every step up to the last one where a term is active.
-    last_active = max((i for i in range(n) for t in terms if t.active(i, n)), default=-1)
+    # The reference branch must advance at every step up to the last one where a capturing term is active.
+    last_active = max((i for i in range(n) for t, r in zip(terms, reqs) if r and t.active(i, n)), default=-1)
     ref_until = n if keep_reference else last_active + 1
     x_ref = x.clone() if ref_until > 0 else None
     result = SampleResult(latent=x, reference=None)
+    state: dict = {}  # per-run scratch space of the terms (StepContext.state)
+    noise_gen = torch.Generator().manual_seed(int(seed) + 1) if resample > 1 else None
 
     with denoiser.autograd_session():
         for i in range(n):
@@ -131,17 +141,23 @@ def guided_ddim_sample(
                         eps_ref = cfg_combine(p_neg.eps, p_src.eps, cfg)
                     x_ref = ddim_step(x_ref, eps_ref, s, s_next)
 
-            if active:
-                x = _guidance_step(
-                    denoiser, x, s, i, n, active, ref_preds, neg, edit_cond, branches, step_mode, step_size,
-                    gen, result,
-                )
+            repeats = resample if i == 0 else 1
+            for r in range(repeats):
+                if r > 0:
+                    if check_interrupt is not None:
+                        check_interrupt()
+                    x = renoise(x, s_next, s, noise_gen)
+                if active:
+                    x = _guidance_step(
+                        denoiser, x, s, i, n, active, ref_preds, neg, edit_cond, branches, step_mode, step_size,
+                        gen, result, s_next, state,
+                    )
 
-            with torch.no_grad():
-                p_neg, p_edit = denoiser.predict(x, s, [neg, edit_cond])
-                eps = cfg_combine(p_neg.eps, p_edit.eps, cfg)
-                x0 = x - s * eps
-                x = ddim_step(x, eps, s, s_next)
+                with torch.no_grad():
+                    p_neg, p_edit = denoiser.predict(x, s, [neg, edit_cond])
+                    eps = cfg_combine(p_neg.eps, p_edit.eps, cfg)
+                    x0 = x - s * eps
+                    x = ddim_step(x, eps, s, s_next)
             if callback is not None:
                 callback(i, n, x, x0)
 
@@ -159,7 +175,7 @@ def _guidance_step(
     i: int,
     n: int,
     active,
-    ref_preds: list[Prediction],
+    ref_preds: list[Prediction] | None,
     neg: Any,
     edit_cond: Any,
     branches: str,
@@ -167,8 +183,14 @@ def _guidance_step(
     step_size: float,
     gen: torch.Generator,
     result: SampleResult,
+    s_next: Tensor | None = None,
+    state: dict | None = None,
 ) -> Tensor:
-    """One gradient step on the edit latent ``x`` (sigma space); returns the updated latent."""
+    """One gradient step on the edit latent ``x`` (sigma space); returns the updated latent.
+
+    ``ref_preds`` is None when no active term requested captures (their ``StepContext.ref`` is None).
+    """
+    state = {} if state is None else state
     merged = CaptureRequest()
     for _, r in active:
         merged = merged | r
@@ -176,16 +198,17 @@ def _guidance_step(
         xg = x.detach().requires_grad_(True)
         if branches == "edit":
             preds = denoiser.predict(xg, s, [edit_cond], merged)
-            pairs = [(preds[0], ref_preds[1])]
+            pairs = [(preds[0], ref_preds[1] if ref_preds is not None else None)]
         else:
             preds = denoiser.predict(xg, s, [neg, edit_cond], merged)
-            pairs = [(preds[0], ref_preds[0]), (preds[1], ref_preds[1])]
+            refs = ref_preds if ref_preds is not None else [None, None]
+            pairs = [(preds[0], refs[0]), (preds[1], refs[1])]
         total = None
         logged: dict[str, float] = {}
         for term, req in active:
             term_loss = None
             for edit_p, ref_p in pairs:
-                ctx = StepContext(i, n, s, xg, edit_p.eps, edit_p, ref_p, gen)
+                ctx = StepContext(i, n, s, xg, edit_p.eps, edit_p, ref_p, gen, s_next, state)
                 value = term.loss(ctx, req)
                 term_loss = value if term_loss is None else term_loss + value
             term_loss = term_loss / len(pairs)

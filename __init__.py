@@ -1,0 +1,24 @@
+"""ComfyUI entry point of ComfyUI-ZeroCon (V3 node schema).
+
+ComfyUI imports this folder as a package under a path-derived name and calls ``comfy_entrypoint``.
+Importing this module does nothing at all: no ComfyUI, torch or transformers import happens until
+ComfyUI calls the entry point, and every node module is imported there under its own guard, so a
+missing optional dependency disables only the nodes that need it (logged on the ``zerocon`` logger).
+
+Only relative imports are used: ComfyUI has its own top-level ``nodes`` module, so this pack's
+``nodes/`` package is never imported as ``nodes``. There is deliberately no ``NODE_CLASS_MAPPINGS``
+here (ComfyUI would then ignore the V3 entry point).
+"""
+
+
+async def comfy_entrypoint():
+    """Return the pack's ``ComfyExtension`` (called by ComfyUI's ``nodes.load_custom_node``)."""
+    from comfy_api.latest import ComfyExtension
+
+    from .nodes import collect_nodes
+
+    class ZeroConExtension(ComfyExtension):
+        async def get_node_list(self):
+            return collect_nodes()
+
+    return ZeroConExtension()

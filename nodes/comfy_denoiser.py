@@ -1,0 +1,326 @@
+"""The engine's ``Denoiser`` over a ComfyUI model inside a running sampler.
+
+``ComfyDenoiser`` predicts through ComfyUI's own conditioning path, ``comfy.samplers.calc_cond_batch``
+(areas, hooks, ControlNets, model wrappers and patches all apply; it returns x0, and
+``eps = (x - x0) / sigma`` holds for eps- and v-prediction alike). Captures use per-call patches on a
+*copy* of the sampler's ``model_options``, so nothing is ever registered on the user's MODEL:
+
+- cross-attention probabilities: an ``attn2`` *replace* patch on the guided layers only, computing
+  ``softmax(q k^T / sqrt(d))`` per head in float32 and returning ``probs @ v`` (or the output of a replace
+  patch that was already there, e.g. IPAdapter's); every other layer keeps ComfyUI's fast attention;
+- self-attention features: an ``attn1_output_patch`` (after ``to_out``) that records the chosen layers.
+
+Rows are split per conditioning with ``transformer_options["cond_or_uncond"]`` (calc_cond_batch batches
+several conds into one forward). ``autograd_session()`` makes the inference-tensor weights usable by
+autograd and restores them on exit (``weights.autograd_weights``); during grad-enabled forwards every
+attention kernel that has no backward (flash, sage...) is routed to PyTorch SDPA via
+``optimized_attention_override``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any, ContextManager, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..zerocon_core.denoiser import CaptureRequest, LayerInfo, Prediction
+from .weights import autograd_weights
+
+logger = logging.getLogger("zerocon")
+
+BLOCK_NAMES = {"input": "down", "middle": "mid", "output": "up"}
+#: Attention kernels that have a backward; anything else is replaced by SDPA in grad-enabled forwards.
+DIFFERENTIABLE_KERNELS = frozenset({"attention_basic", "attention_pytorch", "attention_xformers"})
+
+
+def layer_name(block: str, number: int, index: int, kind: str) -> str:
+    """ComfyUI-style layer id, e.g. ``output.3.0.attn2`` (block, block id, index inside the transformer)."""
+    return f"{block}.{number}.{index}.{'attn2' if kind == 'cross' else 'attn1'}"
+
+
+def enumerate_layers(diffusion_model: torch.nn.Module) -> list[tuple[LayerInfo, tuple[str, int, int]]]:
+    """All attn1/attn2 layers of an openaimodel ``UNetModel`` in forward order, with their patch keys.
+
+    The level is the downsampling level of the block (0 = latent resolution), followed through the
+    UNet's Downsample / Upsample modules.
+    """
+    from comfy.ldm.modules.attention import BasicTransformerBlock
+    from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
+
+    out: list[tuple[LayerInfo, tuple[str, int, int]]] = []
+
+    def visit(block_module, block: str, number: int, level: int) -> None:
+        index = 0
+        for mod in block_module.modules():
+            if isinstance(mod, BasicTransformerBlock):
+                for kind, attr in (("self", "attn1"), ("cross", "attn2")):
+                    if getattr(mod, attr, None) is not None:
+                        info = LayerInfo(layer_name(block, number, index, kind), kind, BLOCK_NAMES[block], level)
+                        out.append((info, (block, number, index)))
+                index += 1
+
+    level = 0
+    for i, blk in enumerate(diffusion_model.input_blocks):
+        visit(blk, "input", i, level)
+        if any(isinstance(m, Downsample) for m in blk.modules()):
+            level += 1
+    visit(diffusion_model.middle_block, "middle", 0, level)
+    for i, blk in enumerate(diffusion_model.output_blocks):
+        visit(blk, "output", i, level)
+        if any(isinstance(m, Upsample) for m in blk.modules()):
+            level -= 1
+    return out
+
+
+class _Recorder:
+    """Collects captures per (layer, conditioning index) during one ``calc_cond_batch`` call."""
+
+    def __init__(self) -> None:
+        self.probs: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
+        self.features: dict[tuple[str, int], list[Tensor]] = defaultdict(list)
+
+    @staticmethod
+    def _split(t: Tensor, extra_options: dict) -> Iterator[tuple[int, Tensor]]:
+        chunks = list(extra_options.get("cond_or_uncond") or [0])
+        for idx, part in zip(chunks, t.chunk(len(chunks))):
+            yield idx, part
+
+    def add_probs(self, name: str, probs: Tensor, extra_options: dict) -> None:
+        for idx, part in self._split(probs, extra_options):
+            self.probs[(name, idx)].append(part)
+
+    def add_features(self, name: str, feat: Tensor, extra_options: dict) -> None:
+        for idx, part in self._split(feat, extra_options):
+            self.features[(name, idx)].append(part)
+
+    @staticmethod
+    def _collect(parts: list[Tensor], what: str, name: str) -> Tensor:
+        if len(parts) == 1:
+            return parts[0]
+        if len({tuple(p.shape) for p in parts}) != 1:
+            raise ValueError(
+                f"ZeroCon: the conditioning gave {what} of different shapes at layer {name} "
+                "(area or masked conditioning is not supported by guided sampling)"
+            )
+        return torch.stack(parts).mean(0)  # several entries in one CONDITIONING: averaged, as their x0s are
+
+
+def _token_lengths(cond: Any) -> set[int]:
+    lengths = set()
+    for entry in cond or []:
+        c = (entry.get("model_conds") or {}).get("c_crossattn") if isinstance(entry, dict) else None
+        t = getattr(c, "cond", None)
+        if isinstance(t, Tensor) and t.ndim == 3:
+            lengths.add(int(t.shape[1]))
+    return lengths
+
+
+def _fold_tokens(probs: Tensor, lengths: set[int]) -> Tensor:
+    """Undo ComfyUI's context repetition (conds of different lengths are repeated to a common length).
+
+    Repeating the keys k times splits each token's probability into k equal parts; summing them back is exact.
+    """
+    if len(lengths) != 1:
+        return probs
+    (own,) = lengths
+    total = probs.shape[-1]
+    if total > own and total % own == 0:
+        return probs.unflatten(-1, (total // own, own)).sum(-2)
+    return probs
+
+
+def _differentiable_attention_override(previous):
+    """An ``optimized_attention_override`` that routes kernels without a backward to PyTorch SDPA."""
+    from comfy.ldm.modules import attention
+
+    sdpa = getattr(attention.attention_pytorch, "__wrapped__", attention.attention_pytorch)
+
+    def override(func, *args, **kwargs):
+        if getattr(func, "__name__", "") not in DIFFERENTIABLE_KERNELS:
+            func = sdpa
+        if previous is not None:
+            return previous(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    return override
+
+
+class ComfyDenoiser:
+    """``zerocon_core.denoiser.Denoiser`` over a ComfyUI ``BaseModel`` inside a running sampler.
+
+    - ``model``: the BaseModel being sampled (``guider.inner_model``);
+    - ``model_options``: the sampler's model options (``extra_args["model_options"]``), never mutated;
+    - ``model_sampling``: the active model_sampling (object patches included); default the model's;
+    - ``autograd_modules``: modules whose weights must take part in autograd (default: the model; the
+      sampler adds ControlNets and other models it loaded).
+    """
+
+    def __init__(
+        self,
+        model,
+        model_options: dict | None = None,
+        *,
+        model_sampling=None,
+        autograd_modules: Sequence[torch.nn.Module] | None = None,
+    ) -> None:
+        from .families import prediction_type
+
+        self.model = model
+        self.model_options = model_options or {}
+        ms = model_sampling if model_sampling is not None else model.model_sampling
+        self.model_sampling = ms
+        #: The model's training sigmas, ascending (alphas_cumprod = 1 / (1 + sigma^2)).
+        self.sigma_table = ms.sigmas.detach().to("cpu", torch.float64).clone()
+        self.prediction_type = prediction_type(ms)
+        self.autograd_modules = list(autograd_modules) if autograd_modules is not None else [model]
+        self._layers: list[tuple[LayerInfo, tuple[str, int, int]]] | None = None
+        self._warned_no_override = False
+
+    # -- Denoiser protocol -------------------------------------------------------------------------
+
+    def layers(self) -> list[LayerInfo]:
+        return [info for info, _ in self._layer_table()]
+
+    def predict(
+        self, x: Tensor, sigma: Tensor, conds: Sequence[Any], capture: CaptureRequest | None = None
+    ) -> list[Prediction]:
+        import comfy.samplers
+
+        conds = list(conds)
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).detach()
+        if sigma.is_inference() and not torch.is_inference_mode_enabled():
+            sigma = sigma.clone()  # autograd may save it (eps = (x - x0) / sigma); inference tensors cannot be saved
+        timestep = sigma * x.new_ones([x.shape[0]])
+        recorder = _Recorder() if capture else None
+        options = self._options(capture, recorder, grad=torch.is_grad_enabled())
+        x0s = comfy.samplers.calc_cond_batch(self.model, conds, x, timestep, options)
+        out = []
+        for i, x0 in enumerate(x0s):
+            eps = (x - x0) / sigma
+            probs: dict[str, Tensor] = {}
+            features: dict[str, Tensor] = {}
+            if capture:
+                lengths = _token_lengths(conds[i])
+                for name in capture.probs:
+                    parts = recorder.probs.get((name, i))
+                    if not parts:
+                        raise RuntimeError(f"ZeroCon: no cross-attention captured at {name} for conditioning #{i}")
+                    probs[name] = _fold_tokens(_Recorder._collect(parts, "attention maps", name), lengths)
+                for name in capture.features:
+                    parts = recorder.features.get((name, i))
+                    if not parts:
+                        raise RuntimeError(
+                            f"ZeroCon: no self-attention features captured at {name} for conditioning #{i}"
+                        )
+                    features[name] = _Recorder._collect(parts, "features", name)
+            out.append(Prediction(eps, probs, features))
+        return out
+
+    def autograd_session(self) -> ContextManager[None]:
+        return autograd_weights(self.autograd_modules)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _layer_table(self) -> list[tuple[LayerInfo, tuple[str, int, int]]]:
+        if self._layers is None:
+            self._layers = enumerate_layers(self.model.diffusion_model)
+        return self._layers
+
+    def _options(self, capture: CaptureRequest | None, recorder: _Recorder | None, grad: bool) -> dict:
+        """A copy of the sampler's model_options with this call's patches; the original is untouched."""
+        import comfy.model_patcher
+
+        options = dict(self.model_options)
+        to = dict(options.get("transformer_options", {}))
+        options["transformer_options"] = to
+        if grad:
+            self._route_differentiable_attention(to)
+        if not capture:
+            return options
+        keys = {info.name: key for info, key in self._layer_table()}
+        unknown = sorted((set(capture.probs) | set(capture.features)) - set(keys))
+        if unknown:
+            raise ValueError(f"ZeroCon: unknown attention layers {unknown}")
+        existing = to.get("patches_replace", {}).get("attn2", {})
+        for name in sorted(capture.probs):
+            block, number, index = keys[name]
+            prior = existing.get((block, number, index)) or existing.get((block, number))
+            patch = _CrossAttentionCapture(name, recorder, prior)
+            comfy.model_patcher.set_model_options_patch_replace(options, patch, "attn2", block, number, index)
+        if capture.features:
+            wanted = {keys[name]: name for name in capture.features}
+            to = options["transformer_options"]
+            patches = dict(to.get("patches", {}))
+            patches["attn1_output_patch"] = list(patches.get("attn1_output_patch", [])) + [
+                _SelfAttentionCapture(wanted, recorder)
+            ]
+            to["patches"] = patches
+        return options
+
+    def _route_differentiable_attention(self, to: dict) -> None:
+        from comfy.ldm.modules import attention
+
+        if hasattr(attention, "wrap_attn"):
+            to["optimized_attention_override"] = _differentiable_attention_override(
+                to.get("optimized_attention_override")
+            )
+        elif (
+            getattr(attention.optimized_attention, "__name__", "") not in DIFFERENTIABLE_KERNELS
+            and not self._warned_no_override
+        ):
+            self._warned_no_override = True
+            logger.warning(
+                "ZeroCon: this ComfyUI cannot route attention per call and the active kernel (%s) may have no "
+                "backward; if guidance fails, start ComfyUI with --use-pytorch-cross-attention",
+                attention.optimized_attention.__name__,
+            )
+
+
+class _CrossAttentionCapture:
+    """attn2 replace patch: records per-head softmax probabilities (float32) and returns the attention output."""
+
+    def __init__(self, name: str, recorder: _Recorder, prior=None) -> None:
+        self.name = name
+        self.recorder = recorder
+        self.prior = prior
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
+        heads = int(extra_options["n_heads"])
+        b, hw, inner = q.shape
+        dim_head = inner // heads
+        if k.shape[0] != b:
+            k, v = k.expand(b, -1, -1), v.expand(b, -1, -1)
+        qh = q.float().reshape(b, hw, heads, dim_head).transpose(1, 2)
+        kh = k.float().reshape(b, k.shape[1], heads, dim_head).transpose(1, 2)
+        probs = (qh @ kh.transpose(-1, -2) * dim_head**-0.5).softmax(dim=-1)  # (B, heads, HW, T)
+        self.recorder.add_probs(self.name, probs, extra_options)
+        if self.prior is not None:
+            return self.prior(q, k, v, extra_options)
+        vh = v.float().reshape(b, v.shape[1], heads, dim_head).transpose(1, 2)
+        return (probs @ vh).transpose(1, 2).reshape(b, hw, inner).to(q.dtype)
+
+
+class _SelfAttentionCapture:
+    """attn1_output_patch: records the chosen layers' outputs (after to_out) as (B, C, H, W); returns them unchanged."""
+
+    def __init__(self, wanted: dict[tuple[str, int, int], str], recorder: _Recorder) -> None:
+        self.wanted = wanted
+        self.recorder = recorder
+
+    def __call__(self, n: Tensor, extra_options: dict) -> Tensor:
+        block = extra_options.get("block")
+        if block is None:
+            return n
+        name = self.wanted.get((block[0], block[1], extra_options.get("block_index", 0)))
+        if name is not None:
+            shape = extra_options.get("activations_shape")
+            b, hw, c = n.shape
+            if shape is not None and int(shape[-2]) * int(shape[-1]) == hw:
+                h, w = int(shape[-2]), int(shape[-1])
+            else:
+                raise RuntimeError(f"ZeroCon: cannot tell the spatial size of layer {name} ({hw} tokens)")
+            self.recorder.add_features(name, n.transpose(1, 2).reshape(b, c, h, w), extra_options)
+        return n

@@ -1,0 +1,386 @@
+"""Edit-direction nodes: make a CLIP edit direction, save / load it, add it to a CONDITIONING.
+
+The math lives in ``zerocon_core.direction``; this module only adapts ComfyUI's CLIP object to the engine's
+encode callable ``encode(texts) -> (embeds (N, 77, D_total), pooled (N, P) | None)``.
+
+How sentences go through the user's CLIP (``ComfyClipEncoder``): each sentence is tokenized with
+``clip.tokenize`` and cut to its first 77-token chunk; the chunks of a whole batch are put one after the
+other in a single token dict (``{"l": [chunk_1, ..., chunk_N]}``, SDXL also ``"g"``), and
+``clip.encode_from_tokens`` encodes them. ComfyUI's ``encode_token_weights`` runs every chunk of a prompt
+through each text encoder as one batch and concatenates the results along the token axis, so one call
+encodes N sentences and returns ``(1, 77*N, D)``, reshaped to ``(N, 77, D)``. This keeps everything
+ComfyUI applies to a CLIP (CLIP Set Last Layer, LoRA weight patches, prompt weights, embeddings, device
+management). ComfyUI returns the pooled output of the first chunk only; for SDXL-style CLIPs (a ``"g"``
+encoder, whose pooled output feeds the UNet's ``y``) the per-sentence pooled outputs come from the same
+token batch run through that encoder's own ``encode`` (the module ComfyUI itself calls), checked against
+ComfyUI's pooled output of the first sentence; if the layout is not recognised or the check fails, the
+pooled outputs are taken one sentence at a time through ``clip.encode_from_tokens`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..zerocon_core import direction as zdir
+from . import paths
+
+logger = logging.getLogger("zerocon")
+
+CATEGORY = "image/translation/zerocon"
+Direction = io.Custom("ZEROCON_DIRECTION")
+
+MODES = ("sentence bank", "prompt difference")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ComfyUI CLIP -> engine encode callable
+
+
+def _encoder_width(module) -> int | None:
+    try:
+        return int(module.transformer.get_input_embeddings().weight.shape[-1])
+    except Exception:
+        return None
+
+
+class ComfyClipEncoder:
+    """The engine's encode callable over a ComfyUI ``CLIP`` (``comfy.sd.CLIP``).
+
+    ``encoders`` is the split of the conditioning width by text encoder, in concatenation order
+    (``(("l", 768),)`` for SD1.x, ``(("l", 768), ("g", 1280))`` for SDXL). ``pooled`` says whether pooled
+    outputs are returned (SDXL-style CLIPs, whose UNet uses them). ``info`` describes the CLIP for the
+    direction's metadata.
+    """
+
+    def __init__(self, clip, pooled: bool | None = None):
+        if clip is None:
+            raise ValueError(
+                "ZeroCon Edit Direction: the clip input is None (the checkpoint loaded has no text encoder); "
+                "connect a CLIP"
+            )
+        self.clip = clip
+        probe = clip.tokenize("a")
+        self.keys = tuple(probe.keys())
+        self.pooled = ("g" in self.keys) if pooled is None else bool(pooled)
+        self._truncated = 0
+        self._fast_pooled: bool | None = None  # None: not tried yet
+        self.encoders: tuple[tuple[str, int], ...] | None = None
+        self.info = {
+            "clip": type(clip.cond_stage_model).__name__,
+            "clip_keys": ",".join(self.keys),
+            "clip_layer": str(getattr(clip, "layer_idx", None)),
+        }
+
+    # ------------------------------------------------------------------ tokens
+    def _tokens(self, texts: list[str]) -> dict[str, list]:
+        """One token dict holding the first 77-token chunk of every text, in order."""
+        merged: dict[str, list] = {k: [] for k in self.keys}
+        for text in texts:
+            tok = self.clip.tokenize(text)
+            if set(tok) != set(self.keys):
+                raise ValueError(f"the CLIP tokenizer gave keys {sorted(tok)} for one sentence and {sorted(self.keys)} for another")
+            if any(len(chunks) > 1 for chunks in tok.values()):
+                self._truncated += 1
+            for k in self.keys:
+                merged[k].append(tok[k][0])
+        return merged
+
+    def _split_widths(self, width: int) -> tuple[tuple[str, int], ...]:
+        model = self.clip.cond_stage_model
+        # ComfyUI concatenates SDXL's encoders l first, then g (comfy/sdxl_clip.py SDXLClipModel).
+        order = [k for k in ("l", "g") if k in self.keys] + [k for k in self.keys if k not in ("l", "g")]
+        widths = [_encoder_width(getattr(model, f"clip_{k}", None)) for k in order]
+        if all(w is not None for w in widths) and sum(widths) == width:
+            return tuple(zip(order, widths))
+        if len(order) == 1:
+            return ((order[0], width),)
+        guess = zdir.default_encoders(width)
+        if len(guess) == len(order):
+            return guess
+        return (("+".join(order), width),)
+
+    # ------------------------------------------------------------------ pooled
+    def _pooled_key(self) -> str | None:
+        """The encoder whose pooled output ComfyUI returns: SDXL's "g", or a single-encoder CLIP's only one."""
+        if "g" in self.keys:
+            return "g"
+        return self.keys[0] if len(self.keys) == 1 else None
+
+    def _pooled_fast(self, tokens: dict, first_pooled: torch.Tensor) -> torch.Tensor | None:
+        """Per-sentence pooled outputs from the pooled encoder's own batched ``encode`` (or None)."""
+        key = self._pooled_key()
+        module = getattr(self.clip.cond_stage_model, f"clip_{key}", None) if key else None
+        if module is None or not hasattr(module, "encode"):
+            return None
+        try:
+            chunks = tokens[key]
+            out = module.encode([[t[0] for t in chunk] for chunk in chunks])
+            pooled = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+        except Exception:
+            logger.debug("ZeroCon: batched pooled encode failed", exc_info=True)
+            return None
+        if pooled is None or pooled.ndim != 2 or pooled.shape[0] != len(chunks):
+            return None
+        pooled = pooled.float().cpu()
+        ref = first_pooled.reshape(-1).float().cpu()
+        # Same tokens through the same module: only a wrong layout guess gives a real difference (the tolerance
+        # leaves room for fp16 kernels that differ with the batch size).
+        if pooled.shape[1] != ref.shape[0] or (pooled[0] - ref).norm() > 1e-2 * ref.norm() + 1e-6:
+            logger.warning("ZeroCon: batched pooled outputs do not match ComfyUI's; encoding pooled outputs one by one")
+            return None
+        return pooled
+
+    def _pooled_slow(self, tokens: dict, n: int) -> torch.Tensor:
+        rows = []
+        for i in range(n):
+            one = {k: [tokens[k][i]] for k in self.keys}
+            _, pooled = self.clip.encode_from_tokens(one, return_pooled=True)
+            rows.append(pooled.reshape(1, -1).float().cpu())
+        return torch.cat(rows)
+
+    # ------------------------------------------------------------------ call
+    def __call__(self, texts: list[str]):
+        texts = list(texts)
+        n = len(texts)
+        if n == 0:
+            raise ValueError("nothing to encode")
+        tokens = self._tokens(texts)
+        with torch.no_grad():
+            cond, first_pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
+            if cond.shape[-2] != 77 * n:
+                raise ValueError(
+                    f"ZeroCon: this CLIP encoded {n} sentences to {cond.shape[-2]} tokens, not {77 * n}: "
+                    "only CLIPs with 77-token chunks (SD1.x, SD2.x, SDXL) are supported"
+                )
+            embeds = cond.reshape(n, 77, cond.shape[-1]).float().cpu()
+            pooled = None
+            if self.pooled:
+                if first_pooled is None:
+                    raise ValueError("ZeroCon: this CLIP gives no pooled output")
+                if self._fast_pooled is not False:
+                    pooled = self._pooled_fast(tokens, first_pooled)
+                    self._fast_pooled = pooled is not None
+                if pooled is None:
+                    pooled = self._pooled_slow(tokens, n)
+        if self.encoders is None:
+            self.encoders = self._split_widths(int(embeds.shape[-1]))
+        return embeds, pooled
+
+    def finish(self) -> None:
+        if self._truncated:
+            logger.warning("ZeroCon: %d sentence(s) longer than 75 tokens were cut to their first 77-token chunk",
+                           self._truncated)
+            self._truncated = 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nodes
+
+
+class ZeroConEditDirection(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZeroConEditDirection",
+            display_name="ZeroCon Edit Direction",
+            category=CATEGORY,
+            description=(
+                "Builds a text-embedding edit direction with your CLIP (pix2pix-zero): the mean CLIP embedding of "
+                "sentences about the target minus that of sentences about the source (sentence bank), or the "
+                "embedding of a target prompt minus that of the source prompt (prompt difference). Add it to the "
+                "caption's conditioning with ZeroCon Apply Edit Direction."
+            ),
+            inputs=[
+                io.Clip.Input("clip", tooltip="The CLIP (text encoder) of the model you edit with; the direction only fits conditionings made by a CLIP of the same kind."),
+                io.String.Input("source", default="cat", tooltip="Sentence bank: the word or phrase to edit away (e.g. 'cat'). Prompt difference: the source prompt, usually the image caption."),
+                io.String.Input("target", default="dog", tooltip="Sentence bank: the word or phrase to edit towards (e.g. 'dog'). Prompt difference: the target prompt (the caption with the edit)."),
+                io.Combo.Input("mode", options=list(MODES), default=MODES[0], tooltip="'sentence bank': mean over many sentences per side (pix2pix-zero; less entangled). 'prompt difference': one prompt per side."),
+                io.Int.Input("num_sentences", default=300, min=1, max=5000, tooltip="Sentence bank only: how many built-in template sentences to generate per side when no sentence list is given. pix2pix-zero uses about 1000."),
+                io.Int.Input("batch_size", default=32, min=1, max=1024, tooltip="Sentences encoded per CLIP call. Lower it if the text encoder runs out of memory."),
+                io.String.Input("source_sentences", multiline=True, default="", optional=True, tooltip="Sentence bank only, optional: your own source sentences, one per line (lines starting with # are ignored). Replaces the templates for the source side."),
+                io.String.Input("target_sentences", multiline=True, default="", optional=True, tooltip="Sentence bank only, optional: your own target sentences, one per line (lines starting with # are ignored). Replaces the templates for the target side."),
+            ],
+            outputs=[Direction.Output("direction", display_name="direction", tooltip="The edit direction (77 tokens x the CLIP's width; SDXL also a pooled delta).")],
+        )
+
+    @classmethod
+    def execute(cls, clip, source, target, mode, num_sentences, batch_size, source_sentences="", target_sentences="") -> io.NodeOutput:
+        encode = ComfyClipEncoder(clip)
+        if mode == "prompt difference":
+            if not source.strip() or not target.strip():
+                raise ValueError("ZeroCon Edit Direction: prompt difference needs a non-empty source and target prompt")
+            if (source_sentences or "").strip() or (target_sentences or "").strip():
+                logger.info("ZeroCon Edit Direction: sentence lists are ignored in 'prompt difference' mode")
+            direction = zdir.prompt_difference_direction(encode, source, target, encoders=None)
+        elif mode == "sentence bank":
+            src = zdir.parse_sentence_list(source_sentences or "")
+            tgt = zdir.parse_sentence_list(target_sentences or "")
+            if not src:
+                if not source.strip():
+                    raise ValueError("ZeroCon Edit Direction: give a source word or a list of source sentences")
+                src = zdir.template_sentences(source, num_sentences)
+            if not tgt:
+                if not target.strip():
+                    raise ValueError("ZeroCon Edit Direction: give a target word or a list of target sentences")
+                tgt = zdir.template_sentences(target, num_sentences)
+            direction = zdir.sentence_bank_direction(encode, src, tgt, source=source, target=target, batch_size=batch_size)
+        else:
+            raise ValueError(f"ZeroCon Edit Direction: unknown mode {mode!r}; use one of {list(MODES)}")
+        encode.finish()
+        direction.extra.update(encode.info)
+        return io.NodeOutput(direction)
+
+
+def _conditioning_kind(width: int) -> str:
+    return {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(width, f"{width}-wide")
+
+
+class ZeroConApplyEditDirection(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZeroConApplyEditDirection",
+            display_name="ZeroCon Apply Edit Direction",
+            category=CATEGORY,
+            description=(
+                "Adds strength x the edit direction to a conditioning (every 77-token chunk), and its pooled delta "
+                "to pooled_output for SDXL. Everything else in the conditioning (areas, masks, hooks, timestep "
+                "ranges...) is kept."
+            ),
+            inputs=[
+                io.Conditioning.Input("conditioning", tooltip="The conditioning to edit, normally CLIP Text Encode of the image caption (same CLIP as the direction)."),
+                Direction.Input("direction", tooltip="An edit direction from ZeroCon Edit Direction or ZeroCon Load Edit Direction."),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05, tooltip="How far to move along the direction: 0 leaves the conditioning unchanged, 1 is pix2pix-zero's edit, negative values edit the other way."),
+            ],
+            outputs=[io.Conditioning.Output("edited_conditioning", display_name="CONDITIONING", tooltip="The edited conditioning.")],
+        )
+
+    @classmethod
+    def execute(cls, conditioning, direction, strength) -> io.NodeOutput:
+        if not isinstance(direction, zdir.EditDirection):
+            raise TypeError(f"ZeroCon Apply Edit Direction: expected an edit direction, got {type(direction).__name__}")
+        made_with = direction.extra.get("clip")
+        out = []
+        for cond, extra in conditioning:
+            width = int(cond.shape[-1])
+            if width != direction.width:
+                raise ValueError(
+                    f"ZeroCon Apply Edit Direction: the direction was made with a different CLIP"
+                    f"{f' ({made_with})' if made_with else ''}: it is {direction.width} wide "
+                    f"({_conditioning_kind(direction.width)}), but this conditioning is {width} wide "
+                    f"({_conditioning_kind(width)}). Make the direction with the CLIP that encoded this conditioning."
+                )
+            d = dict(extra)
+            pooled = extra.get("pooled_output")
+            if direction.pooled is not None and pooled is not None and pooled.shape[-1] != direction.pooled.shape[-1]:
+                raise ValueError(
+                    f"ZeroCon Apply Edit Direction: the direction was made with a different CLIP"
+                    f"{f' ({made_with})' if made_with else ''}: its pooled delta is {direction.pooled.shape[-1]} wide but "
+                    f"this conditioning's pooled_output is {pooled.shape[-1]} wide."
+                )
+            try:
+                if direction.pooled is not None and pooled is not None:
+                    new_cond, d["pooled_output"] = zdir.apply_direction(cond, direction, strength, pooled)
+                else:
+                    if direction.pooled is not None and strength != 0:
+                        logger.warning("ZeroCon Apply Edit Direction: the conditioning has no pooled_output; "
+                                       "the pooled delta is not applied")
+                    new_cond = zdir.apply_direction(cond, direction, strength)
+            except ValueError as exc:
+                raise ValueError(f"ZeroCon Apply Edit Direction: {exc}") from exc
+            out.append([new_cond, d])
+        return io.NodeOutput(out)
+
+
+def _direction_path(name: str) -> str:
+    """``models/edit_directions/<name>.safetensors`` (first registered folder), refusing paths that leave it."""
+    name = (name or "").strip()
+    if not name:
+        raise ValueError("ZeroCon Save Edit Direction: give a file name")
+    if not name.lower().endswith(paths.DIRECTION_EXTENSION):
+        name += paths.DIRECTION_EXTENSION
+    base = os.path.abspath(paths.folders(paths.EDIT_DIRECTIONS)[0])
+    path = os.path.abspath(os.path.join(base, name))
+    if os.path.commonpath((base, path)) != base or os.path.isabs(name):
+        raise ValueError(f"ZeroCon Save Edit Direction: {name!r} must be a file name inside {base}")
+    return path
+
+
+class ZeroConSaveEditDirection(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZeroConSaveEditDirection",
+            display_name="ZeroCon Save Edit Direction",
+            category=CATEGORY,
+            description="Saves an edit direction as .safetensors (with its metadata) under models/edit_directions, for ZeroCon Load Edit Direction.",
+            is_output_node=True,
+            inputs=[
+                Direction.Input("direction", tooltip="The edit direction to save."),
+                io.String.Input("filename", default="cat_to_dog", tooltip="File name under models/edit_directions (subfolders allowed; .safetensors is added)."),
+                io.Boolean.Input("overwrite", default=True, tooltip="Replace an existing file of the same name. When off, an existing file makes the node fail instead."),
+            ],
+            outputs=[Direction.Output("saved_direction", display_name="direction", tooltip="The same edit direction, passed through.")],
+        )
+
+    @classmethod
+    def execute(cls, direction, filename, overwrite) -> io.NodeOutput:
+        if not isinstance(direction, zdir.EditDirection):
+            raise TypeError(f"ZeroCon Save Edit Direction: expected an edit direction, got {type(direction).__name__}")
+        name = filename.strip().replace("\\", "/")
+        if name.startswith(paths.EDIT_DIRECTIONS + "/"):
+            name = name[len(paths.EDIT_DIRECTIONS) + 1:]
+        path = _direction_path(name)
+        if os.path.exists(path) and not overwrite:
+            raise FileExistsError(f"ZeroCon Save Edit Direction: {path} exists (turn on overwrite or choose another name)")
+        zdir.save_direction(path, direction)
+        return io.NodeOutput(direction, ui=ui.PreviewText(f"saved {direction.describe()} to {path}"))
+
+
+class ZeroConLoadEditDirection(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZeroConLoadEditDirection",
+            display_name="ZeroCon Load Edit Direction",
+            category=CATEGORY,
+            description="Loads an edit direction saved by ZeroCon Save Edit Direction from models/edit_directions.",
+            inputs=[
+                io.Combo.Input("name", options=folder_paths.get_filename_list(paths.EDIT_DIRECTIONS), tooltip="A .safetensors edit direction under models/edit_directions."),
+            ],
+            outputs=[Direction.Output("direction", display_name="direction", tooltip="The loaded edit direction.")],
+        )
+
+    @classmethod
+    def _path(cls, name: str) -> str:
+        path = folder_paths.get_full_path(paths.EDIT_DIRECTIONS, name)
+        if path is None:
+            raise FileNotFoundError(
+                f"ZeroCon Load Edit Direction: no edit direction {name!r} in {paths.folders(paths.EDIT_DIRECTIONS)}"
+            )
+        return path
+
+    @classmethod
+    def fingerprint_inputs(cls, name):
+        path = folder_paths.get_full_path(paths.EDIT_DIRECTIONS, name)
+        if path is None:
+            return ""
+        st = os.stat(path)
+        return f"{path}:{st.st_mtime_ns}:{st.st_size}"
+
+    @classmethod
+    def execute(cls, name) -> io.NodeOutput:
+        return io.NodeOutput(zdir.load_direction(cls._path(name)))
+
+
+NODES: list[type[io.ComfyNode]] = [
+    ZeroConEditDirection,
+    ZeroConApplyEditDirection,
+    ZeroConSaveEditDirection,
+    ZeroConLoadEditDirection,
+]

@@ -1,0 +1,184 @@
+"""Guidance term nodes: each appends one ``zerocon_core.guidance`` term to a ZEROCON_GUIDANCE chain.
+
+A ZEROCON_GUIDANCE link carries a tuple of ``GuidanceTerm`` objects (``zerocon_core.guidance.chain``);
+the guided samplers sum ``weight * loss`` of the terms active at a step and take one gradient step on the
+latent.
+
+Weights: a negative weight (the default, -1) means **auto**, resolved by the sampler once the model is
+known: the term's default step (cross-attention 0.1, PatchNCE 0.05) for eps-prediction models (SD1.x,
+SD2-base, SDXL) and a tenth of it for v-prediction models (SD2-768-v), whose gradients are about ten times
+larger (pix2pix-zero advises 0.01 or less for SD2: research/method-zerocon.md §3.4). Weight 0 disables a
+term; any positive value is used as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from comfy_api.latest import io
+
+from ..zerocon_core.denoiser import parse_layer_spec
+from ..zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, chain
+from .families import ModelFamily
+
+CATEGORY = "image/translation/zerocon"
+GUIDANCE = io.Custom("ZEROCON_GUIDANCE")
+
+AUTO = -1.0
+AUTO_TIP = (
+    "-1 = auto: the default step for this model family (see the node description); 0 disables the term; "
+    "a positive value is the step used as given."
+)
+LAYER_TIP = (
+    "Which UNet layers: 'all', or blocks from down/mid/up separated by commas, optionally ':levels' "
+    "(0 = latent resolution, 1 = half...), e.g. 'up', 'down,up', 'up:0,1'."
+)
+
+
+def default_weight(term: GuidanceTerm) -> float:
+    """The term class's default weight (the engine's documented default for eps-prediction models)."""
+    for f in dataclasses.fields(type(term)):
+        if f.name == "weight":
+            return float(f.default)
+    return 1.0
+
+
+def resolve_weights(terms, family: ModelFamily) -> tuple[GuidanceTerm, ...]:
+    """Replace auto (negative) weights by ``default_weight(term) * family.guidance_scale``."""
+    out = []
+    for term in terms or ():
+        if term.weight < 0:
+            term = dataclasses.replace(term, weight=default_weight(term) * family.guidance_scale)
+        out.append(term)
+    return tuple(out)
+
+
+def _check_layers(spec: str) -> str:
+    parse_layer_spec(spec)  # raises ValueError with the accepted syntax
+    return spec
+
+
+def _window_inputs() -> list:
+    return [
+        io.Float.Input(
+            "start",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="First step (as a fraction of the steps) at which this guidance is active.",
+        ),
+        io.Float.Input(
+            "end",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Guidance stops before this fraction of the steps (1 = until the last step).",
+        ),
+    ]
+
+
+def _previous_input():
+    return GUIDANCE.Input(
+        "previous",
+        optional=True,
+        tooltip="Guidance terms to add this one to (chain several guidance nodes); none = start a new chain.",
+    )
+
+
+class ZeroConCrossAttentionGuidance(io.ComfyNode):
+    """pix2pix-zero's cross-attention guidance (keeps the edit's attention maps on the source's)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZeroConCrossAttentionGuidance",
+            display_name="ZeroCon Cross-Attention Guidance",
+            category=CATEGORY,
+            description=(
+                "pix2pix-zero's cross-attention guidance: at each step the edit's cross-attention maps are pulled "
+                "towards those of the source reconstruction by one gradient step on the latent. Auto weight: 0.1 "
+                "for eps-prediction models (SD1.x, SD2-base, SDXL), 0.01 for v-prediction (SD2-768-v)."
+            ),
+            inputs=[
+                io.Float.Input("weight", default=AUTO, min=-1.0, max=10.0, step=0.001, round=0.0001, tooltip=AUTO_TIP),
+                io.String.Input("layers", default="all", tooltip=LAYER_TIP + " pix2pix-zero uses all."),
+                *_window_inputs(),
+                _previous_input(),
+            ],
+            outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
+        )
+
+    @classmethod
+    def execute(cls, weight, layers, start, end, previous=None) -> io.NodeOutput:
+        term = CrossAttentionGuidance(weight=float(weight), layers=_check_layers(layers), start=start, end=end)
+        return io.NodeOutput(chain(previous, term))
+
+
+class ZeroConPatchNCEGuidance(io.ComfyNode):
+    """zeroCon's patch-wise contrastive (CUT PatchNCE) guidance on UNet self-attention features."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ZeroConPatchNCEGuidance",
+            display_name="ZeroCon PatchNCE Guidance",
+            category=CATEGORY,
+            description=(
+                "zeroCon's patch-wise contrastive loss (CUT PatchNCE) between the edit's and the source's UNet "
+                "self-attention outputs: each edited patch is pulled towards the source patch at the same place "
+                "and away from the others. Layers, patch sizes, count and temperature are our defaults (the paper "
+                "does not give them). Auto weight: 0.05 for eps-prediction models, 0.005 for v-prediction."
+            ),
+            inputs=[
+                io.Float.Input("weight", default=AUTO, min=-1.0, max=10.0, step=0.001, round=0.0001, tooltip=AUTO_TIP),
+                io.String.Input("layers", default="up", tooltip=LAYER_TIP + " Default: the up blocks."),
+                io.Int.Input(
+                    "patches",
+                    default=256,
+                    min=2,
+                    max=4096,
+                    tooltip="Locations sampled per layer and patch size (shared by the edit and the source).",
+                ),
+                io.Float.Input(
+                    "tau",
+                    default=0.07,
+                    min=0.001,
+                    max=10.0,
+                    step=0.001,
+                    tooltip="Temperature of the contrastive softmax (CUT uses 0.07).",
+                ),
+                io.String.Input(
+                    "patch_sizes",
+                    default="1,2",
+                    tooltip="Patch sizes in feature pixels, comma-separated: each size p average-pools the "
+                    "features p x p before sampling.",
+                ),
+                *_window_inputs(),
+                _previous_input(),
+            ],
+            outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
+        )
+
+    @classmethod
+    def execute(cls, weight, layers, patches, tau, patch_sizes, start, end, previous=None) -> io.NodeOutput:
+        try:
+            sizes = tuple(int(p) for p in str(patch_sizes).replace(" ", "").split(",") if p)
+        except ValueError as exc:
+            raise ValueError(
+                f"patch sizes must be integers separated by commas, like '1,2'; got {patch_sizes!r}"
+            ) from exc
+        term = PatchNCEGuidance(
+            weight=float(weight),
+            layers=_check_layers(layers),
+            num_patches=int(patches),
+            tau=float(tau),
+            patch_sizes=sizes,
+            start=start,
+            end=end,
+        )
+        return io.NodeOutput(chain(previous, term))
+
+
+NODES = [ZeroConCrossAttentionGuidance, ZeroConPatchNCEGuidance]

@@ -1,0 +1,101 @@
+"""Helpers for the sampling tests: ComfyUI's stock nodes called as a graph would call them (under inference
+mode) for reference results, and short-hands for running the pack's nodes."""
+
+from __future__ import annotations
+
+import torch
+
+
+def ddim_sigmas(model, steps: int) -> torch.Tensor:
+    from comfy_extras.nodes_custom_sampler import BasicScheduler
+
+    with torch.inference_mode():
+        return BasicScheduler().get_sigmas(model, "ddim_uniform", steps, 1.0)[0]
+
+
+def flip(sigmas: torch.Tensor) -> torch.Tensor:
+    from comfy_extras.nodes_custom_sampler import FlipSigmas
+
+    with torch.inference_mode():
+        return FlipSigmas().get_sigmas(sigmas.clone())[0]
+
+
+def sampler_custom(model, positive, negative, latent: dict, sigmas, cfg: float, sampler_name: str = "ddim") -> dict:
+    """SamplerCustom with add_noise off (what a stock inversion / reconstruction graph uses)."""
+    from comfy_extras.nodes_custom_sampler import KSamplerSelect, SamplerCustom
+
+    with torch.inference_mode():
+        sampler = KSamplerSelect().get_sampler(sampler_name)[0]
+        out, _ = SamplerCustom().sample(model, False, 0, cfg, positive, negative, sampler, sigmas, latent)
+    return out
+
+
+def ksampler(model, positive, negative, latent: dict, steps: int = 3, cfg: float = 4.0, seed: int = 7) -> torch.Tensor:
+    """The stock KSampler node path (nodes.common_ksampler): random noise, euler, normal schedule."""
+    import nodes as comfy_nodes
+
+    with torch.inference_mode():
+        (out,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, "euler", "normal", positive, negative, latent)
+    return out["samples"].clone()
+
+
+# -- the pack's nodes ---------------------------------------------------------------------------------
+
+STEPS = 4
+
+
+def models():
+    """name -> (builder, needs pooled_output)."""
+    import tiny_models as tm
+
+    return {"sd15": (tm.sd15, False), "sd2v": (tm.sd2v, False), "sdxl": (tm.sdxl, True)}
+
+
+def invert(zc, run, model, latent, cond, steps=STEPS, regularize=False, **over):
+    kw = dict(
+        model=model,
+        latent=latent,
+        conditioning=cond,
+        steps=steps,
+        cfg=1.0,
+        regularize=regularize,
+        lambda_ac=20.0,
+        lambda_kl=20.0,
+        reg_outer=1,
+        reg_rolls=2,
+        seed=0,
+    )
+    kw.update(over)
+    return run(zc.sampling.ZeroConDDIMInversion, **kw)
+
+
+def guided(zc, run, model, inversion, edited, **over):
+    kw = dict(
+        model=model,
+        inversion=inversion,
+        edited=edited,
+        cfg=5.0,
+        step_mode="raw",
+        step_size=0.02,
+        branches="edit",
+        seed=0,
+    )
+    kw.update(over)
+    return run(zc.sampling.ZeroConGuidedSampler, **kw)
+
+
+def guidance(zc, run, xa=0.1, nce=0.05, patches=16):
+    """Cross-attention + PatchNCE guidance chain (through the nodes)."""
+    (g,) = run(zc.guidance.ZeroConCrossAttentionGuidance, weight=xa, layers="all", start=0.0, end=1.0)
+    (g,) = run(
+        zc.guidance.ZeroConPatchNCEGuidance,
+        weight=nce,
+        layers="up",
+        patches=patches,
+        tau=0.07,
+        patch_sizes="1,2",
+        start=0.0,
+        end=1.0,
+        previous=g,
+    )
+    return g

@@ -1,0 +1,223 @@
+"""ZeroCon Edit Metrics, CLIP Metric Loader and DINO Loader inside ComfyUI (tiny random models, no hub).
+
+The node must give exactly what ``zerocon_core.metrics.edit_metrics`` gives on the same pixels (batch
+means), take ComfyUI's IMAGE / MASK layouts, and its loaders must find, refuse or (fake-)download models
+the way the BLIP loader does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import pack_module, run_node
+
+_CHARS = string.ascii_lowercase + string.digits + ".,!'-"
+
+
+def save_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> str:
+    """A random CLIPModel (32 px images) + a character-level CLIP tokenizer + preprocessor config, saved."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(_CHARS) + [c + "</w>" for c in _CHARS]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    torch.manual_seed(seed)
+    with torch.inference_mode(False):
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_center_crop": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    return str(folder)
+
+
+def save_tiny_dino(folder: str | os.PathLike, seed: int = 0) -> str:
+    """A random ViTModel in DINO ViT-B/8's layout (patch 8, 224 px) but 32 wide, 2 blocks, saved."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=224,
+                    patch_size=8, layer_norm_eps=1e-6)
+    with torch.inference_mode(False):
+        ViTModel(cfg, add_pooling_layer=False).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def mn():
+    return pack_module("nodes.metrics_nodes")
+
+
+@pytest.fixture(scope="module")
+def vn():
+    return pack_module("nodes.vision_nodes")
+
+
+@pytest.fixture(scope="module")
+def zm():
+    return pack_module("zerocon_core.metrics")
+
+
+@pytest.fixture
+def model_dirs(tmp_path, monkeypatch, mn):
+    """Temporary models/dino and models/clip_metric, first in ComfyUI's search order; no hub access."""
+    import folder_paths
+
+    keys = ("dino", mn.CLIP_METRIC)
+    saved = {k: copy.deepcopy(folder_paths.folder_names_and_paths[k]) for k in keys}
+    for key in keys:
+        (tmp_path / key).mkdir()
+        folder_paths.add_model_folder_path(key, str(tmp_path / key), is_default=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a test tried to download from the Hugging Face hub")
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    yield tmp_path
+    for key, value in saved.items():
+        folder_paths.folder_names_and_paths[key] = value
+    folder_paths.filename_list_cache.clear()
+
+
+@pytest.fixture
+def loaded(model_dirs, mn, vn):
+    save_tiny_clip(model_dirs / mn.CLIP_METRIC / "tiny-clip")
+    save_tiny_dino(model_dirs / "dino" / "tiny-dino")
+    (clip,) = run_node(mn.ZeroConCLIPMetricLoader, model="tiny-clip", precision="fp32", device="cpu", allow_download=False)
+    (dino,) = run_node(vn.ZeroConDINOLoader, model="tiny-dino", precision="fp32", device="cpu", allow_download=False)
+    return clip, dino
+
+
+def comfy_image(seed: int, b: int = 1, h: int = 32, w: int = 32) -> torch.Tensor:
+    """A ComfyUI IMAGE (B, H, W, 3) in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, h, w, 3, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_schemas_have_tooltips_prefixed_ids_and_category(mn, vn):
+    for node in mn.NODES + vn.NODES:
+        schema = node.GET_SCHEMA()
+        assert schema.node_id.startswith("ZeroCon") and schema.category == "image/translation/zerocon"
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+        for out in schema.outputs:
+            assert out.tooltip, f"{schema.node_id} output {out.id} has no tooltip"
+    ids = {n.GET_SCHEMA().node_id for n in mn.NODES + vn.NODES}
+    assert ids == {"ZeroConEditMetrics", "ZeroConCLIPMetricLoader", "ZeroConDINOLoader"}
+
+
+def test_metrics_node_matches_core(loaded, mn, zm):
+    clip, dino = loaded
+    src, edt = comfy_image(0, 2), comfy_image(1, 2)
+    out = run_node(mn.ZeroConEditMetrics, source_image=src, edited_image=edt, source_text="a photo of a cat",
+                   target_text="a photo of a dog", clip_metric=clip, dino=dino)
+    assert len(out) == 7 and isinstance(out[-1], str)
+    want = zm.edit_metrics(src.permute(0, 3, 1, 2), edt.permute(0, 3, 1, 2), "a photo of a cat", "a photo of a dog",
+                           clip=clip.model, dino=dino.model)
+    names = ("clip_score", "clip_accuracy", "structure_distance", "bg_psnr", "bg_ssim", "bg_mse")
+    for name, got in zip(names, out[:6]):
+        assert isinstance(got, float)
+        assert got == pytest.approx(float(want[name].double().mean()), rel=1e-6), name
+    assert "CLIP accuracy" in out[-1] and "structure distance" in out[-1]
+
+
+def test_identical_images_and_mask(loaded, mn):
+    clip, dino = loaded
+    src = comfy_image(2)
+    edt = src.clone()
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1.0
+    edt[:, 8:24, 8:24, :] = 1.0 - edt[:, 8:24, 8:24, :]  # the edit stays inside the mask
+    _, _, sd, psnr, ssim, mse, text = run_node(mn.ZeroConEditMetrics, source_image=src, edited_image=edt,
+                                               source_text="a", target_text="b", mask=mask, dino=dino)
+    assert psnr == math.inf and mse == 0.0 and 0.0 < ssim < 1.0 and sd > 0
+    assert "background (mask == 0)" in text
+    same = run_node(mn.ZeroConEditMetrics, source_image=src, edited_image=src, source_text="a", target_text="b",
+                    clip_metric=clip, dino=dino)
+    assert same[2] == 0.0 and same[3] == math.inf and same[4] == pytest.approx(1.0) and same[5] == 0.0
+
+
+def test_without_models_clip_and_structure_are_nan(mn):
+    out = run_node(mn.ZeroConEditMetrics, source_image=comfy_image(0), edited_image=comfy_image(1), source_text="",
+                   target_text="")
+    assert math.isnan(out[0]) and math.isnan(out[1]) and math.isnan(out[2])
+    assert math.isfinite(out[3]) and math.isfinite(out[4])
+    assert "n/a (connect a ZeroCon CLIP Metric Loader)" in out[-1] and "n/a (connect a ZeroCon DINO Loader)" in out[-1]
+
+
+def test_bad_inputs(mn, caplog):
+    with pytest.raises(ValueError, match="mask is 16x16 but the source image is 32x32"):
+        run_node(mn.ZeroConEditMetrics, source_image=comfy_image(0), edited_image=comfy_image(1), source_text="",
+                 target_text="", mask=torch.zeros(1, 16, 16))
+    with caplog.at_level(logging.WARNING, logger="zerocon"):
+        out = run_node(mn.ZeroConEditMetrics, source_image=comfy_image(0), edited_image=comfy_image(1, h=64, w=64),
+                       source_text="", target_text="")
+    assert "resizing the edited image" in caplog.text and math.isfinite(out[3])
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        run_node(mn.ZeroConEditMetrics, source_image=comfy_image(0, 2), edited_image=comfy_image(1, 3), source_text="",
+                 target_text="")
+
+
+def test_loaders_missing_folder_name_folder_and_model_id(mn, vn, model_dirs):
+    with pytest.raises(FileNotFoundError) as err:
+        run_node(vn.ZeroConDINOLoader, model="dino-vitb8", precision="fp32", device="cpu", allow_download=True)
+    msg = str(err.value)
+    assert str(model_dirs / "dino" / "dino-vitb8") in msg and "facebook/dino-vitb8" in msg and "HF_HUB_OFFLINE" in msg
+    with pytest.raises(FileNotFoundError) as err:
+        run_node(mn.ZeroConCLIPMetricLoader, model="clip-vit-large-patch14", precision="fp32", device="cpu",
+                 allow_download=False)
+    msg = str(err.value)
+    assert str(model_dirs / "clip_metric" / "clip-vit-large-patch14") in msg
+    assert "openai/clip-vit-large-patch14" in msg and "allow_download is off" in msg
+    with pytest.raises(ValueError, match="not a folder name"):
+        run_node(vn.ZeroConDINOLoader, model="../x", precision="fp32", device="cpu", allow_download=False)
+
+
+def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, local_dir, **kwargs):
+        calls.append((repo_id, local_dir))
+        save_tiny_dino(local_dir)
+        return local_dir
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(vn, "offline", lambda: False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    for _ in range(2):
+        (dino,) = run_node(vn.ZeroConDINOLoader, model="dino-vitb8", precision="fp32", device="cpu", allow_download=True)
+    assert calls == [("facebook/dino-vitb8", str(model_dirs / "dino" / "dino-vitb8"))]
+    assert dino.name == "dino-vitb8"
+
+
+def test_local_model_folders_are_listed(mn, vn, model_dirs):
+    save_tiny_dino(model_dirs / "dino" / "my-dino")
+    names = vn.model_names("dino", vn.KNOWN_DINO)
+    assert names[0] == "dino-vitb8" and "my-dino" in names

@@ -1,0 +1,135 @@
+"""TEST-ONLY ComfyUI node pack: puts tiny seeded models and images into a graph, and captures results.
+
+Loaded by the integration tests with ComfyUI's own ``nodes.load_custom_node`` (never shipped, never
+installed). The tiny builders come from the sibling test modules ``tiny_models.py`` (UNets) and
+``tiny_clip.py`` (CLIP, VAE), loaded by file path so this pack works whatever its import name.
+
+- ``ZeroConTest_TinyCheckpoint``: MODEL, CLIP, VAE of a tiny SD1.5- or SDXL-shaped model (like a checkpoint loader).
+- ``ZeroConTest_Image``: a seeded smooth random IMAGE batch.
+- ``ZeroConTest_Capture``: an output node that stores whatever reaches it in ``CAPTURED[key]`` (in-process
+  runs) and reports a JSON summary of it as its UI output (server runs: ``/history``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import torch
+from comfy_api.latest import ComfyExtension, io
+
+_HERE = os.path.dirname(os.path.realpath(__file__))  # real path: the server test links this folder
+CAPTURED: dict[str, object] = {}
+
+
+def _sibling(name: str):
+    """Import ``tests/comfyui/<name>.py`` once, as top-level ``name`` (the name pytest gives it too)."""
+    path = os.path.join(os.path.dirname(_HERE), f"{name}.py")
+    mod = sys.modules.get(name)
+    if mod is not None and os.path.abspath(getattr(mod, "__file__", "") or "") == path:
+        return mod
+    if os.path.dirname(_HERE) not in sys.path:
+        sys.path.append(os.path.dirname(_HERE))
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_CACHE: dict[tuple, tuple] = {}
+
+
+class TinyCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZeroConTest_TinyCheckpoint",
+            display_name="ZeroCon Test Tiny Checkpoint",
+            category="testing/zerocon",
+            inputs=[
+                io.Combo.Input("kind", options=["sd15", "sdxl"], default="sd15", tooltip="Model family shape."),
+                io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Seed of the random weights."),
+            ],
+            outputs=[io.Model.Output("model_out"), io.Clip.Output("clip_out"), io.Vae.Output("vae_out")],
+        )
+
+    @classmethod
+    def execute(cls, kind, seed):
+        key = (kind, seed)
+        if key not in _CACHE:
+            tiny_models = _sibling("tiny_models")
+            tiny_clip = _sibling("tiny_clip")
+            model = tiny_models.sd15(seed) if kind == "sd15" else tiny_models.sdxl(seed)
+            clip = tiny_clip.clip("sd1" if kind == "sd15" else "sdxl", seed)
+            _CACHE[key] = (model, clip, tiny_clip.vae(seed))
+        return io.NodeOutput(*_CACHE[key])
+
+
+class TestImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZeroConTest_Image",
+            display_name="ZeroCon Test Image",
+            category="testing/zerocon",
+            inputs=[
+                io.Int.Input("width", default=64, min=8, max=1024, tooltip="Width."),
+                io.Int.Input("height", default=64, min=8, max=1024, tooltip="Height."),
+                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Images."),
+                io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Seed."),
+            ],
+            outputs=[io.Image.Output("image")],
+        )
+
+    @classmethod
+    def execute(cls, width, height, batch_size, seed):
+        gen = torch.Generator().manual_seed(seed)
+        low = torch.rand(batch_size, 3, max(height // 8, 1), max(width // 8, 1), generator=gen)
+        img = torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear", align_corners=False)
+        return io.NodeOutput(img.permute(0, 2, 3, 1).contiguous().clamp(0, 1))
+
+
+class Capture(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZeroConTest_Capture",
+            display_name="ZeroCon Test Capture",
+            category="testing/zerocon",
+            is_output_node=True,
+            is_input_list=True,
+            inputs=[
+                io.AnyType.Input("value", tooltip="Anything."),
+                io.String.Input("key", default="out", tooltip="Where to store it in CAPTURED."),
+            ],
+            outputs=[],
+        )
+
+    @classmethod
+    def execute(cls, value, key):
+        CAPTURED[key[0]] = value if len(value) > 1 else value[0]
+        return io.NodeOutput(ui={"zerocon_capture": [{"key": key[0], "items": [summary(v) for v in value]}]})
+
+
+def summary(value) -> dict:
+    """A JSON-able description of a captured value."""
+    if isinstance(value, dict) and "samples" in value:
+        value = value["samples"]
+    if isinstance(value, torch.Tensor):
+        v = value.detach().float()
+        return {"type": "tensor", "shape": list(v.shape), "finite": bool(torch.isfinite(v).all()),
+                "min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()), "std": float(v.std())}
+    if isinstance(value, str):
+        return {"type": "str", "text": value}
+    return {"type": type(value).__name__}
+
+
+class TestingExtension(ComfyExtension):
+    async def get_node_list(self):
+        return [TinyCheckpoint, TestImage, Capture]
+
+
+async def comfy_entrypoint():
+    return TestingExtension()

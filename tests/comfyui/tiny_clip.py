@@ -1,0 +1,168 @@
+"""Tiny randomly initialised text-side models for the ComfyUI integration tests. No downloads, no hub.
+
+- ``clip("sd1" | "sdxl")``: a ComfyUI ``comfy.sd.CLIP`` built from ComfyUI's own classes
+  (``SD1ClipModel`` / ``SDXLClipModel`` with their bundled tokenizers) and small text-model configs passed
+  the way ComfyUI passes per-model config overrides (``model_options["clip_l_model_config"]``...). Widths
+  match ``tiny_models``: SD1 context 64; SDXL l 32 + g 32 = 64 context, pooled 32.
+- ``vae()``: a ``comfy.sd.VAE`` (AutoencoderKL, 8x downscale, 4 latent channels, 32 channels wide).
+- ``save_blip(folder)``: a tiny transformers BLIP captioner (``BlipForConditionalGeneration`` +
+  ``BlipProcessor`` with a 20-word BERT vocabulary) saved with ``save_pretrained``; ``mode="empty"`` makes
+  it end every caption at once (empty caption), ``mode="words"`` never lets it emit special tokens.
+
+Everything is built under ``torch.inference_mode()`` like ComfyUI's loader nodes, with seeded weights
+(``comfy.ops`` leaves weights uninitialised).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # keep the widths in step with the tiny UNets (same folder, on sys.path under pytest)
+    from tiny_models import CONTEXT_DIM, POOLED_DIM
+except ImportError:  # pragma: no cover - loaded by path from testing_nodes without tests/comfyui on sys.path
+    CONTEXT_DIM, POOLED_DIM = 64, 32
+
+SDXL_L_WIDTH = CONTEXT_DIM - POOLED_DIM  # l + g = context; g's pooled output is g wide
+SDXL_G_WIDTH = POOLED_DIM
+
+
+def _text_config(width: int, layers: int = 3, act: str = "quick_gelu") -> dict:
+    return {
+        "hidden_size": width,
+        "intermediate_size": 2 * width,
+        "num_attention_heads": 2,
+        "num_hidden_layers": layers,  # >= 3: SDXL uses the penultimate layer (layer_idx -2)
+        "projection_dim": width,
+        "hidden_act": act,
+    }
+
+
+def _init_(module: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+        elif name.endswith("weight"):  # layer / group norms
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+        else:
+            p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+
+
+class _Target:
+    """What ComfyUI's loaders pass to ``comfy.sd.CLIP``: ``params``, ``clip`` class, ``tokenizer`` class."""
+
+    def __init__(self, clip_cls, tokenizer_cls):
+        self.params = {}
+        self.clip = clip_cls
+        self.tokenizer = tokenizer_cls
+
+
+def clip(kind: str = "sd1", seed: int = 0, width: int | None = None):
+    """A tiny ComfyUI CLIP: ``"sd1"`` (one "l" encoder, 64 wide) or ``"sdxl"`` ("l" 32 + "g" 32, pooled 32).
+
+    ``width`` overrides the SD1 encoder's width (a CLIP that does not fit the tiny UNets).
+    """
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+
+    if kind == "sd1":
+        target = _Target(comfy.sd1_clip.SD1ClipModel, comfy.sd1_clip.SD1Tokenizer)
+        options = {"clip_l_model_config": _text_config(width or CONTEXT_DIM)}
+    elif kind == "sdxl":
+        target = _Target(comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLTokenizer)
+        options = {
+            "clip_l_model_config": _text_config(SDXL_L_WIDTH),
+            "clip_g_model_config": _text_config(SDXL_G_WIDTH, act="gelu"),
+        }
+    else:
+        raise ValueError(f"unknown tiny CLIP kind {kind!r}")
+    with torch.inference_mode():
+        c = comfy.sd.CLIP(target, model_options={**options, "dtype": torch.float32})
+        _init_(c.cond_stage_model, seed)
+    return c
+
+
+VAE_CONFIG = {
+    "params": {
+        "embed_dim": 4,
+        "ddconfig": {
+            "double_z": True,
+            "z_channels": 4,
+            "resolution": 64,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 32,  # GroupNorm(32 groups) needs a multiple of 32
+            "ch_mult": [1, 1, 1, 1],  # 3 downsamplings: 8x, like SD's VAE
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+    }
+}
+
+
+def vae(seed: int = 0):
+    """A tiny ``comfy.sd.VAE`` (SD-style AutoencoderKL, 4 latent channels, 8x) from a seeded state dict."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.inference_mode():
+        model = AutoencoderKL(**VAE_CONFIG["params"])
+        _init_(model, seed)
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        return comfy.sd.VAE(sd=sd, config=VAE_CONFIG)
+
+
+BLIP_WORDS = [
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]",
+    "a", "photography", "of", "cat", "dog", "on", "the", "grass", "red", "blue", "house", "tree", "sitting", "small",
+]
+_SPECIAL = 6
+
+
+def save_blip(folder: str | os.PathLike, seed: int = 0, mode: str = "words") -> str:
+    """Save a tiny BLIP captioner (transformers ``save_pretrained`` layout) to ``folder``; returns the folder.
+
+    ``mode="words"``: special tokens can never be generated, so every caption is ``max_new_tokens`` words.
+    ``mode="empty"``: the end token always wins, so every caption is empty once the prefix is stripped.
+    """
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    vocab = os.path.join(folder, "vocab.txt")
+    with open(vocab, "w") as f:
+        f.write("\n".join(BLIP_WORDS) + "\n")
+    tok = BertTokenizer(vocab, bos_token="[DEC]")
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok)
+    text = {
+        "vocab_size": len(BLIP_WORDS),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "encoder_hidden_size": 32,
+        "bos_token_id": tok.bos_token_id,
+        "sep_token_id": tok.sep_token_id,
+        "eos_token_id": tok.sep_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    config = BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        bias = model.text_decoder.cls.predictions.decoder.bias
+        if mode == "words":
+            bias[:_SPECIAL] = -1e4
+        elif mode == "empty":
+            bias[tok.sep_token_id] = 1e4
+        else:
+            raise ValueError(f"unknown tiny BLIP mode {mode!r}")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

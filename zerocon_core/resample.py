@@ -1,0 +1,92 @@
+"""DiffuseIT's start and first-step resampling, in sigma space (method-diffuseit.md §2.2, §5.1, §8.2c).
+
+DiffuseIT does not invert the source: it forward-noises the clean latent to a fixed noise level with fresh
+Gaussian noise (SDEdit-style) and samples down from there. What must carry over from its pixel-space ADM
+model to a latent model is the *noise level* (SNR), not the fraction of steps skipped: ADM's linear
+schedule at DiffuseIT's start (t = 595 of 1000) has alpha_bar = 0.0272, i.e. sigma = 5.98, and its
+semantic-divergence gate (t = 505) has alpha_bar = 0.0739, sigma = 3.54. In sigma space these levels are
+model-independent for every VP model (SD1.x/2.x/SDXL): SD's scaled-linear schedule reaches them at
+t = 835 and t = 715.
+
+Units: ``x = x0 + sigma * eps`` (sigma space, see ``zerocon_core/__init__.py``); grids are descending.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .log import logger
+
+#: Noise level of DiffuseIT's start: ADM linear schedule, t = 595 (alpha_bar 0.0272), sigma = sqrt((1-a)/a).
+DIFFUSEIT_START_SIGMA = 5.985
+#: DiffuseIT's semantic-divergence gate (``diff_iter``): ADM t = 505 (alpha_bar 0.0739); active above it.
+DIFFUSEIT_SEM_SIGMA = 3.539
+#: DiffuseIT repeats its first reverse step 10 times (hard-coded ``range(10)``), §5.1.
+DIFFUSEIT_RESAMPLE = 10
+
+
+def start_index(sigmas: Tensor, strength: float | None = None, start_sigma: float = DIFFUSEIT_START_SIGMA) -> int:
+    """Index into the descending grid ``sigmas`` (``steps + 1`` levels) where a noised start begins.
+
+    ``strength`` in (0, 1]: keep the last ``round(strength * steps)`` steps (at least 1), as img2img's
+    "strength"/"denoise". ``None``: the level nearest to ``start_sigma`` in log-sigma (DiffuseIT's SNR;
+    about strength 0.84-0.86 on SD's 50-step DDIM grid).
+    """
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f"sigmas must be a 1-D grid of at least 2 levels, got shape {tuple(sigmas.shape)}")
+    steps = len(sigmas) - 1
+    if strength is None:
+        if start_sigma <= 0:
+            raise ValueError(f"start_sigma must be > 0, got {start_sigma}")
+        levels = sigmas[:-1].double().clamp_min(1e-12).log()
+        return int((levels - math.log(start_sigma)).abs().argmin())
+    strength = float(strength)
+    if not (0.0 < strength <= 1.0):
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    kept = min(steps, max(1, int(round(strength * steps))))
+    return steps - kept
+
+
+def noised_start(
+    x0: Tensor,
+    sigmas: Tensor,
+    strength: float | None = None,
+    seed: int = 0,
+    *,
+    start_sigma: float = DIFFUSEIT_START_SIGMA,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Forward-noise a clean latent ``x0`` (B, C, h, w) to the start level of ``sigmas``.
+
+    Returns ``(x, grid)``: ``x = x0 + grid[0] * eps`` (sigma space) and ``grid = sigmas[k:]``, the truncated
+    descending grid to sample down (``k = start_index(sigmas, strength, start_sigma)``). ``eps`` is drawn on
+    the CPU from ``seed`` (reproducible across devices) unless ``noise`` is given.
+    """
+    if not torch.isfinite(x0).all():
+        raise ValueError("the latent to noise contains NaN or Inf")
+    k = start_index(sigmas, strength, start_sigma)
+    grid = sigmas[k:].to(device=x0.device, dtype=x0.dtype)
+    if noise is None:
+        gen = torch.Generator().manual_seed(int(seed))
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(device=x0.device, dtype=x0.dtype)
+    elif noise.shape != x0.shape:
+        raise ValueError(f"noise shape {tuple(noise.shape)} differs from the latent's {tuple(x0.shape)}")
+    logger.debug("noised start at grid index %d, sigma %.4g (%d steps left)", k, float(grid[0]), len(grid) - 1)
+    return x0 + grid[0] * noise, grid
+
+
+def renoise(x: Tensor, sigma_from: Tensor | float, sigma_to: Tensor | float, generator: torch.Generator) -> Tensor:
+    """Exact forward transition from level ``sigma_from`` up to ``sigma_to`` (>= it): ``x + sqrt(to^2 - from^2) * eps``.
+
+    In VP terms ``z_to = sqrt(a_to / a_from) z_from + sqrt(1 - a_to / a_from) eps``: DiffuseIT's one-step
+    re-noise between resampling iterations (§5.1; the original uses the respaced beta of the *next* index,
+    an off-by-one; we use the exact transition). ``eps`` is drawn on the CPU from ``generator``.
+    """
+    sf, st = float(sigma_from), float(sigma_to)
+    if st < sf:
+        raise ValueError(f"renoise goes up in noise: sigma_to ({st}) < sigma_from ({sf})")
+    eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
+    return x + math.sqrt(st * st - sf * sf) * eps
