@@ -5,7 +5,7 @@ the guided samplers sum ``weight * loss`` of the terms active at a step and take
 latent.
 
 Weights: a negative weight (the default, -1) means **auto**, resolved by the sampler once the model is
-known: the term's default step (cross-attention 0.1, PatchNCE 0.05) for eps-prediction models (SD1.x,
+known: the term's default step (cross-attention 0.1, PatchNCE 0.5) for eps-prediction models (SD1.x,
 SD2-base, SDXL) and a tenth of it for v-prediction models (SD2-768-v), whose gradients are about ten times
 larger (pix2pix-zero advises 0.01 or less for SD2: research/method-zerocon.md §3.4). Weight 0 disables a
 term; any positive value is used as given.
@@ -129,7 +129,7 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
                 "zeroCon's patch-wise contrastive loss (CUT PatchNCE) between the edit's and the source's UNet "
                 "self-attention outputs: each edited patch is pulled towards the source patch at the same place "
                 "and away from the others. Layers, patch sizes, count and temperature are our defaults (the paper "
-                "does not give them). Auto weight: 0.05 for eps-prediction models, 0.005 for v-prediction."
+                "does not give them). Auto weight: 0.5 for eps-prediction models, 0.05 for v-prediction (calibrated to pull as hard as the cross-attention term)."
             ),
             inputs=[
                 io.Float.Input("weight", default=AUTO, min=-1.0, max=10.0, step=0.001, round=0.0001, tooltip=AUTO_TIP),

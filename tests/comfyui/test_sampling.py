@@ -152,7 +152,7 @@ def test_auto_weights_follow_the_model_family(zc, sd15_model, sd2v_model, sdxl_m
         g.PatchNCEGuidance(weight=-1.0),
         g.CrossAttentionGuidance(weight=0.3),
     )
-    for model, xa, nce in ((sd15_model, 0.1, 0.05), (sdxl_model, 0.1, 0.05), (sd2v_model, 0.01, 0.005)):
+    for model, xa, nce in ((sd15_model, 0.1, 0.5), (sdxl_model, 0.1, 0.5), (sd2v_model, 0.01, 0.05)):
         resolved = g.resolve_weights(terms, fam(model))
         assert [t.weight for t in resolved] == pytest.approx([xa, nce, 0.3])
 

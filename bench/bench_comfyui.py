@@ -1,0 +1,245 @@
+"""ComfyUI benchmark: one guided step vs one stock KSampler CFG step, and the memory guidance adds.
+
+Runs inside ComfyUI's environment, on ONE model in ONE process: a randomly initialised full-size SD1.5
+UNet built from ComfyUI's own classes (as a checkpoint loader would build it: under inference mode).
+
+    COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_comfyui.py --size 256 --steps 10        # CPU
+    COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_comfyui.py --gpu --size 512 --steps 50  # GPU
+    ... --gpu --family sdxl --size 1024 --steps 50
+
+Per-step times come from ComfyUI's own progress hook (one tick per sampling step). Memory: peak RSS above
+the post-load baseline on CPU (sampled every 5 ms), peak allocated VRAM on GPU. Writes bench/out/*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser().resolve()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Peak:
+    """Peak memory (MB) above the value at entry: RSS sampled on CPU, max_memory_allocated on CUDA."""
+
+    def __init__(self, cuda: bool):
+        self.cuda, self.peak, self.base = cuda, 0.0, 0.0
+
+    def __enter__(self):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+        else:
+            self.base = _rss_mb()
+            self._stop = False
+            self._t = threading.Thread(target=self._watch, daemon=True)
+            self._t.start()
+        return self
+
+    def _watch(self):
+        while not self._stop:
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop = True
+            self._t.join()
+            self.peak = max(self.peak, _rss_mb())
+        self.added = self.peak - self.base
+
+
+class StepClock:
+    """Timestamps of ComfyUI's progress-bar ticks (one per sampling step)."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def hook(self, value, total, preview, node_id=None):
+        self.stamps.append(time.perf_counter())
+
+    def per_step(self, start: float) -> list[float]:
+        ts = [start] + self.stamps
+        return [b - a for a, b in zip(ts, ts[1:])]
+
+
+def build_model(family: str, seed: int):
+    import torch
+
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if family == "sd15":
+        cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+               "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+               "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+               "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+               "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+               "use_temporal_attention": False, "use_temporal_resblock": False}
+        config = comfy.supported_models.SD15(cfg)
+        ctx, pooled = 768, None
+    else:
+        cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+               "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+               "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+               "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+               "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+               "use_temporal_attention": False, "use_temporal_resblock": False}
+        config = comfy.supported_models.SDXL(cfg)
+        ctx, pooled = 2048, 1280
+    dtype = mm.unet_dtype()
+    config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device()))
+    with torch.inference_mode():
+        base = config.get_model({})
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in base.diffusion_model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_((torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5).to(p.dtype))
+            else:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
+        base.eval()
+        patcher = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+    return patcher, ctx, pooled
+
+
+def load_pack():
+    name = str(REPO).replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    import importlib as il
+
+    return il.import_module(f"{name}.nodes.sampling_nodes"), il.import_module(f"{name}.nodes.guidance_nodes")
+
+
+def run_node(cls, **kw):
+    out = cls.execute(**kw)
+    return tuple(out.result) if hasattr(out, "result") else tuple(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
+    ap.add_argument("--size", type=int, default=256, help="image side in pixels")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--xa", type=float, default=0.1)
+    ap.add_argument("--nce", type=float, default=0.5)
+    ap.add_argument("--gpu", action="store_true", help="use the GPU (default: --cpu)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "bench" / "out"))
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(COMFYUI))
+    from comfy.cli_args import args as cargs
+
+    cargs.cpu = not args.gpu
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import comfy.model_management as mm
+    import comfy.utils
+    import nodes as comfy_nodes
+
+    sampling, guidance = load_pack()
+    t0 = time.perf_counter()
+    model, ctx, pooled = build_model(args.family, 0)
+    build_s = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(1)
+    h = args.size // 8
+
+    def cond(seed):
+        g = torch.Generator().manual_seed(seed)
+        extra = {"pooled_output": torch.randn(1, pooled, generator=g)} if pooled else {}
+        return [[torch.randn(1, 77, ctx, generator=g), extra]]
+
+    source, edited, negative = cond(1), cond(2), cond(3)
+    latent = {"samples": torch.randn(1, 4, h, h, generator=gen)}
+    cuda = args.gpu and torch.cuda.is_available()
+    clock = StepClock()
+    comfy.utils.set_progress_bar_global_hook(clock.hook)
+    res: dict = {"family": args.family, "size": args.size, "steps": args.steps, "device": str(mm.get_torch_device()),
+                 "dtype": str(mm.unet_dtype()), "threads": args.threads, "build_s": build_s}
+
+    def timed(fn):
+        clock.stamps.clear()
+        with Peak(cuda) as pk:
+            start = time.perf_counter()
+            out = fn()
+            total = time.perf_counter() - start
+        return out, total, clock.per_step(start), pk
+
+    with torch.inference_mode():
+        # warm-up: loads the model onto the device, so loading is not timed
+        comfy_nodes.common_ksampler(model, 0, 1, args.cfg, "ddim", "ddim_uniform", edited, negative, latent)
+        _, t_stock, steps_stock, pk_stock = timed(lambda: comfy_nodes.common_ksampler(
+            model, 0, args.steps, args.cfg, "ddim", "ddim_uniform", edited, negative, latent))
+        (x_t, inversion, _sig), t_inv, _, pk_inv = timed(lambda: run_node(
+            sampling.ZeroConDDIMInversion, model=model, latent=latent, conditioning=source, steps=args.steps,
+            cfg=1.0, regularize=True, lambda_ac=20.0, lambda_kl=20.0, reg_outer=5, reg_rolls=5, seed=0))
+        (g,) = run_node(guidance.ZeroConCrossAttentionGuidance, weight=args.xa, layers="all", start=0.0, end=1.0)
+        (g,) = run_node(guidance.ZeroConPatchNCEGuidance, weight=args.nce, layers="up", patches=256, tau=0.07,
+                        patch_sizes="1,2", start=0.0, end=1.0, previous=g)
+        _, t_guided, steps_guided, pk_guided = timed(lambda: run_node(
+            sampling.ZeroConGuidedSampler, model=model, inversion=inversion, edited=edited, cfg=args.cfg,
+            step_mode="raw", step_size=0.02, branches="edit", seed=0, guidance=g))
+
+    med = statistics.median
+    res.update({
+        "stock_total_s": t_stock, "stock_step_s": med(steps_stock[1:] or steps_stock),
+        "inversion_total_s": t_inv, "guided_total_s": t_guided, "guided_step_s": med(steps_guided[1:] or steps_guided),
+        "edit_total_s": t_inv + t_guided,
+        "stock_peak_added_mb": pk_stock.added, "inversion_peak_added_mb": pk_inv.added,
+        "guided_peak_added_mb": pk_guided.added, "guided_peak_mb": pk_guided.peak,
+        "guidance_added_mb": pk_guided.added - pk_stock.added,
+    })
+    res["guided_over_stock_step"] = res["guided_step_s"] / res["stock_step_s"]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"bench_comfyui_{args.family}_{args.size}_{'gpu' if cuda else 'cpu'}.json"
+    path.write_text(json.dumps(res, indent=2))
+    unit = "VRAM allocated" if cuda else "RSS"
+    lines = [
+        f"ComfyUI {args.family} {args.size}px, {args.steps} steps, {res['device']} {res['dtype']}, {args.threads} threads",
+        f"stock KSampler (ddim, cfg {args.cfg}): {t_stock:.2f} s, {res['stock_step_s']:.3f} s/step, "
+        f"peak {unit} +{pk_stock.added:.0f} MB",
+        f"ZeroCon inversion (regularised):      {t_inv:.2f} s, peak +{pk_inv.added:.0f} MB",
+        f"ZeroCon guided sampler (xa+PatchNCE): {t_guided:.2f} s, {res['guided_step_s']:.3f} s/step, "
+        f"peak {unit} +{pk_guided.added:.0f} MB",
+        f"whole edit (inversion + guided): {res['edit_total_s']:.2f} s",
+        f"guided step / stock step = {res['guided_over_stock_step']:.2f} x (target <= 2.5); "
+        f"memory added by guidance = {res['guidance_added_mb']:.0f} MB",
+        f"wrote {path}",
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

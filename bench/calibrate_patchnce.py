@@ -1,0 +1,129 @@
+"""Calibrate the PatchNCE guidance weight against the cross-attention guidance (run by hand).
+
+During a guided edit, at every step, measure the RMS of the gradients w.r.t. the VP latent of the
+cross-attention loss L_xa and of the PatchNCE loss L_nce (each with weight 1), while the edit itself is
+guided with the defaults. The PatchNCE weight that makes both terms pull equally hard is
+``w_nce = w_xa * rms(grad L_xa) / rms(grad L_nce)``; its median over steps is reported and saved.
+
+    python bench/calibrate_patchnce.py                        # random full-size SD1.5 UNet, CPU, 256 px
+    python bench/calibrate_patchnce.py --model DIR --size 512 # a real SD folder (diffusers layout), on GPU
+
+With random weights the figure only checks the pipeline and the order of magnitude; re-run it with real
+weights on a GPU before changing the shipped default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond  # noqa: E402
+from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, StepContext  # noqa: E402
+from zerocon_core.inversion import ddim_invert  # noqa: E402
+from zerocon_core.sampler import guided_ddim_sample  # noqa: E402
+from zerocon_core.schedule import ddim_sigmas, inversion_sigmas  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Probe(GuidanceTerm):
+    """Guides with ``xa`` + ``nce`` and records, per step, the gradient RMS of each loss at weight 1."""
+
+    xa: CrossAttentionGuidance = field(default_factory=CrossAttentionGuidance)
+    nce: PatchNCEGuidance = field(default_factory=PatchNCEGuidance)
+    records: list = field(default_factory=list, compare=False)
+
+    def request(self, layers):
+        return self.xa.request(layers) | self.nce.request(layers)
+
+    def loss(self, ctx: StepContext, request):
+        l_xa = self.xa.loss(ctx, self.xa_req)
+        l_nce = self.nce.loss(ctx, self.nce_req)
+        g_xa, g_nce = (torch.autograd.grad(v, ctx.x, retain_graph=True)[0] for v in (l_xa, l_nce))
+        scale = float(1 + ctx.sigma**2) ** 0.5  # d/dz = sqrt(1 + sigma^2) d/dx
+        rms = [float(g.pow(2).mean().sqrt()) * scale for g in (g_xa, g_nce)]
+        self.records.append({"step": ctx.step, "sigma": float(ctx.sigma), "loss_xa": float(l_xa),
+                             "loss_nce": float(l_nce), "rms_grad_xa": rms[0], "rms_grad_nce": rms[1]})
+        return self.xa.weight * l_xa + self.nce.weight * l_nce
+
+
+def build(model: str | None, device: str, dtype: torch.dtype, seed: int):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    if model:
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", local_files_only=True)
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler.from_pretrained(model, subfolder="scheduler", local_files_only=True)
+        den = DiffusersDenoiser(unet, scheduler_config=sched, device=device, dtype=dtype)
+    else:
+        from bench_engine import SD15_UNET
+
+        unet = UNet2DConditionModel(**SD15_UNET).eval()
+        den = DiffusersDenoiser(unet, device=device, dtype=dtype)
+    return den
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="diffusers SD folder (default: random full-size SD1.5 UNet)")
+    ap.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size/8)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "calibrate_patchnce.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    t0 = time.perf_counter()
+    den = build(args.model, args.device, dtype, args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    h = args.size // 8
+    latent = torch.randn(1, 4, h, h, generator=g).to(args.device)
+    src = TextCond(torch.randn(1, 77, 768, generator=g).to(args.device))
+    edit = TextCond(src.embeds + 0.3 * torch.randn(1, 77, 768, generator=g).to(args.device))
+
+    sig = ddim_sigmas(den.sigma_table, args.steps, final="zero")
+    inv = ddim_invert(den, latent, inversion_sigmas(sig), src, keep_trajectory=False)
+    probe = Probe()
+    layers = den.layers()
+    object.__setattr__(probe, "xa_req", probe.xa.request(layers))
+    object.__setattr__(probe, "nce_req", probe.nce.request(layers))
+    guided_ddim_sample(den, inv.latent, sig.to(latent.device), source_cond=src, edit_cond=edit, guidance=[probe])
+
+    ratios = [r["rms_grad_xa"] / max(r["rms_grad_nce"], 1e-30) for r in probe.records]
+    w_nce = probe.xa.weight * statistics.median(ratios)
+    result = {
+        "model": args.model or "random SD1.5 UNet (diffusers config)",
+        "size": args.size, "steps": args.steps, "device": args.device, "dtype": str(dtype),
+        "xa_weight": probe.xa.weight, "current_nce_default": PatchNCEGuidance().weight,
+        "per_step": probe.records, "median_ratio_xa_over_nce": statistics.median(ratios),
+        "equal_pull_nce_weight": w_nce, "seconds": time.perf_counter() - t0,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    lines = [f"{'step':>4} {'sigma':>8} {'L_xa':>10} {'L_nce':>8} {'rms dL_xa':>10} {'rms dL_nce':>10}"]
+    for r in probe.records:
+        lines.append(f"{r['step']:>4} {r['sigma']:8.3f} {r['loss_xa']:10.4g} {r['loss_nce']:8.4f} "
+                     f"{r['rms_grad_xa']:10.3g} {r['rms_grad_nce']:10.3g}")
+    lines.append(f"median rms ratio xa/nce = {result['median_ratio_xa_over_nce']:.4g}; PatchNCE weight for equal "
+                 f"pull with xa weight {probe.xa.weight}: {w_nce:.4g} (shipped default {result['current_nce_default']})")
+    lines.append(f"wrote {args.out} in {result['seconds']:.0f} s")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
