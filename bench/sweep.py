@@ -1,0 +1,407 @@
+"""Structure-vs-edit trade-off sweep over guidance weights (cross-attention x PatchNCE).
+
+    python bench/sweep.py --manifest edits.csv --model SD_FOLDER --out-dir bench/out/sweep \
+        --xa 0,0.05,0.1,0.2 --nce 0,0.05,0.1 --clip CLIP_DIR --dino DINO_DIR [--steps 50]
+
+For every manifest image, the caption, edit direction, conditionings, VAE latent and DDIM inversion are
+computed **once**; then the guided sampler runs for every ``(xa weight, nce weight)`` of the grid and each
+result is scored with ``zerocon_core.metrics`` against the source image. A ``reconstruction`` row (the
+reference branch: plain DDIM reconstruction with the caption, no edit) is scored too, as the no-edit
+anchor of the trade-off (landscape.md §3: always include an identity row).
+
+Manifest (CSV or JSONL, paths relative to it): ``source`` (image), ``source_text`` (the caption used for
+inversion, and the CLIP source text), ``target_text``; optional ``id``, ``mask`` (edited region > 0;
+background metrics use ``mask == 0``), ``source_word`` + ``target_word`` (then the direction is
+pix2pix-zero's sentence-bank direction from ``--num-sentences`` template sentences per word; otherwise it
+is the target prompt minus the caption).
+
+Outputs in ``--out-dir``: ``sweep.csv`` (one row per image and setting), ``sweep_summary.csv`` (per setting:
+mean of each metric over images, ``n``), ``sweep.png`` (mean structure distance vs mean CLIP score per
+setting, points labelled by setting, PIL only) and ``images/<id>_<setting>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from zerocon_core import metrics as zmetrics
+from zerocon_core.evaluate import load_mask, read_records
+from zerocon_core.images import decode_latents, encode_latents, fit_to_multiple, load_image, resize, save_image
+from zerocon_core.inversion import NoiseRegularization, ddim_invert
+from zerocon_core.log import logger
+from zerocon_core.pipeline import EditOptions, default_guidance, sampling_grid
+from zerocon_core.sampler import guided_ddim_sample
+from zerocon_core.schedule import inversion_sigmas, vp_scale
+
+SWEEP_COLUMNS = ("id", "setting", "xa_weight", "nce_weight", "image", "seconds") + zmetrics.METRIC_NAMES
+SUMMARY_COLUMNS = ("setting", "xa_weight", "nce_weight", "n") + zmetrics.METRIC_NAMES
+RECON = "reconstruction"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One grid point; ``name`` is its label in files and on the plot."""
+
+    xa: float
+    nce: float
+
+    @property
+    def name(self) -> str:
+        return f"xa{self.xa:g}_nce{self.nce:g}"
+
+
+def parse_grid(text: str) -> list[float]:
+    """"0,0.05,0.1" -> [0.0, 0.05, 0.1] (non-negative, duplicates dropped, order kept)."""
+    values: list[float] = []
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        v = float(part)
+        if not v >= 0:
+            raise ValueError(f"guidance weights must be >= 0, got {part!r}")
+        if v not in values:
+            values.append(v)
+    if not values:
+        raise ValueError(f"empty weight list {text!r}")
+    return values
+
+
+def _fmt(v: Any) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running
+
+
+def sweep_image(
+    pipe: Any,
+    image: torch.Tensor,
+    options: EditOptions,
+    settings: Sequence[Setting],
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Invert ``image`` (1, 3, H, W) once and sample it under every setting.
+
+    Returns ``(images, seconds)`` keyed by setting name plus ``RECON`` (the DDIM reconstruction); images are
+    (1, 3, H, W) float32 in [0, 1] at the input's size.
+    """
+    work, input_size = fit_to_multiple(image, 8)
+    work_size = (int(work.shape[-2]), int(work.shape[-1]))
+    caption = options.caption
+    t0 = time.perf_counter()
+    direction = pipe.make_direction(options, caption)
+    src_cond, edit_cond = pipe.conditionings(caption, direction, options.strength, work_size, input_size)
+    z0 = encode_latents(pipe.vae, work, options.posterior, options.seed).to(pipe.device)
+    sigmas = sampling_grid(pipe.denoiser, options.steps,
+                           bool(pipe.scheduler_config.get("set_alpha_to_one", False)),
+                           int(pipe.scheduler_config.get("steps_offset", 1) or 0))
+    inv_sigmas = inversion_sigmas(sigmas)
+    inv = ddim_invert(pipe.denoiser, z0.float() / vp_scale(inv_sigmas[0]), inv_sigmas, src_cond,
+                      regularization=NoiseRegularization() if options.regularization else None,
+                      seed=options.seed, eval_at=options.eval_at, keep_trajectory=False)
+    shared = time.perf_counter() - t0
+
+    images: dict[str, torch.Tensor] = {}
+    seconds: dict[str, float] = {}
+    for k, s in enumerate(settings):
+        t1 = time.perf_counter()
+        guidance = default_guidance(pipe.prediction_type, s.xa, s.nce, options.xa_layers, options.nce_layers)
+        res = guided_ddim_sample(pipe.denoiser, inv.latent, sigmas, source_cond=src_cond, edit_cond=edit_cond,
+                                 cfg=options.cfg, guidance=guidance, branches=options.branches, seed=options.seed,
+                                 keep_reference=(k == 0))
+        z = res.latent * vp_scale(sigmas[-1])
+        images[s.name] = resize(decode_latents(pipe.vae, z), input_size)
+        seconds[s.name] = time.perf_counter() - t1 + shared
+        if k == 0 and res.reference is not None:
+            images[RECON] = resize(decode_latents(pipe.vae, res.reference * vp_scale(sigmas[-1])), input_size)
+            seconds[RECON] = shared
+        if progress:
+            logger.info("  %s: %.2fs", s.name, seconds[s.name])
+    return images, seconds
+
+
+def run_sweep(
+    pipe: Any,
+    manifest: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    xa: Sequence[float],
+    nce: Sequence[float],
+    *,
+    clip: Any = None,
+    dino: Any = None,
+    steps: int = 50,
+    cfg: float = 5.0,
+    seed: int = 0,
+    num_sentences: int = 300,
+    regularization: bool = True,
+    x_metric: str = "structure_distance",
+    y_metric: str = "clip_score",
+) -> dict[str, Path]:
+    """Run the grid over every manifest row, score, and write the CSVs and the plot. Returns their paths."""
+    manifest = Path(manifest)
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    records = read_records(manifest, ("source", "source_text", "target_text"))
+    settings = [Setting(a, b) for b in nce for a in xa]
+    csv_path = out_dir / "sweep.csv"
+    rows: list[dict[str, str]] = []
+    with open(csv_path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for i, rec in enumerate(records):
+            rid = str(rec.get("id") or i)
+            src_path = manifest.parent / str(rec["source"])
+            if not src_path.is_file():
+                logger.warning("row %s skipped: source image not found: %s", rid, src_path)
+                continue
+            source = load_image(src_path)
+            mask = load_mask(manifest.parent / str(rec["mask"])) if rec.get("mask") else None
+            words = rec.get("source_word") and rec.get("target_word")
+            options = EditOptions(
+                caption=str(rec["source_text"]),
+                source=str(rec["source_word"]) if words else None,
+                target=str(rec["target_word"]) if words else None,
+                target_prompt=None if words else str(rec["target_text"]),
+                num_sentences=num_sentences, steps=steps, cfg=cfg, seed=seed, regularization=regularization,
+            )
+            options.validate()
+            logger.info("sweep %s (%d/%d): %d settings", rid, i + 1, len(records), len(settings))
+            images, seconds = sweep_image(pipe, source, options, settings)
+            for name, img in images.items():
+                setting = next((s for s in settings if s.name == name), None)
+                file = Path("images") / f"{rid}_{name}.png"
+                save_image(img, out_dir / file)
+                vals = zmetrics.edit_metrics(source, img, options.caption, str(rec["target_text"]), mask=mask,
+                                             clip=clip, dino=dino)
+                row = {"id": rid, "setting": name, "xa_weight": _fmt(setting.xa) if setting else "",
+                       "nce_weight": _fmt(setting.nce) if setting else "", "image": file.as_posix(),
+                       "seconds": f"{seconds[name]:.3f}"}
+                row.update({k: _fmt(float(vals[k][0])) for k in zmetrics.METRIC_NAMES})
+                writer.writerow(row)
+                f.flush()
+                rows.append(row)
+
+    summary = summarize(rows, settings)
+    summary_path = out_dir / "sweep_summary.csv"
+    with open(summary_path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for s in summary:
+            writer.writerow({k: _fmt(v) for k, v in s.items()})
+    plot_path = out_dir / "sweep.png"
+    plot_tradeoff(summary, plot_path, x_metric, y_metric)
+    logger.info("wrote %s, %s, %s", csv_path, summary_path, plot_path)
+    return {"csv": csv_path, "summary": summary_path, "plot": plot_path}
+
+
+def summarize(rows: Sequence[dict[str, str]], settings: Sequence[Setting]) -> list[dict[str, Any]]:
+    """Per setting (reconstruction first, then the grid): mean of every metric over images (finite values only)."""
+    out = []
+    order = [(RECON, None)] + [(s.name, s) for s in settings]
+    for name, s in order:
+        mine = [r for r in rows if r["setting"] == name]
+        if not mine:
+            continue
+        entry: dict[str, Any] = {"setting": name, "xa_weight": s.xa if s else "", "nce_weight": s.nce if s else "",
+                                 "n": len(mine)}
+        for k in zmetrics.METRIC_NAMES:
+            vals = [float(r[k]) for r in mine if math.isfinite(float(r[k]))]
+            entry[k] = sum(vals) / len(vals) if vals else math.nan
+        out.append(entry)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plot (PIL only)
+
+
+def _nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return []
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5 * (abs(lo) or 1.0), hi + 0.5 * (abs(hi) or 1.0)
+    raw = (hi - lo) / max(n - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start, end = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+    ticks = [round(k * step, 12) for k in range(start, end + 1)]
+    return ticks
+
+
+def _tick_label(v: float) -> str:
+    return f"{v:.4g}"
+
+
+LABELS = {
+    "structure_distance": "DINO structure distance (lower = structure kept)",
+    "clip_score": "CLIP score vs target text (higher = edit applied)",
+    "clip_accuracy": "CLIP accuracy",
+    "bg_psnr": "background PSNR (dB)",
+    "bg_ssim": "background SSIM",
+    "bg_mse": "background MSE",
+}
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def plot_tradeoff(summary: Sequence[dict[str, Any]], path: str | os.PathLike, x_metric: str = "structure_distance",
+                  y_metric: str = "clip_score", size: tuple[int, int] = (900, 640)) -> Path:
+    """Scatter of ``y_metric`` against ``x_metric`` per setting: axes, ticks, labels, one colour per PatchNCE
+    weight with lines joining increasing cross-attention weights, every point labelled, the
+    reconstruction as a black square. Settings with a non-finite coordinate are listed as "no data"."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    w, h = size
+    left, right, top, bottom = 90, 30, 50, 80
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    pts = [(s, float(s[x_metric]), float(s[y_metric])) for s in summary]
+    good = [(s, x, y) for s, x, y in pts if math.isfinite(x) and math.isfinite(y)]
+    bad = [s["setting"] for s, x, y in pts if not (math.isfinite(x) and math.isfinite(y))]
+    draw.text((left, 15), f"Trade-off: {y_metric} vs {x_metric} (mean over images)", fill="black", font=font)
+
+    x0, x1, y0, y1 = left, w - right, top, h - bottom
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+    if good:
+        xs, ys = [p[1] for p in good], [p[2] for p in good]
+        xpad, ypad = 0.05 * (max(xs) - min(xs)), 0.05 * (max(ys) - min(ys))
+        xt, yt = _nice_ticks(min(xs) - xpad, max(xs) + xpad), _nice_ticks(min(ys) - ypad, max(ys) + ypad)
+        xlo, xhi, ylo, yhi = xt[0], xt[-1], yt[0], yt[-1]
+
+        def px(x: float, y: float) -> tuple[float, float]:
+            return (x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
+
+        for t in xt:
+            X, _ = px(t, ylo)
+            draw.line([X, y1, X, y1 + 5], fill="black")
+            draw.line([X, y0, X, y1], fill=(230, 230, 230))
+            lab = _tick_label(t)
+            tw = draw.textlength(lab, font=font)
+            draw.text((X - tw / 2, y1 + 8), lab, fill="black", font=font)
+        for t in yt:
+            _, Y = px(xlo, t)
+            draw.line([x0 - 5, Y, x0, Y], fill="black")
+            draw.line([x0, Y, x1, Y], fill=(230, 230, 230))
+            lab = _tick_label(t)
+            tw = draw.textlength(lab, font=font)
+            draw.text((x0 - 8 - tw, Y - 6), lab, fill="black", font=font)
+        draw.rectangle([x0, y0, x1, y1], outline="black")
+
+        nces = sorted({s["nce_weight"] for s, _, _ in good if s["nce_weight"] != ""})
+        colour = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(nces)}
+        for v in nces:
+            line = sorted(((s["xa_weight"], x, y) for s, x, y in good if s["nce_weight"] == v), key=lambda t: t[0])
+            if len(line) > 1:
+                draw.line([px(x, y) for _, x, y in line], fill=colour[v], width=2)
+        for s, x, y in good:
+            X, Y = px(x, y)
+            if s["setting"] == RECON:
+                draw.rectangle([X - 5, Y - 5, X + 5, Y + 5], fill="black")
+                label = "reconstruction"
+            else:
+                draw.ellipse([X - 5, Y - 5, X + 5, Y + 5], fill=colour[s["nce_weight"]], outline="black")
+                label = f"xa={s['xa_weight']:g} nce={s['nce_weight']:g}"
+            tw = draw.textlength(label, font=font)
+            draw.text((X + 7 if X + 7 + tw < w - 4 else X - 7 - tw, Y - 12), label, fill="black", font=font)
+        ly = y0 + 8
+        for v in nces:
+            draw.line([x1 - 150, ly + 6, x1 - 130, ly + 6], fill=colour[v], width=3)
+            draw.text((x1 - 125, ly), f"nce weight {v:g}", fill="black", font=font)
+            ly += 16
+    else:
+        draw.text((x0 + 20, (y0 + y1) // 2), "no data (give --clip and --dino for these metrics)", fill="black", font=font)
+    if bad:
+        draw.text((x0, h - 22), "no data for: " + ", ".join(bad), fill=(160, 0, 0), font=font)
+
+    xl = LABELS.get(x_metric, x_metric)
+    draw.text(((x0 + x1 - draw.textlength(xl, font=font)) / 2, y1 + 30), xl, fill="black", font=font)
+    yl = LABELS.get(y_metric, y_metric)
+    tw = int(draw.textlength(yl, font=font)) + 4
+    label = Image.new("RGB", (tw, 16), "white")
+    ImageDraw.Draw(label).text((2, 1), yl, fill="black", font=font)
+    label = label.rotate(90, expand=True)
+    img.paste(label, (12, int((y0 + y1 - label.size[1]) / 2)))
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python bench/sweep.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", required=True, help="CSV/JSONL: source, source_text, target_text[, id, mask, source_word, target_word]")
+    p.add_argument("--model", required=True, help="local Stable Diffusion folder (diffusers layout)")
+    p.add_argument("--out-dir", required=True, help="folder for sweep.csv, sweep_summary.csv, sweep.png, images/")
+    p.add_argument("--xa", default="0,0.05,0.1,0.2", help="cross-attention guidance weights (comma list)")
+    p.add_argument("--nce", default="0,0.05,0.1", help="PatchNCE guidance weights (comma list)")
+    p.add_argument("--clip", default=None, help="local CLIP folder for the CLIP metrics (openai/clip-vit-large-patch14)")
+    p.add_argument("--dino", default=None, help="local DINO folder for the structure distance (facebook/dino-vitb8)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-sentences", type=int, default=300, help="template sentences per word (source_word/target_word rows)")
+    p.add_argument("--no-regularization", action="store_true", help="plain DDIM inversion")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--x-metric", default="structure_distance", choices=zmetrics.METRIC_NAMES)
+    p.add_argument("--y-metric", default="clip_score", choices=zmetrics.METRIC_NAMES)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, pipe: Any = None) -> int:
+    """Run the sweep; ``pipe`` (a ``ZeroConPipeline``) overrides ``--model`` loading (tests)."""
+    args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s zerocon: %(message)s"))
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        xa, nce = parse_grid(args.xa), parse_grid(args.nce)
+        if args.clip:
+            zmetrics.check_clip_folder(args.clip)
+        if args.dino:
+            from zerocon_core.vision import check_dino_folder
+
+            check_dino_folder(args.dino)
+        if pipe is None:
+            from zerocon_core.pipeline import ZeroConPipeline
+
+            pipe = ZeroConPipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
+        clip = zmetrics.load_clip_metric(args.clip, device=pipe.device) if args.clip else None
+        dino = None
+        if args.dino:
+            from zerocon_core.vision import load_dino
+
+            dino = load_dino(args.dino, device=pipe.device)
+        run_sweep(pipe, args.manifest, args.out_dir, xa, nce, clip=clip, dino=dino, steps=args.steps, cfg=args.cfg,
+                  seed=args.seed, num_sentences=args.num_sentences, regularization=not args.no_regularization,
+                  x_metric=args.x_metric, y_metric=args.y_metric)
+        return 0
+    except (FileNotFoundError, ValueError) as exc:
+        sys.stderr.write(f"sweep: error: {exc}\n")
+        return 2
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

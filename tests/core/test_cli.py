@@ -1,0 +1,336 @@
+"""End to end: ``python -m zerocon_core edit`` on a tiny random diffusers-layout model folder written by the test.
+
+No hub, no downloaded weights: UNet/VAE/CLIP are random tiny models saved with ``save_pretrained``, the
+tokenizer is written by ``tiny_text``. The input PNG is 44x36 (W x H), not a multiple of 8: the CLI warns,
+works at 48x40 and writes an output of the input's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from zerocon_core import cli
+from zerocon_core.images import (
+    ImageSizeError,
+    decode_latents,
+    encode_latents,
+    fit_to_multiple,
+    load_image,
+    nearest_multiple,
+    save_image,
+)
+
+from .tiny import sd_scheduler_config, tiny_sdxl_unet, tiny_unet
+from .tiny_text import tiny_blip_folder, tiny_clip
+
+W, H = 44, 36
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_vae(seed: int = 0):
+    """A random 4-level (x8) AutoencoderKL with SD's scaling factor."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.18215,
+    ).eval()
+
+
+def write_tiny_sd_folder(folder: Path, prediction_type: str = "epsilon", sdxl: bool = False) -> Path:
+    """A diffusers-layout SD folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/ + model_index.json.
+
+    ``sdxl``: an SDXL-style folder (two 16-wide CLIPs concatenated to the UNet's 32, pooled 16 + time ids).
+    """
+    from diffusers import DDIMScheduler
+
+    folder.mkdir(parents=True, exist_ok=True)
+    unet = tiny_sdxl_unet(seed=0, dtype=torch.float32) if sdxl else tiny_unet(seed=0, dtype=torch.float32)
+    unet.save_pretrained(folder / "unet")
+    tiny_vae().save_pretrained(folder / "vae")
+    tok, te = tiny_clip(folder / "tokenizer", hidden=16 if sdxl else 32)
+    tok.save_pretrained(folder / "tokenizer")
+    te.save_pretrained(folder / "text_encoder")
+    if sdxl:
+        tok2, te2 = tiny_clip(folder / "tokenizer_2", hidden=16, projection=16, pad_token="!", seed=1)
+        tok2.save_pretrained(folder / "tokenizer_2")
+        te2.save_pretrained(folder / "text_encoder_2")
+    DDIMScheduler.from_config(sd_scheduler_config(prediction_type)).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    }))
+    return folder
+
+
+def write_png(path: Path, w: int = W, h: int = H) -> Path:
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(arr, "RGB").save(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and far faster on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    return write_tiny_sd_folder(tmp_path_factory.mktemp("models") / "sd-tiny")
+
+
+@pytest.fixture(scope="module")
+def vpred_dir(tmp_path_factory) -> Path:
+    return write_tiny_sd_folder(tmp_path_factory.mktemp("models") / "sd-tiny-v", "v_prediction")
+
+
+@pytest.fixture()
+def png(tmp_path) -> Path:
+    return write_png(tmp_path / "in.png")
+
+
+def _args(model: Path, image: Path, out: Path, *extra: str) -> list[str]:
+    return ["edit", "--image", str(image), "--model", str(model), "--out", str(out),
+            "--source", "cat", "--target", "dog", "--num-sentences", "6", "--steps", "2", "--device", "cpu",
+            *extra]
+
+
+def _check_png(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    assert path.is_file()
+    with Image.open(path) as im:
+        assert im.size == (W, H) and im.mode == "RGB"
+        arr = np.asarray(im).astype(np.float64)
+    assert np.isfinite(arr).all()
+    return arr
+
+
+# -- images ---------------------------------------------------------------------------------------------------
+
+
+def test_nearest_multiple():
+    assert [nearest_multiple(n) for n in (1, 3, 4, 8, 11, 12, 36, 44, 512)] == [8, 8, 8, 8, 8, 16, 40, 48, 512]
+
+
+def test_fit_to_multiple_and_strict(caplog):
+    img = torch.rand(1, 3, H, W)
+    with caplog.at_level(logging.WARNING, logger="zerocon"):
+        out, size = fit_to_multiple(img)
+    assert size == (H, W) and tuple(out.shape) == (1, 3, 40, 48)
+    assert "not a multiple of 8" in caplog.text
+    same, size8 = fit_to_multiple(torch.rand(1, 3, 16, 24))
+    assert size8 == (16, 24) and tuple(same.shape[-2:]) == (16, 24)
+    with pytest.raises(ImageSizeError, match="44x36"):
+        fit_to_multiple(img, strict=True)
+
+
+def test_load_save_roundtrip(tmp_path, png):
+    img = load_image(png)
+    assert tuple(img.shape) == (1, 3, H, W) and img.dtype == torch.float32
+    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
+    out = save_image(img, tmp_path / "copy.png")
+    assert torch.equal(load_image(out), img)  # PNG is lossless at 8 bits
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    with pytest.raises(FileNotFoundError):
+        load_image(tmp_path / "nope.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_image(tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="extension"):
+        save_image(img, tmp_path / "x.unknownext")
+
+
+def test_vae_latents_mean_and_sample():
+    vae = tiny_vae()
+    img = torch.rand(1, 3, 16, 24)
+    z = encode_latents(vae, img)
+    assert tuple(z.shape) == (1, 4, 2, 3)
+    with torch.no_grad():
+        mean = vae.encode(img * 2 - 1).latent_dist.mean
+    torch.testing.assert_close(z, mean * 0.18215)
+    s1, s2 = encode_latents(vae, img, "sample", seed=1), encode_latents(vae, img, "sample", seed=1)
+    assert torch.equal(s1, s2) and not torch.equal(s1, z)
+    assert not torch.equal(s1, encode_latents(vae, img, "sample", seed=2))
+    dec = decode_latents(vae, z)
+    assert tuple(dec.shape) == (1, 3, 16, 24) and float(dec.min()) >= 0 and float(dec.max()) <= 1
+    with pytest.raises(ValueError, match="posterior"):
+        encode_latents(vae, img, "mode")
+
+
+# -- CLI end to end ---------------------------------------------------------------------------------------------
+
+
+def test_cli_edit_in_process(model_dir, png, tmp_path, capsys, caplog):
+    out = tmp_path / "out.png"
+    direction = tmp_path / "cat2dog.safetensors"
+    with caplog.at_level(logging.INFO, logger="zerocon"):
+        code = cli.main(_args(model_dir, png, out, "--caption", "a photo of a cat on the grass",
+                              "--save-direction", str(direction), "--nce-weight", "0.05"))
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    arr = _check_png(out)
+    assert arr.std() > 0
+    assert direction.is_file()
+    # the human summary: caption and the timing table
+    assert "caption:   a photo of a cat on the grass" in captured.out
+    for stage in ("load", "caption", "direction", "encode", "inversion", "sampling", "decode", "total"):
+        assert f"\n{stage}" in captured.out, stage
+    # the log: size warning, caption, timings
+    assert "not a multiple of 8" in caplog.text
+    assert "caption: a photo of a cat on the grass" in caplog.text
+    assert "timings (s):" in caplog.text and "sampling" in caplog.text
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cli_saved_direction_and_target_prompt(model_dir, png, tmp_path, capsys):
+    d = tmp_path / "d.safetensors"
+    assert cli.main(_args(model_dir, png, tmp_path / "a.png", "--caption", "a cat", "--save-direction", str(d),
+                          "--seed", "3")) == 0
+    # loading the saved direction reproduces the edit exactly
+    assert cli.main(_args(model_dir, png, tmp_path / "b.png", "--caption", "a cat", "--direction", str(d),
+                          "--seed", "3")) == 0
+    np.testing.assert_array_equal(_check_png(tmp_path / "a.png"), _check_png(tmp_path / "b.png"))
+    # prompt difference, no regularisation, both CFG halves guided
+    assert cli.main(["edit", "--image", str(png), "--model", str(model_dir), "--out", str(tmp_path / "c.png"),
+                     "--caption", "a cat", "--target-prompt", "a dog", "--steps", "2", "--no-regularization",
+                     "--branches", "both", "--device", "cpu"]) == 0
+    _check_png(tmp_path / "c.png")
+    assert "'a cat' -> 'a dog' (prompt" in capsys.readouterr().out
+
+
+def test_cli_sentence_files_and_blip(model_dir, png, tmp_path, capsys):
+    src, tgt = tmp_path / "src.txt", tmp_path / "tgt.txt"
+    src.write_text("# cats\na cat on a couch\na cat in the grass\n\n")
+    tgt.write_text("a dog on a couch\na dog in the grass\n")
+    blip = tiny_blip_folder(tmp_path / "blip")
+    out = tmp_path / "out.jpg"
+    code = cli.main(["edit", "--image", str(png), "--model", str(model_dir), "--out", str(out),
+                     "--source-sentences", str(src), "--target-sentences", str(tgt), "--blip", str(blip),
+                     "--caption-min-tokens", "2", "--steps", "2", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    _check_png(out)
+    assert "2/2 sentences" in captured.out
+    caption_line = next(line for line in captured.out.splitlines() if line.startswith("caption:"))
+    assert caption_line.split(":", 1)[1].strip()  # BLIP gave a non-empty caption
+
+
+def test_cli_v_prediction(vpred_dir, png, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="zerocon"):
+        assert cli.main(_args(vpred_dir, png, tmp_path / "v.png", "--caption", "a cat")) == 0
+    _check_png(tmp_path / "v.png")
+    assert "v-prediction" in caplog.text and "CrossAttentionGuidance(weight=0.01)" in caplog.text
+
+
+def test_cli_sdxl(tmp_path, png, caplog):
+    model = write_tiny_sd_folder(tmp_path / "sdxl-tiny", sdxl=True)
+    with caplog.at_level(logging.INFO, logger="zerocon"):
+        assert cli.main(_args(model, png, tmp_path / "xl.png", "--caption", "a cat", "--target-prompt", "a dog")) == 0
+    _check_png(tmp_path / "xl.png")
+    assert "loaded SDXL model" in caplog.text
+
+
+def test_cli_subprocess(model_dir, png, tmp_path):
+    out = tmp_path / "sub.png"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "zerocon_core", *_args(model_dir, png, out, "--caption", "a cat", "--no-progress")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    _check_png(out)
+    assert "caption:   a cat" in proc.stdout and "where the time went" in proc.stdout
+    assert "inversion" in proc.stdout and "sampling" in proc.stdout
+    assert "not a multiple of 8" in proc.stderr and "timings (s)" in proc.stderr
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+
+
+def _run_error(argv, capsys) -> str:
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+def test_missing_model_folder(png, tmp_path, capsys):
+    out = tmp_path / "out.png"
+    err = _run_error(_args(tmp_path / "no-such-model", png, out, "--caption", "a cat"), capsys)
+    assert "model folder not found" in err and "no-such-model" in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [png]
+
+
+def test_incomplete_model_folder(png, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    (broken / "unet").mkdir(parents=True)
+    err = _run_error(_args(broken, png, tmp_path / "out.png", "--caption", "a cat"), capsys)
+    assert "incomplete" in err and "vae/" in err and "tokenizer/" in err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_bad_steps(model_dir, png, tmp_path, capsys):
+    for bad in ("0", "-3", "x"):
+        argv = _args(model_dir, png, tmp_path / "out.png", "--caption", "a cat")
+        argv[argv.index("--steps") + 1] = bad
+        err = _run_error(argv, capsys)
+        assert "--steps" in err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_missing_and_bad_image(model_dir, tmp_path, capsys):
+    err = _run_error(_args(model_dir, tmp_path / "missing.png", tmp_path / "o.png", "--caption", "a"), capsys)
+    assert "image file not found" in err and "missing.png" in err
+    bad = tmp_path / "bad.png"
+    bad.write_text("definitely not an image")
+    err = _run_error(_args(model_dir, bad, tmp_path / "o.png", "--caption", "a"), capsys)
+    assert "cannot read" in err and "bad.png" in err
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_other_user_errors(model_dir, png, tmp_path, capsys):
+    err = _run_error(_args(model_dir, png, tmp_path / "no-dir" / "o.png", "--caption", "a"), capsys)
+    assert "output folder does not exist" in err
+    err = _run_error(_args(model_dir, png, tmp_path / "o.png", "--caption", "a", "--strict-size"), capsys)
+    assert "not a multiple of 8" in err
+    err = _run_error(_args(model_dir, png, tmp_path / "o.png", "--caption", "a",
+                           "--source-sentences", str(tmp_path / "none.txt")), capsys)
+    assert "source sentences file not found" in err
+    err = _run_error(["edit", "--image", str(png), "--model", str(model_dir), "--out", str(tmp_path / "o.png"),
+                      "--caption", "a cat", "--source", "cat"], capsys)
+    assert "no edit direction" in err
+    err = _run_error(_args(model_dir, png, tmp_path / "o.png", "--blip", str(tmp_path / "no-blip")), capsys)
+    assert "BLIP" in err and "no-blip" in err
+    assert not (tmp_path / "o.png").exists()
