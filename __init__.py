@@ -1,7 +1,8 @@
 """ComfyUI entry point of ComfyUI-ZeroCon (V3 node schema).
 
 ComfyUI imports this folder as a package under a path-derived name and calls ``comfy_entrypoint``.
-Importing this module does nothing at all: no ComfyUI, torch or transformers import happens until
+Importing this module only checks ComfyUI's version (``nodes/compat.py``: one error line in ComfyUI's
+log on a too-old ComfyUI, instead of a stack trace); no ComfyUI, torch or transformers import happens until
 ComfyUI calls the entry point, and every node module is imported there under its own guard, so a
 missing optional dependency disables only the nodes that need it (logged on the ``zerocon`` logger).
 
@@ -9,6 +10,11 @@ Only relative imports are used: ComfyUI has its own top-level ``nodes`` module, 
 ``nodes/`` package is never imported as ``nodes``. There is deliberately no ``NODE_CLASS_MAPPINGS``
 here (ComfyUI would then ignore the V3 entry point).
 """
+
+
+from .nodes.compat import log_if_unsupported as _zerocon_supported
+
+_zerocon_supported()  # an old ComfyUI never calls comfy_entrypoint: say why in its log (one error line)
 
 
 async def comfy_entrypoint():
@@ -19,6 +25,6 @@ async def comfy_entrypoint():
 
     class ZeroConExtension(ComfyExtension):
         async def get_node_list(self):
-            return collect_nodes()
+            return collect_nodes() if _zerocon_supported() else []
 
     return ZeroConExtension()

@@ -88,11 +88,10 @@ class StepClock:
 
 
 def build_model(family: str, seed: int):
-    import torch
-
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
+    import torch
 
     if family == "sd15":
         cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -166,6 +165,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     import comfy.model_management as mm
     import comfy.utils
+
     import nodes as comfy_nodes
 
     sampling, guidance = load_pack()

@@ -9,6 +9,7 @@ puts it on the GPU when a node needs it and can unload it when the UNet needs th
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Callable
@@ -104,6 +105,8 @@ def resolve_folder(
     if not name or name in (".", "..") or os.path.basename(name) != name or os.path.isabs(name):
         raise ValueError(f"{node}: {name!r} is not a folder name under models/{key}")
     folder = paths.find_model_folder(key, name) or paths.download_folder(key, name)
+    if name in known:  # name the model the user picked in the error, not the default one
+        check = functools.partial(check, model_id=known[name])
     try:
         check(folder)
         return folder

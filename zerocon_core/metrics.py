@@ -278,19 +278,21 @@ class ClipMetric:
         return next(self.model.parameters()).dtype
 
 
-def _clip_missing(folder: str, what: str) -> FileNotFoundError:
+def _clip_missing(folder: str, what: str, model_id: str | None = None) -> FileNotFoundError:
+    model_id = model_id or CLIP_MODEL_ID
     return FileNotFoundError(
-        f"CLIP metric model not found: {what} in {folder!r}. Put a transformers copy of '{CLIP_MODEL_ID}' there "
-        f"(all files of https://huggingface.co/{CLIP_MODEL_ID}, or CLIPModel/CLIPProcessor "
+        f"CLIP metric model not found: {what} in {folder!r}. Put a transformers copy of '{model_id}' there "
+        f"(all files of https://huggingface.co/{model_id}, or CLIPModel/CLIPProcessor "
         f".save_pretrained('{folder}'))."
     )
 
 
-def check_clip_folder(folder: str | os.PathLike) -> None:
-    """Raise ``FileNotFoundError`` naming ``folder`` and the model id when the folder is missing or incomplete."""
+def check_clip_folder(folder: str | os.PathLike, model_id: str | None = None) -> None:
+    """Raise ``FileNotFoundError`` naming ``folder`` and the model id (default: ``CLIP_MODEL_ID``) when the
+    folder is missing or incomplete."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
-        raise _clip_missing(folder, "the folder does not exist")
+        raise _clip_missing(folder, "the folder does not exist", model_id)
     missing = []
     if not os.path.isfile(os.path.join(folder, "config.json")):
         missing.append("config.json")
@@ -298,7 +300,7 @@ def check_clip_folder(folder: str | os.PathLike) -> None:
         if not any(os.path.isfile(os.path.join(folder, f)) for f in group):
             missing.append(" or ".join(group))
     if missing:
-        raise _clip_missing(folder, "missing " + ", ".join(missing))
+        raise _clip_missing(folder, "missing " + ", ".join(missing), model_id)
 
 
 def _hw(value: Any, default: int) -> tuple[int, int]:

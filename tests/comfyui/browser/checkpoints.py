@@ -59,7 +59,14 @@ SDXL_UNET = {
 }
 
 EXPECTED_CLASS = {"sd15": "SD15", "sdxl": "SDXL"}
-FILE_NAMES = {"sd15": "v1-5-pruned-emaonly.safetensors", "sdxl": "sd_xl_base_1.0.safetensors"}
+# The file names ComfyUI's own default graph and templates use (the workflows name them too).
+FILE_NAMES = {"sd15": "v1-5-pruned-emaonly-fp16.safetensors", "sdxl": "sd_xl_base_1.0.safetensors"}
+# Tiny transformers models (save_pretrained folders) under the names the workflows' loaders default to.
+TINY_FOLDERS = {
+    "blip": "blip/blip-image-captioning-base",
+    "dino": "dino/dino-vitb8",
+    "clip_metric": "clip_metric/clip-vit-large-patch14",
+}
 
 
 def _common(cfg: dict) -> dict:
@@ -154,11 +161,27 @@ def build(kind: str, path: str, seed: int = 0) -> dict:
     return info
 
 
+def build_tiny(out: str) -> dict:
+    """Tiny random BLIP / DINO / CLIP-metric folders (the builders of the pack's other tests) under ``out``."""
+    repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+    sys.path.insert(0, os.path.join(repo, "tests", "comfyui"))
+    sys.path.insert(0, repo)
+    from tiny_clip import save_blip
+
+    from tests.core.tiny_vision import tiny_clip_metric_folder, tiny_dino_folder
+
+    folders = {k: os.path.join(out, v) for k, v in TINY_FOLDERS.items()}
+    save_blip(folders["blip"], mode="words")  # never emits an end token: captions are never empty
+    tiny_dino_folder(folders["dino"])
+    tiny_clip_metric_folder(folders["clip_metric"])
+    return folders
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--comfyui", required=True, help="ComfyUI checkout")
     ap.add_argument("--out", required=True, help="folder for the .safetensors files (and info.json)")
-    ap.add_argument("kinds", nargs="+", choices=sorted(FILE_NAMES))
+    ap.add_argument("kinds", nargs="+", choices=sorted(FILE_NAMES) + ["tiny"])
     a = ap.parse_args(argv)
     sys.path.insert(0, os.path.abspath(a.comfyui))
     from comfy.cli_args import args as comfy_args
@@ -170,9 +193,12 @@ def main(argv=None) -> int:
     os.makedirs(a.out, exist_ok=True)
     infos = {}
     for kind in a.kinds:
-        infos[kind] = build(kind, os.path.join(a.out, FILE_NAMES[kind]))
+        if kind == "tiny":
+            infos[kind] = build_tiny(a.out)
+        else:
+            infos[kind] = build(kind, os.path.join(a.out, FILE_NAMES[kind]))
         print(json.dumps(infos[kind]), flush=True)
-    with open(os.path.join(a.out, "info.json"), "w") as f:
+    with open(os.path.join(a.out, f"info-{'-'.join(a.kinds)}.json"), "w") as f:
         json.dump(infos, f, indent=1)
     return 0
 

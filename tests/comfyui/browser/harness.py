@@ -1,0 +1,260 @@
+"""The browser end-to-end session: temp ComfyUI + models + headless Chromium, and one workflow run.
+
+Used by ``tests/comfyui/test_browser_workflows.py``; the steps are plain functions so a failing step says
+which one failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checkpoints
+from .comfy_server import PACK_FOLDER, ComfyServer, history_errors, make_base
+from .frontend import Frontend, find_chromium, playwright_available
+from .model_files import prepare, write_input_image
+from .roundtrip import graph_differences
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+WORKFLOWS = REPO / "workflows"
+
+# Speed knobs the test turns down through the frontend's widgets (like a user editing them) before queueing:
+# the files keep their real defaults (512 px, 50 steps, 300 sentences...). (widget name, value, node types or
+# None for any node); only values larger than the test value are lowered. Extend for new nodes.
+SPEED_OVERRIDES = [
+    ("width", 64, None),
+    ("height", 64, None),
+    ("steps", 2, None),
+    ("num_sentences", 3, None),
+    ("batch_size", 8, ("ZeroConEditDirection",)),
+    ("reg_outer", 1, None),
+    ("reg_rolls", 1, None),
+    ("patches", 16, None),
+    ("max_new_tokens", 4, None),
+    ("resample", 1, None),  # DiffuseIT's resampling repeats
+    ("dino_size", 64, ("ZeroConDinoStructureGuidance", "ZeroConDinoStyleGuidance")),  # DINO's input size (224)
+]
+
+# Frontend-only node types (never sent to the server).
+VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+# Workflows that need a second run with other nodes active (a file saved by the first run is loaded by the
+# second): the nodes muted in the file are switched on, these types are muted, combos are refreshed.
+SECOND_RUN_MUTE = {"direction_save_and_reuse": ("ZeroConEditDirection", "ZeroConSaveEditDirection")}
+
+
+def workflow_files() -> list[Path]:
+    return sorted(p for p in WORKFLOWS.glob("*.json"))
+
+
+def unavailable() -> str | None:
+    """Why the browser tests cannot run here (None when they can)."""
+    if not find_chromium():
+        return "no Chromium (apt-get install -y chromium, or set ZEROCON_CHROMIUM)"
+    why = playwright_available()
+    if why:
+        return why
+    if not workflow_files():
+        return f"no workflow files in {WORKFLOWS}"
+    return None
+
+
+def checkpoint_kinds(files) -> list[str]:
+    """Which random checkpoints the workflows need (by the file names their loaders select)."""
+    names = set()
+    for f in files:
+        for node in json.loads(Path(f).read_text()).get("nodes", []):
+            if node.get("type") == "CheckpointLoaderSimple":
+                names.update(v for v in node.get("widgets_values") or [] if isinstance(v, str))
+    by_name = {v: k for k, v in checkpoints.FILE_NAMES.items()}
+    unknown = sorted(n for n in names if n not in by_name)
+    if unknown:
+        raise RuntimeError(f"the workflows load checkpoints the test cannot build: {unknown}; use one of "
+                           f"{sorted(by_name)} (tests/comfyui/browser/checkpoints.py)")
+    return sorted(by_name[n] for n in names)
+
+
+@dataclass
+class Session:
+    comfyui: Path
+    python: str
+    base: Path
+    server: ComfyServer
+    frontend: Frontend
+    object_info: dict
+    keep: bool = False
+    timings: dict = field(default_factory=dict)
+
+    def output_nodes(self) -> set[str]:
+        return {k for k, v in self.object_info.items() if v.get("output_node")}
+
+
+def start_session(comfyui: Path, python: str, log=print) -> Session:
+    t0 = time.time()
+    base = make_base(Path(tempfile.mkdtemp(prefix="zerocon-browser-")), REPO)
+    server = None
+    try:
+        kinds = checkpoint_kinds(workflow_files())
+        used = prepare(base, comfyui, python, kinds=kinds, log=log)
+        write_input_image(base)
+        t_models = time.time() - t0
+        server = ComfyServer(comfyui, python, base).start()
+        t_server = time.time() - t0 - t_models
+        info = server.get("/object_info", timeout=120)
+        fe = Frontend(server.url, log_path=base / "browser.log")
+        try:
+            fe.open()
+        except BaseException:
+            fe.close()
+            raise
+        log(f"models {t_models:.0f}s ({', '.join(sorted(used))}); server {t_server:.0f}s at {server.url}; "
+            f"frontend ready after {time.time() - t0:.0f}s; base {base}")
+        return Session(comfyui, python, base, server, fe, info, timings={"setup": time.time() - t0})
+    except BaseException:
+        if server is not None:
+            log("--- ComfyUI log tail ---\n" + server.log_tail())
+            server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+
+
+def stop_session(s: Session, failed: bool, log=print) -> None:
+    try:
+        s.frontend.close()
+    finally:
+        s.server.stop()
+        if failed or s.keep or os.environ.get("ZEROCON_KEEP_BROWSER_BASE"):
+            log(f"kept the temp ComfyUI base (server log, browser console): {s.base}")
+        else:
+            shutil.rmtree(s.base, ignore_errors=True)
+
+
+def check_loaded(s: Session, workflow: dict, name: str) -> dict:
+    """Load through app.loadGraphData; raise AssertionError on missing nodes, dialogs, invalid or changed widgets."""
+    types = {n["type"] for n in workflow["nodes"]}
+    registered = set(s.frontend.js("() => Object.keys(LiteGraph.registered_node_types)"))
+    not_registered = sorted(types - registered)
+    errors_before = len(s.frontend.page_errors)
+    state = s.frontend.load(workflow)
+    problems = []
+    new_errors = s.frontend.page_errors[errors_before:]
+    if new_errors:
+        problems.append(f"JavaScript errors while loading: {new_errors}")
+    if not_registered:
+        problems.append(f"node types not registered in the frontend: {not_registered}")
+    if state["missing"]:
+        problems.append(f"missing-nodes list from loadGraphData: {state['missing']}")
+    if state["overlays"]["dialogs"]:
+        problems.append(f"dialogs after loading: {state['overlays']['dialogs']}")
+    if state["invalidCombos"]:
+        problems.append(f"combo values not among the options: {state['invalidCombos']}")
+    diffs = graph_differences(workflow, s.frontend.serialize())
+    if diffs:
+        problems.append("the frontend changed the graph while loading: " + "; ".join(diffs))
+    if state["nodes"] != len(workflow["nodes"]):
+        problems.append(f"{state['nodes']} nodes after loading, {len(workflow['nodes'])} in the file")
+    if problems:
+        raise AssertionError(f"{name}: " + "\n".join(problems))
+    return state
+
+
+def apply_speed_overrides(s: Session) -> list[dict]:
+    changes = []
+    for widget, value, types in SPEED_OVERRIDES:
+        for t in types or (None,):
+            changes.append({"type": t, "name": widget, "value": value, "only_if_larger": True})
+    return s.frontend.set_widgets(changes)
+
+
+def queue_and_wait(s: Session, name: str, timeout: float) -> tuple[dict, dict]:
+    """graphToPrompt + queue through the frontend, then wait on /history; returns (prompt, history entry)."""
+    res = s.frontend.queue()
+    if not res["ok"]:
+        raise AssertionError(f"{name}: the server refused the prompt: {json.dumps(res['error'], indent=1)[:6000]}")
+    response = res["response"]
+    if response.get("node_errors"):
+        raise AssertionError(f"{name}: node errors: {json.dumps(response['node_errors'], indent=1)[:6000]}")
+    prompt = res["prompt"]
+    entry = s.server.wait_history(response["prompt_id"], timeout=timeout)
+    errors = history_errors(entry)
+    status = entry.get("status", {}).get("status_str")
+    if errors or status != "success":
+        raise AssertionError(f"{name}: run failed ({status}): {errors}\n--- server log ---\n{s.server.log_tail(6000)}")
+    return prompt, entry
+
+
+def check_outputs(s: Session, name: str, prompt: dict, entry: dict) -> list[str]:
+    """Every output node of the prompt produced something; saved / previewed images exist and decode."""
+    from PIL import Image
+
+    problems, seen, texts = [], [], []
+    outputs = entry.get("outputs", {})
+    for nid, node in prompt.items():
+        cls = node["class_type"]
+        if cls not in s.output_nodes():
+            continue
+        out = outputs.get(str(nid))
+        if not out:
+            problems.append(f"output node {nid} ({cls}) produced no output")
+            continue
+        for img in out.get("images", []):
+            folder = {"output": "output", "temp": "temp"}.get(img.get("type"), "output")
+            path = s.base / folder / img.get("subfolder", "") / img["filename"]
+            if not path.is_file():
+                problems.append(f"{cls} {nid}: {path} missing")
+                continue
+            with Image.open(path) as im:
+                im.load()
+                size = im.size
+            if min(size) < 8 or max(size) > 256:  # the speed overrides make every image small
+                problems.append(f"{cls} {nid}: {path.name} is {size[0]} x {size[1]}")
+            seen.append(f"{cls}:{path.name}({size[0]}x{size[1]})")
+        for text in out.get("text", []):
+            seen.append(f"{cls}:text({str(text)[:60]!r})")
+            texts.append((cls, str(text)))
+    if problems:
+        raise AssertionError(f"{name}: " + "; ".join(problems))
+    return seen, texts
+
+
+def run_workflow(s: Session, path: Path, timeout: float, log=print) -> dict:
+    """Load, check, speed up, queue, wait, check outputs; the two-stage workflows run twice."""
+    name = path.stem
+    workflow = json.loads(path.read_text())
+    assert workflow.get("version") == 0.4 and isinstance(workflow.get("nodes"), list) and "links" in workflow, (
+        f"{name}: not a UI-format (version 0.4) workflow")
+    t0 = time.time()
+    check_loaded(s, workflow, name)
+    changes = apply_speed_overrides(s)
+    log(f"[{name}] loaded OK ({len(workflow['nodes'])} nodes); speed overrides: "
+        + ", ".join(f"{c['type']}.{c['name']} {c['before']}->{c['after']}" for c in changes))
+    prompt, entry = queue_and_wait(s, name, timeout)
+    active = [n for n in workflow["nodes"] if n.get("mode", 0) == 0 and n["type"] not in VIRTUAL_TYPES]
+    assert len(prompt) == len(active), f"{name}: graphToPrompt gave {len(prompt)} nodes, {len(active)} active in the file"
+    seen, texts = check_outputs(s, name, prompt, entry)
+    runs = [{"seconds": round(time.time() - t0, 1), "nodes": len(prompt), "outputs": seen, "texts": texts}]
+    log(f"[{name}] run 1 OK in {runs[0]['seconds']}s: {seen}")
+    muted = [n["id"] for n in workflow["nodes"] if n.get("mode", 0) == 2]
+    if muted:
+        t1 = time.time()
+        s.frontend.set_modes([{"id": i, "mode": 0} for i in muted]
+                             + [{"type": t, "mode": 2} for t in SECOND_RUN_MUTE.get(name, ())])
+        s.frontend.refresh_combos()
+        bad = s.frontend.state()["invalidCombos"]
+        assert not bad, f"{name}: after the first run, combo values still invalid: {bad}"
+        prompt, entry = queue_and_wait(s, name + " (run 2)", timeout)
+        seen, texts = check_outputs(s, name, prompt, entry)
+        runs.append({"seconds": round(time.time() - t1, 1), "nodes": len(prompt), "outputs": seen, "texts": texts})
+        log(f"[{name}] run 2 (muted nodes on, {list(SECOND_RUN_MUTE.get(name, ()))} off) OK in "
+            f"{runs[1]['seconds']}s: {seen}")
+    return {"name": name, "runs": runs, "prompt_classes": sorted({v['class_type'] for v in prompt.values()})}
+
+
+def pack_folder() -> str:
+    return PACK_FOLDER

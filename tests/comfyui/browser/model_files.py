@@ -1,0 +1,122 @@
+"""Model files for the browser tests: random-weight checkpoints (cached) and tiny transformers folders.
+
+Checkpoints are built once per cache key (the builder's source, ComfyUI's version, torch's version) under
+``$ZEROCON_BROWSER_CACHE`` (default: ``<tmp>/zerocon-browser-models``), never in the repository, by
+``checkpoints.py`` in a subprocess of ComfyUI's interpreter, and symlinked into the temp ComfyUI's
+``models/checkpoints``. The tiny BLIP / DINO / CLIP-metric folders are cached the same way and copied
+(they are small) into ``models/blip``, ``models/dino`` and ``models/clip_metric``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from . import checkpoints
+
+HERE = Path(__file__).resolve().parent
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ZEROCON_BROWSER_CACHE", os.path.join(tempfile.gettempdir(), "zerocon-browser-models")))
+
+
+def cache_key(comfyui: Path, python: str) -> str:
+    h = hashlib.sha256()
+    h.update((HERE / "checkpoints.py").read_bytes())
+    for rel in ("comfyui_version.py", "comfy/model_detection.py", "comfy/supported_models.py"):
+        try:
+            h.update((Path(comfyui) / rel).read_bytes())
+        except OSError:
+            pass
+    for rel in ("tests/comfyui/tiny_clip.py", "tests/core/tiny_vision.py", "tests/core/tiny_text.py"):
+        try:
+            h.update((HERE.parents[2] / rel).read_bytes())
+        except OSError:
+            pass
+    h.update(python.encode())
+    return h.hexdigest()[:16]
+
+
+def _build(comfyui: Path, python: str, out: Path, kinds: list[str], log) -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="build-", dir=out.parent))
+    try:
+        cmd = [python, str(HERE / "checkpoints.py"), "--comfyui", str(comfyui), "--out", str(tmp), *kinds]
+        env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=str(comfyui), env=env, capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building {kinds} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        log(f"built {kinds} in {time.time() - t0:.0f}s: " + " | ".join(
+            ln for ln in proc.stdout.splitlines() if ln.startswith("{")))
+        out.mkdir(parents=True, exist_ok=True)
+        for item in tmp.iterdir():
+            dest = out / item.name
+            if dest.exists():
+                shutil.rmtree(dest) if dest.is_dir() else dest.unlink()
+            os.replace(item, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prune(root: Path, keep: str, log) -> None:
+    """Remove cache entries of other keys (older builder / ComfyUI versions): each holds ~2.6 GB."""
+    for entry in root.iterdir():
+        if entry.is_dir() and entry.name != keep and re.fullmatch(r"[0-9a-f]{16}", entry.name):
+            log(f"removing stale model cache {entry}")
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def prepare(base: Path, comfyui: Path, python: str, kinds=("sd15", "sdxl"), log=print) -> dict:
+    """Put the checkpoints of ``kinds`` and the tiny model folders into ``base/models``; returns what was used."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    out = root / cache_key(comfyui, python)
+    want = [k for k in kinds if not (out / checkpoints.FILE_NAMES[k]).is_file()]
+    if not all((out / rel / "config.json").is_file() for rel in checkpoints.TINY_FOLDERS.values()):
+        want.append("tiny")
+    if want:
+        _prune(root, keep=out.name, log=log)
+        log(f"building model files {want} into {out} (cached for later runs)")
+        _build(comfyui, python, out, want, log)
+    else:
+        log(f"model files from cache {out}")
+    models = base / "models"
+    (models / "checkpoints").mkdir(parents=True, exist_ok=True)
+    used = {}
+    for k in kinds:
+        name = checkpoints.FILE_NAMES[k]
+        link = models / "checkpoints" / name
+        if not link.exists():
+            link.symlink_to(out / name)
+        used[k] = str(link)
+    for k, rel in checkpoints.TINY_FOLDERS.items():
+        dest = models / rel
+        if not dest.exists():
+            shutil.copytree(out / rel, dest)
+        used[k] = str(dest)
+    return used
+
+
+def write_input_image(base: Path, name: str = "example.png", size=(96, 80)) -> Path:
+    """A smooth synthetic RGB image (not square, so the crop is exercised) in the temp ComfyUI's input/."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([
+        0.5 + 0.5 * np.sin(x / 9.0),
+        0.5 + 0.5 * np.cos(y / 7.0),
+        0.5 + 0.5 * np.sin((x + y) / 13.0),
+    ], axis=-1)
+    path = base / "input" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((img * 255).round().astype("uint8")).save(path)
+    return path
