@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", help="auto (default: float16 on GPU, float32 on CPU), float32, float16, bfloat16")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_edit)
+    from .evaluate import register as register_eval
+
+    register_eval(sub, parents=[common])
     return parser
 
 

@@ -331,10 +331,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--row-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: time to kill a run
 
 
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``eval`` subcommand to an argparse subparsers object (``func`` = ``run``)."""
+def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
+    """Add the ``eval`` subcommand to an argparse subparsers object (``func`` = ``run``); ``parents`` are
+    shared option parsers (the CLI's -v/-q)."""
     p = subparsers.add_parser(
-        "eval", help="score edits: CLIP score / accuracy, DINO structure distance, background PSNR/SSIM/MSE",
+        "eval", parents=list(parents), help="score edits: CLIP score / accuracy, DINO structure distance, background PSNR/SSIM/MSE",
         description="Score a manifest of (source, edited, texts[, mask]) rows into a per-image CSV plus a summary "
                     "(resumable: rows already in --out are skipped).",
     )

@@ -242,3 +242,15 @@ def test_summary_bootstrap_is_deterministic():
     lo, hi = evaluate.bootstrap_ci(vals)
     assert lo < sum(vals) / 5 < hi
     assert all(math.isnan(v) for v in evaluate.bootstrap_ci([1.0]))
+
+
+def test_cli_eval_subcommand_matches_evaluate_main(tmp_path):
+    """``python -m zerocon_core eval`` (the package CLI) writes the same CSV as ``zerocon_core.evaluate``."""
+    from zerocon_core import cli
+
+    manifest = _write_set(tmp_path)
+    direct, via_cli = tmp_path / "direct.csv", tmp_path / "cli.csv"
+    assert evaluate.main(["--manifest", str(manifest), "--out", str(direct), "--no-progress", "-q"]) == 0
+    assert cli.main(["eval", "-q", "--manifest", str(manifest), "--out", str(via_cli), "--no-progress"]) == 0
+    assert _rows(via_cli) == _rows(direct)
+    assert cli.main(["eval", "-q", "--manifest", str(tmp_path / "none.csv"), "--out", str(via_cli)]) == 2
