@@ -530,13 +530,14 @@ and write the {"description" if style else "target"} in the positive prompt, the
     nodes = [
         readme,
         _ckpt(SD15_CKPT, SD15_URL),
-        {"key": "image", "type": "LoadImage", "col": 0, "title": "Load Image (content)", "widgets": {"image": "example.png"}},
+        {"key": "image", "type": "LoadImage", "col": 0, "title": "Load Image (content)", "widgets": {"image": "example.png"},
+         "size": [340, 320]},  # the image preview grows the node after the layout: reserve its height
         {"key": "scale", "type": "ImageScale", "col": 0, "title": "Resize to the model's size",
          "widgets": {"upscale_method": "lanczos", "width": 512, "height": 512, "crop": "center"}},
     ]
     if style:
         nodes.append({"key": "style_image", "type": "LoadImage", "col": 0, "title": "Load Image (style reference)",
-                      "widgets": {"image": "example.png"}})
+                      "widgets": {"image": "example.png"}, "size": [340, 320]})
     nodes += [
         {"key": "positive", "type": "CLIPTextEncode", "col": 1,
          "title": "Positive prompt (describe the source)" if style else "Positive prompt (the target)",
