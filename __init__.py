@@ -12,9 +12,10 @@ here (ComfyUI would then ignore the V3 entry point).
 """
 
 
-from .nodes.compat import log_if_unsupported as _zerocon_supported
+if __package__:  # ComfyUI imports the folder as a package; pytest may import this file on its own
+    from .nodes.compat import log_if_unsupported as _zerocon_supported
 
-_zerocon_supported()  # an old ComfyUI never calls comfy_entrypoint: say why in its log (one error line)
+    _zerocon_supported()  # an old ComfyUI never calls comfy_entrypoint: say why in its log (one error line)
 
 
 async def comfy_entrypoint():
@@ -22,6 +23,7 @@ async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension
 
     from .nodes import collect_nodes
+    from .nodes.compat import log_if_unsupported as _zerocon_supported
 
     class ZeroConExtension(ComfyExtension):
         async def get_node_list(self):
