@@ -23,6 +23,7 @@ from comfy_api.latest import io
 
 from ..zerocon_core import captioning
 from . import paths
+from .paths import offline
 
 logger = logging.getLogger("zerocon")
 
@@ -38,7 +39,6 @@ KNOWN_MODELS = {
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_TRUE = ("1", "true", "yes", "on")
 
 
 class ZeroConBlip:
@@ -64,18 +64,6 @@ class _BlipModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.blip = model
-
-
-def offline() -> bool:
-    """True when Hugging Face downloads are disabled (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    except Exception:
-        return False
 
 
 def _devices(device: str) -> tuple[torch.device, torch.device]:

@@ -69,3 +69,18 @@ def download_folder(key: str, name: str) -> str:
 
 
 register()
+
+
+_TRUE = ("1", "true", "yes", "on")
+
+
+def offline() -> bool:
+    """True when Hugging Face downloads are disabled (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
+    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+    except Exception:
+        return False

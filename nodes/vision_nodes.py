@@ -21,6 +21,7 @@ from comfy_api.latest import io
 
 from ..zerocon_core import vision
 from . import paths
+from .paths import offline
 
 logger = logging.getLogger("zerocon")
 
@@ -33,7 +34,6 @@ KNOWN_DINO = {"dino-vitb8": vision.DINO_MODEL_ID}
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-_TRUE = ("1", "true", "yes", "on")
 # Weights are taken as safetensors when the repository has them (it may also hold .bin / .h5 / msgpack copies).
 _PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 
@@ -70,18 +70,6 @@ def unwrap(value: Any) -> Any:
         value.load()
         return value.model
     return value
-
-
-def offline() -> bool:
-    """True when Hugging Face downloads are disabled (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    except Exception:
-        return False
 
 
 def devices(device: str) -> tuple[torch.device, torch.device]:
