@@ -11,7 +11,6 @@ Only relative imports are used: ComfyUI has its own top-level ``nodes`` module, 
 here (ComfyUI would then ignore the V3 entry point).
 """
 
-
 if __package__:  # ComfyUI imports the folder as a package; pytest may import this file on its own
     from .nodes.compat import log_if_unsupported as _zerocon_supported
 

@@ -94,21 +94,50 @@ def build_model(family: str, seed: int):
     import torch
 
     if family == "sd15":
-        cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-               "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
-               "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-               "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-               "context_dim": 768, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-               "use_temporal_attention": False, "use_temporal_resblock": False}
+        cfg = {
+            "use_checkpoint": False,
+            "image_size": 32,
+            "out_channels": 4,
+            "use_spatial_transformer": True,
+            "legacy": False,
+            "adm_in_channels": None,
+            "in_channels": 4,
+            "model_channels": 320,
+            "num_res_blocks": [2, 2, 2, 2],
+            "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+            "channel_mult": [1, 2, 4, 4],
+            "transformer_depth_middle": 1,
+            "use_linear_in_transformer": False,
+            "context_dim": 768,
+            "num_heads": 8,
+            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+            "use_temporal_attention": False,
+            "use_temporal_resblock": False,
+        }
         config = comfy.supported_models.SD15(cfg)
         ctx, pooled = 768, None
     else:
-        cfg = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
-               "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
-               "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
-               "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
-               "context_dim": 2048, "num_head_channels": 64, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-               "use_temporal_attention": False, "use_temporal_resblock": False}
+        cfg = {
+            "use_checkpoint": False,
+            "image_size": 32,
+            "out_channels": 4,
+            "use_spatial_transformer": True,
+            "legacy": False,
+            "num_classes": "sequential",
+            "adm_in_channels": 2816,
+            "in_channels": 4,
+            "model_channels": 320,
+            "num_res_blocks": [2, 2, 2],
+            "transformer_depth": [0, 0, 2, 2, 10, 10],
+            "channel_mult": [1, 2, 4],
+            "transformer_depth_middle": 10,
+            "use_linear_in_transformer": True,
+            "context_dim": 2048,
+            "num_head_channels": 64,
+            "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+            "use_temporal_attention": False,
+            "use_temporal_resblock": False,
+        }
         config = comfy.supported_models.SDXL(cfg)
         ctx, pooled = 2048, 1280
     dtype = mm.unet_dtype()
@@ -120,10 +149,13 @@ def build_model(family: str, seed: int):
             if p.ndim >= 2:
                 p.copy_((torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5).to(p.dtype))
             else:
-                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
+                p.copy_(
+                    (1.0 if name.endswith("weight") else 0.0) + 0.02 * torch.randn(p.shape, generator=gen).to(p.dtype)
+                )
         base.eval()
-        patcher = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                                   offload_device=mm.unet_offload_device())
+        patcher = comfy.model_patcher.ModelPatcher(
+            base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+        )
     return patcher, ctx, pooled
 
 
@@ -185,8 +217,15 @@ def main(argv=None) -> int:
     cuda = args.gpu and torch.cuda.is_available()
     clock = StepClock()
     comfy.utils.set_progress_bar_global_hook(clock.hook)
-    res: dict = {"family": args.family, "size": args.size, "steps": args.steps, "device": str(mm.get_torch_device()),
-                 "dtype": str(mm.unet_dtype()), "threads": args.threads, "build_s": build_s}
+    res: dict = {
+        "family": args.family,
+        "size": args.size,
+        "steps": args.steps,
+        "device": str(mm.get_torch_device()),
+        "dtype": str(mm.unet_dtype()),
+        "threads": args.threads,
+        "build_s": build_s,
+    }
 
     def timed(fn):
         clock.stamps.clear()
@@ -199,27 +238,70 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         # warm-up: loads the model onto the device, so loading is not timed
         comfy_nodes.common_ksampler(model, 0, 1, args.cfg, "ddim", "ddim_uniform", edited, negative, latent)
-        _, t_stock, steps_stock, pk_stock = timed(lambda: comfy_nodes.common_ksampler(
-            model, 0, args.steps, args.cfg, "ddim", "ddim_uniform", edited, negative, latent))
-        (x_t, inversion, _sig), t_inv, _, pk_inv = timed(lambda: run_node(
-            sampling.ZeroConDDIMInversion, model=model, latent=latent, conditioning=source, steps=args.steps,
-            cfg=1.0, regularize=True, lambda_ac=20.0, lambda_kl=20.0, reg_outer=5, reg_rolls=5, seed=0))
+        _, t_stock, steps_stock, pk_stock = timed(
+            lambda: comfy_nodes.common_ksampler(
+                model, 0, args.steps, args.cfg, "ddim", "ddim_uniform", edited, negative, latent
+            )
+        )
+        (x_t, inversion, _sig), t_inv, _, pk_inv = timed(
+            lambda: run_node(
+                sampling.ZeroConDDIMInversion,
+                model=model,
+                latent=latent,
+                conditioning=source,
+                steps=args.steps,
+                cfg=1.0,
+                regularize=True,
+                lambda_ac=20.0,
+                lambda_kl=20.0,
+                reg_outer=5,
+                reg_rolls=5,
+                seed=0,
+            )
+        )
         (g,) = run_node(guidance.ZeroConCrossAttentionGuidance, weight=args.xa, layers="all", start=0.0, end=1.0)
-        (g,) = run_node(guidance.ZeroConPatchNCEGuidance, weight=args.nce, layers="up", patches=256, tau=0.07,
-                        patch_sizes="1,2", start=0.0, end=1.0, previous=g)
-        _, t_guided, steps_guided, pk_guided = timed(lambda: run_node(
-            sampling.ZeroConGuidedSampler, model=model, inversion=inversion, edited=edited, cfg=args.cfg,
-            step_mode="raw", step_size=0.02, branches="edit", seed=0, guidance=g))
+        (g,) = run_node(
+            guidance.ZeroConPatchNCEGuidance,
+            weight=args.nce,
+            layers="up",
+            patches=256,
+            tau=0.07,
+            patch_sizes="1,2",
+            start=0.0,
+            end=1.0,
+            previous=g,
+        )
+        _, t_guided, steps_guided, pk_guided = timed(
+            lambda: run_node(
+                sampling.ZeroConGuidedSampler,
+                model=model,
+                inversion=inversion,
+                edited=edited,
+                cfg=args.cfg,
+                step_mode="raw",
+                step_size=0.02,
+                branches="edit",
+                seed=0,
+                guidance=g,
+            )
+        )
 
     med = statistics.median
-    res.update({
-        "stock_total_s": t_stock, "stock_step_s": med(steps_stock[1:] or steps_stock),
-        "inversion_total_s": t_inv, "guided_total_s": t_guided, "guided_step_s": med(steps_guided[1:] or steps_guided),
-        "edit_total_s": t_inv + t_guided,
-        "stock_peak_added_mb": pk_stock.added, "inversion_peak_added_mb": pk_inv.added,
-        "guided_peak_added_mb": pk_guided.added, "guided_peak_mb": pk_guided.peak,
-        "guidance_added_mb": pk_guided.added - pk_stock.added,
-    })
+    res.update(
+        {
+            "stock_total_s": t_stock,
+            "stock_step_s": med(steps_stock[1:] or steps_stock),
+            "inversion_total_s": t_inv,
+            "guided_total_s": t_guided,
+            "guided_step_s": med(steps_guided[1:] or steps_guided),
+            "edit_total_s": t_inv + t_guided,
+            "stock_peak_added_mb": pk_stock.added,
+            "inversion_peak_added_mb": pk_inv.added,
+            "guided_peak_added_mb": pk_guided.added,
+            "guided_peak_mb": pk_guided.peak,
+            "guidance_added_mb": pk_guided.added - pk_stock.added,
+        }
+    )
     res["guided_over_stock_step"] = res["guided_step_s"] / res["stock_step_s"]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     path = Path(args.out) / f"bench_comfyui_{args.family}_{args.size}_{'gpu' if cuda else 'cpu'}.json"

@@ -59,20 +59,40 @@ from bench_engine import SCHEDULER, PeakRSS, build_inputs, build_models, med, ou
 
 from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond  # noqa: E402
 from zerocon_core.diffuseit import diffuseit_guidance, diffuseit_sample  # noqa: E402
+from zerocon_core.diffuseit_start import start_index  # noqa: E402
 from zerocon_core.guidance import StepContext  # noqa: E402
 from zerocon_core.images import encode_latents  # noqa: E402
 from zerocon_core.pipeline import sampling_grid  # noqa: E402
-from zerocon_core.resample import start_index  # noqa: E402
 
 #: facebook/dino-vitb8's shape (ViT-B/8). Weights are random here.
-DINO_VITB8 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                  image_size=224, patch_size=8, qkv_bias=True, layer_norm_eps=1e-6, hidden_act="gelu")
-TINY_DINO = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                 image_size=224, patch_size=8, layer_norm_eps=1e-6)
+DINO_VITB8 = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    image_size=224,
+    patch_size=8,
+    qkv_bias=True,
+    layer_norm_eps=1e-6,
+    hidden_act="gelu",
+)
+TINY_DINO = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    image_size=224,
+    patch_size=8,
+    layer_norm_eps=1e-6,
+)
 #: madebyollin/taesd's config = diffusers AutoencoderTiny's defaults (64 channels, 1/3/3/3 and 3/3/3/1 blocks).
 TAESD: dict = {}
-TINY_TAESD = dict(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-                  num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+TINY_TAESD = dict(
+    encoder_block_out_channels=(8, 8, 8, 8),
+    decoder_block_out_channels=(8, 8, 8, 8),
+    num_encoder_blocks=(1, 1, 1, 1),
+    num_decoder_blocks=(1, 1, 1, 1),
+)
 GRID_STEPS = 50  # the DDIM grid the start level is picked on (the sampler node's default)
 PHASES = {"a": "(a) plain DDIM+CFG step", "b": "(b) DiffuseIT, full VAE", "c": "(c) DiffuseIT, tiny decoder"}
 
@@ -135,8 +155,11 @@ class PeakCUDA:
         self.peak = torch.cuda.max_memory_allocated() / 2**20
 
     def as_dict(self) -> dict[str, float]:
-        return {"baseline_alloc_mb": round(self.baseline, 1), "peak_alloc_mb": round(self.peak, 1),
-                "peak_added_mb": round(self.peak - self.baseline, 1)}
+        return {
+            "baseline_alloc_mb": round(self.baseline, 1),
+            "peak_alloc_mb": round(self.peak, 1),
+            "peak_added_mb": round(self.peak - self.baseline, 1),
+        }
 
 
 def peak_memory(dev: Dev):
@@ -151,7 +174,9 @@ def build_dino(tiny: bool, seed: int):
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(seed)
-    return ViTModel(ViTConfig(**(TINY_DINO if tiny else DINO_VITB8)), add_pooling_layer=False).eval().requires_grad_(False)
+    return (
+        ViTModel(ViTConfig(**(TINY_DINO if tiny else DINO_VITB8)), add_pooling_layer=False).eval().requires_grad_(False)
+    )
 
 
 def build_taesd(tiny: bool, seed: int):
@@ -216,11 +241,17 @@ def sampler_step(den, z0, grid, neg, pos, cfg: float, terms, seed: int, dev: Dev
     start), no resampling: its time and its peak memory above the memory before it."""
     with peak_memory(dev) as mem:
         t0 = dev.now()
-        res = diffuseit_sample(den, z0, grid, cond=pos, negative_cond=neg, guidance=terms, cfg=cfg, strength=None,
-                               resample=1, seed=seed)
+        res = diffuseit_sample(
+            den, z0, grid, cond=pos, negative_cond=neg, guidance=terms, cfg=cfg, strength=None, resample=1, seed=seed
+        )
         took = dev.now() - t0
-    return {"time": took, "finite": bool(torch.isfinite(res.latent).all()), "skipped": bool(res.skipped),
-            "losses": res.losses[0] if res.losses else {}, "mem": mem.as_dict()}
+    return {
+        "time": took,
+        "finite": bool(torch.isfinite(res.latent).all()),
+        "skipped": bool(res.skipped),
+        "losses": res.losses[0] if res.losses else {},
+        "mem": mem.as_dict(),
+    }
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -228,15 +259,34 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     timed = runs[1:] or runs
     m = med_clock([r["time"] for r in timed])
     worst = max((r["mem"] for r in runs), key=lambda d: d["peak_added_mb"])
-    return {"finite": all(r["finite"] for r in runs), "skipped_steps": sum(r["skipped"] for r in runs),
-            "step_median_s": m["wall"], "step_median_cpu_s": m["cpu"],
-            "step_wall_s": [r["time"].wall for r in timed], "step_cpu_s": [r["time"].cpu for r in timed],
-            "first_step_s": runs[0]["time"].wall, "losses_first_step": runs[0]["losses"],
-            "peak_added_mb_per_step": [r["mem"]["peak_added_mb"] for r in runs], **worst}
+    return {
+        "finite": all(r["finite"] for r in runs),
+        "skipped_steps": sum(r["skipped"] for r in runs),
+        "step_median_s": m["wall"],
+        "step_median_cpu_s": m["cpu"],
+        "step_wall_s": [r["time"].wall for r in timed],
+        "step_cpu_s": [r["time"].cpu for r in timed],
+        "first_step_s": runs[0]["time"].wall,
+        "losses_first_step": runs[0]["losses"],
+        "peak_added_mb_per_step": [r["mem"]["peak_added_mb"] for r in runs],
+        **worst,
+    }
 
 
-def step_parts(den, x: torch.Tensor, sigma, sigma_next, neg, pos, terms, decoder: Decoder, dino_timer: ForwardTimer,
-               dev: Dev, repeats: int, warmup: bool) -> dict[str, list[Clock]]:
+def step_parts(
+    den,
+    x: torch.Tensor,
+    sigma,
+    sigma_next,
+    neg,
+    pos,
+    terms,
+    decoder: Decoder,
+    dino_timer: ForwardTimer,
+    dev: Dev,
+    repeats: int,
+    warmup: bool,
+) -> dict[str, list[Clock]]:
     """The parts of one guided step at ``sigma``, ``repeats`` times (with ``warmup``, one untimed evaluation first,
     which also caches the source / reference DINO features on the terms as the sampler's first step does):
 
@@ -309,10 +359,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu", action="store_true", help="run on CUDA (memory: peak CUDA allocation)")
     ap.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="model weights (default fp32)")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 256; tiny: 64)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per phase after a warm-up step (median over them; default 3)")
+    ap.add_argument(
+        "--steps", type=int, default=3, help="timed steps per phase after a warm-up step (median over them; default 3)"
+    )
     ap.add_argument("--repeats", type=int, default=2, help="repeats of the per-part breakdown (median; default 2)")
-    ap.add_argument("--mode", choices=("image", "text"), default="image",
-                    help="image: structure + style (reference) + semantic + range; text: no style term")
+    ap.add_argument(
+        "--mode",
+        choices=("image", "text"),
+        default="image",
+        help="image: structure + style (reference) + semantic + range; text: no style term",
+    )
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--dino-size", type=int, default=224, help="DINO input short side (DiffuseIT 224)")
     ap.add_argument("--threads", type=int, default=2)
@@ -320,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--phases", default="a,b,c", help="comma-separated subset of a,b,c")
     ap.add_argument("--no-breakdown", action="store_true", help="skip the per-part timing")
     ap.add_argument("--profile", action="store_true", help="torch.profiler over one guided step per decoder")
-    ap.add_argument("--out", default=None, help="JSON path (default bench/out/bench_diffuseit-<kind>-<device>-<size>-<mode>-<time>.json)")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default bench/out/bench_diffuseit-<kind>-<device>-<size>-<mode>-<time>.json)",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -337,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     kind = "tiny" if args.tiny else "sd15"
     where = "cuda" if args.gpu else "cpu"
 
-    out(f"bench_diffuseit: {kind} models, {size}x{size}, {args.mode}-guided, {args.steps} steps/phase, "
-        f"{where} {args.dtype}, {args.threads} threads, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}")
+    out(
+        f"bench_diffuseit: {kind} models, {size}x{size}, {args.mode}-guided, {args.steps} steps/phase, "
+        f"{where} {args.dtype}, {args.threads} threads, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}"
+    )
     t = time.perf_counter()
     rss0 = rss_mb()
     unet, vae = build_models(args.tiny, args.seed)
@@ -347,11 +409,13 @@ def main(argv: list[str] | None = None) -> int:
     if dev.gpu or dtype != torch.float32:
         for m in (unet, vae, dino, taesd):
             m.to(device=dev.device, dtype=dtype)
-    n_params = {"unet": sum(p.numel() for p in unet.parameters()),
-                "vae_decoder": sum(p.numel() for p in vae.decoder.parameters())
-                + sum(p.numel() for p in vae.post_quant_conv.parameters()),
-                "taesd_decoder": sum(p.numel() for p in taesd.decoder.parameters()),
-                "dino": sum(p.numel() for p in dino.parameters())}
+    n_params = {
+        "unet": sum(p.numel() for p in unet.parameters()),
+        "vae_decoder": sum(p.numel() for p in vae.decoder.parameters())
+        + sum(p.numel() for p in vae.post_quant_conv.parameters()),
+        "taesd_decoder": sum(p.numel() for p in taesd.decoder.parameters()),
+        "dino": sum(p.numel() for p in dino.parameters()),
+    }
     inputs = build_inputs(size, unet.config.cross_attention_dim, args.seed)
     source = inputs["image"].to(dev.device)
     yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
@@ -363,9 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     full_grid = sampling_grid(den, GRID_STEPS).to(dev.device)
     k = start_index(full_grid)
     trim()
-    out(f"built models in {time.perf_counter() - t:.1f}s: " + ", ".join(f"{n} {v / 1e6:.1f}M" for n, v in n_params.items())
+    out(
+        f"built models in {time.perf_counter() - t:.1f}s: "
+        + ", ".join(f"{n} {v / 1e6:.1f}M" for n, v in n_params.items())
         + f" params; RSS {rss0:.0f} -> {rss_mb():.0f} MB; start sigma {float(full_grid[k]):.3f} "
-        f"(grid index {k} of {GRID_STEPS}: a full run = {GRID_STEPS - k} steps + 9 resampling repeats)")
+        f"(grid index {k} of {GRID_STEPS}: a full run = {GRID_STEPS - k} steps + 9 resampling repeats)"
+    )
 
     decoders = {"b": Decoder(vae, dev), "c": Decoder(taesd, dev)}
     dino_timer = ForwardTimer(dino, dev)
@@ -375,13 +442,32 @@ def main(argv: list[str] | None = None) -> int:
         return diffuseit_guidance(dino, decoder, source, ref, dino_size=args.dino_size)
 
     res: dict[str, Any] = {
-        "config": {"kind": kind, "size": size, "steps": args.steps, "repeats": args.repeats, "mode": args.mode,
-                   "cfg": args.cfg, "dino_size": args.dino_size, "threads": args.threads, "seed": args.seed,
-                   "device": where, "dtype": args.dtype, "grid_steps": GRID_STEPS, "start_index": k,
-                   "start_sigma": float(full_grid[k]), "params": n_params},
-        "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
-        "phases": {}, "parts_s": {},
+        "config": {
+            "kind": kind,
+            "size": size,
+            "steps": args.steps,
+            "repeats": args.repeats,
+            "mode": args.mode,
+            "cfg": args.cfg,
+            "dino_size": args.dino_size,
+            "threads": args.threads,
+            "seed": args.seed,
+            "device": where,
+            "dtype": args.dtype,
+            "grid_steps": GRID_STEPS,
+            "start_index": k,
+            "start_sigma": float(full_grid[k]),
+            "params": n_params,
+        },
+        "env": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+        },
+        "phases": {},
+        "parts_s": {},
     }
     try:
         import diffusers
@@ -431,8 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         for ph in ("b", "c"):
             if ph in phases:
                 out(f"profiling {PHASES[ph]} ...")
-                res["profile_top_ops"][ph] = profile_step(den, z0, full_grid, neg, pos, args.cfg,
-                                                          terms_for(decoders[ph]), args.seed)
+                res["profile_top_ops"][ph] = profile_step(
+                    den, z0, full_grid, neg, pos, args.cfg, terms_for(decoders[ph]), args.seed
+                )
     dino_timer.close()
     den.close()
     res["env"]["loadavg_end"] = os.getloadavg()
@@ -442,7 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         out(f"\ntorch.profiler, one guided step, {PHASES[ph]}:")
         out(table)
     tag = f"{kind}-{where}-{size}-{args.mode}"
-    path = Path(args.out) if args.out else ROOT / "bench" / "out" / f"bench_diffuseit-{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "out" / f"bench_diffuseit-{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2, default=float))
     out(f"\nwrote {path}")
@@ -456,36 +547,46 @@ def report(res: dict[str, Any]) -> None:
     gpu = res["config"]["device"] == "cuda"
     key = "wall" if gpu else "cpu"
     mem_col = "peak CUDA MB" if gpu else "peak RSS MB"
-    out(f"\nphase                          wall s/step  CPU s/step  first step wall s  {mem_col:>12}  peak added MB  load")
+    out(
+        f"\nphase                          wall s/step  CPU s/step  first step wall s  {mem_col:>12}  peak added MB  load"
+    )
     for k, name in PHASES.items():
         if k not in ph:
             continue
         p = ph[k]
         peak = p.get("peak_rss_mb", p.get("peak_alloc_mb"))
         flag = "" if p["finite"] else "  (NaN/Inf output!)"
-        out(f"{name:<30} {p['step_median_s']:>11.3f} {p['step_median_cpu_s']:>11.3f} {p['first_step_s']:>18.3f}  "
-            f"{peak:>12.0f}  {p['peak_added_mb']:>13.0f}  {p['loadavg'][0]:.1f}-{p['loadavg'][1]:.1f}{flag}")
+        out(
+            f"{name:<30} {p['step_median_s']:>11.3f} {p['step_median_cpu_s']:>11.3f} {p['first_step_s']:>18.3f}  "
+            f"{peak:>12.0f}  {p['peak_added_mb']:>13.0f}  {p['loadavg'][0]:.1f}-{p['loadavg'][1]:.1f}{flag}"
+        )
     ratios: dict[str, float] = {}
     pairs = [(k, "a") for k in ("b", "c")] + [("c", "b")]
     for num, den in pairs:
         if num in ph and den in ph:
             ratios[f"time_{num}_over_{den}_wall"] = ph[num]["step_median_s"] / ph[den]["step_median_s"]
-            ratios[f"time_{num}_over_{den}_cpu"] = ph[num]["step_median_cpu_s"] / max(ph[den]["step_median_cpu_s"], 1e-9)
+            ratios[f"time_{num}_over_{den}_cpu"] = ph[num]["step_median_cpu_s"] / max(
+                ph[den]["step_median_cpu_s"], 1e-9
+            )
             ratios[f"mem_{num}_over_{den}"] = ph[num]["peak_added_mb"] / max(ph[den]["peak_added_mb"], 1e-9)
     res["ratios"] = ratios
     if ratios:
         out("\nratio per step                 wall time   CPU time   peak added memory")
         for num, den in pairs:
             if f"mem_{num}_over_{den}" in ratios:
-                out(f"  ({num}) / ({den})                    {ratios[f'time_{num}_over_{den}_wall']:>7.2f}    "
-                    f"{ratios[f'time_{num}_over_{den}_cpu']:>7.2f}    {ratios[f'mem_{num}_over_{den}']:>7.2f}")
+                out(
+                    f"  ({num}) / ({den})                    {ratios[f'time_{num}_over_{den}_wall']:>7.2f}    "
+                    f"{ratios[f'time_{num}_over_{den}_cpu']:>7.2f}    {ratios[f'mem_{num}_over_{den}']:>7.2f}"
+                )
     parts = res.get("parts_s", {})
     if not parts:
         return
     plain = ph.get("a", {}).get("step_median_s" if gpu else "step_median_cpu_s")
     cols = [c for c in ("b", "c") if c in parts]
-    out(f"\none guided step, part by part (median); share and 'x plain' ({key} time) = multiple of the plain step (a)"
-        + (f" = {plain:.3f} {key} s" if plain else ""))
+    out(
+        f"\none guided step, part by part (median); share and 'x plain' ({key} time) = multiple of the plain step (a)"
+        + (f" = {plain:.3f} {key} s" if plain else "")
+    )
     out(f"  {'part':<14}" + "".join(f"{PHASES[c][4:]:>42}" for c in cols))
     out(f"  {'':<14}" + f"{'wall s':>12}{'CPU s':>9}{'share':>10}{'x plain':>11}" * len(cols))
     names = list(parts[cols[0]])
@@ -495,16 +596,24 @@ def report(res: dict[str, Any]) -> None:
         for c in cols:
             v = totals[c] if name == "sum" else parts[c][name]
             share = v[key] / max(totals[c][key], 1e-12)
-            row += f"{v['wall']:>12.3f}{v['cpu']:>9.2f}{share:>10.1%}" + (f"{v[key] / plain:>10.2f}x" if plain else " " * 11)
+            row += f"{v['wall']:>12.3f}{v['cpu']:>9.2f}{share:>10.1%}" + (
+                f"{v[key] / plain:>10.2f}x" if plain else " " * 11
+            )
         out(row)
-    groups = {"UNet fwd+bwd (grad pass)": ("unet_fwd_grad", "unet_bwd"), "decoder fwd+bwd": ("decode_fwd", "decode_bwd"),
-              "DINO fwd+bwd + losses": ("dino_fwd", "dino_bwd", "losses"), "CFG fwd (the DDIM step)": ("cfg_fwd",)}
+    groups = {
+        "UNet fwd+bwd (grad pass)": ("unet_fwd_grad", "unet_bwd"),
+        "decoder fwd+bwd": ("decode_fwd", "decode_bwd"),
+        "DINO fwd+bwd + losses": ("dino_fwd", "dino_bwd", "losses"),
+        "CFG fwd (the DDIM step)": ("cfg_fwd",),
+    }
     res["parts_grouped"] = {}
     for c in cols:
         got = {g: {t: sum(parts[c][n][t] for n in members) for t in ("wall", "cpu")} for g, members in groups.items()}
         res["parts_grouped"][c] = got
-        out(f"  {PHASES[c]} ({key} time): "
-            + "; ".join(f"{g} {v[key]:.2f} s ({v[key] / totals[c][key]:.0%})" for g, v in got.items()))
+        out(
+            f"  {PHASES[c]} ({key} time): "
+            + "; ".join(f"{g} {v[key]:.2f} s ({v[key] / totals[c][key]:.0%})" for g, v in got.items())
+        )
 
 
 if __name__ == "__main__":

@@ -55,32 +55,72 @@ from zerocon_core.sampler import cfg_combine, guided_ddim_sample  # noqa: E402
 TARGETS = {"time_b_over_c": 0.6, "mem_b_over_c": 0.6, "guided_over_plain_step": 2.5}
 
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    center_input_sample=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     mid_block_type="UNetMidBlock2DCrossAttn",
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
-    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    downsample_padding=1,
+    mid_block_scale_factor=1,
+    act_fn="silu",
+    norm_num_groups=32,
+    norm_eps=1e-5,
+    cross_attention_dim=768,
+    attention_head_dim=8,
 )
 SD15_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=512, layers_per_block=2, norm_num_groups=32,
-    act_fn="silu", block_out_channels=(128, 256, 512, 512), scaling_factor=0.18215,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    sample_size=512,
+    layers_per_block=2,
+    norm_num_groups=32,
+    act_fn="silu",
+    block_out_channels=(128, 256, 512, 512),
+    scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
 )
 TINY_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
 )
 TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1, norm_num_groups=4,
-    block_out_channels=(8, 8, 16, 16), scaling_factor=0.18215,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    sample_size=64,
+    layers_per_block=1,
+    norm_num_groups=4,
+    block_out_channels=(8, 8, 16, 16),
+    scaling_factor=0.18215,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
 )
 SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-    set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
 )
 
 
@@ -162,9 +202,14 @@ class PeakRSS:
             self.peak = max(self.peak, _status_kb("VmHWM") / 1024.0)
 
     def as_dict(self) -> dict[str, float]:
-        return {"baseline_rss_mb": round(self.baseline, 1), "peak_rss_mb": round(self.peak, 1),
-                "peak_added_mb": round(self.peak - self.baseline, 1), "hwm_reset": self._hwm_ok,
-                "process_cpu_s": self.cpu, "loadavg_1min_at_start": self.loadavg}
+        return {
+            "baseline_rss_mb": round(self.baseline, 1),
+            "peak_rss_mb": round(self.peak, 1),
+            "peak_added_mb": round(self.peak - self.baseline, 1),
+            "hwm_reset": self._hwm_ok,
+            "process_cpu_s": self.cpu,
+            "loadavg_1min_at_start": self.loadavg,
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,8 +233,13 @@ def build_inputs(size: int, dim: int, seed: int, n_sentences: int = 8) -> dict[s
     caption = torch.randn(1, 77, dim, generator=g)
     src = caption + 0.3 * torch.randn(n_sentences, 77, dim, generator=g)
     tgt = caption + 0.3 * torch.randn(n_sentences, 77, dim, generator=g)
-    return {"image": image, "caption": caption, "source_embeds": src, "target_embeds": tgt,
-            "delta": tgt.mean(0, keepdim=True) - src.mean(0, keepdim=True)}
+    return {
+        "image": image,
+        "caption": caption,
+        "source_embeds": src,
+        "target_embeds": tgt,
+        "delta": tgt.mean(0, keepdim=True) - src.mean(0, keepdim=True),
+    }
 
 
 class VAETimer:
@@ -207,6 +257,7 @@ class VAETimer:
             finally:
                 self.seconds += time.perf_counter() - t
                 self.calls += 1
+
         return run
 
     def __enter__(self) -> VAETimer:
@@ -249,11 +300,18 @@ def phase_plain(unet, inputs, steps: int, cfg: float, latent_hw: int, seed: int)
             stamps.append(time.perf_counter())
         wall = time.perf_counter() - t0
     steps_s = step_durations(stamps, t0)
-    return {"finite": bool(torch.isfinite(lat).all()), "wall_s": wall, "step_s": steps_s, "step_median_s": med(steps_s), **mem.as_dict()}
+    return {
+        "finite": bool(torch.isfinite(lat).all()),
+        "wall_s": wall,
+        "step_s": steps_s,
+        "step_median_s": med(steps_s),
+        **mem.as_dict(),
+    }
 
 
-def phase_ours(den: DiffusersDenoiser, vae, inputs, steps: int, cfg: float, seed: int, branches: str,
-               xa: float, nce: float | None) -> dict[str, Any]:
+def phase_ours(
+    den: DiffusersDenoiser, vae, inputs, steps: int, cfg: float, seed: int, branches: str, xa: float, nce: float | None
+) -> dict[str, Any]:
     """(b) our edit through the pipeline's core (VAE encode + invert_and_edit + VAE decode)."""
     src = TextCond(inputs["caption"])
     edit = TextCond(inputs["caption"] + inputs["delta"])
@@ -265,8 +323,18 @@ def phase_ours(den: DiffusersDenoiser, vae, inputs, steps: int, cfg: float, seed
         with timings.stage("encode"):
             z0 = encode_latents(vae, inputs["image"], "mean")
         z, inv, res = invert_and_edit(
-            den, z0, src, edit, steps=steps, cfg=cfg, guidance=guidance, regularization=NoiseRegularization(),
-            seed=seed, branches=branches, timings=timings, progress=False,
+            den,
+            z0,
+            src,
+            edit,
+            steps=steps,
+            cfg=cfg,
+            guidance=guidance,
+            regularization=NoiseRegularization(),
+            seed=seed,
+            branches=branches,
+            timings=timings,
+            progress=False,
             step_callback=lambda phase, i, n: stamps[phase].append(time.perf_counter()),
         )
         with timings.stage("decode"):
@@ -275,12 +343,20 @@ def phase_ours(den: DiffusersDenoiser, vae, inputs, steps: int, cfg: float, seed
     inv_steps = step_durations(stamps["inversion"], t0 + timings["encode"])
     smp_steps = step_durations(stamps["sampling"], stamps["inversion"][-1])
     return {
-        "finite": bool(torch.isfinite(img).all()), "skipped_guidance_steps": res.skipped,
-        "wall_s": wall, "vae_s": vt.seconds, "wall_without_vae_s": wall - vt.seconds,
-        "stages_s": dict(timings), "inversion_step_s": inv_steps[1:], "sampling_step_s": smp_steps,
-        "guided_step_median_s": med(smp_steps), "inversion_step_median_s": med(inv_steps[1:]),
+        "finite": bool(torch.isfinite(img).all()),
+        "skipped_guidance_steps": res.skipped,
+        "wall_s": wall,
+        "vae_s": vt.seconds,
+        "wall_without_vae_s": wall - vt.seconds,
+        "stages_s": dict(timings),
+        "inversion_step_s": inv_steps[1:],
+        "sampling_step_s": smp_steps,
+        "guided_step_median_s": med(smp_steps),
+        "inversion_step_median_s": med(inv_steps[1:]),
         "guidance": [f"{type(t).__name__}(weight={t.weight:g}, layers={t.layers})" for t in guidance],
-        "branches": branches, "losses_last_step": res.losses[-1] if res.losses else {}, **mem.as_dict(),
+        "branches": branches,
+        "losses_last_step": res.losses[-1] if res.losses else {},
+        **mem.as_dict(),
     }
 
 
@@ -293,9 +369,17 @@ def phase_diffusers(unet, vae, inputs, steps: int, cfg: float, seed: int, xa: fl
     from PIL import Image
 
     pipe = StableDiffusionPix2PixZeroPipeline(
-        vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=DDIMScheduler.from_config(SCHEDULER),
-        feature_extractor=None, safety_checker=None, inverse_scheduler=DDIMInverseScheduler.from_config(SCHEDULER),
-        caption_generator=None, caption_processor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(SCHEDULER),
+        feature_extractor=None,
+        safety_checker=None,
+        inverse_scheduler=DDIMInverseScheduler.from_config(SCHEDULER),
+        caption_generator=None,
+        caption_processor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     arr = (inputs["image"][0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
@@ -313,24 +397,49 @@ def phase_diffusers(unet, vae, inputs, steps: int, cfg: float, seed: int, xa: fl
     with PeakRSS() as mem, VAETimer(vae) as vt:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(seed)
-        inv = pipe.invert(prompt_embeds=inputs["caption"], image=pil, num_inference_steps=steps, guidance_scale=1.0,
-                          generator=g, lambda_auto_corr=20.0, lambda_kl=20.0, num_reg_steps=5,
-                          num_auto_corr_rolls=5, output_type="pt")
+        inv = pipe.invert(
+            prompt_embeds=inputs["caption"],
+            image=pil,
+            num_inference_steps=steps,
+            guidance_scale=1.0,
+            generator=g,
+            lambda_auto_corr=20.0,
+            lambda_kl=20.0,
+            num_reg_steps=5,
+            num_auto_corr_rolls=5,
+            output_type="pt",
+        )
         t_inv = time.perf_counter()
-        result = pipe(prompt_embeds=inputs["caption"], negative_prompt_embeds=inputs["caption"],
-                      source_embeds=inputs["source_embeds"], target_embeds=inputs["target_embeds"],
-                      latents=inv.latents, height=size, width=size, num_inference_steps=steps,
-                      guidance_scale=cfg, cross_attention_guidance_amount=xa, generator=g, output_type="pt")
+        result = pipe(
+            prompt_embeds=inputs["caption"],
+            negative_prompt_embeds=inputs["caption"],
+            source_embeds=inputs["source_embeds"],
+            target_embeds=inputs["target_embeds"],
+            latents=inv.latents,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            cross_attention_guidance_amount=xa,
+            generator=g,
+            output_type="pt",
+        )
         wall = time.perf_counter() - t0
     # stamps: `steps` inversion steps, `steps` reference steps, `steps` guided steps
     durs = step_durations(stamps, t0)
-    inv_s, ref_s, edit_s = durs[1:steps], durs[steps + 1: 2 * steps], durs[2 * steps + 1:]
+    inv_s, ref_s, edit_s = durs[1:steps], durs[steps + 1 : 2 * steps], durs[2 * steps + 1 :]
     return {
         "finite": bool(torch.isfinite(torch.as_tensor(result.images)).all()),
-        "wall_s": wall, "invert_s": t_inv - t0, "call_s": wall - (t_inv - t0), "vae_s": vt.seconds,
-        "vae_calls": vt.calls, "wall_without_vae_s": wall - vt.seconds,
-        "inversion_step_median_s": med(inv_s), "reference_step_median_s": med(ref_s),
-        "guided_step_median_s": med(edit_s), **mem.as_dict(),
+        "wall_s": wall,
+        "invert_s": t_inv - t0,
+        "call_s": wall - (t_inv - t0),
+        "vae_s": vt.seconds,
+        "vae_calls": vt.calls,
+        "wall_without_vae_s": wall - vt.seconds,
+        "inversion_step_median_s": med(inv_s),
+        "reference_step_median_s": med(ref_s),
+        "guided_step_median_s": med(edit_s),
+        **mem.as_dict(),
     }
 
 
@@ -344,8 +453,16 @@ def restore_unet(unet, processors) -> None:
 # one guided step: breakdown and profile
 
 
-def guided_step_parts(den: DiffusersDenoiser, inputs, steps: int, cfg: float, xa: float, nce: float | None,
-                      latent_hw: int, repeats: int = 2) -> dict[str, float]:
+def guided_step_parts(
+    den: DiffusersDenoiser,
+    inputs,
+    steps: int,
+    cfg: float,
+    xa: float,
+    nce: float | None,
+    latent_hw: int,
+    repeats: int = 2,
+) -> dict[str, float]:
     """Time the pieces of one guided step at a mid-grid sigma: reference forward (batch 1, captures),
     differentiable forward (batch 1, captures) + losses, backward to the latent, CFG forward (batch 2);
     and one plain CFG forward (batch 2) through our denoiser with nothing captured. Medians of ``repeats``."""
@@ -360,8 +477,9 @@ def guided_step_parts(den: DiffusersDenoiser, inputs, steps: int, cfg: float, xa
     merged = CaptureRequest()
     for r in reqs:
         merged = merged | r
-    parts: dict[str, list[float]] = {k: [] for k in ("reference_fwd", "grad_fwd_and_losses", "backward",
-                                                     "cfg_fwd", "plain_cfg_fwd_ours")}
+    parts: dict[str, list[float]] = {
+        k: [] for k in ("reference_fwd", "grad_fwd_and_losses", "backward", "cfg_fwd", "plain_cfg_fwd_ours")
+    }
     for _ in range(repeats):
         t = time.perf_counter()
         with torch.no_grad():
@@ -371,8 +489,10 @@ def guided_step_parts(den: DiffusersDenoiser, inputs, steps: int, cfg: float, xa
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             (p,) = den.predict(xg, s, [edit], merged)
-            total = sum(term.weight * term.loss(StepContext(0, steps, s, xg, p.eps, p, ref, g), req)
-                        for term, req in zip(terms, reqs))
+            total = sum(
+                term.weight * term.loss(StepContext(0, steps, s, xg, p.eps, p, ref, g), req)
+                for term, req in zip(terms, reqs)
+            )
             parts["grad_fwd_and_losses"].append(time.perf_counter() - t)
             t = time.perf_counter()
             torch.autograd.grad(total, xg)
@@ -389,8 +509,9 @@ def guided_step_parts(den: DiffusersDenoiser, inputs, steps: int, cfg: float, xa
     return {k: med(v) for k, v in parts.items()}
 
 
-def profile_guided_step(den: DiffusersDenoiser, inputs, steps: int, cfg: float, xa: float, nce: float | None,
-                        latent_hw: int, rows: int = 25) -> str:
+def profile_guided_step(
+    den: DiffusersDenoiser, inputs, steps: int, cfg: float, xa: float, nce: float | None, latent_hw: int, rows: int = 25
+) -> str:
     """torch.profiler over one guided step of ``guided_ddim_sample`` (mid-grid sigma); returns the top-ops table."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -400,9 +521,9 @@ def profile_guided_step(den: DiffusersDenoiser, inputs, steps: int, cfg: float, 
     x = torch.randn(1, 4, latent_hw, latent_hw, generator=g) * float((1 + sigmas[k] ** 2) ** 0.5)
     src, edit = TextCond(inputs["caption"]), TextCond(inputs["caption"] + inputs["delta"])
     kw = dict(source_cond=src, edit_cond=edit, cfg=cfg, guidance=default_guidance("eps", xa, nce))
-    guided_ddim_sample(den, x, sigmas[k:k + 2], **kw)  # warm-up
+    guided_ddim_sample(den, x, sigmas[k : k + 2], **kw)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        guided_ddim_sample(den, x, sigmas[k:k + 2], **kw)
+        guided_ddim_sample(den, x, sigmas[k : k + 2], **kw)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
@@ -436,8 +557,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--phases takes a subset of a,b,c")
     mode = "tiny" if args.tiny else "sd15"
 
-    out(f"bench_engine: {mode} UNet, {size}x{size}, {args.steps} steps, cfg {args.cfg}, xa {args.xa_weight}, "
-        f"{args.threads} threads, torch {torch.__version__}")
+    out(
+        f"bench_engine: {mode} UNet, {size}x{size}, {args.steps} steps, cfg {args.cfg}, xa {args.xa_weight}, "
+        f"{args.threads} threads, torch {torch.__version__}"
+    )
     t = time.perf_counter()
     rss0 = rss_mb()
     unet, vae = build_models(args.tiny, args.seed)
@@ -445,16 +568,32 @@ def main(argv: list[str] | None = None) -> int:
     dim = unet.config.cross_attention_dim
     inputs = build_inputs(size, dim, args.seed)
     trim()
-    out(f"built models in {time.perf_counter() - t:.1f}s: UNet {n_params / 1e6:.0f}M params; RSS {rss0:.0f} -> "
-        f"{rss_mb():.0f} MB")
+    out(
+        f"built models in {time.perf_counter() - t:.1f}s: UNet {n_params / 1e6:.0f}M params; RSS {rss0:.0f} -> "
+        f"{rss_mb():.0f} MB"
+    )
     original_procs = dict(unet.attn_processors)
 
     res: dict[str, Any] = {
-        "config": {"mode": mode, "size": size, "steps": args.steps, "cfg": args.cfg, "xa_weight": args.xa_weight,
-                   "nce_weight": args.nce_weight, "branches": args.branches, "threads": args.threads,
-                   "seed": args.seed, "unet_params": n_params},
-        "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-                "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "config": {
+            "mode": mode,
+            "size": size,
+            "steps": args.steps,
+            "cfg": args.cfg,
+            "xa_weight": args.xa_weight,
+            "nce_weight": args.nce_weight,
+            "branches": args.branches,
+            "threads": args.threads,
+            "seed": args.seed,
+            "unet_params": n_params,
+        },
+        "env": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+        },
         "phases": {},
     }
     try:
@@ -470,26 +609,30 @@ def main(argv: list[str] | None = None) -> int:
     den = DiffusersDenoiser(unet, scheduler_config=SCHEDULER)
     if "b" in phases:
         out("(b) ours: inversion + guided sampling ...")
-        res["phases"]["b"] = phase_ours(den, vae, inputs, args.steps, args.cfg, args.seed, args.branches,
-                                        args.xa_weight, args.nce_weight)
+        res["phases"]["b"] = phase_ours(
+            den, vae, inputs, args.steps, args.cfg, args.seed, args.branches, args.xa_weight, args.nce_weight
+        )
     if not args.no_breakdown:
         out("one guided step, part by part ...")
-        res["guided_step_parts_s"] = guided_step_parts(den, inputs, args.steps, args.cfg, args.xa_weight,
-                                                       args.nce_weight, latent_hw)
+        res["guided_step_parts_s"] = guided_step_parts(
+            den, inputs, args.steps, args.cfg, args.xa_weight, args.nce_weight, latent_hw
+        )
     den.close()
     if "c" in phases:
         out("(c) diffusers StableDiffusionPix2PixZeroPipeline: invert + __call__ ...")
         try:
-            res["phases"]["c"] = phase_diffusers(unet, vae, inputs, args.steps, args.cfg, args.seed,
-                                                 args.xa_weight, size)
+            res["phases"]["c"] = phase_diffusers(
+                unet, vae, inputs, args.steps, args.cfg, args.seed, args.xa_weight, size
+            )
         finally:
             restore_unet(unet, original_procs)
     profile_table = None
     if args.profile:
         out("profiling one guided step ...")
         den = DiffusersDenoiser(unet, scheduler_config=SCHEDULER)
-        profile_table = profile_guided_step(den, inputs, args.steps, args.cfg, args.xa_weight, args.nce_weight,
-                                            latent_hw)
+        profile_table = profile_guided_step(
+            den, inputs, args.steps, args.cfg, args.xa_weight, args.nce_weight, latent_hw
+        )
         den.close()
         res["profile_top_ops"] = profile_table
     res["env"]["loadavg_end"] = os.getloadavg()
@@ -498,7 +641,11 @@ def main(argv: list[str] | None = None) -> int:
     if profile_table:
         out("\ntorch.profiler, one guided step (self CPU time):")
         out(profile_table)
-    path = Path(args.out) if args.out else ROOT / "bench" / "out" / f"bench_engine-{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = (
+        Path(args.out)
+        if args.out
+        else ROOT / "bench" / "out" / f"bench_engine-{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2, default=float))
     out(f"\nwrote {path}")
@@ -507,8 +654,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(res: dict[str, Any]) -> None:
     ph = res["phases"]
-    out("\nphase                                  wall s   w/o VAE s    CPU s   peak RSS MB   peak added MB   step s (median)"
-        "   load")
+    out(
+        "\nphase                                  wall s   w/o VAE s    CPU s   peak RSS MB   peak added MB   step s (median)"
+        "   load"
+    )
     names = {"a": "(a) plain DDIM+CFG", "b": "(b) ours: invert + guided", "c": "(c) diffusers pix2pix-zero"}
     for k in ("a", "b", "c"):
         if k not in ph:
@@ -516,9 +665,11 @@ def report(res: dict[str, Any]) -> None:
         p = ph[k]
         step = p.get("step_median_s", p.get("guided_step_median_s"))
         flag = "" if p.get("finite", True) else "  (NaN/Inf output!)"
-        out(f"{names[k]:<36} {p['wall_s']:>8.2f}   {p.get('wall_without_vae_s', p['wall_s']):>9.2f}   "
+        out(
+            f"{names[k]:<36} {p['wall_s']:>8.2f}   {p.get('wall_without_vae_s', p['wall_s']):>9.2f}   "
             f"{p['process_cpu_s']:>6.1f}   {p['peak_rss_mb']:>11.0f}   {p['peak_added_mb']:>13.0f}   {step:>15.3f}"
-            f"   {p['loadavg_1min_at_start']:>4.1f}{flag}")
+            f"   {p['loadavg_1min_at_start']:>4.1f}{flag}"
+        )
     ratios: dict[str, float] = {}
     if "b" in ph and "c" in ph:
         b, c = ph["b"], ph["c"]
@@ -531,8 +682,10 @@ def report(res: dict[str, Any]) -> None:
     if "a" in ph and "b" in ph:
         ratios["guided_over_plain_step"] = ph["b"]["guided_step_median_s"] / ph["a"]["step_median_s"]
     res["ratios"] = ratios
-    res["targets"] = {k: {"target": v, "value": ratios.get(k), "met": (ratios[k] <= v) if k in ratios else None}
-                      for k, v in TARGETS.items()}
+    res["targets"] = {
+        k: {"target": v, "value": ratios.get(k), "met": (ratios[k] <= v) if k in ratios else None}
+        for k, v in TARGETS.items()
+    }
     out("\nratio                              value   target")
     for k, v in ratios.items():
         tgt = TARGETS.get(k)
@@ -542,9 +695,11 @@ def report(res: dict[str, Any]) -> None:
         out("\n(b) stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph["b"]["stages_s"].items()))
     if "c" in ph:
         c = ph["c"]
-        out(f"(c) invert {c['invert_s']:.2f} s, call {c['call_s']:.2f} s, VAE {c['vae_s']:.2f} s ({c['vae_calls']} calls); "
+        out(
+            f"(c) invert {c['invert_s']:.2f} s, call {c['call_s']:.2f} s, VAE {c['vae_s']:.2f} s ({c['vae_calls']} calls); "
             f"median steps: inversion {c['inversion_step_median_s']:.3f}, reference {c['reference_step_median_s']:.3f}, "
-            f"guided {c['guided_step_median_s']:.3f}")
+            f"guided {c['guided_step_median_s']:.3f}"
+        )
     if "guided_step_parts_s" in res:
         parts = res["guided_step_parts_s"]
         plain = ph.get("a", {}).get("step_median_s")

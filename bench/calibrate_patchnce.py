@@ -52,8 +52,16 @@ class Probe(GuidanceTerm):
         g_xa, g_nce = (torch.autograd.grad(v, ctx.x, retain_graph=True)[0] for v in (l_xa, l_nce))
         scale = float(1 + ctx.sigma**2) ** 0.5  # d/dz = sqrt(1 + sigma^2) d/dx
         rms = [float(g.pow(2).mean().sqrt()) * scale for g in (g_xa, g_nce)]
-        self.records.append({"step": ctx.step, "sigma": float(ctx.sigma), "loss_xa": float(l_xa),
-                             "loss_nce": float(l_nce), "rms_grad_xa": rms[0], "rms_grad_nce": rms[1]})
+        self.records.append(
+            {
+                "step": ctx.step,
+                "sigma": float(ctx.sigma),
+                "loss_xa": float(l_xa),
+                "loss_nce": float(l_nce),
+                "rms_grad_xa": rms[0],
+                "rms_grad_nce": rms[1],
+            }
+        )
         return self.xa.weight * l_xa + self.nce.weight * l_nce
 
 
@@ -107,19 +115,29 @@ def main(argv: list[str] | None = None) -> int:
     w_nce = probe.xa.weight * statistics.median(ratios)
     result = {
         "model": args.model or "random SD1.5 UNet (diffusers config)",
-        "size": args.size, "steps": args.steps, "device": args.device, "dtype": str(dtype),
-        "xa_weight": probe.xa.weight, "current_nce_default": PatchNCEGuidance().weight,
-        "per_step": probe.records, "median_ratio_xa_over_nce": statistics.median(ratios),
-        "equal_pull_nce_weight": w_nce, "seconds": time.perf_counter() - t0,
+        "size": args.size,
+        "steps": args.steps,
+        "device": args.device,
+        "dtype": str(dtype),
+        "xa_weight": probe.xa.weight,
+        "current_nce_default": PatchNCEGuidance().weight,
+        "per_step": probe.records,
+        "median_ratio_xa_over_nce": statistics.median(ratios),
+        "equal_pull_nce_weight": w_nce,
+        "seconds": time.perf_counter() - t0,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     lines = [f"{'step':>4} {'sigma':>8} {'L_xa':>10} {'L_nce':>8} {'rms dL_xa':>10} {'rms dL_nce':>10}"]
     for r in probe.records:
-        lines.append(f"{r['step']:>4} {r['sigma']:8.3f} {r['loss_xa']:10.4g} {r['loss_nce']:8.4f} "
-                     f"{r['rms_grad_xa']:10.3g} {r['rms_grad_nce']:10.3g}")
-    lines.append(f"median rms ratio xa/nce = {result['median_ratio_xa_over_nce']:.4g}; PatchNCE weight for equal "
-                 f"pull with xa weight {probe.xa.weight}: {w_nce:.4g} (shipped default {result['current_nce_default']})")
+        lines.append(
+            f"{r['step']:>4} {r['sigma']:8.3f} {r['loss_xa']:10.4g} {r['loss_nce']:8.4f} "
+            f"{r['rms_grad_xa']:10.3g} {r['rms_grad_nce']:10.3g}"
+        )
+    lines.append(
+        f"median rms ratio xa/nce = {result['median_ratio_xa_over_nce']:.4g}; PatchNCE weight for equal "
+        f"pull with xa weight {probe.xa.weight}: {w_nce:.4g} (shipped default {result['current_nce_default']})"
+    )
     lines.append(f"wrote {args.out} in {result['seconds']:.0f} s")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

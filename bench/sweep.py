@@ -62,7 +62,7 @@ class Setting:
 
 
 def parse_grid(text: str) -> list[float]:
-    """"0,0.05,0.1" -> [0.0, 0.05, 0.1] (non-negative, duplicates dropped, order kept)."""
+    """ "0,0.05,0.1" -> [0.0, 0.05, 0.1] (non-negative, duplicates dropped, order kept)."""
     values: list[float] = []
     for part in text.split(","):
         if not part.strip():
@@ -104,13 +104,23 @@ def sweep_image(
     direction = pipe.make_direction(options, caption)
     src_cond, edit_cond = pipe.conditionings(caption, direction, options.strength, work_size, input_size)
     z0 = encode_latents(pipe.vae, work, options.posterior, options.seed).to(pipe.device)
-    sigmas = sampling_grid(pipe.denoiser, options.steps,
-                           bool(pipe.scheduler_config.get("set_alpha_to_one", False)),
-                           int(pipe.scheduler_config.get("steps_offset", 1) or 0))
+    sigmas = sampling_grid(
+        pipe.denoiser,
+        options.steps,
+        bool(pipe.scheduler_config.get("set_alpha_to_one", False)),
+        int(pipe.scheduler_config.get("steps_offset", 1) or 0),
+    )
     inv_sigmas = inversion_sigmas(sigmas)
-    inv = ddim_invert(pipe.denoiser, z0.float() / vp_scale(inv_sigmas[0]), inv_sigmas, src_cond,
-                      regularization=NoiseRegularization() if options.regularization else None,
-                      seed=options.seed, eval_at=options.eval_at, keep_trajectory=False)
+    inv = ddim_invert(
+        pipe.denoiser,
+        z0.float() / vp_scale(inv_sigmas[0]),
+        inv_sigmas,
+        src_cond,
+        regularization=NoiseRegularization() if options.regularization else None,
+        seed=options.seed,
+        eval_at=options.eval_at,
+        keep_trajectory=False,
+    )
     shared = time.perf_counter() - t0
 
     images: dict[str, torch.Tensor] = {}
@@ -118,9 +128,18 @@ def sweep_image(
     for k, s in enumerate(settings):
         t1 = time.perf_counter()
         guidance = default_guidance(pipe.prediction_type, s.xa, s.nce, options.xa_layers, options.nce_layers)
-        res = guided_ddim_sample(pipe.denoiser, inv.latent, sigmas, source_cond=src_cond, edit_cond=edit_cond,
-                                 cfg=options.cfg, guidance=guidance, branches=options.branches, seed=options.seed,
-                                 keep_reference=(k == 0))
+        res = guided_ddim_sample(
+            pipe.denoiser,
+            inv.latent,
+            sigmas,
+            source_cond=src_cond,
+            edit_cond=edit_cond,
+            cfg=options.cfg,
+            guidance=guidance,
+            branches=options.branches,
+            seed=options.seed,
+            keep_reference=(k == 0),
+        )
         z = res.latent * vp_scale(sigmas[-1])
         images[s.name] = resize(decode_latents(pipe.vae, z), input_size)
         seconds[s.name] = time.perf_counter() - t1 + shared
@@ -174,7 +193,11 @@ def run_sweep(
                 source=str(rec["source_word"]) if words else None,
                 target=str(rec["target_word"]) if words else None,
                 target_prompt=None if words else str(rec["target_text"]),
-                num_sentences=num_sentences, steps=steps, cfg=cfg, seed=seed, regularization=regularization,
+                num_sentences=num_sentences,
+                steps=steps,
+                cfg=cfg,
+                seed=seed,
+                regularization=regularization,
             )
             options.validate()
             logger.info("sweep %s (%d/%d): %d settings", rid, i + 1, len(records), len(settings))
@@ -183,11 +206,17 @@ def run_sweep(
                 setting = next((s for s in settings if s.name == name), None)
                 file = Path("images") / f"{rid}_{name}.png"
                 save_image(img, out_dir / file)
-                vals = zmetrics.edit_metrics(source, img, options.caption, str(rec["target_text"]), mask=mask,
-                                             clip=clip, dino=dino)
-                row = {"id": rid, "setting": name, "xa_weight": _fmt(setting.xa) if setting else "",
-                       "nce_weight": _fmt(setting.nce) if setting else "", "image": file.as_posix(),
-                       "seconds": f"{seconds[name]:.3f}"}
+                vals = zmetrics.edit_metrics(
+                    source, img, options.caption, str(rec["target_text"]), mask=mask, clip=clip, dino=dino
+                )
+                row = {
+                    "id": rid,
+                    "setting": name,
+                    "xa_weight": _fmt(setting.xa) if setting else "",
+                    "nce_weight": _fmt(setting.nce) if setting else "",
+                    "image": file.as_posix(),
+                    "seconds": f"{seconds[name]:.3f}",
+                }
                 row.update({k: _fmt(float(vals[k][0])) for k in zmetrics.METRIC_NAMES})
                 writer.writerow(row)
                 f.flush()
@@ -214,8 +243,12 @@ def summarize(rows: Sequence[dict[str, str]], settings: Sequence[Setting]) -> li
         mine = [r for r in rows if r["setting"] == name]
         if not mine:
             continue
-        entry: dict[str, Any] = {"setting": name, "xa_weight": s.xa if s else "", "nce_weight": s.nce if s else "",
-                                 "n": len(mine)}
+        entry: dict[str, Any] = {
+            "setting": name,
+            "xa_weight": s.xa if s else "",
+            "nce_weight": s.nce if s else "",
+            "n": len(mine),
+        }
         for k in zmetrics.METRIC_NAMES:
             vals = [float(r[k]) for r in mine if math.isfinite(float(r[k]))]
             entry[k] = sum(vals) / len(vals) if vals else math.nan
@@ -252,12 +285,27 @@ LABELS = {
     "bg_ssim": "background SSIM",
     "bg_mse": "background MSE",
 }
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+PALETTE = [
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+]
 
 
-def plot_tradeoff(summary: Sequence[dict[str, Any]], path: str | os.PathLike, x_metric: str = "structure_distance",
-                  y_metric: str = "clip_score", size: tuple[int, int] = (900, 640)) -> Path:
+def plot_tradeoff(
+    summary: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    x_metric: str = "structure_distance",
+    y_metric: str = "clip_score",
+    size: tuple[int, int] = (900, 640),
+) -> Path:
     """Scatter of ``y_metric`` against ``x_metric`` per setting: axes, ticks, labels, one colour per PatchNCE
     weight with lines joining increasing cross-attention weights, every point labelled, the
     reconstruction as a black square. Settings with a non-finite coordinate are listed as "no data"."""
@@ -322,7 +370,9 @@ def plot_tradeoff(summary: Sequence[dict[str, Any]], path: str | os.PathLike, x_
             draw.text((x1 - 125, ly), f"nce weight {v:g}", fill="black", font=font)
             ly += 16
     else:
-        draw.text((x0 + 20, (y0 + y1) // 2), "no data (give --clip and --dino for these metrics)", fill="black", font=font)
+        draw.text(
+            (x0 + 20, (y0 + y1) // 2), "no data (give --clip and --dino for these metrics)", fill="black", font=font
+        )
     if bad:
         draw.text((x0, h - 22), "no data for: " + ", ".join(bad), fill=(160, 0, 0), font=font)
 
@@ -345,17 +395,25 @@ def plot_tradeoff(summary: Sequence[dict[str, Any]], path: str | os.PathLike, x_
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/sweep.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", required=True, help="CSV/JSONL: source, source_text, target_text[, id, mask, source_word, target_word]")
+    p.add_argument(
+        "--manifest",
+        required=True,
+        help="CSV/JSONL: source, source_text, target_text[, id, mask, source_word, target_word]",
+    )
     p.add_argument("--model", required=True, help="local Stable Diffusion folder (diffusers layout)")
     p.add_argument("--out-dir", required=True, help="folder for sweep.csv, sweep_summary.csv, sweep.png, images/")
     p.add_argument("--xa", default="0,0.05,0.1,0.2", help="cross-attention guidance weights (comma list)")
     p.add_argument("--nce", default="0,0.05,0.1", help="PatchNCE guidance weights (comma list)")
-    p.add_argument("--clip", default=None, help="local CLIP folder for the CLIP metrics (openai/clip-vit-large-patch14)")
+    p.add_argument(
+        "--clip", default=None, help="local CLIP folder for the CLIP metrics (openai/clip-vit-large-patch14)"
+    )
     p.add_argument("--dino", default=None, help="local DINO folder for the structure distance (facebook/dino-vitb8)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance (default 5)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-sentences", type=int, default=300, help="template sentences per word (source_word/target_word rows)")
+    p.add_argument(
+        "--num-sentences", type=int, default=300, help="template sentences per word (source_word/target_word rows)"
+    )
     p.add_argument("--no-regularization", action="store_true", help="plain DDIM inversion")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
@@ -378,7 +436,7 @@ def main(argv: Sequence[str] | None = None, pipe: Any = None) -> int:
         if args.clip:
             zmetrics.check_clip_folder(args.clip)
         if args.dino:
-            from zerocon_core.vision import check_dino_folder
+            from zerocon_core.dino import check_dino_folder
 
             check_dino_folder(args.dino)
         if pipe is None:
@@ -388,12 +446,25 @@ def main(argv: Sequence[str] | None = None, pipe: Any = None) -> int:
         clip = zmetrics.load_clip_metric(args.clip, device=pipe.device) if args.clip else None
         dino = None
         if args.dino:
-            from zerocon_core.vision import load_dino
+            from zerocon_core.dino import load_dino
 
             dino = load_dino(args.dino, device=pipe.device)
-        run_sweep(pipe, args.manifest, args.out_dir, xa, nce, clip=clip, dino=dino, steps=args.steps, cfg=args.cfg,
-                  seed=args.seed, num_sentences=args.num_sentences, regularization=not args.no_regularization,
-                  x_metric=args.x_metric, y_metric=args.y_metric)
+        run_sweep(
+            pipe,
+            args.manifest,
+            args.out_dir,
+            xa,
+            nce,
+            clip=clip,
+            dino=dino,
+            steps=args.steps,
+            cfg=args.cfg,
+            seed=args.seed,
+            num_sentences=args.num_sentences,
+            regularization=not args.no_regularization,
+            x_metric=args.x_metric,
+            y_metric=args.y_metric,
+        )
         return 0
     except (FileNotFoundError, ValueError) as exc:
         sys.stderr.write(f"sweep: error: {exc}\n")

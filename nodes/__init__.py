@@ -46,12 +46,17 @@ def collect_nodes() -> list:
             try:
                 node_id = node.GET_SCHEMA().node_id
             except Exception:
-                logger.warning("ZeroCon: %s.%s has an invalid schema; skipped", name, getattr(node, "__name__", node),
-                               exc_info=True)
+                logger.warning(
+                    "ZeroCon: %s.%s has an invalid schema; skipped",
+                    name,
+                    getattr(node, "__name__", node),
+                    exc_info=True,
+                )
                 continue
             if node_id in seen:
-                logger.warning("ZeroCon: node id %s defined in both %s and %s; keeping the first", node_id,
-                               seen[node_id], name)
+                logger.warning(
+                    "ZeroCon: node id %s defined in both %s and %s; keeping the first", node_id, seen[node_id], name
+                )
                 continue
             seen[node_id] = name
             found.append(node)

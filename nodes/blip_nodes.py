@@ -146,12 +146,33 @@ class ZeroConBLIPLoader(io.ComfyNode):
                 "when allowed and online; otherwise the error says which folder to fill."
             ),
             inputs=[
-                io.Combo.Input("model", options=_model_names(), default=DEFAULT_MODEL, tooltip="Folder under models/blip holding a BLIP captioning model (config.json, weights, tokenizer and processor files). The two Salesforce models are listed even before they are downloaded."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="auto", tooltip="Weight precision. auto: fp16 on a GPU that supports it, else fp32. Use fp32 on CPU."),
-                io.Combo.Input("device", options=list(DEVICES), default="auto", tooltip="Where to run BLIP. auto: ComfyUI's text-encoder device; gpu: the main GPU; cpu: always the CPU."),
-                io.Boolean.Input("allow_download", default=True, tooltip=f"If the model folder is missing, download it once from Hugging Face (only '{DEFAULT_MODEL}' and 'blip-image-captioning-large'; never when HF_HUB_OFFLINE=1)."),
+                io.Combo.Input(
+                    "model",
+                    options=_model_names(),
+                    default=DEFAULT_MODEL,
+                    tooltip="Folder under models/blip holding a BLIP captioning model (config.json, weights, tokenizer and processor files). The two Salesforce models are listed even before they are downloaded.",
+                ),
+                io.Combo.Input(
+                    "precision",
+                    options=list(PRECISIONS),
+                    default="auto",
+                    tooltip="Weight precision. auto: fp16 on a GPU that supports it, else fp32. Use fp32 on CPU.",
+                ),
+                io.Combo.Input(
+                    "device",
+                    options=list(DEVICES),
+                    default="auto",
+                    tooltip="Where to run BLIP. auto: ComfyUI's text-encoder device; gpu: the main GPU; cpu: always the CPU.",
+                ),
+                io.Boolean.Input(
+                    "allow_download",
+                    default=True,
+                    tooltip=f"If the model folder is missing, download it once from Hugging Face (only '{DEFAULT_MODEL}' and 'blip-image-captioning-large'; never when HF_HUB_OFFLINE=1).",
+                ),
             ],
-            outputs=[Blip.Output("blip", display_name="blip", tooltip="The loaded BLIP captioner, for ZeroCon BLIP Caption.")],
+            outputs=[
+                Blip.Output("blip", display_name="blip", tooltip="The loaded BLIP captioner, for ZeroCon BLIP Caption.")
+            ],
         )
 
     @classmethod
@@ -160,7 +181,9 @@ class ZeroConBLIPLoader(io.ComfyNode):
         load_device, offload_device = _devices(device)
         dtype = _dtype(precision, load_device)
         blip = captioning.load_blip(folder, device=offload_device, dtype=dtype)
-        patcher = comfy.model_patcher.ModelPatcher(_BlipModule(blip.model), load_device=load_device, offload_device=offload_device)
+        patcher = comfy.model_patcher.ModelPatcher(
+            _BlipModule(blip.model), load_device=load_device, offload_device=offload_device
+        )
         return io.NodeOutput(ZeroConBlip(blip, patcher, model))
 
 
@@ -178,19 +201,52 @@ class ZeroConBLIPCaption(io.ComfyNode):
             ),
             inputs=[
                 Blip.Input("blip", tooltip="A BLIP captioner from ZeroCon BLIP Loader."),
-                io.Image.Input("image", tooltip="The image(s) to caption; every image of the batch gets its own caption."),
-                io.String.Input("prefix", default="a photography of", tooltip="Text the caption starts from (pix2pix-zero uses 'a photography of'); removed from the output. Empty: unconditional captioning."),
-                io.Int.Input("max_new_tokens", default=30, min=1, max=256, tooltip="Longest caption, in tokens generated after the prefix."),
-                io.Int.Input("min_new_tokens", default=0, min=0, max=128, tooltip="Shortest caption, in tokens generated after the prefix. Raise it if captions come out empty or too short."),
-                io.Int.Input("num_beams", default=3, min=1, max=16, tooltip="Beam-search width (pix2pix-zero: 3). 1 is greedy decoding, faster."),
+                io.Image.Input(
+                    "image", tooltip="The image(s) to caption; every image of the batch gets its own caption."
+                ),
+                io.String.Input(
+                    "prefix",
+                    default="a photography of",
+                    tooltip="Text the caption starts from (pix2pix-zero uses 'a photography of'); removed from the output. Empty: unconditional captioning.",
+                ),
+                io.Int.Input(
+                    "max_new_tokens",
+                    default=30,
+                    min=1,
+                    max=256,
+                    tooltip="Longest caption, in tokens generated after the prefix.",
+                ),
+                io.Int.Input(
+                    "min_new_tokens",
+                    default=0,
+                    min=0,
+                    max=128,
+                    tooltip="Shortest caption, in tokens generated after the prefix. Raise it if captions come out empty or too short.",
+                ),
+                io.Int.Input(
+                    "num_beams",
+                    default=3,
+                    min=1,
+                    max=16,
+                    tooltip="Beam-search width (pix2pix-zero: 3). 1 is greedy decoding, faster.",
+                ),
             ],
-            outputs=[io.String.Output("caption", display_name="caption", is_output_list=True, tooltip="One caption per image (prefix removed), as a list.")],
+            outputs=[
+                io.String.Output(
+                    "caption",
+                    display_name="caption",
+                    is_output_list=True,
+                    tooltip="One caption per image (prefix removed), as a list.",
+                )
+            ],
         )
 
     @classmethod
     def execute(cls, blip, image, prefix, max_new_tokens, min_new_tokens, num_beams) -> io.NodeOutput:
         if not isinstance(blip, ZeroConBlip):
-            raise TypeError(f"ZeroCon BLIP Caption: expected a BLIP from ZeroCon BLIP Loader, got {type(blip).__name__}")
+            raise TypeError(
+                f"ZeroCon BLIP Caption: expected a BLIP from ZeroCon BLIP Loader, got {type(blip).__name__}"
+            )
         if image.ndim != 4 or image.shape[0] == 0:
             raise ValueError(f"ZeroCon BLIP Caption: expected an IMAGE batch (B, H, W, C), got {tuple(image.shape)}")
         blip.load()

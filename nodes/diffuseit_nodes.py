@@ -37,8 +37,8 @@ from ..zerocon_core.diffuseit import (
     RangeGuidance,
     SemanticDivergenceGuidance,
 )
+from ..zerocon_core.diffuseit_start import DIFFUSEIT_RESAMPLE, start_index
 from ..zerocon_core.guidance import chain
-from ..zerocon_core.resample import DIFFUSEIT_RESAMPLE, start_index
 from ..zerocon_core.sampler import STEP_MODES, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps
 from . import progress
@@ -161,27 +161,50 @@ def _common(model, vae, dino, node: str) -> dict:
 
 def _window_inputs() -> list:
     return [
-        io.Float.Input("start", default=0.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="First step (as a fraction of the steps) at which this guidance is active."),
-        io.Float.Input("end", default=1.0, min=0.0, max=1.0, step=0.01,
-                       tooltip="Guidance stops before this fraction of the steps (1 = until the last step)."),
+        io.Float.Input(
+            "start",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="First step (as a fraction of the steps) at which this guidance is active.",
+        ),
+        io.Float.Input(
+            "end",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Guidance stops before this fraction of the steps (1 = until the last step).",
+        ),
     ]
 
 
 def _shared_inputs() -> list:
     return [
-        io.Model.Input("model", tooltip="The diffusion model you sample with (SD1.x, SD2.x or SDXL): its latent format "
-                       "tells how to decode the latent."),
-        io.Vae.Input("vae", tooltip="The VAE that decodes the predicted image at every guided step (with gradients). "
-                     "The checkpoint's VAE is exact; a TAESD (taesd / taesdxl loaded with Load VAE) is much cheaper "
-                     "and close enough for DINO at 224 px."),
+        io.Model.Input(
+            "model",
+            tooltip="The diffusion model you sample with (SD1.x, SD2.x or SDXL): its latent format "
+            "tells how to decode the latent.",
+        ),
+        io.Vae.Input(
+            "vae",
+            tooltip="The VAE that decodes the predicted image at every guided step (with gradients). "
+            "The checkpoint's VAE is exact; a TAESD (taesd / taesdxl loaded with Load VAE) is much cheaper "
+            "and close enough for DINO at 224 px.",
+        ),
         Dino.Input("dino", tooltip="DINO ViT from ZeroCon DINO Loader (DiffuseIT: dino-vitb8)."),
     ]
 
 
 def _weight_input(default: float = 1.0):
     return io.Float.Input(
-        "weight", default=default, min=0.0, max=1000.0, step=0.01, round=0.0001,
+        "weight",
+        default=default,
+        min=0.0,
+        max=1000.0,
+        step=0.01,
+        round=0.0001,
         tooltip="Global multiplier of this node's losses (0 disables). 1 = DiffuseIT's weights applied as its "
         "posterior-variance step; this scale in latent space is our choice, not verified: tune it, or use the "
         "sampler's normalized step mode.",
@@ -189,14 +212,23 @@ def _weight_input(default: float = 1.0):
 
 
 def _dino_size_input():
-    return io.Int.Input("dino_size", default=224, min=32, max=1024, step=8,
-                        tooltip="Short side (px) the decoded image is resized to for DINO (DiffuseIT: 224; larger keeps "
-                        "finer structure at a higher cost). The long side is capped at 480/224 of it.")
+    return io.Int.Input(
+        "dino_size",
+        default=224,
+        min=32,
+        max=1024,
+        step=8,
+        tooltip="Short side (px) the decoded image is resized to for DINO (DiffuseIT: 224; larger keeps "
+        "finer structure at a higher cost). The long side is capped at 480/224 of it.",
+    )
 
 
 def _previous_input():
-    return GUIDANCE.Input("previous", optional=True,
-                          tooltip="Guidance terms to add these to (chain guidance nodes); none = start a new chain.")
+    return GUIDANCE.Input(
+        "previous",
+        optional=True,
+        tooltip="Guidance terms to add these to (chain guidance nodes); none = start a new chain.",
+    )
 
 
 # -- nodes ---------------------------------------------------------------------------------------------------
@@ -216,23 +248,52 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
             ),
             inputs=[
                 *_shared_inputs(),
-                io.Image.Input("image", tooltip="The source image whose structure is kept (the one you encoded). "
-                               "One image for the whole batch, or one per latent."),
+                io.Image.Input(
+                    "image",
+                    tooltip="The source image whose structure is kept (the one you encoded). "
+                    "One image for the whole batch, or one per latent.",
+                ),
                 _weight_input(),
-                io.Float.Input("lambda_ssim", default=LAMBDA_SSIM, min=0.0, max=100000.0, step=1.0,
-                               tooltip="Weight of the DINO key self-similarity loss (DiffuseIT: 1000)."),
-                io.Float.Input("lambda_contrastive", default=LAMBDA_CONT, min=0.0, max=100000.0, step=1.0,
-                               tooltip="Weight of the patch-contrastive loss on DINO keys, tau 0.07 (DiffuseIT: 200)."),
-                io.Float.Input("lambda_semantic", default=LAMBDA_SEM, min=0.0, max=100000.0, step=1.0,
-                               tooltip="Weight of the semantic-divergence loss, active while the noise level is above "
-                               "DiffuseIT's gate (sigma 3.54) (DiffuseIT: 100; 0 disables)."),
-                io.Float.Input("lambda_range", default=LAMBDA_RANGE, min=0.0, max=100000.0, step=1.0,
-                               tooltip="Weight of the range loss on decoded pixels outside [0, 1] (DiffuseIT: 200; "
-                               "0 disables)."),
+                io.Float.Input(
+                    "lambda_ssim",
+                    default=LAMBDA_SSIM,
+                    min=0.0,
+                    max=100000.0,
+                    step=1.0,
+                    tooltip="Weight of the DINO key self-similarity loss (DiffuseIT: 1000).",
+                ),
+                io.Float.Input(
+                    "lambda_contrastive",
+                    default=LAMBDA_CONT,
+                    min=0.0,
+                    max=100000.0,
+                    step=1.0,
+                    tooltip="Weight of the patch-contrastive loss on DINO keys, tau 0.07 (DiffuseIT: 200).",
+                ),
+                io.Float.Input(
+                    "lambda_semantic",
+                    default=LAMBDA_SEM,
+                    min=0.0,
+                    max=100000.0,
+                    step=1.0,
+                    tooltip="Weight of the semantic-divergence loss, active while the noise level is above "
+                    "DiffuseIT's gate (sigma 3.54) (DiffuseIT: 100; 0 disables).",
+                ),
+                io.Float.Input(
+                    "lambda_range",
+                    default=LAMBDA_RANGE,
+                    min=0.0,
+                    max=100000.0,
+                    step=1.0,
+                    tooltip="Weight of the range loss on decoded pixels outside [0, 1] (DiffuseIT: 200; 0 disables).",
+                ),
                 _dino_size_input(),
-                io.Boolean.Input("noise_blend", default=False,
-                                 tooltip="Evaluate the DINO losses on DiffuseIT's noise-blended estimate instead of the "
-                                 "clean prediction (its --use_noise_aug_all)."),
+                io.Boolean.Input(
+                    "noise_blend",
+                    default=False,
+                    tooltip="Evaluate the DINO losses on DiffuseIT's noise-blended estimate instead of the "
+                    "clean prediction (its --use_noise_aug_all).",
+                ),
                 *_window_inputs(),
                 _previous_input(),
             ],
@@ -240,8 +301,23 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, dino, image, weight, lambda_ssim, lambda_contrastive, lambda_semantic,
-                lambda_range, dino_size, noise_blend, start, end, previous=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        vae,
+        dino,
+        image,
+        weight,
+        lambda_ssim,
+        lambda_contrastive,
+        lambda_semantic,
+        lambda_range,
+        dino_size,
+        noise_blend,
+        start,
+        end,
+        previous=None,
+    ) -> io.NodeOutput:
         node = "ZeroCon DINO Structure Guidance"
         shared = _common(model, vae, dino, node)
         source = _images(image, "image", node)
@@ -249,14 +325,35 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
         dino_kw = dict(dino_size=int(dino_size), noise_blend=bool(noise_blend), **window)
         out = previous
         if lambda_ssim > 0 or lambda_contrastive > 0:
-            out = chain(out, DinoStructureGuidance(weight=float(weight), source=source, lambda_ssim=float(lambda_ssim),
-                                                   lambda_cont=float(lambda_contrastive), **shared, **dino_kw))
+            out = chain(
+                out,
+                DinoStructureGuidance(
+                    weight=float(weight),
+                    source=source,
+                    lambda_ssim=float(lambda_ssim),
+                    lambda_cont=float(lambda_contrastive),
+                    **shared,
+                    **dino_kw,
+                ),
+            )
         if lambda_semantic > 0:
-            out = chain(out, SemanticDivergenceGuidance(weight=float(weight), source=source,
-                                                        lambda_sem=float(lambda_semantic), **shared, **dino_kw))
+            out = chain(
+                out,
+                SemanticDivergenceGuidance(
+                    weight=float(weight), source=source, lambda_sem=float(lambda_semantic), **shared, **dino_kw
+                ),
+            )
         if lambda_range > 0:
-            out = chain(out, RangeGuidance(weight=float(weight), lambda_range=float(lambda_range), decode=shared["decode"],
-                                           autograd_session=shared["autograd_session"], **window))
+            out = chain(
+                out,
+                RangeGuidance(
+                    weight=float(weight),
+                    lambda_range=float(lambda_range),
+                    decode=shared["decode"],
+                    autograd_session=shared["autograd_session"],
+                    **window,
+                ),
+            )
         return io.NodeOutput(tuple(out or ()))
 
 
@@ -274,13 +371,28 @@ class ZeroConDinoStyleGuidance(io.ComfyNode):
             ),
             inputs=[
                 *_shared_inputs(),
-                io.Image.Input("reference", tooltip="The style/appearance reference image (any size). One image for the "
-                               "whole batch, or one per latent."),
+                io.Image.Input(
+                    "reference",
+                    tooltip="The style/appearance reference image (any size). One image for the "
+                    "whole batch, or one per latent.",
+                ),
                 _weight_input(),
-                io.Float.Input("lambda_cls", default=LAMBDA_CLS, min=0.0, max=100000.0, step=1.0,
-                               tooltip="Weight of the DINO [CLS] loss toward the reference (DiffuseIT: 2000)."),
-                io.Float.Input("lambda_pixel", default=LAMBDA_PIXEL, min=0.0, max=100000.0, step=1.0,
-                               tooltip="Weight of the pixel MSE toward the reference (DiffuseIT: 3000; 0 disables)."),
+                io.Float.Input(
+                    "lambda_cls",
+                    default=LAMBDA_CLS,
+                    min=0.0,
+                    max=100000.0,
+                    step=1.0,
+                    tooltip="Weight of the DINO [CLS] loss toward the reference (DiffuseIT: 2000).",
+                ),
+                io.Float.Input(
+                    "lambda_pixel",
+                    default=LAMBDA_PIXEL,
+                    min=0.0,
+                    max=100000.0,
+                    step=1.0,
+                    tooltip="Weight of the pixel MSE toward the reference (DiffuseIT: 3000; 0 disables).",
+                ),
                 _dino_size_input(),
                 *_window_inputs(),
                 _previous_input(),
@@ -289,14 +401,22 @@ class ZeroConDinoStyleGuidance(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, vae, dino, reference, weight, lambda_cls, lambda_pixel, dino_size, start, end,
-                previous=None) -> io.NodeOutput:
+    def execute(
+        cls, model, vae, dino, reference, weight, lambda_cls, lambda_pixel, dino_size, start, end, previous=None
+    ) -> io.NodeOutput:
         node = "ZeroCon DINO Style Guidance"
         shared = _common(model, vae, dino, node)
         ref = _images(reference, "reference", node)
-        term = DinoStyleGuidance(weight=float(weight), reference=ref, lambda_cls=float(lambda_cls),
-                                 lambda_pixel=float(lambda_pixel), dino_size=int(dino_size), start=float(start),
-                                 end=float(end), **shared)
+        term = DinoStyleGuidance(
+            weight=float(weight),
+            reference=ref,
+            lambda_cls=float(lambda_cls),
+            lambda_pixel=float(lambda_pixel),
+            dino_size=int(dino_size),
+            start=float(start),
+            end=float(end),
+            **shared,
+        )
         return io.NodeOutput(chain(previous, term))
 
 
@@ -337,10 +457,20 @@ def diffuseit_function(model, x, sigmas, extra_args=None, callback=None, disable
     with torch.inference_mode(False):
         x, sigmas = x.clone(), sigmas.clone()
         result = guided_ddim_sample(
-            denoiser, x, sigmas, source_cond=conds["negative"], edit_cond=conds["positive"], negative_cond=None,
-            cfg=guider.cfg, guidance=settings.guidance, step_mode=settings.step_mode, step_size=settings.step_size,
-            seed=settings.seed, resample=settings.resample,
-            callback=progress.sampling_callback(callback, sigmas), check_interrupt=progress.check_interrupt,
+            denoiser,
+            x,
+            sigmas,
+            source_cond=conds["negative"],
+            edit_cond=conds["positive"],
+            negative_cond=None,
+            cfg=guider.cfg,
+            guidance=settings.guidance,
+            step_mode=settings.step_mode,
+            step_size=settings.step_size,
+            seed=settings.seed,
+            resample=settings.resample,
+            callback=progress.sampling_callback(callback, sigmas),
+            check_interrupt=progress.check_interrupt,
         )
     settings.results.update(skipped=list(result.skipped), losses=list(result.losses))
     return result.latent
@@ -371,34 +501,78 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The model (SD1.x, SD2.x or SDXL); the same as the guidance nodes'."),
-                io.Conditioning.Input("positive", tooltip="The target prompt (text-guided DiffuseIT), or a description "
-                                      "of the source for image-guided style transfer."),
+                io.Conditioning.Input(
+                    "positive",
+                    tooltip="The target prompt (text-guided DiffuseIT), or a description "
+                    "of the source for image-guided style transfer.",
+                ),
                 io.Conditioning.Input("negative", tooltip="The negative prompt (CFG's other side)."),
                 io.Latent.Input("latent", tooltip="The source image's latent (VAE Encode)."),
                 GUIDANCE.Input("guidance", tooltip="DINO Structure / Style Guidance (and any other ZeroCon terms)."),
-                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="DDIM steps of the full schedule; only the "
-                             "last ones (from the start level) are run."),
-                io.Float.Input("cfg", default=5.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance between negative and positive."),
-                io.Float.Input("strength", default=AUTO_STRENGTH, min=-1.0, max=1.0, step=0.01,
-                               tooltip="How much noise the source gets, as a fraction of the steps (like denoise). -1 = "
-                               "auto: DiffuseIT's noise level (sigma 6, about 0.85). Less keeps more of the source."),
-                io.Int.Input("resample", default=DIFFUSEIT_RESAMPLE, min=1, max=100,
-                             tooltip="Times the first step is done, re-noising in between (DiffuseIT: 10; 1 = off)."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
-                             tooltip="Seeds the start noise and the resampling noise."),
-                io.Combo.Input("step_mode", options=list(STEP_MODES), default="raw",
-                               tooltip="raw: the latent moves by weight x gradient (DiffuseIT's step); normalized: the "
-                               "gradient is rescaled to RMS step_size."),
-                io.Float.Input("step_size", default=0.02, min=0.0, max=10.0, step=0.001, round=0.0001,
-                               tooltip="RMS size of the guidance step in normalized mode (ignored in raw mode)."),
+                io.Int.Input(
+                    "steps",
+                    default=50,
+                    min=1,
+                    max=1000,
+                    tooltip="DDIM steps of the full schedule; only the last ones (from the start level) are run.",
+                ),
+                io.Float.Input(
+                    "cfg",
+                    default=5.0,
+                    min=0.0,
+                    max=30.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Classifier-free guidance between negative and positive.",
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=AUTO_STRENGTH,
+                    min=-1.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="How much noise the source gets, as a fraction of the steps (like denoise). -1 = "
+                    "auto: DiffuseIT's noise level (sigma 6, about 0.85). Less keeps more of the source.",
+                ),
+                io.Int.Input(
+                    "resample",
+                    default=DIFFUSEIT_RESAMPLE,
+                    min=1,
+                    max=100,
+                    tooltip="Times the first step is done, re-noising in between (DiffuseIT: 10; 1 = off).",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Seeds the start noise and the resampling noise.",
+                ),
+                io.Combo.Input(
+                    "step_mode",
+                    options=list(STEP_MODES),
+                    default="raw",
+                    tooltip="raw: the latent moves by weight x gradient (DiffuseIT's step); normalized: the "
+                    "gradient is rescaled to RMS step_size.",
+                ),
+                io.Float.Input(
+                    "step_size",
+                    default=0.02,
+                    min=0.0,
+                    max=10.0,
+                    step=0.001,
+                    round=0.0001,
+                    tooltip="RMS size of the guidance step in normalized mode (ignored in raw mode).",
+                ),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The translated latent (VAE Decode it).")],
         )
 
     @classmethod
-    def execute(cls, model, positive, negative, latent, guidance, steps, cfg, strength, resample, seed, step_mode,
-                step_size) -> io.NodeOutput:
+    def execute(
+        cls, model, positive, negative, latent, guidance, steps, cfg, strength, resample, seed, step_mode, step_size
+    ) -> io.NodeOutput:
         family = detect_family(model)
         ms = model.get_model_object("model_sampling")
         check_steps(int(steps), len(ms.sigmas))
@@ -424,12 +598,20 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         guider = comfy.samplers.CFGGuider(work)
         guider.set_conds(positive, negative)
         guider.set_cfg(float(cfg))
-        settings = DiffuseITSettings(guidance=terms, resample=int(resample), step_mode=step_mode,
-                                     step_size=float(step_size), seed=int(seed))
+        settings = DiffuseITSettings(
+            guidance=terms, resample=int(resample), step_mode=step_mode, step_size=float(step_size), seed=int(seed)
+        )
         sampler = comfy.samplers.KSAMPLER(diffuseit_function, extra_options={"settings": settings})
         callback = progress.node_callback(work, len(sigmas) - 1)
-        out = guider.sample(noise, samples, sampler, sigmas, callback=callback,
-                            disable_pbar=not progress.progress_enabled(), seed=int(seed))
+        out = guider.sample(
+            noise,
+            samples,
+            sampler,
+            sigmas,
+            callback=callback,
+            disable_pbar=not progress.progress_enabled(),
+            seed=int(seed),
+        )
         return io.NodeOutput(_latent_out(latent, out.to(mm.intermediate_device())))
 
 

@@ -83,7 +83,9 @@ class ComfyClipEncoder:
         for text in texts:
             tok = self.clip.tokenize(text)
             if set(tok) != set(self.keys):
-                raise ValueError(f"the CLIP tokenizer gave keys {sorted(tok)} for one sentence and {sorted(self.keys)} for another")
+                raise ValueError(
+                    f"the CLIP tokenizer gave keys {sorted(tok)} for one sentence and {sorted(self.keys)} for another"
+                )
             if any(len(chunks) > 1 for chunks in tok.values()):
                 self._truncated += 1
             for k in self.keys:
@@ -173,8 +175,9 @@ class ComfyClipEncoder:
 
     def finish(self) -> None:
         if self._truncated:
-            logger.warning("ZeroCon: %d sentence(s) longer than 75 tokens were cut to their first 77-token chunk",
-                           self._truncated)
+            logger.warning(
+                "ZeroCon: %d sentence(s) longer than 75 tokens were cut to their first 77-token chunk", self._truncated
+            )
             self._truncated = 0
 
 
@@ -196,20 +199,68 @@ class ZeroConEditDirection(io.ComfyNode):
                 "caption's conditioning with ZeroCon Apply Edit Direction."
             ),
             inputs=[
-                io.Clip.Input("clip", tooltip="The CLIP (text encoder) of the model you edit with; the direction only fits conditionings made by a CLIP of the same kind."),
-                io.String.Input("source", default="cat", tooltip="Sentence bank: the word or phrase to edit away (e.g. 'cat'). Prompt difference: the source prompt, usually the image caption."),
-                io.String.Input("target", default="dog", tooltip="Sentence bank: the word or phrase to edit towards (e.g. 'dog'). Prompt difference: the target prompt (the caption with the edit)."),
-                io.Combo.Input("mode", options=list(MODES), default=MODES[0], tooltip="'sentence bank': mean over many sentences per side (pix2pix-zero; less entangled). 'prompt difference': one prompt per side."),
-                io.Int.Input("num_sentences", default=300, min=1, max=5000, tooltip="Sentence bank only: how many built-in template sentences to generate per side when no sentence list is given. pix2pix-zero uses about 1000."),
-                io.Int.Input("batch_size", default=32, min=1, max=1024, tooltip="Sentences encoded per CLIP call. Lower it if the text encoder runs out of memory."),
-                io.String.Input("source_sentences", multiline=True, default="", optional=True, tooltip="Sentence bank only, optional: your own source sentences, one per line (lines starting with # are ignored). Replaces the templates for the source side."),
-                io.String.Input("target_sentences", multiline=True, default="", optional=True, tooltip="Sentence bank only, optional: your own target sentences, one per line (lines starting with # are ignored). Replaces the templates for the target side."),
+                io.Clip.Input(
+                    "clip",
+                    tooltip="The CLIP (text encoder) of the model you edit with; the direction only fits conditionings made by a CLIP of the same kind.",
+                ),
+                io.String.Input(
+                    "source",
+                    default="cat",
+                    tooltip="Sentence bank: the word or phrase to edit away (e.g. 'cat'). Prompt difference: the source prompt, usually the image caption.",
+                ),
+                io.String.Input(
+                    "target",
+                    default="dog",
+                    tooltip="Sentence bank: the word or phrase to edit towards (e.g. 'dog'). Prompt difference: the target prompt (the caption with the edit).",
+                ),
+                io.Combo.Input(
+                    "mode",
+                    options=list(MODES),
+                    default=MODES[0],
+                    tooltip="'sentence bank': mean over many sentences per side (pix2pix-zero; less entangled). 'prompt difference': one prompt per side.",
+                ),
+                io.Int.Input(
+                    "num_sentences",
+                    default=300,
+                    min=1,
+                    max=5000,
+                    tooltip="Sentence bank only: how many built-in template sentences to generate per side when no sentence list is given. pix2pix-zero uses about 1000.",
+                ),
+                io.Int.Input(
+                    "batch_size",
+                    default=32,
+                    min=1,
+                    max=1024,
+                    tooltip="Sentences encoded per CLIP call. Lower it if the text encoder runs out of memory.",
+                ),
+                io.String.Input(
+                    "source_sentences",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="Sentence bank only, optional: your own source sentences, one per line (lines starting with # are ignored). Replaces the templates for the source side.",
+                ),
+                io.String.Input(
+                    "target_sentences",
+                    multiline=True,
+                    default="",
+                    optional=True,
+                    tooltip="Sentence bank only, optional: your own target sentences, one per line (lines starting with # are ignored). Replaces the templates for the target side.",
+                ),
             ],
-            outputs=[Direction.Output("direction", display_name="direction", tooltip="The edit direction (77 tokens x the CLIP's width; SDXL also a pooled delta).")],
+            outputs=[
+                Direction.Output(
+                    "direction",
+                    display_name="direction",
+                    tooltip="The edit direction (77 tokens x the CLIP's width; SDXL also a pooled delta).",
+                )
+            ],
         )
 
     @classmethod
-    def execute(cls, clip, source, target, mode, num_sentences, batch_size, source_sentences="", target_sentences="") -> io.NodeOutput:
+    def execute(
+        cls, clip, source, target, mode, num_sentences, batch_size, source_sentences="", target_sentences=""
+    ) -> io.NodeOutput:
         encode = ComfyClipEncoder(clip)
         if mode == "prompt difference":
             if not source.strip() or not target.strip():
@@ -228,7 +279,9 @@ class ZeroConEditDirection(io.ComfyNode):
                 if not target.strip():
                     raise ValueError("ZeroCon Edit Direction: give a target word or a list of target sentences")
                 tgt = zdir.template_sentences(target, num_sentences)
-            direction = zdir.sentence_bank_direction(encode, src, tgt, source=source, target=target, batch_size=batch_size)
+            direction = zdir.sentence_bank_direction(
+                encode, src, tgt, source=source, target=target, batch_size=batch_size
+            )
         else:
             raise ValueError(f"ZeroCon Edit Direction: unknown mode {mode!r}; use one of {list(MODES)}")
         encode.finish()
@@ -253,11 +306,27 @@ class ZeroConApplyEditDirection(io.ComfyNode):
                 "ranges...) is kept."
             ),
             inputs=[
-                io.Conditioning.Input("conditioning", tooltip="The conditioning to edit, normally CLIP Text Encode of the image caption (same CLIP as the direction)."),
-                Direction.Input("direction", tooltip="An edit direction from ZeroCon Edit Direction or ZeroCon Load Edit Direction."),
-                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05, tooltip="How far to move along the direction: 0 leaves the conditioning unchanged, 1 is pix2pix-zero's edit, negative values edit the other way."),
+                io.Conditioning.Input(
+                    "conditioning",
+                    tooltip="The conditioning to edit, normally CLIP Text Encode of the image caption (same CLIP as the direction).",
+                ),
+                Direction.Input(
+                    "direction", tooltip="An edit direction from ZeroCon Edit Direction or ZeroCon Load Edit Direction."
+                ),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="How far to move along the direction: 0 leaves the conditioning unchanged, 1 is pix2pix-zero's edit, negative values edit the other way.",
+                ),
             ],
-            outputs=[io.Conditioning.Output("edited_conditioning", display_name="CONDITIONING", tooltip="The edited conditioning.")],
+            outputs=[
+                io.Conditioning.Output(
+                    "edited_conditioning", display_name="CONDITIONING", tooltip="The edited conditioning."
+                )
+            ],
         )
 
     @classmethod
@@ -288,8 +357,10 @@ class ZeroConApplyEditDirection(io.ComfyNode):
                     new_cond, d["pooled_output"] = zdir.apply_direction(cond, direction, strength, pooled)
                 else:
                     if direction.pooled is not None and strength != 0:
-                        logger.warning("ZeroCon Apply Edit Direction: the conditioning has no pooled_output; "
-                                       "the pooled delta is not applied")
+                        logger.warning(
+                            "ZeroCon Apply Edit Direction: the conditioning has no pooled_output; "
+                            "the pooled delta is not applied"
+                        )
                     new_cond = zdir.apply_direction(cond, direction, strength)
             except ValueError as exc:
                 raise ValueError(f"ZeroCon Apply Edit Direction: {exc}") from exc
@@ -322,10 +393,22 @@ class ZeroConSaveEditDirection(io.ComfyNode):
             is_output_node=True,
             inputs=[
                 Direction.Input("direction", tooltip="The edit direction to save."),
-                io.String.Input("filename", default="cat_to_dog", tooltip="File name under models/edit_directions (subfolders allowed; .safetensors is added)."),
-                io.Boolean.Input("overwrite", default=True, tooltip="Replace an existing file of the same name. When off, an existing file makes the node fail instead."),
+                io.String.Input(
+                    "filename",
+                    default="cat_to_dog",
+                    tooltip="File name under models/edit_directions (subfolders allowed; .safetensors is added).",
+                ),
+                io.Boolean.Input(
+                    "overwrite",
+                    default=True,
+                    tooltip="Replace an existing file of the same name. When off, an existing file makes the node fail instead.",
+                ),
             ],
-            outputs=[Direction.Output("saved_direction", display_name="direction", tooltip="The same edit direction, passed through.")],
+            outputs=[
+                Direction.Output(
+                    "saved_direction", display_name="direction", tooltip="The same edit direction, passed through."
+                )
+            ],
         )
 
     @classmethod
@@ -334,10 +417,12 @@ class ZeroConSaveEditDirection(io.ComfyNode):
             raise TypeError(f"ZeroCon Save Edit Direction: expected an edit direction, got {type(direction).__name__}")
         name = filename.strip().replace("\\", "/")
         if name.startswith(paths.EDIT_DIRECTIONS + "/"):
-            name = name[len(paths.EDIT_DIRECTIONS) + 1:]
+            name = name[len(paths.EDIT_DIRECTIONS) + 1 :]
         path = _direction_path(name)
         if os.path.exists(path) and not overwrite:
-            raise FileExistsError(f"ZeroCon Save Edit Direction: {path} exists (turn on overwrite or choose another name)")
+            raise FileExistsError(
+                f"ZeroCon Save Edit Direction: {path} exists (turn on overwrite or choose another name)"
+            )
         zdir.save_direction(path, direction)
         return io.NodeOutput(direction, ui=ui.PreviewText(f"saved {direction.describe()} to {path}"))
 
@@ -351,7 +436,11 @@ class ZeroConLoadEditDirection(io.ComfyNode):
             category=CATEGORY,
             description="Loads an edit direction saved by ZeroCon Save Edit Direction from models/edit_directions.",
             inputs=[
-                io.Combo.Input("name", options=folder_paths.get_filename_list(paths.EDIT_DIRECTIONS), tooltip="A .safetensors edit direction under models/edit_directions."),
+                io.Combo.Input(
+                    "name",
+                    options=folder_paths.get_filename_list(paths.EDIT_DIRECTIONS),
+                    tooltip="A .safetensors edit direction under models/edit_directions.",
+                ),
             ],
             outputs=[Direction.Output("direction", display_name="direction", tooltip="The loaded edit direction.")],
         )

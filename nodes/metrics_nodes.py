@@ -49,18 +49,42 @@ class ZeroConCLIPMetricLoader(io.ComfyNode):
                 "backbone) is downloaded on first use when allowed and online."
             ),
             inputs=[
-                io.Combo.Input("model", options=model_names(CLIP_METRIC, KNOWN_CLIP), default=DEFAULT_CLIP, tooltip=f"Folder under models/clip_metric holding a transformers CLIPModel with its tokenizer (and preprocessor_config.json). '{DEFAULT_CLIP}' is {metrics.CLIP_MODEL_ID}; the known names are listed even before they are downloaded."),
-                io.Combo.Input("precision", options=list(_DTYPES), default="fp32", tooltip="Weight precision. fp32 reproduces published CLIP scores; fp16/bf16 halve the memory on a GPU."),
-                io.Combo.Input("device", options=list(DEVICES), default="auto", tooltip="Where CLIP runs. auto/gpu: ComfyUI's main device (offloaded when idle); cpu: always the CPU."),
-                io.Boolean.Input("allow_download", default=True, tooltip="If the folder is missing, download a known model (the names listed first) once from Hugging Face; never when HF_HUB_OFFLINE=1."),
+                io.Combo.Input(
+                    "model",
+                    options=model_names(CLIP_METRIC, KNOWN_CLIP),
+                    default=DEFAULT_CLIP,
+                    tooltip=f"Folder under models/clip_metric holding a transformers CLIPModel with its tokenizer (and preprocessor_config.json). '{DEFAULT_CLIP}' is {metrics.CLIP_MODEL_ID}; the known names are listed even before they are downloaded.",
+                ),
+                io.Combo.Input(
+                    "precision",
+                    options=list(_DTYPES),
+                    default="fp32",
+                    tooltip="Weight precision. fp32 reproduces published CLIP scores; fp16/bf16 halve the memory on a GPU.",
+                ),
+                io.Combo.Input(
+                    "device",
+                    options=list(DEVICES),
+                    default="auto",
+                    tooltip="Where CLIP runs. auto/gpu: ComfyUI's main device (offloaded when idle); cpu: always the CPU.",
+                ),
+                io.Boolean.Input(
+                    "allow_download",
+                    default=True,
+                    tooltip="If the folder is missing, download a known model (the names listed first) once from Hugging Face; never when HF_HUB_OFFLINE=1.",
+                ),
             ],
-            outputs=[ClipMetric.Output("clip_metric", display_name="clip_metric", tooltip="The loaded CLIP, for ZeroCon Edit Metrics.")],
+            outputs=[
+                ClipMetric.Output(
+                    "clip_metric", display_name="clip_metric", tooltip="The loaded CLIP, for ZeroCon Edit Metrics."
+                )
+            ],
         )
 
     @classmethod
     def execute(cls, model, precision, device, allow_download) -> io.NodeOutput:
-        folder = resolve_folder(CLIP_METRIC, model, KNOWN_CLIP, metrics.check_clip_folder, allow_download,
-                                "ZeroCon CLIP Metric Loader")
+        folder = resolve_folder(
+            CLIP_METRIC, model, KNOWN_CLIP, metrics.check_clip_folder, allow_download, "ZeroCon CLIP Metric Loader"
+        )
         load_device, offload_device = devices(device)
         clip = metrics.load_clip_metric(folder, device=offload_device, dtype=_DTYPES[precision])
         return io.NodeOutput(ZeroConModel(clip, patcher_for(clip.model, load_device, offload_device), model))
@@ -92,7 +116,9 @@ def summary_text(values: dict[str, torch.Tensor], masked: bool) -> str:
         lines.append("CLIP score / accuracy: n/a (connect a ZeroCon CLIP Metric Loader)")
     else:
         acc = values["clip_accuracy"]
-        lines.append(f"CLIP score (target text): {_mean(values['clip_score']):.2f}  (source text: {_mean(values['clip_score_source']):.2f})")
+        lines.append(
+            f"CLIP score (target text): {_mean(values['clip_score']):.2f}  (source text: {_mean(values['clip_score_source']):.2f})"
+        )
         lines.append(f"CLIP accuracy: {100 * _mean(acc):.1f}% ({int(acc.sum())}/{n} closer to the target text)")
     sd = values["structure_distance"]
     if torch.isnan(sd).all():
@@ -100,8 +126,10 @@ def summary_text(values: dict[str, torch.Tensor], masked: bool) -> str:
     else:
         lines.append(f"structure distance: {_mean(sd):.5f} (x1e3: {1e3 * _mean(sd):.2f}; 0 = same structure)")
     where = "background (mask == 0)" if masked else "whole image (no mask)"
-    lines.append(f"{where}: PSNR {_mean(values['bg_psnr']):.2f} dB, SSIM {_mean(values['bg_ssim']):.4f}, "
-                 f"MSE {_mean(values['bg_mse']):.6f}")
+    lines.append(
+        f"{where}: PSNR {_mean(values['bg_psnr']):.2f} dB, SSIM {_mean(values['bg_ssim']):.4f}, "
+        f"MSE {_mean(values['bg_mse']):.6f}"
+    )
     return "\n".join(lines)
 
 
@@ -119,28 +147,75 @@ class ZeroConEditMetrics(io.ComfyNode):
                 "Batches give the mean over images. An edited image of another size is resized to the source's."
             ),
             inputs=[
-                io.Image.Input("source_image", tooltip="The original image(s), values in [0, 1]. One image is compared with every edited image."),
-                io.Image.Input("edited_image", tooltip="The edited image(s), same batch size as the source (or the source is a single image). Resized to the source's size if they differ."),
-                io.String.Input("source_text", default="", tooltip="Text describing the source (e.g. the caption 'a photo of a cat'). CLIP accuracy counts an edit as applied when the edited image is closer to the target text than to this."),
-                io.String.Input("target_text", default="", tooltip="Text describing the wanted result (e.g. 'a photo of a dog'). The CLIP score is the edited image's similarity to this, 100 x cosine."),
-                io.Mask.Input("mask", optional=True, tooltip="Optional edit mask at the source's size: 1 (non-zero) marks the edited region; PSNR / SSIM / MSE are measured where it is 0. Without it they cover the whole image."),
-                ClipMetric.Input("clip_metric", optional=True, tooltip="A CLIP from ZeroCon CLIP Metric Loader. Without it the CLIP score and accuracy are NaN."),
-                Dino.Input("dino", optional=True, tooltip="A DINO ViT from ZeroCon DINO Loader. Without it the structure distance is NaN."),
+                io.Image.Input(
+                    "source_image",
+                    tooltip="The original image(s), values in [0, 1]. One image is compared with every edited image.",
+                ),
+                io.Image.Input(
+                    "edited_image",
+                    tooltip="The edited image(s), same batch size as the source (or the source is a single image). Resized to the source's size if they differ.",
+                ),
+                io.String.Input(
+                    "source_text",
+                    default="",
+                    tooltip="Text describing the source (e.g. the caption 'a photo of a cat'). CLIP accuracy counts an edit as applied when the edited image is closer to the target text than to this.",
+                ),
+                io.String.Input(
+                    "target_text",
+                    default="",
+                    tooltip="Text describing the wanted result (e.g. 'a photo of a dog'). The CLIP score is the edited image's similarity to this, 100 x cosine.",
+                ),
+                io.Mask.Input(
+                    "mask",
+                    optional=True,
+                    tooltip="Optional edit mask at the source's size: 1 (non-zero) marks the edited region; PSNR / SSIM / MSE are measured where it is 0. Without it they cover the whole image.",
+                ),
+                ClipMetric.Input(
+                    "clip_metric",
+                    optional=True,
+                    tooltip="A CLIP from ZeroCon CLIP Metric Loader. Without it the CLIP score and accuracy are NaN.",
+                ),
+                Dino.Input(
+                    "dino",
+                    optional=True,
+                    tooltip="A DINO ViT from ZeroCon DINO Loader. Without it the structure distance is NaN.",
+                ),
             ],
             outputs=[
-                io.Float.Output("clip_score", display_name="clip_score", tooltip="Mean CLIP score of the edited images against the target text: 100 x max(cosine, 0). NaN without clip_metric."),
-                io.Float.Output("clip_accuracy", display_name="clip_accuracy", tooltip="Fraction of edited images closer (CLIP cosine) to the target text than to the source text. NaN without clip_metric."),
-                io.Float.Output("structure_distance", display_name="structure_distance", tooltip="Mean MSE between the DINO key self-similarity matrices of source and edit (PIE-Bench reports it x1000). Lower = structure kept. NaN without dino."),
-                io.Float.Output("bg_psnr", display_name="bg_psnr", tooltip="Mean background PSNR in dB (inf when the background is unchanged)."),
-                io.Float.Output("bg_ssim", display_name="bg_ssim", tooltip="Mean background SSIM (Gaussian window 11, sigma 1.5); 1 = identical."),
+                io.Float.Output(
+                    "clip_score",
+                    display_name="clip_score",
+                    tooltip="Mean CLIP score of the edited images against the target text: 100 x max(cosine, 0). NaN without clip_metric.",
+                ),
+                io.Float.Output(
+                    "clip_accuracy",
+                    display_name="clip_accuracy",
+                    tooltip="Fraction of edited images closer (CLIP cosine) to the target text than to the source text. NaN without clip_metric.",
+                ),
+                io.Float.Output(
+                    "structure_distance",
+                    display_name="structure_distance",
+                    tooltip="Mean MSE between the DINO key self-similarity matrices of source and edit (PIE-Bench reports it x1000). Lower = structure kept. NaN without dino.",
+                ),
+                io.Float.Output(
+                    "bg_psnr",
+                    display_name="bg_psnr",
+                    tooltip="Mean background PSNR in dB (inf when the background is unchanged).",
+                ),
+                io.Float.Output(
+                    "bg_ssim",
+                    display_name="bg_ssim",
+                    tooltip="Mean background SSIM (Gaussian window 11, sigma 1.5); 1 = identical.",
+                ),
                 io.Float.Output("bg_mse", display_name="bg_mse", tooltip="Mean background MSE on [0, 1] pixels."),
                 io.String.Output("summary", display_name="summary", tooltip="All metrics as readable text."),
             ],
         )
 
     @classmethod
-    def execute(cls, source_image, edited_image, source_text, target_text, mask=None, clip_metric=None,
-                dino=None) -> io.NodeOutput:
+    def execute(
+        cls, source_image, edited_image, source_text, target_text, mask=None, clip_metric=None, dino=None
+    ) -> io.NodeOutput:
         source = _images(source_image, "source_image")
         edited = _images(edited_image, "edited_image")
         clip = unwrap(clip_metric)
@@ -148,7 +223,10 @@ class ZeroConEditMetrics(io.ComfyNode):
         values = metrics.edit_metrics(source, edited, source_text, target_text, mask=mask, clip=clip, dino=vit)
         text = summary_text(values, mask is not None)
         logger.info("%s", text)
-        out = [_mean(values[k]) for k in ("clip_score", "clip_accuracy", "structure_distance", "bg_psnr", "bg_ssim", "bg_mse")]
+        out = [
+            _mean(values[k])
+            for k in ("clip_score", "clip_accuracy", "structure_distance", "bg_psnr", "bg_ssim", "bg_mse")
+        ]
         return io.NodeOutput(*out, text, ui=ui.PreviewText(text))
 
 

@@ -19,7 +19,7 @@ import comfy.model_patcher
 import torch
 from comfy_api.latest import io
 
-from ..zerocon_core import vision
+from ..zerocon_core import dino
 from . import paths
 from .paths import offline
 
@@ -30,7 +30,7 @@ Dino = io.Custom("ZEROCON_DINO")
 
 DEFAULT_DINO = "dino-vitb8"
 # Folder name -> Hugging Face repository that may be downloaded into models/dino/<folder name>.
-KNOWN_DINO = {"dino-vitb8": vision.DINO_MODEL_ID}
+KNOWN_DINO = {"dino-vitb8": dino.DINO_MODEL_ID}
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "gpu")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -136,22 +136,43 @@ class ZeroConDINOLoader(io.ComfyNode):
             description=(
                 "Loads a DINO ViT (transformers layout) from ComfyUI/models/dino/<name>: the structure and style "
                 f"features of DiffuseIT and the structure metric of ZeroCon Edit Metrics. '{DEFAULT_DINO}' "
-                f"({vision.DINO_MODEL_ID}) is downloaded on first use when allowed and online."
+                f"({dino.DINO_MODEL_ID}) is downloaded on first use when allowed and online."
             ),
             inputs=[
-                io.Combo.Input("model", options=model_names(paths.DINO, KNOWN_DINO), default=DEFAULT_DINO, tooltip=f"Folder under models/dino holding a DINO ViT (config.json + weights of {vision.DINO_MODEL_ID}). '{DEFAULT_DINO}' is listed even before it is downloaded."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="fp32", tooltip="Weight precision. fp32 is exact and small enough (ViT-B/8: 86M parameters); fp16/bf16 halve the memory on a GPU."),
-                io.Combo.Input("device", options=list(DEVICES), default="auto", tooltip="Where DINO runs. auto/gpu: ComfyUI's main device (offloaded when idle); cpu: always the CPU."),
-                io.Boolean.Input("allow_download", default=True, tooltip=f"If the folder is missing, download '{DEFAULT_DINO}' once from Hugging Face ({vision.DINO_MODEL_ID}); never when HF_HUB_OFFLINE=1."),
+                io.Combo.Input(
+                    "model",
+                    options=model_names(paths.DINO, KNOWN_DINO),
+                    default=DEFAULT_DINO,
+                    tooltip=f"Folder under models/dino holding a DINO ViT (config.json + weights of {dino.DINO_MODEL_ID}). '{DEFAULT_DINO}' is listed even before it is downloaded.",
+                ),
+                io.Combo.Input(
+                    "precision",
+                    options=list(PRECISIONS),
+                    default="fp32",
+                    tooltip="Weight precision. fp32 is exact and small enough (ViT-B/8: 86M parameters); fp16/bf16 halve the memory on a GPU.",
+                ),
+                io.Combo.Input(
+                    "device",
+                    options=list(DEVICES),
+                    default="auto",
+                    tooltip="Where DINO runs. auto/gpu: ComfyUI's main device (offloaded when idle); cpu: always the CPU.",
+                ),
+                io.Boolean.Input(
+                    "allow_download",
+                    default=True,
+                    tooltip=f"If the folder is missing, download '{DEFAULT_DINO}' once from Hugging Face ({dino.DINO_MODEL_ID}); never when HF_HUB_OFFLINE=1.",
+                ),
             ],
             outputs=[Dino.Output("dino", display_name="dino", tooltip="The loaded DINO ViT.")],
         )
 
     @classmethod
     def execute(cls, model, precision, device, allow_download) -> io.NodeOutput:
-        folder = resolve_folder(paths.DINO, model, KNOWN_DINO, vision.check_dino_folder, allow_download, "ZeroCon DINO Loader")
+        folder = resolve_folder(
+            paths.DINO, model, KNOWN_DINO, dino.check_dino_folder, allow_download, "ZeroCon DINO Loader"
+        )
         load_device, offload_device = devices(device)
-        vit = vision.load_dino(folder, device=offload_device, dtype=_DTYPES[precision])
+        vit = dino.load_dino(folder, device=offload_device, dtype=_DTYPES[precision])
         return io.NodeOutput(ZeroConModel(vit, patcher_for(vit, load_device, offload_device), model))
 
 

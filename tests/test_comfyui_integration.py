@@ -42,11 +42,22 @@ def test_comfyui_integration_suite():
         _report(f"SKIPPED: {why}")
         pytest.skip(f"ComfyUI integration tests SKIPPED: {why}")
     env = dict(os.environ, COMFYUI_PATH=str(comfy), ZEROCON_IN_COMFYUI="1", PYTHONDONTWRITEBYTECODE="1")
-    cmd = [str(py), "-m", "pytest", "tests/comfyui", "-q", "-p", "no:cacheprovider", "-x" if os.environ.get("ZEROCON_FAIL_FAST") else "-ra"]
+    cmd = [
+        str(py),
+        "-m",
+        "pytest",
+        "tests/comfyui",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-x" if os.environ.get("ZEROCON_FAIL_FAST") else "-ra",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     out = proc.stdout + proc.stderr
     lines = [ln for ln in out.strip().splitlines() if ln.strip()]
-    summary = next((ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|error)", ln)), lines[-1] if lines else "")
+    summary = next(
+        (ln for ln in reversed(lines) if re.search(r"\d+ (passed|failed|error)", ln)), lines[-1] if lines else ""
+    )
     _report(f"RAN in {comfy} with {py}: {summary.strip('= ')}")
     sys.stderr.write(out[-20000:])
     assert proc.returncode == 0, f"ComfyUI integration suite failed ({summary}):\n{out[-20000:]}"

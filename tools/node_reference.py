@@ -1,6 +1,6 @@
 """Print a Markdown reference of every ZeroCon node (inputs, defaults, tooltips, outputs) from the V3 schemas.
 
-    COMFYUI_PATH=~/ComfyUI <comfy-python> tools/node_reference.py > docs/nodes.md
+COMFYUI_PATH=~/ComfyUI <comfy-python> tools/node_reference.py > docs/nodes.md
 """
 
 from __future__ import annotations
@@ -48,8 +48,12 @@ def main() -> int:
         outs = info.get("output", [])
         names = info.get("output_name", outs)
         tips = info.get("output_tooltips") or [""] * len(outs)
-        out += ["", "Outputs: " + "; ".join(f"`{n}` ({t})" + (f": {_cell(tt)}" if tt else "")
-                                            for n, t, tt in zip(names, outs, tips)), ""]
+        out += [
+            "",
+            "Outputs: "
+            + "; ".join(f"`{n}` ({t})" + (f": {_cell(tt)}" if tt else "") for n, t, tt in zip(names, outs, tips)),
+            "",
+        ]
     sys.stdout.write("\n".join(out) + "\n")
     return 0
 

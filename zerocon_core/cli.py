@@ -41,52 +41,100 @@ def _non_negative(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m zerocon_core", description="ZeroCon: training-free image translation.")
+    parser = argparse.ArgumentParser(
+        prog="python -m zerocon_core", description="ZeroCon: training-free image translation."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # options every subcommand takes (a later `eval` subcommand reuses this parent)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v: tracebacks, -vv: debug)")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
 
-    p = sub.add_parser("edit", parents=[common], help="text-guided edit (pix2pix-zeroCon) with a local diffusers model",
-                       description="Caption -> edit direction -> DDIM inversion -> guided DDIM sampling -> output "
-                                   "image of the input's size.")
+    p = sub.add_parser(
+        "edit",
+        parents=[common],
+        help="text-guided edit (pix2pix-zeroCon) with a local diffusers model",
+        description="Caption -> edit direction -> DDIM inversion -> guided DDIM sampling -> output "
+        "image of the input's size.",
+    )
     io = p.add_argument_group("input / output")
     io.add_argument("--image", required=True, metavar="FILE", help="input image file")
     io.add_argument("--model", required=True, metavar="DIR", help="local Stable Diffusion folder in diffusers layout")
-    io.add_argument("--out", required=True, metavar="FILE", help="output image file (.png, .jpg, ...); written atomically")
+    io.add_argument(
+        "--out", required=True, metavar="FILE", help="output image file (.png, .jpg, ...); written atomically"
+    )
     io.add_argument("--blip", default=None, metavar="DIR", help="local BLIP captioning folder (transformers layout)")
     io.add_argument("--caption", default=None, metavar="TEXT", help="source prompt; skips BLIP")
-    io.add_argument("--caption-min-tokens", type=int, default=0, metavar="N", help="BLIP: minimum new tokens (default 0)")
-    io.add_argument("--strict-size", action="store_true",
-                    help="fail on sizes that are not multiples of 8 instead of resizing (and restoring)")
-    io.add_argument("--save-direction", default=None, metavar="FILE", help="also save the edit direction (.safetensors)")
+    io.add_argument(
+        "--caption-min-tokens", type=int, default=0, metavar="N", help="BLIP: minimum new tokens (default 0)"
+    )
+    io.add_argument(
+        "--strict-size",
+        action="store_true",
+        help="fail on sizes that are not multiples of 8 instead of resizing (and restoring)",
+    )
+    io.add_argument(
+        "--save-direction", default=None, metavar="FILE", help="also save the edit direction (.safetensors)"
+    )
 
     d = p.add_argument_group("edit direction")
     d.add_argument("--source", default=None, metavar="WORD", help="source concept word, e.g. cat")
     d.add_argument("--target", default=None, metavar="WORD", help="target concept word, e.g. dog")
     d.add_argument("--target-prompt", default=None, metavar="TEXT", help="direction = target prompt minus the caption")
-    d.add_argument("--source-sentences", default=None, metavar="FILE", help="file: source sentence bank, one sentence per line")
-    d.add_argument("--target-sentences", default=None, metavar="FILE", help="file: target sentence bank, one sentence per line")
+    d.add_argument(
+        "--source-sentences", default=None, metavar="FILE", help="file: source sentence bank, one sentence per line"
+    )
+    d.add_argument(
+        "--target-sentences", default=None, metavar="FILE", help="file: target sentence bank, one sentence per line"
+    )
     d.add_argument("--direction", default=None, metavar="FILE", help="load a saved edit direction (.safetensors)")
-    d.add_argument("--num-sentences", type=_positive_int, default=300, metavar="N",
-                   help="template sentences per word when no sentence file is given (default 300)")
+    d.add_argument(
+        "--num-sentences",
+        type=_positive_int,
+        default=300,
+        metavar="N",
+        help="template sentences per word when no sentence file is given (default 300)",
+    )
     d.add_argument("--strength", type=float, default=1.0, metavar="X", help="edit direction multiplier (default 1)")
 
     s = p.add_argument_group("sampling")
-    s.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="DDIM steps, inversion and sampling (default 50)")
-    s.add_argument("--seed", type=int, default=0, metavar="N", help="seed: regulariser shifts, patch sampling, VAE sample")
-    s.add_argument("--cfg", type=_non_negative, default=5.0, metavar="X", help="classifier-free guidance, caption as negative (5)")
-    s.add_argument("--xa-weight", type=_non_negative, default=None, metavar="X",
-                   help="cross-attention guidance step (default 0.1; 0.01 for v-prediction; 0 = off)")
-    s.add_argument("--nce-weight", type=_non_negative, default=None, metavar="X",
-                   help="PatchNCE guidance weight (default: the engine's calibrated default; 0 = off)")
-    s.add_argument("--branches", choices=("edit", "both"), default="edit",
-                   help="guide the edit branch only (default) or both CFG halves (pix2pix-zero)")
+    s.add_argument(
+        "--steps", type=_positive_int, default=50, metavar="N", help="DDIM steps, inversion and sampling (default 50)"
+    )
+    s.add_argument(
+        "--seed", type=int, default=0, metavar="N", help="seed: regulariser shifts, patch sampling, VAE sample"
+    )
+    s.add_argument(
+        "--cfg", type=_non_negative, default=5.0, metavar="X", help="classifier-free guidance, caption as negative (5)"
+    )
+    s.add_argument(
+        "--xa-weight",
+        type=_non_negative,
+        default=None,
+        metavar="X",
+        help="cross-attention guidance step (default 0.1; 0.01 for v-prediction; 0 = off)",
+    )
+    s.add_argument(
+        "--nce-weight",
+        type=_non_negative,
+        default=None,
+        metavar="X",
+        help="PatchNCE guidance weight (default: the engine's calibrated default; 0 = off)",
+    )
+    s.add_argument(
+        "--branches",
+        choices=("edit", "both"),
+        default="edit",
+        help="guide the edit branch only (default) or both CFG halves (pix2pix-zero)",
+    )
     s.add_argument("--no-regularization", action="store_true", help="plain DDIM inversion (no noise regulariser)")
-    s.add_argument("--posterior", choices=("mean", "sample"), default="mean", help="VAE latent: mean (default) or a sample")
+    s.add_argument(
+        "--posterior", choices=("mean", "sample"), default="mean", help="VAE latent: mean (default) or a sample"
+    )
     s.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
-    s.add_argument("--dtype", default="auto", help="auto (default: float16 on GPU, float32 on CPU), float32, float16, bfloat16")
+    s.add_argument(
+        "--dtype", default="auto", help="auto (default: float16 on GPU, float32 on CPU), float32, float16, bfloat16"
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_edit)
     from .evaluate import register as register_eval
@@ -145,13 +193,25 @@ def cmd_edit(args: argparse.Namespace) -> int:
         check_blip_folder(args.blip)
     direction = load_direction(args.direction) if args.direction else None
     options = EditOptions(
-        source=args.source, target=args.target, target_prompt=args.target_prompt, caption=args.caption,
+        source=args.source,
+        target=args.target,
+        target_prompt=args.target_prompt,
+        caption=args.caption,
         source_sentences=_read_sentences(args.source_sentences, "source sentences"),
         target_sentences=_read_sentences(args.target_sentences, "target sentences"),
-        direction=direction, num_sentences=args.num_sentences, strength=args.strength, steps=args.steps,
-        cfg=args.cfg, seed=args.seed, xa_weight=args.xa_weight, nce_weight=args.nce_weight,
-        branches=args.branches, regularization=not args.no_regularization, posterior=args.posterior,
-        strict_size=args.strict_size, blip_min_tokens=args.caption_min_tokens,
+        direction=direction,
+        num_sentences=args.num_sentences,
+        strength=args.strength,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        xa_weight=args.xa_weight,
+        nce_weight=args.nce_weight,
+        branches=args.branches,
+        regularization=not args.no_regularization,
+        posterior=args.posterior,
+        strict_size=args.strict_size,
+        blip_min_tokens=args.caption_min_tokens,
     )
     options.validate()
     if args.save_direction is not None and not Path(args.save_direction).parent.is_dir():
@@ -163,8 +223,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     timings = Timings()
     with timings.stage("load"):
-        pipe = ZeroConPipeline.from_folder(args.model, device=args.device, dtype=args.dtype,
-                                           blip_folder=args.blip if args.caption is None else None)
+        pipe = ZeroConPipeline.from_folder(
+            args.model, device=args.device, dtype=args.dtype, blip_folder=args.blip if args.caption is None else None
+        )
     try:
         result = pipe.edit(image, options, progress=not args.no_progress, timings=timings)
     finally:

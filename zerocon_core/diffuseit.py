@@ -40,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .diffuseit_start import DIFFUSEIT_RESAMPLE, DIFFUSEIT_SEM_SIGMA, noised_start
+from .dino import DINO_MAX_SIZE, DINO_SIZE, DinoFeatures, dino_features, key_self_similarity
 from .guidance import GuidanceTerm, StepContext
 from .log import logger
-from .resample import DIFFUSEIT_RESAMPLE, DIFFUSEIT_SEM_SIGMA, noised_start
-from .vision import DINO_MAX_SIZE, DINO_SIZE, DinoFeatures, dino_features, key_self_similarity
 
 __all__ = [
     "LAMBDA_CLS",
@@ -150,7 +150,9 @@ def cls_loss(cls: Tensor, target_cls: Tensor) -> Tensor:
     ``cls`` ``(B, D)``; ``target_cls`` ``(1 or B, D)``, detached (the reference image's [CLS]).
     """
     if cls.ndim != 2 or target_cls.ndim != 2 or cls.shape[1] != target_cls.shape[1]:
-        raise ValueError(f"[CLS] tokens must be (B, D) of the same width, got {tuple(cls.shape)} and {tuple(target_cls.shape)}")
+        raise ValueError(
+            f"[CLS] tokens must be (B, D) of the same width, got {tuple(cls.shape)} and {tuple(target_cls.shape)}"
+        )
     tgt = _batched(target_cls, cls.shape[0], "reference").detach()
     return (_f(cls) - _f(tgt)).pow(2).mean(dim=1).sum()
 
@@ -162,7 +164,9 @@ def semantic_divergence_loss(cls: Tensor, prev_cls: Tensor) -> Tensor:
     Minimising it pushes the [CLS] *away* from where it was.
     """
     if cls.ndim != 2 or prev_cls.ndim != 2 or cls.shape[1] != prev_cls.shape[1]:
-        raise ValueError(f"[CLS] tokens must be (B, D) of the same width, got {tuple(cls.shape)} and {tuple(prev_cls.shape)}")
+        raise ValueError(
+            f"[CLS] tokens must be (B, D) of the same width, got {tuple(cls.shape)} and {tuple(prev_cls.shape)}"
+        )
     prev = _batched(prev_cls, cls.shape[0], "previous [CLS]").detach()
     return -(_f(cls) - _f(prev)).pow(2).mean(dim=1).sum()
 
@@ -273,9 +277,16 @@ class _DecodedTerm(GuidanceTerm):
                 latent = f * latent + (1 - f) * ctx.x / (1 + s * s).sqrt()
             with self._session():
                 image = self.decode(latent)
-            if not isinstance(image, Tensor) or image.ndim != 4 or image.shape[1] != 3 or image.shape[0] != latent.shape[0]:
+            if (
+                not isinstance(image, Tensor)
+                or image.ndim != 4
+                or image.shape[1] != 3
+                or image.shape[0] != latent.shape[0]
+            ):
                 shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
-                raise ValueError(f"decode must return images (B, 3, H, W) for a latent batch of {latent.shape[0]}, got {shape}")
+                raise ValueError(
+                    f"decode must return images (B, 3, H, W) for a latent batch of {latent.shape[0]}, got {shape}"
+                )
             return image
 
         return _cached(ctx, ("decode", id(self.decode), blend), compute)
@@ -283,7 +294,7 @@ class _DecodedTerm(GuidanceTerm):
 
 @dataclass(frozen=True)
 class _DinoTerm(_DecodedTerm):
-    """A decoded-image term with DINO features. ``dino``: a transformers ViTModel (``vision.load_dino``);
+    """A decoded-image term with DINO features. ``dino``: a transformers ViTModel (``dino.load_dino``);
     ``dino_size`` / ``dino_max_size``: DINO's resize (short side, long-side cap; DiffuseIT 224 / 480);
     ``noise_blend``: evaluate on DiffuseIT's noise-blended estimate instead of the clean prediction (its
     ``--use_noise_aug_all``; off by default: §8.1 computes the losses on the decoded clean prediction)."""
@@ -297,7 +308,7 @@ class _DinoTerm(_DecodedTerm):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.dino is None:
-            raise ValueError(f"{type(self).__name__} needs a DINO model (zerocon_core.vision.load_dino)")
+            raise ValueError(f"{type(self).__name__} needs a DINO model (zerocon_core.dino.load_dino)")
         if self.dino_size < 8:
             raise ValueError(f"dino_size must be >= 8 px, got {self.dino_size}")
 
@@ -472,10 +483,15 @@ def diffuseit_guidance(
     """DiffuseIT's full objective as a guidance tuple: structure, + style when ``reference`` is given
     (image-guided), + semantic divergence, + range. ``common`` goes to every DINO term (``dino_size``,
     ``noise_blend``, ``posterior_scale``...)."""
-    terms: list[GuidanceTerm] = [DinoStructureGuidance(weight=weight, dino=dino, decode=decode, source=source, **common)]
+    terms: list[GuidanceTerm] = [
+        DinoStructureGuidance(weight=weight, dino=dino, decode=decode, source=source, **common)
+    ]
     if reference is not None:
-        terms.append(DinoStyleGuidance(weight=weight, dino=dino, decode=decode, reference=reference,
-                                       lambda_pixel=lambda_pixel, **common))
+        terms.append(
+            DinoStyleGuidance(
+                weight=weight, dino=dino, decode=decode, reference=reference, lambda_pixel=lambda_pixel, **common
+            )
+        )
     if semantic:
         terms.append(SemanticDivergenceGuidance(weight=weight, dino=dino, decode=decode, source=source, **common))
     if range_term:
@@ -502,7 +518,7 @@ def diffuseit_sample(
     check_interrupt=None,
 ):
     """DiffuseIT on a latent model: forward-noise the clean ``latent`` (model latent space) to the start level
-    (``resample.noised_start``: DiffuseIT's SNR when ``strength`` is None), then the guided DDIM loop with
+    (``diffuseit_start.noised_start``: DiffuseIT's SNR when ``strength`` is None), then the guided DDIM loop with
     first-step resampling (``resample`` = 10 as DiffuseIT), CFG between ``negative_cond`` and ``cond`` (the
     target prompt; text-guided DiffuseIT). ``sigmas``: the full descending DDIM grid. Returns the sampler's
     ``SampleResult``. Capture-based terms (cross-attention, PatchNCE), if added, compare with a reference
@@ -512,7 +528,18 @@ def diffuseit_sample(
 
     x, grid = noised_start(latent, sigmas, strength, seed)
     return guided_ddim_sample(
-        denoiser, x, grid, source_cond=negative_cond, edit_cond=cond, negative_cond=None, cfg=cfg,
-        guidance=guidance, step_mode=step_mode, step_size=step_size, seed=seed, callback=callback,
-        check_interrupt=check_interrupt, resample=resample,
+        denoiser,
+        x,
+        grid,
+        source_cond=negative_cond,
+        edit_cond=cond,
+        negative_cond=None,
+        cfg=cfg,
+        guidance=guidance,
+        step_mode=step_mode,
+        step_size=step_size,
+        seed=seed,
+        callback=callback,
+        check_interrupt=check_interrupt,
+        resample=resample,
     )

@@ -39,7 +39,15 @@ from .log import logger
 from .metrics import METRIC_NAMES, edit_metrics
 
 __all__ = [
-    "COLUMNS", "ManifestRow", "evaluate_manifest", "load_mask", "main", "read_manifest", "read_records", "register", "run",
+    "COLUMNS",
+    "ManifestRow",
+    "evaluate_manifest",
+    "load_mask",
+    "main",
+    "read_manifest",
+    "read_records",
+    "register",
+    "run",
     "summarize",
 ]
 
@@ -164,8 +172,16 @@ def evaluate_row(row: ManifestRow, base: Path, clip: Any = None, dino: Any = Non
     """Score one manifest row. Never raises for a bad row: the status says what happened."""
     from .images import load_image
 
-    out = {"id": row.id, "source": row.source, "edited": row.edited, "mask": row.mask,
-           "source_text": row.source_text, "target_text": row.target_text, "status": "ok", "message": ""}
+    out = {
+        "id": row.id,
+        "source": row.source,
+        "edited": row.edited,
+        "mask": row.mask,
+        "source_text": row.source_text,
+        "target_text": row.target_text,
+        "status": "ok",
+        "message": "",
+    }
     for k in METRIC_NAMES:
         out[k] = "nan"
     paths = {"source": _resolve(base, row.source), "edited": _resolve(base, row.edited)}
@@ -237,9 +253,12 @@ def evaluate_manifest(
 
     base = manifest.parent
     new_file = not out.is_file() or out.stat().st_size == 0
-    with open(out, "a", encoding="utf-8", newline="") as f, \
-            tqdm(total=len(rows), initial=len(rows) - len(todo), desc="eval", unit="img",
-                 disable=None if progress else True) as bar:
+    with (
+        open(out, "a", encoding="utf-8", newline="") as f,
+        tqdm(
+            total=len(rows), initial=len(rows) - len(todo), desc="eval", unit="img", disable=None if progress else True
+        ) as bar,
+    ):
         writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         if new_file:
             writer.writeheader()
@@ -293,8 +312,17 @@ def summarize(out: str | os.PathLike, metrics: Sequence[str] = METRIC_NAMES) -> 
         mean = sum(finite) / n if n else math.nan
         std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else math.nan
         lo, hi = bootstrap_ci(finite)
-        result.append({"metric": name, "n": n, "n_nonfinite": nonfinite, "mean": mean, "std": std,
-                       "ci95_low": lo, "ci95_high": hi})
+        result.append(
+            {
+                "metric": name,
+                "n": n,
+                "n_nonfinite": nonfinite,
+                "mean": mean,
+                "std": std,
+                "ci95_low": lo,
+                "ci95_high": hi,
+            }
+        )
     return result
 
 
@@ -322,9 +350,13 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--manifest", required=True, help="CSV or JSONL: source, edited, source_text, target_text[, mask, id]")
+    p.add_argument(
+        "--manifest", required=True, help="CSV or JSONL: source, edited, source_text, target_text[, mask, id]"
+    )
     p.add_argument("--out", required=True, help="per-image metrics CSV (appended to / resumed if it exists)")
-    p.add_argument("--clip", default=None, help="local CLIP folder (transformers layout of openai/clip-vit-large-patch14)")
+    p.add_argument(
+        "--clip", default=None, help="local CLIP folder (transformers layout of openai/clip-vit-large-patch14)"
+    )
     p.add_argument("--dino", default=None, help="local DINO ViT folder (transformers layout of facebook/dino-vitb8)")
     p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -335,9 +367,11 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
     """Add the ``eval`` subcommand to an argparse subparsers object (``func`` = ``run``); ``parents`` are
     shared option parsers (the CLI's -v/-q)."""
     p = subparsers.add_parser(
-        "eval", parents=list(parents), help="score edits: CLIP score / accuracy, DINO structure distance, background PSNR/SSIM/MSE",
+        "eval",
+        parents=list(parents),
+        help="score edits: CLIP score / accuracy, DINO structure distance, background PSNR/SSIM/MSE",
         description="Score a manifest of (source, edited, texts[, mask]) rows into a per-image CSV plus a summary "
-                    "(resumable: rows already in --out are skipped).",
+        "(resumable: rows already in --out are skipped).",
     )
     add_arguments(p)
     p.set_defaults(func=run)
@@ -352,8 +386,8 @@ def _device(name: str | None) -> torch.device:
 
 def run(args: argparse.Namespace) -> int:
     """The ``eval`` subcommand. Checks the manifest and model folders before loading anything."""
+    from .dino import check_dino_folder, load_dino
     from .metrics import check_clip_folder, load_clip_metric
-    from .vision import check_dino_folder, load_dino
 
     read_manifest(args.manifest)
     if args.clip:
@@ -363,8 +397,9 @@ def run(args: argparse.Namespace) -> int:
     device = _device(args.device)
     clip = load_clip_metric(args.clip, device=device) if args.clip else None
     dino = load_dino(args.dino, device=device) if args.dino else None
-    evaluate_manifest(args.manifest, args.out, clip=clip, dino=dino, progress=not args.no_progress,
-                      row_delay=args.row_delay)
+    evaluate_manifest(
+        args.manifest, args.out, clip=clip, dino=dino, progress=not args.no_progress, row_delay=args.row_delay
+    )
     return 0
 
 

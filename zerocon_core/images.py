@@ -119,7 +119,13 @@ def fit_to_multiple(image: Tensor, multiple: int = 8, strict: bool = False) -> t
         )
     logger.warning(
         "image size %dx%d (WxH) is not a multiple of %d: working at %dx%d, the output is resized back to %dx%d",
-        w, h, multiple, nw, nh, w, h,
+        w,
+        h,
+        multiple,
+        nw,
+        nh,
+        w,
+        h,
     )
     return resize(image, (nh, nw)), (h, w)
 
@@ -133,9 +139,7 @@ def _vae_factors(vae: Any) -> tuple[float, float]:
     return float(scale), float(shift)
 
 
-def encode_latents(
-    vae: Any, image: Tensor, posterior: str = "mean", seed: int | None = None
-) -> Tensor:
+def encode_latents(vae: Any, image: Tensor, posterior: str = "mean", seed: int | None = None) -> Tensor:
     """Encode a ``(B, 3, H, W)`` image in [0, 1] to the scaled latent ``(B, C, H/8, W/8)`` (float32).
 
     ``posterior`` "mean" (default, deterministic) takes the posterior mean; "sample" draws from it with
@@ -145,7 +149,7 @@ def encode_latents(
         raise ValueError(f"posterior must be one of {POSTERIOR_MODES}, got {posterior!r}")
     scale, shift = _vae_factors(vae)
     param = next(vae.parameters())
-    x = (image.to(device=param.device, dtype=param.dtype) * 2.0 - 1.0)
+    x = image.to(device=param.device, dtype=param.dtype) * 2.0 - 1.0
     with torch.no_grad():
         dist = vae.encode(x).latent_dist
         if posterior == "mean":
@@ -154,7 +158,7 @@ def encode_latents(
             gen = torch.Generator(device="cpu").manual_seed(int(seed or 0))
             noise = torch.randn(dist.mean.shape, generator=gen, dtype=torch.float32).to(dist.mean)
             z = dist.mean + dist.std * noise
-    return ((z.float() - shift) * scale)
+    return (z.float() - shift) * scale
 
 
 def decode_latents(vae: Any, latent: Tensor) -> Tensor:

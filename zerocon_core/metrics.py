@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .dino import dino_features, key_self_similarity
 from .log import logger
-from .vision import dino_features, key_self_similarity
 
 __all__ = [
     "CLIP_MODEL_ID",
@@ -129,9 +129,14 @@ def align_pair(source: Tensor, edited: Tensor) -> tuple[Tensor, Tensor]:
     if source.shape[-2:] != edited.shape[-2:]:
         logger.warning(
             "edited image is %dx%d but the source is %dx%d: resizing the edited image to the source's size",
-            edited.shape[-1], edited.shape[-2], source.shape[-1], source.shape[-2],
+            edited.shape[-1],
+            edited.shape[-2],
+            source.shape[-1],
+            source.shape[-2],
         )
-        edited = F.interpolate(edited, size=tuple(source.shape[-2:]), mode="bilinear", align_corners=False, antialias=True)
+        edited = F.interpolate(
+            edited, size=tuple(source.shape[-2:]), mode="bilinear", align_corners=False, antialias=True
+        )
     return source, edited
 
 
@@ -169,7 +174,11 @@ def _masked_mean(values: Tensor, background: Tensor | None, what: str) -> Tensor
     out = total / count.clamp_min(1)
     empty = count == 0
     if bool(empty.any()):
-        logger.warning("%s: the mask leaves no background in image(s) %s; their value is NaN", what, empty.nonzero().flatten().tolist())
+        logger.warning(
+            "%s: the mask leaves no background in image(s) %s; their value is NaN",
+            what,
+            empty.nonzero().flatten().tolist(),
+        )
         out = torch.where(empty, torch.full_like(out, float("nan")), out)
     return out
 
@@ -197,7 +206,13 @@ def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device) -> Ten
 
 
 def ssim_map(
-    x: Tensor, y: Tensor, window: int = 11, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03, data_range: float = 1.0
+    x: Tensor,
+    y: Tensor,
+    window: int = 11,
+    sigma: float = 1.5,
+    k1: float = 0.01,
+    k2: float = 0.03,
+    data_range: float = 1.0,
 ) -> Tensor:
     """SSIM map of ``x``, ``y`` ``(B, C, H, W)`` per channel, valid windows only: ``(B, C, H-window+1, W-window+1)``.
 
@@ -222,7 +237,9 @@ def ssim_map(
     return ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sxx + syy + c2))
 
 
-def background_ssim(source: Tensor, edited: Tensor, mask: Tensor | None = None, window: int = 11, sigma: float = 1.5) -> Tensor:
+def background_ssim(
+    source: Tensor, edited: Tensor, mask: Tensor | None = None, window: int = 11, sigma: float = 1.5
+) -> Tensor:
     """Mean SSIM over the background (window centres with ``mask == 0``), all channels: ``(B,)``."""
     source, edited = align_pair(source, edited)
     background = prepare_mask(mask, source)
@@ -241,7 +258,7 @@ def background_ssim(source: Tensor, edited: Tensor, mask: Tensor | None = None, 
 def structure_distance(dino: Any, source: Tensor, edited: Tensor, pixel_scale: float = 1.0) -> Tensor:
     """PIE-Bench structure distance: MSE between DINO last-block key self-similarities (with [CLS]). ``(B,)``.
 
-    ``dino``: a transformers ``ViTModel`` (``vision.load_dino``). Runs without autograd; source and edit go
+    ``dino``: a transformers ``ViTModel`` (``dino.load_dino``). Runs without autograd; source and edit go
     through DINO in one batch. ``pixel_scale`` multiplies the [0, 1] pixels first (255 = PIE-Bench's code).
     """
     source, edited = align_pair(source, edited)
@@ -314,7 +331,9 @@ def _hw(value: Any, default: int) -> tuple[int, int]:
     return int(edge), int(edge)
 
 
-def load_clip_metric(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> ClipMetric:
+def load_clip_metric(
+    folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> ClipMetric:
     """Load ``CLIPModel`` + tokenizer from a local folder (``local_files_only``), eval mode, frozen.
 
     Preprocessing settings come from the folder's ``preprocessor_config.json`` when present, else from the
@@ -379,7 +398,9 @@ def clip_text_embeds(clip: ClipMetric, texts: Sequence[str]) -> Tensor:
     tok = clip.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
     with torch.no_grad():
         emb = _features(
-            clip.model.get_text_features(input_ids=tok["input_ids"].to(clip.device), attention_mask=tok["attention_mask"].to(clip.device))
+            clip.model.get_text_features(
+                input_ids=tok["input_ids"].to(clip.device), attention_mask=tok["attention_mask"].to(clip.device)
+            )
         ).float()
     return F.normalize(emb, dim=-1)
 
@@ -407,7 +428,9 @@ def clip_score(clip: ClipMetric, images: Tensor, texts: str | Sequence[str]) -> 
     return 100.0 * clip_similarity(clip, images, texts).clamp_min(0)
 
 
-def clip_accuracy(clip: ClipMetric, images: Tensor, source_texts: str | Sequence[str], target_texts: str | Sequence[str]) -> Tensor:
+def clip_accuracy(
+    clip: ClipMetric, images: Tensor, source_texts: str | Sequence[str], target_texts: str | Sequence[str]
+) -> Tensor:
     """1.0 where ``cos(image, target) > cos(image, source)``, else 0.0 (pix2pix-zero's CLIP-Acc per image). ``(B,)``."""
     img = clip_image_embeds(clip, images)
     b = img.shape[0]

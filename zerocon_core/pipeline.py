@@ -48,8 +48,14 @@ REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 #: Timing stages, in report order.
 STAGES = ("load", "caption", "direction", "encode", "inversion", "sampling", "decode")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -163,14 +169,23 @@ class EditResult:
 # The core: invert + guided sampling on ready conditionings (also used by bench/)
 
 
-def default_guidance(prediction_type: str, xa_weight: float | None = None, nce_weight: float | None = None,
-                     xa_layers: str = "all", nce_layers: str = "up") -> tuple[GuidanceTerm, ...]:
+def default_guidance(
+    prediction_type: str,
+    xa_weight: float | None = None,
+    nce_weight: float | None = None,
+    xa_layers: str = "all",
+    nce_layers: str = "up",
+) -> tuple[GuidanceTerm, ...]:
     """Cross-attention (0.1 eps / 0.01 v by default) + PatchNCE (its default weight) terms; weight 0 drops one."""
     xa = XA_DEFAULT.get(prediction_type, 0.1) if xa_weight is None else float(xa_weight)
     terms: list[GuidanceTerm] = []
     if xa > 0:
         terms.append(CrossAttentionGuidance(weight=xa, layers=xa_layers))
-    nce = PatchNCEGuidance(layers=nce_layers) if nce_weight is None else PatchNCEGuidance(weight=float(nce_weight), layers=nce_layers)
+    nce = (
+        PatchNCEGuidance(layers=nce_layers)
+        if nce_weight is None
+        else PatchNCEGuidance(weight=float(nce_weight), layers=nce_layers)
+    )
     if nce.weight > 0:
         terms.append(nce)
     return tuple(terms)
@@ -185,8 +200,9 @@ def _bar(total: int, desc: str, progress: bool):
 
 def sampling_grid(denoiser: Any, steps: int, set_alpha_to_one: bool = False, steps_offset: int = 1) -> Tensor:
     """Descending DDIM sigma grid (``steps + 1`` levels) for ``denoiser``'s schedule, as diffusers' DDIMScheduler."""
-    return ddim_sigmas(denoiser.sigma_table, steps, final="zero" if set_alpha_to_one else "alpha0",
-                       steps_offset=steps_offset)
+    return ddim_sigmas(
+        denoiser.sigma_table, steps, final="zero" if set_alpha_to_one else "alpha0", steps_offset=steps_offset
+    )
 
 
 def invert_and_edit(
@@ -219,22 +235,43 @@ def invert_and_edit(
     x = z0.float() / vp_scale(inv_sigmas[0])
 
     with timings.stage("inversion"), _bar(steps, "inversion", progress) as bar:
+
         def inv_cb(i: int, n: int, _x: Tensor) -> None:
             bar.update(1)
             if step_callback is not None:
                 step_callback("inversion", i, n)
 
-        inv = ddim_invert(denoiser, x, inv_sigmas, source_cond, regularization=regularization, seed=seed,
-                          eval_at=eval_at, keep_trajectory=False, callback=inv_cb)
+        inv = ddim_invert(
+            denoiser,
+            x,
+            inv_sigmas,
+            source_cond,
+            regularization=regularization,
+            seed=seed,
+            eval_at=eval_at,
+            keep_trajectory=False,
+            callback=inv_cb,
+        )
 
     with timings.stage("sampling"), _bar(steps, "sampling", progress) as bar:
+
         def smp_cb(i: int, n: int, _x: Tensor, _x0: Tensor) -> None:
             bar.update(1)
             if step_callback is not None:
                 step_callback("sampling", i, n)
 
-        res = guided_ddim_sample(denoiser, inv.latent, sigmas, source_cond=source_cond, edit_cond=edit_cond,
-                                 cfg=cfg, guidance=guidance, branches=branches, seed=seed, callback=smp_cb)
+        res = guided_ddim_sample(
+            denoiser,
+            inv.latent,
+            sigmas,
+            source_cond=source_cond,
+            edit_cond=edit_cond,
+            cfg=cfg,
+            guidance=guidance,
+            branches=branches,
+            seed=seed,
+            callback=smp_cb,
+        )
     return res.latent * vp_scale(sigmas[-1]), inv, res
 
 
@@ -243,7 +280,7 @@ def invert_and_edit(
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """"auto"/None -> cuda if available, else mps, else cpu; otherwise ``torch.device(device)``."""
+    """ "auto"/None -> cuda if available, else mps, else cpu; otherwise ``torch.device(device)``."""
     if device in (None, "", "auto"):
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -257,7 +294,7 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """"auto"/None -> float16 on GPUs, float32 on the CPU; or a name from ``DTYPES``."""
+    """ "auto"/None -> float16 on GPUs, float32 on the CPU; or a name from ``DTYPES``."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "", "auto"):
@@ -385,8 +422,14 @@ class ZeroConPipeline:
 
             blip = load_blip(blip_folder, device=dev, dtype=torch.float32 if dev.type == "cpu" else dt)
         pipe = cls(unet, vae, te, tok, sched_cfg, text_encoder_2=te2, tokenizer_2=tok2, blip=blip, device=dev)
-        logger.info("loaded %s model from %s (%s, %s, %s-prediction)", "SDXL" if sdxl else "SD", folder, dev,
-                    str(dt).replace("torch.", ""), pipe.prediction_type)
+        logger.info(
+            "loaded %s model from %s (%s, %s, %s-prediction)",
+            "SDXL" if sdxl else "SD",
+            folder,
+            dev,
+            str(dt).replace("torch.", ""),
+            pipe.prediction_type,
+        )
         return pipe
 
     def close(self) -> None:
@@ -409,9 +452,14 @@ class ZeroConPipeline:
         if self.blip is not None:
             from .captioning import caption
 
-            return caption(self.blip, image.permute(0, 2, 3, 1), prefix=options.blip_prefix,
-                           max_new_tokens=options.blip_max_tokens, num_beams=options.blip_beams,
-                           min_new_tokens=options.blip_min_tokens)[0]
+            return caption(
+                self.blip,
+                image.permute(0, 2, 3, 1),
+                prefix=options.blip_prefix,
+                max_new_tokens=options.blip_max_tokens,
+                num_beams=options.blip_beams,
+                min_new_tokens=options.blip_min_tokens,
+            )[0]
         word = options.source or "thing"
         text = f"a photo of a {word}"
         logger.warning("no caption and no BLIP model: using %r as the source prompt (give --caption or --blip)", text)
@@ -423,14 +471,21 @@ class ZeroConPipeline:
             return options.direction
         if options.target_prompt is not None:
             return prompt_difference_direction(self.encode, caption, options.target_prompt)
-        src = list(options.source_sentences) if options.source_sentences is not None else \
-            template_sentences(options.source, options.num_sentences, seed=options.seed)
-        tgt = list(options.target_sentences) if options.target_sentences is not None else \
-            template_sentences(options.target, options.num_sentences, seed=options.seed + 1)
+        src = (
+            list(options.source_sentences)
+            if options.source_sentences is not None
+            else template_sentences(options.source, options.num_sentences, seed=options.seed)
+        )
+        tgt = (
+            list(options.target_sentences)
+            if options.target_sentences is not None
+            else template_sentences(options.target, options.num_sentences, seed=options.seed + 1)
+        )
         return sentence_bank_direction(self.encode, src, tgt, source=options.source or "", target=options.target or "")
 
-    def conditionings(self, caption: str, direction: EditDirection, strength: float,
-                      size: tuple[int, int], orig_size: tuple[int, int]):
+    def conditionings(
+        self, caption: str, direction: EditDirection, strength: float, size: tuple[int, int], orig_size: tuple[int, int]
+    ):
         """``(source_cond, edit_cond)`` TextConds: the caption, and the caption moved along ``direction``."""
         from .denoiser_diffusers import TextCond
 
@@ -440,11 +495,19 @@ class ZeroConPipeline:
         (h, w), (oh, ow) = size, orig_size
         time_ids = torch.tensor([[oh, ow, 0, 0, h, w]], dtype=torch.float32)
         edit_embeds, edit_pooled = apply_direction(embeds, direction, strength, pooled)
-        return (TextCond(embeds, {"text_embeds": pooled, "time_ids": time_ids}),
-                TextCond(edit_embeds, {"text_embeds": edit_pooled, "time_ids": time_ids}))
+        return (
+            TextCond(embeds, {"text_embeds": pooled, "time_ids": time_ids}),
+            TextCond(edit_embeds, {"text_embeds": edit_pooled, "time_ids": time_ids}),
+        )
 
-    def edit(self, image: Tensor | str | os.PathLike, options: EditOptions, *, progress: bool = True,
-             timings: Timings | None = None) -> EditResult:
+    def edit(
+        self,
+        image: Tensor | str | os.PathLike,
+        options: EditOptions,
+        *,
+        progress: bool = True,
+        timings: Timings | None = None,
+    ) -> EditResult:
         """Run the whole edit on ``image`` (a path, or (1, 3, H, W) in [0, 1]); see the module docstring."""
         options.validate()
         timings = timings if timings is not None else Timings(self._sync)
@@ -464,17 +527,26 @@ class ZeroConPipeline:
             src_cond, edit_cond = self.conditionings(caption, direction, options.strength, work_size, input_size)
             z0 = encode_latents(self.vae, work, options.posterior, options.seed)
 
-        guidance = default_guidance(self.prediction_type, options.xa_weight, options.nce_weight,
-                                    options.xa_layers, options.nce_layers)
+        guidance = default_guidance(
+            self.prediction_type, options.xa_weight, options.nce_weight, options.xa_layers, options.nce_layers
+        )
         logger.info("guidance: %s", ", ".join(f"{type(t).__name__}(weight={t.weight:g})" for t in guidance) or "none")
         z, inv, res = invert_and_edit(
-            self.denoiser, z0.to(self.device), src_cond, edit_cond,
-            steps=options.steps, cfg=options.cfg, guidance=guidance,
+            self.denoiser,
+            z0.to(self.device),
+            src_cond,
+            edit_cond,
+            steps=options.steps,
+            cfg=options.cfg,
+            guidance=guidance,
             regularization=NoiseRegularization() if options.regularization else None,
-            seed=options.seed, eval_at=options.eval_at, branches=options.branches,
+            seed=options.seed,
+            eval_at=options.eval_at,
+            branches=options.branches,
             set_alpha_to_one=bool(self.scheduler_config.get("set_alpha_to_one", False)),
             steps_offset=int(self.scheduler_config.get("steps_offset", 1) or 0),
-            timings=timings, progress=progress,
+            timings=timings,
+            progress=progress,
         )
         if not torch.isfinite(z).all():
             raise FloatingPointError("guided sampling produced NaN/Inf (try a lower --xa-weight / --nce-weight)")

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from .denoiser import CaptureRequest, Denoiser, Prediction
+from .diffuseit_start import renoise
 from .guidance import GuidanceTerm, StepContext
 from .log import logger
-from .resample import renoise
 
 STEP_MODES = ("raw", "normalized")
 BRANCHES = ("edit", "both")
@@ -149,8 +149,22 @@ def guided_ddim_sample(
                     x = renoise(x, s_next, s, noise_gen)
                 if active:
                     x = _guidance_step(
-                        denoiser, x, s, i, n, active, ref_preds, neg, edit_cond, branches, step_mode, step_size,
-                        gen, result, s_next, state,
+                        denoiser,
+                        x,
+                        s,
+                        i,
+                        n,
+                        active,
+                        ref_preds,
+                        neg,
+                        edit_cond,
+                        branches,
+                        step_mode,
+                        step_size,
+                        gen,
+                        result,
+                        s_next,
+                        state,
                     )
 
                 with torch.no_grad():
@@ -164,7 +178,9 @@ def guided_ddim_sample(
     result.latent = x
     result.reference = x_ref if ref_until == n else None
     if result.skipped:
-        logger.warning("guidance skipped at %d of %d steps (non-finite gradient): %s", len(result.skipped), n, result.skipped)
+        logger.warning(
+            "guidance skipped at %d of %d steps (non-finite gradient): %s", len(result.skipped), n, result.skipped
+        )
     return result
 
 

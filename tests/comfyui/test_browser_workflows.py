@@ -62,8 +62,10 @@ needs_browser = pytest.mark.skipif(WHY_NOT is not None, reason=f"browser workflo
 def session():
     from conftest import COMFYUI
 
-    _report(f"RUNNING: {len(FILES)} workflows ({', '.join(f.stem for f in FILES)}) in ComfyUI {COMFYUI} "
-            f"with {sys.executable} and {harness.find_chromium()}")
+    _report(
+        f"RUNNING: {len(FILES)} workflows ({', '.join(f.stem for f in FILES)}) in ComfyUI {COMFYUI} "
+        f"with {sys.executable} and {harness.find_chromium()}"
+    )
     s = harness.start_session(COMFYUI, sys.executable, log=_log)
     failed = True
     try:
@@ -138,7 +140,9 @@ def test_missing_blip_folder_error_names_folder_and_model(session):
     wf = json.loads(path.read_text())
     harness.check_loaded(session, wf, path.stem)
     harness.apply_speed_overrides(session)
-    session.frontend.set_widgets([{"type": "ZeroConBLIPLoader", "name": "model", "value": "blip-image-captioning-large"}])
+    session.frontend.set_widgets(
+        [{"type": "ZeroConBLIPLoader", "name": "model", "value": "blip-image-captioning-large"}]
+    )
     res = session.frontend.queue()
     assert res["ok"] and not res["response"].get("node_errors"), res
     entry = session.server.wait_history(res["response"]["prompt_id"], timeout=600)
@@ -155,7 +159,9 @@ def test_missing_clip_metric_folder_names_the_right_model(session):
     wf = json.loads(path.read_text())
     harness.check_loaded(session, wf, path.stem)
     harness.apply_speed_overrides(session)
-    session.frontend.set_widgets([{"type": "ZeroConCLIPMetricLoader", "name": "model", "value": "clip-vit-base-patch16"}])
+    session.frontend.set_widgets(
+        [{"type": "ZeroConCLIPMetricLoader", "name": "model", "value": "clip-vit-base-patch16"}]
+    )
     res = session.frontend.queue()
     assert res["ok"] and not res["response"].get("node_errors"), res
     entry = session.server.wait_history(res["response"]["prompt_id"], timeout=600)

@@ -31,8 +31,13 @@ from test_metrics_node import save_tiny_dino
 SIZE = 64  # pixels; latent 8 x 8 with the tiny 8x VAE
 DINO_NAME = "tiny-dino"
 #: PNGs written to the temporary input directory: name -> (width, height, seed).
-IMAGES = {"source.png": (SIZE, SIZE, 1), "reference.png": (SIZE, SIZE, 2), "reference_small.png": (56, 40, 3),
-          "reference_large.png": (128, 96, 4), "source_large.png": (2 * SIZE, 2 * SIZE, 1)}
+IMAGES = {
+    "source.png": (SIZE, SIZE, 1),
+    "reference.png": (SIZE, SIZE, 2),
+    "reference_small.png": (56, 40, 3),
+    "reference_large.png": (128, 96, 4),
+    "source_large.png": (2 * SIZE, 2 * SIZE, 1),
+}
 
 
 def _save_random_taesd(folder, seed: int = 0) -> None:
@@ -98,27 +103,61 @@ def graph_env(tmp_path_factory):
 
 
 def _sampler(latent, guidance, steps: int = 6, strength: float = 0.5, resample: int = 2, seed: int = 3) -> dict:
-    return {"class_type": "ZeroConDiffuseITSampler",
-            "inputs": {"model": ["ckpt", 0], "positive": ["positive", 0], "negative": ["negative", 0],
-                       "latent": [latent, 0], "guidance": [guidance, 0], "steps": steps, "cfg": 3.0,
-                       "strength": strength, "resample": resample, "seed": seed, "step_mode": "raw",
-                       "step_size": 0.02}}
+    return {
+        "class_type": "ZeroConDiffuseITSampler",
+        "inputs": {
+            "model": ["ckpt", 0],
+            "positive": ["positive", 0],
+            "negative": ["negative", 0],
+            "latent": [latent, 0],
+            "guidance": [guidance, 0],
+            "steps": steps,
+            "cfg": 3.0,
+            "strength": strength,
+            "resample": resample,
+            "seed": seed,
+            "step_mode": "raw",
+            "step_size": 0.02,
+        },
+    }
 
 
-def _structure(image: str, weight: float = 1.0, dino_size: int = 32, previous: str | None = None,
-               vae: list | None = None) -> dict:
-    inputs = {"model": ["ckpt", 0], "vae": vae or ["ckpt", 2], "dino": ["dino", 0], "image": [image, 0], "weight": weight,
-              "lambda_ssim": 1000.0, "lambda_contrastive": 200.0, "lambda_semantic": 100.0, "lambda_range": 200.0,
-              "dino_size": dino_size, "noise_blend": False, "start": 0.0, "end": 1.0}
+def _structure(
+    image: str, weight: float = 1.0, dino_size: int = 32, previous: str | None = None, vae: list | None = None
+) -> dict:
+    inputs = {
+        "model": ["ckpt", 0],
+        "vae": vae or ["ckpt", 2],
+        "dino": ["dino", 0],
+        "image": [image, 0],
+        "weight": weight,
+        "lambda_ssim": 1000.0,
+        "lambda_contrastive": 200.0,
+        "lambda_semantic": 100.0,
+        "lambda_range": 200.0,
+        "dino_size": dino_size,
+        "noise_blend": False,
+        "start": 0.0,
+        "end": 1.0,
+    }
     if previous:
         inputs["previous"] = [previous, 0]
     return {"class_type": "ZeroConDinoStructureGuidance", "inputs": inputs}
 
 
 def _style(reference: str, weight: float = 1.0, dino_size: int = 32, previous: str | None = None) -> dict:
-    inputs = {"model": ["ckpt", 0], "vae": ["ckpt", 2], "dino": ["dino", 0], "reference": [reference, 0],
-              "weight": weight, "lambda_cls": 2000.0, "lambda_pixel": 3000.0, "dino_size": dino_size,
-              "start": 0.0, "end": 1.0}
+    inputs = {
+        "model": ["ckpt", 0],
+        "vae": ["ckpt", 2],
+        "dino": ["dino", 0],
+        "reference": [reference, 0],
+        "weight": weight,
+        "lambda_cls": 2000.0,
+        "lambda_pixel": 3000.0,
+        "dino_size": dino_size,
+        "start": 0.0,
+        "end": 1.0,
+    }
     if previous:
         inputs["previous"] = [previous, 0]
     return {"class_type": "ZeroConDinoStyleGuidance", "inputs": inputs}
@@ -128,8 +167,10 @@ def _base(positive: str, negative: str = "") -> dict:
     """Checkpoint, DINO, the source image and its latent, the two prompts."""
     return {
         "ckpt": {"class_type": "ZeroConTest_TinyCheckpoint", "inputs": {"kind": "sd15", "seed": 0}},
-        "dino": {"class_type": "ZeroConDINOLoader",
-                 "inputs": {"model": DINO_NAME, "precision": "fp32", "device": "cpu", "allow_download": False}},
+        "dino": {
+            "class_type": "ZeroConDINOLoader",
+            "inputs": {"model": DINO_NAME, "precision": "fp32", "device": "cpu", "allow_download": False},
+        },
         "source": {"class_type": "LoadImage", "inputs": {"image": "source.png"}},
         "latent": {"class_type": "VAEEncode", "inputs": {"pixels": ["source", 0], "vae": ["ckpt", 2]}},
         "positive": {"class_type": "CLIPTextEncode", "inputs": {"text": positive, "clip": ["ckpt", 1]}},
@@ -141,8 +182,10 @@ def _outputs(graph: dict, sample: str, key: str) -> None:
     """VAE Decode ``sample`` and capture the image under ``key`` and the latent under ``key + '_latent'``."""
     graph[f"decode_{key}"] = {"class_type": "VAEDecode", "inputs": {"samples": [sample, 0], "vae": ["ckpt", 2]}}
     graph[f"cap_{key}"] = {"class_type": "ZeroConTest_Capture", "inputs": {"value": [f"decode_{key}", 0], "key": key}}
-    graph[f"cap_{key}_latent"] = {"class_type": "ZeroConTest_Capture",
-                                  "inputs": {"value": [sample, 0], "key": f"{key}_latent"}}
+    graph[f"cap_{key}_latent"] = {
+        "class_type": "ZeroConTest_Capture",
+        "inputs": {"value": [sample, 0], "key": f"{key}_latent"},
+    }
 
 
 def image_guided_graph(reference: str = "reference.png", structure_image: str = "source") -> dict:
@@ -201,8 +244,12 @@ def test_image_guided_diffuseit_graph(graph_env):
     assert {"dino", "source", "reference", "latent", "structure", "style", "sample", "decode_edit"} <= _executed(server)
     _check_pair(captured)
     terms = captured["guidance"]
-    assert [type(t).__name__ for t in terms] == ["DinoStructureGuidance", "SemanticDivergenceGuidance", "RangeGuidance",
-                                                  "DinoStyleGuidance"]
+    assert [type(t).__name__ for t in terms] == [
+        "DinoStructureGuidance",
+        "SemanticDivergenceGuidance",
+        "RangeGuidance",
+        "DinoStyleGuidance",
+    ]
     assert all(t.decode.vae.first_stage_model is terms[0].decode.vae.first_stage_model for t in terms)
 
 
@@ -210,7 +257,9 @@ def test_text_guided_diffuseit_graph(graph_env):
     captured = graph_env
     captured.clear()
     server = execute_in_process(text_guided_graph())
-    assert {"dino", "taesd", "positive", "negative", "latent", "structure", "sample", "decode_edit"} <= _executed(server)
+    assert {"dino", "taesd", "positive", "negative", "latent", "structure", "sample", "decode_edit"} <= _executed(
+        server
+    )
     _check_pair(captured)
     terms = captured["guidance"]
     assert [type(t).__name__ for t in terms] == ["DinoStructureGuidance", "SemanticDivergenceGuidance", "RangeGuidance"]
@@ -219,8 +268,10 @@ def test_text_guided_diffuseit_graph(graph_env):
 
 @pytest.mark.parametrize(
     "reference, structure_image",
-    [("reference_small.png", "source"),  # smaller, landscape 56 x 40
-     ("reference_large.png", "source_large")],  # larger, 128 x 96; structure from a 2x copy of the source
+    [
+        ("reference_small.png", "source"),  # smaller, landscape 56 x 40
+        ("reference_large.png", "source_large"),
+    ],  # larger, 128 x 96; structure from a 2x copy of the source
 )
 def test_images_of_other_sizes_are_resized(graph_env, reference, structure_image):
     captured = graph_env

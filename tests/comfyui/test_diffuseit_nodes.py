@@ -27,8 +27,15 @@ def dino(vision_nodes):
     """A tiny DINO-layout ViT built under inference mode (as the loader does), wrapped like a ZEROCON_DINO link."""
     from transformers import ViTConfig, ViTModel
 
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=224,
-                    patch_size=8, layer_norm_eps=1e-6)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=224,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+    )
     with torch.inference_mode():
         torch.manual_seed(0)
         vit = ViTModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
@@ -53,22 +60,57 @@ def encode(vae, img) -> dict:
 
 
 def structure(dn, run, model, vae, dino, img, **over):
-    kw = dict(model=model, vae=vae, dino=dino, image=img, weight=1.0, lambda_ssim=1000.0, lambda_contrastive=200.0,
-              lambda_semantic=100.0, lambda_range=200.0, dino_size=32, noise_blend=False, start=0.0, end=1.0)
+    kw = dict(
+        model=model,
+        vae=vae,
+        dino=dino,
+        image=img,
+        weight=1.0,
+        lambda_ssim=1000.0,
+        lambda_contrastive=200.0,
+        lambda_semantic=100.0,
+        lambda_range=200.0,
+        dino_size=32,
+        noise_blend=False,
+        start=0.0,
+        end=1.0,
+    )
     kw.update(over)
     return run(dn.ZeroConDinoStructureGuidance, **kw)[0]
 
 
 def style(dn, run, model, vae, dino, ref, **over):
-    kw = dict(model=model, vae=vae, dino=dino, reference=ref, weight=1.0, lambda_cls=2000.0, lambda_pixel=3000.0,
-              dino_size=32, start=0.0, end=1.0)
+    kw = dict(
+        model=model,
+        vae=vae,
+        dino=dino,
+        reference=ref,
+        weight=1.0,
+        lambda_cls=2000.0,
+        lambda_pixel=3000.0,
+        dino_size=32,
+        start=0.0,
+        end=1.0,
+    )
     kw.update(over)
     return run(dn.ZeroConDinoStyleGuidance, **kw)[0]
 
 
 def sample(dn, run, model, latent, guidance, **over):
-    kw = dict(model=model, positive=tm.conditioning(1), negative=tm.conditioning(2), latent=latent, guidance=guidance,
-              steps=6, cfg=3.0, strength=0.5, resample=2, seed=3, step_mode="raw", step_size=0.02)
+    kw = dict(
+        model=model,
+        positive=tm.conditioning(1),
+        negative=tm.conditioning(2),
+        latent=latent,
+        guidance=guidance,
+        steps=6,
+        cfg=3.0,
+        strength=0.5,
+        resample=2,
+        seed=3,
+        step_mode="raw",
+        step_size=0.02,
+    )
     kw.update(over)
     return run(dn.ZeroConDiffuseITSampler, **kw)[0]
 
@@ -114,8 +156,9 @@ def test_diffuseit_sampler_end_to_end(dn, run, sd15_model, vae, dino):
     lat = encode(vae, src)
     modules = (vae.first_stage_model, dino.model)
     before = [[(id(p), p.is_inference(), p.requires_grad, p.data_ptr()) for p in m.parameters()] for m in modules]
-    guidance = style(dn, run, sd15_model, vae, dino, image(5, h=48, w=48),
-                     previous=structure(dn, run, sd15_model, vae, dino, src))
+    guidance = style(
+        dn, run, sd15_model, vae, dino, image(5, h=48, w=48), previous=structure(dn, run, sd15_model, vae, dino, src)
+    )
     plain = sample(dn, run, sd15_model, lat, structure(dn, run, sd15_model, vae, dino, src, weight=0.0))
     out = sample(dn, run, sd15_model, lat, guidance)
     again = sample(dn, run, sd15_model, lat, guidance)
@@ -174,7 +217,8 @@ def test_dino_terms_compose_with_zerocon_guided_sampler(zc, dn, run, sd15_model,
     _, inversion, _ = h.invert(zc, run, sd15_model, lat, cap)
     xa = h.guidance(zc, run, nce=0.0)
     plain, _ = h.guided(zc, run, sd15_model, inversion, edit, guidance=xa)
-    both, recon = h.guided(zc, run, sd15_model, inversion, edit,
-                           guidance=structure(dn, run, sd15_model, vae, dino, src, previous=xa))
+    both, recon = h.guided(
+        zc, run, sd15_model, inversion, edit, guidance=structure(dn, run, sd15_model, vae, dino, src, previous=xa)
+    )
     assert torch.isfinite(both["samples"]).all() and torch.isfinite(recon["samples"]).all()
     assert not torch.equal(both["samples"], plain["samples"])

@@ -42,36 +42,98 @@ def build_graph(kind: str = "sd15", blip: str = "tiny-blip") -> dict:
     """The API-format prompt (what the UI POSTs to /prompt)."""
     return {
         "ckpt": {"class_type": "ZeroConTest_TinyCheckpoint", "inputs": {"kind": kind, "seed": 0}},
-        "image": {"class_type": "ZeroConTest_Image", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1, "seed": 1}},
-        "blip": {"class_type": "ZeroConBLIPLoader",
-                 "inputs": {"model": blip, "precision": "fp32", "device": "cpu", "allow_download": False}},
-        "caption": {"class_type": "ZeroConBLIPCaption",
-                    "inputs": {"blip": ["blip", 0], "image": ["image", 0], "prefix": "a photography of",
-                               "max_new_tokens": 4, "min_new_tokens": 0, "num_beams": 1}},
+        "image": {
+            "class_type": "ZeroConTest_Image",
+            "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1, "seed": 1},
+        },
+        "blip": {
+            "class_type": "ZeroConBLIPLoader",
+            "inputs": {"model": blip, "precision": "fp32", "device": "cpu", "allow_download": False},
+        },
+        "caption": {
+            "class_type": "ZeroConBLIPCaption",
+            "inputs": {
+                "blip": ["blip", 0],
+                "image": ["image", 0],
+                "prefix": "a photography of",
+                "max_new_tokens": 4,
+                "min_new_tokens": 0,
+                "num_beams": 1,
+            },
+        },
         "source": {"class_type": "CLIPTextEncode", "inputs": {"text": ["caption", 0], "clip": ["ckpt", 1]}},
-        "direction": {"class_type": "ZeroConEditDirection",
-                      "inputs": {"clip": ["ckpt", 1], "source": "cat", "target": "dog", "mode": "sentence bank",
-                                 "num_sentences": 4, "batch_size": 4, "source_sentences": "", "target_sentences": ""}},
-        "edited": {"class_type": "ZeroConApplyEditDirection",
-                   "inputs": {"conditioning": ["source", 0], "direction": ["direction", 0], "strength": 1.0}},
+        "direction": {
+            "class_type": "ZeroConEditDirection",
+            "inputs": {
+                "clip": ["ckpt", 1],
+                "source": "cat",
+                "target": "dog",
+                "mode": "sentence bank",
+                "num_sentences": 4,
+                "batch_size": 4,
+                "source_sentences": "",
+                "target_sentences": "",
+            },
+        },
+        "edited": {
+            "class_type": "ZeroConApplyEditDirection",
+            "inputs": {"conditioning": ["source", 0], "direction": ["direction", 0], "strength": 1.0},
+        },
         "latent": {"class_type": "VAEEncode", "inputs": {"pixels": ["image", 0], "vae": ["ckpt", 2]}},
-        "invert": {"class_type": "ZeroConDDIMInversion",
-                   "inputs": {"model": ["ckpt", 0], "latent": ["latent", 0], "conditioning": ["source", 0],
-                              "steps": STEPS, "cfg": 1.0, "regularize": True, "lambda_ac": 20.0, "lambda_kl": 20.0,
-                              "reg_outer": 1, "reg_rolls": 1, "seed": 0}},
-        "xattn": {"class_type": "ZeroConCrossAttentionGuidance",
-                  "inputs": {"weight": -1.0, "layers": "all", "start": 0.0, "end": 1.0}},
-        "nce": {"class_type": "ZeroConPatchNCEGuidance",
-                "inputs": {"weight": -1.0, "layers": "up", "patches": 16, "tau": 0.07, "patch_sizes": "1,2",
-                           "start": 0.0, "end": 1.0, "previous": ["xattn", 0]}},
-        "sample": {"class_type": "ZeroConGuidedSampler",
-                   "inputs": {"model": ["ckpt", 0], "inversion": ["invert", 1], "edited": ["edited", 0], "cfg": 5.0,
-                              "step_mode": "raw", "step_size": 0.02, "branches": "edit", "seed": 0,
-                              "guidance": ["nce", 0]}},
+        "invert": {
+            "class_type": "ZeroConDDIMInversion",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "latent": ["latent", 0],
+                "conditioning": ["source", 0],
+                "steps": STEPS,
+                "cfg": 1.0,
+                "regularize": True,
+                "lambda_ac": 20.0,
+                "lambda_kl": 20.0,
+                "reg_outer": 1,
+                "reg_rolls": 1,
+                "seed": 0,
+            },
+        },
+        "xattn": {
+            "class_type": "ZeroConCrossAttentionGuidance",
+            "inputs": {"weight": -1.0, "layers": "all", "start": 0.0, "end": 1.0},
+        },
+        "nce": {
+            "class_type": "ZeroConPatchNCEGuidance",
+            "inputs": {
+                "weight": -1.0,
+                "layers": "up",
+                "patches": 16,
+                "tau": 0.07,
+                "patch_sizes": "1,2",
+                "start": 0.0,
+                "end": 1.0,
+                "previous": ["xattn", 0],
+            },
+        },
+        "sample": {
+            "class_type": "ZeroConGuidedSampler",
+            "inputs": {
+                "model": ["ckpt", 0],
+                "inversion": ["invert", 1],
+                "edited": ["edited", 0],
+                "cfg": 5.0,
+                "step_mode": "raw",
+                "step_size": 0.02,
+                "branches": "edit",
+                "seed": 0,
+                "guidance": ["nce", 0],
+            },
+        },
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
         "decode_ref": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 1], "vae": ["ckpt", 2]}},
         "cap_edit": {"class_type": "ZeroConTest_Capture", "inputs": {"value": ["decode", 0], "key": "edit"}},
-        "cap_ref": {"class_type": "ZeroConTest_Capture", "inputs": {"value": ["decode_ref", 0], "key": "reconstruction"}},
+        "cap_ref": {
+            "class_type": "ZeroConTest_Capture",
+            "inputs": {"value": ["decode_ref", 0], "key": "reconstruction"},
+        },
         "cap_caption": {"class_type": "ZeroConTest_Capture", "inputs": {"value": ["caption", 0], "key": "caption"}},
         "cap_xt": {"class_type": "ZeroConTest_Capture", "inputs": {"value": ["invert", 0], "key": "x_t"}},
     }
@@ -194,24 +256,47 @@ def server(tmp_path_factory):
     port = _free_port()
     log = open(base / "server.log", "w")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(base), "--user-directory", str(base / "user"),
-           "--temp-directory", str(base / "temp"), "--output-directory", str(base / "output"),
-           "--input-directory", str(base / "input"), "--database-url", "sqlite:///:memory:",
-           "--disable-auto-launch", "--preview-method", "none"]
+    cmd = [
+        sys.executable,
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base),
+        "--user-directory",
+        str(base / "user"),
+        "--temp-directory",
+        str(base / "temp"),
+        "--output-directory",
+        str(base / "output"),
+        "--input-directory",
+        str(base / "input"),
+        "--database-url",
+        "sqlite:///:memory:",
+        "--disable-auto-launch",
+        "--preview-method",
+        "none",
+    ]
     proc = subprocess.Popen(cmd, cwd=COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"ComfyUI exited ({proc.returncode}):\n{(base / 'server.log').read_text()[-6000:]}")
+                raise AssertionError(
+                    f"ComfyUI exited ({proc.returncode}):\n{(base / 'server.log').read_text()[-6000:]}"
+                )
             try:
                 _get(f"{url}/system_stats", timeout=5)
                 break
             except (urllib.error.URLError, ConnectionError, OSError):
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"ComfyUI did not start:\n{(base / 'server.log').read_text()[-6000:]}") from None
+                    raise AssertionError(
+                        f"ComfyUI did not start:\n{(base / 'server.log').read_text()[-6000:]}"
+                    ) from None
                 time.sleep(1)
         yield url, base / "server.log"
     finally:
@@ -228,16 +313,27 @@ def test_server_object_info_lists_every_node(server):
     url, log = server
     info = _get(f"{url}/object_info", timeout=120)
     ours = {k: v for k, v in info.items() if k.startswith("ZeroCon") and not k.startswith("ZeroConTest_")}
-    for node_id in ("ZeroConBLIPLoader", "ZeroConBLIPCaption", "ZeroConEditDirection", "ZeroConApplyEditDirection",
-                    "ZeroConSaveEditDirection", "ZeroConLoadEditDirection", "ZeroConDDIMInversion",
-                    "ZeroConGuidedSampler", "ZeroConGuider", "ZeroConGuidedDDIMSampler"):
+    for node_id in (
+        "ZeroConBLIPLoader",
+        "ZeroConBLIPCaption",
+        "ZeroConEditDirection",
+        "ZeroConApplyEditDirection",
+        "ZeroConSaveEditDirection",
+        "ZeroConLoadEditDirection",
+        "ZeroConDDIMInversion",
+        "ZeroConGuidedSampler",
+        "ZeroConGuider",
+        "ZeroConGuidedDDIMSampler",
+    ):
         assert node_id in ours, node_id
     for node_id, v in ours.items():
         assert v["python_module"] == "custom_nodes.ComfyUI-ZeroCon", (node_id, v["python_module"])
         assert v["category"] == "image/translation/zerocon"
     assert "tiny-blip" in info["ZeroConBLIPLoader"]["input"]["required"]["model"][1]["options"]
     text = log.read_text()
-    assert "IMPORT FAILED" not in "\n".join(ln for ln in text.splitlines() if "ZeroCon" in ln or "zerocon" in ln), text[-4000:]
+    assert "IMPORT FAILED" not in "\n".join(ln for ln in text.splitlines() if "ZeroCon" in ln or "zerocon" in ln), text[
+        -4000:
+    ]
 
 
 def test_server_runs_the_graph(server):

@@ -31,22 +31,48 @@ def save_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> str:
     tokens = ["<|startoftext|>", "<|endoftext|>"] + list(_CHARS) + [c + "</w>" for c in _CHARS]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
-        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
+    )
     tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id)
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                  patch_size=8)
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+    )
     torch.manual_seed(seed)
     with torch.inference_mode(False):
         CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "crop_size": {"height": 32, "width": 32}, "size": {"shortest_edge": 32}, "do_center_crop": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps(
+            {
+                "crop_size": {"height": 32, "width": 32},
+                "size": {"shortest_edge": 32},
+                "do_center_crop": True,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711],
+            }
+        )
+    )
     return str(folder)
 
 
@@ -55,8 +81,15 @@ def save_tiny_dino(folder: str | os.PathLike, seed: int = 0) -> str:
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(seed)
-    cfg = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=224,
-                    patch_size=8, layer_norm_eps=1e-6)
+    cfg = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=224,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+    )
     with torch.inference_mode(False):
         ViTModel(cfg, add_pooling_layer=False).save_pretrained(str(folder))
     return str(folder)
@@ -105,7 +138,9 @@ def model_dirs(tmp_path, monkeypatch, mn):
 def loaded(model_dirs, mn, vn):
     save_tiny_clip(model_dirs / mn.CLIP_METRIC / "tiny-clip")
     save_tiny_dino(model_dirs / "dino" / "tiny-dino")
-    (clip,) = run_node(mn.ZeroConCLIPMetricLoader, model="tiny-clip", precision="fp32", device="cpu", allow_download=False)
+    (clip,) = run_node(
+        mn.ZeroConCLIPMetricLoader, model="tiny-clip", precision="fp32", device="cpu", allow_download=False
+    )
     (dino,) = run_node(vn.ZeroConDINOLoader, model="tiny-dino", precision="fp32", device="cpu", allow_download=False)
     return clip, dino
 
@@ -134,11 +169,24 @@ def test_schemas_have_tooltips_prefixed_ids_and_category(mn, vn):
 def test_metrics_node_matches_core(loaded, mn, zm):
     clip, dino = loaded
     src, edt = comfy_image(0, 2), comfy_image(1, 2)
-    out = run_node(mn.ZeroConEditMetrics, source_image=src, edited_image=edt, source_text="a photo of a cat",
-                   target_text="a photo of a dog", clip_metric=clip, dino=dino)
+    out = run_node(
+        mn.ZeroConEditMetrics,
+        source_image=src,
+        edited_image=edt,
+        source_text="a photo of a cat",
+        target_text="a photo of a dog",
+        clip_metric=clip,
+        dino=dino,
+    )
     assert len(out) == 7 and isinstance(out[-1], str)
-    want = zm.edit_metrics(src.permute(0, 3, 1, 2), edt.permute(0, 3, 1, 2), "a photo of a cat", "a photo of a dog",
-                           clip=clip.model, dino=dino.model)
+    want = zm.edit_metrics(
+        src.permute(0, 3, 1, 2),
+        edt.permute(0, 3, 1, 2),
+        "a photo of a cat",
+        "a photo of a dog",
+        clip=clip.model,
+        dino=dino.model,
+    )
     names = ("clip_score", "clip_accuracy", "structure_distance", "bg_psnr", "bg_ssim", "bg_mse")
     for name, got in zip(names, out[:6]):
         assert isinstance(got, float)
@@ -153,18 +201,33 @@ def test_identical_images_and_mask(loaded, mn):
     mask = torch.zeros(1, 32, 32)
     mask[:, 8:24, 8:24] = 1.0
     edt[:, 8:24, 8:24, :] = 1.0 - edt[:, 8:24, 8:24, :]  # the edit stays inside the mask
-    _, _, sd, psnr, ssim, mse, text = run_node(mn.ZeroConEditMetrics, source_image=src, edited_image=edt,
-                                               source_text="a", target_text="b", mask=mask, dino=dino)
+    _, _, sd, psnr, ssim, mse, text = run_node(
+        mn.ZeroConEditMetrics,
+        source_image=src,
+        edited_image=edt,
+        source_text="a",
+        target_text="b",
+        mask=mask,
+        dino=dino,
+    )
     assert psnr == math.inf and mse == 0.0 and 0.0 < ssim < 1.0 and sd > 0
     assert "background (mask == 0)" in text
-    same = run_node(mn.ZeroConEditMetrics, source_image=src, edited_image=src, source_text="a", target_text="b",
-                    clip_metric=clip, dino=dino)
+    same = run_node(
+        mn.ZeroConEditMetrics,
+        source_image=src,
+        edited_image=src,
+        source_text="a",
+        target_text="b",
+        clip_metric=clip,
+        dino=dino,
+    )
     assert same[2] == 0.0 and same[3] == math.inf and same[4] == pytest.approx(1.0) and same[5] == 0.0
 
 
 def test_without_models_clip_and_structure_are_nan(mn):
-    out = run_node(mn.ZeroConEditMetrics, source_image=comfy_image(0), edited_image=comfy_image(1), source_text="",
-                   target_text="")
+    out = run_node(
+        mn.ZeroConEditMetrics, source_image=comfy_image(0), edited_image=comfy_image(1), source_text="", target_text=""
+    )
     assert math.isnan(out[0]) and math.isnan(out[1]) and math.isnan(out[2])
     assert math.isfinite(out[3]) and math.isfinite(out[4])
     assert "n/a (connect a ZeroCon CLIP Metric Loader)" in out[-1] and "n/a (connect a ZeroCon DINO Loader)" in out[-1]
@@ -172,15 +235,31 @@ def test_without_models_clip_and_structure_are_nan(mn):
 
 def test_bad_inputs(mn, caplog):
     with pytest.raises(ValueError, match="mask is 16x16 but the source image is 32x32"):
-        run_node(mn.ZeroConEditMetrics, source_image=comfy_image(0), edited_image=comfy_image(1), source_text="",
-                 target_text="", mask=torch.zeros(1, 16, 16))
+        run_node(
+            mn.ZeroConEditMetrics,
+            source_image=comfy_image(0),
+            edited_image=comfy_image(1),
+            source_text="",
+            target_text="",
+            mask=torch.zeros(1, 16, 16),
+        )
     with caplog.at_level(logging.WARNING, logger="zerocon"):
-        out = run_node(mn.ZeroConEditMetrics, source_image=comfy_image(0), edited_image=comfy_image(1, h=64, w=64),
-                       source_text="", target_text="")
+        out = run_node(
+            mn.ZeroConEditMetrics,
+            source_image=comfy_image(0),
+            edited_image=comfy_image(1, h=64, w=64),
+            source_text="",
+            target_text="",
+        )
     assert "resizing the edited image" in caplog.text and math.isfinite(out[3])
     with pytest.raises(ValueError, match="batch sizes differ"):
-        run_node(mn.ZeroConEditMetrics, source_image=comfy_image(0, 2), edited_image=comfy_image(1, 3), source_text="",
-                 target_text="")
+        run_node(
+            mn.ZeroConEditMetrics,
+            source_image=comfy_image(0, 2),
+            edited_image=comfy_image(1, 3),
+            source_text="",
+            target_text="",
+        )
 
 
 def test_loaders_missing_folder_name_folder_and_model_id(mn, vn, model_dirs):
@@ -189,8 +268,13 @@ def test_loaders_missing_folder_name_folder_and_model_id(mn, vn, model_dirs):
     msg = str(err.value)
     assert str(model_dirs / "dino" / "dino-vitb8") in msg and "facebook/dino-vitb8" in msg and "HF_HUB_OFFLINE" in msg
     with pytest.raises(FileNotFoundError) as err:
-        run_node(mn.ZeroConCLIPMetricLoader, model="clip-vit-large-patch14", precision="fp32", device="cpu",
-                 allow_download=False)
+        run_node(
+            mn.ZeroConCLIPMetricLoader,
+            model="clip-vit-large-patch14",
+            precision="fp32",
+            device="cpu",
+            allow_download=False,
+        )
     msg = str(err.value)
     assert str(model_dirs / "clip_metric" / "clip-vit-large-patch14") in msg
     assert "openai/clip-vit-large-patch14" in msg and "allow_download is off" in msg
@@ -212,7 +296,9 @@ def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monk
     monkeypatch.setattr(vn, "offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
-        (dino,) = run_node(vn.ZeroConDINOLoader, model="dino-vitb8", precision="fp32", device="cpu", allow_download=True)
+        (dino,) = run_node(
+            vn.ZeroConDINOLoader, model="dino-vitb8", precision="fp32", device="cpu", allow_download=True
+        )
     assert calls == [("facebook/dino-vitb8", str(model_dirs / "dino" / "dino-vitb8"))]
     assert dino.name == "dino-vitb8"
 

@@ -35,8 +35,24 @@ SAMPLING_NODES = {
     "ZeroConPatchNCEGuidance",
 }
 CATEGORY = "image/translation/zerocon"
-CORE_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "LATENT", "IMAGE", "STRING", "INT", "FLOAT", "BOOLEAN",
-              "COMBO", "SIGMAS", "SAMPLER", "GUIDER", "MASK", "NOISE"}
+CORE_TYPES = {
+    "MODEL",
+    "CLIP",
+    "VAE",
+    "CONDITIONING",
+    "LATENT",
+    "IMAGE",
+    "STRING",
+    "INT",
+    "FLOAT",
+    "BOOLEAN",
+    "COMBO",
+    "SIGMAS",
+    "SAMPLER",
+    "GUIDER",
+    "MASK",
+    "NOISE",
+}
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +84,11 @@ def zerocon_ids(mapping) -> list[str]:
 def test_pack_loads_through_comfyui_without_warnings(registry):
     ok, mapping, display, records = registry
     assert ok is True
-    problems = [r.getMessage() for r in records if "zerocon" in r.getMessage().lower() or r.name == "zerocon"
-                or str(REPO) in r.getMessage()]
+    problems = [
+        r.getMessage()
+        for r in records
+        if "zerocon" in r.getMessage().lower() or r.name == "zerocon" or str(REPO) in r.getMessage()
+    ]
     assert not problems, problems
     ids = set(zerocon_ids(mapping))
     assert TEXT_NODES | SAMPLING_NODES <= ids, sorted((TEXT_NODES | SAMPLING_NODES) - ids)
@@ -112,7 +131,9 @@ def test_one_broken_module_costs_only_its_own_nodes(monkeypatch, caplog):
             raise ModuleNotFoundError("No module named 'some_dependency'", name="some_dependency")
         return real_import(name, *args)
 
-    monkeypatch.setattr(package, "NODE_MODULES", ("broken_nodes", "needs_dep_nodes", "not_there_nodes") + package.NODE_MODULES)
+    monkeypatch.setattr(
+        package, "NODE_MODULES", ("broken_nodes", "needs_dep_nodes", "not_there_nodes") + package.NODE_MODULES
+    )
     monkeypatch.setattr(package.importlib, "import_module", fake_import)
     with caplog.at_level(logging.DEBUG, logger="zerocon"):
         found = package.collect_nodes()
@@ -135,9 +156,13 @@ def test_object_info_every_input_and_output_has_a_tooltip(registry):
             for name, spec in info["input"].get(section, {}).items():
                 assert isinstance(spec[1], dict) and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert all(info["output_tooltips"]), f"{node_id} has an output without tooltip"
-        for io_type in list(info["output"]) + [v[0] for s in ("required", "optional") for v in info["input"].get(s, {}).values()]:
+        for io_type in list(info["output"]) + [
+            v[0] for s in ("required", "optional") for v in info["input"].get(s, {}).values()
+        ]:
             if isinstance(io_type, str):
-                assert io_type in CORE_TYPES or io_type.startswith("ZEROCON_"), f"{node_id}: un-namespaced type {io_type}"
+                assert io_type in CORE_TYPES or io_type.startswith("ZEROCON_"), (
+                    f"{node_id}: un-namespaced type {io_type}"
+                )
 
 
 def test_model_folders_are_registered(registry):

@@ -92,8 +92,13 @@ def make_direction(dn, clip, **over):
 
 def test_blip_loader_missing_folder_names_folder_and_model_id(blip_nodes, model_dirs):
     with pytest.raises(FileNotFoundError) as err:
-        run_node(blip_nodes.ZeroConBLIPLoader, model="blip-image-captioning-base", precision="fp32", device="cpu",
-                 allow_download=True)
+        run_node(
+            blip_nodes.ZeroConBLIPLoader,
+            model="blip-image-captioning-base",
+            precision="fp32",
+            device="cpu",
+            allow_download=True,
+        )
     msg = str(err.value)
     assert str(model_dirs / "blip" / "blip-image-captioning-base") in msg
     assert "Salesforce/blip-image-captioning-base" in msg
@@ -104,8 +109,13 @@ def test_blip_loader_download_switched_off(blip_nodes, model_dirs, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(blip_nodes, "offline", lambda: False)
     with pytest.raises(FileNotFoundError, match="allow_download is off") as err:
-        run_node(blip_nodes.ZeroConBLIPLoader, model="blip-image-captioning-base", precision="fp32", device="cpu",
-                 allow_download=False)
+        run_node(
+            blip_nodes.ZeroConBLIPLoader,
+            model="blip-image-captioning-base",
+            precision="fp32",
+            device="cpu",
+            allow_download=False,
+        )
     assert "Salesforce/blip-image-captioning-base" in str(err.value)
 
 
@@ -124,8 +134,13 @@ def test_blip_loader_downloads_once_when_allowed_and_online(blip_nodes, model_di
     monkeypatch.setattr(blip_nodes, "offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
-        (blip,) = run_node(blip_nodes.ZeroConBLIPLoader, model="blip-image-captioning-base", precision="fp32",
-                           device="cpu", allow_download=True)
+        (blip,) = run_node(
+            blip_nodes.ZeroConBLIPLoader,
+            model="blip-image-captioning-base",
+            precision="fp32",
+            device="cpu",
+            allow_download=True,
+        )
     assert calls == [("Salesforce/blip-image-captioning-base", str(model_dirs / "blip" / "blip-image-captioning-base"))]
     assert blip.blip.folder == str(model_dirs / "blip" / "blip-image-captioning-base")
 
@@ -151,11 +166,14 @@ def test_blip_caption_one_per_image(blip_nodes, model_dirs):
     tiny_clip.save_blip(model_dirs / "blip" / "tiny-blip")
     options = blip_nodes.ZeroConBLIPLoader.INPUT_TYPES()["required"]["model"][1]["options"]
     assert "tiny-blip" in options and "blip-image-captioning-base" in options
-    (blip,) = run_node(blip_nodes.ZeroConBLIPLoader, model="tiny-blip", precision="auto", device="auto", allow_download=False)
+    (blip,) = run_node(
+        blip_nodes.ZeroConBLIPLoader, model="tiny-blip", precision="auto", device="auto", allow_download=False
+    )
     assert blip.blip.dtype == torch.float32  # auto on CPU
     images = torch.rand(3, 40, 48, 3, generator=torch.Generator().manual_seed(0))
-    out = blip_nodes.ZeroConBLIPCaption.execute(blip=blip, image=images, prefix="a photography of", max_new_tokens=4,
-                                                min_new_tokens=0, num_beams=2)
+    out = blip_nodes.ZeroConBLIPCaption.execute(
+        blip=blip, image=images, prefix="a photography of", max_new_tokens=4, min_new_tokens=0, num_beams=2
+    )
     captions = out.args[0]
     assert isinstance(captions, list) and len(captions) == 3
     vocab = set(tiny_clip.BLIP_WORDS[6:])
@@ -171,10 +189,19 @@ def test_blip_caption_one_per_image(blip_nodes, model_dirs):
 
 def test_blip_caption_empty_is_an_error(blip_nodes, model_dirs):
     tiny_clip.save_blip(model_dirs / "blip" / "tiny-empty", mode="empty")
-    (blip,) = run_node(blip_nodes.ZeroConBLIPLoader, model="tiny-empty", precision="fp32", device="cpu", allow_download=False)
+    (blip,) = run_node(
+        blip_nodes.ZeroConBLIPLoader, model="tiny-empty", precision="fp32", device="cpu", allow_download=False
+    )
     with pytest.raises(ValueError, match=r"empty caption for image 0 of 1.*min_new_tokens"):
-        run_node(blip_nodes.ZeroConBLIPCaption, blip=blip, image=torch.rand(1, 32, 32, 3), prefix="a photography of",
-                 max_new_tokens=4, min_new_tokens=0, num_beams=1)
+        run_node(
+            blip_nodes.ZeroConBLIPCaption,
+            blip=blip,
+            image=torch.rand(1, 32, 32, 3),
+            prefix="a photography of",
+            max_new_tokens=4,
+            min_new_tokens=0,
+            num_beams=1,
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- directions
@@ -218,15 +245,20 @@ def test_batched_pooled_path_is_used_and_matches_the_fallback(dn, sdxl_clip):
 
 
 def test_user_sentences_prompt_difference_and_long_sentences(dn, zdir, sd1_clip, caplog):
-    lists = make_direction(dn, sd1_clip, source_sentences="# comment\na cat.\n\na cat on grass.",
-                           target_sentences="a dog.\na dog on grass.")
+    lists = make_direction(
+        dn,
+        sd1_clip,
+        source_sentences="# comment\na cat.\n\na cat on grass.",
+        target_sentences="a dog.\na dog on grass.",
+    )
     assert (lists.num_source, lists.num_target) == (2, 2)
     src, _ = mean_one_by_one(sd1_clip, ["a cat.", "a cat on grass."])
     tgt, _ = mean_one_by_one(sd1_clip, ["a dog.", "a dog on grass."])
     torch.testing.assert_close(lists.delta.double(), tgt - src, atol=2e-5, rtol=1e-4)
 
-    prompt = make_direction(dn, sd1_clip, mode="prompt difference", source="a photo of a cat",
-                            target="a photo of a dog")
+    prompt = make_direction(
+        dn, sd1_clip, mode="prompt difference", source="a photo of a cat", target="a photo of a dog"
+    )
     assert prompt.mode == "prompt"
     a, _ = encode_one(sd1_clip, "a photo of a cat")
     b, _ = encode_one(sd1_clip, "a photo of a dog")
@@ -288,7 +320,9 @@ def test_direction_from_a_different_clip_is_a_clear_error(dn, sd1_clip, sdxl_cli
     other = tiny_clip.clip("sd1", seed=5, width=48)
     narrow = make_direction(dn, other, num_sentences=2)
     with pytest.raises(ValueError, match=r"made with a different CLIP \(SD1ClipModel\).*48 wide.*64 wide"):
-        run_node(dn.ZeroConApplyEditDirection, conditioning=caption_conditioning(sd1_clip), direction=narrow, strength=1.0)
+        run_node(
+            dn.ZeroConApplyEditDirection, conditioning=caption_conditioning(sd1_clip), direction=narrow, strength=1.0
+        )
     # Same width, but an SDXL direction's pooled delta does not fit an SD1 conditioning's pooled output.
     xl = make_direction(dn, sdxl_clip, num_sentences=2)
     with pytest.raises(ValueError, match=r"different CLIP \(SDXLClipModel\).*pooled"):

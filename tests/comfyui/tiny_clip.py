@@ -117,8 +117,26 @@ def vae(seed: int = 0):
 
 
 BLIP_WORDS = [
-    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]",
-    "a", "photography", "of", "cat", "dog", "on", "the", "grass", "red", "blue", "house", "tree", "sitting", "small",
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "[DEC]",
+    "a",
+    "photography",
+    "of",
+    "cat",
+    "dog",
+    "on",
+    "the",
+    "grass",
+    "red",
+    "blue",
+    "house",
+    "tree",
+    "sitting",
+    "small",
 ]
 _SPECIAL = 6
 
@@ -151,7 +169,14 @@ def save_blip(folder: str | os.PathLike, seed: int = 0, mode: str = "words") -> 
         "eos_token_id": tok.sep_token_id,
         "pad_token_id": tok.pad_token_id,
     }
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
     config = BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config).eval()

@@ -74,14 +74,18 @@ def write_tiny_sd_folder(folder: Path, prediction_type: str = "epsilon", sdxl: b
         tok2.save_pretrained(folder / "tokenizer_2")
         te2.save_pretrained(folder / "text_encoder_2")
     DDIMScheduler.from_config(sd_scheduler_config(prediction_type)).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-    }))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+            }
+        )
+    )
     return folder
 
 
@@ -120,9 +124,26 @@ def png(tmp_path) -> Path:
 
 
 def _args(model: Path, image: Path, out: Path, *extra: str) -> list[str]:
-    return ["edit", "--image", str(image), "--model", str(model), "--out", str(out),
-            "--source", "cat", "--target", "dog", "--num-sentences", "6", "--steps", "2", "--device", "cpu",
-            *extra]
+    return [
+        "edit",
+        "--image",
+        str(image),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--source",
+        "cat",
+        "--target",
+        "dog",
+        "--num-sentences",
+        "6",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def _check_png(path: Path) -> np.ndarray:
@@ -195,8 +216,19 @@ def test_cli_edit_in_process(model_dir, png, tmp_path, capsys, caplog):
     out = tmp_path / "out.png"
     direction = tmp_path / "cat2dog.safetensors"
     with caplog.at_level(logging.INFO, logger="zerocon"):
-        code = cli.main(_args(model_dir, png, out, "--caption", "a photo of a cat on the grass",
-                              "--save-direction", str(direction), "--nce-weight", "0.05"))
+        code = cli.main(
+            _args(
+                model_dir,
+                png,
+                out,
+                "--caption",
+                "a photo of a cat on the grass",
+                "--save-direction",
+                str(direction),
+                "--nce-weight",
+                "0.05",
+            )
+        )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     arr = _check_png(out)
@@ -215,16 +247,44 @@ def test_cli_edit_in_process(model_dir, png, tmp_path, capsys, caplog):
 
 def test_cli_saved_direction_and_target_prompt(model_dir, png, tmp_path, capsys):
     d = tmp_path / "d.safetensors"
-    assert cli.main(_args(model_dir, png, tmp_path / "a.png", "--caption", "a cat", "--save-direction", str(d),
-                          "--seed", "3")) == 0
+    assert (
+        cli.main(
+            _args(model_dir, png, tmp_path / "a.png", "--caption", "a cat", "--save-direction", str(d), "--seed", "3")
+        )
+        == 0
+    )
     # loading the saved direction reproduces the edit exactly
-    assert cli.main(_args(model_dir, png, tmp_path / "b.png", "--caption", "a cat", "--direction", str(d),
-                          "--seed", "3")) == 0
+    assert (
+        cli.main(_args(model_dir, png, tmp_path / "b.png", "--caption", "a cat", "--direction", str(d), "--seed", "3"))
+        == 0
+    )
     np.testing.assert_array_equal(_check_png(tmp_path / "a.png"), _check_png(tmp_path / "b.png"))
     # prompt difference, no regularisation, both CFG halves guided
-    assert cli.main(["edit", "--image", str(png), "--model", str(model_dir), "--out", str(tmp_path / "c.png"),
-                     "--caption", "a cat", "--target-prompt", "a dog", "--steps", "2", "--no-regularization",
-                     "--branches", "both", "--device", "cpu"]) == 0
+    assert (
+        cli.main(
+            [
+                "edit",
+                "--image",
+                str(png),
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "c.png"),
+                "--caption",
+                "a cat",
+                "--target-prompt",
+                "a dog",
+                "--steps",
+                "2",
+                "--no-regularization",
+                "--branches",
+                "both",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     _check_png(tmp_path / "c.png")
     assert "'a cat' -> 'a dog' (prompt" in capsys.readouterr().out
 
@@ -235,9 +295,29 @@ def test_cli_sentence_files_and_blip(model_dir, png, tmp_path, capsys):
     tgt.write_text("a dog on a couch\na dog in the grass\n")
     blip = tiny_blip_folder(tmp_path / "blip")
     out = tmp_path / "out.jpg"
-    code = cli.main(["edit", "--image", str(png), "--model", str(model_dir), "--out", str(out),
-                     "--source-sentences", str(src), "--target-sentences", str(tgt), "--blip", str(blip),
-                     "--caption-min-tokens", "2", "--steps", "2", "--device", "cpu"])
+    code = cli.main(
+        [
+            "edit",
+            "--image",
+            str(png),
+            "--model",
+            str(model_dir),
+            "--out",
+            str(out),
+            "--source-sentences",
+            str(src),
+            "--target-sentences",
+            str(tgt),
+            "--blip",
+            str(blip),
+            "--caption-min-tokens",
+            "2",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 0, captured.err
     _check_png(out)
@@ -266,7 +346,11 @@ def test_cli_subprocess(model_dir, png, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "zerocon_core", *_args(model_dir, png, out, "--caption", "a cat", "--no-progress")],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     _check_png(out)
@@ -325,11 +409,27 @@ def test_other_user_errors(model_dir, png, tmp_path, capsys):
     assert "output folder does not exist" in err
     err = _run_error(_args(model_dir, png, tmp_path / "o.png", "--caption", "a", "--strict-size"), capsys)
     assert "not a multiple of 8" in err
-    err = _run_error(_args(model_dir, png, tmp_path / "o.png", "--caption", "a",
-                           "--source-sentences", str(tmp_path / "none.txt")), capsys)
+    err = _run_error(
+        _args(model_dir, png, tmp_path / "o.png", "--caption", "a", "--source-sentences", str(tmp_path / "none.txt")),
+        capsys,
+    )
     assert "source sentences file not found" in err
-    err = _run_error(["edit", "--image", str(png), "--model", str(model_dir), "--out", str(tmp_path / "o.png"),
-                      "--caption", "a cat", "--source", "cat"], capsys)
+    err = _run_error(
+        [
+            "edit",
+            "--image",
+            str(png),
+            "--model",
+            str(model_dir),
+            "--out",
+            str(tmp_path / "o.png"),
+            "--caption",
+            "a cat",
+            "--source",
+            "cat",
+        ],
+        capsys,
+    )
     assert "no edit direction" in err
     err = _run_error(_args(model_dir, png, tmp_path / "o.png", "--blip", str(tmp_path / "no-blip")), capsys)
     assert "BLIP" in err and "no-blip" in err

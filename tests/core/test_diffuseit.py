@@ -29,11 +29,11 @@ from zerocon_core.diffuseit import (
     self_similarity_loss,
     semantic_divergence_loss,
 )
+from zerocon_core.diffuseit_start import DIFFUSEIT_START_SIGMA, noised_start, renoise, start_index
+from zerocon_core.dino import dino_features
 from zerocon_core.guidance import StepContext
-from zerocon_core.resample import DIFFUSEIT_START_SIGMA, noised_start, renoise, start_index
 from zerocon_core.sampler import guided_ddim_sample
 from zerocon_core.schedule import alpha_bar_from_sigma, ddim_sigmas, sd_sigma_table
-from zerocon_core.vision import dino_features
 
 from .tiny import single_thread, tiny_cond, tiny_denoiser, tiny_latent
 from .tiny_vision import tiny_dino
@@ -216,8 +216,18 @@ def ctx_for(x, eps_fn, sigma=6.0, sigma_next=5.5, state=None):
     eps = eps_fn(x)
     pred = Prediction(eps, {}, {})
     kwargs = {} if state is None else {"state": state}
-    return StepContext(0, 10, torch.tensor(sigma, dtype=D64), x, eps, pred, None, torch.Generator(),
-                       torch.tensor(sigma_next, dtype=D64), **kwargs)
+    return StepContext(
+        0,
+        10,
+        torch.tensor(sigma, dtype=D64),
+        x,
+        eps,
+        pred,
+        None,
+        torch.Generator(),
+        torch.tensor(sigma_next, dtype=D64),
+        **kwargs,
+    )
 
 
 def test_term_gradcheck_through_decoder_and_dino(dino):
@@ -262,7 +272,11 @@ def test_terms_share_one_decode_and_dino_forward_per_evaluation(dino):
     src = image(28)
     terms = diffuseit_guidance(dino, dec, src, reference=image(29), dino_size=32, dino_max_size=None)
     assert [type(t).__name__ for t in terms] == [
-        "DinoStructureGuidance", "DinoStyleGuidance", "SemanticDivergenceGuidance", "RangeGuidance"]
+        "DinoStructureGuidance",
+        "DinoStyleGuidance",
+        "SemanticDivergenceGuidance",
+        "RangeGuidance",
+    ]
     state: dict = {}
     x = rand(1, 4, 8, 8, seed=30).requires_grad_(True)
     ctx = ctx_for(x, lambda v: 0.05 * v, state=state)
@@ -337,8 +351,10 @@ def grid(steps=10):
 
 def structure_value(dino, dec, x0, src):
     feats = dino_features(dino, dec(x0), 32, None).keys
-    return float(1000 * self_similarity_loss(feats, dino_features(dino, src, 32, None).keys)
-                 + 200 * key_contrastive_loss(feats, dino_features(dino, src, 32, None).keys))
+    return float(
+        1000 * self_similarity_loss(feats, dino_features(dino, src, 32, None).keys)
+        + 200 * key_contrastive_loss(feats, dino_features(dino, src, 32, None).keys)
+    )
 
 
 def test_guided_step_lowers_the_structure_loss(den, dino):
@@ -351,8 +367,16 @@ def test_guided_step_lowers_the_structure_loss(den, dino):
 
     def run(weight):
         term = DinoStructureGuidance(weight=weight, dino=dino, decode=dec, source=src, dino_size=32, dino_max_size=None)
-        guided_ddim_sample(den, x, g[:2], source_cond=cond, edit_cond=cond, cfg=1.0, guidance=[term],
-                           callback=lambda i, n, xx, x0: out.__setitem__(weight, x0))
+        guided_ddim_sample(
+            den,
+            x,
+            g[:2],
+            source_cond=cond,
+            edit_cond=cond,
+            cfg=1.0,
+            guidance=[term],
+            callback=lambda i, n, xx, x0: out.__setitem__(weight, x0),
+        )
         return structure_value(dino, dec, out[weight], src)
 
     # small steps (the tiny random models' scale has nothing to do with SD's): monotone decrease
@@ -398,8 +422,9 @@ def test_reference_branch_is_skipped_without_captures(den, dino):
     dec = TinyDecoder()
     term = RangeGuidance(decode=dec)
     cond, src = tiny_cond(3), tiny_cond(4)
-    res = guided_ddim_sample(Counting(den), tiny_latent(43), grid(3), source_cond=src, edit_cond=cond, cfg=2.0,
-                             guidance=[term])
+    res = guided_ddim_sample(
+        Counting(den), tiny_latent(43), grid(3), source_cond=src, edit_cond=cond, cfg=2.0, guidance=[term]
+    )
     assert res.reference is None
     # per step: one guided forward (edit only) + one CFG forward (negative, edit); no reference forwards
     assert calls == [1, 2] * 3
@@ -460,12 +485,26 @@ def test_diffuseit_sample_runs_end_to_end(den, dino):
     dec = TinyDecoder()
     src_latent = tiny_latent(50)
     terms = diffuseit_guidance(dino, dec, dec(src_latent), reference=image(51), dino_size=32)
-    res = diffuseit_sample(den, src_latent, grid(8), cond=tiny_cond(7), negative_cond=tiny_cond(8), guidance=terms,
-                           cfg=3.0, strength=0.5, resample=2, seed=1)
+    res = diffuseit_sample(
+        den,
+        src_latent,
+        grid(8),
+        cond=tiny_cond(7),
+        negative_cond=tiny_cond(8),
+        guidance=terms,
+        cfg=3.0,
+        strength=0.5,
+        resample=2,
+        seed=1,
+    )
     assert res.latent.shape == src_latent.shape and torch.isfinite(res.latent).all()
     assert res.skipped == [] and len(res.losses) == 4 + 1
-    assert set(res.losses[0]) == {"DinoStructureGuidance", "DinoStyleGuidance", "SemanticDivergenceGuidance",
-                                  "RangeGuidance"}
+    assert set(res.losses[0]) == {
+        "DinoStructureGuidance",
+        "DinoStyleGuidance",
+        "SemanticDivergenceGuidance",
+        "RangeGuidance",
+    }
 
 
 def test_autograd_session_wraps_decoder_and_dino(dino):
@@ -497,6 +536,16 @@ def test_both_branches_and_a_separate_negative(den, dino):
     src_latent = tiny_latent(54)
     terms = diffuseit_guidance(dino, dec, dec(src_latent), dino_size=32)
     x, g = noised_start(src_latent, grid(6), strength=0.5, seed=6)
-    res = guided_ddim_sample(den, x, g, source_cond=tiny_cond(9), edit_cond=tiny_cond(10), negative_cond=tiny_cond(11),
-                             cfg=2.0, guidance=terms, branches="both", resample=2)
+    res = guided_ddim_sample(
+        den,
+        x,
+        g,
+        source_cond=tiny_cond(9),
+        edit_cond=tiny_cond(10),
+        negative_cond=tiny_cond(11),
+        cfg=2.0,
+        guidance=terms,
+        branches="both",
+        resample=2,
+    )
     assert torch.isfinite(res.latent).all() and res.reference is None and res.skipped == []

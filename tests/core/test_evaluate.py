@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zerocon_core import evaluate, metrics, vision
+from zerocon_core import dino, evaluate, metrics
 from zerocon_core.images import load_image
 
 from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino_folder, write_png
@@ -54,11 +54,28 @@ def _write_set(root: Path, n: int = 4, missing: bool = True) -> Path:
             m[8:20, 10:24] = 1.0
             write_png(m, root / f"mask{i}.png")
             mask = f"mask{i}.png"
-        rows.append({"id": f"img{i}", "source": f"src{i}.png", "edited": f"edit{i}.png", "mask": mask,
-                     "source_text": "a photo of a cat", "target_text": "a photo of a dog"})
+        rows.append(
+            {
+                "id": f"img{i}",
+                "source": f"src{i}.png",
+                "edited": f"edit{i}.png",
+                "mask": mask,
+                "source_text": "a photo of a cat",
+                "target_text": "a photo of a dog",
+            }
+        )
     if missing:
-        rows.insert(2, {"id": "gone", "source": "src0.png", "edited": "nope.png", "mask": "",
-                        "source_text": "a cat", "target_text": "a dog"})
+        rows.insert(
+            2,
+            {
+                "id": "gone",
+                "source": "src0.png",
+                "edited": "nope.png",
+                "mask": "",
+                "source_text": "a cat",
+                "target_text": "a dog",
+            },
+        )
     path = root / "manifest.csv"
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -77,8 +94,21 @@ def test_eval_in_process(tmp_path, models, caplog):
     manifest = _write_set(tmp_path)
     out = tmp_path / "scores.csv"
     with caplog.at_level(logging.WARNING, logger="zerocon"):
-        code = evaluate.main(["--manifest", str(manifest), "--out", str(out), "--clip", str(clip_dir),
-                              "--dino", str(dino_dir), "--no-progress", "--device", "cpu"])
+        code = evaluate.main(
+            [
+                "--manifest",
+                str(manifest),
+                "--out",
+                str(out),
+                "--clip",
+                str(clip_dir),
+                "--dino",
+                str(dino_dir),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
     assert code == 0
     rows = _rows(out)
     assert [r["id"] for r in rows] == ["img0", "img1", "gone", "img2", "img3"]
@@ -91,13 +121,20 @@ def test_eval_in_process(tmp_path, models, caplog):
 
     # every value is what metrics.edit_metrics gives on the same files
     clip = metrics.load_clip_metric(clip_dir)
-    dino = vision.load_dino(dino_dir)
+    dino_model = dino.load_dino(dino_dir)
     for r in rows:
         if r["id"] == "gone":
             continue
         mask = evaluate.load_mask(tmp_path / r["mask"]) if r["mask"] else None
-        want = metrics.edit_metrics(load_image(tmp_path / r["source"]), load_image(tmp_path / r["edited"]),
-                                    r["source_text"], r["target_text"], mask=mask, clip=clip, dino=dino)
+        want = metrics.edit_metrics(
+            load_image(tmp_path / r["source"]),
+            load_image(tmp_path / r["edited"]),
+            r["source_text"],
+            r["target_text"],
+            mask=mask,
+            clip=clip,
+            dino=dino_model,
+        )
         for k in metrics.METRIC_NAMES:
             assert float(r[k]) == pytest.approx(float(want[k][0]), rel=1e-6, abs=1e-9), (r["id"], k)
 
@@ -117,8 +154,24 @@ def test_eval_in_process(tmp_path, models, caplog):
 
 def _cmd(manifest, out, models, *extra):
     clip_dir, dino_dir = models
-    return [sys.executable, "-m", "zerocon_core.evaluate", "--manifest", str(manifest), "--out", str(out),
-            "--clip", str(clip_dir), "--dino", str(dino_dir), "--device", "cpu", "--no-progress", "-q", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "zerocon_core.evaluate",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--clip",
+        str(clip_dir),
+        "--dino",
+        str(dino_dir),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "-q",
+        *extra,
+    ]
 
 
 def _env():
@@ -135,8 +188,13 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, models):
 
     # a real kill: SIGKILL once two rows are on disk (rows are 1 s apart, so it lands mid-run)
     part = tmp_path / "part.csv"
-    proc = subprocess.Popen(_cmd(manifest, part, models, "--row-delay", "1"), env=_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cmd(manifest, part, models, "--row-delay", "1"),
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
@@ -210,8 +268,17 @@ def test_bad_inputs(tmp_path, models):
     assert evaluate.main(["--manifest", str(manifest), "--out", str(out), "--dino", str(tmp_path / "nodino")]) == 2
     assert not out.exists()
     with pytest.raises(FileNotFoundError, match="facebook/dino-vitb8"):
-        evaluate.run(argparse.Namespace(manifest=str(manifest), out=str(out), clip=None, dino=str(tmp_path / "x"),
-                                        device="cpu", no_progress=True, row_delay=0.0))
+        evaluate.run(
+            argparse.Namespace(
+                manifest=str(manifest),
+                out=str(out),
+                clip=None,
+                dino=str(tmp_path / "x"),
+                device="cpu",
+                no_progress=True,
+                row_delay=0.0,
+            )
+        )
     # an output with other columns is not resumed into
     other = tmp_path / "other.csv"
     other.write_text("a,b\n1,2\n")
@@ -220,8 +287,9 @@ def test_bad_inputs(tmp_path, models):
     # a mask of another size: the row is an error, the run goes on
     write_png(torch.zeros(16, 16), tmp_path / "small_mask.png")
     m2 = tmp_path / "m2.csv"
-    m2.write_text("source,edited,source_text,target_text,mask\nsrc0.png,edit0.png,a,b,small_mask.png\n"
-                  "src0.png,edit0.png,a,b,\n")
+    m2.write_text(
+        "source,edited,source_text,target_text,mask\nsrc0.png,edit0.png,a,b,small_mask.png\nsrc0.png,edit0.png,a,b,\n"
+    )
     evaluate.evaluate_manifest(m2, tmp_path / "m2_out.csv", progress=False)
     rows = _rows(tmp_path / "m2_out.csv")
     assert rows[0]["status"] == "error" and "mask is 16x16" in rows[0]["message"]

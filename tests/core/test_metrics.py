@@ -1,4 +1,4 @@
-"""Edit metrics (zerocon_core.metrics, zerocon_core.vision) against independent float64 formulas.
+"""Edit metrics (zerocon_core.metrics, zerocon_core.dino) against independent float64 formulas.
 
 No weights, no network: DINO and CLIP are tiny random models built from configs (tests/core/tiny_vision.py).
 """
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerocon_core import metrics, vision
+from zerocon_core import dino, metrics
 
 from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino, tiny_dino_folder
 
@@ -175,7 +175,9 @@ def test_dtypes_batching_and_broadcast():
     single = torch.stack([metrics.background_ssim(src[i : i + 1], edt[i : i + 1])[0] for i in range(3)])
     assert torch.equal(batched, single)
     one_source = metrics.background_mse(src[:1], edt)
-    assert torch.allclose(one_source, torch.stack([metrics.background_mse(src[:1], edt[i : i + 1])[0] for i in range(3)]))
+    assert torch.allclose(
+        one_source, torch.stack([metrics.background_mse(src[:1], edt[i : i + 1])[0] for i in range(3)])
+    )
     with pytest.raises(ValueError, match="batch sizes differ"):
         metrics.background_mse(src[:2], edt)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
@@ -197,28 +199,28 @@ def test_deterministic():
 
 
 def test_dino_resize_shape_matches_torchvision_rule():
-    assert vision.dino_resize_shape(256, 256) == (224, 224)
-    assert vision.dino_resize_shape(256, 512) == (224, 448)
-    assert vision.dino_resize_shape(600, 300) == (448, 224)
-    assert vision.dino_resize_shape(100, 1000) == (48, 480)  # long side capped at 480
+    assert dino.dino_resize_shape(256, 256) == (224, 224)
+    assert dino.dino_resize_shape(256, 512) == (224, 448)
+    assert dino.dino_resize_shape(600, 300) == (448, 224)
+    assert dino.dino_resize_shape(100, 1000) == (48, 480)  # long side capped at 480
 
 
 def test_dino_keys_match_a_manual_forward():
     model = tiny_dino(0)
     img = torch.cat([random_image(0, 64, 64), random_image(1, 64, 64)])
-    feats = vision.dino_features(model, img)
+    feats = dino.dino_features(model, img)
     assert feats.keys.shape == (2, 785, 32) and feats.cls.shape == (2, 32) and feats.grid == (28, 28)
-    assert torch.equal(vision.dino_keys(model, img), feats.keys)
+    assert torch.equal(dino.dino_keys(model, img), feats.keys)
     # independent, in float64 at a 64 px working size (8 x 8 patches + [CLS]): normalise by hand,
     # run with all hidden states, apply the last block's LayerNorm + key projection to its input
     model, img = model.double(), img.double()
-    feats = vision.dino_features(model, img, size=64)
+    feats = dino.dino_features(model, img, size=64)
     assert feats.keys.shape == (2, 65, 32)
     mean = torch.tensor([0.485, 0.456, 0.406], dtype=torch.float64).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], dtype=torch.float64).view(1, 3, 1, 1)
     out = model(pixel_values=(img - mean) / std, output_hidden_states=True, interpolate_pos_encoding=True)
-    last = vision._last_layer(model)  # transformers 5: model.layers[-1]; 4: model.encoder.layer[-1]
-    keys = vision._key_projection(last)(last.layernorm_before(out.hidden_states[-2]))
+    last = dino._last_layer(model)  # transformers 5: model.layers[-1]; 4: model.encoder.layer[-1]
+    keys = dino._key_projection(last)(last.layernorm_before(out.hidden_states[-2]))
     torch.testing.assert_close(feats.keys, keys, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(feats.cls, out.hidden_states[-1][:, 0], rtol=1e-10, atol=1e-12)
 
@@ -226,7 +228,7 @@ def test_dino_keys_match_a_manual_forward():
 def test_dino_non_square_and_grad_flow():
     model = tiny_dino(0).requires_grad_(False)
     img = random_image(0, 40, 80).requires_grad_(True)
-    feats = vision.dino_features(model, img)
+    feats = dino.dino_features(model, img)
     assert feats.grid == (28, 56) and feats.keys.shape == (1, 1 + 28 * 56, 32)
     feats.keys.pow(2).mean().backward()
     assert img.grad is not None and img.grad.abs().sum() > 0
@@ -250,10 +252,10 @@ def test_structure_distance_identity_symmetry_and_reference():
     d_ba = metrics.structure_distance(model, b, a)
     torch.testing.assert_close(d_ab, d_ba, rtol=1e-6, atol=1e-9)
     assert (d_ab > 0).all()
-    ka, kb = vision.dino_keys(model, a), vision.dino_keys(model, b)
+    ka, kb = dino.dino_keys(model, a), dino.dino_keys(model, b)
     for i in range(2):
         assert d_ab[i].item() == pytest.approx(ref_structure_distance(ka[i], kb[i]), rel=1e-4)
-    sim = vision.key_self_similarity(ka)
+    sim = dino.key_self_similarity(ka)
     assert sim.shape == (2, 785, 785)
     torch.testing.assert_close(sim.diagonal(dim1=1, dim2=2), torch.ones(2, 785), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sim, sim.transpose(1, 2))
@@ -261,15 +263,15 @@ def test_structure_distance_identity_symmetry_and_reference():
 
 def test_dino_folder_round_trip_and_missing(tmp_path):
     folder = tiny_dino_folder(tmp_path / "dino-vitb8")
-    model = vision.load_dino(folder)
+    model = dino.load_dino(folder)
     img = random_image(0, 32, 32)
-    torch.testing.assert_close(vision.dino_keys(model, img), vision.dino_keys(tiny_dino(0), img))
+    torch.testing.assert_close(dino.dino_keys(model, img), dino.dino_keys(tiny_dino(0), img))
     with pytest.raises(FileNotFoundError, match=r"facebook/dino-vitb8") as err:
-        vision.load_dino(tmp_path / "nope")
+        dino.load_dino(tmp_path / "nope")
     assert str(tmp_path / "nope") in str(err.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"missing config\.json"):
-        vision.load_dino(tmp_path / "empty")
+        dino.load_dino(tmp_path / "empty")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -291,7 +293,9 @@ def _model_cosines(clip, image: torch.Tensor, texts: list[str]) -> torch.Tensor:
     std = torch.tensor(metrics.CLIP_STD).view(1, 3, 1, 1)
     tok = clip.tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
-        out = clip.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=(image - mean) / std)
+        out = clip.model(
+            input_ids=tok["input_ids"], attention_mask=tok["attention_mask"], pixel_values=(image - mean) / std
+        )
     return (out.logits_per_image / clip.model.logit_scale.exp())[0]
 
 
@@ -318,7 +322,9 @@ def test_clip_accuracy_with_constructed_embeddings(clip, monkeypatch):
     img_emb = F.normalize(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=-1)
     text_table = {"src": [1.0, 0.2, 0.0], "tgt": [0.0, 1.0, 0.2], "far": [-1.0, 0.0, 0.0]}
     monkeypatch.setattr(metrics, "clip_image_embeds", lambda _c, images: img_emb[: images.shape[0]])
-    monkeypatch.setattr(metrics, "clip_text_embeds", lambda _c, texts: F.normalize(torch.tensor([text_table[t] for t in texts]), dim=-1))
+    monkeypatch.setattr(
+        metrics, "clip_text_embeds", lambda _c, texts: F.normalize(torch.tensor([text_table[t] for t in texts]), dim=-1)
+    )
     imgs = torch.zeros(3, 3, 16, 16)
     acc = metrics.clip_accuracy(clip, imgs, ["src", "src", "src"], ["tgt", "tgt", "far"])
     # image 0 is closer to src, image 1 to tgt, image 2: cos 0 vs cos 0 (a tie) -> 0
@@ -352,7 +358,9 @@ def test_edit_metrics_all_columns(clip):
     out = metrics.edit_metrics(src, edt, "a cat", ["a dog", "a zebra"], clip=clip, dino=model)
     assert list(out) == list(metrics.METRIC_NAMES)
     assert all(v.shape == (2,) for v in out.values())
-    assert out["structure_distance"][0] == 0 and out["bg_psnr"][0] == math.inf and out["bg_ssim"][0] == pytest.approx(1.0)
+    assert (
+        out["structure_distance"][0] == 0 and out["bg_psnr"][0] == math.inf and out["bg_ssim"][0] == pytest.approx(1.0)
+    )
     bare = metrics.edit_metrics(src, edt)
     assert bare["clip_score"].isnan().all() and bare["structure_distance"].isnan().all()
     torch.testing.assert_close(bare["bg_mse"], out["bg_mse"])

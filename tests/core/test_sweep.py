@@ -54,9 +54,30 @@ def test_sweep_on_tiny_models(tmp_path, sweep):
         "gone,missing.png,a cat,a dog\n"
     )
     out = tmp_path / "out"
-    code = sweep.main(["--manifest", str(manifest), "--model", str(model), "--out-dir", str(out), "--xa", "0,0.1",
-                       "--nce", "0,0.05", "--clip", str(clip), "--dino", str(dino), "--steps", "3", "--device", "cpu",
-                       "--dtype", "float32"])
+    code = sweep.main(
+        [
+            "--manifest",
+            str(manifest),
+            "--model",
+            str(model),
+            "--out-dir",
+            str(out),
+            "--xa",
+            "0,0.1",
+            "--nce",
+            "0,0.05",
+            "--clip",
+            str(clip),
+            "--dino",
+            str(dino),
+            "--steps",
+            "3",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert code == 0
     with open(out / "sweep.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -88,8 +109,15 @@ def test_sweep_on_tiny_models(tmp_path, sweep):
 def test_plot_handles_missing_metrics(tmp_path, sweep):
     from PIL import Image
 
-    summary = [{"setting": "xa0_nce0", "xa_weight": 0.0, "nce_weight": 0.0, "structure_distance": math.nan,
-                "clip_score": math.nan}]
+    summary = [
+        {
+            "setting": "xa0_nce0",
+            "xa_weight": 0.0,
+            "nce_weight": 0.0,
+            "structure_distance": math.nan,
+            "clip_score": math.nan,
+        }
+    ]
     path = sweep.plot_tradeoff(summary, tmp_path / "p.png")
     with Image.open(path) as im:
         im.verify()

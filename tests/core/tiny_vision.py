@@ -59,7 +59,14 @@ def tiny_clip_metric(folder: str | os.PathLike, seed: int = 0, image_size: int =
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=8)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=8,
+    )
     cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
     torch.manual_seed(seed)
     return CLIPModel(cfg).eval(), tok
@@ -125,9 +132,15 @@ def tiny_sd_folder(folder: str | os.PathLike, seed: int = 0) -> Path:
     tiny_unet(seed, torch.float32).save_pretrained(os.fspath(folder / "unet"))
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4, sample_size=64,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=4,
+        sample_size=64,
     ).eval()
     vae.save_pretrained(os.fspath(folder / "vae"))
     tok, te = tiny_clip(folder / "tokenizer", seed=seed + 2)

@@ -48,7 +48,9 @@ def main(argv=None) -> int:
                 fe.open()
                 for name in names:
                     spec = SPECS[name]()
-                    spec["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/zerocon/ComfyUI-ZeroCon/workflows/{name}"))
+                    spec["id"] = str(
+                        uuid.uuid5(uuid.NAMESPACE_URL, f"https://github.com/zerocon/ComfyUI-ZeroCon/workflows/{name}")
+                    )
                     fe.build(spec)
                     fe.fit_view()
                     text = fe.export_workflow()

@@ -121,12 +121,25 @@ def build(kind: str, path: str, seed: int = 0) -> dict:
         _init_(base.diffusion_model, seed)
         clip = comfy.sd.CLIP(cfg.clip_target(), model_options={"dtype": torch.float16})
         _init_(clip.cond_stage_model, seed + 1)
-        ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3, "ch": 128,
-                    "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0}
+        ddconfig = {
+            "double_z": True,
+            "z_channels": 4,
+            "resolution": 256,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 128,
+            "ch_mult": [1, 2, 4, 4],
+            "num_res_blocks": 2,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        }
         vae_model = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
         _init_(vae_model, seed + 2)
         sd = base.state_dict_for_saving(clip.get_sd(), {k: v for k, v in vae_model.state_dict().items()})
-        sd = {k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()}
+        sd = {
+            k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+            for k, v in sd.items()
+        }
     n_unet = sum(v.numel() for k, v in sd.items() if k.startswith("model.diffusion_model."))
     n_all = sum(v.numel() for v in sd.values())
     del base, clip, vae_model
@@ -147,9 +160,21 @@ def build(kind: str, path: str, seed: int = 0) -> dict:
         "unet_parameters": n_unet,
         "parameters": n_all,
         "detected": detected,
-        "unet_config": {k: uc.get(k) for k in ("model_channels", "channel_mult", "num_res_blocks", "transformer_depth",
-                                                "transformer_depth_output", "transformer_depth_middle", "context_dim",
-                                                "adm_in_channels", "num_head_channels", "num_heads")},
+        "unet_config": {
+            k: uc.get(k)
+            for k in (
+                "model_channels",
+                "channel_mult",
+                "num_res_blocks",
+                "transformer_depth",
+                "transformer_depth_output",
+                "transformer_depth_middle",
+                "context_dim",
+                "adm_in_channels",
+                "num_head_channels",
+                "num_heads",
+            )
+        },
         "clip": type(clip.cond_stage_model).__name__ if clip is not None else None,
         "vae": vae is not None,
         "seconds": round(built, 1),

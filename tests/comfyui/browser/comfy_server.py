@@ -39,20 +39,32 @@ def make_base(base: Path, repo: Path, settings_extra: dict | None = None) -> Pat
         link.symlink_to(repo, target_is_directory=True)
     settings = base / "user" / "default" / "comfy.settings.json"
     if not settings.exists():
-        settings.write_text(json.dumps({
-            "Comfy.TutorialCompleted": True,
-            "Comfy.InstalledVersion": "1.27.10",
-            "Comfy.Validation.Workflows": True,
-            "Comfy.Workflow.ShowMissingNodesWarning": True,
-            "Comfy.Workflow.ShowMissingModelsWarning": True,
-            **(settings_extra or {}),
-        }))
+        settings.write_text(
+            json.dumps(
+                {
+                    "Comfy.TutorialCompleted": True,
+                    "Comfy.InstalledVersion": "1.27.10",
+                    "Comfy.Validation.Workflows": True,
+                    "Comfy.Workflow.ShowMissingNodesWarning": True,
+                    "Comfy.Workflow.ShowMissingModelsWarning": True,
+                    **(settings_extra or {}),
+                }
+            )
+        )
     return base
 
 
 class ComfyServer:
-    def __init__(self, comfyui: Path, python: str, base: Path, port: int | None = None, extra_args=(), env=None,
-                 legacy: bool = False):
+    def __init__(
+        self,
+        comfyui: Path,
+        python: str,
+        base: Path,
+        port: int | None = None,
+        extra_args=(),
+        env=None,
+        legacy: bool = False,
+    ):
         """``legacy``: a ComfyUI older than --database-url (its database then lives in the temp base's user/)."""
         self.comfyui = Path(comfyui)
         self.python = python
@@ -68,23 +80,38 @@ class ComfyServer:
 
     def start(self, timeout: float = 240.0) -> "ComfyServer":
         cmd = [
-            self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", str(self.base), "--disable-auto-launch",
-            *([] if self.legacy else ["--database-url", f"sqlite:///{self.base / 'comfyui.db'}", "--preview-method", "none"]),
+            self.python,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--disable-auto-launch",
+            *(
+                []
+                if self.legacy
+                else ["--database-url", f"sqlite:///{self.base / 'comfyui.db'}", "--preview-method", "none"]
+            ),
             *self.extra_args,
         ]
         env = dict(os.environ)
-        env.update({
-            "PYTHONDONTWRITEBYTECODE": "1",  # the ComfyUI checkout stays untouched
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "DO_NOT_TRACK": "1",
-            "OMP_NUM_THREADS": env.get("ZEROCON_SERVER_THREADS", "2"),
-        })
+        env.update(
+            {
+                "PYTHONDONTWRITEBYTECODE": "1",  # the ComfyUI checkout stays untouched
+                "HF_HUB_OFFLINE": "1",
+                "TRANSFORMERS_OFFLINE": "1",
+                "DO_NOT_TRACK": "1",
+                "OMP_NUM_THREADS": env.get("ZEROCON_SERVER_THREADS", "2"),
+            }
+        )
         env.update(self.env)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, cwd=self.comfyui, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.comfyui, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -142,8 +169,10 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI died while running {prompt_id}:\n{self.log_tail()}")
             hist = self.get(f"/history/{prompt_id}")
             entry = hist.get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and (
-                entry["status"].get("completed") or entry["status"].get("status_str") == "error"
+            if (
+                entry
+                and entry.get("status", {}).get("completed") is not None
+                and (entry["status"].get("completed") or entry["status"].get("status_str") == "error")
             ):
                 return entry
             if progress:
@@ -161,8 +190,10 @@ def history_errors(entry: dict) -> list[str]:
     out = []
     for kind, data in entry.get("status", {}).get("messages", []):
         if kind in ("execution_error", "execution_interrupted"):
-            out.append(f"{kind}: node {data.get('node_id')} ({data.get('node_type')}): "
-                       f"{data.get('exception_type', '')}: {data.get('exception_message', '')}".strip())
+            out.append(
+                f"{kind}: node {data.get('node_id')} ({data.get('node_type')}): "
+                f"{data.get('exception_type', '')}: {data.get('exception_message', '')}".strip()
+            )
     return out
 
 

@@ -75,8 +75,10 @@ def checkpoint_kinds(files) -> list[str]:
     by_name = {v: k for k, v in checkpoints.FILE_NAMES.items()}
     unknown = sorted(n for n in names if n not in by_name)
     if unknown:
-        raise RuntimeError(f"the workflows load checkpoints the test cannot build: {unknown}; use one of "
-                           f"{sorted(by_name)} (tests/comfyui/browser/checkpoints.py)")
+        raise RuntimeError(
+            f"the workflows load checkpoints the test cannot build: {unknown}; use one of "
+            f"{sorted(by_name)} (tests/comfyui/browser/checkpoints.py)"
+        )
     return sorted(by_name[n] for n in names)
 
 
@@ -113,8 +115,10 @@ def start_session(comfyui: Path, python: str, log=print) -> Session:
         except BaseException:
             fe.close()
             raise
-        log(f"models {t_models:.0f}s ({', '.join(sorted(used))}); server {t_server:.0f}s at {server.url}; "
-            f"frontend ready after {time.time() - t0:.0f}s; base {base}")
+        log(
+            f"models {t_models:.0f}s ({', '.join(sorted(used))}); server {t_server:.0f}s at {server.url}; "
+            f"frontend ready after {time.time() - t0:.0f}s; base {base}"
+        )
         return Session(comfyui, python, base, server, fe, info, timings={"setup": time.time() - t0})
     except BaseException:
         if server is not None:
@@ -228,32 +232,40 @@ def run_workflow(s: Session, path: Path, timeout: float, log=print) -> dict:
     name = path.stem
     workflow = json.loads(path.read_text())
     assert workflow.get("version") == 0.4 and isinstance(workflow.get("nodes"), list) and "links" in workflow, (
-        f"{name}: not a UI-format (version 0.4) workflow")
+        f"{name}: not a UI-format (version 0.4) workflow"
+    )
     t0 = time.time()
     check_loaded(s, workflow, name)
     changes = apply_speed_overrides(s)
-    log(f"[{name}] loaded OK ({len(workflow['nodes'])} nodes); speed overrides: "
-        + ", ".join(f"{c['type']}.{c['name']} {c['before']}->{c['after']}" for c in changes))
+    log(
+        f"[{name}] loaded OK ({len(workflow['nodes'])} nodes); speed overrides: "
+        + ", ".join(f"{c['type']}.{c['name']} {c['before']}->{c['after']}" for c in changes)
+    )
     prompt, entry = queue_and_wait(s, name, timeout)
     active = [n for n in workflow["nodes"] if n.get("mode", 0) == 0 and n["type"] not in VIRTUAL_TYPES]
-    assert len(prompt) == len(active), f"{name}: graphToPrompt gave {len(prompt)} nodes, {len(active)} active in the file"
+    assert len(prompt) == len(active), (
+        f"{name}: graphToPrompt gave {len(prompt)} nodes, {len(active)} active in the file"
+    )
     seen, texts = check_outputs(s, name, prompt, entry)
     runs = [{"seconds": round(time.time() - t0, 1), "nodes": len(prompt), "outputs": seen, "texts": texts}]
     log(f"[{name}] run 1 OK in {runs[0]['seconds']}s: {seen}")
     muted = [n["id"] for n in workflow["nodes"] if n.get("mode", 0) == 2]
     if muted:
         t1 = time.time()
-        s.frontend.set_modes([{"id": i, "mode": 0} for i in muted]
-                             + [{"type": t, "mode": 2} for t in SECOND_RUN_MUTE.get(name, ())])
+        s.frontend.set_modes(
+            [{"id": i, "mode": 0} for i in muted] + [{"type": t, "mode": 2} for t in SECOND_RUN_MUTE.get(name, ())]
+        )
         s.frontend.refresh_combos()
         bad = s.frontend.state()["invalidCombos"]
         assert not bad, f"{name}: after the first run, combo values still invalid: {bad}"
         prompt, entry = queue_and_wait(s, name + " (run 2)", timeout)
         seen, texts = check_outputs(s, name, prompt, entry)
         runs.append({"seconds": round(time.time() - t1, 1), "nodes": len(prompt), "outputs": seen, "texts": texts})
-        log(f"[{name}] run 2 (muted nodes on, {list(SECOND_RUN_MUTE.get(name, ()))} off) OK in "
-            f"{runs[1]['seconds']}s: {seen}")
-    return {"name": name, "runs": runs, "prompt_classes": sorted({v['class_type'] for v in prompt.values()})}
+        log(
+            f"[{name}] run 2 (muted nodes on, {list(SECOND_RUN_MUTE.get(name, ()))} off) OK in "
+            f"{runs[1]['seconds']}s: {seen}"
+        )
+    return {"name": name, "runs": runs, "prompt_classes": sorted({v["class_type"] for v in prompt.values()})}
 
 
 def pack_folder() -> str:

@@ -52,9 +52,13 @@ def _build(comfyui: Path, python: str, out: Path, kinds: list[str], log) -> None
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=str(comfyui), env=env, capture_output=True, text=True, timeout=3600)
         if proc.returncode != 0:
-            raise RuntimeError(f"building {kinds} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
-        log(f"built {kinds} in {time.time() - t0:.0f}s: " + " | ".join(
-            ln for ln in proc.stdout.splitlines() if ln.startswith("{")))
+            raise RuntimeError(
+                f"building {kinds} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+            )
+        log(
+            f"built {kinds} in {time.time() - t0:.0f}s: "
+            + " | ".join(ln for ln in proc.stdout.splitlines() if ln.startswith("{"))
+        )
         out.mkdir(parents=True, exist_ok=True)
         for item in tmp.iterdir():
             dest = out / item.name
@@ -111,11 +115,14 @@ def write_input_image(base: Path, name: str = "example.png", size=(96, 80)) -> P
 
     w, h = size
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([
-        0.5 + 0.5 * np.sin(x / 9.0),
-        0.5 + 0.5 * np.cos(y / 7.0),
-        0.5 + 0.5 * np.sin((x + y) / 13.0),
-    ], axis=-1)
+    img = np.stack(
+        [
+            0.5 + 0.5 * np.sin(x / 9.0),
+            0.5 + 0.5 * np.cos(y / 7.0),
+            0.5 + 0.5 * np.sin((x + y) / 13.0),
+        ],
+        axis=-1,
+    )
     path = base / "input" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((img * 255).round().astype("uint8")).save(path)

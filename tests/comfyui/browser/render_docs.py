@@ -57,8 +57,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="zerocon-render-") as tmp:
         # A clean canvas: no minimap, no canvas info text, no zoom toolbar.
         # Full detail at any zoom (MinFontSizeForLOD 1: no low-quality rendering of small text).
-        base = make_base(Path(tmp), REPO, {"Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
-                                           "Comfy.Graph.CanvasMenu": False, "LiteGraph.Canvas.MinFontSizeForLOD": 1})
+        base = make_base(
+            Path(tmp),
+            REPO,
+            {
+                "Comfy.Minimap.Visible": False,
+                "Comfy.Graph.CanvasInfo": False,
+                "Comfy.Graph.CanvasMenu": False,
+                "LiteGraph.Canvas.MinFontSizeForLOD": 1,
+            },
+        )
         write_input_image(base)
         with ComfyServer(comfy, sys.executable, base) as server:
             fe = Frontend(server.url, viewport=(a.width, a.height), log_path=base / "browser.log")

@@ -28,7 +28,9 @@ def graph_differences(saved: dict, loaded: dict) -> list[str]:
     a = {n["id"]: n for n in saved.get("nodes", [])}
     b = {n["id"]: n for n in loaded.get("nodes", [])}
     if set(a) != set(b):
-        diffs.append(f"node ids differ: only in file {sorted(set(a) - set(b))}, only after load {sorted(set(b) - set(a))}")
+        diffs.append(
+            f"node ids differ: only in file {sorted(set(a) - set(b))}, only after load {sorted(set(b) - set(a))}"
+        )
     for nid in sorted(set(a) & set(b)):
         na, nb = a[nid], b[nid]
         if na["type"] != nb["type"]:

@@ -56,7 +56,7 @@ def test_this_comfyui_is_supported():
 def test_min_version_matches_pyproject():
     text = (REPO / "pyproject.toml").read_text()
     m = re.search(r'^requires-comfyui\s*=\s*"\s*>=\s*([0-9.]+)\s*"', text, re.M)
-    assert m, "pyproject.toml has no requires-comfyui = \">=X.Y.Z\""
+    assert m, 'pyproject.toml has no requires-comfyui = ">=X.Y.Z"'
     assert _compat().MIN_COMFYUI_TEXT == m.group(1), "nodes/compat.py MIN_COMFYUI differs from requires-comfyui"
 
 
@@ -97,8 +97,12 @@ def _export(commit: str, dest: Path) -> None:
     """``git archive`` of ``commit`` into ``dest``, leaving out blobs a partial clone does not have."""
     tree = _git("ls-tree", "-r", commit)
     entries = [ln.split(None, 3) for ln in tree.stdout.splitlines()]
-    check = subprocess.run(["git", "-C", str(COMFYUI), "cat-file", "--batch-check"], input="\n".join(e[2] for e in entries),
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        ["git", "-C", str(COMFYUI), "cat-file", "--batch-check"],
+        input="\n".join(e[2] for e in entries),
+        capture_output=True,
+        text=True,
+    )
     missing = [e[3] for e, line in zip(entries, check.stdout.splitlines()) if line.endswith("missing")]
     excludes = [f":(exclude){p}" for p in missing]
     archive = subprocess.run(["git", "-C", str(COMFYUI), "archive", commit, "--", ".", *excludes], capture_output=True)
@@ -138,4 +142,3 @@ def test_old_comfyui_logs_clear_error(case):
     assert f">= {c.MIN_COMFYUI_TEXT}" in lines[0] and version in lines[0], lines[0]
     pack_trace = re.search(r"Traceback[^\n]*\n(?:[ \t].*\n)*?.*ComfyUI-ZeroCon", log)
     assert pack_trace is None, f"a stack trace mentions the pack:\n{log[-4000:]}"
-

@@ -93,59 +93,139 @@ From x_T, a reference branch reconstructs the source while the edit branch sampl
 
 def _insert_after(nodes: list, key: str, *new: dict) -> list:
     i = next(i for i, n in enumerate(nodes) if n["key"] == key)
-    return nodes[: i + 1] + list(new) + nodes[i + 1:]
+    return nodes[: i + 1] + list(new) + nodes[i + 1 :]
 
 
 def _readme(title: str, body: str) -> dict:
-    return {"key": "readme", "type": "MarkdownNote", "col": 0, "widgets": {"text": f"# {title}\n\n{body}"},
-            "title": "Read me", "size": [380, 560], "color": NOTE_COLOR, "bgcolor": NOTE_BG, "fixed": True}
+    return {
+        "key": "readme",
+        "type": "MarkdownNote",
+        "col": 0,
+        "widgets": {"text": f"# {title}\n\n{body}"},
+        "title": "Read me",
+        "size": [380, 560],
+        "color": NOTE_COLOR,
+        "bgcolor": NOTE_BG,
+        "fixed": True,
+    }
 
 
 def _note(key: str, col: int, text: str, height: int = 300, width: int = 380) -> dict:
     heading = next((ln.lstrip("#").strip() for ln in text.splitlines() if ln.startswith("#")), "")
-    return {"key": key, "type": "MarkdownNote", "col": col, "widgets": {"text": text}, "size": [width, height],
-            "title": f"Note: {heading}" if heading else "Note", "color": NOTE_COLOR, "bgcolor": NOTE_BG, "fixed": True,
-            "dy": 30}
+    return {
+        "key": key,
+        "type": "MarkdownNote",
+        "col": col,
+        "widgets": {"text": text},
+        "size": [width, height],
+        "title": f"Note: {heading}" if heading else "Note",
+        "color": NOTE_COLOR,
+        "bgcolor": NOTE_BG,
+        "fixed": True,
+        "dy": 30,
+    }
 
 
 def _ckpt(name: str, url: str) -> dict:
-    return {"key": "ckpt", "type": "CheckpointLoaderSimple", "col": 0, "widgets": {"ckpt_name": name},
-            "properties": {"models": [{"name": name, "url": url, "directory": "checkpoints"}]}}
+    return {
+        "key": "ckpt",
+        "type": "CheckpointLoaderSimple",
+        "col": 0,
+        "widgets": {"ckpt_name": name},
+        "properties": {"models": [{"name": name, "url": url, "directory": "checkpoints"}]},
+    }
 
 
-def _edit_chain(size: int, seed_fixed: bool = True, direction_key: str = "direction", guidance: bool = True) -> tuple[list, list]:
+def _edit_chain(
+    size: int, seed_fixed: bool = True, direction_key: str = "direction", guidance: bool = True
+) -> tuple[list, list]:
     """The shared text-edit graph (nodes, links) from image to saved edit; ``direction_key`` makes the direction."""
     ctl = {"control_after_generate": "fixed"} if seed_fixed else {}
     nodes = [
         {"key": "image", "type": "LoadImage", "col": 0, "widgets": {"image": "example.png"}},
-        {"key": "scale", "type": "ImageScale", "col": 0, "title": "Resize to the model's size",
-         "widgets": {"upscale_method": "lanczos", "width": size, "height": size, "crop": "center"}},
+        {
+            "key": "scale",
+            "type": "ImageScale",
+            "col": 0,
+            "title": "Resize to the model's size",
+            "widgets": {"upscale_method": "lanczos", "width": size, "height": size, "crop": "center"},
+        },
         {"key": "blip_loader", "type": "ZeroConBLIPLoader", "col": 1},
         {"key": "caption", "type": "ZeroConBLIPCaption", "col": 1},
         {"key": "show_caption", "type": "PreviewAny", "col": 1, "title": "Caption (source prompt)", "size": [340, 120]},
-        {"key": "encode", "type": "CLIPTextEncode", "col": 2, "title": "CLIP Text Encode (caption)", "size": [340, 120]},
+        {
+            "key": "encode",
+            "type": "CLIPTextEncode",
+            "col": 2,
+            "title": "CLIP Text Encode (caption)",
+            "size": [340, 120],
+        },
         {"key": "apply", "type": "ZeroConApplyEditDirection", "col": 2},
         {"key": "vae_encode", "type": "VAEEncode", "col": 3},
-        {"key": "invert", "type": "ZeroConDDIMInversion", "col": 3,
-         "widgets": {"steps": 50, "cfg": 1.0, "regularize": True, "lambda_ac": 20.0, "lambda_kl": 20.0,
-                     "reg_outer": 5, "reg_rolls": 5, "seed": 0, **ctl}},
+        {
+            "key": "invert",
+            "type": "ZeroConDDIMInversion",
+            "col": 3,
+            "widgets": {
+                "steps": 50,
+                "cfg": 1.0,
+                "regularize": True,
+                "lambda_ac": 20.0,
+                "lambda_kl": 20.0,
+                "reg_outer": 5,
+                "reg_rolls": 5,
+                "seed": 0,
+                **ctl,
+            },
+        },
     ]
     if guidance:
         nodes += [
-            {"key": "xattn", "type": "ZeroConCrossAttentionGuidance", "col": 4,
-             "widgets": {"weight": -1.0, "layers": "all", "start": 0.0, "end": 1.0}},
-            {"key": "nce", "type": "ZeroConPatchNCEGuidance", "col": 4,
-             "widgets": {"weight": -1.0, "layers": "up", "patches": 256, "tau": 0.07, "patch_sizes": "1,2",
-                         "start": 0.0, "end": 1.0}},
+            {
+                "key": "xattn",
+                "type": "ZeroConCrossAttentionGuidance",
+                "col": 4,
+                "widgets": {"weight": -1.0, "layers": "all", "start": 0.0, "end": 1.0},
+            },
+            {
+                "key": "nce",
+                "type": "ZeroConPatchNCEGuidance",
+                "col": 4,
+                "widgets": {
+                    "weight": -1.0,
+                    "layers": "up",
+                    "patches": 256,
+                    "tau": 0.07,
+                    "patch_sizes": "1,2",
+                    "start": 0.0,
+                    "end": 1.0,
+                },
+            },
         ]
     nodes += [
-        {"key": "sampler", "type": "ZeroConGuidedSampler", "col": 4,
-         "widgets": {"cfg": 5.0, "step_mode": "raw", "step_size": 0.02, "branches": "edit", "seed": 0, **ctl}},
+        {
+            "key": "sampler",
+            "type": "ZeroConGuidedSampler",
+            "col": 4,
+            "widgets": {"cfg": 5.0, "step_mode": "raw", "step_size": 0.02, "branches": "edit", "seed": 0, **ctl},
+        },
         {"key": "decode_edit", "type": "VAEDecode", "col": 5, "title": "VAE Decode (edit)"},
-        {"key": "save_edit", "type": "SaveImage", "col": 5, "title": "Save edit", "widgets": {"filename_prefix": "zerocon/edit"},
-         "size": [340, 300]},
+        {
+            "key": "save_edit",
+            "type": "SaveImage",
+            "col": 5,
+            "title": "Save edit",
+            "widgets": {"filename_prefix": "zerocon/edit"},
+            "size": [340, 300],
+        },
         {"key": "decode_rec", "type": "VAEDecode", "col": 5, "title": "VAE Decode (reconstruction)"},
-        {"key": "preview_rec", "type": "PreviewImage", "col": 5, "title": "Reconstruction (no edit)", "size": [340, 300]},
+        {
+            "key": "preview_rec",
+            "type": "PreviewImage",
+            "col": 5,
+            "title": "Reconstruction (no edit)",
+            "size": [340, 300],
+        },
     ]
     links = [
         ["image", "IMAGE", "scale", "image"],
@@ -182,9 +262,19 @@ def _edit_chain(size: int, seed_fixed: bool = True, direction_key: str = "direct
 
 
 def _direction_node(widgets: dict | None = None, size=None) -> dict:
-    node = {"key": "direction", "type": "ZeroConEditDirection", "col": 2,
-            "widgets": {"source": "cat", "target": "dog", "mode": "sentence bank", "num_sentences": 300, "batch_size": 32,
-                        **(widgets or {})}}
+    node = {
+        "key": "direction",
+        "type": "ZeroConEditDirection",
+        "col": 2,
+        "widgets": {
+            "source": "cat",
+            "target": "dog",
+            "mode": "sentence bank",
+            "num_sentences": 300,
+            "batch_size": 32,
+            **(widgets or {}),
+        },
+    }
     if size:
         node["size"] = size
     return node
@@ -194,11 +284,22 @@ def _groups(extra_direction_keys=(), guidance=True) -> list:
     return [
         {"title": "1. Model and image", "keys": ["ckpt", "image", "scale"], "color": GROUP_COLORS["input"]},
         {"title": "2. Caption", "keys": ["blip_loader", "caption", "show_caption"], "color": GROUP_COLORS["caption"]},
-        {"title": "3. Edit direction", "keys": ["encode", "direction", "apply", *extra_direction_keys],
-         "color": GROUP_COLORS["direction"]},
+        {
+            "title": "3. Edit direction",
+            "keys": ["encode", "direction", "apply", *extra_direction_keys],
+            "color": GROUP_COLORS["direction"],
+        },
         {"title": "4. Invert", "keys": ["vae_encode", "invert"], "color": GROUP_COLORS["invert"]},
-        {"title": "5. Guided edit", "keys": (["xattn", "nce"] if guidance else []) + ["sampler"], "color": GROUP_COLORS["guide"]},
-        {"title": "6. Results", "keys": ["decode_edit", "save_edit", "decode_rec", "preview_rec"], "color": GROUP_COLORS["output"]},
+        {
+            "title": "5. Guided edit",
+            "keys": (["xattn", "nce"] if guidance else []) + ["sampler"],
+            "color": GROUP_COLORS["guide"],
+        },
+        {
+            "title": "6. Results",
+            "keys": ["decode_edit", "save_edit", "decode_rec", "preview_rec"],
+            "color": GROUP_COLORS["output"],
+        },
     ]
 
 
@@ -213,7 +314,9 @@ def _notes_row(base_col: int = 1) -> list:
 
 
 def _text_edit(name: str, title: str, model: str, ckpt: str, url: str, size: int, folder_hint: str) -> dict:
-    readme = _readme(title, f"""Edits a photo with text and keeps its layout (**pix2pix-zeroCon**): BLIP captions the image,
+    readme = _readme(
+        title,
+        f"""Edits a photo with text and keeps its layout (**pix2pix-zeroCon**): BLIP captions the image,
 a CLIP edit direction moves the caption from *source* to *target* (cat → dog), the image is DDIM-inverted, and the
 guided sampler edits while its cross-attention maps (pix2pix-zero) and UNet patch features (PatchNCE, zeroCon) stay
 close to those of the reconstruction.
@@ -227,7 +330,8 @@ The edit is saved to `ComfyUI/output/zerocon/`; the reconstruction is previewed 
 
 The guided sampler differentiates through the UNet at every step: it is slower and needs more memory than a plain
 KSampler at the same size.
-""")
+""",
+    )
     nodes, links = _edit_chain(size)
     nodes = _insert_after([readme, _ckpt(ckpt, url), *nodes], "encode", _direction_node())
     nodes += _notes_row()
@@ -236,8 +340,12 @@ KSampler at the same size.
 
 def text_edit_sd15() -> dict:
     return _text_edit(
-        "text_edit_sd15", "ZeroCon text edit — SD1.5", "Stable Diffusion 1.5",
-        SD15_CKPT, SD15_URL, 512,
+        "text_edit_sd15",
+        "ZeroCon text edit — SD1.5",
+        "Stable Diffusion 1.5",
+        SD15_CKPT,
+        SD15_URL,
+        512,
         "any SD1.x checkpoint works: choose yours in *Load Checkpoint*. 512 × 512 is SD1.5's size (sides must be "
         "multiples of 8).",
     )
@@ -245,8 +353,12 @@ def text_edit_sd15() -> dict:
 
 def text_edit_sdxl() -> dict:
     return _text_edit(
-        "text_edit_sdxl", "ZeroCon text edit — SDXL", "Stable Diffusion XL base 1.0",
-        SDXL_CKPT, SDXL_URL, 1024,
+        "text_edit_sdxl",
+        "ZeroCon text edit — SDXL",
+        "Stable Diffusion XL base 1.0",
+        SDXL_CKPT,
+        SDXL_URL,
+        1024,
         "any SDXL checkpoint works (also SSD-1B / Vega / KOALA). 1024 × 1024 is SDXL's size. The edit direction "
         "covers both SDXL text encoders and the pooled embedding.",
     )
@@ -292,16 +404,20 @@ For non-object edits write what changes: e.g. `a photo of a house in summer` →
 
 
 def custom_sentences() -> dict:
-    readme = _readme("ZeroCon — edit direction from your own sentences", """The same text edit as
+    readme = _readme(
+        "ZeroCon — edit direction from your own sentences",
+        """The same text edit as
 *text_edit_sd15*, but the edit direction comes from **sentence lists you write** instead of the built-in templates.
 Edit the two lists in *Edit Direction* (see the note next to it), then Queue.
 
 **Models:** `ComfyUI/models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors` (any SD1.x checkpoint) and
 `ComfyUI/models/blip/blip-image-captioning-base/` (see *Caption*).
-""")
+""",
+    )
     nodes, links = _edit_chain(512)
-    direction = _direction_node({"source_sentences": SOURCE_SENTENCES, "target_sentences": TARGET_SENTENCES},
-                                size=[400, 620])
+    direction = _direction_node(
+        {"source_sentences": SOURCE_SENTENCES, "target_sentences": TARGET_SENTENCES}, size=[400, 620]
+    )
     nodes = _insert_after([readme, _ckpt(SD15_CKPT, SD15_URL), *nodes], "encode", direction)
     nodes += [_note("note_sentences", 2, SENTENCES_NOTE, 330)]
     nodes += [n for n in _notes_row() if n["key"] != "note_direction"]
@@ -326,7 +442,9 @@ Use it with the same kind of CLIP that made it (an SD1.x direction for SD1.x mod
 
 
 def direction_save_and_reuse() -> dict:
-    readme = _readme("ZeroCon — save an edit direction, reuse it", """Builds a direction once, saves it to
+    readme = _readme(
+        "ZeroCon — save an edit direction, reuse it",
+        """Builds a direction once, saves it to
 `models/edit_directions`, and edits with the **saved file** in a second branch.
 
 - **Group 1** makes and saves the direction.
@@ -337,41 +455,85 @@ validation). The notes in each group say what to click.
 
 **Models:** `ComfyUI/models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors` (any SD1.x checkpoint) and
 `ComfyUI/models/blip/blip-image-captioning-base/` (see *Caption*).
-""")
+""",
+    )
     nodes, links = _edit_chain(512, direction_key="load")
     save_nodes = [
         _direction_node(),
-        {"key": "save", "type": "ZeroConSaveEditDirection", "col": 2,
-         "widgets": {"filename": "cat_to_dog", "overwrite": True}},
+        {
+            "key": "save",
+            "type": "ZeroConSaveEditDirection",
+            "col": 2,
+            "widgets": {"filename": "cat_to_dog", "overwrite": True},
+        },
         _note("note_save", 2, SAVE_NOTE, 220),
     ]
-    load = {"key": "load", "type": "ZeroConLoadEditDirection", "col": 3, "dy": 0,
-            "widgets": {"name": "cat_to_dog.safetensors"}}
+    load = {
+        "key": "load",
+        "type": "ZeroConLoadEditDirection",
+        "col": 3,
+        "dy": 0,
+        "widgets": {"name": "cat_to_dog.safetensors"},
+    }
     reuse_note = _note("note_reuse", 3, REUSE_NOTE, 260)
     nodes = [readme, _ckpt(SD15_CKPT, SD15_URL), *save_nodes, reuse_note, load, *nodes]
     links = [["ckpt", "CLIP", "direction", "clip"], ["direction", "direction", "save", "direction"], *links]
-    muted = {"load", "apply", "vae_encode", "invert", "xattn", "nce", "sampler", "decode_edit", "save_edit",
-             "decode_rec", "preview_rec", "encode"}
+    muted = {
+        "load",
+        "apply",
+        "vae_encode",
+        "invert",
+        "xattn",
+        "nce",
+        "sampler",
+        "decode_edit",
+        "save_edit",
+        "decode_rec",
+        "preview_rec",
+        "encode",
+    }
     for n in nodes:
         if n["key"] in muted:
             n["mode"] = 2
     nodes += [n for n in _notes_row() if n["key"] in ("note_invert", "note_guide", "note_sampler")]
     groups = [
-        {"title": "Model, image and caption", "keys": ["ckpt", "image", "scale", "blip_loader", "caption", "show_caption"],
-         "color": GROUP_COLORS["input"]},
-        {"title": "1. Save (run once)", "keys": ["direction", "save", "note_save"],
-         "color": GROUP_COLORS["direction"]},
-        {"title": "2. Reuse the saved file (muted at first)",
-         "keys": ["note_reuse", "load", "encode", "apply", "vae_encode", "invert", "xattn", "nce", "sampler",
-                  "decode_edit", "save_edit", "decode_rec", "preview_rec"],
-         "color": GROUP_COLORS["reuse"]},
+        {
+            "title": "Model, image and caption",
+            "keys": ["ckpt", "image", "scale", "blip_loader", "caption", "show_caption"],
+            "color": GROUP_COLORS["input"],
+        },
+        {"title": "1. Save (run once)", "keys": ["direction", "save", "note_save"], "color": GROUP_COLORS["direction"]},
+        {
+            "title": "2. Reuse the saved file (muted at first)",
+            "keys": [
+                "note_reuse",
+                "load",
+                "encode",
+                "apply",
+                "vae_encode",
+                "invert",
+                "xattn",
+                "nce",
+                "sampler",
+                "decode_edit",
+                "save_edit",
+                "decode_rec",
+                "preview_rec",
+            ],
+            "color": GROUP_COLORS["reuse"],
+        },
     ]
     # The caption's CLIP Text Encode and Apply live in group 2's column; move them out of column 2.
     for n in nodes:
         if n["key"] in ("encode", "apply"):
             n["col"] = 3
-    return {"name": "direction_save_and_reuse", "nodes": nodes, "links": links, "groups": groups,
-            "columns": {"colX": [0, 450, 900, 1350, 1800, 2250]}}
+    return {
+        "name": "direction_save_and_reuse",
+        "nodes": nodes,
+        "links": links,
+        "groups": groups,
+        "columns": {"colX": [0, 450, 900, 1350, 1800, 2250]},
+    }
 
 
 METRICS_NOTE = """### Measure the edit (ZeroCon Edit Metrics)
@@ -396,29 +558,60 @@ Typed once here, they feed *Edit Direction* and build the target text for the me
 
 
 def compare_and_measure() -> dict:
-    readme = _readme("ZeroCon — edit, then measure it", """The SD1.5 text edit followed by **ZeroCon Edit Metrics**,
+    readme = _readme(
+        "ZeroCon — edit, then measure it",
+        """The SD1.5 text edit followed by **ZeroCon Edit Metrics**,
 which scores the edit against the source image (did the edit happen, was the layout kept, how much did the rest
 change) and scores the reconstruction the same way. The numbers are shown in the two *summary* boxes and are
 available as FLOAT outputs for your own nodes.
 
 **Models:** `ComfyUI/models/checkpoints/v1-5-pruned-emaonly-fp16.safetensors` (any SD1.x checkpoint),
 `ComfyUI/models/blip/blip-image-captioning-base/`, and the CLIP / DINO folders named in the metrics note.
-""")
+""",
+    )
     nodes, links = _edit_chain(512)
     words = [
-        {"key": "source_word", "type": "PrimitiveString", "col": 1, "title": "source word", "widgets": {"value": "cat"}},
-        {"key": "target_word", "type": "PrimitiveString", "col": 1, "title": "target word", "widgets": {"value": "dog"}},
+        {
+            "key": "source_word",
+            "type": "PrimitiveString",
+            "col": 1,
+            "title": "source word",
+            "widgets": {"value": "cat"},
+        },
+        {
+            "key": "target_word",
+            "type": "PrimitiveString",
+            "col": 1,
+            "title": "target word",
+            "widgets": {"value": "dog"},
+        },
         _note("note_words", 1, WORDS_NOTE, 140),
     ]
     metric_nodes = [
-        {"key": "target_text", "type": "StringReplace", "col": 6, "title": "Target text (caption with the edit)",
-         "size": [340, 160]},
+        {
+            "key": "target_text",
+            "type": "StringReplace",
+            "col": 6,
+            "title": "Target text (caption with the edit)",
+            "size": [340, 160],
+        },
         {"key": "clip_metric", "type": "ZeroConCLIPMetricLoader", "col": 6},
         {"key": "dino", "type": "ZeroConDINOLoader", "col": 6},
         {"key": "metrics", "type": "ZeroConEditMetrics", "col": 7, "title": "Edit metrics (source vs edit)"},
         {"key": "show_metrics", "type": "PreviewAny", "col": 7, "title": "Edit metrics summary", "size": [380, 200]},
-        {"key": "metrics_rec", "type": "ZeroConEditMetrics", "col": 7, "title": "Reconstruction metrics (source vs reconstruction)"},
-        {"key": "show_metrics_rec", "type": "PreviewAny", "col": 7, "title": "Reconstruction metrics summary", "size": [380, 200]},
+        {
+            "key": "metrics_rec",
+            "type": "ZeroConEditMetrics",
+            "col": 7,
+            "title": "Reconstruction metrics (source vs reconstruction)",
+        },
+        {
+            "key": "show_metrics_rec",
+            "type": "PreviewAny",
+            "col": 7,
+            "title": "Reconstruction metrics summary",
+            "size": [380, 200],
+        },
         _note("note_metrics", 6, METRICS_NOTE, 470),
     ]
     nodes = _insert_after([readme, _ckpt(SD15_CKPT, SD15_URL), *nodes], "encode", _direction_node())
@@ -447,8 +640,20 @@ available as FLOAT outputs for your own nodes.
         ["metrics_rec", "summary", "show_metrics_rec", "source"],
     ]
     groups = _groups() + [
-        {"title": "7. Measure", "keys": ["target_text", "clip_metric", "dino", "metrics", "show_metrics", "metrics_rec",
-                                         "show_metrics_rec", "note_metrics"], "color": GROUP_COLORS["metrics"]},
+        {
+            "title": "7. Measure",
+            "keys": [
+                "target_text",
+                "clip_metric",
+                "dino",
+                "metrics",
+                "show_metrics",
+                "metrics_rec",
+                "show_metrics_rec",
+                "note_metrics",
+            ],
+            "color": GROUP_COLORS["metrics"],
+        },
     ]
     groups[1]["keys"] = groups[1]["keys"] + ["source_word", "target_word", "note_words"]
     return {"name": "compare_and_measure", "nodes": nodes, "links": links, "groups": groups}
@@ -507,9 +712,14 @@ Every guided step backpropagates through the UNet, the VAE decoder and DINO: muc
 
 
 def _diffuseit(name: str, title: str, style: bool) -> dict:
-    what = ("takes its **look from a reference image** (DINO [CLS] + colour), optionally steered by a prompt"
-            if style else "becomes **what the prompt describes** (the prompt conditions the model through CFG)")
-    readme = _readme(title, f"""**DiffuseIT** (Kwon & Ye, ICLR 2023) on Stable Diffusion: the source image is noised
+    what = (
+        "takes its **look from a reference image** (DINO [CLS] + colour), optionally steered by a prompt"
+        if style
+        else "becomes **what the prompt describes** (the prompt conditions the model through CFG)"
+    )
+    readme = _readme(
+        title,
+        f"""**DiffuseIT** (Kwon & Ye, ICLR 2023) on Stable Diffusion: the source image is noised
 part way (no inversion) and sampled back while DINO ViT losses on the decoded prediction keep its **structure**
 (key self-similarity + patch contrast); the result {what}.
 
@@ -523,56 +733,144 @@ and write the {"description" if style else "target"} in the positive prompt, the
 - `ComfyUI/models/dino/dino-vitb8/` ← [facebook/dino-vitb8](https://huggingface.co/facebook/dino-vitb8), see the
   DINO note.
 - Optional, for speed: TAESD in `ComfyUI/models/vae_approx/` (see the structure note).
-""")
+""",
+    )
     readme["size"] = [380, 340]
     ctl = {"control_after_generate": "fixed"}
     positive = "a photo" if style else "a photo of a dog"
     nodes = [
         readme,
         _ckpt(SD15_CKPT, SD15_URL),
-        {"key": "image", "type": "LoadImage", "col": 0, "title": "Load Image (content)", "widgets": {"image": "example.png"},
-         "size": [340, 320]},  # the image preview grows the node after the layout: reserve its height
-        {"key": "scale", "type": "ImageScale", "col": 0, "title": "Resize to the model's size",
-         "widgets": {"upscale_method": "lanczos", "width": 512, "height": 512, "crop": "center"}},
+        {
+            "key": "image",
+            "type": "LoadImage",
+            "col": 0,
+            "title": "Load Image (content)",
+            "widgets": {"image": "example.png"},
+            "size": [340, 320],
+        },  # the image preview grows the node after the layout: reserve its height
+        {
+            "key": "scale",
+            "type": "ImageScale",
+            "col": 0,
+            "title": "Resize to the model's size",
+            "widgets": {"upscale_method": "lanczos", "width": 512, "height": 512, "crop": "center"},
+        },
     ]
     if style:
-        nodes.append({"key": "style_image", "type": "LoadImage", "col": 0, "title": "Load Image (style reference)",
-                      "widgets": {"image": "example.png"}, "size": [340, 320]})
+        nodes.append(
+            {
+                "key": "style_image",
+                "type": "LoadImage",
+                "col": 0,
+                "title": "Load Image (style reference)",
+                "widgets": {"image": "example.png"},
+                "size": [340, 320],
+            }
+        )
     nodes += [
-        {"key": "positive", "type": "CLIPTextEncode", "col": 1,
-         "title": "Positive prompt (describe the source)" if style else "Positive prompt (the target)",
-         "widgets": {"text": positive}, "size": [340, 120]},
-        {"key": "negative", "type": "CLIPTextEncode", "col": 1, "title": "Negative prompt",
-         "widgets": {"text": "blurry, low quality"}, "size": [340, 120]},
+        {
+            "key": "positive",
+            "type": "CLIPTextEncode",
+            "col": 1,
+            "title": "Positive prompt (describe the source)" if style else "Positive prompt (the target)",
+            "widgets": {"text": positive},
+            "size": [340, 120],
+        },
+        {
+            "key": "negative",
+            "type": "CLIPTextEncode",
+            "col": 1,
+            "title": "Negative prompt",
+            "widgets": {"text": "blurry, low quality"},
+            "size": [340, 120],
+        },
         {"key": "vae_encode", "type": "VAEEncode", "col": 1},
-        {"key": "dino", "type": "ZeroConDINOLoader", "col": 1,
-         "widgets": {"model": "dino-vitb8", "precision": "fp32", "device": "auto", "allow_download": True}},
-        _note("note_models", 1, DIFFUSEIT_MODELS_NOTE.replace("{positive}", (
-            "Image-guided: the positive prompt describes the source (or stays generic, `a photo`); the reference "
-            "image gives the style." if style else
-            "Text-guided: the **positive prompt is the target** (`a photo of a dog`) and conditions the model; the "
-            "DINO structure losses keep the source's layout.")), 230),
-        {"key": "structure", "type": "ZeroConDinoStructureGuidance", "col": 2,
-         "widgets": {"weight": 1.0, "lambda_ssim": 1000.0, "lambda_contrastive": 200.0, "lambda_semantic": 100.0,
-                     "lambda_range": 200.0, "dino_size": 224, "noise_blend": False, "start": 0.0, "end": 1.0}},
+        {
+            "key": "dino",
+            "type": "ZeroConDINOLoader",
+            "col": 1,
+            "widgets": {"model": "dino-vitb8", "precision": "fp32", "device": "auto", "allow_download": True},
+        },
+        _note(
+            "note_models",
+            1,
+            DIFFUSEIT_MODELS_NOTE.replace(
+                "{positive}",
+                (
+                    "Image-guided: the positive prompt describes the source (or stays generic, `a photo`); the reference "
+                    "image gives the style."
+                    if style
+                    else "Text-guided: the **positive prompt is the target** (`a photo of a dog`) and conditions the model; the "
+                    "DINO structure losses keep the source's layout."
+                ),
+            ),
+            230,
+        ),
+        {
+            "key": "structure",
+            "type": "ZeroConDinoStructureGuidance",
+            "col": 2,
+            "widgets": {
+                "weight": 1.0,
+                "lambda_ssim": 1000.0,
+                "lambda_contrastive": 200.0,
+                "lambda_semantic": 100.0,
+                "lambda_range": 200.0,
+                "dino_size": 224,
+                "noise_blend": False,
+                "start": 0.0,
+                "end": 1.0,
+            },
+        },
     ]
     if style:
-        nodes.append({"key": "style", "type": "ZeroConDinoStyleGuidance", "col": 2,
-                      "widgets": {"weight": 1.0, "lambda_cls": 2000.0, "lambda_pixel": 3000.0, "dino_size": 224,
-                                  "start": 0.0, "end": 1.0}})
+        nodes.append(
+            {
+                "key": "style",
+                "type": "ZeroConDinoStyleGuidance",
+                "col": 2,
+                "widgets": {
+                    "weight": 1.0,
+                    "lambda_cls": 2000.0,
+                    "lambda_pixel": 3000.0,
+                    "dino_size": 224,
+                    "start": 0.0,
+                    "end": 1.0,
+                },
+            }
+        )
     nodes += [
         _note("note_structure", 2, DIFFUSEIT_STRUCTURE_NOTE, 310, 420),
     ]
     if style:
         nodes.append(_note("note_style", 2, DIFFUSEIT_STYLE_NOTE, 220, 420))
     nodes += [
-        {"key": "sampler", "type": "ZeroConDiffuseITSampler", "col": 3,
-         "widgets": {"steps": 50, "cfg": 5.0, "strength": -1.0, "resample": 10, "seed": 0, **ctl,
-                     "step_mode": "raw", "step_size": 0.02}},
+        {
+            "key": "sampler",
+            "type": "ZeroConDiffuseITSampler",
+            "col": 3,
+            "widgets": {
+                "steps": 50,
+                "cfg": 5.0,
+                "strength": -1.0,
+                "resample": 10,
+                "seed": 0,
+                **ctl,
+                "step_mode": "raw",
+                "step_size": 0.02,
+            },
+        },
         _note("note_sampler", 3, DIFFUSEIT_SAMPLER_NOTE, 280),
         {"key": "decode", "type": "VAEDecode", "col": 4},
-        {"key": "save", "type": "SaveImage", "col": 4, "title": "Save result",
-         "widgets": {"filename_prefix": f"zerocon/{name}"}, "size": [340, 340]},
+        {
+            "key": "save",
+            "type": "SaveImage",
+            "col": 4,
+            "title": "Save result",
+            "widgets": {"filename_prefix": f"zerocon/{name}"},
+            "size": [340, 340],
+        },
     ]
     links = [
         ["image", "IMAGE", "scale", "image"],
@@ -604,12 +902,21 @@ and write the {"description" if style else "target"} in the positive prompt, the
     else:
         links.append(["structure", "guidance", "sampler", "guidance"])
     groups = [
-        {"title": "1. Model and images", "keys": ["ckpt", "image", "scale"] + (["style_image"] if style else []),
-         "color": GROUP_COLORS["input"]},
-        {"title": "2. Prompts, latent and DINO", "keys": ["positive", "negative", "vae_encode", "dino"],
-         "color": GROUP_COLORS["direction"]},
-        {"title": "3. DiffuseIT guidance", "keys": ["structure"] + (["style"] if style else []),
-         "color": GROUP_COLORS["guide"]},
+        {
+            "title": "1. Model and images",
+            "keys": ["ckpt", "image", "scale"] + (["style_image"] if style else []),
+            "color": GROUP_COLORS["input"],
+        },
+        {
+            "title": "2. Prompts, latent and DINO",
+            "keys": ["positive", "negative", "vae_encode", "dino"],
+            "color": GROUP_COLORS["direction"],
+        },
+        {
+            "title": "3. DiffuseIT guidance",
+            "keys": ["structure"] + (["style"] if style else []),
+            "color": GROUP_COLORS["guide"],
+        },
         {"title": "4. Sample", "keys": ["sampler"], "color": GROUP_COLORS["invert"]},
         {"title": "5. Result", "keys": ["decode", "save"], "color": GROUP_COLORS["output"]},
     ]
@@ -626,6 +933,7 @@ def diffuseit_text_guided() -> dict:
 
 def _own_readme_column(make):
     """The Read-me note alone in column 0, every other node one column to the right."""
+
     def wrapped() -> dict:
         spec = make()
         for n in spec["nodes"]:
@@ -635,6 +943,7 @@ def _own_readme_column(make):
         if "colX" in cols:
             cols["colX"] = [0] + [x + 450 for x in cols["colX"]]
         return spec
+
     wrapped.__name__ = make.__name__
     return wrapped
 

@@ -119,8 +119,15 @@ def summary(value) -> dict:
         value = value["samples"]
     if isinstance(value, torch.Tensor):
         v = value.detach().float()
-        return {"type": "tensor", "shape": list(v.shape), "finite": bool(torch.isfinite(v).all()),
-                "min": float(v.min()), "max": float(v.max()), "mean": float(v.mean()), "std": float(v.std())}
+        return {
+            "type": "tensor",
+            "shape": list(v.shape),
+            "finite": bool(torch.isfinite(v).all()),
+            "min": float(v.min()),
+            "max": float(v.max()),
+            "mean": float(v.mean()),
+            "std": float(v.std()),
+        }
     if isinstance(value, str):
         return {"type": "str", "text": value}
     return {"type": type(value).__name__}

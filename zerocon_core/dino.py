@@ -91,7 +91,9 @@ def load_dino(folder: str | os.PathLike, device: str | torch.device = "cpu", dty
     return model
 
 
-def dino_resize_shape(height: int, width: int, size: int = DINO_SIZE, max_size: int | None = DINO_MAX_SIZE) -> tuple[int, int]:
+def dino_resize_shape(
+    height: int, width: int, size: int = DINO_SIZE, max_size: int | None = DINO_MAX_SIZE
+) -> tuple[int, int]:
     """torchvision ``Resize(size, max_size)`` output shape: short side -> ``size``, long side capped at ``max_size``."""
     short, long = (height, width) if height <= width else (width, height)
     new_short, new_long = size, int(size * long / short)
@@ -148,7 +150,9 @@ class DinoFeatures:
     grid: tuple[int, int]
 
 
-def dino_features(model: Any, images: Tensor, size: int = DINO_SIZE, max_size: int | None = DINO_MAX_SIZE) -> DinoFeatures:
+def dino_features(
+    model: Any, images: Tensor, size: int = DINO_SIZE, max_size: int | None = DINO_MAX_SIZE
+) -> DinoFeatures:
     """Last-block keys and [CLS] of ``images`` ``(B, 3, H, W)`` in [0, 1] (any size; resized as DiffuseIT does).
 
     The input is cast to the model's dtype and device; the outputs are in the model's dtype. Hooks are
