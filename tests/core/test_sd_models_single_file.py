@@ -204,3 +204,43 @@ def test_sd2_prediction_type_rule(tmp_path):
         assert sd_models.sd2_prediction_type(path) == expected
     save_file({"model.diffusion_model.out.0.bias": torch.zeros(4)}, str(tmp_path / "none.safetensors"))
     assert sd_models.sd2_prediction_type(tmp_path / "none.safetensors") == "epsilon"
+
+
+def write_tiny_sdxl_folder(folder: Path) -> Path:
+    """A tiny SDXL diffusers folder whose checkpoint diffusers recognises as SDXL base: the two text encoders have
+    different widths (12 + 20 = the UNet's 32) and the OpenCLIP one has 10 layers (diffusers looks for layer 9)."""
+    import json
+
+    from .tiny_text import tiny_clip
+
+    write_tiny_sd_folder(folder, sdxl=True)
+    tiny_clip(folder / "tokenizer", hidden=12)[1].save_pretrained(folder / "text_encoder")
+    te2 = tiny_clip(folder / "tokenizer_2", hidden=20, layers=10, projection=16, pad_token="!", seed=1)[1]
+    te2.save_pretrained(folder / "text_encoder_2")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(
+        _class_name="StableDiffusionXLPipeline",
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        tokenizer_2=["transformers", "CLIPTokenizer"],
+    )
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_sdxl_checkpoint_with_reference_configs(tmp_path, monkeypatch):
+    folder = write_tiny_sdxl_folder(tmp_path / "sdxl")
+    parts = sd_models.load_folder(folder)
+    path = write_checkpoint(
+        tmp_path / "tiny-sdxl.safetensors", parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2
+    )
+    configs = configs_only(folder, tmp_path / "configs")
+    repos = []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sd_models, "_snapshot_download", lambda repo, **kw: repos.append(repo) or str(configs))
+    assert sd_models.checkpoint_type(path) == "xl_base"
+    loaded = sd_models.load_checkpoint(path)
+    assert repos == ["stabilityai/stable-diffusion-xl-base-1.0"]
+    assert loaded.is_sdxl and loaded.family == "SDXL"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        _same_weights(getattr(loaded, name), getattr(parts, name))
+    assert loaded.tokenizer_2.pad_token == "!"
