@@ -4,7 +4,7 @@
 
 - a **single-file checkpoint** (``.safetensors`` / ``.ckpt``, what ``ComfyUI/models/checkpoints`` holds):
   SD1.x, SD2.x or SDXL, loaded with diffusers' ``from_single_file``. The file holds the weights; the
-  configs (UNet/VAE/CLIP shapes, scheduler, tokenizer vocabulary: about 2 MB of JSON and text) come from a
+  configs (UNet/VAE/CLIP shapes, scheduler, tokenizer vocabulary: a few MB of JSON and text) come from a
   diffusers-layout folder: ``config`` when given, else the family's reference repository on the Hugging
   Face Hub (:data:`REFERENCE_REPOS`), read from the Hugging Face cache or downloaded once.
 - a **diffusers-layout folder** (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; SDXL adds
@@ -292,7 +292,7 @@ def sd2_prediction_type(path: str | os.PathLike) -> str:
 def checkpoint_configs(path: str | os.PathLike, config: str | os.PathLike | None = None) -> tuple[Path, str]:
     """``(config_folder, model_type)`` for checkpoint ``path``: ``config`` (a diffusers-layout folder, weights
     optional) when given, else the configs of the family's reference repository from the Hugging Face cache,
-    downloaded once (~2 MB) when online."""
+    downloaded once (a few MB) when online."""
     model_type = checkpoint_type(path)
     family, repo = REFERENCE_REPOS[model_type]
     if config is not None:
@@ -308,7 +308,7 @@ def checkpoint_configs(path: str | os.PathLike, config: str | os.PathLike | None
     except NotLocalError as exc:
         raise FileNotFoundError(
             f"{exc}: {Path(path).name} holds the weights, its configs come from {repo}. Run once online "
-            f"(about 2 MB is downloaded to the Hugging Face cache), or pass --model-config DIR with a diffusers "
+            f"(a few MB are downloaded to the Hugging Face cache), or pass --model-config DIR with a diffusers "
             f"folder of the same family (configs are enough: huggingface-cli download {repo} --include '*.json' "
             f"'*.txt' --local-dir DIR)"
         ) from None
