@@ -3,7 +3,7 @@
 ComfyUI is found through ``COMFYUI_PATH`` (default ``~/ComfyUI``); its interpreter through
 ``COMFYUI_PYTHON`` (default: ``<COMFYUI_PATH>/.venv/bin/python``). When either is missing the test is
 skipped with the reason, and the reason is written to ``$ZEROCON_REPORT_DIR/comfyui-integration.txt`` so
-that ``.ci/run`` can say loudly whether the integration tests ran.
+that ``tools/test.sh`` (the test command ``.ci/run`` calls) can say loudly whether the integration tests ran.
 """
 
 from __future__ import annotations

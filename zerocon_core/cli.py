@@ -1,4 +1,4 @@
-"""Command line: ``python -m zerocon_core edit --image IN --source cat --target dog --model DIR --out OUT``.
+"""Command line: ``python -m zerocon_core edit --image IN --source cat --target dog --model MODEL --out OUT``.
 
 Subcommands (argparse): ``edit`` (the text-guided pix2pix-zeroCon edit with diffusers). Errors the user can
 fix (missing files/folders, bad values, unreadable images) print one line and exit with code 2; ``-v``
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from .log import logger
+from .sd_models import DEFAULT_MODEL
 
 EXIT_USAGE = 2
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
@@ -53,13 +53,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "edit",
         parents=[common],
-        help="text-guided edit (pix2pix-zeroCon) with a local diffusers model",
+        help="text-guided edit (pix2pix-zeroCon) with an SD1.x/SD2.x/SDXL model",
         description="Caption -> edit direction -> DDIM inversion -> guided DDIM sampling -> output "
         "image of the input's size.",
     )
     io = p.add_argument_group("input / output")
     io.add_argument("--image", required=True, metavar="FILE", help="input image file")
-    io.add_argument("--model", required=True, metavar="DIR", help="local Stable Diffusion folder in diffusers layout")
+    io.add_argument(
+        "--model",
+        default=None,
+        metavar="MODEL",
+        help="SD1.x/SD2.x/SDXL model: a single-file checkpoint (.safetensors/.ckpt, e.g. from "
+        "ComfyUI/models/checkpoints), a diffusers-layout folder, or a Hugging Face model id downloaded once "
+        f"(default {DEFAULT_MODEL})",
+    )
+    io.add_argument(
+        "--model-config",
+        default=None,
+        metavar="DIR",
+        help="for a checkpoint file: a diffusers-layout folder of the same family whose configs and tokenizers "
+        "describe it (default: the family's reference configs, from the Hugging Face cache or downloaded once)",
+    )
     io.add_argument(
         "--out", required=True, metavar="FILE", help="output image file (.png, .jpg, ...); written atomically"
     )
@@ -181,12 +195,15 @@ def cmd_edit(args: argparse.Namespace) -> int:
     """The ``edit`` subcommand. Validates every path before loading a model; raises USER_ERRORS for fixable input."""
     from .direction import load_direction, save_direction
     from .images import load_image, save_image
-    from .pipeline import EditOptions, Timings, ZeroConPipeline, check_model_folder
+    from .pipeline import EditOptions, Timings, ZeroConPipeline
+    from .sd_models import model_source
 
     # Cheap checks first: nothing is loaded or written until they all pass.
     out = _check_out(args.out)
     image = load_image(args.image)
-    check_model_folder(args.model)
+    model_source(args.model)
+    if args.model_config is not None and not Path(args.model_config).is_dir():
+        raise FileNotFoundError(f"--model-config folder not found: {args.model_config}")
     if args.blip is not None and args.caption is None:
         from .captioning import check_blip_folder
 
@@ -223,8 +240,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
 
     timings = Timings()
     with timings.stage("load"):
-        pipe = ZeroConPipeline.from_folder(
-            args.model, device=args.device, dtype=args.dtype, blip_folder=args.blip if args.caption is None else None
+        pipe = ZeroConPipeline.from_model(
+            args.model,
+            device=args.device,
+            dtype=args.dtype,
+            blip_folder=args.blip if args.caption is None else None,
+            model_config=args.model_config,
         )
     try:
         result = pipe.edit(image, options, progress=not args.no_progress, timings=timings)
@@ -258,7 +279,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     previous_level = logger.level
     handler = _setup_logging(args.verbose, args.quiet)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: never reach the Hub
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as exc:

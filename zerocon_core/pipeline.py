@@ -1,11 +1,11 @@
-"""The whole text-guided pix2pix-zeroCon edit on diffusers components loaded from a local folder.
+"""The whole text-guided pix2pix-zeroCon edit on diffusers components (SD1.x, SD2.x, SDXL).
 
 caption (BLIP, or given) -> edit direction (sentence banks / target prompt / sentence files / loaded)
 -> text conditionings -> VAE encode -> DDIM inversion (regularised by default) -> guided DDIM sampling
 (cross-attention + PatchNCE guidance) -> VAE decode -> image of the input's size.
 
-Model folder: diffusers layout (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``; SDXL adds
-``text_encoder_2/ tokenizer_2/``). Nothing is downloaded. Everything logs through the ``zerocon`` logger;
+Model: a single-file checkpoint, a diffusers-layout folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``;
+SDXL adds ``text_encoder_2/ tokenizer_2/``) or a Hugging Face model id (``sd_models`` finds and loads it). Everything logs through the ``zerocon`` logger;
 progress bars are tqdm (they hide themselves when stderr is not a terminal).
 
 Latent conventions: the VAE gives the scaled VP latent ``z0``; the engine works in sigma space
@@ -323,21 +323,10 @@ def check_model_folder(folder: str | os.PathLike) -> bool:
     return all((p / s).is_dir() for s in SDXL_PARTS)
 
 
-def _read_json(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"missing {path}") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
-
-
 class ZeroConPipeline:
     """The text-guided edit over diffusers components (SD1.x, SD2.x incl. v-prediction, SDXL).
 
-    Build with :meth:`from_folder` (or pass components). ``scheduler_config``: the model's scheduler config
+    Build with :meth:`from_model` (or pass components). ``scheduler_config``: the model's scheduler config
     mapping (schedule, prediction type, ``steps_offset``, ``set_alpha_to_one``). ``blip``: an optional
     ``captioning.Blip``. ``close()`` restores the UNet's attention processors.
     """
@@ -378,6 +367,59 @@ class ZeroConPipeline:
         return self.denoiser.prediction_type
 
     @classmethod
+    def from_model(
+        cls,
+        model: str | os.PathLike | None = None,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype | None = None,
+        blip_folder: str | os.PathLike | None = None,
+        model_config: str | os.PathLike | None = None,
+    ) -> ZeroConPipeline:
+        """Load ``model``: a single-file checkpoint, a diffusers-layout folder or a Hugging Face model id (None:
+        the default model); see ``sd_models``. ``model_config``: a diffusers-layout folder with the configs of a
+        checkpoint. Paths are checked (``FileNotFoundError`` / ``ValueError`` naming them) before anything loads."""
+        from .sd_models import load_model, model_source
+
+        source = model_source(model)
+        if blip_folder is not None:
+            from .captioning import check_blip_folder
+
+            check_blip_folder(blip_folder)
+        dev = resolve_device(device if not isinstance(device, torch.device) else str(device))
+        dt = resolve_dtype(dtype, dev)
+        if dev.type == "cpu" and dt == torch.float16:
+            logger.warning("float16 on the CPU is slow and some ops are unsupported; float32 is recommended")
+        parts = load_model(source, dt, model_config)
+        for m in (parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2):
+            if m is not None:
+                m.to(dev)
+        blip = None
+        if blip_folder is not None:
+            from .captioning import load_blip
+
+            blip = load_blip(blip_folder, device=dev, dtype=torch.float32 if dev.type == "cpu" else dt)
+        pipe = cls(
+            parts.unet,
+            parts.vae,
+            parts.text_encoder,
+            parts.tokenizer,
+            parts.scheduler_config,
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer_2=parts.tokenizer_2,
+            blip=blip,
+            device=dev,
+        )
+        logger.info(
+            "loaded %s model from %s (%s, %s, %s-prediction)",
+            parts.family,
+            source,
+            dev,
+            str(dt).replace("torch.", ""),
+            pipe.prediction_type,
+        )
+        return pipe
+
+    @classmethod
     def from_folder(
         cls,
         folder: str | os.PathLike,
@@ -387,50 +429,8 @@ class ZeroConPipeline:
     ) -> ZeroConPipeline:
         """Load every part from a local diffusers-layout folder (``local_files_only``). Raises
         ``FileNotFoundError`` naming the folder or the missing sub-folders before loading anything."""
-        folder = Path(folder)
-        sdxl = check_model_folder(folder)
-        if blip_folder is not None:
-            from .captioning import check_blip_folder
-
-            check_blip_folder(blip_folder)
-        dev = resolve_device(device if not isinstance(device, torch.device) else str(device))
-        dt = resolve_dtype(dtype, dev)
-        if dev.type == "cpu" and dt == torch.float16:
-            logger.warning("float16 on the CPU is slow and some ops are unsupported; float32 is recommended")
-        sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
-
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        kw = dict(local_files_only=True)
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dt, **kw)
-        vae_cfg = _read_json(folder / "vae" / "config.json")
-        vae_dt = torch.float32 if (dt == torch.float16 and vae_cfg.get("force_upcast", False)) else dt
-        vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=vae_dt, **kw)
-        te = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=dt, **kw)
-        tok = CLIPTokenizer.from_pretrained(folder / "tokenizer", **kw)
-        te2 = tok2 = None
-        if sdxl:
-            te2 = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder_2", torch_dtype=dt, **kw)
-            tok2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **kw)
-        for m in (unet, vae, te, te2):
-            if m is not None:
-                m.to(dev)
-        blip = None
-        if blip_folder is not None:
-            from .captioning import load_blip
-
-            blip = load_blip(blip_folder, device=dev, dtype=torch.float32 if dev.type == "cpu" else dt)
-        pipe = cls(unet, vae, te, tok, sched_cfg, text_encoder_2=te2, tokenizer_2=tok2, blip=blip, device=dev)
-        logger.info(
-            "loaded %s model from %s (%s, %s, %s-prediction)",
-            "SDXL" if sdxl else "SD",
-            folder,
-            dev,
-            str(dt).replace("torch.", ""),
-            pipe.prediction_type,
-        )
-        return pipe
+        check_model_folder(folder)
+        return cls.from_model(folder, device=device, dtype=dtype, blip_folder=blip_folder)
 
     def close(self) -> None:
         """Give the UNet its original attention processors back."""
