@@ -598,19 +598,15 @@ def run(args: argparse.Namespace) -> int:
     from .dino import check_dino_folder, load_dino
     from .metrics import check_clip_folder, load_clip_metric
 
-    pie_only = {
-        "--edited": args.edited,
-        "--images": args.images,
-        "--categories": args.categories,
-        "--lpips": args.lpips,
-    }
-    if args.piebench:
-        if not args.edited:
+    # a Namespace built by hand (the library route) may lack the PIE-Bench options
+    pie = {k: getattr(args, k, None) for k in ("piebench", "edited", "images", "categories", "lpips")}
+    if pie["piebench"]:
+        if not pie["edited"]:
             raise ValueError("--piebench needs --edited: the folder(s) of edited images to score")
-        methods = parse_methods(args.edited)
-        check_piebench_inputs(args.piebench, methods, args.out, args.images, args.categories)
+        methods = parse_methods(pie["edited"])
+        check_piebench_inputs(pie["piebench"], methods, args.out, pie["images"], pie["categories"])
     else:
-        given = [k for k, v in pie_only.items() if v]
+        given = [f"--{k}" for k in ("edited", "images", "categories", "lpips") if pie[k]]
         if given:
             raise ValueError(f"{', '.join(given)} only go with --piebench")
         read_manifest(args.manifest)
@@ -618,27 +614,27 @@ def run(args: argparse.Namespace) -> int:
         check_clip_folder(args.clip)
     if args.dino:
         check_dino_folder(args.dino)
-    if args.piebench and args.lpips:
+    if pie["lpips"]:
         from .lpips import check_lpips_folder
 
-        check_lpips_folder(args.lpips)
+        check_lpips_folder(pie["lpips"])
     device = _device(args.device)
     clip = load_clip_metric(args.clip, device=device) if args.clip else None
     dino = load_dino(args.dino, device=device) if args.dino else None
-    if not args.piebench:
+    if not pie["piebench"]:
         evaluate_manifest(
             args.manifest, args.out, clip=clip, dino=dino, progress=not args.no_progress, row_delay=args.row_delay
         )
         return 0
     from .lpips import load_lpips
 
-    lpips = load_lpips(args.lpips, device=device) if args.lpips else None
+    lpips = load_lpips(pie["lpips"], device=device) if pie["lpips"] else None
     summary = evaluate_piebench(
-        args.piebench,
+        pie["piebench"],
         methods,
         args.out,
-        images=args.images,
-        categories=args.categories,
+        images=pie["images"],
+        categories=pie["categories"],
         clip=clip,
         dino=dino,
         lpips=lpips,
