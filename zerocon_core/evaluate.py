@@ -58,15 +58,23 @@ from .metrics import METRIC_NAMES, edit_metrics
 
 __all__ = [
     "COLUMNS",
+    "PIE_COLUMNS",
     "ManifestRow",
+    "check_piebench_inputs",
     "evaluate_manifest",
+    "evaluate_piebench",
+    "evaluate_piebench_row",
+    "format_piebench_table",
     "load_mask",
     "main",
+    "metric_stats",
+    "parse_methods",
     "read_manifest",
     "read_records",
     "register",
     "run",
     "summarize",
+    "summarize_piebench",
 ]
 
 COLUMNS = ("id", "source", "edited", "mask", "source_text", "target_text", "status", "message") + METRIC_NAMES
