@@ -17,7 +17,7 @@ from PIL import Image
 from zerocon_core import cli, evaluate, metrics, piebench
 from zerocon_core.dino import load_dino
 from zerocon_core.images import load_image
-from zerocon_core.lpips import CHANNELS, SqueezeLpips, check_lpips_folder, load_lpips, lpips_distance
+from zerocon_core.lpips import CHANNELS, check_lpips_folder, load_lpips, lpips_distance
 
 from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino_folder
 
@@ -60,7 +60,6 @@ def test_rle_decodes_hand_drawn_shapes_pixel_by_pixel():
         for c in range(10):
             assert got[r, c] == want[r, c], (r, c)
     # column-major decoding would draw another picture: the test tells the two orders apart
-    assert not np.array_equal(np.zeros(60, bool).reshape(10, 6).T, want)
     col_major = np.zeros(60, bool)
     for s, n in zip(DRAWN_RLE[::2], DRAWN_RLE[1::2]):
         col_major[s : s + n] = True
@@ -541,4 +540,3 @@ def test_lpips_bad_folders(tmp_path):
     (folder / "squeezenet1_1.pth").write_text("junk")
     with pytest.raises(ValueError, match="cannot read LPIPS weights"):
         load_lpips(folder)
-    assert isinstance(SqueezeLpips(), torch.nn.Module)
