@@ -2,12 +2,14 @@
 
     python bench/sweep.py --manifest edits.csv --model SD_FOLDER --out-dir bench/out/sweep \
         --xa 0,0.05,0.1,0.2 --nce 0,0.05,0.1 --clip CLIP_DIR --dino DINO_DIR [--steps 50]
+    python bench/sweep.py --piebench PIE/mapping_file.json --model SD_FOLDER --out-dir bench/out/pie \
+        --xa 0.1 --nce 0,0.5 --clip CLIP_DIR --dino DINO_DIR [--lpips LPIPS_DIR] [--branches both]
 
 For every manifest image, the caption, edit direction, conditionings, VAE latent and DDIM inversion are
 computed **once**; then the guided sampler runs for every ``(xa weight, nce weight)`` of the grid and each
 result is scored with ``zerocon_core.metrics`` against the source image. A ``reconstruction`` row (the
 reference branch: plain DDIM reconstruction with the caption, no edit) is scored too, as the no-edit
-anchor of the trade-off (landscape.md §3: always include an identity row).
+anchor of the trade-off.
 
 Manifest (CSV or JSONL, paths relative to it): ``source`` (image), ``source_text`` (the caption used for
 inversion, and the CLIP source text), ``target_text``; optional ``id``, ``mask`` (edited region > 0;
@@ -18,6 +20,18 @@ is the target prompt minus the caption).
 Outputs in ``--out-dir``: ``sweep.csv`` (one row per image and setting), ``sweep_summary.csv`` (per setting:
 mean of each metric over images, ``n``), ``sweep.png`` (mean structure distance vs mean CLIP score per
 setting, points labelled by setting, PIL only) and ``images/<id>_<setting>.png``.
+
+**PIE-Bench** (``--piebench``, format in ``zerocon_core/piebench.py``): the source image of an entry is
+``--images``/``image_path`` (default folder: ``annotation_images`` next to the JSON); the caption (inversion
+prompt, CFG negative) is ``original_prompt`` and the direction is ``editing_prompt`` minus it (brackets
+removed), as PIE-Bench runs pix2pix-zero with the two prompts. ``blended_word`` is not used: it names the
+edited object in each prompt (often the same word twice, "bicycle bicycle" for "make it rusty"), so a word
+direction from it would be empty, and our methods do no local blending. The mask only scores. Every result
+is scored on its 8-bit image with PIE-Bench's metrics (``piebench.METRICS``: the CSV columns, in its
+units), saved as ``images/<setting>/<image_path>.png`` (so ``python -m zerocon_core eval --piebench ...
+--edited images/<setting>`` reads the same files and gives the same numbers), and PIE-Bench's table, one
+row per setting, is printed and written to ``piebench_table.md``. ``--categories`` / ``--limit`` select
+entries; ``--branches`` and ``--eval-at`` pick the mode (they apply in manifest mode too).
 """
 
 from __future__ import annotations
@@ -36,17 +50,30 @@ from typing import Any, Sequence
 import torch
 
 from zerocon_core import metrics as zmetrics
-from zerocon_core.evaluate import load_mask, read_records
+from zerocon_core import piebench
+from zerocon_core.evaluate import format_piebench_table, load_mask, metric_stats, read_records
 from zerocon_core.images import decode_latents, encode_latents, fit_to_multiple, load_image, resize, save_image
-from zerocon_core.inversion import NoiseRegularization, ddim_invert
+from zerocon_core.inversion import EVAL_AT, NoiseRegularization, ddim_invert
 from zerocon_core.log import logger
 from zerocon_core.pipeline import EditOptions, default_guidance, sampling_grid
-from zerocon_core.sampler import guided_ddim_sample
+from zerocon_core.sampler import BRANCHES, guided_ddim_sample
 from zerocon_core.schedule import inversion_sigmas, vp_scale
 
-SWEEP_COLUMNS = ("id", "setting", "xa_weight", "nce_weight", "image", "seconds") + zmetrics.METRIC_NAMES
-SUMMARY_COLUMNS = ("setting", "xa_weight", "nce_weight", "n") + zmetrics.METRIC_NAMES
 RECON = "reconstruction"
+
+
+def sweep_columns(names: Sequence[str] = zmetrics.METRIC_NAMES) -> tuple[str, ...]:
+    """Columns of ``sweep.csv`` for the metric columns ``names``."""
+    return ("id", "setting", "xa_weight", "nce_weight", "image", "seconds") + tuple(names)
+
+
+def summary_columns(names: Sequence[str] = zmetrics.METRIC_NAMES) -> tuple[str, ...]:
+    """Columns of ``sweep_summary.csv`` for the metric columns ``names``."""
+    return ("setting", "xa_weight", "nce_weight", "n") + tuple(names)
+
+
+SWEEP_COLUMNS = sweep_columns()
+SUMMARY_COLUMNS = summary_columns()
 
 
 @dataclass(frozen=True)
@@ -151,92 +178,193 @@ def sweep_image(
     return images, seconds
 
 
+@dataclass(frozen=True)
+class SweepItem:
+    """One image to sweep: where it is, its texts, its edit mask (``(H, W)`` > 0 = edited, or None) and the
+    stem of its output files (``images/<setting>/<name>.png`` in PIE-Bench mode, else ``images/<id>_<setting>.png``)."""
+
+    id: str
+    source: Path
+    source_text: str
+    target_text: str
+    mask: Any = None
+    source_word: str | None = None
+    target_word: str | None = None
+    name: str = ""
+
+
+def manifest_items(manifest: Path) -> list[SweepItem]:
+    """Rows of a CSV/JSONL manifest (see the module docstring) as sweep items."""
+    items = []
+    for i, rec in enumerate(read_records(manifest, ("source", "source_text", "target_text"))):
+        words = rec.get("source_word") and rec.get("target_word")
+        items.append(
+            SweepItem(
+                id=str(rec.get("id") or i),
+                source=manifest.parent / str(rec["source"]),
+                source_text=str(rec["source_text"]),
+                target_text=str(rec["target_text"]),
+                mask=load_mask(manifest.parent / str(rec["mask"])) if rec.get("mask") else None,
+                source_word=str(rec["source_word"]) if words else None,
+                target_word=str(rec["target_word"]) if words else None,
+            )
+        )
+    return items
+
+
+def piebench_items(
+    mapping: Path, images: Path | None = None, categories: Sequence[str] | None = None, limit: int | None = None
+) -> list[SweepItem]:
+    """PIE-Bench entries as sweep items: the caption is the original prompt, the direction the editing prompt
+    minus it (brackets removed); the blended words are not used (see the module docstring). The mask is
+    decoded when the image is read (at its size)."""
+    images = images if images is not None else mapping.parent / "annotation_images"
+    rows = piebench.read_mapping(mapping, categories)[: limit if limit else None]
+    return [
+        SweepItem(
+            id=r.key,
+            source=images / r.image_path,
+            source_text=r.original_prompt,
+            target_text=r.editing_prompt,
+            mask=r.mask,
+            name=Path(r.image_path).with_suffix("").as_posix(),
+        )
+        for r in rows
+    ]
+
+
+def _quantize(image: torch.Tensor) -> torch.Tensor:
+    """What an 8-bit PNG of ``image`` reads back as (PIE-Bench scores saved files)."""
+    return (image.clamp(0, 1) * 255).round() / 255
+
+
 def run_sweep(
     pipe: Any,
-    manifest: str | os.PathLike,
+    manifest: str | os.PathLike | None,
     out_dir: str | os.PathLike,
     xa: Sequence[float],
     nce: Sequence[float],
     *,
     clip: Any = None,
     dino: Any = None,
+    lpips: Any = None,
     steps: int = 50,
     cfg: float = 5.0,
     seed: int = 0,
     num_sentences: int = 300,
     regularization: bool = True,
-    x_metric: str = "structure_distance",
-    y_metric: str = "clip_score",
+    branches: str = "edit",
+    eval_at: str = "current",
+    x_metric: str | None = None,
+    y_metric: str | None = None,
+    items: Sequence[SweepItem] | None = None,
+    pie: bool = False,
 ) -> dict[str, Path]:
-    """Run the grid over every manifest row, score, and write the CSVs and the plot. Returns their paths."""
-    manifest = Path(manifest)
+    """Run the grid over every manifest row (or ``items``; ``pie``: PIE-Bench items, scored with PIE-Bench's
+    metrics), score, and write the CSVs and the plot. Returns their paths."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    records = read_records(manifest, ("source", "source_text", "target_text"))
+    if items is None:
+        items = manifest_items(Path(manifest))
+    names = piebench.METRICS if pie else zmetrics.METRIC_NAMES
+    x_metric = x_metric or ("structure_distance_x1e3" if pie else "structure_distance")
+    y_metric = y_metric or ("clip_whole" if pie else "clip_score")
+    for m in (x_metric, y_metric):
+        if m not in names:
+            raise ValueError(f"metric {m!r} is not scored in this mode; choose from {list(names)}")
     settings = [Setting(a, b) for b in nce for a in xa]
     csv_path = out_dir / "sweep.csv"
     rows: list[dict[str, str]] = []
     with open(csv_path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=sweep_columns(names), lineterminator="\n")
         writer.writeheader()
-        for i, rec in enumerate(records):
-            rid = str(rec.get("id") or i)
-            src_path = manifest.parent / str(rec["source"])
-            if not src_path.is_file():
-                logger.warning("row %s skipped: source image not found: %s", rid, src_path)
+        for i, item in enumerate(items):
+            if not item.source.is_file():
+                logger.warning("row %s skipped: source image not found: %s", item.id, item.source)
                 continue
-            source = load_image(src_path)
-            mask = load_mask(manifest.parent / str(rec["mask"])) if rec.get("mask") else None
-            words = rec.get("source_word") and rec.get("target_word")
+            source = load_image(item.source)
+            mask = item.mask
+            if pie:
+                mask = piebench.decode_mask(item.mask, *source.shape[-2:])
+            words = item.source_word and item.target_word
             options = EditOptions(
-                caption=str(rec["source_text"]),
-                source=str(rec["source_word"]) if words else None,
-                target=str(rec["target_word"]) if words else None,
-                target_prompt=None if words else str(rec["target_text"]),
+                caption=item.source_text,
+                source=item.source_word if words else None,
+                target=item.target_word if words else None,
+                target_prompt=None if words else item.target_text,
                 num_sentences=num_sentences,
                 steps=steps,
                 cfg=cfg,
                 seed=seed,
                 regularization=regularization,
+                branches=branches,
+                eval_at=eval_at,
             )
             options.validate()
-            logger.info("sweep %s (%d/%d): %d settings", rid, i + 1, len(records), len(settings))
+            logger.info("sweep %s (%d/%d): %d settings", item.id, i + 1, len(items), len(settings))
             images, seconds = sweep_image(pipe, source, options, settings)
             for name, img in images.items():
                 setting = next((s for s in settings if s.name == name), None)
-                file = Path("images") / f"{rid}_{name}.png"
+                file = Path("images") / (f"{name}/{item.name}.png" if pie else f"{item.id}_{name}.png")
+                (out_dir / file).parent.mkdir(parents=True, exist_ok=True)
                 save_image(img, out_dir / file)
-                vals = zmetrics.edit_metrics(
-                    source, img, options.caption, str(rec["target_text"]), mask=mask, clip=clip, dino=dino
-                )
+                if pie:
+                    vals = piebench.score_pair(
+                        source, _quantize(img), mask, item.target_text, clip=clip, dino=dino, lpips=lpips
+                    )
+                else:
+                    metrics = zmetrics.edit_metrics(
+                        source, img, options.caption, item.target_text, mask=mask, clip=clip, dino=dino
+                    )
+                    vals = {k: float(metrics[k][0]) for k in names}
                 row = {
-                    "id": rid,
+                    "id": item.id,
                     "setting": name,
                     "xa_weight": _fmt(setting.xa) if setting else "",
                     "nce_weight": _fmt(setting.nce) if setting else "",
                     "image": file.as_posix(),
                     "seconds": f"{seconds[name]:.3f}",
                 }
-                row.update({k: _fmt(float(vals[k][0])) for k in zmetrics.METRIC_NAMES})
+                row.update({k: _fmt(float(vals[k])) for k in names})
                 writer.writerow(row)
                 f.flush()
                 rows.append(row)
 
-    summary = summarize(rows, settings)
+    summary = summarize(rows, settings, names)
     summary_path = out_dir / "sweep_summary.csv"
     with open(summary_path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=summary_columns(names), lineterminator="\n")
         writer.writeheader()
         for s in summary:
             writer.writerow({k: _fmt(v) for k, v in s.items()})
     plot_path = out_dir / "sweep.png"
     plot_tradeoff(summary, plot_path, x_metric, y_metric)
-    logger.info("wrote %s, %s, %s", csv_path, summary_path, plot_path)
-    return {"csv": csv_path, "summary": summary_path, "plot": plot_path}
+    paths = {"csv": csv_path, "summary": summary_path, "plot": plot_path}
+    if pie:
+        table = piebench_table(rows, settings)
+        paths["table"] = out_dir / "piebench_table.md"
+        paths["table"].write_text(table + "\n", encoding="utf-8")
+        sys.stdout.write(table + "\n")
+        sys.stdout.flush()
+    logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return paths
 
 
-def summarize(rows: Sequence[dict[str, str]], settings: Sequence[Setting]) -> list[dict[str, Any]]:
-    """Per setting (reconstruction first, then the grid): mean of every metric over images (finite values only)."""
+def piebench_table(rows: Sequence[dict[str, str]], settings: Sequence[Setting]) -> str:
+    """PIE-Bench's table (``evaluate.format_piebench_table``) with one row per setting, reconstruction first."""
+    summary = []
+    for name in [RECON] + [s.name for s in settings]:
+        mine = [r for r in rows if r["setting"] == name]
+        if mine:
+            summary += [{"method": name, "n_ok": len(mine), **metric_stats(k, mine)} for k in piebench.METRICS]
+    return format_piebench_table(summary)
+
+
+def summarize(
+    rows: Sequence[dict[str, str]], settings: Sequence[Setting], names: Sequence[str] = zmetrics.METRIC_NAMES
+) -> list[dict[str, Any]]:
+    """Per setting (reconstruction first, then the grid): mean of every metric in ``names`` over images
+    (finite values only)."""
     out = []
     order = [(RECON, None)] + [(s.name, s) for s in settings]
     for name, s in order:
@@ -249,7 +377,7 @@ def summarize(rows: Sequence[dict[str, str]], settings: Sequence[Setting]) -> li
             "nce_weight": s.nce if s else "",
             "n": len(mine),
         }
-        for k in zmetrics.METRIC_NAMES:
+        for k in names:
             vals = [float(r[k]) for r in mine if math.isfinite(float(r[k]))]
             entry[k] = sum(vals) / len(vals) if vals else math.nan
         out.append(entry)
@@ -284,6 +412,13 @@ LABELS = {
     "bg_psnr": "background PSNR (dB)",
     "bg_ssim": "background SSIM",
     "bg_mse": "background MSE",
+    "structure_distance_x1e3": "PIE-Bench structure distance x1e3 (lower = structure kept)",
+    "clip_whole": "PIE-Bench CLIP Whole (higher = edit applied)",
+    "clip_edited": "PIE-Bench CLIP Edited (higher = edit applied)",
+    "psnr": "PIE-Bench background PSNR (dB)",
+    "lpips_x1e3": "PIE-Bench background LPIPS x1e3",
+    "mse_x1e4": "PIE-Bench background MSE x1e4",
+    "ssim_x1e2": "PIE-Bench background SSIM x1e2",
 }
 PALETTE = [
     (31, 119, 180),
@@ -395,10 +530,17 @@ def plot_tradeoff(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/sweep.py", description=__doc__.split("\n\n")[0])
-    p.add_argument(
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
         "--manifest",
-        required=True,
+        default=None,
         help="CSV/JSONL: source, source_text, target_text[, id, mask, source_word, target_word]",
+    )
+    what.add_argument(
+        "--piebench",
+        default=None,
+        metavar="MAPPING_JSON",
+        help="PIE-Bench's mapping_file.json: sweep its entries, score and print PIE-Bench's table per setting",
     )
     p.add_argument("--model", required=True, help="local Stable Diffusion folder (diffusers layout)")
     p.add_argument("--out-dir", required=True, help="folder for sweep.csv, sweep_summary.csv, sweep.png, images/")
@@ -408,6 +550,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip", default=None, help="local CLIP folder for the CLIP metrics (openai/clip-vit-large-patch14)"
     )
     p.add_argument("--dino", default=None, help="local DINO folder for the structure distance (facebook/dino-vitb8)")
+    pie = p.add_argument_group("PIE-Bench (with --piebench)")
+    pie.add_argument(
+        "--images", default=None, metavar="DIR", help="source images (default: annotation_images next to the JSON)"
+    )
+    pie.add_argument(
+        "--categories", nargs="+", default=None, metavar="ID", help="only these editing_type_id values (0 ... 9)"
+    )
+    pie.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N entries")
+    pie.add_argument(
+        "--lpips", default=None, metavar="DIR", help="folder with squeezenet1_1-b8a52dc0.pth and LPIPS' squeeze.pth"
+    )
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance (default 5)")
     p.add_argument("--seed", type=int, default=0)
@@ -415,10 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-sentences", type=int, default=300, help="template sentences per word (source_word/target_word rows)"
     )
     p.add_argument("--no-regularization", action="store_true", help="plain DDIM inversion")
+    p.add_argument("--branches", default="edit", choices=BRANCHES, help="guided branches (default edit)")
+    p.add_argument("--eval-at", default="current", choices=EVAL_AT, help="DDIM inversion convention (default current)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--x-metric", default="structure_distance", choices=zmetrics.METRIC_NAMES)
-    p.add_argument("--y-metric", default="clip_score", choices=zmetrics.METRIC_NAMES)
+    metric_names = zmetrics.METRIC_NAMES + piebench.METRICS
+    p.add_argument("--x-metric", default=None, choices=metric_names, help="plot x (structure_distance; PIE: ..._x1e3)")
+    p.add_argument("--y-metric", default=None, choices=metric_names, help="plot y (clip_score; PIE: clip_whole)")
     return p
 
 
@@ -433,22 +589,40 @@ def main(argv: Sequence[str] | None = None, pipe: Any = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         xa, nce = parse_grid(args.xa), parse_grid(args.nce)
+        given = [f"--{k}" for k in ("images", "categories", "limit", "lpips") if getattr(args, k) is not None]
+        if args.manifest and given:
+            raise ValueError(f"{', '.join(given)} only go with --piebench")
+        items = None
+        if args.piebench:
+            mapping = Path(args.piebench)
+            images = Path(args.images) if args.images else mapping.parent / "annotation_images"
+            items = piebench_items(mapping, images, args.categories, args.limit)
+            if not images.is_dir():
+                raise FileNotFoundError(f"PIE-Bench source image folder not found: {images} (give --images)")
         if args.clip:
             zmetrics.check_clip_folder(args.clip)
         if args.dino:
             from zerocon_core.dino import check_dino_folder
 
             check_dino_folder(args.dino)
+        if args.lpips:
+            from zerocon_core.lpips import check_lpips_folder
+
+            check_lpips_folder(args.lpips)
         if pipe is None:
             from zerocon_core.pipeline import ZeroConPipeline
 
             pipe = ZeroConPipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
         clip = zmetrics.load_clip_metric(args.clip, device=pipe.device) if args.clip else None
-        dino = None
+        dino = lpips = None
         if args.dino:
             from zerocon_core.dino import load_dino
 
             dino = load_dino(args.dino, device=pipe.device)
+        if args.lpips:
+            from zerocon_core.lpips import load_lpips
+
+            lpips = load_lpips(args.lpips, device=pipe.device)
         run_sweep(
             pipe,
             args.manifest,
@@ -457,13 +631,18 @@ def main(argv: Sequence[str] | None = None, pipe: Any = None) -> int:
             nce,
             clip=clip,
             dino=dino,
+            lpips=lpips,
             steps=args.steps,
             cfg=args.cfg,
             seed=args.seed,
             num_sentences=args.num_sentences,
             regularization=not args.no_regularization,
+            branches=args.branches,
+            eval_at=args.eval_at,
             x_metric=args.x_metric,
             y_metric=args.y_metric,
+            items=items,
+            pie=bool(args.piebench),
         )
         return 0
     except (FileNotFoundError, ValueError) as exc:

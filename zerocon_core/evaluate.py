@@ -1,4 +1,5 @@
-"""Score a set of edits: ``python -m zerocon_core eval --manifest FILE --out CSV [--clip DIR] [--dino DIR]``.
+"""Score a set of edits: ``python -m zerocon_core eval --manifest FILE --out CSV [--clip DIR] [--dino DIR]``,
+or PIE-Bench: ``python -m zerocon_core eval --piebench mapping_file.json --edited [NAME=]DIR ... --out CSV``.
 
 **Manifest**: CSV (with a header) or JSONL (one object per line; chosen by the ``.jsonl``/``.ndjson``
 extension, or by a first character ``{``). Fields: ``source``, ``edited`` (image files), ``source_text``,
@@ -16,6 +17,22 @@ output (delete a row to recompute it). A row whose files are missing or unusable
 "ok" and a finite value, the count, mean, standard deviation and a 95% percentile-bootstrap interval of
 the mean (2000 resamples, seed 0: deterministic). Non-finite values (PSNR of an identical background is
 ``inf``) are counted in ``n_nonfinite`` and left out of the statistics.
+
+**PIE-Bench** (``--piebench``): the annotation file is the benchmark's own ``mapping_file.json`` (format,
+mask decoding and metric definitions in ``piebench.py``); the source images are read from ``--images``
+(default: ``annotation_images`` next to the JSON, the benchmark's layout). Each ``--edited [NAME=]DIR`` is
+one method (name: ``NAME``, else the folder's name, or its parent's for PnPInversion's
+``output/<method>/annotation_images``): the edit of an entry is ``DIR/<image_path>`` or the same path with
+a ``.png`` suffix (``bench/sweep.py --piebench`` writes ``<out-dir>/images/<setting>/...png``, so its
+folders go straight in); a non-square file is PnPInversion's side-by-side strip and its bottom-right block
+is the edit. ``--categories 0 1 ...`` keeps only those ``editing_type_id`` values. The CSV has one row per
+(method, entry), columns ``PIE_COLUMNS``, in PIE-Bench's units, resumable in the same way;
+``<out>_summary.csv`` has the statistics per method and metric; and the table is printed to stdout as
+Markdown, one row per method: Structure distance x1e3, PSNR, LPIPS x1e3, MSE x1e4, SSIM x1e2 (background
+only), CLIP Whole and CLIP Edited. LPIPS needs ``--lpips DIR`` (torchvision's SqueezeNet 1.1 weights and
+LPIPS' ``squeeze.pth``, see ``lpips.py``); without it, and without ``--clip`` / ``--dino``, those columns
+print "-". Means are over the entries scored "ok" with a finite value (an identical background's infinite
+PSNR is left out, where PIE-Bench's average would be infinite).
 """
 
 from __future__ import annotations
@@ -35,20 +52,29 @@ from typing import Any, Sequence
 
 import torch
 
+from . import piebench
 from .log import logger
 from .metrics import METRIC_NAMES, edit_metrics
 
 __all__ = [
     "COLUMNS",
+    "PIE_COLUMNS",
     "ManifestRow",
+    "check_piebench_inputs",
     "evaluate_manifest",
+    "evaluate_piebench",
+    "evaluate_piebench_row",
+    "format_piebench_table",
     "load_mask",
     "main",
+    "metric_stats",
+    "parse_methods",
     "read_manifest",
     "read_records",
     "register",
     "run",
     "summarize",
+    "summarize_piebench",
 ]
 
 COLUMNS = ("id", "source", "edited", "mask", "source_text", "target_text", "status", "message") + METRIC_NAMES
@@ -206,8 +232,9 @@ def evaluate_row(row: ManifestRow, base: Path, clip: Any = None, dino: Any = Non
     return out
 
 
-def _read_existing(out: Path) -> set[str]:
-    """Ids already in ``out`` (after checking its header and dropping a torn last line); empty if absent."""
+def _read_existing(out: Path, columns: Sequence[str] = COLUMNS, key: Sequence[str] = ("id",)) -> set[Any]:
+    """Row keys (the ``key`` fields; the id alone when it is one field) already in ``out``, after checking its
+    header is ``columns`` and dropping a torn last line; empty if absent."""
     if not out.is_file() or out.stat().st_size == 0:
         return set()
     text = out.read_text(encoding="utf-8")
@@ -218,12 +245,14 @@ def _read_existing(out: Path) -> set[str]:
             f.truncate(len(text[:cut].encode("utf-8")))
         text = text[:cut]
     reader = csv.DictReader(io.StringIO(text))
-    if tuple(reader.fieldnames or ()) != COLUMNS:
+    if tuple(reader.fieldnames or ()) != tuple(columns):
         raise ValueError(
             f"{out} exists with other columns ({reader.fieldnames}); cannot resume into it: use another --out "
             "or delete the file"
         )
-    return {r["id"] for r in reader}
+    if len(key) == 1:
+        return {r[key[0]] for r in reader}
+    return {tuple(r[k] for k in key) for r in reader}
 
 
 def evaluate_manifest(
@@ -299,36 +328,31 @@ def bootstrap_ci(values: Sequence[float], samples: int = BOOTSTRAP_SAMPLES, seed
     return float(lo), float(hi)
 
 
+def metric_stats(name: str, rows: Sequence[dict[str, str]]) -> dict[str, Any]:
+    """Statistics of column ``name`` over ``rows``: finite values only (NaN skipped, +-inf counted in
+    ``n_nonfinite``); keys ``SUMMARY_COLUMNS``."""
+    vals = [float(r[name]) for r in rows if r.get(name) not in (None, "")]
+    finite = [v for v in vals if math.isfinite(v)]
+    nonfinite = sum(1 for v in vals if not math.isfinite(v) and not math.isnan(v))
+    n = len(finite)
+    mean = sum(finite) / n if n else math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else math.nan
+    lo, hi = bootstrap_ci(finite)
+    return {"metric": name, "n": n, "n_nonfinite": nonfinite, "mean": mean, "std": std, "ci95_low": lo, "ci95_high": hi}
+
+
 def summarize(out: str | os.PathLike, metrics: Sequence[str] = METRIC_NAMES) -> list[dict[str, Any]]:
     """Per-metric statistics over the "ok" rows of an output CSV (see the module docstring)."""
     with open(out, encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r.get("status") == "ok"]
-    result = []
-    for name in metrics:
-        vals = [float(r[name]) for r in rows if r.get(name) not in (None, "")]
-        finite = [v for v in vals if math.isfinite(v)]
-        nonfinite = sum(1 for v in vals if not math.isfinite(v) and not math.isnan(v))
-        n = len(finite)
-        mean = sum(finite) / n if n else math.nan
-        std = math.sqrt(sum((v - mean) ** 2 for v in finite) / (n - 1)) if n > 1 else math.nan
-        lo, hi = bootstrap_ci(finite)
-        result.append(
-            {
-                "metric": name,
-                "n": n,
-                "n_nonfinite": nonfinite,
-                "mean": mean,
-                "std": std,
-                "ci95_low": lo,
-                "ci95_high": hi,
-            }
-        )
-    return result
+    return [metric_stats(name, rows) for name in metrics]
 
 
-def write_summary(summary: list[dict[str, Any]], path: str | os.PathLike) -> None:
+def write_summary(
+    summary: list[dict[str, Any]], path: str | os.PathLike, columns: Sequence[str] = SUMMARY_COLUMNS
+) -> None:
     with open(path, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
         writer.writeheader()
         for s in summary:
             writer.writerow({k: (_fmt(v) if isinstance(v, float) else v) for k, v in s.items()})
@@ -346,18 +370,210 @@ def format_summary(summary: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# PIE-Bench
+
+PIE_COLUMNS = ("method", "key", "editing_type_id", "image_path", "edited", "status", "message") + piebench.METRICS
+PIE_SUMMARY_COLUMNS = ("method", "n_ok") + SUMMARY_COLUMNS
+
+
+def parse_methods(specs: Sequence[str]) -> dict[str, Path]:
+    """``["NAME=DIR", "DIR", ...]`` -> ``{name: folder}``, in order. Without ``NAME=`` the name is the folder's
+    name (its parent's when it is PnPInversion's ``annotation_images``). ``ValueError`` on a repeated name."""
+    methods: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or os.sep in name or "/" in name:
+            folder = spec
+            p = Path(folder).expanduser()
+            name = (p.resolve().parent.name if p.name == "annotation_images" else p.name) or folder
+        if name in methods:
+            raise ValueError(f"--edited: method name {name!r} given twice; name them NAME=DIR")
+        methods[name] = Path(folder).expanduser()
+    return methods
+
+
+def evaluate_piebench_row(
+    row: piebench.PieBenchRow,
+    images: Path,
+    method: str,
+    folder: Path,
+    clip: Any = None,
+    dino: Any = None,
+    lpips: Any = None,
+) -> dict[str, str]:
+    """Score one method's edit of one PIE-Bench entry. Never raises for a bad row: the status says what happened."""
+    from .images import load_image
+
+    out = {
+        "method": method,
+        "key": row.key,
+        "editing_type_id": row.editing_type_id,
+        "image_path": row.image_path,
+        "edited": "",
+        "status": "ok",
+        "message": "",
+    }
+    out.update(dict.fromkeys(piebench.METRICS, "nan"))
+    source_path = images / row.image_path
+    edited_path = piebench.find_edited(folder, row)
+    absent = [] if source_path.is_file() else [f"source {source_path}"]
+    if edited_path is None:
+        absent.append("edited " + " or ".join(str(p) for p in piebench.edited_candidates(folder, row)))
+    if absent:
+        out["status"], out["message"] = "missing", "file not found: " + "; ".join(absent)
+        logger.warning("%s %s skipped: %s", method, row.key, out["message"])
+        return out
+    out["edited"] = str(edited_path)
+    try:
+        source = load_image(source_path)
+        h, w = source.shape[-2:]
+        edited = piebench.take_edit_panel(load_image(edited_path), h, w)
+        mask = piebench.decode_mask(row.mask, h, w)
+        values = piebench.score_pair(source, edited, mask, row.editing_prompt, clip=clip, dino=dino, lpips=lpips)
+    except (ValueError, OSError) as exc:  # bad input files; anything else stops the run (resumable)
+        out["status"], out["message"] = "error", f"{type(exc).__name__}: {exc}"
+        logger.warning("%s %s failed: %s", method, row.key, out["message"])
+        return out
+    out.update({k: _fmt(v) for k, v in values.items()})
+    return out
+
+
+def check_piebench_inputs(
+    mapping: str | os.PathLike,
+    methods: dict[str, Path],
+    out: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    categories: Sequence[str] | None = None,
+) -> tuple[list[piebench.PieBenchRow], Path]:
+    """Read the annotations and check every folder (``FileNotFoundError`` / ``ValueError``); returns the rows
+    and the source image folder (default: ``annotation_images`` next to ``mapping``, PIE-Bench's layout)."""
+    mapping = Path(mapping)
+    rows = piebench.read_mapping(mapping, categories)
+    images = Path(images) if images is not None else mapping.parent / "annotation_images"
+    if not images.is_dir():
+        raise FileNotFoundError(f"PIE-Bench source image folder not found: {images} (give --images)")
+    for name, folder in methods.items():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"edited image folder of method {name!r} not found: {folder}")
+    if not Path(out).parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {Path(out).parent}")
+    return rows, images
+
+
+def evaluate_piebench(
+    mapping: str | os.PathLike,
+    methods: dict[str, Path],
+    out: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    categories: Sequence[str] | None = None,
+    clip: Any = None,
+    dino: Any = None,
+    lpips: Any = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Score every (method, entry) not yet in ``out`` (appending, one flushed row at a time), then write
+    ``<out>_summary.csv`` and return its rows (per method and metric, over the entries selected now)."""
+    out = Path(out)
+    rows, images = check_piebench_inputs(mapping, methods, out, images, categories)
+    done = _read_existing(out, PIE_COLUMNS, ("method", "key"))
+    todo = [(m, r) for m in methods for r in rows if (m, r.key) not in done]
+    total = len(rows) * len(methods)
+    if done:
+        logger.info("%s: %d of %d edits already scored, %d to go", out, total - len(todo), total, len(todo))
+    for what, model in (("CLIP", clip), ("DINO", dino), ("LPIPS", lpips)):
+        if model is None:
+            logger.info("no %s model given: its PIE-Bench column(s) are NaN", what)
+    from tqdm.auto import tqdm
+
+    new_file = not out.is_file() or out.stat().st_size == 0
+    with (
+        open(out, "a", encoding="utf-8", newline="") as f,
+        tqdm(
+            total=total, initial=total - len(todo), desc="pie-bench", unit="img", disable=None if progress else True
+        ) as bar,
+    ):
+        writer = csv.DictWriter(f, fieldnames=PIE_COLUMNS, lineterminator="\n")
+        if new_file:
+            writer.writeheader()
+            f.flush()
+        for method, row in todo:
+            writer.writerow(evaluate_piebench_row(row, images, method, methods[method], clip, dino, lpips))
+            f.flush()
+            bar.update(1)
+    summary = summarize_piebench(out, list(methods), [r.key for r in rows])
+    write_summary(summary, summary_path(out), PIE_SUMMARY_COLUMNS)
+    logger.info("PIE-Bench summary written to %s", summary_path(out))
+    return summary
+
+
+def summarize_piebench(
+    out: str | os.PathLike, methods: Sequence[str], keys: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Per method and PIE-Bench metric: ``metric_stats`` over the "ok" rows of ``out`` (only ``keys`` if given)."""
+    wanted = None if keys is None else set(keys)
+    with open(out, encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("status") == "ok" and (wanted is None or r["key"] in wanted)]
+    summary = []
+    for m in methods:
+        mine = [r for r in rows if r["method"] == m]
+        summary += [{"method": m, "n_ok": len(mine), **metric_stats(name, mine)} for name in piebench.METRICS]
+    return summary
+
+
+def format_piebench_table(summary: Sequence[dict[str, Any]], digits: int = 2) -> str:
+    """PIE-Bench's table as Markdown: one row per method (means over its edits scored "ok", whose number is
+    ``n``), columns ``piebench.METRICS`` in PIE-Bench's units; "-" where a metric has no value."""
+    methods = list(dict.fromkeys(s["method"] for s in summary))
+    head = ["Method", "n"] + [piebench.HEADERS[k] for k in piebench.METRICS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for m in methods:
+        by = {s["metric"]: s for s in summary if s["method"] == m}
+        cells = [m, str(by["psnr"]["n_ok"])]
+        cells += [f"{by[k]['mean']:.{digits}f}" if math.isfinite(by[k]["mean"]) else "-" for k in piebench.METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Command line
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--manifest", required=True, help="CSV or JSONL: source, edited, source_text, target_text[, mask, id]"
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument(
+        "--manifest", default=None, help="CSV or JSONL: source, edited, source_text, target_text[, mask, id]"
+    )
+    what.add_argument(
+        "--piebench",
+        default=None,
+        metavar="MAPPING_JSON",
+        help="PIE-Bench's mapping_file.json: score --edited folders and print PIE-Bench's table",
     )
     p.add_argument("--out", required=True, help="per-image metrics CSV (appended to / resumed if it exists)")
     p.add_argument(
         "--clip", default=None, help="local CLIP folder (transformers layout of openai/clip-vit-large-patch14)"
     )
     p.add_argument("--dino", default=None, help="local DINO ViT folder (transformers layout of facebook/dino-vitb8)")
+    pie = p.add_argument_group("PIE-Bench (with --piebench)")
+    pie.add_argument(
+        "--edited",
+        nargs="+",
+        default=None,
+        metavar="[NAME=]DIR",
+        help="one folder of edits per method, each edit at its entry's image_path (or that path with .png)",
+    )
+    pie.add_argument(
+        "--images", default=None, metavar="DIR", help="source images (default: annotation_images next to the JSON)"
+    )
+    pie.add_argument(
+        "--categories", nargs="+", default=None, metavar="ID", help="only these editing_type_id values (0 ... 9)"
+    )
+    pie.add_argument(
+        "--lpips",
+        default=None,
+        metavar="DIR",
+        help="folder with squeezenet1_1-b8a52dc0.pth and LPIPS' squeeze.pth (LPIPS column; '-' without it)",
+    )
     p.add_argument("--device", default="auto", help="auto (default: cuda if available), cpu, cuda, cuda:1")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--row-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: time to kill a run
@@ -369,8 +585,9 @@ def register(subparsers: Any, parents: Sequence[argparse.ArgumentParser] = ()) -
     p = subparsers.add_parser(
         "eval",
         parents=list(parents),
-        help="score edits: CLIP score / accuracy, DINO structure distance, background PSNR/SSIM/MSE",
-        description="Score a manifest of (source, edited, texts[, mask]) rows into a per-image CSV plus a summary "
+        help="score edits: CLIP score / accuracy, DINO structure distance, background PSNR/SSIM/MSE; PIE-Bench",
+        description="Score a manifest of (source, edited, texts[, mask]) rows, or PIE-Bench's mapping_file.json "
+        "against folders of edits (--piebench ... --edited ...), into a per-image CSV plus a summary "
         "(resumable: rows already in --out are skipped).",
     )
     add_arguments(p)
@@ -385,21 +602,54 @@ def _device(name: str | None) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``eval`` subcommand. Checks the manifest and model folders before loading anything."""
+    """The ``eval`` subcommand. Checks the annotations, folders and model folders before loading anything."""
     from .dino import check_dino_folder, load_dino
     from .metrics import check_clip_folder, load_clip_metric
 
-    read_manifest(args.manifest)
+    # a Namespace built by hand (the library route) may lack the PIE-Bench options
+    pie = {k: getattr(args, k, None) for k in ("piebench", "edited", "images", "categories", "lpips")}
+    if pie["piebench"]:
+        if not pie["edited"]:
+            raise ValueError("--piebench needs --edited: the folder(s) of edited images to score")
+        methods = parse_methods(pie["edited"])
+        check_piebench_inputs(pie["piebench"], methods, args.out, pie["images"], pie["categories"])
+    else:
+        given = [f"--{k}" for k in ("edited", "images", "categories", "lpips") if pie[k]]
+        if given:
+            raise ValueError(f"{', '.join(given)} only go with --piebench")
+        read_manifest(args.manifest)
     if args.clip:
         check_clip_folder(args.clip)
     if args.dino:
         check_dino_folder(args.dino)
+    if pie["lpips"]:
+        from .lpips import check_lpips_folder
+
+        check_lpips_folder(pie["lpips"])
     device = _device(args.device)
     clip = load_clip_metric(args.clip, device=device) if args.clip else None
     dino = load_dino(args.dino, device=device) if args.dino else None
-    evaluate_manifest(
-        args.manifest, args.out, clip=clip, dino=dino, progress=not args.no_progress, row_delay=args.row_delay
+    if not pie["piebench"]:
+        evaluate_manifest(
+            args.manifest, args.out, clip=clip, dino=dino, progress=not args.no_progress, row_delay=args.row_delay
+        )
+        return 0
+    from .lpips import load_lpips
+
+    lpips = load_lpips(pie["lpips"], device=device) if pie["lpips"] else None
+    summary = evaluate_piebench(
+        pie["piebench"],
+        methods,
+        args.out,
+        images=pie["images"],
+        categories=pie["categories"],
+        clip=clip,
+        dino=dino,
+        lpips=lpips,
+        progress=not args.no_progress,
     )
+    sys.stdout.write(format_piebench_table(summary) + "\n")
+    sys.stdout.flush()
     return 0
 
 

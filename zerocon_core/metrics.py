@@ -34,7 +34,9 @@ is ``mask == 0``. Without a mask the whole image is the background.
 PIE-Bench instead multiplies both images by the background mask and scores the whole frame, so its
 masked MSE is ours times the background fraction ``f`` (PSNR_PIE = PSNR_ours - 10 log10 f), and its SSIM
 counts the zeroed region as perfectly matching. An empty background gives NaN (logged), as PIE-Bench's
-"nan".
+"nan". ``piebench_background_metrics`` computes PIE-Bench's convention (for its table, ``piebench.py``);
+``clip_edited_region`` is its "Edited" CLIP similarity: the CLIP score of the edited image with every pixel
+outside the edit mask set to black.
 
 An edited image of another size than its source is resized (bilinear, antialiased) to the source's size
 with a warning; a mask of another size than the source is an error.
@@ -65,12 +67,14 @@ __all__ = [
     "background_ssim",
     "check_clip_folder",
     "clip_accuracy",
+    "clip_edited_region",
     "clip_image_embeds",
     "clip_score",
     "clip_similarity",
     "clip_text_embeds",
     "edit_metrics",
     "load_clip_metric",
+    "piebench_background_metrics",
     "prepare_mask",
     "ssim_map",
     "structure_distance",
@@ -251,6 +255,28 @@ def background_ssim(
     return _masked_mean(smap, background, "background SSIM")
 
 
+def piebench_background_metrics(source: Tensor, edited: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """PIE-Bench's background ("unedit part") MSE, PSNR and SSIM: both images are multiplied by the background
+    indicator (``mask == 0``) and the *whole frame* is scored (torchmetrics' ``MeanSquaredError``,
+    ``PeakSignalNoiseRatio(data_range=1)``, ``StructuralSimilarityIndexMeasure(data_range=1)``, whose map is
+    the valid-window map of ``ssim_map``). Raw values ``(B,)`` keyed ``mse``, ``psnr``, ``ssim``; NaN where
+    the mask leaves no background (PIE-Bench's "nan")."""
+    source, edited = align_pair(source, edited)
+    background = prepare_mask(mask, source)
+    if background is None:
+        raise ValueError("piebench_background_metrics needs a mask")
+    keep = background.to(source.dtype)
+    s, e = source * keep, edited * keep
+    mse = ((s - e) ** 2).mean(dim=(1, 2, 3))
+    ssim = ssim_map(s, e).mean(dim=(1, 2, 3))
+    empty = keep.expand(source.shape[0], 1, *source.shape[-2:]).sum(dim=(1, 2, 3)) == 0
+    out = {"mse": mse, "psnr": 10.0 * torch.log10(1.0 / mse), "ssim": ssim}
+    if bool(empty.any()):
+        logger.warning("PIE-Bench background metrics: the mask leaves no background; the values are NaN")
+        out = {k: torch.where(empty, torch.full_like(v, float("nan")), v) for k, v in out.items()}
+    return {k: v.cpu() for k, v in out.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Structure (DINO)
 
@@ -426,6 +452,19 @@ def clip_similarity(clip: ClipMetric, images: Tensor, texts: str | Sequence[str]
 def clip_score(clip: ClipMetric, images: Tensor, texts: str | Sequence[str]) -> Tensor:
     """CLIP score, torchmetrics' convention: ``100 * max(cos(image, text), 0)``. ``(B,)`` fp32."""
     return 100.0 * clip_similarity(clip, images, texts).clamp_min(0)
+
+
+def clip_edited_region(clip: ClipMetric, images: Tensor, texts: str | Sequence[str], mask: Tensor) -> Tensor:
+    """PIE-Bench's "Edited" CLIP similarity: ``clip_score`` of ``images`` with every pixel outside the edit
+    region (``mask > 0``) set to 0 (black). ``(B,)`` fp32; NaN where the mask is empty (PIE-Bench's "nan")."""
+    _check_images(images, "images")
+    background = prepare_mask(mask, images)
+    if background is None:
+        raise ValueError("clip_edited_region needs a mask")
+    region = (~background).to(images.dtype)
+    score = clip_score(clip, images * region, texts)
+    empty = region.expand(images.shape[0], 1, *images.shape[-2:]).sum(dim=(1, 2, 3)).cpu() == 0
+    return torch.where(empty, torch.full_like(score, float("nan")), score)
 
 
 def clip_accuracy(
