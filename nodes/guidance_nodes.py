@@ -5,18 +5,17 @@ the guided samplers sum ``weight * loss`` of the terms active at a step and take
 latent.
 
 Weights: a negative weight (the default, -1) means **auto**, resolved by the sampler once the model is
-known: the term's default step (cross-attention 0.1, PatchNCE 0.5) for eps-prediction models (SD1.x,
-SD2-base, SDXL) and a tenth of it for v-prediction models (SD2-768-v), whose gradients are about ten times
-larger (pix2pix-zero advises 0.01 or less for SD2: research/method-zerocon.md §3.4). Weight 0 disables a
-term; any positive value is used as given.
+known, by the engine's one rule (``zerocon_core.auto_weights``, shared with the pipeline and the CLI): the
+term's default step (cross-attention 0.1, PatchNCE 0.5) for eps-prediction models (SD1.x, SD2-base, SDXL)
+and a tenth of it for v-prediction models (SD2-768-v), whose gradients are about ten times larger. Weight
+0 disables a term; any positive value is used as given.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from comfy_api.latest import io
 
+from ..zerocon_core import auto_weights
 from ..zerocon_core.denoiser import parse_layer_spec
 from ..zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, chain
 from .families import ModelFamily
@@ -24,7 +23,7 @@ from .families import ModelFamily
 CATEGORY = "image/translation/zerocon"
 GUIDANCE = io.Custom("ZEROCON_GUIDANCE")
 
-AUTO = -1.0
+AUTO = auto_weights.AUTO
 AUTO_TIP = (
     "-1 = auto: the default step for this model family (see the node description); 0 disables the term; "
     "a positive value is the step used as given."
@@ -35,22 +34,9 @@ LAYER_TIP = (
 )
 
 
-def default_weight(term: GuidanceTerm) -> float:
-    """The term class's default weight (the engine's documented default for eps-prediction models)."""
-    for f in dataclasses.fields(type(term)):
-        if f.name == "weight":
-            return float(f.default)
-    return 1.0
-
-
 def resolve_weights(terms, family: ModelFamily) -> tuple[GuidanceTerm, ...]:
-    """Replace auto (negative) weights by ``default_weight(term) * family.guidance_scale``."""
-    out = []
-    for term in terms or ():
-        if term.weight < 0:
-            term = dataclasses.replace(term, weight=default_weight(term) * family.guidance_scale)
-        out.append(term)
-    return tuple(out)
+    """Auto (negative) weights resolved for the MODEL's family by ``zerocon_core.auto_weights.resolve_weights``."""
+    return auto_weights.resolve_weights(terms, family.prediction_type)
 
 
 def _check_layers(spec: str) -> str:

@@ -112,14 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=None,
         metavar="X",
-        help="cross-attention guidance step (default 0.1; 0.01 for v-prediction; 0 = off)",
+        help="cross-attention guidance step (default: auto, 0.1; 0.01 for v-prediction; 0 = off)",
     )
     s.add_argument(
         "--nce-weight",
         type=_non_negative,
         default=None,
         metavar="X",
-        help="PatchNCE guidance weight (default: the engine's calibrated default; 0 = off)",
+        help="PatchNCE guidance weight (default: auto, 0.5; 0.05 for v-prediction; 0 = off)",
     )
     s.add_argument(
         "--branches",
