@@ -19,9 +19,7 @@ from ..zerocon_core import auto_weights
 from ..zerocon_core.denoiser import parse_layer_spec
 from ..zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, chain
 from .families import ModelFamily
-
-CATEGORY = "image/translation/zerocon"
-GUIDANCE = io.Custom("ZEROCON_GUIDANCE")
+from .inputs import CATEGORY, GUIDANCE, previous_input, window_inputs
 
 AUTO = auto_weights.AUTO
 AUTO_TIP = (
@@ -44,35 +42,6 @@ def _check_layers(spec: str) -> str:
     return spec
 
 
-def _window_inputs() -> list:
-    return [
-        io.Float.Input(
-            "start",
-            default=0.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="First step (as a fraction of the steps) at which this guidance is active.",
-        ),
-        io.Float.Input(
-            "end",
-            default=1.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="Guidance stops before this fraction of the steps (1 = until the last step).",
-        ),
-    ]
-
-
-def _previous_input():
-    return GUIDANCE.Input(
-        "previous",
-        optional=True,
-        tooltip="Guidance terms to add this one to (chain several guidance nodes); none = start a new chain.",
-    )
-
-
 class ZeroConCrossAttentionGuidance(io.ComfyNode):
     """pix2pix-zero's cross-attention guidance (keeps the edit's attention maps on the source's)."""
 
@@ -90,8 +59,8 @@ class ZeroConCrossAttentionGuidance(io.ComfyNode):
             inputs=[
                 io.Float.Input("weight", default=AUTO, min=-1.0, max=10.0, step=0.001, round=0.0001, tooltip=AUTO_TIP),
                 io.String.Input("layers", default="all", tooltip=LAYER_TIP + " pix2pix-zero uses all."),
-                *_window_inputs(),
-                _previous_input(),
+                *window_inputs(),
+                previous_input(),
             ],
             outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
         )
@@ -141,8 +110,8 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
                     tooltip="Patch sizes in feature pixels, comma-separated: each size p average-pools the "
                     "features p x p before sampling.",
                 ),
-                *_window_inputs(),
-                _previous_input(),
+                *window_inputs(),
+                previous_input(),
             ],
             outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
         )

@@ -18,17 +18,18 @@ import torch
 from comfy_api.latest import io
 
 from ..zerocon_core.inversion import NoiseRegularization, ddim_invert
-from ..zerocon_core.sampler import BRANCHES, STEP_MODES, guided_ddim_sample
+from ..zerocon_core.sampler import BRANCHES, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps, inversion_sigmas
 from . import progress
 from .comfy_denoiser import ComfyDenoiser
 from .families import ModelFamily, detect_family
-from .guidance_nodes import GUIDANCE, resolve_weights
+from .guidance_nodes import resolve_weights
+from .inputs import CATEGORY, GUIDANCE, cfg_input, seed_input, step_inputs, steps_input
 
 logger = logging.getLogger("zerocon")
 
-CATEGORY = "image/translation/zerocon"
 INVERSION = io.Custom("ZEROCON_INVERSION")
+GUIDED_SEED = "Seeds the guidance's random choices (PatchNCE sample locations); sampling itself is deterministic."
 
 
 # -- the data on a ZEROCON_INVERSION link -------------------------------------------------------------
@@ -297,22 +298,11 @@ class ZeroConDDIMInversion(io.ComfyNode):
                     "conditioning",
                     tooltip="The source caption's conditioning (e.g. a BLIP caption through CLIP Text Encode).",
                 ),
-                io.Int.Input(
-                    "steps",
-                    default=50,
-                    min=1,
-                    max=1000,
-                    tooltip="DDIM steps (pix2pix-zero: 50). Sample with the same steps.",
-                ),
-                io.Float.Input(
-                    "cfg",
-                    default=1.0,
-                    min=0.0,
-                    max=30.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="Classifier-free guidance during inversion. 1 = the caption alone (pix2pix-zero); other "
-                    "values need a negative.",
+                steps_input("DDIM steps (pix2pix-zero: 50). Sample with the same steps."),
+                cfg_input(
+                    1.0,
+                    "Classifier-free guidance during inversion. 1 = the caption alone (pix2pix-zero); other values "
+                    "need a negative.",
                 ),
                 io.Boolean.Input(
                     "regularize",
@@ -349,14 +339,7 @@ class ZeroConDDIMInversion(io.ComfyNode):
                     max=100,
                     tooltip="Auto-correlation gradient steps per round (random shifts).",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="Seeds the regulariser's random shifts (the inversion itself is deterministic).",
-                ),
+                seed_input("Seeds the regulariser's random shifts (the inversion itself is deterministic)."),
                 io.Conditioning.Input(
                     "negative",
                     optional=True,
@@ -445,32 +428,12 @@ class ZeroConGuidedSampler(io.ComfyNode):
                 io.Conditioning.Input(
                     "edited", tooltip="The edited conditioning (e.g. the caption moved by an edit direction)."
                 ),
-                io.Float.Input(
-                    "cfg",
-                    default=5.0,
-                    min=0.0,
-                    max=30.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="Classifier-free guidance between the negative (default: the source caption) and the edit "
+                cfg_input(
+                    5.0,
+                    "Classifier-free guidance between the negative (default: the source caption) and the edit "
                     "(pix2pix-zero: 5).",
                 ),
-                io.Combo.Input(
-                    "step_mode",
-                    options=list(STEP_MODES),
-                    default="raw",
-                    tooltip="raw: the latent moves by weight x gradient (pix2pix-zero); normalized: the gradient is "
-                    "rescaled to RMS step_size (robust across models and resolutions).",
-                ),
-                io.Float.Input(
-                    "step_size",
-                    default=0.02,
-                    min=0.0,
-                    max=10.0,
-                    step=0.001,
-                    round=0.0001,
-                    tooltip="RMS size of the guidance step in normalized mode (ignored in raw mode).",
-                ),
+                *step_inputs(),
                 io.Combo.Input(
                     "branches",
                     options=list(BRANCHES),
@@ -478,14 +441,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
                     tooltip="edit: guide the edited forward only (faster); both: also the negative one, losses averaged "
                     "(pix2pix-zero's batch of two).",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="Seeds the guidance's random choices (PatchNCE sample locations); sampling itself is deterministic.",
-                ),
+                seed_input(GUIDED_SEED),
                 io.Conditioning.Input(
                     "source",
                     optional=True,
@@ -577,15 +533,7 @@ class ZeroConGuiderNode(io.ComfyNode):
                 io.Conditioning.Input(
                     "source", tooltip="The source caption's conditioning (the one the latent was inverted with)."
                 ),
-                io.Float.Input(
-                    "cfg",
-                    default=5.0,
-                    min=0.0,
-                    max=30.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="Classifier-free guidance scale (pix2pix-zero: 5).",
-                ),
+                cfg_input(5.0, "Classifier-free guidance scale (pix2pix-zero: 5)."),
                 io.Conditioning.Input(
                     "negative", optional=True, tooltip="Negative conditioning; default: the source caption."
                 ),
@@ -614,35 +562,14 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
                 "Guider; use DisableNoise and the inversion's SIGMAS."
             ),
             inputs=[
-                io.Combo.Input(
-                    "step_mode",
-                    options=list(STEP_MODES),
-                    default="raw",
-                    tooltip="raw: weight x gradient (pix2pix-zero); normalized: gradient rescaled to RMS step_size.",
-                ),
-                io.Float.Input(
-                    "step_size",
-                    default=0.02,
-                    min=0.0,
-                    max=10.0,
-                    step=0.001,
-                    round=0.0001,
-                    tooltip="RMS size of the guidance step in normalized mode.",
-                ),
+                *step_inputs(),
                 io.Combo.Input(
                     "branches",
                     options=list(BRANCHES),
                     default="edit",
                     tooltip="edit: guide the edited forward only; both: also the negative one.",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="Seeds the guidance's random choices.",
-                ),
+                seed_input(GUIDED_SEED),
             ],
             outputs=[
                 io.Sampler.Output(
