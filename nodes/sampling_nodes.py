@@ -4,7 +4,8 @@ Everything runs through ComfyUI's own sampling path (``CFGGuider.sample``): mode
 scaling (process_latent_in/out), conditioning processing, hooks and wrappers are ComfyUI's. Our code is
 the ``KSAMPLER`` function, which hands a ``ComfyDenoiser`` to the engine (``zerocon_core.inversion.
 ddim_invert`` / ``zerocon_core.sampler.guided_ddim_sample``). Sigmas are ComfyUI's ``ddim_uniform`` grid:
-inversion runs up its flipped copy (``FlipSigmas``), sampling back down the grid itself.
+inversion runs up its flipped copy (``FlipSigmas``), sampling back down the grid itself; with the "next"
+convention (diffusers') the grid's last level is the model's ``sigma_min`` instead of 0 (``ddim_grid``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..zerocon_core.inversion import NoiseRegularization, ddim_invert
+from ..zerocon_core.inversion import EVAL_AT, NoiseRegularization, ddim_invert
 from ..zerocon_core.sampler import BRANCHES, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps, inversion_sigmas
 from . import progress
@@ -66,6 +67,8 @@ class InversionSettings:
     cfg: float = 1.0
     regularization: NoiseRegularization | None = None
     seed: int = 0
+    #: where the model is queried each step: "current" (FlipSigmas + ddim) or "next" (DDIMInverseScheduler)
+    eval_at: str = "current"
 
 
 @dataclass
@@ -179,7 +182,7 @@ def inversion_function(
             conds["positive"],
             negative_cond=negative,
             cfg=settings.cfg,
-            eval_at="current",
+            eval_at=settings.eval_at,
             regularization=settings.regularization,
             seed=settings.seed,
             keep_trajectory=False,
@@ -275,6 +278,36 @@ def _latent_out(latent: dict, samples: torch.Tensor) -> dict:
     return out
 
 
+# -- the DDIM grid -----------------------------------------------------------------------------------
+
+#: The DDIM Inversion node's conventions; each is the engine's ``eval_at`` of the same name.
+CONVENTIONS = EVAL_AT
+
+
+def check_convention(convention: str) -> None:
+    """``ValueError`` naming the accepted conventions unless ``convention`` is one of them."""
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"ZeroCon DDIM Inversion: convention must be one of {', '.join(CONVENTIONS)}; got {convention!r}"
+        )
+
+
+def ddim_grid(model_sampling, steps: int, convention: str = "current") -> torch.Tensor:
+    """Descending DDIM sampling sigmas (``steps + 1`` levels, CPU) for ``convention``.
+
+    "current": ComfyUI's ``ddim_uniform`` grid, down to 0 (inversion then starts at FlipSigmas' 1e-4).
+    "next": diffusers' DDIM grid for SD's schedulers (``set_alpha_to_one=False``): the same levels, but the
+    clean latent sits at the model's first training level ``sigma_min`` instead of 0, as diffusers'
+    DDIMScheduler and DDIMInverseScheduler place it.
+    """
+    check_convention(convention)
+    grid = comfy.samplers.calculate_sigmas(model_sampling, "ddim_uniform", int(steps)).cpu()
+    if convention == "next" and float(grid[-1]) == 0.0:
+        grid = grid.clone()
+        grid[-1] = float(model_sampling.sigma_min)
+    return grid
+
+
 # -- nodes -------------------------------------------------------------------------------------------
 
 
@@ -289,7 +322,8 @@ class ZeroConDDIMInversion(io.ComfyNode):
                 "Deterministic DDIM inversion of an image latent (pix2pix-zero): runs the model up the flipped "
                 "ddim_uniform sigmas with the caption, optionally regularising the predicted noise. The LATENT output "
                 "is x_T: a stock SamplerCustom (add_noise off, the SIGMAS output, cfg 1, the caption) reconstructs the "
-                "image from it."
+                "image from it. convention: current = ComfyUI's FlipSigmas + ddim; next = diffusers' "
+                "DDIMInverseScheduler (pix2pix-zero's diffusers pipeline)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The Stable Diffusion model (SD1.x, SD2.x or SDXL) to invert with."),
@@ -345,6 +379,16 @@ class ZeroConDDIMInversion(io.ComfyNode):
                     optional=True,
                     tooltip="Negative conditioning, used only when cfg is not 1.",
                 ),
+                io.Combo.Input(
+                    "convention",
+                    options=list(CONVENTIONS),
+                    default="current",
+                    optional=True,
+                    tooltip="Where each inversion step queries the model. current: at the level the step starts "
+                    "from, exactly ComfyUI's FlipSigmas + ddim sampler. next: at the level it goes to, with the "
+                    "clean latent at the model's first training level, as diffusers' DDIMInverseScheduler "
+                    "(pix2pix-zero's diffusers pipeline); the SIGMAS output then ends at that level, not 0.",
+                ),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="x_T, the inverted latent (start of sampling)."),
@@ -371,9 +415,11 @@ class ZeroConDDIMInversion(io.ComfyNode):
         reg_rolls,
         seed,
         negative=None,
+        convention="current",
     ) -> io.NodeOutput:
         import comfy.sample
 
+        check_convention(convention)
         family = detect_family(model)
         check_steps(int(steps), len(model.get_model_object("model_sampling").sigmas))
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
@@ -386,11 +432,11 @@ class ZeroConDDIMInversion(io.ComfyNode):
         reg = NoiseRegularization(lambda_ac, lambda_kl, int(reg_outer), int(reg_rolls)) if regularize else None
 
         ms = model.get_model_object("model_sampling")
-        sampling = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", int(steps)).cpu()
+        sampling = ddim_grid(ms, int(steps), convention)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(conditioning, negative if negative is not None else conditioning)
         guider.set_cfg(cfg)
-        settings = InversionSettings(cfg=float(cfg), regularization=reg, seed=int(seed))
+        settings = InversionSettings(cfg=float(cfg), regularization=reg, seed=int(seed), eval_at=convention)
         sampler = comfy.samplers.KSAMPLER(inversion_function, extra_options={"settings": settings})
         x_t = _run(guider, sampler, samples, inversion_sigmas(sampling), model, int(seed))
 

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .inversion import EVAL_AT
 from .log import logger
 
 EXIT_USAGE = 2
@@ -129,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--no-regularization", action="store_true", help="plain DDIM inversion (no noise regulariser)")
     s.add_argument(
+        "--inversion",
+        choices=EVAL_AT,
+        default="current",
+        help="where each inversion step queries the model: current (default; the level it starts from, "
+        "ComfyUI's FlipSigmas + ddim convention) or next (the level it goes to: diffusers' DDIMInverseScheduler, "
+        "as pix2pix-zero's diffusers pipeline)",
+    )
+    s.add_argument(
         "--posterior", choices=("mean", "sample"), default="mean", help="VAE latent: mean (default) or a sample"
     )
     s.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, mps")
@@ -209,6 +218,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         nce_weight=args.nce_weight,
         branches=args.branches,
         regularization=not args.no_regularization,
+        eval_at=args.inversion,
         posterior=args.posterior,
         strict_size=args.strict_size,
         blip_min_tokens=args.caption_min_tokens,

@@ -37,7 +37,7 @@ from .direction import (
 )
 from .guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
 from .images import decode_latents, encode_latents, fit_to_multiple, load_image, resize
-from .inversion import Inversion, NoiseRegularization, ddim_invert
+from .inversion import EVAL_AT, Inversion, NoiseRegularization, ddim_invert
 from .log import logger
 from .sampler import SampleResult, guided_ddim_sample
 from .schedule import check_steps, ddim_sigmas, inversion_sigmas, vp_scale
@@ -106,6 +106,10 @@ class EditOptions:
             raise ValueError(f"cfg must be >= 0, got {self.cfg}")
         if self.num_sentences < 1:
             raise ValueError(f"num_sentences must be >= 1, got {self.num_sentences}")
+        if self.eval_at not in EVAL_AT:
+            raise ValueError(
+                f"eval_at (the inversion convention) must be one of {', '.join(EVAL_AT)}, got {self.eval_at!r}"
+            )
         for name in ("xa_weight", "nce_weight"):
             v = getattr(self, name)
             if v is not None and v < 0:
