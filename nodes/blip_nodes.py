@@ -23,11 +23,11 @@ from comfy_api.latest import io
 
 from ..zerocon_core import captioning
 from . import paths
+from .inputs import CATEGORY
 from .paths import offline
 
 logger = logging.getLogger("zerocon")
 
-CATEGORY = "image/translation/zerocon"
 Blip = io.Custom("ZEROCON_BLIP")
 
 DEFAULT_MODEL = "blip-image-captioning-base"

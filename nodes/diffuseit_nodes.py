@@ -39,18 +39,18 @@ from ..zerocon_core.diffuseit import (
 )
 from ..zerocon_core.diffuseit_start import DIFFUSEIT_RESAMPLE, start_index
 from ..zerocon_core.guidance import chain
-from ..zerocon_core.sampler import STEP_MODES, guided_ddim_sample
+from ..zerocon_core.sampler import guided_ddim_sample
 from ..zerocon_core.schedule import check_steps
 from . import progress
 from .families import detect_family
-from .guidance_nodes import GUIDANCE, resolve_weights
+from .guidance_nodes import resolve_weights
+from .inputs import CATEGORY, GUIDANCE, cfg_input, previous_input, seed_input, step_inputs, steps_input, window_inputs
 from .sampling_nodes import _denoiser, _latent_out, check_conditioning, check_latent
 from .vision_nodes import Dino, ZeroConModel
 from .weights import autograd_weights
 
 logger = logging.getLogger("zerocon")
 
-CATEGORY = "image/translation/zerocon"
 AUTO_STRENGTH = -1.0
 
 
@@ -159,27 +159,6 @@ def _common(model, vae, dino, node: str) -> dict:
     return dict(decode=decoder, dino=dino_model, autograd_session=make_session(decoder, dino))
 
 
-def _window_inputs() -> list:
-    return [
-        io.Float.Input(
-            "start",
-            default=0.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="First step (as a fraction of the steps) at which this guidance is active.",
-        ),
-        io.Float.Input(
-            "end",
-            default=1.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="Guidance stops before this fraction of the steps (1 = until the last step).",
-        ),
-    ]
-
-
 def _shared_inputs() -> list:
     return [
         io.Model.Input(
@@ -220,14 +199,6 @@ def _dino_size_input():
         step=8,
         tooltip="Short side (px) the decoded image is resized to for DINO (DiffuseIT: 224; larger keeps "
         "finer structure at a higher cost). The long side is capped at 480/224 of it.",
-    )
-
-
-def _previous_input():
-    return GUIDANCE.Input(
-        "previous",
-        optional=True,
-        tooltip="Guidance terms to add these to (chain guidance nodes); none = start a new chain.",
     )
 
 
@@ -294,8 +265,8 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
                     tooltip="Evaluate the DINO losses on DiffuseIT's noise-blended estimate instead of the "
                     "clean prediction (its --use_noise_aug_all).",
                 ),
-                *_window_inputs(),
-                _previous_input(),
+                *window_inputs(),
+                previous_input(),
             ],
             outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with these terms added.")],
         )
@@ -394,8 +365,8 @@ class ZeroConDinoStyleGuidance(io.ComfyNode):
                     tooltip="Weight of the pixel MSE toward the reference (DiffuseIT: 3000; 0 disables).",
                 ),
                 _dino_size_input(),
-                *_window_inputs(),
-                _previous_input(),
+                *window_inputs(),
+                previous_input(),
             ],
             outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
         )
@@ -509,22 +480,8 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The negative prompt (CFG's other side)."),
                 io.Latent.Input("latent", tooltip="The source image's latent (VAE Encode)."),
                 GUIDANCE.Input("guidance", tooltip="DINO Structure / Style Guidance (and any other ZeroCon terms)."),
-                io.Int.Input(
-                    "steps",
-                    default=50,
-                    min=1,
-                    max=1000,
-                    tooltip="DDIM steps of the full schedule; only the last ones (from the start level) are run.",
-                ),
-                io.Float.Input(
-                    "cfg",
-                    default=5.0,
-                    min=0.0,
-                    max=30.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="Classifier-free guidance between negative and positive.",
-                ),
+                steps_input("DDIM steps of the full schedule; only the last ones (from the start level) are run."),
+                cfg_input(5.0, "Classifier-free guidance between negative and positive."),
                 io.Float.Input(
                     "strength",
                     default=AUTO_STRENGTH,
@@ -541,30 +498,8 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
                     max=100,
                     tooltip="Times the first step is done, re-noising in between (DiffuseIT: 10; 1 = off).",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="Seeds the start noise and the resampling noise.",
-                ),
-                io.Combo.Input(
-                    "step_mode",
-                    options=list(STEP_MODES),
-                    default="raw",
-                    tooltip="raw: the latent moves by weight x gradient (DiffuseIT's step); normalized: the "
-                    "gradient is rescaled to RMS step_size.",
-                ),
-                io.Float.Input(
-                    "step_size",
-                    default=0.02,
-                    min=0.0,
-                    max=10.0,
-                    step=0.001,
-                    round=0.0001,
-                    tooltip="RMS size of the guidance step in normalized mode (ignored in raw mode).",
-                ),
+                seed_input("Seeds the start noise and the resampling noise."),
+                *step_inputs("DiffuseIT"),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="The translated latent (VAE Decode it).")],
         )

@@ -28,10 +28,10 @@ from comfy_api.latest import io, ui
 
 from ..zerocon_core import direction as zdir
 from . import paths
+from .inputs import CATEGORY
 
 logger = logging.getLogger("zerocon")
 
-CATEGORY = "image/translation/zerocon"
 Direction = io.Custom("ZEROCON_DIRECTION")
 
 MODES = ("sentence bank", "prompt difference")

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SUPPORTED = "SD1.x, SD2.x (eps or v-prediction) and SDXL"
+from ..zerocon_core.auto_weights import auto_weight, weight_scale
+from ..zerocon_core.guidance import CrossAttentionGuidance
 
-#: Guidance step-size factor per prediction type. pix2pix-zero's cross-attention step is 0.1 for
-#: SD1.x (eps); its authors advise 0.01 or less for v-prediction models (gradient explosion):
-#: research/method-zerocon.md §3.4.
-GUIDANCE_SCALE = {"eps": 1.0, "v": 0.1}
+SUPPORTED = "SD1.x, SD2.x (eps or v-prediction) and SDXL"
 
 
 class UnsupportedModelError(ValueError):
@@ -33,13 +31,13 @@ class ModelFamily:
 
     @property
     def guidance_scale(self) -> float:
-        """Factor applied to the default ("auto") guidance weights: 1 for eps, 0.1 for v-prediction."""
-        return GUIDANCE_SCALE[self.prediction_type]
+        """Factor on the default ("auto") guidance weights (``zerocon_core.auto_weights``): 1 eps, 0.1 v."""
+        return weight_scale(self.prediction_type)
 
     @property
     def default_cross_attention_weight(self) -> float:
-        """0.1 for eps-prediction models, 0.01 for v-prediction (method-zerocon.md §3.4)."""
-        return 0.1 * self.guidance_scale
+        """The auto cross-attention weight: 0.1 for eps-prediction models, 0.01 for v-prediction."""
+        return auto_weight(CrossAttentionGuidance, self.prediction_type)
 
     def __str__(self) -> str:
         return f"{self.name} ({'v-prediction' if self.prediction_type == 'v' else 'eps-prediction'})"

@@ -5,26 +5,23 @@ the guided samplers sum ``weight * loss`` of the terms active at a step and take
 latent.
 
 Weights: a negative weight (the default, -1) means **auto**, resolved by the sampler once the model is
-known: the term's default step (cross-attention 0.1, PatchNCE 0.5) for eps-prediction models (SD1.x,
-SD2-base, SDXL) and a tenth of it for v-prediction models (SD2-768-v), whose gradients are about ten times
-larger (pix2pix-zero advises 0.01 or less for SD2: research/method-zerocon.md §3.4). Weight 0 disables a
-term; any positive value is used as given.
+known, by the engine's one rule (``zerocon_core.auto_weights``, shared with the pipeline and the CLI): the
+term's default step (cross-attention 0.1, PatchNCE 0.5) for eps-prediction models (SD1.x, SD2-base, SDXL)
+and a tenth of it for v-prediction models (SD2-768-v), whose gradients are about ten times larger. Weight
+0 disables a term; any positive value is used as given.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from comfy_api.latest import io
 
+from ..zerocon_core import auto_weights
 from ..zerocon_core.denoiser import parse_layer_spec
 from ..zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, chain
 from .families import ModelFamily
+from .inputs import CATEGORY, GUIDANCE, previous_input, window_inputs
 
-CATEGORY = "image/translation/zerocon"
-GUIDANCE = io.Custom("ZEROCON_GUIDANCE")
-
-AUTO = -1.0
+AUTO = auto_weights.AUTO
 AUTO_TIP = (
     "-1 = auto: the default step for this model family (see the node description); 0 disables the term; "
     "a positive value is the step used as given."
@@ -35,56 +32,14 @@ LAYER_TIP = (
 )
 
 
-def default_weight(term: GuidanceTerm) -> float:
-    """The term class's default weight (the engine's documented default for eps-prediction models)."""
-    for f in dataclasses.fields(type(term)):
-        if f.name == "weight":
-            return float(f.default)
-    return 1.0
-
-
 def resolve_weights(terms, family: ModelFamily) -> tuple[GuidanceTerm, ...]:
-    """Replace auto (negative) weights by ``default_weight(term) * family.guidance_scale``."""
-    out = []
-    for term in terms or ():
-        if term.weight < 0:
-            term = dataclasses.replace(term, weight=default_weight(term) * family.guidance_scale)
-        out.append(term)
-    return tuple(out)
+    """Auto (negative) weights resolved for the MODEL's family by ``zerocon_core.auto_weights.resolve_weights``."""
+    return auto_weights.resolve_weights(terms, family.prediction_type)
 
 
 def _check_layers(spec: str) -> str:
     parse_layer_spec(spec)  # raises ValueError with the accepted syntax
     return spec
-
-
-def _window_inputs() -> list:
-    return [
-        io.Float.Input(
-            "start",
-            default=0.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="First step (as a fraction of the steps) at which this guidance is active.",
-        ),
-        io.Float.Input(
-            "end",
-            default=1.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="Guidance stops before this fraction of the steps (1 = until the last step).",
-        ),
-    ]
-
-
-def _previous_input():
-    return GUIDANCE.Input(
-        "previous",
-        optional=True,
-        tooltip="Guidance terms to add this one to (chain several guidance nodes); none = start a new chain.",
-    )
 
 
 class ZeroConCrossAttentionGuidance(io.ComfyNode):
@@ -104,8 +59,8 @@ class ZeroConCrossAttentionGuidance(io.ComfyNode):
             inputs=[
                 io.Float.Input("weight", default=AUTO, min=-1.0, max=10.0, step=0.001, round=0.0001, tooltip=AUTO_TIP),
                 io.String.Input("layers", default="all", tooltip=LAYER_TIP + " pix2pix-zero uses all."),
-                *_window_inputs(),
-                _previous_input(),
+                *window_inputs(),
+                previous_input(),
             ],
             outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
         )
@@ -155,8 +110,8 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
                     tooltip="Patch sizes in feature pixels, comma-separated: each size p average-pools the "
                     "features p x p before sampling.",
                 ),
-                *_window_inputs(),
-                _previous_input(),
+                *window_inputs(),
+                previous_input(),
             ],
             outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
         )

@@ -18,11 +18,11 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..zerocon_core import metrics
+from .inputs import CATEGORY
 from .vision_nodes import DEVICES, Dino, ZeroConModel, devices, model_names, patcher_for, resolve_folder, unwrap
 
 logger = logging.getLogger("zerocon")
 
-CATEGORY = "image/translation/zerocon"
 ClipMetric = io.Custom("ZEROCON_CLIP_METRIC")
 
 CLIP_METRIC = "clip_metric"

@@ -4,7 +4,8 @@ Everything runs through ComfyUI's own sampling path (``CFGGuider.sample``): mode
 scaling (process_latent_in/out), conditioning processing, hooks and wrappers are ComfyUI's. Our code is
 the ``KSAMPLER`` function, which hands a ``ComfyDenoiser`` to the engine (``zerocon_core.inversion.
 ddim_invert`` / ``zerocon_core.sampler.guided_ddim_sample``). Sigmas are ComfyUI's ``ddim_uniform`` grid:
-inversion runs up its flipped copy (``FlipSigmas``), sampling back down the grid itself.
+inversion runs up its flipped copy (``FlipSigmas``), sampling back down the grid itself; with the "next"
+convention (diffusers') the grid's last level is the model's ``sigma_min`` instead of 0 (``ddim_grid``).
 """
 
 from __future__ import annotations
@@ -17,18 +18,19 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..zerocon_core.inversion import NoiseRegularization, ddim_invert
-from ..zerocon_core.sampler import BRANCHES, STEP_MODES, guided_ddim_sample
+from ..zerocon_core.inversion import EVAL_AT, NoiseRegularization, ddim_invert
+from ..zerocon_core.sampler import BRANCHES, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps, inversion_sigmas
 from . import progress
 from .comfy_denoiser import ComfyDenoiser
 from .families import ModelFamily, detect_family
-from .guidance_nodes import GUIDANCE, resolve_weights
+from .guidance_nodes import resolve_weights
+from .inputs import CATEGORY, GUIDANCE, cfg_input, seed_input, step_inputs, steps_input
 
 logger = logging.getLogger("zerocon")
 
-CATEGORY = "image/translation/zerocon"
 INVERSION = io.Custom("ZEROCON_INVERSION")
+GUIDED_SEED = "Seeds the guidance's random choices (PatchNCE sample locations); sampling itself is deterministic."
 
 
 # -- the data on a ZEROCON_INVERSION link -------------------------------------------------------------
@@ -65,6 +67,8 @@ class InversionSettings:
     cfg: float = 1.0
     regularization: NoiseRegularization | None = None
     seed: int = 0
+    #: where the model is queried each step: "current" (FlipSigmas + ddim) or "next" (DDIMInverseScheduler)
+    eval_at: str = "current"
 
 
 @dataclass
@@ -178,7 +182,7 @@ def inversion_function(
             conds["positive"],
             negative_cond=negative,
             cfg=settings.cfg,
-            eval_at="current",
+            eval_at=settings.eval_at,
             regularization=settings.regularization,
             seed=settings.seed,
             keep_trajectory=False,
@@ -274,6 +278,36 @@ def _latent_out(latent: dict, samples: torch.Tensor) -> dict:
     return out
 
 
+# -- the DDIM grid -----------------------------------------------------------------------------------
+
+#: The DDIM Inversion node's conventions; each is the engine's ``eval_at`` of the same name.
+CONVENTIONS = EVAL_AT
+
+
+def check_convention(convention: str) -> None:
+    """``ValueError`` naming the accepted conventions unless ``convention`` is one of them."""
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"ZeroCon DDIM Inversion: convention must be one of {', '.join(CONVENTIONS)}; got {convention!r}"
+        )
+
+
+def ddim_grid(model_sampling, steps: int, convention: str = "current") -> torch.Tensor:
+    """Descending DDIM sampling sigmas (``steps + 1`` levels, CPU) for ``convention``.
+
+    "current": ComfyUI's ``ddim_uniform`` grid, down to 0 (inversion then starts at FlipSigmas' 1e-4).
+    "next": diffusers' DDIM grid for SD's schedulers (``set_alpha_to_one=False``): the same levels, but the
+    clean latent sits at the model's first training level ``sigma_min`` instead of 0, as diffusers'
+    DDIMScheduler and DDIMInverseScheduler place it.
+    """
+    check_convention(convention)
+    grid = comfy.samplers.calculate_sigmas(model_sampling, "ddim_uniform", int(steps)).cpu()
+    if convention == "next" and float(grid[-1]) == 0.0:
+        grid = grid.clone()
+        grid[-1] = float(model_sampling.sigma_min)
+    return grid
+
+
 # -- nodes -------------------------------------------------------------------------------------------
 
 
@@ -288,7 +322,8 @@ class ZeroConDDIMInversion(io.ComfyNode):
                 "Deterministic DDIM inversion of an image latent (pix2pix-zero): runs the model up the flipped "
                 "ddim_uniform sigmas with the caption, optionally regularising the predicted noise. The LATENT output "
                 "is x_T: a stock SamplerCustom (add_noise off, the SIGMAS output, cfg 1, the caption) reconstructs the "
-                "image from it."
+                "image from it. convention: current = ComfyUI's FlipSigmas + ddim; next = diffusers' "
+                "DDIMInverseScheduler (pix2pix-zero's diffusers pipeline)."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The Stable Diffusion model (SD1.x, SD2.x or SDXL) to invert with."),
@@ -297,22 +332,11 @@ class ZeroConDDIMInversion(io.ComfyNode):
                     "conditioning",
                     tooltip="The source caption's conditioning (e.g. a BLIP caption through CLIP Text Encode).",
                 ),
-                io.Int.Input(
-                    "steps",
-                    default=50,
-                    min=1,
-                    max=1000,
-                    tooltip="DDIM steps (pix2pix-zero: 50). Sample with the same steps.",
-                ),
-                io.Float.Input(
-                    "cfg",
-                    default=1.0,
-                    min=0.0,
-                    max=30.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="Classifier-free guidance during inversion. 1 = the caption alone (pix2pix-zero); other "
-                    "values need a negative.",
+                steps_input("DDIM steps (pix2pix-zero: 50). Sample with the same steps."),
+                cfg_input(
+                    1.0,
+                    "Classifier-free guidance during inversion. 1 = the caption alone (pix2pix-zero); other values "
+                    "need a negative.",
                 ),
                 io.Boolean.Input(
                     "regularize",
@@ -349,18 +373,21 @@ class ZeroConDDIMInversion(io.ComfyNode):
                     max=100,
                     tooltip="Auto-correlation gradient steps per round (random shifts).",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="Seeds the regulariser's random shifts (the inversion itself is deterministic).",
-                ),
+                seed_input("Seeds the regulariser's random shifts (the inversion itself is deterministic)."),
                 io.Conditioning.Input(
                     "negative",
                     optional=True,
                     tooltip="Negative conditioning, used only when cfg is not 1.",
+                ),
+                io.Combo.Input(
+                    "convention",
+                    options=list(CONVENTIONS),
+                    default="current",
+                    optional=True,
+                    tooltip="Where each inversion step queries the model. current: at the level the step starts "
+                    "from, exactly ComfyUI's FlipSigmas + ddim sampler. next: at the level it goes to, with the "
+                    "clean latent at the model's first training level, as diffusers' DDIMInverseScheduler "
+                    "(pix2pix-zero's diffusers pipeline); the SIGMAS output then ends at that level, not 0.",
                 ),
             ],
             outputs=[
@@ -388,9 +415,11 @@ class ZeroConDDIMInversion(io.ComfyNode):
         reg_rolls,
         seed,
         negative=None,
+        convention="current",
     ) -> io.NodeOutput:
         import comfy.sample
 
+        check_convention(convention)
         family = detect_family(model)
         check_steps(int(steps), len(model.get_model_object("model_sampling").sigmas))
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
@@ -403,11 +432,11 @@ class ZeroConDDIMInversion(io.ComfyNode):
         reg = NoiseRegularization(lambda_ac, lambda_kl, int(reg_outer), int(reg_rolls)) if regularize else None
 
         ms = model.get_model_object("model_sampling")
-        sampling = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", int(steps)).cpu()
+        sampling = ddim_grid(ms, int(steps), convention)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(conditioning, negative if negative is not None else conditioning)
         guider.set_cfg(cfg)
-        settings = InversionSettings(cfg=float(cfg), regularization=reg, seed=int(seed))
+        settings = InversionSettings(cfg=float(cfg), regularization=reg, seed=int(seed), eval_at=convention)
         sampler = comfy.samplers.KSAMPLER(inversion_function, extra_options={"settings": settings})
         x_t = _run(guider, sampler, samples, inversion_sigmas(sampling), model, int(seed))
 
@@ -445,32 +474,12 @@ class ZeroConGuidedSampler(io.ComfyNode):
                 io.Conditioning.Input(
                     "edited", tooltip="The edited conditioning (e.g. the caption moved by an edit direction)."
                 ),
-                io.Float.Input(
-                    "cfg",
-                    default=5.0,
-                    min=0.0,
-                    max=30.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="Classifier-free guidance between the negative (default: the source caption) and the edit "
+                cfg_input(
+                    5.0,
+                    "Classifier-free guidance between the negative (default: the source caption) and the edit "
                     "(pix2pix-zero: 5).",
                 ),
-                io.Combo.Input(
-                    "step_mode",
-                    options=list(STEP_MODES),
-                    default="raw",
-                    tooltip="raw: the latent moves by weight x gradient (pix2pix-zero); normalized: the gradient is "
-                    "rescaled to RMS step_size (robust across models and resolutions).",
-                ),
-                io.Float.Input(
-                    "step_size",
-                    default=0.02,
-                    min=0.0,
-                    max=10.0,
-                    step=0.001,
-                    round=0.0001,
-                    tooltip="RMS size of the guidance step in normalized mode (ignored in raw mode).",
-                ),
+                *step_inputs(),
                 io.Combo.Input(
                     "branches",
                     options=list(BRANCHES),
@@ -478,14 +487,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
                     tooltip="edit: guide the edited forward only (faster); both: also the negative one, losses averaged "
                     "(pix2pix-zero's batch of two).",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="Seeds the guidance's random choices (PatchNCE sample locations); sampling itself is deterministic.",
-                ),
+                seed_input(GUIDED_SEED),
                 io.Conditioning.Input(
                     "source",
                     optional=True,
@@ -577,15 +579,7 @@ class ZeroConGuiderNode(io.ComfyNode):
                 io.Conditioning.Input(
                     "source", tooltip="The source caption's conditioning (the one the latent was inverted with)."
                 ),
-                io.Float.Input(
-                    "cfg",
-                    default=5.0,
-                    min=0.0,
-                    max=30.0,
-                    step=0.1,
-                    round=0.01,
-                    tooltip="Classifier-free guidance scale (pix2pix-zero: 5).",
-                ),
+                cfg_input(5.0, "Classifier-free guidance scale (pix2pix-zero: 5)."),
                 io.Conditioning.Input(
                     "negative", optional=True, tooltip="Negative conditioning; default: the source caption."
                 ),
@@ -614,35 +608,14 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
                 "Guider; use DisableNoise and the inversion's SIGMAS."
             ),
             inputs=[
-                io.Combo.Input(
-                    "step_mode",
-                    options=list(STEP_MODES),
-                    default="raw",
-                    tooltip="raw: weight x gradient (pix2pix-zero); normalized: gradient rescaled to RMS step_size.",
-                ),
-                io.Float.Input(
-                    "step_size",
-                    default=0.02,
-                    min=0.0,
-                    max=10.0,
-                    step=0.001,
-                    round=0.0001,
-                    tooltip="RMS size of the guidance step in normalized mode.",
-                ),
+                *step_inputs(),
                 io.Combo.Input(
                     "branches",
                     options=list(BRANCHES),
                     default="edit",
                     tooltip="edit: guide the edited forward only; both: also the negative one.",
                 ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=0xFFFFFFFFFFFFFFFF,
-                    control_after_generate=True,
-                    tooltip="Seeds the guidance's random choices.",
-                ),
+                seed_input(GUIDED_SEED),
             ],
             outputs=[
                 io.Sampler.Output(

@@ -21,11 +21,11 @@ from comfy_api.latest import io
 
 from ..zerocon_core import dino
 from . import paths
+from .inputs import CATEGORY
 from .paths import offline
 
 logger = logging.getLogger("zerocon")
 
-CATEGORY = "image/translation/zerocon"
 Dino = io.Custom("ZEROCON_DINO")
 
 DEFAULT_DINO = "dino-vitb8"

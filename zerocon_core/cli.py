@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .inversion import EVAL_AT
 from .log import logger
 from .sd_models import DEFAULT_MODEL
 
@@ -126,14 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=None,
         metavar="X",
-        help="cross-attention guidance step (default 0.1; 0.01 for v-prediction; 0 = off)",
+        help="cross-attention guidance step (default: auto, 0.1; 0.01 for v-prediction; 0 = off)",
     )
     s.add_argument(
         "--nce-weight",
         type=_non_negative,
         default=None,
         metavar="X",
-        help="PatchNCE guidance weight (default: the engine's calibrated default; 0 = off)",
+        help="PatchNCE guidance weight (default: auto, 0.5; 0.05 for v-prediction; 0 = off)",
     )
     s.add_argument(
         "--branches",
@@ -142,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="guide the edit branch only (default) or both CFG halves (pix2pix-zero)",
     )
     s.add_argument("--no-regularization", action="store_true", help="plain DDIM inversion (no noise regulariser)")
+    s.add_argument(
+        "--inversion",
+        choices=EVAL_AT,
+        default="current",
+        help="where each inversion step queries the model: current (default; the level it starts from, "
+        "ComfyUI's FlipSigmas + ddim convention) or next (the level it goes to: diffusers' DDIMInverseScheduler, "
+        "as pix2pix-zero's diffusers pipeline)",
+    )
     s.add_argument(
         "--posterior", choices=("mean", "sample"), default="mean", help="VAE latent: mean (default) or a sample"
     )
@@ -226,6 +235,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         nce_weight=args.nce_weight,
         branches=args.branches,
         regularization=not args.no_regularization,
+        eval_at=args.inversion,
         posterior=args.posterior,
         strict_size=args.strict_size,
         blip_min_tokens=args.caption_min_tokens,

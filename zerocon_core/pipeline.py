@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .auto_weights import AUTO, resolve_weights
 from .direction import (
     EditDirection,
     apply_direction,
@@ -36,13 +37,11 @@ from .direction import (
 )
 from .guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
 from .images import decode_latents, encode_latents, fit_to_multiple, load_image, resize
-from .inversion import Inversion, NoiseRegularization, ddim_invert
+from .inversion import EVAL_AT, Inversion, NoiseRegularization, ddim_invert
 from .log import logger
 from .sampler import SampleResult, guided_ddim_sample
 from .schedule import check_steps, ddim_sigmas, inversion_sigmas, vp_scale
 
-#: Default cross-attention guidance step (pix2pix-zero, real images) per prediction type.
-XA_DEFAULT = {"eps": 0.1, "v": 0.01}
 #: Sub-folders every model folder needs; SDXL adds the ``*_2`` pair.
 REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
@@ -69,8 +68,8 @@ class EditOptions:
     ``target_sentences``, each side falling back to ``num_sentences`` template sentences about
     ``source`` / ``target``).
 
-    ``xa_weight`` None: 0.1 for eps models, 0.01 for v-prediction. ``nce_weight`` None: PatchNCEGuidance's
-    default; 0 disables a term. ``caption`` None: BLIP captions the image (or, with no BLIP, a
+    ``xa_weight`` / ``nce_weight`` None: auto (``auto_weights``: 0.1 / 0.5 for eps-prediction models, a tenth
+    of that for v-prediction); 0 disables a term. ``caption`` None: BLIP captions the image (or, with no BLIP, a
     "a photo of a {source}" fallback with a warning).
     """
 
@@ -107,6 +106,10 @@ class EditOptions:
             raise ValueError(f"cfg must be >= 0, got {self.cfg}")
         if self.num_sentences < 1:
             raise ValueError(f"num_sentences must be >= 1, got {self.num_sentences}")
+        if self.eval_at not in EVAL_AT:
+            raise ValueError(
+                f"eval_at (the inversion convention) must be one of {', '.join(EVAL_AT)}, got {self.eval_at!r}"
+            )
         for name in ("xa_weight", "nce_weight"):
             v = getattr(self, name)
             if v is not None and v < 0:
@@ -176,19 +179,13 @@ def default_guidance(
     xa_layers: str = "all",
     nce_layers: str = "up",
 ) -> tuple[GuidanceTerm, ...]:
-    """Cross-attention (0.1 eps / 0.01 v by default) + PatchNCE (its default weight) terms; weight 0 drops one."""
-    xa = XA_DEFAULT.get(prediction_type, 0.1) if xa_weight is None else float(xa_weight)
-    terms: list[GuidanceTerm] = []
-    if xa > 0:
-        terms.append(CrossAttentionGuidance(weight=xa, layers=xa_layers))
-    nce = (
-        PatchNCEGuidance(layers=nce_layers)
-        if nce_weight is None
-        else PatchNCEGuidance(weight=float(nce_weight), layers=nce_layers)
+    """Cross-attention + PatchNCE terms; a weight of None is auto (``auto_weights.resolve_weights``: 0.1 / 0.5
+    on eps-prediction models, 0.01 / 0.05 on v-prediction); weight 0 drops a term."""
+    terms = (
+        CrossAttentionGuidance(weight=AUTO if xa_weight is None else float(xa_weight), layers=xa_layers),
+        PatchNCEGuidance(weight=AUTO if nce_weight is None else float(nce_weight), layers=nce_layers),
     )
-    if nce.weight > 0:
-        terms.append(nce)
-    return tuple(terms)
+    return tuple(t for t in resolve_weights(terms, prediction_type) if t.weight > 0)
 
 
 def _bar(total: int, desc: str, progress: bool):

@@ -330,7 +330,9 @@ def test_cli_v_prediction(vpred_dir, png, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="zerocon"):
         assert cli.main(_args(vpred_dir, png, tmp_path / "v.png", "--caption", "a cat")) == 0
     _check_png(tmp_path / "v.png")
-    assert "v-prediction" in caplog.text and "CrossAttentionGuidance(weight=0.01)" in caplog.text
+    assert "v-prediction" in caplog.text
+    # the one auto-weight rule: every term a tenth of its eps default (as the nodes resolve it)
+    assert "guidance: CrossAttentionGuidance(weight=0.01), PatchNCEGuidance(weight=0.05)" in caplog.text
 
 
 def test_cli_sdxl(tmp_path, png, caplog):

@@ -63,6 +63,8 @@ Runs the model backwards from the image to noise x_T with the caption, so sampli
   regularisation, which keeps the inverted noise Gaussian so the edit can move it. Off = plain DDIM inversion (faster,
   edits less).
 - *seed* only picks the regulariser's random shifts; the inversion itself is deterministic.
+- *convention* `current` queries the model where each step starts (ComfyUI's FlipSigmas + ddim); `next` where it
+  ends, as diffusers' DDIMInverseScheduler: pick `next` to reproduce diffusers' pix2pix-zero pipeline.
 """
 
 GUIDE_NOTE = """### Guidance (what keeps the layout)
@@ -176,6 +178,7 @@ def _edit_chain(
                 "reg_rolls": 5,
                 "seed": 0,
                 **ctl,
+                "convention": "current",
             },
         },
     ]

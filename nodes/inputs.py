@@ -1,0 +1,90 @@
+"""Inputs shared by several ZeroCon nodes, declared once so that the nodes cannot drift apart.
+
+Each function returns fresh ``io.*.Input`` objects (or a list of them, to splice into a schema's inputs
+with ``*``). Names, defaults and ranges are part of saved workflows: ComfyUI's frontend stores widget
+values by position, so changing a name, a default or the order of inputs breaks workflows already saved.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..zerocon_core.sampler import STEP_MODES
+
+#: The menu every ZeroCon node is listed under.
+CATEGORY = "image/translation/zerocon"
+#: A chain of guidance terms (a tuple of ``zerocon_core.guidance.GuidanceTerm``).
+GUIDANCE = io.Custom("ZEROCON_GUIDANCE")
+
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+def seed_input(tooltip: str) -> io.Int.Input:
+    """The ``seed`` widget (0 .. 2**64 - 1, with ComfyUI's control-after-generate); ``tooltip`` says what it seeds."""
+    return io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True, tooltip=tooltip)
+
+
+def steps_input(tooltip: str) -> io.Int.Input:
+    """The ``steps`` widget: DDIM steps of the full schedule, default 50 (pix2pix-zero's and DiffuseIT's)."""
+    return io.Int.Input("steps", default=50, min=1, max=1000, tooltip=tooltip)
+
+
+def cfg_input(default: float, tooltip: str) -> io.Float.Input:
+    """The ``cfg`` widget: classifier-free guidance scale, 0 .. 30."""
+    return io.Float.Input("cfg", default=default, min=0.0, max=30.0, step=0.1, round=0.01, tooltip=tooltip)
+
+
+def step_inputs(method: str = "pix2pix-zero") -> list:
+    """``step_mode`` and ``step_size``: how the guidance gradient becomes a step on the latent.
+
+    ``method``: whose step "raw" is (named in the tooltip).
+    """
+    return [
+        io.Combo.Input(
+            "step_mode",
+            options=list(STEP_MODES),
+            default="raw",
+            tooltip=f"raw: the latent moves by weight x gradient ({method}'s step); normalized: the gradient is "
+            "rescaled to RMS step_size (robust across models and resolutions).",
+        ),
+        io.Float.Input(
+            "step_size",
+            default=0.02,
+            min=0.0,
+            max=10.0,
+            step=0.001,
+            round=0.0001,
+            tooltip="RMS size of the guidance step in normalized mode (ignored in raw mode).",
+        ),
+    ]
+
+
+def window_inputs() -> list:
+    """``start`` and ``end``: the fraction of the steps a guidance term is active in, ``start <= i/N < end``."""
+    return [
+        io.Float.Input(
+            "start",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="First step (as a fraction of the steps) at which this guidance is active.",
+        ),
+        io.Float.Input(
+            "end",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Guidance stops before this fraction of the steps (1 = until the last step).",
+        ),
+    ]
+
+
+def previous_input() -> io.Input:
+    """The optional ``previous`` guidance chain a guidance node appends its term(s) to."""
+    return GUIDANCE.Input(
+        "previous",
+        optional=True,
+        tooltip="Guidance terms to add to (chain several guidance nodes); none = start a new chain.",
+    )

@@ -1,0 +1,52 @@
+"""One auto-weight rule for the nodes and the pipeline/CLI, on the same tiny v-prediction (and eps) ComfyUI model.
+
+Nodes path: the guidance nodes with their default (auto) weight, resolved as the samplers resolve them
+(``guidance_nodes.resolve_weights`` with the MODEL's detected family). Pipeline/CLI path:
+``pipeline.default_guidance`` with no weights given, for the prediction type the engine's denoiser reports
+for that same MODEL. Both must give the documented values (cross-attention 0.01 / PatchNCE 0.05 on
+v-prediction, 0.1 / 0.5 on eps).
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import pack_module
+
+DOCUMENTED = {"sd2v": (0.01, 0.05), "sd15": (0.1, 0.5), "sdxl": (0.1, 0.5)}
+
+
+def _node_terms(zc, run):
+    g = zc.guidance
+    (xa,) = run(g.ZeroConCrossAttentionGuidance, weight=g.AUTO, layers="all", start=0.0, end=1.0)
+    (both,) = run(
+        g.ZeroConPatchNCEGuidance,
+        weight=g.AUTO,
+        layers="up",
+        patches=256,
+        tau=0.07,
+        patch_sizes="1,2",
+        start=0.0,
+        end=1.0,
+        previous=xa,
+    )
+    return both
+
+
+@pytest.mark.parametrize("name", list(DOCUMENTED))
+def test_nodes_and_pipeline_resolve_the_same_weights(zc, run, name):
+    import tiny_models
+
+    model = getattr(tiny_models, name)()
+    pipeline = pack_module("zerocon_core.pipeline")
+
+    family = zc.families.detect_family(model)
+    nodes = zc.guidance.resolve_weights(_node_terms(zc, run), family)
+
+    den = zc.denoiser.ComfyDenoiser(model.model, model_sampling=model.get_model_object("model_sampling"))
+    assert den.prediction_type == ("v" if name == "sd2v" else "eps")
+    cli = pipeline.default_guidance(den.prediction_type)
+
+    assert [type(t).__name__ for t in nodes] == [type(t).__name__ for t in cli]
+    assert [t.weight for t in nodes] == pytest.approx([t.weight for t in cli], rel=1e-12)
+    assert [t.weight for t in nodes] == pytest.approx(DOCUMENTED[name], rel=1e-12)
+    assert family.default_cross_attention_weight == pytest.approx(DOCUMENTED[name][0], rel=1e-12)
