@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zerocon_core import cli, pipeline
+from zerocon_core import cli, pipeline, sd_models
 from zerocon_core.inversion import EVAL_AT
 
 
@@ -52,7 +52,7 @@ def test_passed_through_to_edit_options(tmp_path, monkeypatch, flag, expected):
         seen["eval_at"] = options.eval_at
         raise _Built
 
-    monkeypatch.setattr(pipeline, "check_model_folder", lambda folder: None)
+    monkeypatch.setattr(sd_models, "model_source", lambda model: None)
     monkeypatch.setattr(pipeline.EditOptions, "validate", capture)
     with pytest.raises(_Built):
         cli.cmd_edit(cli.build_parser().parse_args(_argv(tmp_path, *flag)))
