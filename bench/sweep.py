@@ -41,7 +41,7 @@ from zerocon_core.images import decode_latents, encode_latents, fit_to_multiple,
 from zerocon_core.inversion import NoiseRegularization, ddim_invert
 from zerocon_core.log import logger
 from zerocon_core.pipeline import EditOptions, default_guidance, sampling_grid
-from zerocon_core.sampler import guided_ddim_sample
+from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
 from zerocon_core.schedule import inversion_sigmas, vp_scale
 
 SWEEP_COLUMNS = ("id", "setting", "xa_weight", "nce_weight", "image", "seconds") + zmetrics.METRIC_NAMES
@@ -134,11 +134,10 @@ def sweep_image(
             sigmas,
             source_cond=src_cond,
             edit_cond=edit_cond,
-            cfg=options.cfg,
             guidance=guidance,
-            branches=options.branches,
-            seed=options.seed,
-            keep_reference=(k == 0),
+            settings=SamplerSettings(
+                cfg=options.cfg, branches=options.branches, seed=options.seed, keep_reference=(k == 0)
+            ),
         )
         z = res.latent * vp_scale(sigmas[-1])
         images[s.name] = resize(decode_latents(pipe.vae, z), input_size)
