@@ -31,6 +31,12 @@ logger = logging.getLogger("zerocon")
 
 CATEGORY = "image/translation/zerocon"
 INVERSION = io.Custom("ZEROCON_INVERSION")
+BRANCHES_TOOLTIP = (
+    "What the guidance step moves. edit: the latent, by the gradient of its edited forward only (fastest). both: "
+    "the latent, by the gradient of its negative and edited forwards, losses averaged. pix2pix-zero: pix2pix-zero's "
+    "own update: one copy of the latent per CFG half, each moved by its half of the averaged loss, the negative's "
+    "copy carried on (the same weight moves it about 0.6x as far as edit or both)."
+)
 
 
 # -- the data on a ZEROCON_INVERSION link -------------------------------------------------------------
@@ -474,8 +480,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
                     "branches",
                     options=list(BRANCHES),
                     default="edit",
-                    tooltip="edit: guide the edited forward only (faster); both: also the negative one, losses averaged "
-                    "(pix2pix-zero's batch of two).",
+                    tooltip=BRANCHES_TOOLTIP,
                 ),
                 io.Int.Input(
                     "seed",
@@ -624,7 +629,7 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
                     "branches",
                     options=list(BRANCHES),
                     default="edit",
-                    tooltip="edit: guide the edited forward only; both: also the negative one.",
+                    tooltip=BRANCHES_TOOLTIP,
                 ),
                 io.Int.Input(
                     "seed",
