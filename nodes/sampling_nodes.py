@@ -4,8 +4,8 @@ Everything runs through ComfyUI's own sampling path (``CFGGuider.sample``): mode
 scaling (process_latent_in/out), conditioning processing, hooks and wrappers are ComfyUI's. Our code is
 two ``KSAMPLER`` functions, which hand a ``ComfyDenoiser`` to the engine: ``inversion_function``
 (``zerocon_core.inversion.ddim_invert``) and ``guided_function`` (``zerocon_core.sampler.guided_ddim_sample``,
-shared by the Guided Sampler, the Guided DDIM Sampler and the DiffuseIT Sampler). Sigmas are ComfyUI's ``ddim_uniform`` grid:
-inversion runs up its flipped copy (``FlipSigmas``), sampling back down the grid itself.
+shared by the Guided Sampler, the Guided DDIM Sampler and the DiffuseIT Sampler). Sigmas are ComfyUI's
+``ddim_uniform`` grid: inversion runs up its flipped copy (``FlipSigmas``), sampling back down the grid itself.
 """
 
 from __future__ import annotations
