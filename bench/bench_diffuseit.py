@@ -63,6 +63,7 @@ from zerocon_core.diffuseit_start import start_index  # noqa: E402
 from zerocon_core.guidance import StepContext  # noqa: E402
 from zerocon_core.images import encode_latents  # noqa: E402
 from zerocon_core.pipeline import sampling_grid  # noqa: E402
+from zerocon_core.sampler import SamplerSettings  # noqa: E402
 
 #: facebook/dino-vitb8's shape (ViT-B/8). Weights are random here.
 DINO_VITB8 = dict(
@@ -242,7 +243,14 @@ def sampler_step(den, z0, grid, neg, pos, cfg: float, terms, seed: int, dev: Dev
     with peak_memory(dev) as mem:
         t0 = dev.now()
         res = diffuseit_sample(
-            den, z0, grid, cond=pos, negative_cond=neg, guidance=terms, cfg=cfg, strength=None, resample=1, seed=seed
+            den,
+            z0,
+            grid,
+            cond=pos,
+            negative_cond=neg,
+            guidance=terms,
+            strength=None,
+            settings=SamplerSettings(cfg=cfg, resample=1, seed=seed),
         )
         took = dev.now() - t0
     return {
@@ -341,7 +349,13 @@ def profile_step(den, z0, grid, neg, pos, cfg: float, terms, seed: int, rows: in
     """torch.profiler over one guided step (after the source features are cached); top ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    kw = dict(cond=pos, negative_cond=neg, guidance=terms, cfg=cfg, strength=None, resample=1, seed=seed)
+    kw = dict(
+        cond=pos,
+        negative_cond=neg,
+        guidance=terms,
+        strength=None,
+        settings=SamplerSettings(cfg=cfg, resample=1, seed=seed),
+    )
     diffuseit_sample(den, z0, grid[: start_index(grid) + 2], **kw)  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() and z0.is_cuda else [])
     with profile(activities=acts) as prof:

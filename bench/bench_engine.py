@@ -50,7 +50,7 @@ from zerocon_core.guidance import StepContext  # noqa: E402
 from zerocon_core.images import decode_latents, encode_latents  # noqa: E402
 from zerocon_core.inversion import NoiseRegularization  # noqa: E402
 from zerocon_core.pipeline import Timings, default_guidance, invert_and_edit, sampling_grid  # noqa: E402
-from zerocon_core.sampler import cfg_combine, guided_ddim_sample  # noqa: E402
+from zerocon_core.sampler import BRANCHES, SamplerSettings, cfg_combine, guided_ddim_sample  # noqa: E402
 
 TARGETS = {"time_b_over_c": 0.6, "mem_b_over_c": 0.6, "guided_over_plain_step": 2.5}
 
@@ -328,11 +328,9 @@ def phase_ours(
             src,
             edit,
             steps=steps,
-            cfg=cfg,
             guidance=guidance,
+            settings=SamplerSettings(cfg=cfg, branches=branches, seed=seed),
             regularization=NoiseRegularization(),
-            seed=seed,
-            branches=branches,
             timings=timings,
             progress=False,
             step_callback=lambda phase, i, n: stamps[phase].append(time.perf_counter()),
@@ -520,7 +518,9 @@ def profile_guided_step(
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, latent_hw, latent_hw, generator=g) * float((1 + sigmas[k] ** 2) ** 0.5)
     src, edit = TextCond(inputs["caption"]), TextCond(inputs["caption"] + inputs["delta"])
-    kw = dict(source_cond=src, edit_cond=edit, cfg=cfg, guidance=default_guidance("eps", xa, nce))
+    kw = dict(
+        source_cond=src, edit_cond=edit, settings=SamplerSettings(cfg=cfg), guidance=default_guidance("eps", xa, nce)
+    )
     guided_ddim_sample(den, x, sigmas[k : k + 2], **kw)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         guided_ddim_sample(den, x, sigmas[k : k + 2], **kw)
@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cfg", type=float, default=5.0)
     ap.add_argument("--xa-weight", type=float, default=0.1)
     ap.add_argument("--nce-weight", type=float, default=None, help="PatchNCE weight (default: the engine default)")
-    ap.add_argument("--branches", choices=("edit", "both"), default="edit", help="our guided branches (default edit)")
+    ap.add_argument("--branches", choices=BRANCHES, default="edit", help="our guided branches (default edit)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--phases", default="a,b,c", help="comma-separated subset of a,b,c")

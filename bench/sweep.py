@@ -56,7 +56,7 @@ from zerocon_core.images import decode_latents, encode_latents, fit_to_multiple,
 from zerocon_core.inversion import EVAL_AT, NoiseRegularization, ddim_invert
 from zerocon_core.log import logger
 from zerocon_core.pipeline import EditOptions, default_guidance, sampling_grid
-from zerocon_core.sampler import BRANCHES, guided_ddim_sample
+from zerocon_core.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
 from zerocon_core.schedule import inversion_sigmas, vp_scale
 
 RECON = "reconstruction"
@@ -161,11 +161,10 @@ def sweep_image(
             sigmas,
             source_cond=src_cond,
             edit_cond=edit_cond,
-            cfg=options.cfg,
             guidance=guidance,
-            branches=options.branches,
-            seed=options.seed,
-            keep_reference=(k == 0),
+            settings=SamplerSettings(
+                cfg=options.cfg, branches=options.branches, seed=options.seed, keep_reference=(k == 0)
+            ),
         )
         z = res.latent * vp_scale(sigmas[-1])
         images[s.name] = resize(decode_latents(pipe.vae, z), input_size)

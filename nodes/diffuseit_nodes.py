@@ -15,7 +15,6 @@ Gradients: ComfyUI's VAE and DINO weights are inference tensors; each decode / D
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from typing import Any
 
@@ -39,13 +38,13 @@ from ..zerocon_core.diffuseit import (
 )
 from ..zerocon_core.diffuseit_start import DIFFUSEIT_RESAMPLE, start_index
 from ..zerocon_core.guidance import chain
-from ..zerocon_core.sampler import guided_ddim_sample
+from ..zerocon_core.sampler import SamplerSettings
 from ..zerocon_core.schedule import check_steps
 from . import progress
 from .families import detect_family
 from .guidance_nodes import resolve_weights
 from .inputs import CATEGORY, GUIDANCE, cfg_input, previous_input, seed_input, step_inputs, steps_input, window_inputs
-from .sampling_nodes import _denoiser, _latent_out, check_conditioning, check_latent
+from .sampling_nodes import ZeroConGuider, _latent_out, check_conditioning, check_latent, guided_function
 from .vision_nodes import Dino, ZeroConModel
 from .weights import autograd_weights
 
@@ -394,16 +393,6 @@ class ZeroConDinoStyleGuidance(io.ComfyNode):
 # -- the sampler ------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class DiffuseITSettings:
-    guidance: tuple = ()
-    resample: int = DIFFUSEIT_RESAMPLE
-    step_mode: str = "raw"
-    step_size: float = 0.02
-    seed: int = 0
-    results: dict = dataclasses.field(default_factory=dict)
-
-
 def check_decoders(terms, model, family) -> None:
     """Every DINO/range term must decode with the latent format of the MODEL being sampled."""
     fmt = type(model.model.latent_format)
@@ -414,37 +403,6 @@ def check_decoders(terms, model, family) -> None:
                 f"ZeroCon: the {type(term).__name__} was built for an {dec.family} MODEL but this MODEL is {family}; "
                 "give the DINO guidance node the same MODEL as the sampler"
             )
-
-
-def diffuseit_function(model, x, sigmas, extra_args=None, callback=None, disable=None, settings=None):
-    """KSAMPLER function: the guided DDIM loop with DiffuseIT's first-step resampling (start already noised)."""
-    extra_args = extra_args or {}
-    settings = settings or DiffuseITSettings()
-    guider = model.inner_model
-    if extra_args.get("denoise_mask") is not None:
-        logger.warning("ZeroCon DiffuseIT Sampler: the latent's noise mask is ignored (the whole image is processed)")
-    denoiser = _denoiser(guider, extra_args)
-    conds = guider.conds
-    with torch.inference_mode(False):
-        x, sigmas = x.clone(), sigmas.clone()
-        result = guided_ddim_sample(
-            denoiser,
-            x,
-            sigmas,
-            source_cond=conds["negative"],
-            edit_cond=conds["positive"],
-            negative_cond=None,
-            cfg=guider.cfg,
-            guidance=settings.guidance,
-            step_mode=settings.step_mode,
-            step_size=settings.step_size,
-            seed=settings.seed,
-            resample=settings.resample,
-            callback=progress.sampling_callback(callback, sigmas),
-            check_interrupt=progress.check_interrupt,
-        )
-    settings.results.update(skipped=list(result.skipped), losses=list(result.losses))
-    return result.latent
 
 
 def _extra_models(terms) -> list:
@@ -530,13 +488,12 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         extra = _extra_models(terms)
         if extra:  # loaded with the UNet, so that decoding inside the loop does not evict it
             work.set_additional_models("zerocon_diffuseit", extra)
-        guider = comfy.samplers.CFGGuider(work)
-        guider.set_conds(positive, negative)
-        guider.set_cfg(float(cfg))
-        settings = DiffuseITSettings(
-            guidance=terms, resample=int(resample), step_mode=step_mode, step_size=float(step_size), seed=int(seed)
+        guider = ZeroConGuider(work)  # the negative is the reference branch's "source" (used by capturing terms)
+        guider.set_zerocon(positive, negative, None, cfg=float(cfg), guidance=terms)
+        settings = SamplerSettings(
+            resample=int(resample), step_mode=step_mode, step_size=float(step_size), seed=int(seed)
         )
-        sampler = comfy.samplers.KSAMPLER(diffuseit_function, extra_options={"settings": settings})
+        sampler = comfy.samplers.KSAMPLER(guided_function, extra_options={"settings": settings})
         callback = progress.node_callback(work, len(sigmas) - 1)
         out = guider.sample(
             noise,

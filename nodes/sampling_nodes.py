@@ -2,16 +2,19 @@
 
 Everything runs through ComfyUI's own sampling path (``CFGGuider.sample``): model loading, latent
 scaling (process_latent_in/out), conditioning processing, hooks and wrappers are ComfyUI's. Our code is
-the ``KSAMPLER`` function, which hands a ``ComfyDenoiser`` to the engine (``zerocon_core.inversion.
-ddim_invert`` / ``zerocon_core.sampler.guided_ddim_sample``). Sigmas are ComfyUI's ``ddim_uniform`` grid:
-inversion runs up its flipped copy (``FlipSigmas``), sampling back down the grid itself; with the "next"
-convention (diffusers') the grid's last level is the model's ``sigma_min`` instead of 0 (``ddim_grid``).
+two ``KSAMPLER`` functions, which hand a ``ComfyDenoiser`` to the engine: ``inversion_function``
+(``zerocon_core.inversion.ddim_invert``) and ``guided_function`` (``zerocon_core.sampler.guided_ddim_sample``,
+shared by the Guided Sampler, the Guided DDIM Sampler and the DiffuseIT Sampler). Sigmas are ComfyUI's
+``ddim_uniform`` grid: inversion runs up its flipped copy (``FlipSigmas``), sampling back down the grid itself;
+with the "next" convention (diffusers') the grid's last level is the model's ``sigma_min`` instead of 0
+(``ddim_grid``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import comfy.samplers
@@ -19,7 +22,7 @@ import torch
 from comfy_api.latest import io
 
 from ..zerocon_core.inversion import EVAL_AT, NoiseRegularization, ddim_invert
-from ..zerocon_core.sampler import BRANCHES, guided_ddim_sample
+from ..zerocon_core.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps, inversion_sigmas
 from . import progress
 from .comfy_denoiser import ComfyDenoiser
@@ -31,6 +34,12 @@ logger = logging.getLogger("zerocon")
 
 INVERSION = io.Custom("ZEROCON_INVERSION")
 GUIDED_SEED = "Seeds the guidance's random choices (PatchNCE sample locations); sampling itself is deterministic."
+BRANCHES_TOOLTIP = (
+    "What the guidance step moves. edit: the latent, by the gradient of its edited forward only (fastest). both: "
+    "the latent, by the gradient of its negative and edited forwards, losses averaged. pix2pix-zero: pix2pix-zero's "
+    "own update: one copy of the latent per CFG half, each moved by its half of the averaged loss, the negative's "
+    "copy carried on (the same weight moves it about 0.6x as far as edit or both)."
+)
 
 
 # -- the data on a ZEROCON_INVERSION link -------------------------------------------------------------
@@ -69,17 +78,6 @@ class InversionSettings:
     seed: int = 0
     #: where the model is queried each step: "current" (FlipSigmas + ddim) or "next" (DDIMInverseScheduler)
     eval_at: str = "current"
-
-
-@dataclass
-class GuidedSettings:
-    step_mode: str = "raw"
-    step_size: float = 0.02
-    branches: str = "edit"
-    seed: int | None = None
-    keep_reference: bool = False
-    #: filled by the sampler function: the reconstruction (sigma space), skipped steps, losses per step
-    results: dict = field(default_factory=dict)
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -192,10 +190,17 @@ def inversion_function(
     return inv.latent
 
 
-def guided_function(model, x, sigmas, extra_args=None, callback=None, disable=None, settings: GuidedSettings = None):
-    """KSAMPLER function: pix2pix-zero(Con)'s guided DDIM loop, reading conds and guidance from a ZeroConGuider."""
+def guided_function(
+    model, x, sigmas, extra_args=None, callback=None, disable=None, settings: SamplerSettings = SamplerSettings()
+):
+    """KSAMPLER function: the guided DDIM loop, reading conds and guidance from a ZeroConGuider.
+
+    ``settings``: the engine's sampler settings; their ``cfg`` is replaced by the guider's. Returns the edit
+    (sigma space at the last sigma, B images); with ``settings.keep_reference`` the edit and the reference
+    branch's reconstruction concatenated on the batch axis (2B: ComfyUI's latent-out processing, which is
+    per element, then applies to both; ``split_reference`` separates them).
+    """
     extra_args = extra_args or {}
-    settings = settings or GuidedSettings()
     guider = model.inner_model
     if not isinstance(guider, ZeroConGuider):
         raise ValueError(
@@ -209,7 +214,6 @@ def guided_function(model, x, sigmas, extra_args=None, callback=None, disable=No
     terms = resolve_weights(guider.guidance, family)
     denoiser = _denoiser(guider, extra_args)
     conds = guider.conds
-    seed = settings.seed if settings.seed is not None else (extra_args.get("seed") or 0)
     with torch.inference_mode(False):  # the latent must be able to require grad
         x, sigmas = x.clone(), sigmas.clone()
         result = guided_ddim_sample(
@@ -219,18 +223,20 @@ def guided_function(model, x, sigmas, extra_args=None, callback=None, disable=No
             source_cond=conds["source"],
             edit_cond=conds["positive"],
             negative_cond=None if guider.negative_is_source else conds["negative"],
-            cfg=guider.cfg,
             guidance=terms,
-            step_mode=settings.step_mode,
-            step_size=settings.step_size,
-            branches=settings.branches,
-            keep_reference=settings.keep_reference,
-            seed=seed,
+            settings=dataclasses.replace(settings, cfg=float(guider.cfg)),
             callback=progress.sampling_callback(callback, sigmas),
             check_interrupt=progress.check_interrupt,
         )
-    settings.results.update(reference=result.reference, skipped=list(result.skipped), losses=list(result.losses))
+    if settings.keep_reference:
+        return torch.cat([result.latent, result.reference])
     return result.latent
+
+
+def split_reference(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo ``guided_function``'s ``keep_reference`` output: ``(edit, reconstruction)``, B images each."""
+    half = samples.shape[0] // 2
+    return samples[:half], samples[half:]
 
 
 # -- guider ------------------------------------------------------------------------------------------
@@ -484,8 +490,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
                     "branches",
                     options=list(BRANCHES),
                     default="edit",
-                    tooltip="edit: guide the edited forward only (faster); both: also the negative one, losses averaged "
-                    "(pix2pix-zero's batch of two).",
+                    tooltip=BRANCHES_TOOLTIP,
                 ),
                 seed_input(GUIDED_SEED),
                 io.Conditioning.Input(
@@ -533,8 +538,6 @@ class ZeroConGuidedSampler(io.ComfyNode):
         guidance=None,
         latent=None,
     ) -> io.NodeOutput:
-        import comfy.model_management
-
         if not isinstance(inversion, InversionData):
             raise ValueError("ZeroCon Guided Sampler: 'inversion' must come from ZeroCon DDIM Inversion")
         family = check_family(model, inversion)
@@ -548,17 +551,11 @@ class ZeroConGuidedSampler(io.ComfyNode):
 
         guider = ZeroConGuider(model)
         guider.set_zerocon(edited, source, negative, cfg=float(cfg), guidance=guidance)
-        settings = GuidedSettings(
+        settings = SamplerSettings(
             step_mode=step_mode, step_size=float(step_size), branches=branches, seed=int(seed), keep_reference=True
         )
         sampler = comfy.samplers.KSAMPLER(guided_function, extra_options={"settings": settings})
-        edit = _run(guider, sampler, samples, inversion.sigmas, model, int(seed))
-        ref = settings.results.get("reference")
-        if ref is None:
-            raise RuntimeError("ZeroCon Guided Sampler: the reference branch did not run")
-        ref = model.model.process_latent_out(ref.detach().to(torch.float32)).to(
-            comfy.model_management.intermediate_device()
-        )
+        edit, ref = split_reference(_run(guider, sampler, samples, inversion.sigmas, model, int(seed)))
         return io.NodeOutput(_latent_out(base, edit), _latent_out(base, ref))
 
 
@@ -613,7 +610,7 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
                     "branches",
                     options=list(BRANCHES),
                     default="edit",
-                    tooltip="edit: guide the edited forward only; both: also the negative one.",
+                    tooltip=BRANCHES_TOOLTIP,
                 ),
                 seed_input(GUIDED_SEED),
             ],
@@ -626,7 +623,7 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, step_mode, step_size, branches, seed) -> io.NodeOutput:
-        settings = GuidedSettings(step_mode=step_mode, step_size=float(step_size), branches=branches, seed=int(seed))
+        settings = SamplerSettings(step_mode=step_mode, step_size=float(step_size), branches=branches, seed=int(seed))
         return io.NodeOutput(comfy.samplers.KSAMPLER(guided_function, extra_options={"settings": settings}))
 
 

@@ -42,6 +42,8 @@ def _non_negative(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .sampler import BRANCHES
+
     parser = argparse.ArgumentParser(
         prog="python -m zerocon_core", description="ZeroCon: training-free image translation."
     )
@@ -138,9 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--branches",
-        choices=("edit", "both"),
+        choices=BRANCHES,
         default="edit",
-        help="guide the edit branch only (default) or both CFG halves (pix2pix-zero)",
+        help="edit: guide the edited forward only (default); both: both CFG halves of one latent; "
+        "pix2pix-zero: pix2pix-zero's own two-copy update",
     )
     s.add_argument("--no-regularization", action="store_true", help="plain DDIM inversion (no noise regulariser)")
     s.add_argument(

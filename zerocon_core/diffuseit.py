@@ -44,6 +44,7 @@ from .diffuseit_start import DIFFUSEIT_RESAMPLE, DIFFUSEIT_SEM_SIGMA, noised_sta
 from .dino import DINO_MAX_SIZE, DINO_SIZE, DinoFeatures, dino_features, key_self_similarity
 from .guidance import GuidanceTerm, StepContext
 from .log import logger
+from .sampler import SampleResult, SamplerSettings, guided_ddim_sample
 
 __all__ = [
     "LAMBDA_CLS",
@@ -508,25 +509,21 @@ def diffuseit_sample(
     cond: Any,
     negative_cond: Any,
     guidance: Sequence[GuidanceTerm],
-    cfg: float = 5.0,
     strength: float | None = None,
-    resample: int = DIFFUSEIT_RESAMPLE,
-    seed: int = 0,
-    step_mode: str = "raw",
-    step_size: float = 0.02,
+    settings: SamplerSettings | None = None,
     callback=None,
     check_interrupt=None,
-):
+) -> SampleResult:
     """DiffuseIT on a latent model: forward-noise the clean ``latent`` (model latent space) to the start level
     (``diffuseit_start.noised_start``: DiffuseIT's SNR when ``strength`` is None), then the guided DDIM loop with
-    first-step resampling (``resample`` = 10 as DiffuseIT), CFG between ``negative_cond`` and ``cond`` (the
-    target prompt; text-guided DiffuseIT). ``sigmas``: the full descending DDIM grid. Returns the sampler's
+    first-step resampling, CFG between ``negative_cond`` and ``cond`` (the target prompt; text-guided DiffuseIT).
+    ``sigmas``: the full descending DDIM grid. ``settings``: the sampler's (default: CFG 5 and
+    ``resample`` = 10, as DiffuseIT); its ``seed`` also draws the start noise. Returns the sampler's
     ``SampleResult``. Capture-based terms (cross-attention, PatchNCE), if added, compare with a reference
     branch that denoises the same noised start under ``negative_cond``.
     """
-    from .sampler import guided_ddim_sample
-
-    x, grid = noised_start(latent, sigmas, strength, seed)
+    settings = SamplerSettings(resample=DIFFUSEIT_RESAMPLE) if settings is None else settings
+    x, grid = noised_start(latent, sigmas, strength, settings.seed)
     return guided_ddim_sample(
         denoiser,
         x,
@@ -534,12 +531,8 @@ def diffuseit_sample(
         source_cond=negative_cond,
         edit_cond=cond,
         negative_cond=None,
-        cfg=cfg,
         guidance=guidance,
-        step_mode=step_mode,
-        step_size=step_size,
-        seed=seed,
+        settings=settings,
         callback=callback,
         check_interrupt=check_interrupt,
-        resample=resample,
     )

@@ -31,7 +31,8 @@ EVAL_AT = ("current", "next")
 class NoiseRegularization:
     """pix2pix-zero's regulariser on predicted noise: ``outer`` rounds of (``rolls`` auto-correlation
     steps of size ``lambda_ac / rolls``, then one KL step of size ``lambda_kl``). Defaults as the paper's
-    code: 20, 20, 5 x 5."""
+    code: 20, 20, 5 x 5. Deliberate differences from diffusers' pipeline (README, "The noise regulariser"):
+    shifts never 0, one KL per image, the pyramid follows the shorter side (``losses.auto_corr_loss``)."""
 
     lambda_ac: float = 20.0
     lambda_kl: float = 20.0

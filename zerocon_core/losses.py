@@ -110,9 +110,11 @@ def multi_patch_nce_loss(
 def auto_corr_loss(eps: Tensor, generator: torch.Generator | None = None, min_size: int = 8) -> Tensor:
     """pix2pix-zero's auto-correlation regulariser on predicted noise ``eps`` (B, C, H, W), summed over batch.
 
-    Per image and channel, over a pyramid of 2x2 average pools down to side ``min_size``: at each level a
-    shift d drawn uniformly from [1, side/2) (never 0: the fix of pix2pix-zero commit ec33392) and the
-    terms ``mean(n * roll(n, d, H))^2 + mean(n * roll(n, d, W))^2``. Rolls are circular.
+    Per image and channel, over a pyramid of 2x2 average pools until the shorter side is ``min_size`` or
+    less: at each level a shift d drawn uniformly from [1, side/2) with side the shorter side (never 0: the
+    fix of pix2pix-zero commit ec33392; diffusers draws from [0, H/2) and stops on H alone), shared by the
+    images of the batch, and the terms ``mean(n * roll(n, d, H))^2 + mean(n * roll(n, d, W))^2``. Rolls
+    are circular.
     """
     total = eps.new_zeros(())
     x = _f(eps)
@@ -133,7 +135,10 @@ def auto_corr_loss(eps: Tensor, generator: torch.Generator | None = None, min_si
 
 
 def kl_loss(eps: Tensor) -> Tensor:
-    """pix2pix-zero's KL term per image, summed over batch: var + mean^2 - 1 - log(var + 1e-7) (unbiased var)."""
+    """pix2pix-zero's KL term per image, summed over batch: var + mean^2 - 1 - log(var + 1e-7) (unbiased var).
+
+    Per image on purpose: diffusers' pipeline takes one mean and variance over the whole batch (same at batch 1).
+    """
     x = _f(eps).flatten(1)
     var = x.var(dim=1)
     mu = x.mean(dim=1)

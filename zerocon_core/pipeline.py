@@ -39,7 +39,7 @@ from .guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
 from .images import decode_latents, encode_latents, fit_to_multiple, load_image, resize
 from .inversion import EVAL_AT, Inversion, NoiseRegularization, ddim_invert
 from .log import logger
-from .sampler import SampleResult, guided_ddim_sample
+from .sampler import SampleResult, SamplerSettings, guided_ddim_sample
 from .schedule import check_steps, ddim_sigmas, inversion_sigmas, vp_scale
 
 #: Sub-folders every model folder needs; SDXL adds the ``*_2`` pair.
@@ -99,9 +99,14 @@ class EditOptions:
     blip_beams: int = 3
     blip_min_tokens: int = 0
 
+    def sampler_settings(self) -> SamplerSettings:
+        """The guided sampler's settings for this edit (raises ``ValueError`` for bad ``branches``)."""
+        return SamplerSettings(cfg=self.cfg, branches=self.branches, seed=self.seed)
+
     def validate(self) -> None:
         """Raise ``ValueError`` for settings that cannot work (before any model runs)."""
         check_steps(self.steps)
+        self.sampler_settings()
         if self.cfg < 0:
             raise ValueError(f"cfg must be >= 0, got {self.cfg}")
         if self.num_sentences < 1:
@@ -209,12 +214,10 @@ def invert_and_edit(
     edit_cond: Any,
     *,
     steps: int = 50,
-    cfg: float = 5.0,
     guidance: Sequence[GuidanceTerm] = (),
+    settings: SamplerSettings = SamplerSettings(),
     regularization: NoiseRegularization | None = NoiseRegularization(),
-    seed: int = 0,
     eval_at: str = "current",
-    branches: str = "edit",
     set_alpha_to_one: bool = False,
     steps_offset: int = 1,
     timings: Timings | None = None,
@@ -224,7 +227,8 @@ def invert_and_edit(
     """DDIM-invert the scaled VP latent ``z0`` (B, C, h, w) under ``source_cond`` (no CFG), then run the guided
     sampler with the caption as negative (pix2pix-zero, real images). Returns ``(z, inversion, sample)`` with
     ``z`` the edited scaled VP latent, ready for the VAE (not checked for NaN/Inf here).
-    ``step_callback(phase, i, n)`` after every step.
+    ``settings``: the sampler's (CFG, branches...); its ``seed`` also seeds the inversion's regulariser.
+    ``eval_at``: the inversion convention (``ddim_invert``). ``step_callback(phase, i, n)`` after every step.
     """
     timings = timings if timings is not None else Timings()
     sigmas = sampling_grid(denoiser, steps, set_alpha_to_one, steps_offset)
@@ -244,7 +248,7 @@ def invert_and_edit(
             inv_sigmas,
             source_cond,
             regularization=regularization,
-            seed=seed,
+            seed=settings.seed,
             eval_at=eval_at,
             keep_trajectory=False,
             callback=inv_cb,
@@ -263,10 +267,8 @@ def invert_and_edit(
             sigmas,
             source_cond=source_cond,
             edit_cond=edit_cond,
-            cfg=cfg,
             guidance=guidance,
-            branches=branches,
-            seed=seed,
+            settings=settings,
             callback=smp_cb,
         )
     return res.latent * vp_scale(sigmas[-1]), inv, res
@@ -534,12 +536,10 @@ class ZeroConPipeline:
             src_cond,
             edit_cond,
             steps=options.steps,
-            cfg=options.cfg,
             guidance=guidance,
+            settings=options.sampler_settings(),
             regularization=NoiseRegularization() if options.regularization else None,
-            seed=options.seed,
             eval_at=options.eval_at,
-            branches=options.branches,
             set_alpha_to_one=bool(self.scheduler_config.get("set_alpha_to_one", False)),
             steps_offset=int(self.scheduler_config.get("steps_offset", 1) or 0),
             timings=timings,

@@ -5,6 +5,8 @@ source (caption) conditioning and records the captures the guidance needs; the *
 step, first takes one gradient step on its latent to bring its captures close to the reference's, then
 a CFG DDIM step with the edited conditioning. Reference captures are used at once and dropped, so only
 one step's maps are ever held (pix2pix-zero keeps all steps').
+
+How the guidance step treats the two halves of the CFG batch is ``SamplerSettings.branches`` (see there).
 """
 
 from __future__ import annotations
@@ -21,7 +23,50 @@ from .guidance import GuidanceTerm, StepContext
 from .log import logger
 
 STEP_MODES = ("raw", "normalized")
-BRANCHES = ("edit", "both")
+BRANCHES = ("edit", "both", "pix2pix-zero")
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How the guided loop runs: everything but the model, the latents, the conditionings and the terms.
+
+    - ``cfg``: classifier-free guidance scale between the negative and the edit.
+    - ``step_mode`` "raw": ``z <- z - grad_z(sum_k w_k L_k)`` on the VP latent ``z`` (pix2pix-zero; the
+      weights are step sizes). "normalized": the same direction rescaled to RMS ``step_size`` (VP units).
+    - ``branches`` (what the guidance step differentiates):
+
+      - "edit": only the edit-conditioned forward of the latent is guided (batch 1, cheapest);
+      - "both": the negative- and the edit-conditioned forwards of the *one* latent, each compared with
+        its own reference half, losses averaged; the single latent gets the summed gradient;
+      - "pix2pix-zero": pix2pix-zero's own update: two copies of the latent (the negative's and the
+        edit's), each moved by its own half of the averaged loss's gradient, the CFG noise recomputed as
+        negative(copy 0) and edit(copy 1), and copy 0 carried on to the DDIM step.
+
+    - ``seed``: seeds the terms' random choices (PatchNCE locations) and the resampling noise.
+    - ``resample`` N > 1: DiffuseIT's first-step resampling: the first step (guidance + DDIM step) is
+      done N times, each but the last followed by an exact re-noise from ``sigmas[1]`` back to
+      ``sigmas[0]`` with fresh noise. N = 1: plain sampling.
+    - ``keep_reference``: run the reference branch at every step (to return the reconstruction) even
+      where no active term needs its captures.
+
+    Raises ``ValueError`` on construction for an unknown ``step_mode`` / ``branches`` or a bad ``resample``.
+    """
+
+    cfg: float = 5.0
+    step_mode: str = "raw"
+    step_size: float = 0.02
+    branches: str = "edit"
+    seed: int = 0
+    resample: int = 1
+    keep_reference: bool = False
+
+    def __post_init__(self) -> None:
+        if self.step_mode not in STEP_MODES:
+            raise ValueError(f"step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
+        if self.branches not in BRANCHES:
+            raise ValueError(f"branches must be one of {BRANCHES}, got {self.branches!r}")
+        if not isinstance(self.resample, int) or isinstance(self.resample, bool) or self.resample < 1:
+            raise ValueError(f"resample must be an integer >= 1, got {self.resample!r}")
 
 
 @dataclass
@@ -34,6 +79,39 @@ class SampleResult:
     reference: Tensor | None
     skipped: list[int] = field(default_factory=list)
     losses: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GuidedStep:
+    """What one guidance step sees besides the latent and the settings.
+
+    ``active``: the (term, capture request) pairs active at this step. ``ref_preds``: the reference
+    branch's predictions under (negative, source) at this step, detached; None when no active term
+    requested captures. ``sigma`` / ``sigma_next``: 0-d levels of this step. ``state``: the terms' scratch
+    space for the run (``StepContext.state``).
+    """
+
+    denoiser: Denoiser
+    step: int
+    num_steps: int
+    sigma: Tensor
+    sigma_next: Tensor | None
+    active: Sequence[tuple[GuidanceTerm, CaptureRequest]]
+    ref_preds: list[Prediction] | None
+    negative_cond: Any
+    edit_cond: Any
+    generator: torch.Generator
+    state: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """``latents``: the guided latent, or for branches="pix2pix-zero" its two copies (negative's, edit's);
+    unchanged when the gradient was not finite (``finite`` False). ``losses``: weighted loss per term."""
+
+    latents: tuple[Tensor, ...]
+    losses: dict[str, float]
+    finite: bool
 
 
 def ddim_step(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
@@ -69,56 +147,40 @@ def guided_ddim_sample(
     source_cond: Any,
     edit_cond: Any,
     negative_cond: Any = None,
-    cfg: float = 5.0,
     guidance: Sequence[GuidanceTerm] = (),
-    step_mode: str = "raw",
-    step_size: float = 0.02,
-    branches: str = "edit",
-    keep_reference: bool = False,
-    seed: int = 0,
+    settings: SamplerSettings = SamplerSettings(),
     callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
-    resample: int = 1,
 ) -> SampleResult:
     """Run the guided DDIM loop from ``x`` (sigma space, at ``sigmas[0]``) down the descending ``sigmas``.
 
     - ``negative_cond`` None means the source (caption) is the negative, pix2pix-zero's choice for real
       images; then the reference branch is a pure DDIM reconstruction at batch 1.
-    - ``step_mode`` "raw": ``z <- z - grad_z(sum_k w_k L_k)`` on the VP latent ``z`` (pix2pix-zero; the
-      weights are step sizes). "normalized": the same direction rescaled to RMS ``step_size`` (VP units).
-    - ``branches`` "edit": guide the edit-conditioned forward only (batch 1, cheaper); "both": also the
-      negative-conditioned half, losses averaged over the halves (pix2pix-zero's batch of two).
+    - ``settings``: CFG scale, step mode, branches, seed, resampling (``SamplerSettings``).
     - A step whose gradient is not finite is skipped (logged; listed in ``SampleResult.skipped``).
     - ``callback(i, n, x, x0)`` after each step; ``check_interrupt()`` before each (it raises to stop).
     - The reference branch runs only while an active term requests captures (or with ``keep_reference``).
-    - ``resample`` N > 1: DiffuseIT's first-step resampling (method-diffuseit.md §5.1): the first step
-      (guidance + DDIM step) is done N times, each but the last followed by an exact re-noise from
-      ``sigmas[1]`` back to ``sigmas[0]`` with fresh noise (seeded by ``seed``). N = 1: plain sampling.
     """
-    if step_mode not in STEP_MODES:
-        raise ValueError(f"step_mode must be one of {STEP_MODES}, got {step_mode!r}")
-    if branches not in BRANCHES:
-        raise ValueError(f"branches must be one of {BRANCHES}, got {branches!r}")
     _check_sigmas(x, sigmas)
-    if not isinstance(resample, int) or isinstance(resample, bool) or resample < 1:
-        raise ValueError(f"resample must be an integer >= 1, got {resample!r}")
     terms = tuple(guidance)
     n = len(sigmas) - 1
     layers = denoiser.layers() if terms else []
     reqs, merged = _merged_request(terms, layers)
     neg_is_source = negative_cond is None
     neg = source_cond if neg_is_source else negative_cond
-    gen = torch.Generator().manual_seed(int(seed))
+    cfg = settings.cfg
+    gen = torch.Generator().manual_seed(int(settings.seed))
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
 
     x = x.detach().clone()
     # The reference branch must advance at every step up to the last one where a capturing term is active.
     last_active = max((i for i in range(n) for t, r in zip(terms, reqs) if r and t.active(i, n)), default=-1)
-    ref_until = n if keep_reference else last_active + 1
+    ref_until = n if settings.keep_reference else last_active + 1
     x_ref = x.clone() if ref_until > 0 else None
-    result = SampleResult(latent=x, reference=None)
+    skipped: list[int] = []
+    losses: list[dict[str, float]] = []
     state: dict = {}  # per-run scratch space of the terms (StepContext.state)
-    noise_gen = torch.Generator().manual_seed(int(seed) + 1) if resample > 1 else None
+    noise_gen = torch.Generator().manual_seed(int(settings.seed) + 1) if settings.resample > 1 else None
 
     with denoiser.autograd_session():
         for i in range(n):
@@ -141,106 +203,88 @@ def guided_ddim_sample(
                         eps_ref = cfg_combine(p_neg.eps, p_src.eps, cfg)
                     x_ref = ddim_step(x_ref, eps_ref, s, s_next)
 
-            repeats = resample if i == 0 else 1
+            repeats = settings.resample if i == 0 else 1
             for r in range(repeats):
                 if r > 0:
                     if check_interrupt is not None:
                         check_interrupt()
                     x = renoise(x, s_next, s, noise_gen)
+                copies: tuple[Tensor, ...] = (x,)
                 if active:
-                    x = _guidance_step(
-                        denoiser,
-                        x,
-                        s,
-                        i,
-                        n,
-                        active,
-                        ref_preds,
-                        neg,
-                        edit_cond,
-                        branches,
-                        step_mode,
-                        step_size,
-                        gen,
-                        result,
-                        s_next,
-                        state,
-                    )
+                    step = GuidedStep(denoiser, i, n, s, s_next, active, ref_preds, neg, edit_cond, gen, state)
+                    outcome = _guidance_step(x, step, settings)
+                    losses.append(outcome.losses)
+                    if outcome.finite:
+                        copies = outcome.latents
+                    else:
+                        logger.warning("step %d: guidance gradient is not finite; step skipped", i)
+                        skipped.append(i)
 
                 with torch.no_grad():
-                    p_neg, p_edit = denoiser.predict(x, s, [neg, edit_cond])
+                    if len(copies) == 1:
+                        p_neg, p_edit = denoiser.predict(copies[0], s, [neg, edit_cond])
+                    else:  # pix2pix-zero: the negative's noise from copy 0, the edit's from copy 1
+                        (p_neg,) = denoiser.predict(copies[0], s, [neg])
+                        (p_edit,) = denoiser.predict(copies[1], s, [edit_cond])
+                    x = copies[0]
                     eps = cfg_combine(p_neg.eps, p_edit.eps, cfg)
                     x0 = x - s * eps
                     x = ddim_step(x, eps, s, s_next)
             if callback is not None:
                 callback(i, n, x, x0)
 
-    result.latent = x
-    result.reference = x_ref if ref_until == n else None
-    if result.skipped:
-        logger.warning(
-            "guidance skipped at %d of %d steps (non-finite gradient): %s", len(result.skipped), n, result.skipped
-        )
-    return result
+    if skipped:
+        logger.warning("guidance skipped at %d of %d steps (non-finite gradient): %s", len(skipped), n, skipped)
+    return SampleResult(latent=x, reference=x_ref if ref_until == n else None, skipped=skipped, losses=losses)
 
 
-def _guidance_step(
-    denoiser: Denoiser,
-    x: Tensor,
-    s: Tensor,
-    i: int,
-    n: int,
-    active,
-    ref_preds: list[Prediction] | None,
-    neg: Any,
-    edit_cond: Any,
-    branches: str,
-    step_mode: str,
-    step_size: float,
-    gen: torch.Generator,
-    result: SampleResult,
-    s_next: Tensor | None = None,
-    state: dict | None = None,
-) -> Tensor:
-    """One gradient step on the edit latent ``x`` (sigma space); returns the updated latent.
+def _guidance_step(x: Tensor, step: GuidedStep, settings: SamplerSettings) -> StepOutcome:
+    """One gradient step on the edit latent ``x`` (sigma space) for ``settings.branches``.
 
-    ``ref_preds`` is None when no active term requested captures (their ``StepContext.ref`` is None).
+    Each term's loss is averaged over the (prediction, reference) pairs the branches mode compares:
+    "edit" one pair (edit forward, source reference); "both" and "pix2pix-zero" two (negative forward with
+    the negative's reference half, edit forward with the source's). In "both" the two forwards share one
+    latent; in "pix2pix-zero" each has its own copy, and each copy takes its own gradient.
     """
-    state = {} if state is None else state
+    den, s = step.denoiser, step.sigma
     merged = CaptureRequest()
-    for _, r in active:
+    for _, r in step.active:
         merged = merged | r
+    refs = step.ref_preds if step.ref_preds is not None else [None, None]
     with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        if branches == "edit":
-            preds = denoiser.predict(xg, s, [edit_cond], merged)
-            pairs = [(preds[0], ref_preds[1] if ref_preds is not None else None)]
-        else:
-            preds = denoiser.predict(xg, s, [neg, edit_cond], merged)
-            refs = ref_preds if ref_preds is not None else [None, None]
-            pairs = [(preds[0], refs[0]), (preds[1], refs[1])]
+        if settings.branches == "edit":
+            leaves = (x.detach().requires_grad_(True),)
+            (p_edit,) = den.predict(leaves[0], s, [step.edit_cond], merged)
+            pairs = [(leaves[0], p_edit, refs[1])]
+        elif settings.branches == "both":
+            leaves = (x.detach().requires_grad_(True),)
+            p_neg, p_edit = den.predict(leaves[0], s, [step.negative_cond, step.edit_cond], merged)
+            pairs = [(leaves[0], p_neg, refs[0]), (leaves[0], p_edit, refs[1])]
+        else:  # pix2pix-zero: one copy of the latent per CFG half
+            leaves = (x.detach().requires_grad_(True), x.detach().clone().requires_grad_(True))
+            (p_neg,) = den.predict(leaves[0], s, [step.negative_cond], merged)
+            (p_edit,) = den.predict(leaves[1], s, [step.edit_cond], merged)
+            pairs = [(leaves[0], p_neg, refs[0]), (leaves[1], p_edit, refs[1])]
         total = None
         logged: dict[str, float] = {}
-        for term, req in active:
+        for term, req in step.active:
             term_loss = None
-            for edit_p, ref_p in pairs:
-                ctx = StepContext(i, n, s, xg, edit_p.eps, edit_p, ref_p, gen, s_next, state)
+            for xg, pred, ref in pairs:
+                ctx = StepContext(
+                    step.step, step.num_steps, s, xg, pred.eps, pred, ref, step.generator, step.sigma_next, step.state
+                )
                 value = term.loss(ctx, req)
                 term_loss = value if term_loss is None else term_loss + value
-            term_loss = term_loss / len(pairs)
-            weighted = term.weight * term_loss
+            weighted = term.weight * (term_loss / len(pairs))
             logged[type(term).__name__] = float(weighted.detach())
             total = weighted if total is None else total + weighted
-        (grad,) = torch.autograd.grad(total, xg)
-    result.losses.append(logged)
-    if not torch.isfinite(grad).all():
-        logger.warning("step %d: guidance gradient is not finite; step skipped", i)
-        result.skipped.append(i)
-        return x
+        grads = torch.autograd.grad(total, leaves)
+    if not all(torch.isfinite(g).all() for g in grads):
+        return StepOutcome((x,), logged, finite=False)
     scale = 1.0 + s * s  # d/dz = sqrt(1+s^2) d/dx, and dx = sqrt(1+s^2) dz
-    if step_mode == "raw":
-        update = grad * scale
-    else:
-        rms = grad.pow(2).mean().sqrt().clamp_min(1e-12)
-        update = grad / rms * step_size * scale.sqrt()
-    return (x - update).detach()
+    if settings.step_mode == "raw":
+        updates = [g * scale for g in grads]
+    else:  # the copies' gradients rescaled together (one RMS over all of them)
+        rms = torch.cat([g.flatten() for g in grads]).pow(2).mean().sqrt().clamp_min(1e-12)
+        updates = [g / rms * settings.step_size * scale.sqrt() for g in grads]
+    return StepOutcome(tuple((x - u).detach() for u in updates), logged, finite=True)

@@ -32,7 +32,7 @@ from zerocon_core.diffuseit import (
 from zerocon_core.diffuseit_start import DIFFUSEIT_START_SIGMA, noised_start, renoise, start_index
 from zerocon_core.dino import dino_features
 from zerocon_core.guidance import StepContext
-from zerocon_core.sampler import guided_ddim_sample
+from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
 from zerocon_core.schedule import alpha_bar_from_sigma, ddim_sigmas, sd_sigma_table
 
 from .tiny import single_thread, tiny_cond, tiny_denoiser, tiny_latent
@@ -373,7 +373,7 @@ def test_guided_step_lowers_the_structure_loss(den, dino):
             g[:2],
             source_cond=cond,
             edit_cond=cond,
-            cfg=1.0,
+            settings=SamplerSettings(cfg=1.0),
             guidance=[term],
             callback=lambda i, n, xx, x0: out.__setitem__(weight, x0),
         )
@@ -394,7 +394,9 @@ def test_style_guidance_pulls_the_cls_toward_the_reference(den, dino):
 
     def cls_dist(weight):
         term = DinoStyleGuidance(weight=weight, dino=dino, decode=dec, reference=ref, lambda_pixel=0.0, dino_size=32)
-        res = guided_ddim_sample(den, x, g, source_cond=cond, edit_cond=cond, cfg=1.0, guidance=[term])
+        res = guided_ddim_sample(
+            den, x, g, source_cond=cond, edit_cond=cond, settings=SamplerSettings(cfg=1.0), guidance=[term]
+        )
         return float((dino_features(dino, dec(res.latent), 32).cls - ref_cls).pow(2).mean())
 
     # the tiny random models need larger weights than SD (their [CLS] barely depends on the image)
@@ -423,7 +425,13 @@ def test_reference_branch_is_skipped_without_captures(den, dino):
     term = RangeGuidance(decode=dec)
     cond, src = tiny_cond(3), tiny_cond(4)
     res = guided_ddim_sample(
-        Counting(den), tiny_latent(43), grid(3), source_cond=src, edit_cond=cond, cfg=2.0, guidance=[term]
+        Counting(den),
+        tiny_latent(43),
+        grid(3),
+        source_cond=src,
+        edit_cond=cond,
+        settings=SamplerSettings(cfg=2.0),
+        guidance=[term],
     )
     assert res.reference is None
     # per step: one guided forward (edit only) + one CFG forward (negative, edit); no reference forwards
@@ -435,15 +443,15 @@ def test_resampling_once_equals_no_resampling(den, dino):
     term = DinoStructureGuidance(dino=dino, decode=dec, source=image(44), dino_size=32)
     cond = tiny_cond(5)
     x, g = noised_start(tiny_latent(45), grid(), strength=0.3, seed=3)
-    kw = dict(source_cond=cond, edit_cond=cond, cfg=1.0, guidance=[term], seed=7)
-    plain = guided_ddim_sample(den, x, g, **kw)
-    once = guided_ddim_sample(den, x, g, resample=1, **kw)
+    kw = dict(source_cond=cond, edit_cond=cond, guidance=[term])
+    plain = guided_ddim_sample(den, x, g, settings=SamplerSettings(cfg=1.0, seed=7), **kw)
+    once = guided_ddim_sample(den, x, g, settings=SamplerSettings(cfg=1.0, seed=7, resample=1), **kw)
     assert torch.equal(plain.latent, once.latent)
-    three = guided_ddim_sample(den, x, g, resample=3, **kw)
+    three = guided_ddim_sample(den, x, g, settings=SamplerSettings(cfg=1.0, seed=7, resample=3), **kw)
     assert len(three.losses) == len(plain.losses) + 2
     assert not torch.allclose(three.latent, plain.latent)
     with pytest.raises(ValueError, match="resample"):
-        guided_ddim_sample(den, x, g, resample=0, **kw)
+        SamplerSettings(cfg=1.0, seed=7, resample=0)
 
 
 def test_zero_weights_reproduce_unguided_sampling(den, dino):
@@ -451,8 +459,9 @@ def test_zero_weights_reproduce_unguided_sampling(den, dino):
     terms = diffuseit_guidance(dino, dec, image(46), reference=image(47), weight=0.0, dino_size=32)
     cond = tiny_cond(6)
     x, g = noised_start(tiny_latent(48), grid(), strength=0.3, seed=4)
-    a = guided_ddim_sample(den, x, g, source_cond=cond, edit_cond=cond, cfg=1.0, guidance=terms)
-    b = guided_ddim_sample(den, x, g, source_cond=cond, edit_cond=cond, cfg=1.0)
+    one = SamplerSettings(cfg=1.0)
+    a = guided_ddim_sample(den, x, g, source_cond=cond, edit_cond=cond, settings=one, guidance=terms)
+    b = guided_ddim_sample(den, x, g, source_cond=cond, edit_cond=cond, settings=one)
     assert torch.equal(a.latent, b.latent) and a.losses == []
 
 
@@ -492,10 +501,8 @@ def test_diffuseit_sample_runs_end_to_end(den, dino):
         cond=tiny_cond(7),
         negative_cond=tiny_cond(8),
         guidance=terms,
-        cfg=3.0,
         strength=0.5,
-        resample=2,
-        seed=1,
+        settings=SamplerSettings(cfg=3.0, resample=2, seed=1),
     )
     assert res.latent.shape == src_latent.shape and torch.isfinite(res.latent).all()
     assert res.skipped == [] and len(res.losses) == 4 + 1
@@ -543,9 +550,7 @@ def test_both_branches_and_a_separate_negative(den, dino):
         source_cond=tiny_cond(9),
         edit_cond=tiny_cond(10),
         negative_cond=tiny_cond(11),
-        cfg=2.0,
         guidance=terms,
-        branches="both",
-        resample=2,
+        settings=SamplerSettings(cfg=2.0, branches="both", resample=2),
     )
     assert torch.isfinite(res.latent).all() and res.reference is None and res.skipped == []

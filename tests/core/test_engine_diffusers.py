@@ -14,7 +14,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from zerocon_core.denoiser import CaptureRequest, select_layers
 from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond
 from zerocon_core.inversion import ddim_invert
-from zerocon_core.sampler import guided_ddim_sample
+from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
 from zerocon_core.schedule import ddim_sigmas, sigma_from_alpha_bar, vp_scale
 
 from .tiny import (
@@ -160,7 +160,13 @@ def test_sampling_matches_ddim_scheduler(pair, cfg, steps):
             z = sch.step(uncond + cfg * (condo - uncond), t, z).prev_sample
 
     res = guided_ddim_sample(
-        den, z_t / vp_scale(sigmas[0]), sigmas, source_cond=src, edit_cond=pos, negative_cond=neg, cfg=cfg
+        den,
+        z_t / vp_scale(sigmas[0]),
+        sigmas,
+        source_cond=src,
+        edit_cond=pos,
+        negative_cond=neg,
+        settings=SamplerSettings(cfg=cfg),
     )
     assert res.reference is None and res.skipped == []
     assert rel_err(res.latent * vp_scale(sigmas[-1]), z) < 1e-5

@@ -12,7 +12,7 @@ from zerocon_core import losses as L
 from zerocon_core.denoiser import CaptureRequest
 from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, StepContext
 from zerocon_core.inversion import NoiseRegularization, ddim_invert
-from zerocon_core.sampler import SampleResult, _guidance_step, guided_ddim_sample
+from zerocon_core.sampler import GuidedStep, SamplerSettings, _guidance_step, guided_ddim_sample
 from zerocon_core.schedule import ddim_sigmas, ddim_timesteps, inversion_sigmas, vp_scale
 
 from .tiny import single_thread, tiny_cond, tiny_denoiser, tiny_latent
@@ -57,7 +57,9 @@ def test_invert_then_sample_reconstructs(ptype, seed):
         assert torch.equal(up, sampling.flip(0))  # final level is ab[0] > 0: nothing to replace
         x0 = z0 / vp_scale(up[0])
         inv = ddim_invert(d, x0, up, cond)
-        out = guided_ddim_sample(d, inv.latent, sampling, source_cond=cond, edit_cond=cond, cfg=1.0)
+        out = guided_ddim_sample(
+            d, inv.latent, sampling, source_cond=cond, edit_cond=cond, settings=SamplerSettings(cfg=1.0)
+        )
         errs.append(rel_err(out.latent, x0))
     assert errs[0] > errs[1] > errs[2], errs
     assert errs[2] < 0.6 * errs[1], errs  # first order: 20 -> 50 steps should give about 0.4x
@@ -101,13 +103,14 @@ def test_one_guided_step_lowers_the_loss(den, term, step_mode):
     assert before > 0
     if step_mode == "raw":  # pix2pix-zero's unnormalised SGD; choose the step size for this toy
         term = type(term)(**{**term.__dict__, "weight": 1e-3})
-    result = SampleResult(latent=x, reference=None)
     gen = torch.Generator().manual_seed(0)
-    x_new = _guidance_step(den, x, s, 0, 10, [(term, req)], [ref, ref], src, edit, "edit", step_mode, 1e-3, gen, result)
+    step = GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, gen)
+    outcome = _guidance_step(x, step, SamplerSettings(step_mode=step_mode, step_size=1e-3))
+    (x_new,) = outcome.latents
     after = _loss(den, term, req, x_new, s, edit, ref)
     assert not torch.equal(x_new, x)
     assert after < before, (before, after)
-    assert result.skipped == [] and len(result.losses) == 1
+    assert outcome.finite and list(outcome.losses) == [type(term).__name__]
 
 
 def test_raw_step_is_sgd_on_the_vp_latent(den):
@@ -122,10 +125,8 @@ def test_raw_step_is_sgd_on_the_vp_latent(den):
     loss = L.cross_attention_loss(p.probs, ref.probs)
     (gz,) = torch.autograd.grad(loss, z)
     expect = (z - 0.1 * gz).detach() / c
-    result = SampleResult(latent=x, reference=None)
-    x_new = _guidance_step(
-        den, x, s, 0, 1, [(term, req)], [ref, ref], src, edit, "edit", "raw", 0.0, torch.Generator(), result
-    )
+    step = GuidedStep(den, 0, 1, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
+    (x_new,) = _guidance_step(x, step, SamplerSettings(step_mode="raw", step_size=0.0)).latents
     assert torch.allclose(x_new, expect, rtol=1e-9, atol=1e-12)
 
 
@@ -136,16 +137,18 @@ def test_both_branches_and_window(den):
     x = tiny_latent(3) / vp_scale(sig[0])
     src, edit = tiny_cond(1), tiny_cond(2)
     terms = (CrossAttentionGuidance(weight=0.05, start=0.5, end=1.0),)
-    kw = dict(source_cond=src, edit_cond=edit, cfg=3.0, guidance=terms)
-    a = guided_ddim_sample(den, x, sig, **kw)
-    b = guided_ddim_sample(den, x, sig, keep_reference=True, **kw)
+    kw = dict(source_cond=src, edit_cond=edit, guidance=terms)
+    a = guided_ddim_sample(den, x, sig, settings=SamplerSettings(cfg=3.0), **kw)
+    b = guided_ddim_sample(den, x, sig, settings=SamplerSettings(cfg=3.0, keep_reference=True), **kw)
     assert torch.equal(a.latent, b.latent)
     assert [list(d) for d in a.losses] == [["CrossAttentionGuidance"]] * 3  # steps 3, 4, 5 of 6
-    plain = guided_ddim_sample(den, x, sig, source_cond=src, edit_cond=src, cfg=1.0)
+    plain = guided_ddim_sample(den, x, sig, source_cond=src, edit_cond=src, settings=SamplerSettings(cfg=1.0))
     assert torch.allclose(b.reference, plain.latent, rtol=0, atol=1e-12)
-    unguided = guided_ddim_sample(den, x, sig, source_cond=src, edit_cond=edit, cfg=3.0)
+    unguided = guided_ddim_sample(den, x, sig, source_cond=src, edit_cond=edit, settings=SamplerSettings(cfg=3.0))
     assert not torch.allclose(a.latent, unguided.latent)
-    both = guided_ddim_sample(den, x, sig, branches="both", negative_cond=tiny_cond(3), **kw)
+    both = guided_ddim_sample(
+        den, x, sig, settings=SamplerSettings(cfg=3.0, branches="both"), negative_cond=tiny_cond(3), **kw
+    )
     assert torch.isfinite(both.latent).all() and len(both.losses) == 3
 
 

@@ -86,7 +86,8 @@ From x_T, a reference branch reconstructs the source while the edit branch sampl
 - *cfg* 5 with the **caption as the negative** (pix2pix-zero, for real images). Connect a *negative* to override.
 - *step_mode* `raw`: the latent moves by weight × gradient (pix2pix-zero). `normalized`: the step is rescaled to RMS
   *step_size*, steadier across models and sizes.
-- *branches* `edit` guides only the edited forward (faster); `both` also guides the negative (pix2pix-zero's batch of two).
+- *branches* `edit` guides only the edited forward (fastest); `both` guides the negative and the edited forwards of
+  one latent; `pix2pix-zero` is pix2pix-zero's own update (one copy of the latent per CFG half).
 - *seed* only picks PatchNCE's sample locations: sampling is deterministic.
 - **reconstruction** is the source rebuilt from x_T with no edit. If it already differs from your image, the inversion
   is the problem (more steps, regularisation), not the edit.
