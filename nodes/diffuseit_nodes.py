@@ -45,7 +45,7 @@ from . import progress
 from .families import detect_family
 from .guidance_nodes import GUIDANCE, resolve_weights
 from .sampling_nodes import _denoiser, _latent_out, check_conditioning, check_latent
-from .vision_nodes import Dino, ZeroConModel
+from .dino_nodes import Dino, ZeroConModel
 from .weights import autograd_weights
 
 logger = logging.getLogger("zerocon")

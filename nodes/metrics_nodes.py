@@ -18,7 +18,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..zerocon_core import metrics
-from .vision_nodes import DEVICES, Dino, ZeroConModel, devices, model_names, patcher_for, resolve_folder, unwrap
+from .dino_nodes import DEVICES, Dino, ZeroConModel, devices, model_names, patcher_for, resolve_folder, unwrap
 
 logger = logging.getLogger("zerocon")
 

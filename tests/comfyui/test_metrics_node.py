@@ -102,7 +102,7 @@ def mn():
 
 @pytest.fixture(scope="module")
 def vn():
-    return pack_module("nodes.vision_nodes")
+    return pack_module("nodes.dino_nodes")
 
 
 @pytest.fixture(scope="module")
