@@ -42,10 +42,11 @@ from ..zerocon_core.guidance import chain
 from ..zerocon_core.sampler import STEP_MODES, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps
 from . import progress
+from .dino_nodes import Dino
 from .families import detect_family
 from .guidance_nodes import GUIDANCE, resolve_weights
+from .loaders import ZeroConModel
 from .sampling_nodes import _denoiser, _latent_out, check_conditioning, check_latent
-from .dino_nodes import Dino, ZeroConModel
 from .weights import autograd_weights
 
 logger = logging.getLogger("zerocon")
