@@ -3,9 +3,10 @@
 A model lives in ``ComfyUI/models/<key>/<name>/`` in transformers ``save_pretrained`` layout (the folders
 ``nodes/paths.py`` registers). ``resolve_folder`` finds it, checks it with the engine's
 ``check_model_folder`` and, for a name listed in ``ModelSource.known``, downloads the Hugging Face
-repository once when allowed and online (one weight format: safetensors, PyTorch ``.bin`` only when the
-repository has no safetensors; an interrupted download is completed the same way). The loaded model travels wrapped in a ComfyUI ``ModelPatcher``, so ComfyUI's memory manager
-puts it on its device when a node needs it and can unload it when the UNet needs the memory.
+repository once when allowed and online, in one weight format (safetensors; PyTorch ``.bin`` only when the
+repository has no safetensors). An interrupted download is completed the same way. The loaded model travels
+wrapped in a ComfyUI ``ModelPatcher``, so ComfyUI's memory manager puts it on its device when a node needs
+it and can unload it when the UNet needs the memory.
 """
 
 from __future__ import annotations
