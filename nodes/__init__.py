@@ -19,7 +19,7 @@ NODE_MODULES = (
     "direction_nodes",
     "sampling_nodes",
     "guidance_nodes",
-    "vision_nodes",
+    "dino_nodes",
     "diffuseit_nodes",
     "metrics_nodes",
 )

@@ -14,123 +14,40 @@ split the batch into a list first (e.g. Rebatch Images with batch size 1) before
 from __future__ import annotations
 
 import logging
-import os
 
 import comfy.model_management as mm
-import comfy.model_patcher
-import torch
 from comfy_api.latest import io
 
 from ..zerocon_core import captioning
-from . import paths
+from . import loaders, paths
 from .inputs import CATEGORY
-from .paths import offline
 
 logger = logging.getLogger("zerocon")
 
 Blip = io.Custom("ZEROCON_BLIP")
 
 DEFAULT_MODEL = "blip-image-captioning-base"
-# Folder name -> Hugging Face repository that may be downloaded into models/blip/<folder name>.
-KNOWN_MODELS = {
-    "blip-image-captioning-base": "Salesforce/blip-image-captioning-base",
-    "blip-image-captioning-large": "Salesforce/blip-image-captioning-large",
-}
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-DEVICES = ("auto", "cpu", "gpu")
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SOURCE = loaders.ModelSource(
+    key=paths.BLIP,
+    node="ZeroCon BLIP Loader",
+    folder=captioning.BLIP_FOLDER,
+    known={  # folder name -> Hugging Face repository that may be downloaded into models/blip/<folder name>
+        "blip-image-captioning-base": "Salesforce/blip-image-captioning-base",
+        "blip-image-captioning-large": "Salesforce/blip-image-captioning-large",
+    },
+)
+KNOWN_MODELS = SOURCE.known
+PRECISIONS = ("auto", *loaders.DTYPES)
+DEVICES = loaders.DEVICES
 
 
-class ZeroConBlip:
-    """What travels on a ZEROCON_BLIP link: the loaded captioner and the patcher ComfyUI manages it by."""
+class ZeroConBlip(loaders.ZeroConModel):
+    """What travels on a ZEROCON_BLIP link: the loaded captioner (``blip``, a ``captioning.Blip``), the patcher
+    ComfyUI manages it by, and its name."""
 
-    def __init__(self, blip: captioning.Blip, patcher, name: str):
-        self.blip = blip
-        self.patcher = patcher
-        self.name = name
-
-    def load(self) -> None:
-        """Ask ComfyUI to put the model on its load device (unloading other models if needed)."""
-        mm.load_models_gpu([self.patcher], force_full_load=True)
-
-    def __repr__(self) -> str:
-        return f"ZeroConBlip({self.name!r}, {self.blip.folder!r}, {self.patcher.load_device}, {self.blip.dtype})"
-
-
-class _BlipModule(torch.nn.Module):
-    """Container so ModelPatcher can set its bookkeeping attributes (``device``...) without touching the
-    transformers model, whose ``device`` is a read-only property."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.blip = model
-
-
-def _devices(device: str) -> tuple[torch.device, torch.device]:
-    cpu = torch.device("cpu")
-    if device == "cpu":
-        return cpu, cpu
-    if device == "gpu":
-        return mm.get_torch_device(), mm.text_encoder_offload_device()
-    return mm.text_encoder_device(), mm.text_encoder_offload_device()
-
-
-def _dtype(precision: str, load_device: torch.device) -> torch.dtype:
-    if precision in _DTYPES:
-        return _DTYPES[precision]
-    return torch.float16 if mm.should_use_fp16(load_device, prioritize_performance=False) else torch.float32
-
-
-def _model_names() -> list[str]:
-    """The default model first, then the other downloadable ones, then every local model folder."""
-    names = list(KNOWN_MODELS)
-    names += [n for n in paths.model_folders(paths.BLIP) if n not in KNOWN_MODELS]
-    return names
-
-
-def _missing(folder: str, name: str, why: str) -> FileNotFoundError:
-    repo = KNOWN_MODELS.get(name, captioning.BLIP_MODEL_ID)
-    hint = " or run once online with allow_download on" if name in KNOWN_MODELS else ""
-    return FileNotFoundError(
-        f"ZeroCon BLIP Loader: no BLIP model in {folder} ({why}). Put the files of the Hugging Face model "
-        f"'{repo}' (https://huggingface.co/{repo}) in that folder{hint}."
-    )
-
-
-def _download(name: str, folder: str) -> None:
-    repo = KNOWN_MODELS[name]
-    logger.info("ZeroCon: downloading %s to %s", repo, folder)
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(repo_id=repo, local_dir=folder)
-    except Exception as exc:
-        raise _missing(folder, name, f"downloading it failed: {exc}") from exc
-
-
-def resolve_folder(name: str, allow_download: bool) -> str:
-    """The local folder of BLIP model ``name``, downloading a known model once when allowed and online."""
-    if not name or name in (".", "..") or os.path.basename(name) != name or os.path.isabs(name):
-        raise ValueError(f"ZeroCon BLIP Loader: {name!r} is not a folder name under models/blip")
-    folder = paths.find_model_folder(paths.BLIP, name) or paths.download_folder(paths.BLIP, name)
-    try:
-        captioning.check_blip_folder(folder)
-        return folder
-    except FileNotFoundError as exc:
-        logger.debug("ZeroCon: %s", exc)
-        state = "incomplete" if os.path.isdir(folder) else "missing"
-    if name not in KNOWN_MODELS:
-        raise _missing(folder, name, f"the folder is {state}")
-    if not allow_download:
-        raise _missing(folder, name, f"the folder is {state} and allow_download is off")
-    if offline():
-        raise _missing(folder, name, f"the folder is {state} and HF_HUB_OFFLINE is set")
-    _download(name, folder)
-    try:
-        captioning.check_blip_folder(folder)
-    except FileNotFoundError as exc:
-        raise _missing(folder, name, f"still incomplete after downloading: {exc}") from exc
-    return folder
+    @property
+    def blip(self) -> captioning.Blip:
+        return self.model
 
 
 class ZeroConBLIPLoader(io.ComfyNode):
@@ -148,7 +65,7 @@ class ZeroConBLIPLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "model",
-                    options=_model_names(),
+                    options=loaders.model_names(SOURCE),
                     default=DEFAULT_MODEL,
                     tooltip="Folder under models/blip holding a BLIP captioning model (config.json, weights, tokenizer and processor files). The two Salesforce models are listed even before they are downloaded.",
                 ),
@@ -177,14 +94,10 @@ class ZeroConBLIPLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, precision, device, allow_download) -> io.NodeOutput:
-        folder = resolve_folder(model, allow_download)
-        load_device, offload_device = _devices(device)
-        dtype = _dtype(precision, load_device)
-        blip = captioning.load_blip(folder, device=offload_device, dtype=dtype)
-        patcher = comfy.model_patcher.ModelPatcher(
-            _BlipModule(blip.model), load_device=load_device, offload_device=offload_device
-        )
-        return io.NodeOutput(ZeroConBlip(blip, patcher, model))
+        folder = loaders.resolve_folder(SOURCE, model, allow_download)
+        load_device, offload_device = loaders.devices(device, text_encoder=True)
+        blip = captioning.load_blip(folder, device=offload_device, dtype=loaders.dtype(precision, load_device))
+        return io.NodeOutput(ZeroConBlip(blip, loaders.patcher_for(blip.model, load_device, offload_device), model))
 
 
 class ZeroConBLIPCaption(io.ComfyNode):

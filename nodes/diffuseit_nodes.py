@@ -41,11 +41,12 @@ from ..zerocon_core.guidance import chain
 from ..zerocon_core.sampler import SamplerSettings
 from ..zerocon_core.schedule import check_steps
 from . import progress
+from .dino_nodes import Dino
 from .families import detect_family
 from .guidance_nodes import resolve_weights
 from .inputs import CATEGORY, GUIDANCE, cfg_input, previous_input, seed_input, step_inputs, steps_input, window_inputs
+from .loaders import ZeroConModel
 from .sampling_nodes import ZeroConGuider, _latent_out, check_conditioning, check_latent, guided_function
-from .vision_nodes import Dino, ZeroConModel
 from .weights import autograd_weights
 
 logger = logging.getLogger("zerocon")

@@ -11,29 +11,29 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 
-import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
 from ..zerocon_core import metrics
+from . import loaders
+from .dino_nodes import Dino
 from .inputs import CATEGORY
-from .vision_nodes import DEVICES, Dino, ZeroConModel, devices, model_names, patcher_for, resolve_folder, unwrap
+from .loaders import DEVICES, DTYPES, ZeroConModel, patcher_for, unwrap
+from .paths import CLIP_METRIC
 
 logger = logging.getLogger("zerocon")
 
 ClipMetric = io.Custom("ZEROCON_CLIP_METRIC")
 
-CLIP_METRIC = "clip_metric"
 DEFAULT_CLIP = "clip-vit-large-patch14"
-KNOWN_CLIP = {
-    "clip-vit-large-patch14": metrics.CLIP_MODEL_ID,
-    "clip-vit-base-patch16": "openai/clip-vit-base-patch16",
-}
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-folder_paths.add_model_folder_path(CLIP_METRIC, os.path.join(folder_paths.models_dir, CLIP_METRIC))
+SOURCE = loaders.ModelSource(
+    key=CLIP_METRIC,
+    node="ZeroCon CLIP Metric Loader",
+    folder=metrics.CLIP_FOLDER,
+    known={DEFAULT_CLIP: metrics.CLIP_MODEL_ID, "clip-vit-base-patch16": "openai/clip-vit-base-patch16"},
+)
+KNOWN_CLIP = SOURCE.known
 
 
 class ZeroConCLIPMetricLoader(io.ComfyNode):
@@ -51,13 +51,13 @@ class ZeroConCLIPMetricLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input(
                     "model",
-                    options=model_names(CLIP_METRIC, KNOWN_CLIP),
+                    options=loaders.model_names(SOURCE),
                     default=DEFAULT_CLIP,
                     tooltip=f"Folder under models/clip_metric holding a transformers CLIPModel with its tokenizer (and preprocessor_config.json). '{DEFAULT_CLIP}' is {metrics.CLIP_MODEL_ID}; the known names are listed even before they are downloaded.",
                 ),
                 io.Combo.Input(
                     "precision",
-                    options=list(_DTYPES),
+                    options=list(DTYPES),
                     default="fp32",
                     tooltip="Weight precision. fp32 reproduces published CLIP scores; fp16/bf16 halve the memory on a GPU.",
                 ),
@@ -82,11 +82,9 @@ class ZeroConCLIPMetricLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, precision, device, allow_download) -> io.NodeOutput:
-        folder = resolve_folder(
-            CLIP_METRIC, model, KNOWN_CLIP, metrics.check_clip_folder, allow_download, "ZeroCon CLIP Metric Loader"
-        )
-        load_device, offload_device = devices(device)
-        clip = metrics.load_clip_metric(folder, device=offload_device, dtype=_DTYPES[precision])
+        folder = loaders.resolve_folder(SOURCE, model, allow_download)
+        load_device, offload_device = loaders.devices(device)
+        clip = metrics.load_clip_metric(folder, device=offload_device, dtype=DTYPES[precision])
         return io.NodeOutput(ZeroConModel(clip, patcher_for(clip.model, load_device, offload_device), model))
 
 

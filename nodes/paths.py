@@ -2,9 +2,10 @@
 
 - ``models/blip/<name>/``: BLIP captioning models in transformers ``save_pretrained`` layout.
 - ``models/dino/<name>/``: DINO-ViT models in the same layout.
+- ``models/clip_metric/<name>/``: full CLIP models (text and vision towers) for the edit metrics, same layout.
 - ``models/edit_directions/*.safetensors``: saved edit directions.
 
-Users can add more locations for the same keys (``blip``, ``dino``, ``edit_directions``) in
+Users can add more locations for the same keys (``blip``, ``dino``, ``clip_metric``, ``edit_directions``) in
 ``extra_model_paths.yaml``. Registration is idempotent and runs when this module is imported.
 """
 
@@ -16,10 +17,11 @@ import folder_paths
 
 BLIP = "blip"
 DINO = "dino"
+CLIP_METRIC = "clip_metric"
 EDIT_DIRECTIONS = "edit_directions"
 DIRECTION_EXTENSION = ".safetensors"
 
-_EXTENSIONS = {BLIP: set(), DINO: set(), EDIT_DIRECTIONS: {DIRECTION_EXTENSION}}
+_EXTENSIONS = {BLIP: set(), DINO: set(), CLIP_METRIC: set(), EDIT_DIRECTIONS: {DIRECTION_EXTENSION}}
 
 
 def default_folder(key: str) -> str:
@@ -69,18 +71,3 @@ def download_folder(key: str, name: str) -> str:
 
 
 register()
-
-
-_TRUE = ("1", "true", "yes", "on")
-
-
-def offline() -> bool:
-    """True when Hugging Face downloads are disabled (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    except Exception:
-        return False

@@ -20,14 +20,23 @@ import torch
 from torch import Tensor
 
 from .log import logger
+from .model_folders import WEIGHTS, ModelFolder, check_model_folder
 
-__all__ = ["BLIP_MODEL_ID", "Blip", "caption", "check_blip_folder", "load_blip"]
+__all__ = ["BLIP_FOLDER", "BLIP_MODEL_ID", "Blip", "caption", "check_blip_folder", "load_blip"]
 
 BLIP_MODEL_ID = "Salesforce/blip-image-captioning-base"
 
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_TOKENIZER = ("tokenizer.json", "vocab.txt")
-_PREPROCESSOR = ("preprocessor_config.json", "processor_config.json")
+BLIP_FOLDER = ModelFolder(
+    kind="BLIP captioning model",
+    model_id=BLIP_MODEL_ID,
+    required=(
+        ("config.json",),
+        WEIGHTS,
+        ("tokenizer.json", "vocab.txt"),
+        ("preprocessor_config.json", "processor_config.json"),
+    ),
+    saved_by="BlipForConditionalGeneration and BlipProcessor",
+)
 
 
 @dataclass
@@ -47,27 +56,9 @@ class Blip:
         return next(self.model.parameters()).dtype
 
 
-def _missing_error(folder: str, what: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"BLIP captioning model not found: {what} in {folder!r}. Put a transformers copy of "
-        f"'{BLIP_MODEL_ID}' there (all files of https://huggingface.co/{BLIP_MODEL_ID}, or "
-        f"BlipForConditionalGeneration/BlipProcessor .save_pretrained('{folder}'))."
-    )
-
-
-def check_blip_folder(folder: str | os.PathLike) -> None:
+def check_blip_folder(folder: str | os.PathLike, model_id: str | None = None) -> None:
     """Raise ``FileNotFoundError`` naming ``folder`` and the model id when the folder is missing or incomplete."""
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise _missing_error(folder, "the folder does not exist")
-    missing = []
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        missing.append("config.json")
-    for group in (_WEIGHTS, _TOKENIZER, _PREPROCESSOR):
-        if not any(os.path.isfile(os.path.join(folder, f)) for f in group):
-            missing.append(" or ".join(group))
-    if missing:
-        raise _missing_error(folder, "missing " + ", ".join(missing))
+    check_model_folder(folder, BLIP_FOLDER, model_id)
 
 
 def load_blip(

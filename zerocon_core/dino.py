@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .log import logger
+from .model_folders import WEIGHTS, ModelFolder, check_model_folder
 
 __all__ = [
+    "DINO_FOLDER",
     "DINO_MODEL_ID",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -51,31 +53,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_SIZE = 224
 DINO_MAX_SIZE = 480
 
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def _missing_error(folder: str, what: str, model_id: str | None = None) -> FileNotFoundError:
-    model_id = model_id or DINO_MODEL_ID
-    return FileNotFoundError(
-        f"DINO ViT model not found: {what} in {folder!r}. Put a transformers copy of '{model_id}' there "
-        f"(config.json and model.safetensors of https://huggingface.co/{model_id}, or "
-        f"ViTModel.from_pretrained('{model_id}').save_pretrained('{folder}'))."
-    )
+DINO_FOLDER = ModelFolder(
+    kind="DINO ViT model", model_id=DINO_MODEL_ID, required=(("config.json",), WEIGHTS), saved_by="ViTModel"
+)
 
 
 def check_dino_folder(folder: str | os.PathLike, model_id: str | None = None) -> None:
     """Raise ``FileNotFoundError`` naming ``folder`` and the model id (default: ``DINO_MODEL_ID``) when the
     folder is missing or incomplete."""
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise _missing_error(folder, "the folder does not exist", model_id)
-    missing = []
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        missing.append("config.json")
-    if not any(os.path.isfile(os.path.join(folder, f)) for f in _WEIGHTS):
-        missing.append(" or ".join(_WEIGHTS))
-    if missing:
-        raise _missing_error(folder, "missing " + ", ".join(missing), model_id)
+    check_model_folder(folder, DINO_FOLDER, model_id)
 
 
 def load_dino(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:

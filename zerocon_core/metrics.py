@@ -56,8 +56,10 @@ from torch import Tensor
 
 from .dino import dino_features, key_self_similarity
 from .log import logger
+from .model_folders import WEIGHTS, ModelFolder, check_model_folder
 
 __all__ = [
+    "CLIP_FOLDER",
     "CLIP_MODEL_ID",
     "METRIC_NAMES",
     "ClipMetric",
@@ -95,8 +97,12 @@ METRIC_NAMES = (
     "bg_mse",
 )
 
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-_TOKENIZER = ("tokenizer.json", "vocab.json")
+CLIP_FOLDER = ModelFolder(
+    kind="CLIP metric model",
+    model_id=CLIP_MODEL_ID,
+    required=(("config.json",), WEIGHTS, ("tokenizer.json", "vocab.json")),
+    saved_by="CLIPModel and CLIPProcessor",
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -321,29 +327,10 @@ class ClipMetric:
         return next(self.model.parameters()).dtype
 
 
-def _clip_missing(folder: str, what: str, model_id: str | None = None) -> FileNotFoundError:
-    model_id = model_id or CLIP_MODEL_ID
-    return FileNotFoundError(
-        f"CLIP metric model not found: {what} in {folder!r}. Put a transformers copy of '{model_id}' there "
-        f"(all files of https://huggingface.co/{model_id}, or CLIPModel/CLIPProcessor "
-        f".save_pretrained('{folder}'))."
-    )
-
-
 def check_clip_folder(folder: str | os.PathLike, model_id: str | None = None) -> None:
     """Raise ``FileNotFoundError`` naming ``folder`` and the model id (default: ``CLIP_MODEL_ID``) when the
     folder is missing or incomplete."""
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise _clip_missing(folder, "the folder does not exist", model_id)
-    missing = []
-    if not os.path.isfile(os.path.join(folder, "config.json")):
-        missing.append("config.json")
-    for group in (_WEIGHTS, _TOKENIZER):
-        if not any(os.path.isfile(os.path.join(folder, f)) for f in group):
-            missing.append(" or ".join(group))
-    if missing:
-        raise _clip_missing(folder, "missing " + ", ".join(missing), model_id)
+    check_model_folder(folder, CLIP_FOLDER, model_id)
 
 
 def _hw(value: Any, default: int) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Every workflows/*.json loads and runs in a real ComfyUI, driven through its real frontend in a real browser.
+"""Every example_workflows/*.json loads and runs in a real ComfyUI, driven through its real frontend in a real browser.
 
 One session for the module (``tests/comfyui/browser/harness.py``):
 
@@ -103,7 +103,7 @@ def test_workflow_loads_and_runs(session, path):
 
 @needs_browser
 def test_template_browser_lists_every_workflow(session):
-    """ComfyUI serves workflows/ to the template browser (app/custom_node_manager.py accepts that folder name)."""
+    """ComfyUI serves example_workflows/ to the template browser (the folder name app/custom_node_manager.py looks for first)."""
     templates = session.frontend.js("() => window.app.api.getWorkflowTemplates()")
     listed = sorted(templates.get(harness.pack_folder(), []))
     assert listed == sorted(f.stem for f in FILES), templates

@@ -18,12 +18,12 @@ def dn():
 
 
 @pytest.fixture(scope="module")
-def vision_nodes():
-    return pack_module("nodes.vision_nodes")
+def dino_nodes():
+    return pack_module("nodes.dino_nodes")
 
 
 @pytest.fixture
-def dino(vision_nodes):
+def dino(dino_nodes):
     """A tiny DINO-layout ViT built under inference mode (as the loader does), wrapped like a ZEROCON_DINO link."""
     from transformers import ViTConfig, ViTModel
 
@@ -40,7 +40,7 @@ def dino(vision_nodes):
         torch.manual_seed(0)
         vit = ViTModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
     cpu = torch.device("cpu")
-    return vision_nodes.ZeroConModel(vit, vision_nodes.patcher_for(vit, cpu, cpu), "tiny")
+    return dino_nodes.ZeroConModel(vit, dino_nodes.patcher_for(vit, cpu, cpu), "tiny")
 
 
 @pytest.fixture

@@ -102,7 +102,7 @@ def mn():
 
 @pytest.fixture(scope="module")
 def vn():
-    return pack_module("nodes.vision_nodes")
+    return pack_module("nodes.dino_nodes")
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +293,7 @@ def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monk
         return local_dir
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(vn, "offline", lambda: False)
+    monkeypatch.setattr(pack_module("nodes.loaders"), "offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
         (dino,) = run_node(
@@ -305,5 +305,5 @@ def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monk
 
 def test_local_model_folders_are_listed(mn, vn, model_dirs):
     save_tiny_dino(model_dirs / "dino" / "my-dino")
-    names = vn.model_names("dino", vn.KNOWN_DINO)
+    names = pack_module("nodes.loaders").model_names(vn.SOURCE)
     assert names[0] == "dino-vitb8" and "my-dino" in names

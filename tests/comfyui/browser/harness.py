@@ -22,7 +22,7 @@ from .roundtrip import graph_differences
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
-WORKFLOWS = REPO / "workflows"
+WORKFLOWS = REPO / "example_workflows"
 
 # Speed knobs the test turns down through the frontend's widgets (like a user editing them) before queueing:
 # the files keep their real defaults (512 px, 50 steps, 300 sentences...). (widget name, value, node types or

@@ -1,10 +1,10 @@
-"""Render every workflows/*.json with the real ComfyUI frontend to a PNG (README pictures), run by hand.
+"""Render every example_workflows/*.json with the real ComfyUI frontend to a PNG (README pictures), run by hand.
 
     COMFYUI_PATH=~/ComfyUI ~/venvs/comfy/bin/python tests/comfyui/browser/render_docs.py [--out docs/workflows]
 
 Starts a temporary ComfyUI (``--cpu``, 127.0.0.1, temp base directory, the pack symlinked into
 custom_nodes), loads each file through ``app.loadGraphData``, fits the view (*Fit view* command), and
-screenshots the canvas. Also writes ``workflows/<name>.jpg``, which ComfyUI's template browser shows as
+screenshots the canvas. Also writes ``example_workflows/<name>.jpg``, which ComfyUI's template browser shows as
 the workflow's thumbnail. No model files are needed (only the node definitions).
 """
 
@@ -42,13 +42,13 @@ def _template_browser(fe: Frontend, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("names", nargs="*", help="workflow names (default: every workflows/*.json)")
+    ap.add_argument("names", nargs="*", help="workflow names (default: every example_workflows/*.json)")
     ap.add_argument("--out", default=str(REPO / "docs" / "workflows"))
     ap.add_argument("--width", type=int, default=3200)
     ap.add_argument("--height", type=int, default=1800)
-    ap.add_argument("--no-thumbnails", action="store_true", help="do not write workflows/<name>.jpg")
+    ap.add_argument("--no-thumbnails", action="store_true", help="do not write example_workflows/<name>.jpg")
     a = ap.parse_args(argv)
-    files = sorted((REPO / "workflows").glob("*.json"))
+    files = sorted((REPO / "example_workflows").glob("*.json"))
     if a.names:
         files = [f for f in files if f.stem in a.names]
     comfy = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser()

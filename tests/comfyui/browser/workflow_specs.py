@@ -1,4 +1,4 @@
-"""Drafts of the shipped workflows (workflows/*.json), built node by node in the real frontend.
+"""Drafts of the shipped workflows (example_workflows/*.json), built node by node in the real frontend.
 
 ``build_workflows.py`` turns each spec into a graph with the frontend's own LiteGraph API (createNode,
 widget values, connect, groups), then saves exactly what the frontend exports (``graphToPrompt().workflow``,
@@ -962,3 +962,28 @@ SPECS = {
     "diffuseit_text_guided": diffuseit_text_guided,
 }
 SPECS = {k: _own_readme_column(v) for k, v in SPECS.items()}
+
+
+# Pack ids on every node: what ComfyUI-Manager and the frontend resolve a shared workflow's node packs by
+# (node ``properties``: ``cnr_id`` = the Comfy Registry id, ``ver`` = its version; ``comfy-core`` with
+# ComfyUI's version for built-in nodes). Frontend-only nodes (notes) have no Python pack and get none, as
+# in ComfyUI's own templates: a ``comfy-core`` id on them would make the frontend look for a missing core node.
+PACK_ID = "zerocon"  # [project] name in pyproject.toml
+CORE_PACK_ID = "comfy-core"
+FRONTEND_ONLY = frozenset({"MarkdownNote", "Note"})
+
+
+def pack_properties(node_type: str, pack_version: str, comfyui_version: str) -> dict:
+    """The ``cnr_id`` / ``ver`` properties of a node of ``node_type`` ({} for a frontend-only node)."""
+    if node_type in FRONTEND_ONLY:
+        return {}
+    if node_type.startswith("ZeroCon"):
+        return {"cnr_id": PACK_ID, "ver": pack_version}
+    return {"cnr_id": CORE_PACK_ID, "ver": comfyui_version}
+
+
+def stamp_pack_ids(workflow: dict, pack_version: str, comfyui_version: str) -> dict:
+    """Set ``pack_properties`` on every node of a UI-format workflow, in place; returns it."""
+    for node in workflow["nodes"]:
+        node.setdefault("properties", {}).update(pack_properties(node["type"], pack_version, comfyui_version))
+    return workflow
