@@ -23,7 +23,7 @@ import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..zerocon_core.diffuseit import (
     LAMBDA_CLS,
@@ -239,6 +239,7 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ZeroConDinoStructureGuidance",
+            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DINO Structure Guidance (DiffuseIT)",
             category=CATEGORY,
             description=(
@@ -362,6 +363,7 @@ class ZeroConDinoStyleGuidance(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ZeroConDinoStyleGuidance",
+            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DINO Style Guidance (DiffuseIT)",
             category=CATEGORY,
             description=(
@@ -492,6 +494,7 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ZeroConDiffuseITSampler",
+            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DiffuseIT Sampler",
             category=CATEGORY,
             description=(
@@ -577,7 +580,7 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         ms = model.get_model_object("model_sampling")
         check_steps(int(steps), len(ms.sigmas))
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        check_latent(samples, family)
+        warning = check_latent(samples, family)
         batch = samples.shape[0]
         check_conditioning(positive, batch, "positive")
         check_conditioning(negative, batch, "negative")
@@ -612,7 +615,8 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
             disable_pbar=not progress.progress_enabled(),
             seed=int(seed),
         )
-        return io.NodeOutput(_latent_out(latent, out.to(mm.intermediate_device())))
+        shown = ui.PreviewText(warning) if warning else None
+        return io.NodeOutput(_latent_out(latent, out.to(mm.intermediate_device())), ui=shown)
 
 
 NODES = [ZeroConDinoStructureGuidance, ZeroConDinoStyleGuidance, ZeroConDiffuseITSampler]

@@ -400,8 +400,8 @@ class ZeroConSaveEditDirection(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "overwrite",
-                    default=True,
-                    tooltip="Replace an existing file of the same name. When off, an existing file makes the node fail instead.",
+                    default=False,
+                    tooltip="Replace an existing file of the same name. Off (default): an existing file makes the node fail, naming the file, so a saved direction is never replaced by accident.",
                 ),
             ],
             outputs=[
@@ -412,7 +412,7 @@ class ZeroConSaveEditDirection(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, direction, filename, overwrite) -> io.NodeOutput:
+    def execute(cls, direction, filename, overwrite=False) -> io.NodeOutput:
         if not isinstance(direction, zdir.EditDirection):
             raise TypeError(f"ZeroCon Save Edit Direction: expected an edit direction, got {type(direction).__name__}")
         name = filename.strip().replace("\\", "/")
