@@ -275,6 +275,12 @@ class ZeroConBLIPCaption(io.ComfyNode):
             )
         for i, text in enumerate(captions):
             logger.info("ZeroCon BLIP caption %d: %s", i, text)
+        if len(captions) > 1:
+            logger.info(
+                "ZeroCon BLIP Caption: %d captions, one per line; ZeroCon Encode Prompts gives each image its own "
+                "(CLIP Text Encode would read them as one prompt)",
+                len(captions),
+            )
         text = join_prompts(captions)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
 

@@ -1,5 +1,6 @@
 // Shows a ZeroCon node's text result (ui "text": captions, metric summaries, "saved ..." messages) on the
-// node itself, in a read-only box, as the core Preview Any node does. The box is not saved with the workflow.
+// node itself, in a read-only box, as the core Preview Any node does. The box is neither saved with the workflow
+// nor sent with the prompt (so it never changes the node's inputs, nor ComfyUI's cache of its result).
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
@@ -18,7 +19,9 @@ app.registerExtension({
       if (!widget) {
         widget = ComfyWidgets["STRING"](this, WIDGET, ["STRING", { multiline: true }], app).widget;
         widget.element.readOnly = true;
-        widget.serialize = false;
+        widget.serialize = false; // not in the workflow's widgets_values
+        widget.options ??= {};
+        widget.options.serialize = false; // not in the prompt
         const size = this.computeSize();
         this.setSize([Math.max(this.size[0], size[0]), Math.max(this.size[1], size[1])]);
       }

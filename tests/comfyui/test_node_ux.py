@@ -72,3 +72,5 @@ def test_the_frontend_script_is_served():
     assert web == [str(REPO / "web")]
     script = (REPO / "web" / "zerocon_text.js").read_text()
     assert "onExecuted" in script and "message?.text" in script and 'startsWith("ZeroCon")' in script
+    # kept out of the saved workflow and out of the prompt (an extra prompt input would change the cache key)
+    assert "widget.serialize = false" in script and "widget.options.serialize = false" in script
