@@ -8,8 +8,11 @@ missing optional dependency disables only the nodes that need it (logged on the 
 
 Only relative imports are used: ComfyUI has its own top-level ``nodes`` module, so this pack's
 ``nodes/`` package is never imported as ``nodes``. There is deliberately no ``NODE_CLASS_MAPPINGS``
-here (ComfyUI would then ignore the V3 entry point).
+here (ComfyUI would then ignore the V3 entry point). ``WEB_DIRECTORY`` holds the one frontend script: it shows
+a node's text result (``ui.PreviewText``: captions, metric summaries, "saved ..." messages) on the node.
 """
+
+WEB_DIRECTORY = "./web"
 
 if __package__:  # ComfyUI imports the folder as a package; pytest may import this file on its own
     from .nodes.compat import log_if_unsupported as _zerocon_supported

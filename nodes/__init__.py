@@ -16,6 +16,7 @@ logger = logging.getLogger("zerocon")
 # Node modules in menu order. tests/comfyui/test_registration.py checks that every nodes/*_nodes.py is listed.
 NODE_MODULES = (
     "blip_nodes",
+    "prompt_nodes",
     "direction_nodes",
     "sampling_nodes",
     "guidance_nodes",

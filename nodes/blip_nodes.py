@@ -5,10 +5,10 @@ The loaded model is wrapped in a ComfyUI ``ModelPatcher`` (as ``comfy/clip_visio
 vision), so ComfyUI's memory manager moves it to the GPU to caption and can unload it when the UNet
 needs the memory.
 
-Caption output: one STRING per image, as a ComfyUI *list* output. With one image (the usual case) it is
-a plain STRING; with a batch, nodes downstream (e.g. CLIP Text Encode) run once per caption instead of
-encoding all captions as one prompt. To pair each image with its own caption through the whole edit,
-split the batch into a list first (e.g. Rebatch Images with batch size 1) before the caption node.
+Caption output: one STRING holding one caption per image, one per line (``zerocon_core.prompts``), not a
+ComfyUI list, so the nodes after it run once for the whole batch (a list output would run them once per
+caption, each over the whole batch). With one image it is the caption itself, for CLIP Text Encode; with a
+batch, ZeroCon Encode Prompts turns the lines into one CONDITIONING with one row per image.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 
 import comfy.model_management as mm
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..zerocon_core import captioning
+from ..zerocon_core.prompts import join_prompts
 from . import loaders, paths
 from .inputs import CATEGORY
 
@@ -108,9 +109,10 @@ class ZeroConBLIPCaption(io.ComfyNode):
             display_name="ZeroCon BLIP Caption",
             category=CATEGORY,
             description=(
-                "Captions each image with BLIP (the source prompt of pix2pix-zero). Outputs one caption per image "
-                "as a list: one image gives one STRING for CLIP Text Encode; a batch gives one caption per image, "
-                "and the nodes after it run once per caption."
+                "Captions each image with BLIP (the source prompt of pix2pix-zero). Outputs one STRING with one "
+                "caption per image, one per line: one image gives its caption, for CLIP Text Encode; for a batch, "
+                "encode the lines with ZeroCon Encode Prompts (one conditioning row per image), so the edit runs once "
+                "for the whole batch."
             ),
             inputs=[
                 Blip.Input("blip", tooltip="A BLIP captioner from ZeroCon BLIP Loader."),
@@ -148,8 +150,8 @@ class ZeroConBLIPCaption(io.ComfyNode):
                 io.String.Output(
                     "caption",
                     display_name="caption",
-                    is_output_list=True,
-                    tooltip="One caption per image (prefix removed), as a list.",
+                    tooltip="The captions (prefix removed), one line per image in batch order; for a batch, encode "
+                    "them with ZeroCon Encode Prompts.",
                 )
             ],
         )
@@ -186,7 +188,14 @@ class ZeroConBLIPCaption(io.ComfyNode):
             )
         for i, text in enumerate(captions):
             logger.info("ZeroCon BLIP caption %d: %s", i, text)
-        return io.NodeOutput(captions)
+        if len(captions) > 1:
+            logger.info(
+                "ZeroCon BLIP Caption: %d captions, one per line; ZeroCon Encode Prompts gives each image its own "
+                "(CLIP Text Encode would read them as one prompt)",
+                len(captions),
+            )
+        text = join_prompts(captions)
+        return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
 NODES: list[type[io.ComfyNode]] = [ZeroConBLIPLoader, ZeroConBLIPCaption]

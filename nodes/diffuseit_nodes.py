@@ -22,7 +22,7 @@ import comfy.model_management as mm
 import comfy.sample
 import comfy.samplers
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..zerocon_core.diffuseit import (
     LAMBDA_CLS,
@@ -210,6 +210,7 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ZeroConDinoStructureGuidance",
+            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DINO Structure Guidance (DiffuseIT)",
             category=CATEGORY,
             description=(
@@ -333,6 +334,7 @@ class ZeroConDinoStyleGuidance(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ZeroConDinoStyleGuidance",
+            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DINO Style Guidance (DiffuseIT)",
             category=CATEGORY,
             description=(
@@ -422,6 +424,7 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="ZeroConDiffuseITSampler",
+            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DiffuseIT Sampler",
             category=CATEGORY,
             description=(
@@ -471,7 +474,7 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         ms = model.get_model_object("model_sampling")
         check_steps(int(steps), len(ms.sigmas))
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        check_latent(samples, family)
+        warning = check_latent(samples, family)
         batch = samples.shape[0]
         check_conditioning(positive, batch, "positive")
         check_conditioning(negative, batch, "negative")
@@ -505,7 +508,8 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
             disable_pbar=not progress.progress_enabled(),
             seed=int(seed),
         )
-        return io.NodeOutput(_latent_out(latent, out.to(mm.intermediate_device())))
+        shown = ui.PreviewText(warning) if warning else None
+        return io.NodeOutput(_latent_out(latent, out.to(mm.intermediate_device())), ui=shown)
 
 
 NODES = [ZeroConDinoStructureGuidance, ZeroConDinoStyleGuidance, ZeroConDiffuseITSampler]

@@ -15,19 +15,26 @@ encoder, whose pooled output feeds the UNet's ``y``) the per-sentence pooled out
 token batch run through that encoder's own ``encode`` (the module ComfyUI itself calls), checked against
 ComfyUI's pooled output of the first sentence; if the layout is not recognised or the check fails, the
 pooled outputs are taken one sentence at a time through ``clip.encode_from_tokens`` instead.
+
+Progress, Cancel and cache: a sentence bank shows a progress bar on the node and in the console, and Cancel
+stops it between batches. The mean embedding of each sentence list is kept per CLIP (``BANK_CACHE``, the last
+16 lists), so another direction with the same CLIP and sentences (e.g. the same source, another target)
+encodes only what is new. "The same CLIP" (``ComfyClipEncoder.cache_key``): the same text-encoder and
+tokenizer objects, CLIP Set Last Layer, weight patches (LoRA) and tokenizer options.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
 from ..zerocon_core import direction as zdir
-from . import paths
+from . import paths, progress
 from .inputs import CATEGORY
 
 logger = logging.getLogger("zerocon")
@@ -35,6 +42,9 @@ logger = logging.getLogger("zerocon")
 Direction = io.Custom("ZEROCON_DIRECTION")
 
 MODES = ("sentence bank", "prompt difference")
+
+#: Mean embeddings of sentence lists per CLIP (bounded; see the module docstring).
+BANK_CACHE = zdir.EmbeddingCache(max_entries=16)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -46,6 +56,16 @@ def _encoder_width(module) -> int | None:
         return int(module.transformer.get_input_embeddings().weight.shape[-1])
     except Exception:
         return None
+
+
+def _ref(obj):
+    """A hashable stand-in for ``obj``'s identity: a weak reference when possible (None stays None)."""
+    if obj is None:
+        return None
+    try:
+        return weakref.ref(obj)
+    except TypeError:
+        return id(obj)
 
 
 class ComfyClipEncoder:
@@ -75,6 +95,21 @@ class ComfyClipEncoder:
             "clip_keys": ",".join(self.keys),
             "clip_layer": str(getattr(clip, "layer_idx", None)),
         }
+
+    @property
+    def cache_key(self) -> tuple:
+        """What makes two CLIPs encode alike: the text-encoder and tokenizer objects (weak references: a freed
+        model never matches a new one at the same address), the layer (CLIP Set Last Layer), the weight patches
+        (LoRA; ComfyUI renews ``patches_uuid`` whenever patches are added) and the tokenizer options."""
+        clip = self.clip
+        patcher = getattr(clip, "patcher", None)
+        return (
+            _ref(clip.cond_stage_model),
+            _ref(getattr(clip, "tokenizer", None)),
+            getattr(clip, "layer_idx", None),
+            getattr(patcher, "patches_uuid", None),
+            repr(sorted(getattr(clip, "tokenizer_options", {}).items())),
+        )
 
     # ------------------------------------------------------------------ tokens
     def _tokens(self, texts: list[str]) -> dict[str, list]:
@@ -279,14 +314,22 @@ class ZeroConEditDirection(io.ComfyNode):
                 if not target.strip():
                     raise ValueError("ZeroCon Edit Direction: give a target word or a list of target sentences")
                 tgt = zdir.template_sentences(target, num_sentences)
-            direction = zdir.sentence_bank_direction(
-                encode, src, tgt, source=source, target=target, batch_size=batch_size
-            )
+            with progress.WorkProgress("ZeroCon Edit Direction", unit="sentence") as report:
+                direction = zdir.sentence_bank_direction(
+                    encode,
+                    src,
+                    tgt,
+                    source=source,
+                    target=target,
+                    batch_size=batch_size,
+                    progress=report,
+                    cache=BANK_CACHE,
+                )
         else:
             raise ValueError(f"ZeroCon Edit Direction: unknown mode {mode!r}; use one of {list(MODES)}")
         encode.finish()
         direction.extra.update(encode.info)
-        return io.NodeOutput(direction)
+        return io.NodeOutput(direction, ui=ui.PreviewText(direction.describe()))
 
 
 def _conditioning_kind(width: int) -> str:
@@ -400,8 +443,8 @@ class ZeroConSaveEditDirection(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "overwrite",
-                    default=True,
-                    tooltip="Replace an existing file of the same name. When off, an existing file makes the node fail instead.",
+                    default=False,
+                    tooltip="Replace an existing file of the same name. Off (default): an existing file makes the node fail, naming the file, so a saved direction is never replaced by accident.",
                 ),
             ],
             outputs=[
@@ -412,7 +455,7 @@ class ZeroConSaveEditDirection(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, direction, filename, overwrite) -> io.NodeOutput:
+    def execute(cls, direction, filename, overwrite=False) -> io.NodeOutput:
         if not isinstance(direction, zdir.EditDirection):
             raise TypeError(f"ZeroCon Save Edit Direction: expected an edit direction, got {type(direction).__name__}")
         name = filename.strip().replace("\\", "/")

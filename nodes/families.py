@@ -17,6 +17,15 @@ from ..zerocon_core.guidance import CrossAttentionGuidance
 SUPPORTED = "SD1.x, SD2.x (eps or v-prediction) and SDXL"
 
 
+#: Side (pixels) of the square images each family was trained at; SD2.x eps is SD 2.x-base (512), v is 768-v.
+NATIVE_SIZE = {"SD1.x": 512, "SDXL": 1024}
+NATIVE_SIZE_SD2 = {"eps": 512, "v": 768}
+#: An image with more than this many times the native pixel count (1.5 x the native side, squared) is warned about.
+OVERSIZE_AREA = 2.25
+#: Pixels per latent cell (the VAE's downscale factor, 8 for every supported family).
+LATENT_SCALE = 8
+
+
 class UnsupportedModelError(ValueError):
     """The MODEL is not one the ZeroCon samplers can run."""
 
@@ -39,8 +48,35 @@ class ModelFamily:
         """The auto cross-attention weight: 0.1 for eps-prediction models, 0.01 for v-prediction."""
         return auto_weight(CrossAttentionGuidance, self.prediction_type)
 
+    @property
+    def native_size(self) -> int:
+        """Side, in pixels, of the square images the family was trained at (SD1.x 512, SD2.x 512 / 768-v, SDXL 1024)."""
+        if self.name == "SD2.x":
+            return NATIVE_SIZE_SD2[self.prediction_type]
+        return NATIVE_SIZE[self.name]
+
     def __str__(self) -> str:
         return f"{self.name} ({'v-prediction' if self.prediction_type == 'v' else 'eps-prediction'})"
+
+
+def size_warning(family: ModelFamily, latent_shape) -> str | None:
+    """The warning for a latent ``(B, C, H, W)`` far above the family's training size, or None.
+
+    "Far above": more than ``OVERSIZE_AREA`` (2.25) times the native pixel count, i.e. beyond 768 x 768 on
+    SD1.x. Every ZeroCon sampler checks its latent with this one rule.
+    """
+    height, width = int(latent_shape[-2]) * LATENT_SCALE, int(latent_shape[-1]) * LATENT_SCALE
+    side = family.native_size
+    ratio = height * width / float(side * side)
+    if ratio <= OVERSIZE_AREA:
+        return None
+    return (
+        f"ZeroCon: the image is {width}x{height} px, {ratio:.1f} x the pixels of the {side}x{side} images "
+        f"{family.name} was trained at. Each step costs at least {ratio:.1f} x the time and memory of a {side} px "
+        f"image (self-attention up to {ratio * ratio:.0f} x), and far above its training size the model repeats "
+        f"subjects and loses the layout, so the inversion, the edit and the reconstruction degrade. Edit at about "
+        f"{side} px (scale the image down first, upscale the result)."
+    )
 
 
 def _unsupported(what: str) -> UnsupportedModelError:

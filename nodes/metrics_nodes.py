@@ -16,6 +16,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..zerocon_core import metrics
+from ..zerocon_core.prompts import split_prompts
 from . import loaders
 from .dino_nodes import Dino
 from .inputs import CATEGORY
@@ -131,6 +132,12 @@ def summary_text(values: dict[str, torch.Tensor], masked: bool) -> str:
     return "\n".join(lines)
 
 
+def _per_image(text: str) -> str | list[str]:
+    """A text of several lines is one text per image (as BLIP Caption writes a batch's captions); else one text."""
+    lines = split_prompts(text or "")
+    return lines if len(lines) > 1 else (text or "")
+
+
 class ZeroConEditMetrics(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -156,12 +163,12 @@ class ZeroConEditMetrics(io.ComfyNode):
                 io.String.Input(
                     "source_text",
                     default="",
-                    tooltip="Text describing the source (e.g. the caption 'a photo of a cat'). CLIP accuracy counts an edit as applied when the edited image is closer to the target text than to this.",
+                    tooltip="Text describing the source (e.g. the caption 'a photo of a cat'); several lines: one per image (BLIP Caption's batch captions). CLIP accuracy counts an edit as applied when the edited image is closer to the target text than to this.",
                 ),
                 io.String.Input(
                     "target_text",
                     default="",
-                    tooltip="Text describing the wanted result (e.g. 'a photo of a dog'). The CLIP score is the edited image's similarity to this, 100 x cosine.",
+                    tooltip="Text describing the wanted result (e.g. 'a photo of a dog'); several lines: one per image. The CLIP score is the edited image's similarity to this, 100 x cosine.",
                 ),
                 io.Mask.Input(
                     "mask",
@@ -218,7 +225,9 @@ class ZeroConEditMetrics(io.ComfyNode):
         edited = _images(edited_image, "edited_image")
         clip = unwrap(clip_metric)
         vit = unwrap(dino)
-        values = metrics.edit_metrics(source, edited, source_text, target_text, mask=mask, clip=clip, dino=vit)
+        values = metrics.edit_metrics(
+            source, edited, _per_image(source_text), _per_image(target_text), mask=mask, clip=clip, dino=vit
+        )
         text = summary_text(values, mask is not None)
         logger.info("%s", text)
         out = [

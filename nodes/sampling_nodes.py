@@ -19,14 +19,14 @@ from typing import Any
 
 import comfy.samplers
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..zerocon_core.inversion import EVAL_AT, NoiseRegularization, ddim_invert
 from ..zerocon_core.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps, inversion_sigmas
 from . import progress
 from .comfy_denoiser import ComfyDenoiser
-from .families import ModelFamily, detect_family
+from .families import ModelFamily, detect_family, size_warning
 from .guidance_nodes import resolve_weights
 from .inputs import CATEGORY, GUIDANCE, cfg_input, seed_input, step_inputs, steps_input
 
@@ -109,12 +109,17 @@ def check_conditioning(conditioning, batch: int, what: str) -> None:
         )
 
 
-def check_latent(samples: torch.Tensor, family: ModelFamily) -> None:
+def check_latent(samples: torch.Tensor, family: ModelFamily) -> str | None:
+    """Raise for a latent the family cannot take; log and return the warning for one far above its training size."""
     if samples.ndim != 4 or samples.shape[1] != family.latent_channels:
         raise ValueError(
             f"ZeroCon: {family.name} needs a {family.latent_channels}-channel image latent (B, 4, H, W); got shape "
             f"{tuple(samples.shape)} (encode the image with this model's VAE)"
         )
+    warning = size_warning(family, samples.shape)
+    if warning:
+        logger.warning(warning)
+    return warning
 
 
 def check_family(model, inversion: InversionData) -> ModelFamily:
@@ -429,7 +434,7 @@ class ZeroConDDIMInversion(io.ComfyNode):
         family = detect_family(model)
         check_steps(int(steps), len(model.get_model_object("model_sampling").sigmas))
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        check_latent(samples, family)
+        warning = check_latent(samples, family)
         batch = samples.shape[0]
         check_conditioning(conditioning, batch, "caption")
         check_conditioning(negative, batch, "negative")
@@ -458,7 +463,8 @@ class ZeroConDDIMInversion(io.ComfyNode):
             model_key=id(model.model),
             regularization=reg,
         )
-        return io.NodeOutput(_latent_out(latent, x_t), data, sampling.clone())
+        shown = ui.PreviewText(warning) if warning else None
+        return io.NodeOutput(_latent_out(latent, x_t), data, sampling.clone(), ui=shown)
 
 
 class ZeroConGuidedSampler(io.ComfyNode):

@@ -16,6 +16,11 @@ chunk of long sentences. The encoder split of ``D_total`` comes from, in order: 
 an ``encoders`` attribute on the callable (set by :func:`clip_encoder` / :func:`sdxl_clip_encoder`), or
 the width (768 -> ``l``, 1024 -> ``h``, 2048 -> ``l`` + ``g``; ComfyUI's encoder keys).
 
+Progress and caching (sentence banks): ``progress(done, total)`` is called before the first and after every
+``encode`` call, counting sentences (a host may raise from it to cancel); an :class:`EmbeddingCache` keeps the
+mean embedding of each sentence list per encoder (``encode.cache_key``), so a second direction with the same
+encoder and sentences encodes nothing.
+
 Representation: :class:`EditDirection` holds one ``(T, D_e)`` delta per encoder in an insertion-ordered
 dict (order = concatenation order in the conditioning); :attr:`EditDirection.delta` is their
 concatenation ``(T, D_total)``. Deltas are float32 on the CPU; means are accumulated in float64.
@@ -27,8 +32,9 @@ import json
 import os
 import random
 import tempfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence, overload
+from typing import Callable, Hashable, Iterable, Sequence, overload
 
 import torch
 from torch import Tensor
@@ -39,7 +45,9 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "EditDirection",
+    "EmbeddingCache",
     "EncodeFn",
+    "ProgressFn",
     "apply_direction",
     "clip_encoder",
     "default_encoders",
@@ -57,6 +65,9 @@ FORMAT_VERSION = 1
 
 EncodeFn = Callable[[list[str]], "tuple[Tensor, Tensor | None]"]
 """Host text encoder: ``list[str] -> (embeds (N, 77, D_total), pooled (N, P) | None)``."""
+
+ProgressFn = Callable[[int, int], None]
+"""``progress(done, total)``: sentences encoded so far out of ``total``; may raise to cancel."""
 
 # Conditioning width -> model family, for error messages.
 _FAMILY = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
@@ -157,8 +168,59 @@ def _check_texts(texts: Sequence[str], what: str) -> list[str]:
     return texts
 
 
-def _mean_embedding(encode: EncodeFn, texts: list[str], batch_size: int, what: str) -> tuple[Tensor, Tensor | None]:
-    """Mean over ``texts`` of the host embeddings: ``((T, D) float64, (P,) float64 | None)``."""
+@dataclass(frozen=True)
+class MeanEmbedding:
+    """The mean over a sentence list of the host embeddings: ``embeds (T, D)`` float64, ``pooled (P,)`` float64
+    or None, and the encoder split the host reported (None if it reported none)."""
+
+    embeds: Tensor
+    pooled: Tensor | None
+    encoders: tuple[tuple[str, int], ...] | None = None
+
+
+class EmbeddingCache:
+    """Least-recently-used store of :class:`MeanEmbedding` per ``(encoder key, sentences)``, at most
+    ``max_entries`` entries (an SDXL entry is about 1.3 MB)."""
+
+    def __init__(self, max_entries: int = 16):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        self.max_entries = int(max_entries)
+        self._entries: OrderedDict[Hashable, MeanEmbedding] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Hashable) -> MeanEmbedding | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+        return entry
+
+    def put(self, key: Hashable, entry: MeanEmbedding) -> None:
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class _Counter:
+    """Sentences encoded so far, reported to ``progress``."""
+
+    def __init__(self, progress: ProgressFn | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def report(self, n: int = 0) -> None:
+        self.done += n
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def _mean_embedding(encode: EncodeFn, texts: list[str], batch_size: int, what: str, counter: _Counter) -> MeanEmbedding:
+    """Mean over ``texts`` of the host embeddings, encoding ``batch_size`` texts per call."""
     total = pooled_total = None
     for i in range(0, len(texts), batch_size):
         chunk = texts[i : i + batch_size]
@@ -182,8 +244,19 @@ def _mean_embedding(encode: EncodeFn, texts: list[str], batch_size: int, what: s
             pooled_total = p if pooled_total is None else pooled_total + p
         elif pooled_total is not None:
             raise ValueError("encode() returned a pooled output for some texts but not for others")
+        counter.report(len(chunk))
     n = len(texts)
-    return total / n, (pooled_total / n if pooled_total is not None else None)
+    enc = getattr(encode, "encoders", None)
+    return MeanEmbedding(
+        embeds=total / n,
+        pooled=pooled_total / n if pooled_total is not None else None,
+        encoders=tuple((str(k), int(w)) for k, w in enc) if enc is not None else None,
+    )
+
+
+def _cache_key(encode: EncodeFn, texts: list[str]) -> Hashable | None:
+    key = getattr(encode, "cache_key", None)
+    return None if key is None else (key, tuple(texts))
 
 
 def _split(delta: Tensor, encoders: tuple[tuple[str, int], ...]) -> dict[str, Tensor]:
@@ -202,27 +275,48 @@ def sentence_bank_direction(
     target: str = "",
     batch_size: int = 32,
     encoders: Sequence[tuple[str, int]] | None = None,
+    progress: ProgressFn | None = None,
+    cache: EmbeddingCache | None = None,
 ) -> EditDirection:
     """pix2pix-zero's sentence-bank direction: ``mean(encode(target)) - mean(encode(source))``, token-wise.
 
     Embeddings ``(N, 77, D)`` are averaged over sentences (float64 accumulation) at every position; the
     pooled delta is kept when ``encode`` returns pooled outputs. ``encode`` is called with at most
-    ``batch_size`` texts at a time. Raises ``ValueError`` for an empty sentence list.
+    ``batch_size`` texts at a time. ``progress(done, total)`` counts the sentences to encode (those not in
+    ``cache``); ``cache`` is used when ``encode`` has a ``cache_key``. Raises ``ValueError`` for an empty
+    sentence list.
     """
     src = _check_texts(source_sentences, "source sentence list")
     tgt = _check_texts(target_sentences, "target sentence list")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    mean_src, pooled_src = _mean_embedding(encode, src, batch_size, "source sentences")
-    mean_tgt, pooled_tgt = _mean_embedding(encode, tgt, batch_size, "target sentences")
-    if mean_src.shape != mean_tgt.shape:
+    sides = [(src, "source sentences"), (tgt, "target sentences")]
+    keys = [_cache_key(encode, texts) if cache is not None else None for texts, _ in sides]
+    means: list[MeanEmbedding | None] = [cache.get(k) if k is not None else None for k in keys]
+    counter = _Counter(progress, sum(len(texts) for (texts, _), m in zip(sides, means) if m is None))
+    counter.report()
+    for i, ((texts, what), key) in enumerate(zip(sides, keys)):
+        if means[i] is None:
+            means[i] = _mean_embedding(encode, texts, batch_size, what, counter)
+            if key is not None:
+                cache.put(key, means[i])
+    cached = len(src) + len(tgt) - counter.total
+    if cached:
+        logger.info("edit direction: %d of %d sentence embeddings taken from the cache", cached, len(src) + len(tgt))
+    mean_src, mean_tgt = means
+    if mean_src.embeds.shape != mean_tgt.embeds.shape:
         raise ValueError(
-            f"source and target embeddings differ in shape: {tuple(mean_src.shape)} vs {tuple(mean_tgt.shape)}"
+            f"source and target embeddings differ in shape: {tuple(mean_src.embeds.shape)} vs "
+            f"{tuple(mean_tgt.embeds.shape)}"
         )
-    enc = _resolve_encoders(encode, encoders, int(mean_src.shape[-1]))
-    pooled = (pooled_tgt - pooled_src).to(torch.float32) if pooled_src is not None and pooled_tgt is not None else None
+    if encoders is None and getattr(encode, "encoders", None) is None:
+        encoders = mean_src.encoders or mean_tgt.encoders
+    enc = _resolve_encoders(encode, encoders, int(mean_src.embeds.shape[-1]))
+    pooled = None
+    if mean_src.pooled is not None and mean_tgt.pooled is not None:
+        pooled = (mean_tgt.pooled - mean_src.pooled).to(torch.float32)
     d = EditDirection(
-        deltas=_split(mean_tgt - mean_src, enc),
+        deltas=_split(mean_tgt.embeds - mean_src.embeds, enc),
         pooled=pooled,
         source=source,
         target=target,

@@ -174,8 +174,10 @@ def test_blip_caption_one_per_image(blip_nodes, model_dirs):
     out = blip_nodes.ZeroConBLIPCaption.execute(
         blip=blip, image=images, prefix="a photography of", max_new_tokens=4, min_new_tokens=0, num_beams=2
     )
-    captions = out.args[0]
-    assert isinstance(captions, list) and len(captions) == 3
+    text = out.args[0]
+    assert isinstance(text, str) and out.ui.as_dict() == {"text": (text,)}
+    captions = text.split("\n")  # one line per image
+    assert len(captions) == 3
     vocab = set(tiny_clip.BLIP_WORDS[6:])
     for text in captions:
         words = text.split()
@@ -184,7 +186,7 @@ def test_blip_caption_one_per_image(blip_nodes, model_dirs):
     # The model is handed to ComfyUI's memory manager (so it can unload it).
     assert any(lm.model is blip.patcher for lm in mm.current_loaded_models)
     info = blip_nodes.ZeroConBLIPCaption.GET_NODE_INFO_V1()
-    assert info["output"] == ["STRING"] and info["output_is_list"] == [True]
+    assert info["output"] == ["STRING"] and info["output_is_list"] == [False]
 
 
 def test_blip_caption_empty_is_an_error(blip_nodes, model_dirs):
