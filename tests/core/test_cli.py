@@ -98,15 +98,6 @@ def write_png(path: Path, w: int = W, h: int = H) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     assert os.environ.get("HF_HUB_OFFLINE") == "1"

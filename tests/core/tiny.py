@@ -5,7 +5,6 @@ Builders are deterministic (seeded). Float64 models let tests compare against di
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -132,13 +131,26 @@ def tiny_denoiser(
     return (den, original) if keep_copy else den
 
 
-@contextlib.contextmanager
-def single_thread():
-    """Run torch single-threaded inside (restored after): tiny models gain nothing from intra-op threads,
-    and on a shared CPU those threads thrash (a 20x slowdown was measured on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` (Frobenius norms)."""
+    return float((a - b).norm() / b.norm())
+
+
+def f64(sched):
+    """Give a diffusers DDIM(-inverse) scheduler float64 alpha tables, so both sides do float64 arithmetic
+    on the same (float32-derived) alpha-bar values the denoiser's sigma table is built from."""
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    for attr in ("initial_alpha_cumprod", "final_alpha_cumprod"):
+        if hasattr(sched, attr):
+            setattr(sched, attr, torch.as_tensor(getattr(sched, attr)).double())
+    return sched
+
+
+def randn64(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Seeded standard-normal float64 values of ``shape``."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def rand_image(seed: int, b: int = 1, h: int = 32, w: int = 32) -> torch.Tensor:
+    """A seeded uniform-random float64 image batch ``(b, 3, h, w)`` in [0, 1]."""
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
