@@ -17,12 +17,14 @@ from zerocon_core.diffuseit import (
     DinoStyleGuidance,
     RangeGuidance,
     SemanticDivergenceGuidance,
-    cls_loss,
     diffuseit_guidance,
     diffuseit_sample,
+    posterior_step_scale,
+)
+from zerocon_core.diffuseit_losses import (
+    cls_loss,
     key_contrastive_loss,
     pixel_mse_loss,
-    posterior_step_scale,
     range_loss,
     self_similarity_loss,
     semantic_divergence_loss,

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerocon_core.diffuseit import (
+from zerocon_core.diffuseit_losses import (
     cls_loss,
     key_contrastive_loss,
     pixel_mse_loss,

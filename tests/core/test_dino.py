@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zerocon_core import dino
-from zerocon_core.diffuseit import self_similarity_loss
+from zerocon_core.diffuseit_losses import self_similarity_loss
 from zerocon_core.dino import dino_features
 
 from .tiny import rand_image
