@@ -15,7 +15,7 @@ SUPPORTED = "SD1.x, SD2.x (eps or v-prediction) and SDXL"
 
 #: Guidance step-size factor per prediction type. pix2pix-zero's cross-attention step is 0.1 for
 #: SD1.x (eps); its authors advise 0.01 or less for v-prediction models (gradient explosion):
-#: research/method-zerocon.md §3.4.
+#: docs/method.md §5.
 GUIDANCE_SCALE = {"eps": 1.0, "v": 0.1}
 
 
@@ -38,7 +38,7 @@ class ModelFamily:
 
     @property
     def default_cross_attention_weight(self) -> float:
-        """0.1 for eps-prediction models, 0.01 for v-prediction (method-zerocon.md §3.4)."""
+        """0.1 for eps-prediction models, 0.01 for v-prediction (docs/method.md §5)."""
         return 0.1 * self.guidance_scale
 
     def __str__(self) -> str:

@@ -7,7 +7,7 @@ latent.
 Weights: a negative weight (the default, -1) means **auto**, resolved by the sampler once the model is
 known: the term's default step (cross-attention 0.1, PatchNCE 0.5) for eps-prediction models (SD1.x,
 SD2-base, SDXL) and a tenth of it for v-prediction models (SD2-768-v), whose gradients are about ten times
-larger (pix2pix-zero advises 0.01 or less for SD2: research/method-zerocon.md §3.4). Weight 0 disables a
+larger (pix2pix-zero advises 0.01 or less for SD2: docs/method.md §5). Weight 0 disables a
 term; any positive value is used as given.
 """
 

@@ -1,7 +1,7 @@
 """DiffuseIT (Kwon & Ye, ICLR 2023) ported to latent diffusion: guidance terms and the sampler entry point.
 
 The losses themselves are pure functions in ``diffuseit_losses``; the start level and resampling constants
-in ``diffuseit_start``; the method and its port are described in docs/method.md §7-§9. Text-guided
+in ``diffuseit_start``; the method and its port are described in docs/method.md §8-§9. Text-guided
 DiffuseIT on Stable Diffusion needs no CLIP loss: the target prompt conditions the model and the structure
 losses keep the content.
 
@@ -82,7 +82,7 @@ def posterior_step_scale(sigma: Tensor | float, sigma_next: Tensor | float) -> f
     """The VP beta of the step ``sigma -> sigma_next``: ``1 - a(now)/a(next) = (σ² - σ_next²) / (1 + σ²)``.
 
     DiffuseIT's guidance step is the posterior variance ``Σ_t``, bounded by this beta of its respaced
-    schedule (§3.1): large at the noisy start, vanishing at the end.
+    schedule (docs/method.md §9): large at the noisy start, vanishing at the end.
     """
     s, sn = float(sigma), float(sigma_next)
     return max(s * s - sn * sn, 0.0) / (1.0 + s * s)
@@ -171,7 +171,7 @@ class _DinoTerm(_DecodedTerm):
     """A decoded-image term with DINO features. ``dino``: a transformers ViTModel (``dino.load_dino``);
     ``dino_size`` / ``dino_max_size``: DINO's resize (short side, long-side cap; DiffuseIT 224 / 480);
     ``noise_blend``: evaluate on DiffuseIT's noise-blended estimate instead of the clean prediction (its
-    ``--use_noise_aug_all``; off by default: §8.1 computes the losses on the decoded clean prediction)."""
+    ``--use_noise_aug_all``; off by default: docs/method.md §9)."""
 
     dino: Any = field(default=None, compare=False, repr=False)
     dino_size: int = DINO_SIZE
@@ -234,7 +234,7 @@ class _SourceTerm(_DinoTerm):
 @dataclass(frozen=True)
 class DinoStructureGuidance(_SourceTerm):
     """DiffuseIT's structure loss: ``lambda_ssim * ℓ_ssim + lambda_cont * ℓ_cont`` on the DINO keys of the
-    decoded prediction against the source image's (method-diffuseit.md §4.2-4.3; weights 1000 and 200 as
+    decoded prediction against the source image's (docs/method.md §8; weights 1000 and 200 as
     its code, tau 0.07). ``weight`` is a global multiplier (our choice 1; UNVERIFIED in latent space).
     """
 
@@ -265,7 +265,7 @@ class DinoStructureGuidance(_SourceTerm):
 class DinoStyleGuidance(_DinoTerm):
     """DiffuseIT's image-guided style loss: ``lambda_cls * ℓ_CLS + lambda_pixel * ℓ_pixel``: the decoded
     prediction's DINO [CLS] toward the reference image's, plus a weak pixel MSE toward the reference resized
-    to the output (§4.6; weights 2000 and 3000 as its code; ``lambda_pixel`` 0 turns the MSE off).
+    to the output (docs/method.md §8; weights 2000 and 3000 as its code; ``lambda_pixel`` 0 turns the MSE off).
 
     ``reference`` ``(1 or B, 3, H, W)`` in [0, 1], any size (DINO resizes it; a batch of 1 is shared).
     """
@@ -300,8 +300,8 @@ class DinoStyleGuidance(_DinoTerm):
 
 @dataclass(frozen=True)
 class SemanticDivergenceGuidance(_SourceTerm):
-    """DiffuseIT's ``ℓ_sem`` (§4.5): pushes the decoded prediction's [CLS] away from the previous guidance
-    call's (the source image's at the first call; resampling repeats count as calls). Active while
+    """DiffuseIT's ``ℓ_sem`` (docs/method.md §8-§9): pushes the decoded prediction's [CLS] away from the
+    previous guidance call's (the source image's at the first call; resampling repeats count as calls). Active while
     ``sigma > min_sigma``: DiffuseIT's ``diff_iter`` gate at the same noise level (ADM t = 505, sigma 3.54;
     SD t = 715). Weight ``lambda_sem`` 100 as its code; ``weight`` is the global multiplier.
     """
@@ -329,7 +329,7 @@ class SemanticDivergenceGuidance(_SourceTerm):
 
 @dataclass(frozen=True)
 class RangeGuidance(_DecodedTerm):
-    """DiffuseIT's ``ℓ_rng`` (§4.7): penalises decoded pixels of the clean prediction outside [0, 1]
+    """DiffuseIT's ``ℓ_rng`` (docs/method.md §8): penalises decoded pixels of the clean prediction outside [0, 1]
     (its [-1, 1] units); ``lambda_range`` 200 as its code; ``weight`` is the global multiplier."""
 
     weight: float = 1.0

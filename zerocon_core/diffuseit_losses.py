@@ -1,4 +1,4 @@
-"""DiffuseIT's losses (Kwon & Ye, ICLR 2023) as pure functions of DINO tokens and images (docs/method.md §7).
+"""DiffuseIT's losses (Kwon & Ye, ICLR 2023) as pure functions of DINO tokens and images (docs/method.md §8).
 
 They follow the official code (``cyclomon/DiffuseIT``): structure from DINO ViT-B/8 last-block *keys*, their
 cosine self-similarity (``ℓ_ssim``) and a patch-contrastive loss against the source's keys (``ℓ_cont``);

@@ -91,7 +91,7 @@ def guided_ddim_sample(
     - A step whose gradient is not finite is skipped (logged; listed in ``SampleResult.skipped``).
     - ``callback(i, n, x, x0)`` after each step; ``check_interrupt()`` before each (it raises to stop).
     - The reference branch runs only while an active term requests captures (or with ``keep_reference``).
-    - ``resample`` N > 1: DiffuseIT's first-step resampling (method-diffuseit.md §5.1): the first step
+    - ``resample`` N > 1: DiffuseIT's first-step resampling (docs/method.md §9): the first step
       (guidance + DDIM step) is done N times, each but the last followed by an exact re-noise from
       ``sigmas[1]`` back to ``sigmas[0]`` with fresh noise (seeded by ``seed``). N = 1: plain sampling.
     """

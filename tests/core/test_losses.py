@@ -1,7 +1,7 @@
 """zerocon_core.losses against independent float64 (numpy) formulas written here, plus gradchecks.
 
 References: pix2pix-zero ``edit_pipeline.py`` (cross-attention loss), ``ddim_inv.py`` (auto-correlation,
-KL); CUT ``models/patchnce.py`` (PatchNCE). See method-zerocon.md §2.2, §3.3, §4.1.
+KL); CUT ``models/patchnce.py`` (PatchNCE). See docs/method.md §3, §5, §6.
 """
 
 from __future__ import annotations
