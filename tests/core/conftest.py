@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from .tiny import tiny_denoiser
+from .tiny import tiny_denoiser, write_png
 
 #: Our prediction-type names -> diffusers' ``prediction_type``.
 PTYPES = {"eps": "epsilon", "v": "v_prediction"}
@@ -35,3 +37,9 @@ def pair(request):
     ref.requires_grad_(False)
     assert den.prediction_type == request.param
     return den, ref, ptype
+
+
+@pytest.fixture()
+def png(tmp_path) -> Path:
+    """A 44x36 RGB gradient PNG (``tiny.write_png``): not a multiple of 8."""
+    return write_png(tmp_path / "in.png")

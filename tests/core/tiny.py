@@ -6,7 +6,9 @@ Builders are deterministic (seeded). Float64 models let tests compare against di
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond
@@ -154,3 +156,36 @@ def randn64(*shape: int, seed: int = 0) -> torch.Tensor:
 def rand_image(seed: int, b: int = 1, h: int = 32, w: int = 32) -> torch.Tensor:
     """A seeded uniform-random float64 image batch ``(b, 3, h, w)`` in [0, 1]."""
     return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def tiny_vae(seed: int = 0):
+    """A random 4-level (x8) AutoencoderKL with SD's scaling factor."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.18215,
+    ).eval()
+
+
+#: Size of the test PNG (W x H): not a multiple of 8.
+PNG_W, PNG_H = 44, 36
+
+
+def write_png(path: Path, w: int = PNG_W, h: int = PNG_H) -> Path:
+    """A ``w`` x ``h`` RGB gradient PNG at ``path`` (default 44x36: not a multiple of 8)."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(arr, "RGB").save(path)
+    return path
