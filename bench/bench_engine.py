@@ -44,6 +44,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.core.tiny import tiny_unet_config  # noqa: E402
 from zerocon_core.denoiser import CaptureRequest  # noqa: E402
 from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond  # noqa: E402
 from zerocon_core.guidance import StepContext  # noqa: E402
@@ -87,18 +88,7 @@ SD15_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
 )
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+TINY_UNET = tiny_unet_config()  # the core tests' tiny UNet (tests/core/tiny.py)
 TINY_VAE = dict(
     in_channels=3,
     out_channels=3,

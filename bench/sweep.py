@@ -9,7 +9,7 @@ For every manifest image, the caption, edit direction, conditionings, VAE latent
 computed **once**; then the guided sampler runs for every ``(xa weight, nce weight)`` of the grid and each
 result is scored with ``zerocon_core.metrics`` against the source image. A ``reconstruction`` row (the
 reference branch: plain DDIM reconstruction with the caption, no edit) is scored too, as the no-edit
-anchor of the trade-off.
+anchor of the trade-off (always include an identity row).
 
 Manifest (CSV or JSONL, paths relative to it): ``source`` (image), ``source_text`` (the caption used for
 inversion, and the CLIP source text), ``target_text``; optional ``id``, ``mask`` (edited region > 0;

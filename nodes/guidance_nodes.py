@@ -7,8 +7,9 @@ latent.
 Weights: a negative weight (the default, -1) means **auto**, resolved by the sampler once the model is
 known, by the engine's one rule (``zerocon_core.auto_weights``, shared with the pipeline and the CLI): the
 term's default step (cross-attention 0.1, PatchNCE 0.5) for eps-prediction models (SD1.x, SD2-base, SDXL)
-and a tenth of it for v-prediction models (SD2-768-v), whose gradients are about ten times larger. Weight
-0 disables a term; any positive value is used as given.
+and a tenth of it for v-prediction models (SD2-768-v), whose gradients are about ten times larger
+(pix2pix-zero advises 0.01 or less for SD2: docs/method.md §5). Weight 0 disables a term; any positive
+value is used as given.
 """
 
 from __future__ import annotations

@@ -51,16 +51,13 @@ class InversionData:
 
     ``latent``: x_T as a LATENT tensor (VAE scale, like every LATENT), CPU. ``sigmas``: the descending
     DDIM grid to sample back with (ComfyUI ``ddim_uniform``, ``steps + 1`` levels ending at 0), CPU.
-    ``source`` / ``negative`` / ``cfg``: the conditioning the inversion used. ``family``: the model family
-    name; ``model_key``: identity of the inverted model's weights (a mismatch is only warned about).
+    ``source``: the conditioning the inversion used (the sampler's default source). ``family``: the model
+    family name; ``model_key``: identity of the inverted model's weights (a mismatch is only warned about).
     """
 
     latent: torch.Tensor
     sigmas: torch.Tensor
-    steps: int
     source: Any
-    negative: Any = None
-    cfg: float = 1.0
     family: str = ""
     prediction_type: str = "eps"
     model_key: int = 0
@@ -454,10 +451,7 @@ class ZeroConDDIMInversion(io.ComfyNode):
         data = InversionData(
             latent=x_t,
             sigmas=sampling,
-            steps=int(steps),
             source=conditioning,
-            negative=negative,
-            cfg=float(cfg),
             family=family.name,
             prediction_type=family.prediction_type,
             model_key=id(model.model),

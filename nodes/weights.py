@@ -2,7 +2,7 @@
 
 ComfyUI runs every prompt under ``torch.inference_mode()``, so the weights its loaders create are
 *inference tensors*: autograd refuses to save them for backward ("Inference tensors cannot be saved for
-backward"), which breaks any gradient w.r.t. the latent (research/comfyui.md §4).
+backward"), which breaks any gradient w.r.t. the latent.
 
 ``autograd_weights(modules)`` fixes that for the duration of a ``with`` block: inside
 ``torch.inference_mode(False)`` it replaces every inference-tensor parameter and buffer of the given

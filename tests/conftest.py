@@ -9,11 +9,3 @@ runs inside that environment with ``ZEROCON_IN_COMFYUI=1``; from the pack's envi
 import os
 
 collect_ignore = [] if os.environ.get("ZEROCON_IN_COMFYUI") == "1" else ["comfyui"]
-
-# Tiny test models run several times faster on one thread than on a contended pool (2-core CI machine).
-try:
-    import torch
-
-    torch.set_num_threads(1)
-except ImportError:  # pragma: no cover
-    pass

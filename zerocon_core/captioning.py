@@ -1,4 +1,4 @@
-"""BLIP image captioning (the source prompt of pix2pix-zero / zeroCon; method-zerocon.md §1.1 step 2).
+"""BLIP image captioning (the source prompt of pix2pix-zero / zeroCon; docs/method.md §4).
 
 Weights are loaded only from a local folder in transformers ``save_pretrained`` layout (e.g.
 ``ComfyUI/models/blip/blip-image-captioning-base``); nothing is downloaded here. transformers is imported

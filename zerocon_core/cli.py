@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m zerocon_core", description="ZeroCon: training-free image translation."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    # options every subcommand takes (a later `eval` subcommand reuses this parent)
+    # options every subcommand takes (`edit` here, `eval` from zerocon_core.evaluate)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v: tracebacks, -vv: debug)")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")

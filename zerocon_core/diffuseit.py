@@ -1,22 +1,13 @@
-"""DiffuseIT (Kwon & Ye, ICLR 2023) ported to latent diffusion: losses and guidance terms.
+"""DiffuseIT (Kwon & Ye, ICLR 2023) ported to latent diffusion: guidance terms and the sampler entry point.
 
-Source: method-diffuseit.md (§4 the losses as the official code ``cyclomon/DiffuseIT`` implements them,
-§8 the port). Structure is kept by DINO ViT-B/8 last-block *keys* of the decoded prediction: their cosine
-self-similarity (``ℓ_ssim``) and a patch-contrastive loss against the source's keys (``ℓ_cont``); style
-comes from a reference image's DINO [CLS] token (plus an optional pixel MSE); a semantic-divergence loss
-pushes the [CLS] away from the previous step's during the first, noisiest steps; a range loss keeps the
-decoded pixels in range. Text-guided DiffuseIT on Stable Diffusion needs no CLIP loss: the target prompt
-conditions the model and the structure losses keep the content (§8.2d).
-
-Images are ``(B, 3, H, W)`` in [0, 1] unless said otherwise; pixel losses are computed in DiffuseIT's
-[-1, 1] units (``2 * image - 1``) so that its weights keep their meaning. Losses are per image and
-**summed over the batch** (DiffuseIT sums ℓ_ssim, ℓ_sem, the [CLS] and range losses over the batch and
-averages ℓ_cont and the pixel MSE; all agree at its batch size of 1; summing everywhere keeps each image's
-update independent of the batch size: our choice).
+The losses themselves are pure functions in ``diffuseit_losses``; the start level and resampling constants
+in ``diffuseit_start``; the method and its port are described in docs/method.md §8-§9. Text-guided
+DiffuseIT on Stable Diffusion needs no CLIP loss: the target prompt conditions the model and the structure
+losses keep the content.
 
 The guidance terms decode ``StepContext.x0`` (the differentiable predicted clean latent, in the model's
 latent space) with a host-supplied ``decode`` callable, so the gradient goes through the decoder, DINO and
-the UNet to the latent: DiffuseIT's "manifold constrained" gradient (§3.1). Several terms at one step share
+the UNet to the latent: DiffuseIT's "manifold constrained" gradient. Several terms at one step share
 one decode and one DINO forward (cached in ``StepContext.state``); the source's and reference's features
 are computed once (no grad) and kept by the term.
 
@@ -25,9 +16,9 @@ variance, about the respaced beta. With ``posterior_scale`` (default) a term mul
 VP beta of the step it guides, ``1 - a(now)/a(next) = (σ² - σ_next²) / (1 + σ²)``, so the sampler's "raw"
 step ``z <- z - w ∇_z L`` is DiffuseIT's update ``β_t λ ∇ ℓ`` (applied to z_t before the DDIM step rather
 than to the posterior mean after it) with weights ``λ`` as in its code: ssim 1000, cont 200, [CLS] 2000,
-pixel 3000, sem 100, range 200 (§4.8, §6). The ratios are DiffuseIT's; the global
-multiplier (``weight``, default 1) is **our choice, UNVERIFIED in latent space** (the latent-to-pixel
-Jacobian of the VAE differs from ADM's identity): tune it, or use the sampler's "normalized" step mode.
+pixel 3000, sem 100, range 200. The ratios are DiffuseIT's; the global multiplier (``weight``, default 1)
+is **our choice, UNVERIFIED in latent space** (the latent-to-pixel Jacobian of the VAE differs from ADM's
+identity): tune it, or use the sampler's "normalized" step mode.
 """
 
 from __future__ import annotations
@@ -37,11 +28,22 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .diffuseit_losses import (
+    TAU,
+    broadcast_batch,
+    check_images,
+    cls_loss,
+    key_contrastive_loss,
+    pixel_mse_loss,
+    range_loss,
+    resize_to,
+    self_similarity_loss,
+    semantic_divergence_loss,
+)
 from .diffuseit_start import DIFFUSEIT_RESAMPLE, DIFFUSEIT_SEM_SIGMA, noised_start
-from .dino import DINO_MAX_SIZE, DINO_SIZE, DinoFeatures, dino_features, key_self_similarity
+from .dino import DINO_MAX_SIZE, DINO_SIZE, DinoFeatures, dino_features
 from .guidance import GuidanceTerm, StepContext
 from .log import logger
 from .sampler import SampleResult, SamplerSettings, guided_ddim_sample
@@ -53,163 +55,35 @@ __all__ = [
     "LAMBDA_RANGE",
     "LAMBDA_SEM",
     "LAMBDA_SSIM",
-    "TAU",
     "DinoStructureGuidance",
     "DinoStyleGuidance",
     "RangeGuidance",
     "SemanticDivergenceGuidance",
-    "cls_loss",
     "diffuseit_guidance",
     "diffuseit_sample",
-    "key_contrastive_loss",
-    "pixel_mse_loss",
     "posterior_step_scale",
-    "range_loss",
-    "self_similarity_loss",
-    "semantic_divergence_loss",
 ]
 
-#: DiffuseIT's code defaults (method-diffuseit.md §4.8, §6): ``--lambda_ssim``, ``--lambda_contra_ssim``,
-#: ``--lambda_trg``, ``--l2_trg_lambda``, ``--lambda_dir_cls``, ``--range_lambda``; InfoNCE temperature.
+#: DiffuseIT's code defaults (docs/method.md §9): ``--lambda_ssim``, ``--lambda_contra_ssim``, ``--lambda_trg``,
+#: ``--l2_trg_lambda``, ``--lambda_dir_cls``, ``--range_lambda``.
 LAMBDA_SSIM = 1000.0
 LAMBDA_CONT = 200.0
 LAMBDA_CLS = 2000.0
 LAMBDA_PIXEL = 3000.0
 LAMBDA_SEM = 100.0
 LAMBDA_RANGE = 200.0
-TAU = 0.07
 
 Decode = Callable[[Tensor], Tensor]
 
 
-# -- pure losses ----------------------------------------------------------------------------------------
-
-
-def _f(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float64 else t.float()
-
-
-def _batched(target: Tensor, batch: int, what: str) -> Tensor:
-    """``target`` with a leading batch of 1 (broadcast) or ``batch``; a clear ``ValueError`` otherwise."""
-    if target.shape[0] not in (1, batch):
-        raise ValueError(
-            f"batch mismatch: {batch} image(s) to guide but the {what} has batch {target.shape[0]}; "
-            f"give one {what} (shared by the batch) or {batch} (one per image)"
-        )
-    return target.expand(batch, *target.shape[1:]) if target.shape[0] == 1 else target
-
-
-def _check_tokens(keys: Tensor, source_keys: Tensor) -> None:
-    if keys.ndim != 3 or source_keys.ndim != 3:
-        raise ValueError(f"keys must be (B, tokens, D), got {tuple(keys.shape)} and {tuple(source_keys.shape)}")
-    if keys.shape[1:] != source_keys.shape[1:]:
-        raise ValueError(
-            f"DINO keys differ in tokens/width: {tuple(keys.shape[1:])} vs source {tuple(source_keys.shape[1:])} "
-            "(images of different aspect ratios give different patch grids)"
-        )
-
-
-def self_similarity_loss(keys: Tensor, source_keys: Tensor) -> Tensor:
-    """DiffuseIT's ``ℓ_ssim`` (``calculate_global_ssim_loss``): per image, the mean over all token pairs of
-    ``(S(keys) - S(source))²`` with ``S`` the cosine self-similarity ``(T, T)`` ([CLS] included); summed over
-    the batch. ``keys`` ``(B, T, D)``; ``source_keys`` ``(1 or B, T, D)``, detached. 0 for identical keys.
-    """
-    _check_tokens(keys, source_keys)
-    src = _batched(source_keys, keys.shape[0], "source").detach()
-    s = key_self_similarity(_f(keys))
-    t = key_self_similarity(_f(src))
-    return (s - t).pow(2).mean(dim=(-2, -1)).sum()
-
-
-def key_contrastive_loss(keys: Tensor, source_keys: Tensor, tau: float = TAU) -> Tensor:
-    """DiffuseIT's ``ℓ_cont`` (``contra_loss.PatchLoss``): InfoNCE over all tokens.
-
-    For token ``a`` of the output, the positive logit is ``cos(q_a, k_a)`` with the source's token at the same
-    place and the negatives are ``cos(q_a, k_b)``, ``b != a``, over the source's other tokens ([CLS]
-    included); logits / ``tau``; cross-entropy with the positive as target, averaged over tokens; summed over
-    the batch. About ``ln(T)`` at chance (6.67 for 785 tokens). The source side is detached.
-    """
-    if tau <= 0:
-        raise ValueError(f"the contrastive temperature must be > 0, got {tau}")
-    _check_tokens(keys, source_keys)
-    b, t, _ = keys.shape
-    q = F.normalize(_f(keys), dim=-1, eps=1e-12)
-    k = F.normalize(_f(_batched(source_keys, b, "source")).detach(), dim=-1, eps=1e-12)
-    sim = torch.bmm(q, k.transpose(1, 2))  # (B, T, T): sim[a, b] = cos(q_a, k_b)
-    l_pos = sim.diagonal(dim1=1, dim2=2).unsqueeze(-1)  # (B, T, 1)
-    eye = torch.eye(t, dtype=torch.bool, device=q.device)[None]
-    l_neg = sim.masked_fill(eye, -10.0)  # DiffuseIT/CUT mask the diagonal before dividing by tau
-    logits = torch.cat([l_pos, l_neg], dim=-1) / tau  # (B, T, 1 + T)
-    target = torch.zeros(b * t, dtype=torch.long, device=q.device)
-    per_token = F.cross_entropy(logits.reshape(b * t, 1 + t), target, reduction="none")
-    return per_token.reshape(b, t).mean(dim=1).sum()
-
-
-def cls_loss(cls: Tensor, target_cls: Tensor) -> Tensor:
-    """DiffuseIT's [CLS] style loss (``calculate_target_loss``): ``mean_d (cls - target)²`` per image, summed.
-
-    ``cls`` ``(B, D)``; ``target_cls`` ``(1 or B, D)``, detached (the reference image's [CLS]).
-    """
-    if cls.ndim != 2 or target_cls.ndim != 2 or cls.shape[1] != target_cls.shape[1]:
-        raise ValueError(
-            f"[CLS] tokens must be (B, D) of the same width, got {tuple(cls.shape)} and {tuple(target_cls.shape)}"
-        )
-    tgt = _batched(target_cls, cls.shape[0], "reference").detach()
-    return (_f(cls) - _f(tgt)).pow(2).mean(dim=1).sum()
-
-
-def semantic_divergence_loss(cls: Tensor, prev_cls: Tensor) -> Tensor:
-    """DiffuseIT's ``ℓ_sem`` (``calculate_dir_cls_loss``): ``-mean_d (cls - prev)²`` per image, summed.
-
-    ``prev_cls`` ``(1 or B, D)``: the previous guidance call's [CLS] (the source's at the first call), detached.
-    Minimising it pushes the [CLS] *away* from where it was.
-    """
-    if cls.ndim != 2 or prev_cls.ndim != 2 or cls.shape[1] != prev_cls.shape[1]:
-        raise ValueError(
-            f"[CLS] tokens must be (B, D) of the same width, got {tuple(cls.shape)} and {tuple(prev_cls.shape)}"
-        )
-    prev = _batched(prev_cls, cls.shape[0], "previous [CLS]").detach()
-    return -(_f(cls) - _f(prev)).pow(2).mean(dim=1).sum()
-
-
-def _resize_to(images: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    return F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
-
-
-def _check_images(images: Tensor, what: str) -> None:
-    if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
-        shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
-        raise ValueError(f"the {what} must be images shaped (B, 3, H, W) in [0, 1], got {shape}")
-    if not torch.isfinite(images).all():
-        raise ValueError(f"the {what} contains NaN or Inf")
-
-
-def pixel_mse_loss(images: Tensor, target: Tensor) -> Tensor:
-    """DiffuseIT's weak pixel MSE toward the style image: per image ``mean((x - y)²)`` in [-1, 1] units
-    (``x = 2 * image - 1``), summed over the batch. ``target`` ``(1 or B, 3, H', W')`` in [0, 1] is resized
-    (bilinear, antialiased) to the images' size and detached.
-    """
-    _check_images(images, "images")
-    _check_images(target, "reference")
-    tgt = _batched(_resize_to(_f(target.detach()), tuple(images.shape[-2:])), images.shape[0], "reference")
-    return (2.0 * (_f(images) - tgt)).pow(2).mean(dim=(1, 2, 3)).sum()
-
-
-def range_loss(images: Tensor) -> Tensor:
-    """DiffuseIT's ``ℓ_rng``: per image ``mean((x - clamp(x, -1, 1))²)`` with ``x = 2 * image - 1``, summed."""
-    if images.ndim != 4:
-        raise ValueError(f"images must be (B, C, H, W), got {tuple(images.shape)}")
-    x = 2.0 * _f(images) - 1.0
-    return (x - x.clamp(-1.0, 1.0)).pow(2).mean(dim=(1, 2, 3)).sum()
+# -- step size ------------------------------------------------------------------------------------------
 
 
 def posterior_step_scale(sigma: Tensor | float, sigma_next: Tensor | float) -> float:
     """The VP beta of the step ``sigma -> sigma_next``: ``1 - a(now)/a(next) = (σ² - σ_next²) / (1 + σ²)``.
 
     DiffuseIT's guidance step is the posterior variance ``Σ_t``, bounded by this beta of its respaced
-    schedule (§3.1): large at the noisy start, vanishing at the end.
+    schedule (docs/method.md §9): large at the noisy start, vanishing at the end.
     """
     s, sn = float(sigma), float(sigma_next)
     return max(s * s - sn * sn, 0.0) / (1.0 + s * s)
@@ -298,7 +172,7 @@ class _DinoTerm(_DecodedTerm):
     """A decoded-image term with DINO features. ``dino``: a transformers ViTModel (``dino.load_dino``);
     ``dino_size`` / ``dino_max_size``: DINO's resize (short side, long-side cap; DiffuseIT 224 / 480);
     ``noise_blend``: evaluate on DiffuseIT's noise-blended estimate instead of the clean prediction (its
-    ``--use_noise_aug_all``; off by default: §8.1 computes the losses on the decoded clean prediction)."""
+    ``--use_noise_aug_all``; off by default: docs/method.md §9)."""
 
     dino: Any = field(default=None, compare=False, repr=False)
     dino_size: int = DINO_SIZE
@@ -333,7 +207,7 @@ class _DinoTerm(_DecodedTerm):
             with torch.no_grad(), self._session():
                 img = images.to(device=param.device)
                 if size is not None:
-                    img = _resize_to(img.float() if img.dtype in (torch.float16, torch.bfloat16) else img, size)
+                    img = resize_to(img.float() if img.dtype in (torch.float16, torch.bfloat16) else img, size)
                 hit = dino_features(self.dino, img, self.dino_size, self.dino_max_size)
                 hit = DinoFeatures(keys=hit.keys.detach(), cls=hit.cls.detach(), grid=hit.grid)
             self._cache[key] = hit
@@ -351,17 +225,17 @@ class _SourceTerm(_DinoTerm):
         super().__post_init__()
         if self.source is None:
             raise ValueError(f"{type(self).__name__} needs the source image (B, 3, H, W) in [0, 1]")
-        _check_images(self.source, "source image")
+        check_images(self.source, "source image")
 
     def _source(self, image: Tensor) -> DinoFeatures:
-        _batched(self.source, image.shape[0], "source image")
+        broadcast_batch(self.source, image.shape[0], "source image")
         return self._fixed("source", self.source, tuple(image.shape[-2:]))
 
 
 @dataclass(frozen=True)
 class DinoStructureGuidance(_SourceTerm):
     """DiffuseIT's structure loss: ``lambda_ssim * ℓ_ssim + lambda_cont * ℓ_cont`` on the DINO keys of the
-    decoded prediction against the source image's (method-diffuseit.md §4.2-4.3; weights 1000 and 200 as
+    decoded prediction against the source image's (docs/method.md §8; weights 1000 and 200 as
     its code, tau 0.07). ``weight`` is a global multiplier (our choice 1; UNVERIFIED in latent space).
     """
 
@@ -392,7 +266,7 @@ class DinoStructureGuidance(_SourceTerm):
 class DinoStyleGuidance(_DinoTerm):
     """DiffuseIT's image-guided style loss: ``lambda_cls * ℓ_CLS + lambda_pixel * ℓ_pixel``: the decoded
     prediction's DINO [CLS] toward the reference image's, plus a weak pixel MSE toward the reference resized
-    to the output (§4.6; weights 2000 and 3000 as its code; ``lambda_pixel`` 0 turns the MSE off).
+    to the output (docs/method.md §8; weights 2000 and 3000 as its code; ``lambda_pixel`` 0 turns the MSE off).
 
     ``reference`` ``(1 or B, 3, H, W)`` in [0, 1], any size (DINO resizes it; a batch of 1 is shared).
     """
@@ -406,7 +280,7 @@ class DinoStyleGuidance(_DinoTerm):
         super().__post_init__()
         if self.reference is None:
             raise ValueError("DinoStyleGuidance needs a reference image (B, 3, H, W) in [0, 1]")
-        _check_images(self.reference, "reference image")
+        check_images(self.reference, "reference image")
         if self.lambda_cls < 0 or self.lambda_pixel < 0:
             raise ValueError("lambda_cls and lambda_pixel must be >= 0")
 
@@ -416,7 +290,7 @@ class DinoStyleGuidance(_DinoTerm):
 
     def loss(self, ctx: StepContext, request) -> Tensor:
         image, feats = self._features(ctx)
-        _batched(self.reference, image.shape[0], "reference image")
+        broadcast_batch(self.reference, image.shape[0], "reference image")
         total = ctx.x.new_zeros((), dtype=torch.float64 if ctx.x.dtype == torch.float64 else torch.float32)
         if self.lambda_cls:
             total = total + self.lambda_cls * cls_loss(feats.cls, self.reference_cls())
@@ -427,8 +301,8 @@ class DinoStyleGuidance(_DinoTerm):
 
 @dataclass(frozen=True)
 class SemanticDivergenceGuidance(_SourceTerm):
-    """DiffuseIT's ``ℓ_sem`` (§4.5): pushes the decoded prediction's [CLS] away from the previous guidance
-    call's (the source image's at the first call; resampling repeats count as calls). Active while
+    """DiffuseIT's ``ℓ_sem`` (docs/method.md §8-§9): pushes the decoded prediction's [CLS] away from the
+    previous guidance call's (the source image's at the first call; resampling repeats count as calls). Active while
     ``sigma > min_sigma``: DiffuseIT's ``diff_iter`` gate at the same noise level (ADM t = 505, sigma 3.54;
     SD t = 715). Weight ``lambda_sem`` 100 as its code; ``weight`` is the global multiplier.
     """
@@ -456,7 +330,7 @@ class SemanticDivergenceGuidance(_SourceTerm):
 
 @dataclass(frozen=True)
 class RangeGuidance(_DecodedTerm):
-    """DiffuseIT's ``ℓ_rng`` (§4.7): penalises decoded pixels of the clean prediction outside [0, 1]
+    """DiffuseIT's ``ℓ_rng`` (docs/method.md §8): penalises decoded pixels of the clean prediction outside [0, 1]
     (its [-1, 1] units); ``lambda_range`` 200 as its code; ``weight`` is the global multiplier."""
 
     weight: float = 1.0

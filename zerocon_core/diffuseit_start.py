@@ -1,4 +1,4 @@
-"""DiffuseIT's start and first-step resampling, in sigma space (method-diffuseit.md §2.2, §5.1, §8.2c).
+"""DiffuseIT's start and first-step resampling, in sigma space (docs/method.md §9).
 
 DiffuseIT does not invert the source: it forward-noises the clean latent to a fixed noise level with fresh
 Gaussian noise (SDEdit-style) and samples down from there. What must carry over from its pixel-space ADM
@@ -24,7 +24,7 @@ from .log import logger
 DIFFUSEIT_START_SIGMA = 5.985
 #: DiffuseIT's semantic-divergence gate (``diff_iter``): ADM t = 505 (alpha_bar 0.0739); active above it.
 DIFFUSEIT_SEM_SIGMA = 3.539
-#: DiffuseIT repeats its first reverse step 10 times (hard-coded ``range(10)``), §5.1.
+#: DiffuseIT repeats its first reverse step 10 times (hard-coded ``range(10)``), docs/method.md §9.
 DIFFUSEIT_RESAMPLE = 10
 
 
@@ -82,7 +82,7 @@ def renoise(x: Tensor, sigma_from: Tensor | float, sigma_to: Tensor | float, gen
     """Exact forward transition from level ``sigma_from`` up to ``sigma_to`` (>= it): ``x + sqrt(to^2 - from^2) * eps``.
 
     In VP terms ``z_to = sqrt(a_to / a_from) z_from + sqrt(1 - a_to / a_from) eps``: DiffuseIT's one-step
-    re-noise between resampling iterations (§5.1; the original uses the respaced beta of the *next* index,
+    re-noise between resampling iterations (docs/method.md §9; the original uses the respaced beta of the *next* index,
     an off-by-one; we use the exact transition). ``eps`` is drawn on the CPU from ``generator``.
     """
     sf, st = float(sigma_from), float(sigma_to)

@@ -4,7 +4,7 @@ The model is a transformers ``ViTModel`` in ``save_pretrained`` layout of ``face
 12 blocks, 12 heads, 768 dims), loaded only from a local folder: nothing is downloaded here, and
 transformers is imported lazily.
 
-What DiffuseIT / Splice / PIE-Bench take from it (method-diffuseit.md §4.1):
+What DiffuseIT / Splice / PIE-Bench take from it (docs/method.md §8):
 
 - preprocessing: short side to 224 px (long side capped at 480, aspect kept; torchvision's
   ``Resize(224, max_size=480)``), bilinear with antialiasing, then ImageNet normalisation;

@@ -1,4 +1,4 @@
-"""Edit directions in CLIP text-embedding space (pix2pix-zero's sentence banks; method-zerocon.md §1.1 step 4).
+"""Edit directions in CLIP text-embedding space (pix2pix-zero's sentence banks; docs/method.md §4).
 
 A direction is the token-wise difference of two mean text embeddings, ``mean(target) - mean(source)``, over
 all 77 positions (BOS, EOS and padding included, as pix2pix-zero does). It is added to the conditional caption

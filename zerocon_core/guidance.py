@@ -93,7 +93,7 @@ class CrossAttentionGuidance(GuidanceTerm):
 class PatchNCEGuidance(GuidanceTerm):
     """Patch-wise contrastive (CUT PatchNCE) loss between edit and reference self-attention outputs.
 
-    Our defaults for pix2pix-zeroCon (the paper is silent; method-zerocon.md §4.3): up-block ``attn1``
+    Our defaults for pix2pix-zeroCon (the paper is silent; docs/method.md §6): up-block ``attn1``
     outputs, patch sizes {1, 2}, 256 shared sample locations, tau 0.07, no MLP head. Default weight 0.5:
     the weight at which its gradient pulls about as hard as the cross-attention term's at 0.1 (median
     gradient-RMS ratio 5.76 over a 10-step edit, random SD1.5 UNet, 256 px: ``bench/calibrate_patchnce.py``;

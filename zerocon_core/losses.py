@@ -83,7 +83,7 @@ def multi_patch_nce_loss(
     """PatchNCE summed over layers and patch sizes (size p = p x p average pooling first).
 
     Sample indices are drawn once per (layer, patch size) and shared by query and key. Our choice for
-    pix2pix-zeroCon (the paper does not say; method-zerocon.md §4.3).
+    pix2pix-zeroCon (the paper does not say; docs/method.md §6).
     """
     if set(edit) != set(ref):
         raise ValueError(f"PatchNCE layers differ: {sorted(set(edit) ^ set(ref))}")

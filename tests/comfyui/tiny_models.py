@@ -1,7 +1,7 @@
 """Tiny randomly initialised ComfyUI models (SD1.5-, SD2-v- and SDXL-shaped) built from ComfyUI's own classes.
 
 They are built the way a loader node builds a real checkpoint: under ``torch.inference_mode()``, so the
-weights are inference tensors (research/comfyui.md §7.2), then wrapped in a ``ModelPatcher``. Weights are
+weights are inference tensors (as in a real ComfyUI run), then wrapped in a ``ModelPatcher``. Weights are
 random (seeded) because ``comfy.ops.disable_weight_init`` leaves them uninitialised. No checkpoint, no hub.
 """
 

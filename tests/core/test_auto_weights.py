@@ -12,7 +12,7 @@ from zerocon_core import auto_weights as aw
 from zerocon_core.guidance import CrossAttentionGuidance, PatchNCEGuidance
 from zerocon_core.pipeline import default_guidance
 
-from .tiny import single_thread, tiny_denoiser
+from .tiny import tiny_denoiser
 
 DOCUMENTED = {"eps": (0.1, 0.5), "v": (0.01, 0.05)}
 
@@ -64,7 +64,6 @@ def test_pipeline_default_guidance_uses_the_rule(ptype):
 
 def test_pipeline_on_a_v_prediction_model():
     """The pipeline resolves with its denoiser's prediction type: a v-prediction UNet gets 0.01 / 0.05."""
-    with single_thread():
-        den = tiny_denoiser("v_prediction", seed=1)
+    den = tiny_denoiser("v_prediction", seed=1)
     assert den.prediction_type == "v"
     assert [t.weight for t in default_guidance(den.prediction_type)] == pytest.approx(DOCUMENTED["v"], rel=1e-12)

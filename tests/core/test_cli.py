@@ -19,40 +19,12 @@ import pytest
 import torch
 
 from zerocon_core import cli
-from zerocon_core.images import (
-    ImageSizeError,
-    decode_latents,
-    encode_latents,
-    fit_to_multiple,
-    load_image,
-    nearest_multiple,
-    save_image,
-)
 
-from .tiny import sd_scheduler_config, tiny_sdxl_unet, tiny_unet
+from .tiny import PNG_H, PNG_W, sd_scheduler_config, tiny_sdxl_unet, tiny_unet, tiny_vae
 from .tiny_text import tiny_blip_folder, tiny_clip
 
-W, H = 44, 36
+W, H = PNG_W, PNG_H
 REPO = Path(__file__).resolve().parents[2]
-
-
-def tiny_vae(seed: int = 0):
-    """A random 4-level (x8) AutoencoderKL with SD's scaling factor."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.18215,
-    ).eval()
 
 
 def write_tiny_sd_folder(folder: Path, prediction_type: str = "epsilon", sdxl: bool = False) -> Path:
@@ -89,24 +61,6 @@ def write_tiny_sd_folder(folder: Path, prediction_type: str = "epsilon", sdxl: b
     return folder
 
 
-def write_png(path: Path, w: int = W, h: int = H) -> Path:
-    from PIL import Image
-
-    yy, xx = np.mgrid[0:h, 0:w]
-    arr = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1).astype(np.uint8)
-    Image.fromarray(arr, "RGB").save(path)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and far faster on a shared, oversubscribed CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -116,11 +70,6 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def vpred_dir(tmp_path_factory) -> Path:
     return write_tiny_sd_folder(tmp_path_factory.mktemp("models") / "sd-tiny-v", "v_prediction")
-
-
-@pytest.fixture()
-def png(tmp_path) -> Path:
-    return write_png(tmp_path / "in.png")
 
 
 def _args(model: Path, image: Path, out: Path, *extra: str) -> list[str]:
@@ -155,58 +104,6 @@ def _check_png(path: Path) -> np.ndarray:
         arr = np.asarray(im).astype(np.float64)
     assert np.isfinite(arr).all()
     return arr
-
-
-# -- images ---------------------------------------------------------------------------------------------------
-
-
-def test_nearest_multiple():
-    assert [nearest_multiple(n) for n in (1, 3, 4, 8, 11, 12, 36, 44, 512)] == [8, 8, 8, 8, 8, 16, 40, 48, 512]
-
-
-def test_fit_to_multiple_and_strict(caplog):
-    img = torch.rand(1, 3, H, W)
-    with caplog.at_level(logging.WARNING, logger="zerocon"):
-        out, size = fit_to_multiple(img)
-    assert size == (H, W) and tuple(out.shape) == (1, 3, 40, 48)
-    assert "not a multiple of 8" in caplog.text
-    same, size8 = fit_to_multiple(torch.rand(1, 3, 16, 24))
-    assert size8 == (16, 24) and tuple(same.shape[-2:]) == (16, 24)
-    with pytest.raises(ImageSizeError, match="44x36"):
-        fit_to_multiple(img, strict=True)
-
-
-def test_load_save_roundtrip(tmp_path, png):
-    img = load_image(png)
-    assert tuple(img.shape) == (1, 3, H, W) and img.dtype == torch.float32
-    assert 0.0 <= float(img.min()) and float(img.max()) <= 1.0
-    out = save_image(img, tmp_path / "copy.png")
-    assert torch.equal(load_image(out), img)  # PNG is lossless at 8 bits
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
-    with pytest.raises(FileNotFoundError):
-        load_image(tmp_path / "nope.png")
-    (tmp_path / "bad.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="cannot read"):
-        load_image(tmp_path / "bad.png")
-    with pytest.raises(ValueError, match="extension"):
-        save_image(img, tmp_path / "x.unknownext")
-
-
-def test_vae_latents_mean_and_sample():
-    vae = tiny_vae()
-    img = torch.rand(1, 3, 16, 24)
-    z = encode_latents(vae, img)
-    assert tuple(z.shape) == (1, 4, 2, 3)
-    with torch.no_grad():
-        mean = vae.encode(img * 2 - 1).latent_dist.mean
-    torch.testing.assert_close(z, mean * 0.18215)
-    s1, s2 = encode_latents(vae, img, "sample", seed=1), encode_latents(vae, img, "sample", seed=1)
-    assert torch.equal(s1, s2) and not torch.equal(s1, z)
-    assert not torch.equal(s1, encode_latents(vae, img, "sample", seed=2))
-    dec = decode_latents(vae, z)
-    assert tuple(dec.shape) == (1, 3, 16, 24) and float(dec.min()) >= 0 and float(dec.max()) <= 1
-    with pytest.raises(ValueError, match="posterior"):
-        encode_latents(vae, img, "mode")
 
 
 # -- CLI end to end ---------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ from zerocon_core import cli
 from zerocon_core import pipeline as pipeline_module
 from zerocon_core.sampler import BRANCHES
 
-from .test_cli import write_png, write_tiny_sd_folder
-from .tiny import single_thread
+from .test_cli import write_tiny_sd_folder
+from .tiny import write_png
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,7 @@ def test_pix2pix_zero_branches_reach_the_sampler(model_dir, tmp_path, monkeypatc
         return real(*args, **kwargs)
 
     monkeypatch.setattr(pipeline_module, "invert_and_edit", spy)
-    with single_thread():
-        assert cli.main(_edit(model_dir, tmp_path, "--branches", "pix2pix-zero", "--cfg", "4")) == 0
+    assert cli.main(_edit(model_dir, tmp_path, "--branches", "pix2pix-zero", "--cfg", "4")) == 0
     assert [(s.branches, s.cfg) for s in seen] == [("pix2pix-zero", 4.0)]
     assert (tmp_path / "out.png").is_file()
 

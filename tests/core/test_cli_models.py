@@ -10,8 +10,9 @@ import pytest
 
 from zerocon_core import cli, sd_models
 
-from .test_cli import _args, _check_png, write_png, write_tiny_sd_folder
+from .test_cli import _args, _check_png, write_tiny_sd_folder
 from .test_sd_models_single_file import configs_only
+from .tiny import write_png
 from .tiny_checkpoint import write_checkpoint
 
 

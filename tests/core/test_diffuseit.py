@@ -1,4 +1,4 @@
-"""DiffuseIT port: losses against independent float64 formulas, gradients, guidance terms and sampler support.
+"""DiffuseIT's guidance terms and sampling (zerocon_core.diffuseit): gradients, sharing, batches, the sampler.
 
 Models are tiny and random: a DINO-layout ViT (``tiny_vision.tiny_dino``, patch 8, 32 wide), a fixed random
 conv + upsampling "decoder" (latent (B, 4, h, w) -> image (B, 3, 4h, 4w)) and the tiny diffusers UNet
@@ -6,8 +6,6 @@ conv + upsampling "decoder" (latent (B, 4, h, w) -> image (B, 3, 4h, 4w)) and th
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -19,32 +17,28 @@ from zerocon_core.diffuseit import (
     DinoStyleGuidance,
     RangeGuidance,
     SemanticDivergenceGuidance,
-    cls_loss,
     diffuseit_guidance,
     diffuseit_sample,
+    posterior_step_scale,
+)
+from zerocon_core.diffuseit_losses import (
+    cls_loss,
     key_contrastive_loss,
     pixel_mse_loss,
-    posterior_step_scale,
     range_loss,
     self_similarity_loss,
     semantic_divergence_loss,
 )
-from zerocon_core.diffuseit_start import DIFFUSEIT_START_SIGMA, noised_start, renoise, start_index
+from zerocon_core.diffuseit_start import noised_start
 from zerocon_core.dino import dino_features
 from zerocon_core.guidance import StepContext
 from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
 from zerocon_core.schedule import alpha_bar_from_sigma, ddim_sigmas, sd_sigma_table
 
-from .tiny import single_thread, tiny_cond, tiny_denoiser, tiny_latent
+from .tiny import rand_image, randn64, tiny_cond, tiny_latent
 from .tiny_vision import tiny_dino
 
 D64 = torch.float64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 class TinyDecoder(torch.nn.Module):
@@ -65,147 +59,6 @@ class TinyDecoder(torch.nn.Module):
 @pytest.fixture(scope="module")
 def dino():
     return tiny_dino(seed=0).double()
-
-
-@pytest.fixture(scope="module")
-def den():
-    return tiny_denoiser("epsilon", seed=0)
-
-
-def rand(*shape, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D64)
-
-
-def image(seed, b=1, h=32, w=32):
-    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=D64)
-
-
-# -- independent float64 reference formulas (loops, no code under test) ---------------------------------------
-
-
-def ref_cos(u, v):
-    return float(u @ v) / (math.sqrt(float(u @ u)) * math.sqrt(float(v @ v)))
-
-
-def ref_ssim(keys, src):
-    total = 0.0
-    for k, s in zip(keys, src):
-        t = k.shape[0]
-        acc = 0.0
-        for a in range(t):
-            for b in range(t):
-                acc += (ref_cos(k[a], k[b]) - ref_cos(s[a], s[b])) ** 2
-        total += acc / (t * t)
-    return total
-
-
-def ref_contrastive(keys, src, tau):
-    total = 0.0
-    for q, k in zip(keys, src):
-        t = q.shape[0]
-        acc = 0.0
-        for a in range(t):
-            pos = ref_cos(q[a], k[a]) / tau
-            logits = [pos] + [(-10.0 if b == a else ref_cos(q[a], k[b])) / tau for b in range(t)]
-            m = max(logits)
-            acc += -(pos - (m + math.log(sum(math.exp(v - m) for v in logits))))
-        total += acc / t
-    return total
-
-
-# -- losses ----------------------------------------------------------------------------------------------------
-
-
-def test_self_similarity_loss_matches_formula_and_identity():
-    keys, src = rand(2, 6, 5, seed=1), rand(2, 6, 5, seed=2)
-    assert float(self_similarity_loss(keys, src)) == pytest.approx(ref_ssim(keys, src), rel=1e-12)
-    assert float(self_similarity_loss(src, src)) == pytest.approx(0.0, abs=1e-15)
-    # a batch-1 source broadcasts: the same as repeating it
-    one = src[:1]
-    assert float(self_similarity_loss(keys, one)) == pytest.approx(ref_ssim(keys, one.expand(2, 6, 5)), rel=1e-12)
-    assert self_similarity_loss(keys.float(), src.float()).dtype == torch.float32
-
-
-def test_key_contrastive_loss_matches_formula_chance_and_identity():
-    keys, src = rand(2, 7, 4, seed=3), rand(2, 7, 4, seed=4)
-    for tau in (0.07, 0.5):
-        assert float(key_contrastive_loss(keys, src, tau)) == pytest.approx(ref_contrastive(keys, src, tau), rel=1e-10)
-    # chance level ln(T) for near-orthogonal random keys; well below it on identical keys
-    wide_q, wide_k = rand(1, 20, 4096, seed=5), rand(1, 20, 4096, seed=6)
-    assert float(key_contrastive_loss(wide_q, wide_k)) == pytest.approx(math.log(20), abs=0.15)
-    assert float(key_contrastive_loss(wide_k, wide_k)) < 0.1
-
-
-def test_cls_semantic_range_pixel_losses_match_formulas():
-    cls, ref = rand(3, 8, seed=7), rand(1, 8, seed=8)
-    expect = sum(float(((cls[i] - ref[0]) ** 2).mean()) for i in range(3))
-    assert float(cls_loss(cls, ref)) == pytest.approx(expect, rel=1e-12)
-    assert float(semantic_divergence_loss(cls, ref)) == pytest.approx(-expect, rel=1e-12)
-
-    img = 0.5 + 0.8 * rand(2, 3, 5, 5, seed=9)  # partly outside [0, 1]
-    expect = 0.0
-    for i in range(2):
-        x = (2 * img[i] - 1).flatten().tolist()
-        expect += sum((v - min(1.0, max(-1.0, v))) ** 2 for v in x) / len(x)
-    assert float(range_loss(img)) == pytest.approx(expect, rel=1e-12)
-    assert float(range_loss(img.clamp(0, 1))) == 0.0
-
-    tgt = image(10, b=1, h=5, w=5)
-    expect = sum(float(((2 * img[i] - 1) - (2 * tgt[0] - 1)).pow(2).mean()) for i in range(2))
-    assert float(pixel_mse_loss(img, tgt)) == pytest.approx(expect, rel=1e-12)
-
-
-def test_pixel_mse_resizes_a_reference_of_another_size():
-    img, tgt = image(11, h=8, w=12), image(12, h=20, w=30)
-    resized = F.interpolate(tgt, size=(8, 12), mode="bilinear", align_corners=False, antialias=True)
-    assert float(pixel_mse_loss(img, tgt)) == pytest.approx(float(4 * (img - resized).pow(2).mean()), rel=1e-12)
-
-
-def test_batch_mismatch_is_a_clear_error():
-    with pytest.raises(ValueError, match="batch mismatch.*reference has batch 2"):
-        cls_loss(rand(3, 8), rand(2, 8))
-    with pytest.raises(ValueError, match="batch mismatch.*source has batch 2"):
-        self_similarity_loss(rand(3, 5, 4), rand(2, 5, 4))
-    with pytest.raises(ValueError, match="patch grids"):
-        key_contrastive_loss(rand(1, 5, 4), rand(1, 6, 4))
-
-
-def test_posterior_step_scale_is_the_vp_beta():
-    s, sn = torch.tensor(6.2, dtype=D64), torch.tensor(5.6, dtype=D64)
-    beta = 1 - alpha_bar_from_sigma(s) / alpha_bar_from_sigma(sn)
-    assert posterior_step_scale(s, sn) == pytest.approx(float(beta), rel=1e-12)
-    assert posterior_step_scale(1.0, 0.0) == pytest.approx(0.5)
-
-
-def test_gradcheck_losses():
-    keys = rand(2, 5, 3, seed=13).requires_grad_(True)
-    src = rand(2, 5, 3, seed=14)
-    cls = rand(2, 4, seed=15).requires_grad_(True)
-    ref = rand(1, 4, seed=16)
-    img = (0.5 + 0.7 * rand(1, 3, 4, 4, seed=17)).requires_grad_(True)
-    tgt = image(18, h=6, w=6)
-    assert torch.autograd.gradcheck(lambda k: self_similarity_loss(k, src), (keys,))
-    assert torch.autograd.gradcheck(lambda k: key_contrastive_loss(k, src, 0.3), (keys,))
-    assert torch.autograd.gradcheck(lambda c: cls_loss(c, ref), (cls,))
-    assert torch.autograd.gradcheck(lambda c: semantic_divergence_loss(c, ref), (cls,))
-    assert torch.autograd.gradcheck(lambda i: pixel_mse_loss(i, tgt), (img,))
-    assert torch.autograd.gradcheck(range_loss, (img,))
-
-
-# -- DINO --------------------------------------------------------------------------------------------------------
-
-
-def test_dino_keys_are_differentiable_wrt_the_image(dino):
-    img = image(19, h=16, w=16).requires_grad_(True)
-    feats = dino_features(dino, img, size=16)
-    assert feats.keys.shape == (1, 5, 32) and feats.cls.shape == (1, 32)
-    src = dino_features(dino, image(20, h=16, w=16), size=16).keys.detach()
-    assert torch.autograd.gradcheck(lambda i: self_similarity_loss(dino_features(dino, i, size=16).keys, src), (img,))
-
-
-def test_785_tokens_at_224(dino):
-    feats = dino_features(dino, image(21, h=256, w=256))
-    assert feats.keys.shape[1] == 785
 
 
 # -- guidance terms -------------------------------------------------------------------------------------------
@@ -232,10 +85,12 @@ def ctx_for(x, eps_fn, sigma=6.0, sigma_next=5.5, state=None):
 
 def test_term_gradcheck_through_decoder_and_dino(dino):
     dec = TinyDecoder()
-    src = image(22, h=16, w=16)
+    src = rand_image(22, h=16, w=16)
     term = DinoStructureGuidance(dino=dino, decode=dec, source=src, dino_size=16, dino_max_size=None)
-    style = DinoStyleGuidance(dino=dino, decode=dec, reference=image(23, h=24, w=24), dino_size=16, dino_max_size=None)
-    x = rand(1, 4, 4, 4, seed=24).requires_grad_(True)
+    style = DinoStyleGuidance(
+        dino=dino, decode=dec, reference=rand_image(23, h=24, w=24), dino_size=16, dino_max_size=None
+    )
+    x = randn64(1, 4, 4, 4, seed=24).requires_grad_(True)
 
     def f(t):
         ctx = ctx_for(t, lambda v: 0.1 * torch.tanh(v))
@@ -246,8 +101,8 @@ def test_term_gradcheck_through_decoder_and_dino(dino):
 
 def test_term_losses_equal_the_pure_losses(dino):
     dec = TinyDecoder()
-    src, ref = image(25, h=32, w=32), image(26, h=40, w=24)
-    x = rand(2, 4, 8, 8, seed=27)
+    src, ref = rand_image(25, h=32, w=32), rand_image(26, h=40, w=24)
+    x = randn64(2, 4, 8, 8, seed=27)
     ctx = ctx_for(x, lambda v: 0.05 * v)
     scale = posterior_step_scale(6.0, 5.5)
     img = dec(ctx.x0)
@@ -269,8 +124,8 @@ def test_term_losses_equal_the_pure_losses(dino):
 
 def test_terms_share_one_decode_and_dino_forward_per_evaluation(dino):
     dec = TinyDecoder()
-    src = image(28)
-    terms = diffuseit_guidance(dino, dec, src, reference=image(29), dino_size=32, dino_max_size=None)
+    src = rand_image(28)
+    terms = diffuseit_guidance(dino, dec, src, reference=rand_image(29), dino_size=32, dino_max_size=None)
     assert [type(t).__name__ for t in terms] == [
         "DinoStructureGuidance",
         "DinoStyleGuidance",
@@ -278,7 +133,7 @@ def test_terms_share_one_decode_and_dino_forward_per_evaluation(dino):
         "RangeGuidance",
     ]
     state: dict = {}
-    x = rand(1, 4, 8, 8, seed=30).requires_grad_(True)
+    x = randn64(1, 4, 8, 8, seed=30).requires_grad_(True)
     ctx = ctx_for(x, lambda v: 0.05 * v, state=state)
     total = sum(t.loss(ctx, None) for t in terms)
     assert dec.calls == 1
@@ -292,16 +147,16 @@ def test_terms_share_one_decode_and_dino_forward_per_evaluation(dino):
 
 def test_reference_and_source_batches(dino):
     dec = TinyDecoder()
-    x = rand(3, 4, 8, 8, seed=31)
+    x = randn64(3, 4, 8, 8, seed=31)
     ctx = ctx_for(x, lambda v: 0.05 * v)
-    bad = DinoStyleGuidance(dino=dino, decode=dec, reference=image(32, b=2), dino_size=32)
+    bad = DinoStyleGuidance(dino=dino, decode=dec, reference=rand_image(32, b=2), dino_size=32)
     with pytest.raises(ValueError, match="3 image.*reference image has batch 2"):
         bad.loss(ctx, None)
-    bad_src = DinoStructureGuidance(dino=dino, decode=dec, source=image(33, b=2), dino_size=32)
+    bad_src = DinoStructureGuidance(dino=dino, decode=dec, source=rand_image(33, b=2), dino_size=32)
     with pytest.raises(ValueError, match="3 image.*source image has batch 2"):
         bad_src.loss(ctx, None)
     # a batch-1 reference is shared: the loss is the sum of the per-image losses
-    ref = image(34, h=48, w=40)
+    ref = rand_image(34, h=48, w=40)
     term = DinoStyleGuidance(dino=dino, decode=dec, reference=ref, dino_size=32, posterior_scale=False)
     whole = float(term.loss(ctx, None))
     parts = sum(float(term.loss(ctx_for(x[i : i + 1], lambda v: 0.05 * v), None)) for i in range(3))
@@ -311,29 +166,29 @@ def test_reference_and_source_batches(dino):
 def test_construction_errors(dino):
     dec = TinyDecoder()
     with pytest.raises(ValueError, match="decode"):
-        DinoStructureGuidance(dino=dino, source=image(0))
+        DinoStructureGuidance(dino=dino, source=rand_image(0))
     with pytest.raises(ValueError, match="DINO model"):
-        DinoStructureGuidance(decode=dec, source=image(0))
+        DinoStructureGuidance(decode=dec, source=rand_image(0))
     with pytest.raises(ValueError, match="source image"):
         DinoStructureGuidance(dino=dino, decode=dec)
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         DinoStyleGuidance(dino=dino, decode=dec, reference=torch.rand(1, 32, 32, 3))
-    wrong = DinoStructureGuidance(dino=dino, decode=lambda z: z, source=image(0), dino_size=32)
+    wrong = DinoStructureGuidance(dino=dino, decode=lambda z: z, source=rand_image(0), dino_size=32)
     with pytest.raises(ValueError, match="decode must return"):
-        wrong.loss(ctx_for(rand(1, 4, 8, 8), lambda v: v), None)
+        wrong.loss(ctx_for(randn64(1, 4, 8, 8), lambda v: v), None)
 
 
 def test_semantic_divergence_gate_and_previous_cls(dino):
     dec = TinyDecoder()
-    src = image(35)
+    src = rand_image(35)
     term = SemanticDivergenceGuidance(dino=dino, decode=dec, source=src, dino_size=32, posterior_scale=False)
     src_cls = dino_features(dino, src, 32).cls
     state: dict = {}
-    x1 = rand(1, 4, 8, 8, seed=36)
+    x1 = randn64(1, 4, 8, 8, seed=36)
     c1 = dino_features(dino, dec(ctx_for(x1, lambda v: 0.05 * v).x0), 32).cls
     first = term.loss(ctx_for(x1, lambda v: 0.05 * v, state=state), None)
     assert float(first) == pytest.approx(100 * float(semantic_divergence_loss(c1, src_cls)), rel=1e-10)
-    x2 = rand(1, 4, 8, 8, seed=37)
+    x2 = randn64(1, 4, 8, 8, seed=37)
     c2 = dino_features(dino, dec(ctx_for(x2, lambda v: 0.05 * v).x0), 32).cls
     second = term.loss(ctx_for(x2, lambda v: 0.05 * v, state=state), None)
     assert float(second) == pytest.approx(100 * float(semantic_divergence_loss(c2, c1)), rel=1e-10)
@@ -373,9 +228,9 @@ def test_guided_step_lowers_the_structure_loss(den, dino):
             g[:2],
             source_cond=cond,
             edit_cond=cond,
-            settings=SamplerSettings(cfg=1.0),
             guidance=[term],
             callback=lambda i, n, xx, x0: out.__setitem__(weight, x0),
+            settings=SamplerSettings(cfg=1.0),
         )
         return structure_value(dino, dec, out[weight], src)
 
@@ -387,7 +242,7 @@ def test_guided_step_lowers_the_structure_loss(den, dino):
 def test_style_guidance_pulls_the_cls_toward_the_reference(den, dino):
     dec = TinyDecoder()
     src_latent = tiny_latent(41)
-    ref = image(42, h=48, w=48)
+    ref = rand_image(42, h=48, w=48)
     ref_cls = dino_features(dino, ref, 32).cls
     x, g = noised_start(src_latent, grid(), strength=0.8, seed=2)
     cond = tiny_cond(2)
@@ -395,7 +250,7 @@ def test_style_guidance_pulls_the_cls_toward_the_reference(den, dino):
     def cls_dist(weight):
         term = DinoStyleGuidance(weight=weight, dino=dino, decode=dec, reference=ref, lambda_pixel=0.0, dino_size=32)
         res = guided_ddim_sample(
-            den, x, g, source_cond=cond, edit_cond=cond, settings=SamplerSettings(cfg=1.0), guidance=[term]
+            den, x, g, source_cond=cond, edit_cond=cond, guidance=[term], settings=SamplerSettings(cfg=1.0)
         )
         return float((dino_features(dino, dec(res.latent), 32).cls - ref_cls).pow(2).mean())
 
@@ -430,8 +285,8 @@ def test_reference_branch_is_skipped_without_captures(den, dino):
         grid(3),
         source_cond=src,
         edit_cond=cond,
-        settings=SamplerSettings(cfg=2.0),
         guidance=[term],
+        settings=SamplerSettings(cfg=2.0),
     )
     assert res.reference is None
     # per step: one guided forward (edit only) + one CFG forward (negative, edit); no reference forwards
@@ -440,60 +295,43 @@ def test_reference_branch_is_skipped_without_captures(den, dino):
 
 def test_resampling_once_equals_no_resampling(den, dino):
     dec = TinyDecoder()
-    term = DinoStructureGuidance(dino=dino, decode=dec, source=image(44), dino_size=32)
+    term = DinoStructureGuidance(dino=dino, decode=dec, source=rand_image(44), dino_size=32)
     cond = tiny_cond(5)
     x, g = noised_start(tiny_latent(45), grid(), strength=0.3, seed=3)
     kw = dict(source_cond=cond, edit_cond=cond, guidance=[term])
-    plain = guided_ddim_sample(den, x, g, settings=SamplerSettings(cfg=1.0, seed=7), **kw)
-    once = guided_ddim_sample(den, x, g, settings=SamplerSettings(cfg=1.0, seed=7, resample=1), **kw)
+    plain = guided_ddim_sample(den, x, g, **kw, settings=SamplerSettings(cfg=1.0, seed=7))
+    once = guided_ddim_sample(den, x, g, **kw, settings=SamplerSettings(cfg=1.0, seed=7, resample=1))
     assert torch.equal(plain.latent, once.latent)
-    three = guided_ddim_sample(den, x, g, settings=SamplerSettings(cfg=1.0, seed=7, resample=3), **kw)
+    three = guided_ddim_sample(den, x, g, **kw, settings=SamplerSettings(cfg=1.0, seed=7, resample=3))
     assert len(three.losses) == len(plain.losses) + 2
     assert not torch.allclose(three.latent, plain.latent)
     with pytest.raises(ValueError, match="resample"):
-        SamplerSettings(cfg=1.0, seed=7, resample=0)
+        guided_ddim_sample(den, x, g, **kw, settings=SamplerSettings(cfg=1.0, seed=7, resample=0))
 
 
 def test_zero_weights_reproduce_unguided_sampling(den, dino):
     dec = TinyDecoder()
-    terms = diffuseit_guidance(dino, dec, image(46), reference=image(47), weight=0.0, dino_size=32)
+    terms = diffuseit_guidance(dino, dec, rand_image(46), reference=rand_image(47), weight=0.0, dino_size=32)
     cond = tiny_cond(6)
     x, g = noised_start(tiny_latent(48), grid(), strength=0.3, seed=4)
-    one = SamplerSettings(cfg=1.0)
-    a = guided_ddim_sample(den, x, g, source_cond=cond, edit_cond=cond, settings=one, guidance=terms)
-    b = guided_ddim_sample(den, x, g, source_cond=cond, edit_cond=cond, settings=one)
+    a = guided_ddim_sample(
+        den, x, g, source_cond=cond, edit_cond=cond, guidance=terms, settings=SamplerSettings(cfg=1.0)
+    )
+    b = guided_ddim_sample(den, x, g, source_cond=cond, edit_cond=cond, settings=SamplerSettings(cfg=1.0))
     assert torch.equal(a.latent, b.latent) and a.losses == []
 
 
-def test_renoise_is_the_exact_forward_transition():
-    x = torch.zeros(20000, dtype=D64)
-    out = renoise(x, 1.0, 2.0, torch.Generator().manual_seed(0))
-    assert float(out.std()) == pytest.approx(math.sqrt(3.0), rel=0.02)
-    with pytest.raises(ValueError):
-        renoise(x, 2.0, 1.0, torch.Generator())
-
-
-def test_noised_start_at_strength():
-    sig = grid(50)
-    x0 = tiny_latent(49)
-    for strength, k in ((1.0, 0), (0.5, 25), (0.3, 35), (0.01, 49)):
-        x, g = noised_start(x0, sig, strength, seed=5)
-        assert start_index(sig, strength) == k
-        assert torch.equal(g, sig[k:]) and len(g) - 1 == 50 - k
-        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float32).to(D64)
-        torch.testing.assert_close(x, x0 + sig[k] * noise, rtol=0, atol=1e-12)
-    # default: DiffuseIT's noise level (sigma 5.98), the nearest level in log-sigma
-    _, g = noised_start(x0, sig, None, seed=5)
-    assert float(g[0]) == pytest.approx(6.197, abs=1e-3)
-    assert abs(math.log(float(g[0]) / DIFFUSEIT_START_SIGMA)) < 0.05
-    with pytest.raises(ValueError, match="strength"):
-        noised_start(x0, sig, 0.0)
+def test_posterior_step_scale_is_the_vp_beta():
+    s, sn = torch.tensor(6.2, dtype=D64), torch.tensor(5.6, dtype=D64)
+    beta = 1 - alpha_bar_from_sigma(s) / alpha_bar_from_sigma(sn)
+    assert posterior_step_scale(s, sn) == pytest.approx(float(beta), rel=1e-12)
+    assert posterior_step_scale(1.0, 0.0) == pytest.approx(0.5)
 
 
 def test_diffuseit_sample_runs_end_to_end(den, dino):
     dec = TinyDecoder()
     src_latent = tiny_latent(50)
-    terms = diffuseit_guidance(dino, dec, dec(src_latent), reference=image(51), dino_size=32)
+    terms = diffuseit_guidance(dino, dec, dec(src_latent), reference=rand_image(51), dino_size=32)
     res = diffuseit_sample(
         den,
         src_latent,
@@ -526,9 +364,9 @@ def test_autograd_session_wraps_decoder_and_dino(dino):
         log.append("exit")
 
     dec = TinyDecoder()
-    x = rand(1, 4, 8, 8, seed=52)
-    plain = DinoStructureGuidance(dino=dino, decode=dec, source=image(53), dino_size=32)
-    hooked = DinoStructureGuidance(dino=dino, decode=dec, source=image(53), dino_size=32, autograd_session=session)
+    x = randn64(1, 4, 8, 8, seed=52)
+    plain = DinoStructureGuidance(dino=dino, decode=dec, source=rand_image(53), dino_size=32)
+    hooked = DinoStructureGuidance(dino=dino, decode=dec, source=rand_image(53), dino_size=32, autograd_session=session)
     a = plain.loss(ctx_for(x, lambda v: 0.05 * v), None)
     b = hooked.loss(ctx_for(x, lambda v: 0.05 * v), None)
     assert float(a) == float(b)
@@ -539,18 +377,30 @@ def test_autograd_session_wraps_decoder_and_dino(dino):
 
 
 def test_both_branches_and_a_separate_negative(den, dino):
+    """branches="both" guides the negative-conditioned half too: the first guided evaluation logs, per term,
+    the weighted mean of the term on the two halves' predictions (recomputed here from the denoiser), and
+    the result differs from "edit" by a measured amount (0.14 of how far guidance itself moves it)."""
     dec = TinyDecoder()
     src_latent = tiny_latent(54)
     terms = diffuseit_guidance(dino, dec, dec(src_latent), dino_size=32)
     x, g = noised_start(src_latent, grid(6), strength=0.5, seed=6)
+    neg, edit = tiny_cond(11), tiny_cond(10)
+    kw = dict(source_cond=tiny_cond(9), edit_cond=edit, negative_cond=neg)
     res = guided_ddim_sample(
-        den,
-        x,
-        g,
-        source_cond=tiny_cond(9),
-        edit_cond=tiny_cond(10),
-        negative_cond=tiny_cond(11),
-        guidance=terms,
-        settings=SamplerSettings(cfg=2.0, branches="both", resample=2),
+        den, x, g, guidance=terms, **kw, settings=SamplerSettings(cfg=2.0, resample=2, branches="both")
     )
     assert torch.isfinite(res.latent).all() and res.reference is None and res.skipped == []
+    eps_neg, eps_edit = (p.eps for p in den.predict(x, g[0], [neg, edit]))
+    for term in terms:
+        halves = []
+        for eps in (eps_neg, eps_edit):
+            ctx = StepContext(0, len(g) - 1, g[0], x, eps, Prediction(eps, {}, {}), None, torch.Generator(), g[1])
+            halves.append(float(term.loss(ctx, None)))
+        want = term.weight * (halves[0] + halves[1]) / 2
+        assert res.losses[0][type(term).__name__] == pytest.approx(want, rel=1e-9)
+    edit_only = guided_ddim_sample(
+        den, x, g, guidance=terms, **kw, settings=SamplerSettings(cfg=2.0, resample=2, branches="edit")
+    )
+    unguided = guided_ddim_sample(den, x, g, **kw, settings=SamplerSettings(cfg=2.0, resample=2))
+    moved = float((edit_only.latent - unguided.latent).norm())
+    assert float((res.latent - edit_only.latent).norm()) > 0.05 * moved > 0  # measured 0.14

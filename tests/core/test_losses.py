@@ -1,7 +1,7 @@
 """zerocon_core.losses against independent float64 (numpy) formulas written here, plus gradchecks.
 
 References: pix2pix-zero ``edit_pipeline.py`` (cross-attention loss), ``ddim_inv.py`` (auto-correlation,
-KL); CUT ``models/patchnce.py`` (PatchNCE). See method-zerocon.md §2.2, §3.3, §4.1.
+KL); CUT ``models/patchnce.py`` (PatchNCE). See docs/method.md §3, §5, §6.
 """
 
 from __future__ import annotations
@@ -311,3 +311,27 @@ def test_kl_matches_reference_and_gradcheck():
     # standard normal noise: KL near 0
     z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
     assert abs(L.kl_loss(z).item()) < 0.01
+
+
+@pytest.mark.parametrize("side", [8, 16, 64])
+def test_auto_corr_random_shift_is_never_zero(side, monkeypatch):
+    """A delta has zero circular auto-correlation at every shift except 0 (mod side), at every pyramid level
+    (a 2x2-pooled delta is a delta): so the loss is exactly 0 unless some drawn shift is 0 - the
+    pix2pix-zero bug fixed in ec33392. The drawn shifts themselves are recorded and checked too."""
+    eps = torch.zeros(1, 4, side, side, dtype=torch.float64)
+    eps[..., 0, 0] = 1.0
+    assert float((eps * eps).mean() ** 2) > 0  # what a zero shift would add
+    shifts: list[tuple[int, int]] = []
+    real_roll = torch.roll
+
+    def roll(t, shifts_, dims):
+        shifts.append((int(shifts_), t.shape[dims]))
+        return real_roll(t, shifts=shifts_, dims=dims)
+
+    monkeypatch.setattr(L.torch, "roll", lambda t, shifts, dims: roll(t, shifts, dims))
+    for seed in range(40):
+        assert float(L.auto_corr_loss(eps, torch.Generator().manual_seed(seed))) == 0.0
+    assert all(1 <= d < max(n // 2, 2) for d, n in shifts)
+    if side == 64:
+        assert {n for _, n in shifts} == {64, 32, 16, 8}
+        assert len({d for d, n in shifts if n == 64}) > 10  # really random over [1, 32)

@@ -14,18 +14,12 @@ from zerocon_core.guidance import CrossAttentionGuidance
 from zerocon_core.pipeline import invert_and_edit
 from zerocon_core.sampler import SamplerSettings
 
-from .tiny import TEXT_DIM, TOKENS, single_thread, tiny_cond, tiny_denoiser, tiny_latent
+from .tiny import TEXT_DIM, TOKENS, tiny_cond, tiny_denoiser, tiny_latent
 from .tiny_pix2pix_zero import pipeline_edit, pix2pix_zero_pipeline
 
 STEPS = 10
 CFG = 5.0
 F32 = torch.float32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,13 +15,7 @@ from zerocon_core.guidance import CrossAttentionGuidance
 from zerocon_core.sampler import GuidedStep, SamplerSettings, _guidance_step
 from zerocon_core.schedule import ddim_sigmas, vp_scale
 
-from .tiny import single_thread, tiny_cond, tiny_denoiser, tiny_latent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
+from .tiny import tiny_cond, tiny_denoiser, tiny_latent
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,11 @@ from zerocon_core.inversion import ddim_invert
 from zerocon_core.sampler import SamplerSettings, cfg_combine, guided_ddim_sample
 from zerocon_core.schedule import ddim_sigmas, inversion_sigmas, vp_scale
 
-from .tiny import TEXT_DIM, TOKENS, single_thread, tiny_cond, tiny_denoiser, tiny_latent
+from .tiny import TEXT_DIM, TOKENS, tiny_cond, tiny_denoiser, tiny_latent
 from .tiny_pix2pix_zero import pipeline_edit, pix2pix_zero_pipeline
 
 STEPS = 10
 CFG = 5.0
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,10 @@ Builders are deterministic (seeded). Float64 models let tests compare against di
 
 from __future__ import annotations
 
-import contextlib
 import copy
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond
@@ -132,13 +133,59 @@ def tiny_denoiser(
     return (den, original) if keep_copy else den
 
 
-@contextlib.contextmanager
-def single_thread():
-    """Run torch single-threaded inside (restored after): tiny models gain nothing from intra-op threads,
-    and on a shared CPU those threads thrash (a 20x slowdown was measured on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` (Frobenius norms)."""
+    return float((a - b).norm() / b.norm())
+
+
+def f64(sched):
+    """Give a diffusers DDIM(-inverse) scheduler float64 alpha tables, so both sides do float64 arithmetic
+    on the same (float32-derived) alpha-bar values the denoiser's sigma table is built from."""
+    sched.alphas_cumprod = sched.alphas_cumprod.double()
+    for attr in ("initial_alpha_cumprod", "final_alpha_cumprod"):
+        if hasattr(sched, attr):
+            setattr(sched, attr, torch.as_tensor(getattr(sched, attr)).double())
+    return sched
+
+
+def randn64(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Seeded standard-normal float64 values of ``shape``."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def rand_image(seed: int, b: int = 1, h: int = 32, w: int = 32) -> torch.Tensor:
+    """A seeded uniform-random float64 image batch ``(b, 3, h, w)`` in [0, 1]."""
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def tiny_vae(seed: int = 0):
+    """A random 4-level (x8) AutoencoderKL with SD's scaling factor."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.18215,
+    ).eval()
+
+
+#: Size of the test PNG (W x H): not a multiple of 8.
+PNG_W, PNG_H = 44, 36
+
+
+def write_png(path: Path, w: int = PNG_W, h: int = PNG_H) -> Path:
+    """A ``w`` x ``h`` RGB gradient PNG at ``path`` (default 44x36: not a multiple of 8)."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(arr, "RGB").save(path)
+    return path

@@ -1,25 +1,22 @@
-"""The engine on a diffusers UNet, checked against diffusers' own schedulers (float64, tiny random UNets).
+"""``DiffusersDenoiser`` (zerocon_core.denoiser_diffusers) on tiny random UNets, against the UNet itself.
 
-The reference loops below use an untouched deep copy of the UNet (diffusers' attention processors) and
-diffusers' ``DDIMScheduler`` / ``DDIMInverseScheduler``; the engine side uses ``DiffusersDenoiser``
-(sigma space, our processors). Latents are compared in VP space: ``z = x * vp_scale(sigma)``.
+The reference side is an untouched deep copy of the UNet (diffusers' attention processors); the engine side
+uses ``DiffusersDenoiser`` (sigma space, our processors). Latents are compared in VP space:
+``z = x * vp_scale(sigma)``.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from zerocon_core.denoiser import CaptureRequest, select_layers
 from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond
-from zerocon_core.inversion import ddim_invert
-from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
-from zerocon_core.schedule import ddim_sigmas, sigma_from_alpha_bar, vp_scale
+from zerocon_core.schedule import vp_scale
 
 from .tiny import (
+    rel_err,
     sd_scheduler_config,
-    single_thread,
     tiny_cond,
     tiny_denoiser,
     tiny_latent,
@@ -27,150 +24,6 @@ from .tiny import (
     tiny_sdxl_unet,
     tiny_unet,
 )
-
-PTYPES = {"eps": "epsilon", "v": "v_prediction"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module", params=["eps", "v"])
-def pair(request):
-    """(denoiser, untouched UNet copy, diffusers prediction_type) for an eps- and a v-prediction tiny model."""
-    ptype = PTYPES[request.param]
-    den, ref = tiny_denoiser(ptype, seed=0 if request.param == "eps" else 1, keep_copy=True)
-    ref.requires_grad_(False)
-    assert den.prediction_type == request.param
-    return den, ref, ptype
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def f64(sched):
-    """Give a diffusers DDIM(-inverse) scheduler float64 alpha tables, so both sides do float64 arithmetic
-    on the same (float32-derived) alpha-bar values the denoiser's sigma table is built from."""
-    sched.alphas_cumprod = sched.alphas_cumprod.double()
-    for attr in ("initial_alpha_cumprod", "final_alpha_cumprod"):
-        if hasattr(sched, attr):
-            setattr(sched, attr, torch.as_tensor(getattr(sched, attr)).double())
-    return sched
-
-
-# -- inversion ----------------------------------------------------------------------------------------------
-
-
-def inverse_grid(inv: DDIMInverseScheduler) -> tuple[torch.Tensor, torch.Tensor]:
-    """How diffusers' inverse grid maps onto ours.
-
-    ``DDIMInverseScheduler.step(out, t, z)`` moves ``z`` from alpha-bar level ``t - r`` (r = T // steps;
-    ``initial_alpha_cumprod`` when ``t - r < 0``) up to level ``t``. With leading spacing and offset 1
-    the timesteps are 1, 1 + r, ..., so the levels visited are
-    ``[initial_alpha_cumprod, ab[1], ab[1 + r], ..., ab[1 + (steps-1) r]]``: steps + 1 sigmas, ascending.
-    Returns (sigma grid, the source timestep of each step: where the "current" convention queries the model).
-    """
-    ts = inv.timesteps.tolist()
-    r = inv.config.num_train_timesteps // inv.num_inference_steps
-    levels = [inv.initial_alpha_cumprod] + [inv.alphas_cumprod[t] for t in ts]
-    for k, t in enumerate(ts):  # step k goes from level k to level k + 1
-        src = t - r
-        assert (src < 0 and k == 0) or src == ts[k - 1]
-    sources = [0] + ts[:-1]  # level 0 is ab[0] (set_alpha_to_one=False): timestep 0
-    return sigma_from_alpha_bar(torch.stack(levels).double()), torch.tensor(sources)
-
-
-@pytest.mark.parametrize("pair,steps", [("eps", 10), ("v", 10), ("eps", 50)], indirect=["pair"])
-def test_inversion_next_matches_ddim_inverse_scheduler(pair, steps):
-    """eval_at="next" is diffusers' DDIMInverseScheduler loop: the UNet sees the current VP latent with the
-    *next* timestep. Exact for eps models; for v models diffusers converts v to eps with the *source* level's
-    alpha while we use the level the model was queried at, so v is checked against explicit formulas."""
-    den, ref, ptype = pair
-    inv = f64(DDIMInverseScheduler.from_config(sd_scheduler_config(ptype)))
-    inv.set_timesteps(steps)
-    sigmas, _ = inverse_grid(inv)
-    assert torch.equal(sigmas[1:], den.sigma_table[inv.timesteps])
-    cond = tiny_cond(1)
-    z0 = tiny_latent(0)
-
-    z = z0.clone()
-    with torch.no_grad():
-        for k, t in enumerate(inv.timesteps):
-            out = ref(z, t, encoder_hidden_states=cond.embeds).sample
-            if ptype == "epsilon":
-                z = inv.step(out, t, z).prev_sample
-            else:  # v -> eps at the level the model was queried at (t), then the same DDIM update
-                ab_q = inv.alphas_cumprod[t]
-                eps = ab_q.sqrt() * out + (1 - ab_q).sqrt() * z
-                ab_a = 1 / (1 + sigmas[k] ** 2)
-                x0 = (z - (1 - ab_a).sqrt() * eps) / ab_a.sqrt()
-                z = ab_q.sqrt() * x0 + (1 - ab_q).sqrt() * eps
-
-    res = ddim_invert(den, z0 / vp_scale(sigmas[0]), sigmas, cond, eval_at="next")
-    assert len(res.trajectory) == steps + 1
-    assert rel_err(res.latent * vp_scale(sigmas[-1]), z) < 1e-5
-
-
-def test_inversion_current_matches_ddim_inverse_scheduler(pair):
-    """eval_at="current" is DDIMInverseScheduler's update with the UNet queried at the step's source level
-    (the latent's own level), for eps and v alike: there diffusers' v conversion uses the queried level too."""
-    den, ref, ptype = pair
-    inv = f64(DDIMInverseScheduler.from_config(sd_scheduler_config(ptype)))
-    inv.set_timesteps(10)
-    sigmas, sources = inverse_grid(inv)
-    cond = tiny_cond(1)
-    z0 = tiny_latent(0)
-    z = z0.clone()
-    with torch.no_grad():
-        for t, t_src in zip(inv.timesteps, sources):
-            out = ref(z, t_src, encoder_hidden_states=cond.embeds).sample
-            z = inv.step(out, t, z).prev_sample
-    res = ddim_invert(den, z0 / vp_scale(sigmas[0]), sigmas, cond, eval_at="current")
-    assert rel_err(res.latent * vp_scale(sigmas[-1]), z) < 1e-5
-
-
-# -- sampling -----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "pair,cfg,steps",
-    [("eps", 1.0, 10), ("eps", 5.0, 10), ("v", 1.0, 10), ("v", 5.0, 10), ("eps", 5.0, 50), ("v", 5.0, 30)],
-    indirect=["pair"],
-)
-def test_sampling_matches_ddim_scheduler(pair, cfg, steps):
-    """guided_ddim_sample without guidance terms is diffusers' DDIMScheduler (leading, offset 1, final
-    alpha-bar ab[0]) with standard CFG ``uncond + cfg * (cond - uncond)`` on the model output."""
-    den, ref, ptype = pair
-    sch = f64(DDIMScheduler.from_config(sd_scheduler_config(ptype)))
-    sch.set_timesteps(steps)
-    sigmas = ddim_sigmas(den.sigma_table, steps)
-    assert torch.equal(sigmas[:-1], den.sigma_table[sch.timesteps])
-    assert float(sigmas[-1]) == float(sigma_from_alpha_bar(sch.final_alpha_cumprod))
-    neg, pos, src = tiny_cond(7), tiny_cond(8), tiny_cond(9)
-    z_t = tiny_latent(3)
-
-    z = z_t.clone()
-    emb = torch.cat([neg.embeds, pos.embeds])
-    with torch.no_grad():
-        for t in sch.timesteps:
-            uncond, condo = ref(torch.cat([z, z]), t, encoder_hidden_states=emb).sample.chunk(2)
-            z = sch.step(uncond + cfg * (condo - uncond), t, z).prev_sample
-
-    res = guided_ddim_sample(
-        den,
-        z_t / vp_scale(sigmas[0]),
-        sigmas,
-        source_cond=src,
-        edit_cond=pos,
-        negative_cond=neg,
-        settings=SamplerSettings(cfg=cfg),
-    )
-    assert res.reference is None and res.skipped == []
-    assert rel_err(res.latent * vp_scale(sigmas[-1]), z) < 1e-5
-
 
 # -- the denoiser itself -------------------------------------------------------------------------------------
 
