@@ -11,7 +11,7 @@ import sampling_helpers as h
 import tiny_models as tm
 import torch
 from conftest import pack_module
-from test_diffuseit_nodes import dino, encode, image, sample, structure, vae, vision_nodes  # noqa: F401  (fixtures + helpers)
+from test_diffuseit_nodes import dino, dino_nodes, encode, image, sample, structure, vae  # noqa: F401  (fixtures + helpers)
 
 
 def _bars(err: str, desc: str) -> list[tuple[int, int]]:

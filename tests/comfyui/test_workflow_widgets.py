@@ -15,7 +15,7 @@ import json
 import pytest
 from conftest import REPO, pack_module
 
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 #: Combos listing the files of a models folder (empty here): only the value's type is checked.
@@ -71,7 +71,7 @@ def check_value(label: str, node_type: str, name: str, typ: str, opts: dict, val
 
 
 def test_there_are_workflows():
-    assert WORKFLOWS, "no workflows/*.json"
+    assert WORKFLOWS, "no example_workflows/*.json"
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
