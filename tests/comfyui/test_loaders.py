@@ -62,7 +62,7 @@ def model_dirs(tmp_path, monkeypatch, loaders):
         raise AssertionError("a test tried to download from the Hugging Face hub")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
-    monkeypatch.setattr(loaders, "offline", lambda: False)
+    monkeypatch.setattr(loaders, "hub_offline", lambda: False)
     yield tmp_path
     for key, value in saved.items():
         folder_paths.folder_names_and_paths[key] = value
@@ -158,7 +158,7 @@ def test_incomplete_known_folder_is_completed_by_the_download(loaders, sources, 
 
 def test_offline_blocks_the_download(loaders, sources, model_dirs, monkeypatch):
     calls = fake_hub(monkeypatch)
-    monkeypatch.setattr(loaders, "offline", lambda: True)
+    monkeypatch.setattr(loaders, "hub_offline", lambda: True)
     with pytest.raises(FileNotFoundError, match=r"\(the folder is missing and HF_HUB_OFFLINE is set\)"):
         loaders.resolve_folder(sources["blip"], "blip-image-captioning-base", allow_download=True)
     assert not calls
@@ -170,7 +170,7 @@ def test_offline_reads_both_environment_variables(loaders, monkeypatch, value):
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
         monkeypatch.setenv(var, value)
-        assert loaders.offline() is True
+        assert loaders.hub_offline() is True
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/abs"])
