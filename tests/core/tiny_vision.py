@@ -19,11 +19,9 @@ import torch
 from .tiny_text import load_clip_tokenizer, write_clip_tokenizer
 
 
-def tiny_dino(seed: int = 0, image_size: int = 224, hidden: int = 32, heads: int = 4, layers: int = 2):
-    """A seeded random ``ViTModel`` (no pooler) in DINO ViT-B/8's layout, eval mode, fp32."""
-    from transformers import ViTConfig, ViTModel
-
-    cfg = ViTConfig(
+def tiny_dino_config(image_size: int = 224, hidden: int = 32, heads: int = 4, layers: int = 2) -> dict:
+    """``ViTConfig`` keywords of DINO ViT-B/8's layout (patch 8, 224 px: 785 tokens) at a tiny width."""
+    return dict(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -32,6 +30,13 @@ def tiny_dino(seed: int = 0, image_size: int = 224, hidden: int = 32, heads: int
         patch_size=8,
         layer_norm_eps=1e-6,
     )
+
+
+def tiny_dino(seed: int = 0, image_size: int = 224, hidden: int = 32, heads: int = 4, layers: int = 2):
+    """A seeded random ``ViTModel`` (no pooler) of :func:`tiny_dino_config`, eval mode, fp32."""
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(**tiny_dino_config(image_size, hidden, heads, layers))
     torch.manual_seed(seed)
     return ViTModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
 
