@@ -464,7 +464,7 @@ validation). The notes in each group say what to click.
     )
     nodes, links = _edit_chain(512, direction_key="load")
     save_nodes = [
-        _direction_node(),
+        _direction_node(size=[340, 470]),  # it grows after the layout: reserve its height (Save goes below)
         {
             "key": "save",
             "type": "ZeroConSaveEditDirection",
