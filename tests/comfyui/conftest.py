@@ -16,6 +16,8 @@ Run (inside ComfyUI's own environment):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
 import importlib.util
 import os
@@ -124,6 +126,34 @@ def sdxl_model():
     import tiny_models
 
     return tiny_models.sdxl()
+
+
+@contextlib.contextmanager
+def temporary_model_folders(base: Path, keys):
+    """Empty folders ``base/<key>`` first in ComfyUI's search order for each of ``keys`` (pack keys such as
+    "blip" registered first); ComfyUI's folder table and file-list cache are restored afterwards."""
+    import folder_paths
+
+    pack_module("nodes.paths")  # registers the pack's keys
+    saved = {k: copy.deepcopy(folder_paths.folder_names_and_paths[k]) for k in keys}
+    try:
+        for key in keys:
+            (base / key).mkdir(parents=True, exist_ok=True)
+            folder_paths.add_model_folder_path(key, str(base / key), is_default=True)
+        yield base
+    finally:
+        folder_paths.folder_names_and_paths.update(saved)
+        folder_paths.filename_list_cache.clear()
+
+
+def forbid_downloads(monkeypatch) -> None:
+    """Any call of ``huggingface_hub.snapshot_download`` fails the test."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a test tried to download from the Hugging Face hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
 
 
 def run_node(node_cls, **inputs):

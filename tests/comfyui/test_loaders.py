@@ -6,13 +6,12 @@ the real one does (fnmatch on each file name), holding the weights in several fo
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import os
 
 import pytest
 import torch
-from conftest import pack_module
+from conftest import forbid_downloads, pack_module, temporary_model_folders
 
 # What a typical transformers hub repository holds: the same weights in four formats.
 REPO_FILES = (
@@ -49,24 +48,10 @@ def sources():
 @pytest.fixture
 def model_dirs(tmp_path, monkeypatch, loaders):
     """Temporary model folders first in ComfyUI's search order; downloads fail unless a test fakes them."""
-    import folder_paths
-    import huggingface_hub
-
-    keys = ("blip", "dino", "clip_metric")
-    saved = {k: copy.deepcopy(folder_paths.folder_names_and_paths[k]) for k in keys}
-    for key in keys:
-        (tmp_path / key).mkdir()
-        folder_paths.add_model_folder_path(key, str(tmp_path / key), is_default=True)
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("a test tried to download from the Hugging Face hub")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    forbid_downloads(monkeypatch)
     monkeypatch.setattr(loaders, "hub_offline", lambda: False)
-    yield tmp_path
-    for key, value in saved.items():
-        folder_paths.folder_names_and_paths[key] = value
-    folder_paths.filename_list_cache.clear()
+    with temporary_model_folders(tmp_path, ("blip", "dino", "clip_metric")):
+        yield tmp_path
 
 
 def fake_hub(monkeypatch, files=REPO_FILES):

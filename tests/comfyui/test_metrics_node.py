@@ -7,7 +7,6 @@ the way the BLIP loader does.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import pack_module, run_node
+from conftest import forbid_downloads, pack_module, run_node, temporary_model_folders
 
 _CHARS = string.ascii_lowercase + string.digits + ".,!'-"
 
@@ -113,25 +112,10 @@ def zm():
 @pytest.fixture
 def model_dirs(tmp_path, monkeypatch, mn):
     """Temporary models/dino and models/clip_metric, first in ComfyUI's search order; no hub access."""
-    import folder_paths
-
-    keys = ("dino", mn.CLIP_METRIC)
-    saved = {k: copy.deepcopy(folder_paths.folder_names_and_paths[k]) for k in keys}
-    for key in keys:
-        (tmp_path / key).mkdir()
-        folder_paths.add_model_folder_path(key, str(tmp_path / key), is_default=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("a test tried to download from the Hugging Face hub")
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
-    yield tmp_path
-    for key, value in saved.items():
-        folder_paths.folder_names_and_paths[key] = value
-    folder_paths.filename_list_cache.clear()
+    forbid_downloads(monkeypatch)
+    with temporary_model_folders(tmp_path, ("dino", mn.CLIP_METRIC)):
+        yield tmp_path
 
 
 @pytest.fixture
@@ -293,7 +277,7 @@ def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monk
         return local_dir
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(pack_module("nodes.loaders"), "offline", lambda: False)
+    monkeypatch.setattr(pack_module("nodes.loaders"), "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
         (dino,) = run_node(
