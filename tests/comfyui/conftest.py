@@ -82,6 +82,22 @@ def pack_module(name: str) -> types.ModuleType:
     return importlib.import_module(f"{PACK_MODULE_NAME}.{name}")
 
 
+CORE_HELPERS = "zerocon_core_test_helpers"  # tests/core imported under this name (ComfyUI has its own "tests")
+
+
+def core_helper(name: str) -> types.ModuleType:
+    """A tiny-model builder of the core tests, e.g. ``core_helper("tiny_vision")`` (tests/core/tiny_vision.py)."""
+    if CORE_HELPERS not in sys.modules:
+        folder = REPO / "tests" / "core"
+        spec = importlib.util.spec_from_file_location(
+            CORE_HELPERS, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[CORE_HELPERS] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{CORE_HELPERS}.{name}")
+
+
 @pytest.fixture(scope="session")
 def pack() -> types.ModuleType:
     return load_pack()
