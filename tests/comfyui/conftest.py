@@ -98,6 +98,17 @@ def core_helper(name: str) -> types.ModuleType:
     return importlib.import_module(f"{CORE_HELPERS}.{name}")
 
 
+def node_infos() -> dict:
+    """``{node id: GET_NODE_INFO_V1()}`` of every node the pack registers (what ``/object_info`` serves)."""
+    package = pack_module("nodes")
+    out = {}
+    for module_name in package.NODE_MODULES:
+        for cls in pack_module(f"nodes.{module_name}").NODES:
+            info = cls.GET_NODE_INFO_V1()
+            out[info["name"]] = info
+    return out
+
+
 @pytest.fixture(scope="session")
 def pack() -> types.ModuleType:
     return load_pack()
