@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_engine import SCHEDULER, PeakRSS, build_inputs, build_models, med, out, rss_mb, trim  # noqa: E402
 
+from tests.core.tiny_vision import tiny_dino_config  # noqa: E402
 from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond  # noqa: E402
 from zerocon_core.diffuseit import diffuseit_guidance, diffuseit_sample  # noqa: E402
 from zerocon_core.diffuseit_start import start_index  # noqa: E402
@@ -77,15 +78,7 @@ DINO_VITB8 = dict(
     layer_norm_eps=1e-6,
     hidden_act="gelu",
 )
-TINY_DINO = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=224,
-    patch_size=8,
-    layer_norm_eps=1e-6,
-)
+TINY_DINO = tiny_dino_config()  # the core tests' tiny DINO (tests/core/tiny_vision.py)
 #: madebyollin/taesd's config = diffusers AutoencoderTiny's defaults (64 channels, 1/3/3/3 and 3/3/3/1 blocks).
 TAESD: dict = {}
 TINY_TAESD = dict(

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.core.tiny import tiny_unet_config  # noqa: E402
+from tests.core.tiny import sd_scheduler_config, tiny_unet_config, tiny_vae_config  # noqa: E402
 from zerocon_core.denoiser import CaptureRequest  # noqa: E402
 from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond  # noqa: E402
 from zerocon_core.guidance import StepContext  # noqa: E402
@@ -89,29 +89,8 @@ SD15_VAE = dict(
     up_block_types=("UpDecoderBlock2D",) * 4,
 )
 TINY_UNET = tiny_unet_config()  # the core tests' tiny UNet (tests/core/tiny.py)
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    latent_channels=4,
-    sample_size=64,
-    layers_per_block=1,
-    norm_num_groups=4,
-    block_out_channels=(8, 8, 16, 16),
-    scaling_factor=0.18215,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-)
-SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-    prediction_type="epsilon",
-)
+TINY_VAE = tiny_vae_config()  # the core tests' tiny VAE
+SCHEDULER = sd_scheduler_config()  # SD1.x's DDIM schedule, epsilon
 
 
 def out(text: str = "") -> None:

@@ -20,7 +20,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import torch
 
-from ..zerocon_core.model_folders import ModelFolder, ModelFolderError, check_model_folder
+from ..zerocon_core.model_folders import ModelFolder, ModelFolderError, check_model_folder, hub_offline
 from . import paths
 
 logger = logging.getLogger("zerocon")
@@ -30,8 +30,6 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Files taken from a hub repository (it may also hold .bin / .h5 / msgpack / onnx copies of the weights).
 DOWNLOAD_PATTERNS = ("*.json", "*.txt", "*.safetensors")
 FALLBACK_PATTERNS = DOWNLOAD_PATTERNS + ("*.bin",)  # a repository without safetensors weights
-
-_TRUE = ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -111,18 +109,6 @@ def dtype(precision: str, load_device: torch.device) -> torch.dtype:
     return torch.float16 if mm.should_use_fp16(load_device, prioritize_performance=False) else torch.float32
 
 
-def offline() -> bool:
-    """True when Hugging Face downloads are disabled (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-    except Exception:
-        return False
-
-
 def model_names(source: ModelSource) -> list[str]:
     """The downloadable names first, then every local model folder under ``source.key``."""
     return list(source.known) + [n for n in paths.model_folders(source.key) if n not in source.known]
@@ -168,7 +154,7 @@ def resolve_folder(source: ModelSource, name: str, allow_download: bool) -> str:
         raise _error(source, name, folder, state, missing)
     if not allow_download:
         raise _error(source, name, folder, f"{state} and allow_download is off")
-    if offline():
+    if hub_offline():
         raise _error(source, name, folder, f"{state} and HF_HUB_OFFLINE is set")
     try:
         _download(repo, folder, source.folder)

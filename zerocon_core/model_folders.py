@@ -10,10 +10,25 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["WEIGHTS", "ModelFolder", "ModelFolderError", "check_model_folder", "missing_files"]
+__all__ = ["WEIGHTS", "ModelFolder", "ModelFolderError", "check_model_folder", "hub_offline", "missing_files"]
 
 # One of these holds the weights (safetensors or PyTorch pickle, single file or sharded with an index).
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def hub_offline() -> bool:
+    """True when Hugging Face downloads are switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``).
+
+    The one test for every downloader (the CLI's model, the nodes' BLIP/DINO/CLIP folders)."""
+    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - nothing can download without huggingface_hub
+        return True
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .log import logger
+from .model_folders import hub_offline
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +50,6 @@ _WEIGHTS = {
     "text_encoder_2": "model.safetensors",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_TRUE = {"1", "true", "yes", "on"}
 _FORMS = (
     "--model takes a single-file checkpoint (.safetensors/.ckpt, e.g. from ComfyUI/models/checkpoints), "
     "a diffusers-layout folder or a Hugging Face model id"
@@ -87,17 +87,6 @@ class SDParts:
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
-
-
-def hub_offline() -> bool:
-    """True when Hugging Face downloads are switched off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
-    if any(os.environ.get(k, "").strip().lower() in _TRUE for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover - huggingface_hub comes with diffusers
-        return True
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
 
 
 def model_source(model: str | os.PathLike | None) -> ModelSource:

@@ -16,6 +16,8 @@ Run (inside ComfyUI's own environment):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import importlib
 import importlib.util
 import os
@@ -80,6 +82,33 @@ def pack_module(name: str) -> types.ModuleType:
     return importlib.import_module(f"{PACK_MODULE_NAME}.{name}")
 
 
+CORE_HELPERS = "zerocon_core_test_helpers"  # tests/core imported under this name (ComfyUI has its own "tests")
+
+
+def core_helper(name: str) -> types.ModuleType:
+    """A tiny-model builder of the core tests, e.g. ``core_helper("tiny_vision")`` (tests/core/tiny_vision.py)."""
+    if CORE_HELPERS not in sys.modules:
+        folder = REPO / "tests" / "core"
+        spec = importlib.util.spec_from_file_location(
+            CORE_HELPERS, folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[CORE_HELPERS] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"{CORE_HELPERS}.{name}")
+
+
+def node_infos() -> dict:
+    """``{node id: GET_NODE_INFO_V1()}`` of every node the pack registers (what ``/object_info`` serves)."""
+    package = pack_module("nodes")
+    out = {}
+    for module_name in package.NODE_MODULES:
+        for cls in pack_module(f"nodes.{module_name}").NODES:
+            info = cls.GET_NODE_INFO_V1()
+            out[info["name"]] = info
+    return out
+
+
 @pytest.fixture(scope="session")
 def pack() -> types.ModuleType:
     return load_pack()
@@ -124,6 +153,34 @@ def sdxl_model():
     import tiny_models
 
     return tiny_models.sdxl()
+
+
+@contextlib.contextmanager
+def temporary_model_folders(base: Path, keys):
+    """Empty folders ``base/<key>`` first in ComfyUI's search order for each of ``keys`` (pack keys such as
+    "blip" registered first); ComfyUI's folder table and file-list cache are restored afterwards."""
+    import folder_paths
+
+    pack_module("nodes.paths")  # registers the pack's keys
+    saved = {k: copy.deepcopy(folder_paths.folder_names_and_paths[k]) for k in keys}
+    try:
+        for key in keys:
+            (base / key).mkdir(parents=True, exist_ok=True)
+            folder_paths.add_model_folder_path(key, str(base / key), is_default=True)
+        yield base
+    finally:
+        folder_paths.folder_names_and_paths.update(saved)
+        folder_paths.filename_list_cache.clear()
+
+
+def forbid_downloads(monkeypatch) -> None:
+    """Any call of ``huggingface_hub.snapshot_download`` fails the test."""
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a test tried to download from the Hugging Face hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
 
 
 def run_node(node_cls, **inputs):

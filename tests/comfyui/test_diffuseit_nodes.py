@@ -7,7 +7,7 @@ import pytest
 import tiny_clip
 import tiny_models as tm
 import torch
-from conftest import pack_module
+from conftest import core_helper, pack_module
 
 SIZE = 64  # pixels: latent 8 x 8 with the tiny 8x VAE
 
@@ -27,15 +27,7 @@ def dino(dino_nodes):
     """A tiny DINO-layout ViT built under inference mode (as the loader does), wrapped like a ZEROCON_DINO link."""
     from transformers import ViTConfig, ViTModel
 
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=224,
-        patch_size=8,
-        layer_norm_eps=1e-6,
-    )
+    cfg = ViTConfig(**core_helper("tiny_vision").tiny_dino_config())
     with torch.inference_mode():
         torch.manual_seed(0)
         vit = ViTModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)

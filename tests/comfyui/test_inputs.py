@@ -4,7 +4,7 @@ way, every node is in the one category, and each call builds fresh input objects
 from __future__ import annotations
 
 import pytest
-from conftest import pack_module
+from conftest import node_infos, pack_module
 
 SHARED = ("seed", "steps", "cfg", "step_mode", "step_size", "start", "end", "previous")
 #: What may differ between nodes per shared input (the rest of the declaration must be identical).
@@ -18,13 +18,7 @@ MAY_DIFFER = {
 
 @pytest.fixture(scope="module")
 def infos():
-    package = pack_module("nodes")
-    out = {}
-    for module_name in package.NODE_MODULES:
-        for cls in pack_module(f"nodes.{module_name}").NODES:
-            info = cls.GET_NODE_INFO_V1()
-            out[info["name"]] = info
-    return out
+    return node_infos()
 
 
 def _inputs(info) -> dict:

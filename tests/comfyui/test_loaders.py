@@ -6,13 +6,12 @@ the real one does (fnmatch on each file name), holding the weights in several fo
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import os
 
 import pytest
 import torch
-from conftest import pack_module
+from conftest import forbid_downloads, pack_module, temporary_model_folders
 
 # What a typical transformers hub repository holds: the same weights in four formats.
 REPO_FILES = (
@@ -49,24 +48,10 @@ def sources():
 @pytest.fixture
 def model_dirs(tmp_path, monkeypatch, loaders):
     """Temporary model folders first in ComfyUI's search order; downloads fail unless a test fakes them."""
-    import folder_paths
-    import huggingface_hub
-
-    keys = ("blip", "dino", "clip_metric")
-    saved = {k: copy.deepcopy(folder_paths.folder_names_and_paths[k]) for k in keys}
-    for key in keys:
-        (tmp_path / key).mkdir()
-        folder_paths.add_model_folder_path(key, str(tmp_path / key), is_default=True)
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("a test tried to download from the Hugging Face hub")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
-    monkeypatch.setattr(loaders, "offline", lambda: False)
-    yield tmp_path
-    for key, value in saved.items():
-        folder_paths.folder_names_and_paths[key] = value
-    folder_paths.filename_list_cache.clear()
+    forbid_downloads(monkeypatch)
+    monkeypatch.setattr(loaders, "hub_offline", lambda: False)
+    with temporary_model_folders(tmp_path, ("blip", "dino", "clip_metric")):
+        yield tmp_path
 
 
 def fake_hub(monkeypatch, files=REPO_FILES):
@@ -158,7 +143,7 @@ def test_incomplete_known_folder_is_completed_by_the_download(loaders, sources, 
 
 def test_offline_blocks_the_download(loaders, sources, model_dirs, monkeypatch):
     calls = fake_hub(monkeypatch)
-    monkeypatch.setattr(loaders, "offline", lambda: True)
+    monkeypatch.setattr(loaders, "hub_offline", lambda: True)
     with pytest.raises(FileNotFoundError, match=r"\(the folder is missing and HF_HUB_OFFLINE is set\)"):
         loaders.resolve_folder(sources["blip"], "blip-image-captioning-base", allow_download=True)
     assert not calls
@@ -170,7 +155,7 @@ def test_offline_reads_both_environment_variables(loaders, monkeypatch, value):
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
         monkeypatch.setenv(var, value)
-        assert loaders.offline() is True
+        assert loaders.hub_offline() is True
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/abs"])

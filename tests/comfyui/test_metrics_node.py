@@ -7,92 +7,25 @@ the way the BLIP loader does.
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import math
 import os
-import string
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import pack_module, run_node
-
-_CHARS = string.ascii_lowercase + string.digits + ".,!'-"
+from conftest import core_helper, forbid_downloads, pack_module, run_node, temporary_model_folders
 
 
 def save_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> str:
-    """A random CLIPModel (32 px images) + a character-level CLIP tokenizer + preprocessor config, saved."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokens = ["<|startoftext|>", "<|endoftext|>"] + list(_CHARS) + [c + "</w>" for c in _CHARS]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "CLIPTokenizer",
-                "model_max_length": 77,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-            }
-        )
-    )
-    tok = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    text = dict(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    vision = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    torch.manual_seed(seed)
+    """The core tests' tiny random CLIPModel (32 px images, character-level tokenizer, preprocessor config), saved."""
     with torch.inference_mode(False):
-        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(str(folder))
-    tok.save_pretrained(str(folder))
-    (folder / "preprocessor_config.json").write_text(
-        json.dumps(
-            {
-                "crop_size": {"height": 32, "width": 32},
-                "size": {"shortest_edge": 32},
-                "do_center_crop": True,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073],
-                "image_std": [0.26862954, 0.26130258, 0.27577711],
-            }
-        )
-    )
-    return str(folder)
+        return str(core_helper("tiny_vision").tiny_clip_metric_folder(folder, seed))
 
 
 def save_tiny_dino(folder: str | os.PathLike, seed: int = 0) -> str:
-    """A random ViTModel in DINO ViT-B/8's layout (patch 8, 224 px) but 32 wide, 2 blocks, saved."""
-    from transformers import ViTConfig, ViTModel
-
-    torch.manual_seed(seed)
-    cfg = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        image_size=224,
-        patch_size=8,
-        layer_norm_eps=1e-6,
-    )
+    """The core tests' tiny random ViT in DINO ViT-B/8's layout (patch 8, 224 px, 32 wide, 2 blocks), saved."""
     with torch.inference_mode(False):
-        ViTModel(cfg, add_pooling_layer=False).save_pretrained(str(folder))
-    return str(folder)
+        return str(core_helper("tiny_vision").tiny_dino_folder(folder, seed))
 
 
 @pytest.fixture(scope="module")
@@ -113,25 +46,10 @@ def zm():
 @pytest.fixture
 def model_dirs(tmp_path, monkeypatch, mn):
     """Temporary models/dino and models/clip_metric, first in ComfyUI's search order; no hub access."""
-    import folder_paths
-
-    keys = ("dino", mn.CLIP_METRIC)
-    saved = {k: copy.deepcopy(folder_paths.folder_names_and_paths[k]) for k in keys}
-    for key in keys:
-        (tmp_path / key).mkdir()
-        folder_paths.add_model_folder_path(key, str(tmp_path / key), is_default=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("a test tried to download from the Hugging Face hub")
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
-    yield tmp_path
-    for key, value in saved.items():
-        folder_paths.folder_names_and_paths[key] = value
-    folder_paths.filename_list_cache.clear()
+    forbid_downloads(monkeypatch)
+    with temporary_model_folders(tmp_path, ("dino", mn.CLIP_METRIC)):
+        yield tmp_path
 
 
 @pytest.fixture
@@ -293,7 +211,7 @@ def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monk
         return local_dir
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(pack_module("nodes.loaders"), "offline", lambda: False)
+    monkeypatch.setattr(pack_module("nodes.loaders"), "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
         (dino,) = run_node(

@@ -6,14 +6,13 @@ nothing ever reaches the Hugging Face hub.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 
 import pytest
 import tiny_clip
 import torch
-from conftest import pack_module, run_node
+from conftest import forbid_downloads, pack_module, run_node, temporary_model_folders
 
 TEMPLATE_N = 6
 
@@ -36,25 +35,10 @@ def zdir():
 @pytest.fixture
 def model_dirs(tmp_path, monkeypatch):
     """Temporary models/blip and models/edit_directions folders, first in ComfyUI's search order."""
-    import folder_paths
-
-    pack_module("nodes.paths")  # registers the keys
-    saved = {k: copy.deepcopy(folder_paths.folder_names_and_paths[k]) for k in ("blip", "edit_directions")}
-    for key in saved:
-        (tmp_path / key).mkdir()
-        folder_paths.add_model_folder_path(key, str(tmp_path / key), is_default=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def no_download(*args, **kwargs):
-        raise AssertionError("a test tried to download from the Hugging Face hub")
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
-    yield tmp_path
-    for key, value in saved.items():
-        folder_paths.folder_names_and_paths[key] = value
-    folder_paths.filename_list_cache.clear()
+    forbid_downloads(monkeypatch)
+    with temporary_model_folders(tmp_path, ("blip", "edit_directions")):
+        yield tmp_path
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +91,7 @@ def test_blip_loader_missing_folder_names_folder_and_model_id(blip_nodes, model_
 
 def test_blip_loader_download_switched_off(blip_nodes, model_dirs, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(pack_module("nodes.loaders"), "offline", lambda: False)
+    monkeypatch.setattr(pack_module("nodes.loaders"), "hub_offline", lambda: False)
     with pytest.raises(FileNotFoundError, match="allow_download is off") as err:
         run_node(
             blip_nodes.ZeroConBLIPLoader,
@@ -131,7 +115,7 @@ def test_blip_loader_downloads_once_when_allowed_and_online(blip_nodes, model_di
         return local_dir
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(pack_module("nodes.loaders"), "offline", lambda: False)
+    monkeypatch.setattr(pack_module("nodes.loaders"), "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
         (blip,) = run_node(
@@ -146,7 +130,7 @@ def test_blip_loader_downloads_once_when_allowed_and_online(blip_nodes, model_di
 
 
 def test_blip_loader_incomplete_local_folder_is_never_downloaded(blip_nodes, model_dirs, monkeypatch):
-    monkeypatch.setattr(pack_module("nodes.loaders"), "offline", lambda: False)
+    monkeypatch.setattr(pack_module("nodes.loaders"), "hub_offline", lambda: False)
     (model_dirs / "blip" / "my-blip").mkdir()
     (model_dirs / "blip" / "my-blip" / "config.json").write_text("{}")
     assert "my-blip" in blip_nodes.ZeroConBLIPLoader.INPUT_TYPES()["required"]["model"][1]["options"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO, pack_module
+from conftest import REPO, node_infos
 
 WORKFLOWS = sorted((REPO / "example_workflows").glob("*.json"))
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -24,13 +24,7 @@ FILE_LISTS = {"ZeroConLoadEditDirection.name"}
 
 @pytest.fixture(scope="module")
 def infos():
-    package = pack_module("nodes")
-    out = {}
-    for module_name in package.NODE_MODULES:
-        for cls in pack_module(f"nodes.{module_name}").NODES:
-            info = cls.GET_NODE_INFO_V1()
-            out[info["name"]] = info
-    return out
+    return node_infos()
 
 
 def expected_widgets(info) -> list[tuple[str, str, dict]]:

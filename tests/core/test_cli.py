@@ -7,7 +7,6 @@ works at 48x40 and writes an output of the input's size.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -16,60 +15,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from zerocon_core import cli
 
-from .tiny import PNG_H, PNG_W, sd_scheduler_config, tiny_sdxl_unet, tiny_unet, tiny_vae
-from .tiny_text import tiny_blip_folder, tiny_clip
+from .tiny import PNG_H, PNG_W, tiny_sd_folder
+from .tiny_text import tiny_blip_folder
 
 W, H = PNG_W, PNG_H
 REPO = Path(__file__).resolve().parents[2]
 
 
-def write_tiny_sd_folder(folder: Path, prediction_type: str = "epsilon", sdxl: bool = False) -> Path:
-    """A diffusers-layout SD folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/ + model_index.json.
-
-    ``sdxl``: an SDXL-style folder (two 16-wide CLIPs concatenated to the UNet's 32, pooled 16 + time ids).
-    """
-    from diffusers import DDIMScheduler
-
-    folder.mkdir(parents=True, exist_ok=True)
-    unet = tiny_sdxl_unet(seed=0, dtype=torch.float32) if sdxl else tiny_unet(seed=0, dtype=torch.float32)
-    unet.save_pretrained(folder / "unet")
-    tiny_vae().save_pretrained(folder / "vae")
-    tok, te = tiny_clip(folder / "tokenizer", hidden=16 if sdxl else 32)
-    tok.save_pretrained(folder / "tokenizer")
-    te.save_pretrained(folder / "text_encoder")
-    if sdxl:
-        tok2, te2 = tiny_clip(folder / "tokenizer_2", hidden=16, projection=16, pad_token="!", seed=1)
-        tok2.save_pretrained(folder / "tokenizer_2")
-        te2.save_pretrained(folder / "text_encoder_2")
-    DDIMScheduler.from_config(sd_scheduler_config(prediction_type)).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDIMScheduler"],
-            }
-        )
-    )
-    return folder
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
-    return write_tiny_sd_folder(tmp_path_factory.mktemp("models") / "sd-tiny")
+    return tiny_sd_folder(tmp_path_factory.mktemp("models") / "sd-tiny")
 
 
 @pytest.fixture(scope="module")
 def vpred_dir(tmp_path_factory) -> Path:
-    return write_tiny_sd_folder(tmp_path_factory.mktemp("models") / "sd-tiny-v", "v_prediction")
+    return tiny_sd_folder(tmp_path_factory.mktemp("models") / "sd-tiny-v", "v_prediction")
 
 
 def _args(model: Path, image: Path, out: Path, *extra: str) -> list[str]:
@@ -233,7 +197,7 @@ def test_cli_v_prediction(vpred_dir, png, tmp_path, caplog):
 
 
 def test_cli_sdxl(tmp_path, png, caplog):
-    model = write_tiny_sd_folder(tmp_path / "sdxl-tiny", sdxl=True)
+    model = tiny_sd_folder(tmp_path / "sdxl-tiny", sdxl=True)
     with caplog.at_level(logging.INFO, logger="zerocon"):
         assert cli.main(_args(model, png, tmp_path / "xl.png", "--caption", "a cat", "--target-prompt", "a dog")) == 0
     _check_png(tmp_path / "xl.png")

@@ -8,13 +8,12 @@ from zerocon_core import cli
 from zerocon_core import pipeline as pipeline_module
 from zerocon_core.sampler import BRANCHES
 
-from .test_cli import write_tiny_sd_folder
-from .tiny import write_png
+from .tiny import tiny_sd_folder, write_png
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return write_tiny_sd_folder(tmp_path_factory.mktemp("models") / "sd-tiny")
+    return tiny_sd_folder(tmp_path_factory.mktemp("models") / "sd-tiny")
 
 
 def _edit(model_dir, tmp_path, *extra: str) -> list[str]:

@@ -10,9 +10,9 @@ import pytest
 
 from zerocon_core import cli, sd_models
 
-from .test_cli import _args, _check_png, write_tiny_sd_folder
+from .test_cli import _args, _check_png
 from .test_sd_models_single_file import configs_only
-from .tiny import write_png
+from .tiny import tiny_sd_folder, write_png
 from .tiny_checkpoint import write_checkpoint
 
 
@@ -20,7 +20,7 @@ from .tiny_checkpoint import write_checkpoint
 def models(tmp_path_factory):
     """(diffusers folder, checkpoint file of the same weights, configs-only folder)."""
     root = tmp_path_factory.mktemp("cli-models")
-    folder = write_tiny_sd_folder(root / "sd")
+    folder = tiny_sd_folder(root / "sd")
     parts = sd_models.load_folder(folder)
     (root / "checkpoints").mkdir()
     ckpt = write_checkpoint(root / "checkpoints" / "tiny.safetensors", parts.unet, parts.vae, parts.text_encoder)

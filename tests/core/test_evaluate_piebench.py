@@ -24,14 +24,6 @@ from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino_folder
 H = W = 512
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # RLE decoding, against masks drawn by hand
 

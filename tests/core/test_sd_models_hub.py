@@ -7,12 +7,12 @@ import pytest
 
 from zerocon_core import sd_models
 
-from .test_cli import write_tiny_sd_folder
+from .tiny import tiny_sd_folder
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    return write_tiny_sd_folder(tmp_path_factory.mktemp("hub") / "sd")
+    return tiny_sd_folder(tmp_path_factory.mktemp("hub") / "sd")
 
 
 def test_model_source_forms(tiny_folder, tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 from zerocon_core import sd_models
 
-from .test_cli import write_tiny_sd_folder
+from .tiny import tiny_sd_folder
 from .tiny_checkpoint import clip_to_ldm, unet_to_ldm, vae_to_ldm, write_checkpoint
 
 
@@ -31,7 +31,7 @@ def configs_only(folder: Path, dest: Path) -> Path:
 def sd1(tmp_path_factory):
     """(original parts, checkpoint .safetensors, checkpoint .ckpt, configs-only folder)."""
     root = tmp_path_factory.mktemp("single-file")
-    folder = write_tiny_sd_folder(root / "sd")
+    folder = tiny_sd_folder(root / "sd")
     parts = sd_models.load_folder(folder)
     st = write_checkpoint(root / "tiny-sd15.safetensors", parts.unet, parts.vae, parts.text_encoder)
     ckpt = write_checkpoint(root / "tiny-sd15.ckpt", parts.unet, parts.vae, parts.text_encoder)
@@ -213,7 +213,7 @@ def write_tiny_sdxl_folder(folder: Path) -> Path:
 
     from .tiny_text import tiny_clip
 
-    write_tiny_sd_folder(folder, sdxl=True)
+    tiny_sd_folder(folder, sdxl=True)
     tiny_clip(folder / "tokenizer", hidden=12)[1].save_pretrained(folder / "text_encoder")
     te2 = tiny_clip(folder / "tokenizer_2", hidden=20, layers=10, projection=16, pad_token="!", seed=1)[1]
     te2.save_pretrained(folder / "text_encoder_2")

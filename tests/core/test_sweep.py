@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino_folder, tiny_sd_folder, write_png
+from .tiny import tiny_sd_folder
+from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino_folder, write_png
 
 REPO = Path(__file__).resolve().parents[2]
 

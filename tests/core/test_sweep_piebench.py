@@ -10,22 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from zerocon_core import cli, piebench
 
-from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino_folder, tiny_sd_folder, write_png
+from .tiny import tiny_sd_folder
+from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino_folder, write_png
 
 REPO = Path(__file__).resolve().parents[2]
 S = 64  # tiny VAE size; masks decode at the image's size (PIE-Bench's own images are 512 x 512)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -158,12 +158,9 @@ def rand_image(seed: int, b: int = 1, h: int = 32, w: int = 32) -> torch.Tensor:
     return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-def tiny_vae(seed: int = 0):
-    """A random 4-level (x8) AutoencoderKL with SD's scaling factor."""
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(seed)
-    return AutoencoderKL(
+def tiny_vae_config(**overrides) -> dict:
+    """A 4-level (x8) AutoencoderKL config, 8/8/16/16 channels, SD's scaling factor (64 px -> 8x8 latents)."""
+    cfg = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -172,9 +169,60 @@ def tiny_vae(seed: int = 0):
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,
-        sample_size=32,
+        sample_size=64,
         scaling_factor=0.18215,
-    ).eval()
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_vae(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A seeded random ``AutoencoderKL`` (``tiny_vae_config(**overrides)``) in eval mode."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(**tiny_vae_config(**overrides)).eval().to(dtype)
+
+
+def tiny_sd_folder(folder: Path, prediction_type: str = "epsilon", sdxl: bool = False) -> Path:
+    """A diffusers-layout SD folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/ + model_index.json.
+
+    UNet: :func:`tiny_unet` (fp32, 8x8 latents, cross-attention width 32); VAE: :func:`tiny_vae`; text encoder:
+    ``tiny_text.tiny_clip`` (width 32). ``sdxl``: an SDXL-style folder (two 16-wide CLIPs concatenated to the
+    UNet's 32, pooled 16 + time ids).
+    """
+    import json
+
+    from diffusers import DDIMScheduler
+
+    from .tiny_text import tiny_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    unet = tiny_sdxl_unet(seed=0, dtype=torch.float32) if sdxl else tiny_unet(seed=0, dtype=torch.float32)
+    unet.save_pretrained(folder / "unet")
+    tiny_vae().save_pretrained(folder / "vae")
+    tok, te = tiny_clip(folder / "tokenizer", hidden=16 if sdxl else 32)
+    tok.save_pretrained(folder / "tokenizer")
+    te.save_pretrained(folder / "text_encoder")
+    if sdxl:
+        tok2, te2 = tiny_clip(folder / "tokenizer_2", hidden=16, projection=16, pad_token="!", seed=1)
+        tok2.save_pretrained(folder / "tokenizer_2")
+        te2.save_pretrained(folder / "text_encoder_2")
+    DDIMScheduler.from_config(sd_scheduler_config(prediction_type)).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+            }
+        )
+    )
+    return folder
 
 
 #: Size of the test PNG (W x H): not a multiple of 8.

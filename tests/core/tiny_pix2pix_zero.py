@@ -9,33 +9,19 @@ from __future__ import annotations
 
 import torch
 
-from .tiny import sd_scheduler_config
-
-
-def f64(sched):
-    """Float64 alpha tables for a diffusers DDIM(-inverse) scheduler (same values as the denoiser's table)."""
-    sched.alphas_cumprod = sched.alphas_cumprod.double()
-    for attr in ("initial_alpha_cumprod", "final_alpha_cumprod"):
-        if hasattr(sched, attr):
-            setattr(sched, attr, torch.as_tensor(getattr(sched, attr)).double())
-    return sched
+from .tiny import f64, sd_scheduler_config
+from .tiny import tiny_vae as _tiny_vae
 
 
 def tiny_vae(dtype: torch.dtype = torch.float64):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
+    """A one-level (x1) ``tiny.tiny_vae``: 4-channel "images" are the latents themselves."""
+    return _tiny_vae(
+        0,
+        dtype,
         down_block_types=("DownEncoderBlock2D",),
         up_block_types=("UpDecoderBlock2D",),
         block_out_channels=(8,),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-    ).eval()
-    return vae.to(dtype)
+    )
 
 
 def pix2pix_zero_pipeline(unet, prediction_type: str = "epsilon"):

@@ -19,11 +19,9 @@ import torch
 from .tiny_text import load_clip_tokenizer, write_clip_tokenizer
 
 
-def tiny_dino(seed: int = 0, image_size: int = 224, hidden: int = 32, heads: int = 4, layers: int = 2):
-    """A seeded random ``ViTModel`` (no pooler) in DINO ViT-B/8's layout, eval mode, fp32."""
-    from transformers import ViTConfig, ViTModel
-
-    cfg = ViTConfig(
+def tiny_dino_config(image_size: int = 224, hidden: int = 32, heads: int = 4, layers: int = 2) -> dict:
+    """``ViTConfig`` keywords of DINO ViT-B/8's layout (patch 8, 224 px: 785 tokens) at a tiny width."""
+    return dict(
         hidden_size=hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
@@ -32,6 +30,13 @@ def tiny_dino(seed: int = 0, image_size: int = 224, hidden: int = 32, heads: int
         patch_size=8,
         layer_norm_eps=1e-6,
     )
+
+
+def tiny_dino(seed: int = 0, image_size: int = 224, hidden: int = 32, heads: int = 4, layers: int = 2):
+    """A seeded random ``ViTModel`` (no pooler) of :func:`tiny_dino_config`, eval mode, fp32."""
+    from transformers import ViTConfig, ViTModel
+
+    cfg = ViTConfig(**tiny_dino_config(image_size, hidden, heads, layers))
     torch.manual_seed(seed)
     return ViTModel(cfg, add_pooling_layer=False).eval().requires_grad_(False)
 
@@ -115,38 +120,3 @@ def write_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
         arr = (image[0].clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         Image.fromarray(np.ascontiguousarray(arr)).save(path)
     return path
-
-
-def tiny_sd_folder(folder: str | os.PathLike, seed: int = 0) -> Path:
-    """A tiny random SD1.x-style model in diffusers layout (unet/ vae/ text_encoder/ tokenizer/ scheduler/).
-
-    UNet: ``tiny.tiny_unet`` (fp32, 8x8 latents, cross-attention width 32); VAE: 3 downsamplings (64 px
-    images -> 8x8 latents), 8 channels; text encoder: ``tiny_text.tiny_clip`` (width 32).
-    """
-    from diffusers import AutoencoderKL
-
-    from .tiny import sd_scheduler_config, tiny_unet
-    from .tiny_text import tiny_clip
-
-    folder = Path(folder)
-    tiny_unet(seed, torch.float32).save_pretrained(os.fspath(folder / "unet"))
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=4,
-        sample_size=64,
-    ).eval()
-    vae.save_pretrained(os.fspath(folder / "vae"))
-    tok, te = tiny_clip(folder / "tokenizer", seed=seed + 2)
-    te.save_pretrained(os.fspath(folder / "text_encoder"))
-    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(dict(sd_scheduler_config(), _class_name="DDIMScheduler"))
-    )
-    return folder

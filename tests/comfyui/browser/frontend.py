@@ -146,6 +146,10 @@ class Frontend:
 
     def screenshot(self, path: Path, canvas_only: bool = True) -> None:
         self.close_overlays()
+        try:  # a closed dialog fades out: wait until it is gone, so it does not show in the picture
+            self.page.locator(".p-dialog-mask, .p-dialog").first.wait_for(state="hidden", timeout=5000)
+        except Exception:  # still there after 5 s: take the picture anyway
+            pass
         if canvas_only:
             el = self.page.locator("#graph-canvas")
             if el.count():

@@ -34,7 +34,8 @@ The caption is the **source prompt**: the image is inverted with it and the edit
 
 - *prefix* `a photography of` is pix2pix-zero's; the caption continues it (the prefix is removed from the output).
 - *num_beams* 3 (pix2pix-zero); 1 is greedy and faster. *min_new_tokens*: raise it if captions come out empty.
-- Wrong caption? Delete the link into **CLIP Text Encode (caption)** and type the caption there.
+- A batch of images gets one caption per line; **Encode caption** (ZeroCon Encode Prompts) gives image i caption i.
+- Wrong caption? Delete the link into **Encode caption** and type the caption there.
 
 **Model folder:** `ComfyUI/models/blip/blip-image-captioning-base/` holds the files of
 [Salesforce/blip-image-captioning-base](https://huggingface.co/Salesforce/blip-image-captioning-base)
@@ -158,9 +159,9 @@ def _edit_chain(
         {"key": "show_caption", "type": "PreviewAny", "col": 1, "title": "Caption (source prompt)", "size": [340, 120]},
         {
             "key": "encode",
-            "type": "CLIPTextEncode",
+            "type": "ZeroConEncodePrompts",
             "col": 2,
-            "title": "CLIP Text Encode (caption)",
+            "title": "Encode caption (one prompt per image)",
             "size": [340, 120],
         },
         {"key": "apply", "type": "ZeroConApplyEditDirection", "col": 2},
@@ -463,7 +464,7 @@ validation). The notes in each group say what to click.
     )
     nodes, links = _edit_chain(512, direction_key="load")
     save_nodes = [
-        _direction_node(),
+        _direction_node(size=[340, 470]),  # it grows after the layout: reserve its height (Save goes below)
         {
             "key": "save",
             "type": "ZeroConSaveEditDirection",
