@@ -194,6 +194,7 @@ def guided_ddim_sample(
     notes: list[str] = []
     mode, traj, record = _reference_source(settings, inversion, sigmas, x, neg_is_source, notes)
     replay_steps: list[int] = []
+    live_steps: list[int] = []  # "inverted" steps after the first whose captures were not in the record
     # The reference branch must advance at every step up to the last one where a capturing term is active.
     last_active = max((i for i in range(n) for t, r in zip(terms, reqs) if r and t.active(i, n)), default=-1)
     ref_until = n if settings.keep_reference else last_active + 1
@@ -221,6 +222,8 @@ def guided_ddim_sample(
             if mode == "inverted" and active and i < ref_until and merged:
                 p_src = replayed(record, n - i, merged, x) if record is not None and i > 0 else None
                 if p_src is None:
+                    if i > 0:
+                        live_steps.append(i)
                     with torch.no_grad():
                         (p_src,) = denoiser.predict(traj[n - i], s, [source_cond], merged)
                 else:
@@ -271,6 +274,9 @@ def guided_ddim_sample(
 
     if skipped:
         logger.warning("guidance skipped at %d of %d steps (non-finite gradient): %s", len(skipped), n, skipped)
+    if live_steps:
+        notes.append(f"steps {live_steps} ran the reference forward on the inverted latent (not in the record)")
+        logger.info("reference: %s", notes[-1])
     if mode == "inverted":
         reconstruction = traj[0] if ref_until == n else None
     else:
@@ -303,7 +309,9 @@ def _reference_source(
     if mode == "inverted":
         n = len(sigmas) - 1
         inv_sigmas = inversion.sigmas.to(device=sigmas.device, dtype=sigmas.dtype)
-        if len(traj) != n + 1 or len(inv_sigmas) != n + 1 or not torch.allclose(inv_sigmas.flip(0), sigmas):
+        # the last sampling level is never evaluated (its inverted twin may be FlipSigmas' 1e-4 for a 0)
+        same_grid = len(inv_sigmas) == n + 1 and torch.allclose(inv_sigmas.flip(0)[:-1], sigmas[:-1])
+        if len(traj) != n + 1 or not same_grid:
             mode, why = "resampled", "reference 'inverted' falls back to 'resampled': the sampling grid is not the "
             why += "inversion's grid reversed"
         elif tuple(traj[-1].shape) != tuple(x.shape):
