@@ -48,7 +48,7 @@ class RecordSettings:
     guidance: tuple[GuidanceTerm, ...] = ()
     dtype: str = "float16"
     device: str | None = "cpu"
-    budget_mb: float = 2048.0
+    budget_mb: float = 4096.0
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
