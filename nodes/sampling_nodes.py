@@ -22,7 +22,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..zerocon_core.inversion import EVAL_AT, Inversion, NoiseRegularization, ddim_invert
-from ..zerocon_core.replay import REFERENCES, RecordSettings
+from ..zerocon_core.replay import REFERENCES, RecordSettings, merged_request
 from ..zerocon_core.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps, inversion_sigmas
 from . import progress
@@ -234,6 +234,7 @@ def guided_function(
     family = detect_family(guider.model_patcher)
     terms = resolve_weights(guider.guidance, family)
     denoiser = _denoiser(guider, extra_args)
+    wants = bool(terms) and bool(merged_request(terms, denoiser.layers())[1])  # a reference is needed at all
     conds = guider.conds
     with torch.inference_mode(False):  # the latent must be able to require grad
         x, sigmas = x.clone(), sigmas.clone()
@@ -248,7 +249,7 @@ def guided_function(
             settings=dataclasses.replace(settings, cfg=float(guider.cfg)),
             callback=progress.sampling_callback(callback, sigmas),
             check_interrupt=progress.check_interrupt,
-            inversion=replay_source(guider, terms, sigmas) if settings.reference == "inverted" else None,
+            inversion=replay_source(guider, terms, sigmas) if settings.reference == "inverted" and wants else None,
         )
     if settings.keep_reference:
         return torch.cat([result.latent, result.reference])
@@ -256,9 +257,10 @@ def guided_function(
 
 
 def replay_source(guider, terms: tuple, sigmas: torch.Tensor) -> Inversion | None:
-    """The engine ``Inversion`` whose record the sampler replays, or None (logged when guidance needs a
-    reference; the sampler then runs "resampled"). Replay only when the guider's inversion recorded for the
-    same resolved guidance terms, the same steps, the same model weights and the same source conditioning."""
+    """The engine ``Inversion`` whose record the sampler replays, or None (logged; the sampler then runs
+    "resampled"). Called only when the guidance needs reference captures. Replay only when the guider's
+    inversion recorded for the same resolved guidance terms, the same steps, the same model weights and the
+    same source conditioning (the engine checks the convention, the grid and the recorded layers)."""
     data = getattr(guider, "inversion", None)
     replay = data.replay if data is not None else None
     why = ""
@@ -275,8 +277,7 @@ def replay_source(guider, terms: tuple, sigmas: torch.Tensor) -> Inversion | Non
     elif guider.conditionings.get("source") is not data.source:
         why = "the source conditioning is not the one the inversion used"
     if why:
-        if terms:
-            logger.warning("ZeroCon: reference 'inverted' falls back to 'resampled': %s", why)
+        logger.warning("ZeroCon: reference 'inverted' falls back to 'resampled': %s", why)
         return None
     return replay
 
