@@ -588,7 +588,9 @@ class ZeroConGuidedSampler(io.ComfyNode):
             outputs=[
                 io.Latent.Output(display_name="edit", tooltip="The edited latent."),
                 io.Latent.Output(
-                    display_name="reconstruction", tooltip="The reference branch: the source reconstructed from x_T."
+                    display_name="reconstruction",
+                    tooltip="The reference branch: the source reconstructed from x_T (reference inverted: exactly the "
+                    "latent the inversion started from).",
                 ),
             ],
         )

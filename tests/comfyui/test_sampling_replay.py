@@ -63,6 +63,17 @@ def test_a_mismatched_record_falls_back_to_resampled_with_a_log_line(zc, run, sd
     assert torch.equal(other["samples"], resampled["samples"]) and torch.equal(none["samples"], resampled["samples"])
 
 
+def test_another_source_conditioning_is_not_replayed(zc, run, sd15_model, monkeypatch, caplog):
+    lat, cap, edit = tm.latent(52), tm.conditioning(53), tm.conditioning(54)
+    g = h.guidance(zc, run)
+    _, inversion, _ = h.invert(zc, run, sd15_model, lat, cap, guidance=g)
+    results = _spy(zc, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="zerocon"):
+        h.guided(zc, run, sd15_model, inversion, edit, guidance=g, source=tm.conditioning(55))
+    assert "falls back to 'resampled': the source conditioning is not the one the inversion used" in caplog.text
+    assert results[0].reference_mode == "resampled"
+
+
 def test_the_guider_replays_through_sampler_custom_advanced_nodes(zc, run, sd15_model, monkeypatch):
     lat, cap, edit = tm.latent(46), tm.conditioning(47), tm.conditioning(48)
     g = h.guidance(zc, run)
