@@ -306,21 +306,21 @@ def _reference_source(
         negative_is_source=neg_is_source,
         branches=settings.branches,
     )
+    mismatch = ""  # a caller's mistake (warned about); the other reasons are settings, or no inversion at all
     if mode == "inverted":
         n = len(sigmas) - 1
         inv_sigmas = inversion.sigmas.to(device=sigmas.device, dtype=sigmas.dtype)
         # the last sampling level is never evaluated (its inverted twin may be FlipSigmas' 1e-4 for a 0)
         same_grid = len(inv_sigmas) == n + 1 and torch.allclose(inv_sigmas.flip(0)[:-1], sigmas[:-1])
         if len(traj) != n + 1 or not same_grid:
-            mode, why = "resampled", "reference 'inverted' falls back to 'resampled': the sampling grid is not the "
-            why += "inversion's grid reversed"
+            mismatch = "the sampling grid is not the inversion's grid reversed"
         elif tuple(traj[-1].shape) != tuple(x.shape):
-            mode, why = "resampled", "reference 'inverted' falls back to 'resampled': the latent's shape differs "
-            why += "from the inversion's"
+            mismatch = "the latent's shape differs from the inversion's"
+    if mismatch:
+        mode, why = "resampled", f"reference 'inverted' falls back to 'resampled': {mismatch}"
     if why:
         notes.append(why)
-        # without an inversion, "resampled" is the only reference there is: not worth a warning
-        (logger.info if inversion is None else logger.warning)(why)
+        (logger.warning if mismatch else logger.info)(why)
     if mode != "inverted":
         return mode, None, None
     return mode, [t.to(device=x.device, dtype=x.dtype) for t in traj], record
