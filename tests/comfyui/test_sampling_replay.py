@@ -98,3 +98,22 @@ def test_stock_ksampler_is_bit_identical_after_a_replayed_run(zc, run, sd15_mode
     _, inversion, _ = h.invert(zc, run, sd15_model, lat, cap, guidance=g)
     h.guided(zc, run, sd15_model, inversion, edit, guidance=g)
     assert torch.equal(h.ksampler(sd15_model, edit, cap, lat), before)
+
+
+def test_other_steps_through_the_guider_are_not_replayed(zc, run, sd15_model, monkeypatch, caplog):
+    lat, cap, edit = tm.latent(56), tm.conditioning(57), tm.conditioning(58)
+    g = h.guidance(zc, run)
+    _, inversion, _ = h.invert(zc, run, sd15_model, lat, cap, guidance=g)
+    (guider,) = run(zc.sampling.ZeroConGuiderNode, model=sd15_model, edited=edit, source=cap, cfg=5.0, guidance=g,
+                    inversion=inversion)  # fmt: skip
+    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0)
+    results = _spy(zc, monkeypatch)
+    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
+
+    other = h.ddim_sigmas(sd15_model, h.STEPS - 1)
+    with caplog.at_level(logging.WARNING, logger="zerocon"), torch.inference_mode():
+        SamplerCustomAdvanced().sample(
+            DisableNoise().get_noise()[0], guider, sampler, other, {"samples": inversion.latent}
+        )
+    assert f"the inversion has {h.STEPS} steps, the sampler {h.STEPS - 1}" in caplog.text
+    assert results[0].reference_mode == "resampled"
