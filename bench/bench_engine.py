@@ -51,6 +51,7 @@ from zerocon_core.guidance import StepContext  # noqa: E402
 from zerocon_core.images import decode_latents, encode_latents  # noqa: E402
 from zerocon_core.inversion import NoiseRegularization  # noqa: E402
 from zerocon_core.pipeline import Timings, default_guidance, invert_and_edit, sampling_grid  # noqa: E402
+from zerocon_core.replay import REFERENCES  # noqa: E402
 from zerocon_core.sampler import BRANCHES, SamplerSettings, cfg_combine, guided_ddim_sample  # noqa: E402
 
 TARGETS = {"time_b_over_c": 0.6, "mem_b_over_c": 0.6, "guided_over_plain_step": 2.5}
@@ -279,7 +280,16 @@ def phase_plain(unet, inputs, steps: int, cfg: float, latent_hw: int, seed: int)
 
 
 def phase_ours(
-    den: DiffusersDenoiser, vae, inputs, steps: int, cfg: float, seed: int, branches: str, xa: float, nce: float | None
+    den: DiffusersDenoiser,
+    vae,
+    inputs,
+    steps: int,
+    cfg: float,
+    seed: int,
+    branches: str,
+    xa: float,
+    nce: float | None,
+    reference: str = "inverted",
 ) -> dict[str, Any]:
     """(b) our edit through the pipeline's core (VAE encode + invert_and_edit + VAE decode)."""
     src = TextCond(inputs["caption"])
@@ -298,7 +308,7 @@ def phase_ours(
             edit,
             steps=steps,
             guidance=guidance,
-            settings=SamplerSettings(cfg=cfg, branches=branches, seed=seed),
+            settings=SamplerSettings(cfg=cfg, branches=branches, seed=seed, reference=reference),
             regularization=NoiseRegularization(),
             timings=timings,
             progress=False,
@@ -322,6 +332,9 @@ def phase_ours(
         "inversion_step_median_s": med(inv_steps[1:]),
         "guidance": [f"{type(t).__name__}(weight={t.weight:g}, layers={t.layers})" for t in guidance],
         "branches": branches,
+        "reference": res.reference_mode,
+        "replayed_steps": res.replayed,
+        "record_mb": (inv.record.nbytes / 2**20) if inv.record is not None else 0.0,
         "losses_last_step": res.losses[-1] if res.losses else {},
         **mem.as_dict(),
     }
@@ -508,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--xa-weight", type=float, default=0.1)
     ap.add_argument("--nce-weight", type=float, default=None, help="PatchNCE weight (default: the engine default)")
     ap.add_argument("--branches", choices=BRANCHES, default="edit", help="our guided branches (default edit)")
+    ap.add_argument(
+        "--reference", choices=REFERENCES, default="inverted", help="our reference (default inverted: replayed)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--phases", default="a,b,c", help="comma-separated subset of a,b,c")
@@ -552,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             "xa_weight": args.xa_weight,
             "nce_weight": args.nce_weight,
             "branches": args.branches,
+            "reference": args.reference,
             "threads": args.threads,
             "seed": args.seed,
             "unet_params": n_params,
@@ -579,7 +596,16 @@ def main(argv: list[str] | None = None) -> int:
     if "b" in phases:
         out("(b) ours: inversion + guided sampling ...")
         res["phases"]["b"] = phase_ours(
-            den, vae, inputs, args.steps, args.cfg, args.seed, args.branches, args.xa_weight, args.nce_weight
+            den,
+            vae,
+            inputs,
+            args.steps,
+            args.cfg,
+            args.seed,
+            args.branches,
+            args.xa_weight,
+            args.nce_weight,
+            args.reference,
         )
     if not args.no_breakdown:
         out("one guided step, part by part ...")
@@ -661,7 +687,9 @@ def report(res: dict[str, Any]) -> None:
         verdict = "" if tgt is None else ("  <= %.2f  met" % tgt if v <= tgt else "  <= %.2f  MISSED" % tgt)
         out(f"{k:<32} {v:>7.3f}{verdict}")
     if "b" in ph:
-        out("\n(b) stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph["b"]["stages_s"].items()))
+        b = ph["b"]
+        out(f"\n(b) reference {b['reference']}: replayed steps {b['replayed_steps']}, record {b['record_mb']:.1f} MiB")
+        out("(b) stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph["b"]["stages_s"].items()))
     if "c" in ph:
         c = ph["c"]
         out(

@@ -21,7 +21,8 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
 
-from ..zerocon_core.inversion import EVAL_AT, NoiseRegularization, ddim_invert
+from ..zerocon_core.inversion import EVAL_AT, Inversion, NoiseRegularization, ddim_invert
+from ..zerocon_core.replay import REFERENCES, RecordSettings, merged_request
 from ..zerocon_core.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps, inversion_sigmas
 from . import progress
@@ -39,6 +40,13 @@ BRANCHES_TOOLTIP = (
     "the latent, by the gradient of its negative and edited forwards, losses averaged. pix2pix-zero: pix2pix-zero's "
     "own update: one copy of the latent per CFG half, each moved by its half of the averaged loss, the negative's "
     "copy carried on (the same weight moves it about 0.6x as far as edit or both)."
+)
+REFERENCE_TOOLTIP = (
+    "Where the reference maps come from. inverted: the inversion's own latents and the captures DDIM Inversion "
+    "recorded for its guidance input (one UNet pass fewer per step; Direct Inversion's source branch); it falls "
+    "back to resampled, with a log line, when the inversion recorded nothing or for other guidance, steps, model "
+    "or source, used the next convention or CFG, or a separate negative is used. resampled: a reconstruction "
+    "denoised in lockstep with the edit."
 )
 
 
@@ -62,6 +70,10 @@ class InversionData:
     prediction_type: str = "eps"
     model_key: int = 0
     regularization: NoiseRegularization | None = None
+    #: for the "inverted" reference: the engine's inversion (its ascending sigmas, trajectory and record, CPU;
+    #: latents in sigma space as the KSAMPLER saw them) and the resolved guidance terms it recorded for
+    replay: Inversion | None = None
+    recorded_for: tuple = ()
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -75,6 +87,8 @@ class InversionSettings:
     seed: int = 0
     #: where the model is queried each step: "current" (FlipSigmas + ddim) or "next" (DDIMInverseScheduler)
     eval_at: str = "current"
+    #: what to record for the guided sampler's "inverted" reference (None: nothing, no trajectory kept)
+    record: RecordSettings | None = None
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -163,9 +177,11 @@ def _no_mask(extra_args: dict, name: str) -> None:
 
 
 def inversion_function(
-    model, x, sigmas, extra_args=None, callback=None, disable=None, settings: InversionSettings = None
+    model, x, sigmas, extra_args=None, callback=None, disable=None, settings: InversionSettings = None, sink=None
 ):
-    """KSAMPLER function: deterministic DDIM inversion up the ascending ``sigmas`` (Euler at the current level)."""
+    """KSAMPLER function: deterministic DDIM inversion up the ascending ``sigmas`` (Euler at the current level).
+
+    ``sink``: a list the engine's ``Inversion`` is appended to (with its trajectory and record when recording)."""
     extra_args = extra_args or {}
     settings = settings or InversionSettings()
     guider = model.inner_model
@@ -186,9 +202,12 @@ def inversion_function(
             regularization=settings.regularization,
             seed=settings.seed,
             keep_trajectory=False,
+            record=settings.record,
             callback=progress.inversion_callback(callback, sigmas),
             check_interrupt=progress.check_interrupt,
         )
+    if sink is not None:
+        sink.append(inv)
     return inv.latent
 
 
@@ -215,6 +234,7 @@ def guided_function(
     family = detect_family(guider.model_patcher)
     terms = resolve_weights(guider.guidance, family)
     denoiser = _denoiser(guider, extra_args)
+    wants = bool(terms) and bool(merged_request(terms, denoiser.layers())[1])  # a reference is needed at all
     conds = guider.conds
     with torch.inference_mode(False):  # the latent must be able to require grad
         x, sigmas = x.clone(), sigmas.clone()
@@ -229,10 +249,37 @@ def guided_function(
             settings=dataclasses.replace(settings, cfg=float(guider.cfg)),
             callback=progress.sampling_callback(callback, sigmas),
             check_interrupt=progress.check_interrupt,
+            inversion=replay_source(guider, terms, sigmas) if settings.reference == "inverted" and wants else None,
         )
     if settings.keep_reference:
         return torch.cat([result.latent, result.reference])
     return result.latent
+
+
+def replay_source(guider, terms: tuple, sigmas: torch.Tensor) -> Inversion | None:
+    """The engine ``Inversion`` whose record the sampler replays, or None (logged; the sampler then runs
+    "resampled"). Called only when the guidance needs reference captures. Replay only when the guider's
+    inversion recorded for the same resolved guidance terms, the same steps, the same model weights and the
+    same source conditioning (the engine checks the convention, the grid and the recorded layers)."""
+    data = getattr(guider, "inversion", None)
+    replay = data.replay if data is not None else None
+    why = ""
+    if data is None:
+        why = "no inversion reaches the guider (connect DDIM Inversion's 'inversion' output)"
+    elif replay is None:
+        why = "DDIM Inversion recorded nothing: connect the same guidance to its 'guidance' input"
+    elif tuple(data.recorded_for) != tuple(terms):
+        why = "the guidance differs from the one DDIM Inversion recorded for"
+    elif len(replay.trajectory) != len(sigmas):
+        why = f"the inversion has {len(replay.trajectory) - 1} steps, the sampler {len(sigmas) - 1}"
+    elif data.model_key and data.model_key != id(guider.model_patcher.model):
+        why = "the MODEL differs from the one the inversion recorded with"
+    elif guider.conditionings.get("source") is not data.source:
+        why = "the source conditioning is not the one the inversion used"
+    if why:
+        logger.warning("ZeroCon: reference 'inverted' falls back to 'resampled': %s", why)
+        return None
+    return replay
 
 
 def split_reference(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,13 +301,15 @@ class ZeroConGuider(comfy.samplers.CFGGuider):
     guidance: tuple = ()
     negative_is_source: bool = True
     conditionings: dict = {}
+    inversion: InversionData | None = None
 
-    def set_zerocon(self, edit, source, negative=None, cfg: float = 5.0, guidance=()) -> None:
+    def set_zerocon(self, edit, source, negative=None, cfg: float = 5.0, guidance=(), inversion=None) -> None:
         self.negative_is_source = negative is None
         self.conditionings = {"edited": edit, "source": source, "negative": negative}
         self.inner_set_conds({"positive": edit, "negative": source if negative is None else negative, "source": source})
         self.set_cfg(cfg)
         self.guidance = tuple(guidance or ())
+        self.inversion = inversion
 
 
 def _run(guider, sampler, latent_samples: torch.Tensor, sigmas: torch.Tensor, model, seed: int) -> torch.Tensor:
@@ -397,6 +446,13 @@ class ZeroConDDIMInversion(io.ComfyNode):
                     "clean latent at the model's first training level, as diffusers' DDIMInverseScheduler "
                     "(pix2pix-zero's diffusers pipeline); the SIGMAS output then ends at that level, not 0.",
                 ),
+                GUIDANCE.Input(
+                    "guidance",
+                    optional=True,
+                    tooltip="The guidance the sampler will use: its reference maps are recorded during the inversion "
+                    "and replayed by the Guided Sampler / Guider (reference 'inverted'). Not connected: nothing is "
+                    "recorded and the sampler runs its reference branch.",
+                ),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="x_T, the inverted latent (start of sampling)."),
@@ -424,6 +480,7 @@ class ZeroConDDIMInversion(io.ComfyNode):
         seed,
         negative=None,
         convention="current",
+        guidance=None,
     ) -> io.NodeOutput:
         import comfy.sample
 
@@ -444,9 +501,18 @@ class ZeroConDDIMInversion(io.ComfyNode):
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(conditioning, negative if negative is not None else conditioning)
         guider.set_cfg(cfg)
-        settings = InversionSettings(cfg=float(cfg), regularization=reg, seed=int(seed), eval_at=convention)
-        sampler = comfy.samplers.KSAMPLER(inversion_function, extra_options={"settings": settings})
+        terms = resolve_weights(guidance, family) if guidance else ()
+        record = RecordSettings(guidance=terms) if terms else None
+        settings = InversionSettings(
+            cfg=float(cfg), regularization=reg, seed=int(seed), eval_at=convention, record=record
+        )
+        sink: list[Inversion] = []
+        sampler = comfy.samplers.KSAMPLER(inversion_function, extra_options={"settings": settings, "sink": sink})
         x_t = _run(guider, sampler, samples, inversion_sigmas(sampling), model, int(seed))
+        replay = None
+        if record is not None and sink:
+            inv = sink[-1]
+            replay = Inversion(inv.latent.cpu(), inv.sigmas.cpu(), [t.cpu() for t in inv.trajectory], inv.record)
 
         data = InversionData(
             latent=x_t,
@@ -456,6 +522,8 @@ class ZeroConDDIMInversion(io.ComfyNode):
             prediction_type=family.prediction_type,
             model_key=id(model.model),
             regularization=reg,
+            replay=replay,
+            recorded_for=terms,
         )
         shown = ui.PreviewText(warning) if warning else None
         return io.NodeOutput(_latent_out(latent, x_t), data, sampling.clone(), ui=shown)
@@ -513,11 +581,16 @@ class ZeroConGuidedSampler(io.ComfyNode):
                     optional=True,
                     tooltip="Start from this latent instead of the inversion's x_T (same size as the inversion).",
                 ),
+                io.Combo.Input(
+                    "reference", options=list(REFERENCES), default="inverted", optional=True, tooltip=REFERENCE_TOOLTIP
+                ),
             ],
             outputs=[
                 io.Latent.Output(display_name="edit", tooltip="The edited latent."),
                 io.Latent.Output(
-                    display_name="reconstruction", tooltip="The reference branch: the source reconstructed from x_T."
+                    display_name="reconstruction",
+                    tooltip="The reference branch: the source reconstructed from x_T (reference inverted: exactly the "
+                    "latent the inversion started from).",
                 ),
             ],
         )
@@ -537,6 +610,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
         negative=None,
         guidance=None,
         latent=None,
+        reference="inverted",
     ) -> io.NodeOutput:
         if not isinstance(inversion, InversionData):
             raise ValueError("ZeroCon Guided Sampler: 'inversion' must come from ZeroCon DDIM Inversion")
@@ -550,9 +624,14 @@ class ZeroConGuidedSampler(io.ComfyNode):
             check_conditioning(cond, samples.shape[0], what)
 
         guider = ZeroConGuider(model)
-        guider.set_zerocon(edited, source, negative, cfg=float(cfg), guidance=guidance)
+        guider.set_zerocon(edited, source, negative, cfg=float(cfg), guidance=guidance, inversion=inversion)
         settings = SamplerSettings(
-            step_mode=step_mode, step_size=float(step_size), branches=branches, seed=int(seed), keep_reference=True
+            step_mode=step_mode,
+            step_size=float(step_size),
+            branches=branches,
+            seed=int(seed),
+            keep_reference=True,
+            reference=reference,
         )
         sampler = comfy.samplers.KSAMPLER(guided_function, extra_options={"settings": settings})
         edit, ref = split_reference(_run(guider, sampler, samples, inversion.sigmas, model, int(seed)))
@@ -581,15 +660,22 @@ class ZeroConGuiderNode(io.ComfyNode):
                     "negative", optional=True, tooltip="Negative conditioning; default: the source caption."
                 ),
                 GUIDANCE.Input("guidance", optional=True, tooltip="Guidance terms; none = plain DDIM edit."),
+                INVERSION.Input(
+                    "inversion",
+                    optional=True,
+                    tooltip="The ZeroCon DDIM Inversion output, for the reference 'inverted' (its recorded maps).",
+                ),
             ],
             outputs=[io.Guider.Output(display_name="guider", tooltip="Use with the ZeroCon Guided DDIM Sampler.")],
         )
 
     @classmethod
-    def execute(cls, model, edited, source, cfg, negative=None, guidance=None) -> io.NodeOutput:
+    def execute(cls, model, edited, source, cfg, negative=None, guidance=None, inversion=None) -> io.NodeOutput:
         detect_family(model)
+        if inversion is not None and not isinstance(inversion, InversionData):
+            raise ValueError("ZeroCon Guider: 'inversion' must come from ZeroCon DDIM Inversion")
         guider = ZeroConGuider(model)
-        guider.set_zerocon(edited, source, negative, cfg=float(cfg), guidance=guidance)
+        guider.set_zerocon(edited, source, negative, cfg=float(cfg), guidance=guidance, inversion=inversion)
         return io.NodeOutput(guider)
 
 
@@ -613,6 +699,9 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
                     tooltip=BRANCHES_TOOLTIP,
                 ),
                 seed_input(GUIDED_SEED),
+                io.Combo.Input(
+                    "reference", options=list(REFERENCES), default="inverted", optional=True, tooltip=REFERENCE_TOOLTIP
+                ),
             ],
             outputs=[
                 io.Sampler.Output(
@@ -622,8 +711,10 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, step_mode, step_size, branches, seed) -> io.NodeOutput:
-        settings = SamplerSettings(step_mode=step_mode, step_size=float(step_size), branches=branches, seed=int(seed))
+    def execute(cls, step_mode, step_size, branches, seed, reference="inverted") -> io.NodeOutput:
+        settings = SamplerSettings(
+            step_mode=step_mode, step_size=float(step_size), branches=branches, seed=int(seed), reference=reference
+        )
         return io.NodeOutput(comfy.samplers.KSAMPLER(guided_function, extra_options={"settings": settings}))
 
 

@@ -18,9 +18,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from .denoiser import Denoiser
+from .denoiser import CaptureRequest, Denoiser
 from .log import logger
 from .losses import auto_corr_loss, kl_loss
+from .replay import Recorder, RecordSettings, ReferenceRecord
 from .sampler import cfg_combine
 from .schedule import vp_scale
 
@@ -65,11 +66,13 @@ class NoiseRegularization:
 @dataclass
 class Inversion:
     """Result of ``ddim_invert``: ``latent`` at ``sigmas[-1]`` (sigma space), the ascending ``sigmas`` and
-    the ``trajectory`` of latents, one per level (``trajectory[k]`` is at ``sigmas[k]``)."""
+    the ``trajectory`` of latents, one per level (``trajectory[k]`` is at ``sigmas[k]``). ``record``: the
+    reference captures recorded for the sampler to replay (``ddim_invert(record=...)``), else None."""
 
     latent: Tensor
     sigmas: Tensor
     trajectory: list[Tensor] = field(default_factory=list)
+    record: ReferenceRecord | None = None
 
 
 def ddim_invert(
@@ -84,6 +87,7 @@ def ddim_invert(
     regularization: NoiseRegularization | None = None,
     seed: int = 0,
     keep_trajectory: bool = True,
+    record: RecordSettings | None = None,
     callback: Callable[[int, int, Tensor], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
 ) -> Inversion:
@@ -91,6 +95,9 @@ def ddim_invert(
 
     ``cfg`` 1 (default, pix2pix-zero) uses ``cond`` alone; otherwise ``negative_cond`` is required.
     ``seed`` seeds the regulariser's random shifts. ``callback(i, n, x)`` after each step.
+    ``record``: record the captures ``record.guidance`` requests for the sampler's "inverted" reference
+    (``replay``; implies ``keep_trajectory``). Recorded only for eval_at "current" and cfg 1, where the
+    inversion's forwards are the reference's; otherwise the record is empty and the sampler falls back.
     """
     if eval_at not in EVAL_AT:
         raise ValueError(f"eval_at must be one of {EVAL_AT}, got {eval_at!r}")
@@ -106,6 +113,15 @@ def ddim_invert(
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
     n = len(sigmas) - 1
     x = x.detach().clone()
+    recorder = None
+    if record is not None:
+        keep_trajectory = True
+        if eval_at == "current" and cfg == 1.0:
+            recorder = Recorder(record, denoiser.layers() if record.guidance else [], n, eval_at, cfg)
+        else:
+            logger.info(
+                "reference record: nothing recorded (eval_at %r, cfg %s: not the reference's forwards)", eval_at, cfg
+            )
     trajectory = [x] if keep_trajectory else []
     with torch.no_grad():
         for i in range(n):
@@ -118,7 +134,10 @@ def ddim_invert(
                 s_e = s_b
                 x_in = x * (vp_scale(s_a) / vp_scale(s_e))
             if cfg == 1.0:
-                (p,) = denoiser.predict(x_in, s_e, [cond])
+                capture = recorder.wants(i) if recorder is not None else None
+                (p,) = denoiser.predict(x_in, s_e, [cond], capture)
+                if capture:
+                    recorder.add(i, p)
                 eps = p.eps
             else:
                 p_neg, p_pos = denoiser.predict(x_in, s_e, [negative_cond, cond])
@@ -133,4 +152,7 @@ def ddim_invert(
     if not torch.isfinite(x).all():
         logger.error("DDIM inversion produced non-finite values")
         raise FloatingPointError("DDIM inversion produced NaN/Inf: check the model and the latent")
-    return Inversion(latent=x, sigmas=sigmas, trajectory=trajectory)
+    rec = None
+    if record is not None:
+        rec = recorder.finish() if recorder is not None else ReferenceRecord(CaptureRequest(), n, eval_at, cfg)
+    return Inversion(latent=x, sigmas=sigmas, trajectory=trajectory, record=rec)

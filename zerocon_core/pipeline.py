@@ -39,6 +39,7 @@ from .guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
 from .images import decode_latents, encode_latents, fit_to_multiple, load_image, resize
 from .inversion import EVAL_AT, Inversion, NoiseRegularization, ddim_invert
 from .log import logger
+from .replay import RecordSettings
 from .sampler import SampleResult, SamplerSettings, guided_ddim_sample
 from .schedule import check_steps, ddim_sigmas, inversion_sigmas, vp_scale
 
@@ -229,6 +230,8 @@ def invert_and_edit(
     ``z`` the edited scaled VP latent, ready for the VAE (not checked for NaN/Inf here).
     ``settings``: the sampler's (CFG, branches...); its ``seed`` also seeds the inversion's regulariser.
     ``eval_at``: the inversion convention (``ddim_invert``). ``step_callback(phase, i, n)`` after every step.
+    With ``settings.reference`` "inverted" the inversion records the guidance's reference captures and the
+    sampler replays them (``replay``; it falls back to "resampled" where that is not exact).
     """
     timings = timings if timings is not None else Timings()
     sigmas = sampling_grid(denoiser, steps, set_alpha_to_one, steps_offset)
@@ -251,6 +254,7 @@ def invert_and_edit(
             seed=settings.seed,
             eval_at=eval_at,
             keep_trajectory=False,
+            record=RecordSettings(guidance=tuple(guidance)) if settings.reference == "inverted" else None,
             callback=inv_cb,
         )
 
@@ -270,6 +274,7 @@ def invert_and_edit(
             guidance=guidance,
             settings=settings,
             callback=smp_cb,
+            inversion=inv,
         )
     return res.latent * vp_scale(sigmas[-1]), inv, res
 

@@ -7,12 +7,16 @@ a CFG DDIM step with the edited conditioning. Reference captures are used at onc
 one step's maps are ever held (pix2pix-zero keeps all steps').
 
 How the guidance step treats the two halves of the CFG batch is ``SamplerSettings.branches`` (see there).
+
+``SamplerSettings.reference`` "inverted" (the default, where exact) pins the reference branch to the
+inverted trajectory instead (Direct Inversion's source branch) and replays the captures ``ddim_invert``
+recorded (``replay``), saving the reference forward at every step but the first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -21,6 +25,10 @@ from .denoiser import CaptureRequest, Denoiser, Prediction
 from .diffuseit_start import renoise
 from .guidance import GuidanceTerm, StepContext
 from .log import logger
+from .replay import REFERENCES, merged_request, replayed, resolve_reference
+
+if TYPE_CHECKING:
+    from .inversion import Inversion
 
 STEP_MODES = ("raw", "normalized")
 BRANCHES = ("edit", "both", "pix2pix-zero")
@@ -48,6 +56,12 @@ class SamplerSettings:
       ``sigmas[0]`` with fresh noise. N = 1: plain sampling.
     - ``keep_reference``: run the reference branch at every step (to return the reconstruction) even
       where no active term needs its captures.
+    - ``reference``: "inverted": the reference latent at step ``i`` is the inversion's ``trajectory[n - i]``
+      and its captures are replayed from the inversion's record (a live forward on that latent where
+      nothing was recorded, and always at step 0); the reconstruction is the inversion's start latent.
+      Exact only for the "current" convention, no inversion CFG, the source as the negative and branches
+      other than "pix2pix-zero"; otherwise (or without an inversion) it falls back to "resampled", logged
+      and noted in ``SampleResult.notes``. "resampled": the reference branch is denoised in lockstep.
 
     Raises ``ValueError`` on construction for an unknown ``step_mode`` / ``branches`` or a bad ``resample``.
     """
@@ -59,12 +73,15 @@ class SamplerSettings:
     seed: int = 0
     resample: int = 1
     keep_reference: bool = False
+    reference: str = "inverted"
 
     def __post_init__(self) -> None:
         if self.step_mode not in STEP_MODES:
             raise ValueError(f"step_mode must be one of {STEP_MODES}, got {self.step_mode!r}")
         if self.branches not in BRANCHES:
             raise ValueError(f"branches must be one of {BRANCHES}, got {self.branches!r}")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
         if not isinstance(self.resample, int) or isinstance(self.resample, bool) or self.resample < 1:
             raise ValueError(f"resample must be an integer >= 1, got {self.resample!r}")
 
@@ -73,12 +90,18 @@ class SamplerSettings:
 class SampleResult:
     """``latent``: the edit (sigma space at the last sigma). ``reference``: the reconstruction, when the
     reference branch ran at every step, else None. ``skipped``: step indices whose guidance gradient was
-    not finite (no update was made). ``losses``: per step, the weighted loss of each active term."""
+    not finite (no update was made). ``losses``: per step, the weighted loss of each active term.
+    ``reference_mode``: the reference actually used ("inverted" or "resampled"). ``replayed``: steps whose
+    reference captures came from the inversion's record. ``notes``: why the reference differs from the
+    settings' or why steps ran a live reference forward (fallbacks), one sentence each."""
 
     latent: Tensor
     reference: Tensor | None
     skipped: list[int] = field(default_factory=list)
     losses: list[dict[str, float]] = field(default_factory=list)
+    reference_mode: str = "resampled"
+    replayed: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -124,14 +147,6 @@ def cfg_combine(eps_neg: Tensor, eps_pos: Tensor, cfg: float) -> Tensor:
     return eps_neg + cfg * (eps_pos - eps_neg)
 
 
-def _merged_request(terms: Sequence[GuidanceTerm], layers) -> tuple[list[CaptureRequest], CaptureRequest]:
-    reqs = [t.request(layers) for t in terms]
-    merged = CaptureRequest()
-    for r in reqs:
-        merged = merged | r
-    return reqs, merged
-
-
 def _check_sigmas(x: Tensor, sigmas: Tensor) -> None:
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid of at least 2 levels, got shape {tuple(sigmas.shape)}")
@@ -151,6 +166,7 @@ def guided_ddim_sample(
     settings: SamplerSettings = SamplerSettings(),
     callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
     check_interrupt: Callable[[], None] | None = None,
+    inversion: Inversion | None = None,
 ) -> SampleResult:
     """Run the guided DDIM loop from ``x`` (sigma space, at ``sigmas[0]``) down the descending ``sigmas``.
 
@@ -160,12 +176,14 @@ def guided_ddim_sample(
     - A step whose gradient is not finite is skipped (logged; listed in ``SampleResult.skipped``).
     - ``callback(i, n, x, x0)`` after each step; ``check_interrupt()`` before each (it raises to stop).
     - The reference branch runs only while an active term requests captures (or with ``keep_reference``).
+    - ``inversion``: the ``ddim_invert`` result ``x`` came from (its trajectory and record), for
+      ``settings.reference`` "inverted"; its grid must be ``sigmas`` reversed.
     """
     _check_sigmas(x, sigmas)
     terms = tuple(guidance)
     n = len(sigmas) - 1
     layers = denoiser.layers() if terms else []
-    reqs, merged = _merged_request(terms, layers)
+    reqs, merged = merged_request(terms, layers)
     neg_is_source = negative_cond is None
     neg = source_cond if neg_is_source else negative_cond
     cfg = settings.cfg
@@ -173,10 +191,21 @@ def guided_ddim_sample(
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
 
     x = x.detach().clone()
+    notes: list[str] = []
+    mode, traj, record = _reference_source(settings, inversion, sigmas, x, neg_is_source, notes)
+    replay_steps: list[int] = []
+    live_steps: list[int] = []  # "inverted" steps after the first whose captures were not in the record
     # The reference branch must advance at every step up to the last one where a capturing term is active.
     last_active = max((i for i in range(n) for t, r in zip(terms, reqs) if r and t.active(i, n)), default=-1)
     ref_until = n if settings.keep_reference else last_active + 1
-    x_ref = x.clone() if ref_until > 0 else None
+    x_ref = x.clone() if ref_until > 0 and mode == "resampled" else None
+    if (
+        record is not None
+        and merged
+        and not (merged.probs <= record.request.probs and merged.features <= record.request.features)
+    ):
+        notes.append("the inversion's record lacks some guided layers: the reference forward runs at every step")
+        logger.warning("reference record: %s", notes[-1])
     skipped: list[int] = []
     losses: list[dict[str, float]] = []
     state: dict = {}  # per-run scratch space of the terms (StepContext.state)
@@ -190,7 +219,17 @@ def guided_ddim_sample(
             active = [(t, r) for t, r in zip(terms, reqs) if t.active(i, n)]
 
             ref_preds: list[Prediction] | None = None
-            if x_ref is not None and i < ref_until:
+            if mode == "inverted" and active and i < ref_until and merged:
+                p_src = replayed(record, n - i, merged, x) if record is not None and i > 0 else None
+                if p_src is None:
+                    if i > 0:
+                        live_steps.append(i)
+                    with torch.no_grad():
+                        (p_src,) = denoiser.predict(traj[n - i], s, [source_cond], merged)
+                else:
+                    replay_steps.append(i)
+                ref_preds = [p_src, p_src]
+            elif x_ref is not None and i < ref_until:
                 with torch.no_grad():
                     capture = merged if active else None
                     if neg_is_source:
@@ -235,7 +274,56 @@ def guided_ddim_sample(
 
     if skipped:
         logger.warning("guidance skipped at %d of %d steps (non-finite gradient): %s", len(skipped), n, skipped)
-    return SampleResult(latent=x, reference=x_ref if ref_until == n else None, skipped=skipped, losses=losses)
+    if live_steps:
+        notes.append(f"steps {live_steps} ran the reference forward on the inverted latent (not in the record)")
+        logger.info("reference: %s", notes[-1])
+    if mode == "inverted":
+        reconstruction = traj[0] if ref_until == n else None
+    else:
+        reconstruction = x_ref if ref_until == n else None
+    return SampleResult(
+        latent=x,
+        reference=reconstruction,
+        skipped=skipped,
+        losses=losses,
+        reference_mode=mode,
+        replayed=replay_steps,
+        notes=notes,
+    )
+
+
+def _reference_source(
+    settings: SamplerSettings, inversion, sigmas: Tensor, x: Tensor, neg_is_source: bool, notes: list[str]
+):
+    """``(mode, trajectory, record)`` for the run: the reference mode after fallbacks (each noted and
+    logged), the inverted latents cast like ``x`` (None for "resampled") and the inversion's record."""
+    traj = list(getattr(inversion, "trajectory", None) or [])
+    record = getattr(inversion, "record", None)
+    mode, why = resolve_reference(
+        settings.reference,
+        record,
+        has_trajectory=bool(traj),
+        negative_is_source=neg_is_source,
+        branches=settings.branches,
+    )
+    mismatch = ""  # a caller's mistake (warned about); the other reasons are settings, or no inversion at all
+    if mode == "inverted":
+        n = len(sigmas) - 1
+        inv_sigmas = inversion.sigmas.to(device=sigmas.device, dtype=sigmas.dtype)
+        # the last sampling level is never evaluated (its inverted twin may be FlipSigmas' 1e-4 for a 0)
+        same_grid = len(inv_sigmas) == n + 1 and torch.allclose(inv_sigmas.flip(0)[:-1], sigmas[:-1])
+        if len(traj) != n + 1 or not same_grid:
+            mismatch = "the sampling grid is not the inversion's grid reversed"
+        elif tuple(traj[-1].shape) != tuple(x.shape):
+            mismatch = "the latent's shape differs from the inversion's"
+    if mismatch:
+        mode, why = "resampled", f"reference 'inverted' falls back to 'resampled': {mismatch}"
+    if why:
+        notes.append(why)
+        (logger.warning if mismatch else logger.info)(why)
+    if mode != "inverted":
+        return mode, None, None
+    return mode, [t.to(device=x.device, dtype=x.dtype) for t in traj], record
 
 
 def _guidance_step(x: Tensor, step: GuidedStep, settings: SamplerSettings) -> StepOutcome:

@@ -127,6 +127,6 @@ def test_convention_is_the_last_widget_and_optional(zc):
     assert "convention" not in info["input"]["required"]
     spec = info["input"]["optional"]["convention"]
     assert spec[1]["options"] == ["current", "next"] and spec[1]["default"] == "current"
-    assert info["input_order"]["optional"][-1] == "convention"
+    assert info["input_order"]["optional"][-2:] == ["convention", "guidance"]  # guidance: a link, not a widget
     widgets = [n for n, s in info["input"]["optional"].items() if s[0] in ("COMBO", "INT", "FLOAT", "BOOLEAN")]
     assert widgets == ["convention"]  # the only optional widget: it comes after every required one

@@ -212,7 +212,15 @@ def _edit_chain(
             "key": "sampler",
             "type": "ZeroConGuidedSampler",
             "col": 4,
-            "widgets": {"cfg": 5.0, "step_mode": "raw", "step_size": 0.02, "branches": "edit", "seed": 0, **ctl},
+            "widgets": {
+                "cfg": 5.0,
+                "step_mode": "raw",
+                "step_size": 0.02,
+                "branches": "edit",
+                "seed": 0,
+                **ctl,
+                "reference": "inverted",
+            },
         },
         {"key": "decode_edit", "type": "VAEDecode", "col": 5, "title": "VAE Decode (edit)"},
         {
@@ -262,6 +270,7 @@ def _edit_chain(
         links += [
             ["xattn", "guidance", "nce", "previous"],
             ["nce", "guidance", "sampler", "guidance"],
+            ["nce", "guidance", "invert", "guidance"],  # the inversion records the reference maps it needs
         ]
     return nodes, links
 
