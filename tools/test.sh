@@ -6,6 +6,8 @@
 # 2. ComfyUI's environment, when a ComfyUI checkout is found (COMFYUI_PATH, default ~/ComfyUI) and COMFYUI_PYTHON
 #    is not set: its own venv (ComfyUI needs torchvision and the registry's default torch), cached in
 #    ~/.cache/zerocon-ci/comfyui-venv-<key> (ZEROCON_CI_CACHE), keyed by ComfyUI's requirements and ours;
+# 2b. comfy-cli for the Registry check (comfy node validate), in its own venv cached beside ComfyUI's, unless
+#    COMFY_CLI is set or comfy is on PATH;
 # 3. lint: ruff check . and ruff format --check . must pass before any test runs;
 # 4. python -m pytest with the arguments given (none: the whole suite), then whether the ComfyUI integration
 #    tests RAN or were SKIPPED, and the real-browser workflow report.
@@ -70,6 +72,22 @@ if [ -f "$COMFYUI_PATH/comfy/model_base.py" ]; then
 else
   echo "no ComfyUI checkout at $COMFYUI_PATH: the ComfyUI integration tests will be SKIPPED"
 fi
+
+echo "== comfy-cli (for the Registry check, comfy node validate)"
+if [ -z "${COMFY_CLI:-}" ] && ! command -v comfy >/dev/null 2>&1; then
+  # Its own small venv, cached like ComfyUI's: comfy-cli is a tool we run, not a dependency of the pack.
+  CLIVENV="$CACHE/comfy-cli-venv-1.23.0"
+  if [ ! -x "$CLIVENV/bin/comfy" ] || [ ! -f "$CLIVENV/.complete" ]; then
+    rm -rf "$CLIVENV"; mkdir -p "$CACHE"
+    if "$PY" -m venv "$CLIVENV" && "$CLIVENV/bin/pip" install -q comfy-cli==1.23.0; then
+      touch "$CLIVENV/.complete"
+    else
+      echo "comfy-cli could not be installed: the comfy node validate test will be SKIPPED"
+    fi
+  fi
+  [ -f "$CLIVENV/.complete" ] && export COMFY_CLI="$CLIVENV/bin/comfy"
+fi
+echo "comfy-cli: ${COMFY_CLI:-$(command -v comfy || echo none)}"
 
 echo "== lint (ruff check . ; ruff format --check .)"
 "$VENV/bin/ruff" check .
