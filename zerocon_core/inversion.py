@@ -28,6 +28,12 @@ from .schedule import vp_scale
 EVAL_AT = ("current", "next")
 
 
+def check_eval_at(eval_at: str, what: str = "eval_at") -> None:
+    """``ValueError`` naming the accepted conventions (``EVAL_AT``) unless ``eval_at`` is one of them."""
+    if eval_at not in EVAL_AT:
+        raise ValueError(f"{what} must be one of {', '.join(EVAL_AT)}, got {eval_at!r}")
+
+
 @dataclass(frozen=True)
 class NoiseRegularization:
     """pix2pix-zero's regulariser on predicted noise: ``outer`` rounds of (``rolls`` auto-correlation
@@ -99,8 +105,7 @@ def ddim_invert(
     (``replay``; implies ``keep_trajectory``). Recorded only for eval_at "current" and cfg 1, where the
     inversion's forwards are the reference's; otherwise the record is empty and the sampler falls back.
     """
-    if eval_at not in EVAL_AT:
-        raise ValueError(f"eval_at must be one of {EVAL_AT}, got {eval_at!r}")
+    check_eval_at(eval_at)
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid of at least 2 levels, got shape {tuple(sigmas.shape)}")
     if bool((sigmas[1:] <= sigmas[:-1]).any()):

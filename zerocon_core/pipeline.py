@@ -37,7 +37,7 @@ from .direction import (
 )
 from .guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
 from .images import decode_latents, encode_latents, fit_to_multiple, load_image, resize
-from .inversion import EVAL_AT, Inversion, NoiseRegularization, ddim_invert
+from .inversion import Inversion, NoiseRegularization, check_eval_at, ddim_invert
 from .log import logger
 from .replay import RecordSettings
 from .sampler import SampleResult, SamplerSettings, guided_ddim_sample
@@ -112,10 +112,7 @@ class EditOptions:
             raise ValueError(f"cfg must be >= 0, got {self.cfg}")
         if self.num_sentences < 1:
             raise ValueError(f"num_sentences must be >= 1, got {self.num_sentences}")
-        if self.eval_at not in EVAL_AT:
-            raise ValueError(
-                f"eval_at (the inversion convention) must be one of {', '.join(EVAL_AT)}, got {self.eval_at!r}"
-            )
+        check_eval_at(self.eval_at, "eval_at (the inversion convention)")
         for name in ("xa_weight", "nce_weight"):
             v = getattr(self, name)
             if v is not None and v < 0:

@@ -116,13 +116,12 @@ def resolve_reference(
     reference: str, record: ReferenceRecord | None, *, has_trajectory: bool, negative_is_source: bool, branches: str
 ) -> tuple[str, str]:
     """The reference mode the sampler actually runs, and why (a log-ready sentence; "" when as asked).
+    ``reference`` is a validated ``SamplerSettings.reference``.
 
     "inverted" needs an inversion trajectory, the "current" convention without inversion CFG, the source
     as the negative, and branches other than "pix2pix-zero" (kept on diffusers' lockstep reference);
     otherwise it falls back to "resampled".
     """
-    if reference not in REFERENCES:
-        raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
     if reference == "resampled":
         return "resampled", ""
     why = ""
