@@ -190,6 +190,11 @@ def _weight_input(default: float = 1.0):
     )
 
 
+def _lambda_input(name: str, default: float, tooltip: str):
+    """One of DiffuseIT's loss weights (its code's default as the widget's)."""
+    return io.Float.Input(name, default=default, min=0.0, max=100000.0, step=1.0, tooltip=tooltip)
+
+
 def _dino_size_input():
     return io.Int.Input(
         "dino_size",
@@ -226,38 +231,24 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
                     "One image for the whole batch, or one per latent.",
                 ),
                 _weight_input(),
-                io.Float.Input(
-                    "lambda_ssim",
-                    default=LAMBDA_SSIM,
-                    min=0.0,
-                    max=100000.0,
-                    step=1.0,
-                    tooltip="Weight of the DINO key self-similarity loss (DiffuseIT: 1000).",
+                _lambda_input(
+                    "lambda_ssim", LAMBDA_SSIM, "Weight of the DINO key self-similarity loss (DiffuseIT: 1000)."
                 ),
-                io.Float.Input(
+                _lambda_input(
                     "lambda_contrastive",
-                    default=LAMBDA_CONT,
-                    min=0.0,
-                    max=100000.0,
-                    step=1.0,
-                    tooltip="Weight of the patch-contrastive loss on DINO keys, tau 0.07 (DiffuseIT: 200).",
+                    LAMBDA_CONT,
+                    "Weight of the patch-contrastive loss on DINO keys, tau 0.07 (DiffuseIT: 200).",
                 ),
-                io.Float.Input(
+                _lambda_input(
                     "lambda_semantic",
-                    default=LAMBDA_SEM,
-                    min=0.0,
-                    max=100000.0,
-                    step=1.0,
-                    tooltip="Weight of the semantic-divergence loss, active while the noise level is above "
+                    LAMBDA_SEM,
+                    "Weight of the semantic-divergence loss, active while the noise level is above "
                     "DiffuseIT's gate (sigma 3.54) (DiffuseIT: 100; 0 disables).",
                 ),
-                io.Float.Input(
+                _lambda_input(
                     "lambda_range",
-                    default=LAMBDA_RANGE,
-                    min=0.0,
-                    max=100000.0,
-                    step=1.0,
-                    tooltip="Weight of the range loss on decoded pixels outside [0, 1] (DiffuseIT: 200; 0 disables).",
+                    LAMBDA_RANGE,
+                    "Weight of the range loss on decoded pixels outside [0, 1] (DiffuseIT: 200; 0 disables).",
                 ),
                 _dino_size_input(),
                 io.Boolean.Input(
@@ -350,21 +341,13 @@ class ZeroConDinoStyleGuidance(io.ComfyNode):
                     "whole batch, or one per latent.",
                 ),
                 _weight_input(),
-                io.Float.Input(
-                    "lambda_cls",
-                    default=LAMBDA_CLS,
-                    min=0.0,
-                    max=100000.0,
-                    step=1.0,
-                    tooltip="Weight of the DINO [CLS] loss toward the reference (DiffuseIT: 2000).",
+                _lambda_input(
+                    "lambda_cls", LAMBDA_CLS, "Weight of the DINO [CLS] loss toward the reference (DiffuseIT: 2000)."
                 ),
-                io.Float.Input(
+                _lambda_input(
                     "lambda_pixel",
-                    default=LAMBDA_PIXEL,
-                    min=0.0,
-                    max=100000.0,
-                    step=1.0,
-                    tooltip="Weight of the pixel MSE toward the reference (DiffuseIT: 3000; 0 disables).",
+                    LAMBDA_PIXEL,
+                    "Weight of the pixel MSE toward the reference (DiffuseIT: 3000; 0 disables).",
                 ),
                 _dino_size_input(),
                 *window_inputs(),
