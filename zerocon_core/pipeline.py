@@ -19,7 +19,6 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -42,10 +41,8 @@ from .log import logger
 from .replay import RecordSettings
 from .sampler import SampleResult, SamplerSettings, guided_ddim_sample
 from .schedule import check_steps, ddim_sigmas, inversion_sigmas, vp_scale
+from .sd_models import check_sd_folder
 
-#: Sub-folders every model folder needs; SDXL adds the ``*_2`` pair.
-REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
 #: Timing stages, in report order.
 STAGES = ("load", "caption", "direction", "encode", "inversion", "sampling", "decode")
 DTYPES = {
@@ -306,24 +303,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(DTYPES)))}") from None
 
 
-def check_model_folder(folder: str | os.PathLike) -> bool:
-    """Raise ``FileNotFoundError`` naming ``folder`` (or its missing parts) unless it is a diffusers-layout
-    SD folder. Returns True for SDXL (``text_encoder_2/`` and ``tokenizer_2/`` present)."""
-    p = Path(folder)
-    if not p.is_dir():
-        raise FileNotFoundError(
-            f"model folder not found: {p} (expected a diffusers-layout Stable Diffusion folder with "
-            f"{', '.join(f'{s}/' for s in REQUIRED_PARTS)})"
-        )
-    missing = [s for s in REQUIRED_PARTS if not (p / s).is_dir()]
-    if missing:
-        raise FileNotFoundError(
-            f"model folder {p} is incomplete: missing {', '.join(f'{s}/' for s in missing)} "
-            "(it must be in diffusers layout, e.g. written by DiffusionPipeline.save_pretrained)"
-        )
-    return all((p / s).is_dir() for s in SDXL_PARTS)
-
-
 class ZeroConPipeline:
     """The text-guided edit over diffusers components (SD1.x, SD2.x incl. v-prediction, SDXL).
 
@@ -430,7 +409,7 @@ class ZeroConPipeline:
     ) -> ZeroConPipeline:
         """Load every part from a local diffusers-layout folder (``local_files_only``). Raises
         ``FileNotFoundError`` naming the folder or the missing sub-folders before loading anything."""
-        check_model_folder(folder)
+        check_sd_folder(folder)
         return cls.from_model(folder, device=device, dtype=dtype, blip_folder=blip_folder)
 
     def close(self) -> None:

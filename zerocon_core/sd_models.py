@@ -56,6 +56,11 @@ _FORMS = (
 )
 
 
+#: Sub-folders every diffusers-layout model folder needs; SDXL adds the ``*_2`` pair.
+REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SDXL_PARTS = ("text_encoder_2", "tokenizer_2")
+
+
 class NotLocalError(FileNotFoundError):
     """Files the model needs are neither on this machine nor downloadable now (offline, or no connection)."""
 
@@ -89,6 +94,24 @@ class SDParts:
         return self.text_encoder_2 is not None
 
 
+def check_sd_folder(folder: str | os.PathLike) -> bool:
+    """Raise ``FileNotFoundError`` naming ``folder`` (or its missing parts) unless it is a diffusers-layout
+    SD folder. Returns True for SDXL (``text_encoder_2/`` and ``tokenizer_2/`` present)."""
+    p = Path(folder)
+    if not p.is_dir():
+        raise FileNotFoundError(
+            f"model folder not found: {p} (expected a diffusers-layout Stable Diffusion folder with "
+            f"{', '.join(f'{s}/' for s in REQUIRED_PARTS)})"
+        )
+    missing = [s for s in REQUIRED_PARTS if not (p / s).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"model folder {p} is incomplete: missing {', '.join(f'{s}/' for s in missing)} "
+            "(it must be in diffusers layout, e.g. written by DiffusionPipeline.save_pretrained)"
+        )
+    return all((p / s).is_dir() for s in SDXL_PARTS)
+
+
 def model_source(model: str | os.PathLike | None) -> ModelSource:
     """Classify ``model`` (None: :data:`DEFAULT_MODEL`) without loading anything. An existing file must be a
     ``.safetensors``/``.ckpt`` checkpoint, an existing folder a diffusers-layout folder; a missing path raises
@@ -98,9 +121,7 @@ def model_source(model: str | os.PathLike | None) -> ModelSource:
     text = os.fspath(model)
     path = Path(text).expanduser()
     if path.is_dir():
-        from .pipeline import check_model_folder
-
-        check_model_folder(path)
+        check_sd_folder(path)
         return ModelSource("folder", str(path))
     if path.is_file():
         if path.suffix.lower() not in CHECKPOINT_SUFFIXES:
@@ -112,8 +133,6 @@ def model_source(model: str | os.PathLike | None) -> ModelSource:
             f"model file not found: {path} (SD1.x/SD2.x/SDXL checkpoints usually live in ComfyUI/models/checkpoints/)"
         )
     if looks_like_path:
-        from .pipeline import REQUIRED_PARTS
-
         raise FileNotFoundError(
             f"model folder not found: {path} ({_FORMS}; a folder needs {', '.join(f'{s}/' for s in REQUIRED_PARTS)})"
         )
@@ -189,9 +208,7 @@ def download_model(repo_id: str) -> Path:
         folder = _fetch(repo_id, patterns, f"the weights of model {repo_id}", missing=hub_parts(sdxl))
     except NotLocalError as exc:
         raise FileNotFoundError(f"{exc}: run once online to finish the download, or {where}") from None
-    from .pipeline import check_model_folder
-
-    check_model_folder(folder)
+    check_sd_folder(folder)
     return folder
 
 
@@ -356,10 +373,8 @@ def load_folder(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> 
     import torch
 
     dtype = dtype or torch.float32
-    from .pipeline import check_model_folder
-
     folder = Path(folder)
-    sdxl = check_model_folder(folder)
+    sdxl = check_sd_folder(folder)
     sched_cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
