@@ -142,3 +142,10 @@ def test_regularization_whitens_noise():
     assert L.auto_corr_loss(out, torch.Generator().manual_seed(2)) < L.auto_corr_loss(
         eps, torch.Generator().manual_seed(2)
     )
+
+
+def test_unknown_convention_is_refused_before_any_forward(den):
+    """``ddim_invert`` checks ``eval_at`` with the same rule as ``EditOptions`` (``inversion.check_eval_at``)."""
+    sigmas = inversion_sigmas(ddim_sigmas(den.sigma_table, 4))
+    with pytest.raises(ValueError, match=r"^eval_at must be one of current, next, got 'sideways'$"):
+        ddim_invert(den, tiny_latent(0), sigmas, tiny_cond(1), eval_at="sideways")
