@@ -1,4 +1,4 @@
-"""Tiny randomly initialised ComfyUI models (SD1.5-, SD2-v- and SDXL-shaped) built from ComfyUI's own classes.
+"""Tiny randomly initialised ComfyUI models (SD1.5-, SD2-v-, SDXL-, Flux- and SD3-shaped) built from ComfyUI's own classes.
 
 They are built the way a loader node builds a real checkpoint: under ``torch.inference_mode()``, so the
 weights are inference tensors (as in a real ComfyUI run), then wrapped in a ``ModelPatcher``. Weights are
@@ -120,11 +120,8 @@ def latent(seed: int = 0, batch: int = 1, size: int = 16) -> dict:
     return {"samples": torch.randn(batch, 4, size, size, generator=gen) * 4.0}
 
 
-def flux(seed: int = 3):
-    """A tiny Flux model: a family the ZeroCon samplers do not support (for the error path)."""
-    import comfy.supported_models
-
-    cfg = {
+def _flux_config(guidance_embed: bool) -> dict:
+    return {
         "image_model": "flux",
         "in_channels": 16,
         "patch_size": 2,
@@ -139,14 +136,73 @@ def flux(seed: int = 3):
         "axes_dim": [4, 6, 6],
         "theta": 10000,
         "qkv_bias": True,
-        "guidance_embed": False,
+        "guidance_embed": guidance_embed,
     }
+
+
+def _dit_patcher(config, seed: int):
     import comfy.model_management as mm
     import comfy.model_patcher
 
     with torch.inference_mode():
-        base = comfy.supported_models.Flux(cfg).get_model({})
+        base = config.get_model({})
         _init_(base.diffusion_model, seed)
+        base.eval()
         return comfy.model_patcher.ModelPatcher(
             base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
         )
+
+
+def flux(seed: int = 3, guidance_embed: bool = False):
+    """A tiny Flux model (1 double + 1 single block, width 32, 2 heads, RoPE axes 4/6/6, 16-channel latent).
+
+    ``guidance_embed`` False: Flux-schnell-like; True: Flux-dev-like (distilled guidance read from the
+    conditioning's ``guidance`` value). Context width 64, pooled (``vec``) width 32."""
+    import comfy.supported_models
+
+    return _dit_patcher(comfy.supported_models.Flux(_flux_config(guidance_embed)), seed)
+
+
+def flux_dev(seed: int = 4):
+    """A tiny Flux-dev-like model (guidance embedding on)."""
+    return flux(seed, guidance_embed=True)
+
+
+def sd3(seed: int = 5, depth: int = 2):
+    """A tiny SD3-shaped MMDiT (ComfyUI ties width to depth: 64 per block, so depth 2 is 128 wide with 2 heads).
+
+    16-channel latent (SD3 latent format), patch size 2, context 64 wide (projected by ``context_embedder``),
+    pooled width 32, ModelSamplingDiscreteFlow with shift 3."""
+    import comfy.supported_models
+
+    unet_config = {
+        "in_channels": 16,
+        "pos_embed_scaling_factor": None,
+        "patch_size": 2,
+        "depth": depth,
+        "num_patches": 64 * 64,
+        "pos_embed_max_size": 64,
+        "adm_in_channels": POOLED_DIM,
+        "context_embedder_config": {
+            "target": "torch.nn.Linear",
+            "params": {"in_features": CONTEXT_DIM, "out_features": 64 * depth},
+        },
+        "dtype": torch.float32,
+    }
+    return _dit_patcher(comfy.supported_models.SD3(unet_config), seed)
+
+
+def flow_conditioning(seed: int, tokens: int = 16, batch: int = 1, guidance: float | None = None):
+    """A fake Flux / SD3 CONDITIONING: ``[[cond (batch, tokens, 64), {"pooled_output": (batch, 32)}]]``, with
+    Flux-dev's ``guidance`` value when given."""
+    gen = torch.Generator().manual_seed(seed)
+    extra = {"pooled_output": torch.randn(batch, POOLED_DIM, generator=gen)}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    return [[torch.randn(batch, tokens, CONTEXT_DIM, generator=gen), extra]]
+
+
+def flow_latent(seed: int = 0, batch: int = 1, size: int = 16) -> dict:
+    """A 16-channel LATENT dict (Flux / SD3 VAE scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(batch, 16, size, size, generator=gen)}
