@@ -16,6 +16,14 @@ token batch run through that encoder's own ``encode`` (the module ComfyUI itself
 ComfyUI's pooled output of the first sentence; if the layout is not recognised or the check fails, the
 pooled outputs are taken one sentence at a time through ``clip.encode_from_tokens`` instead.
 
+SD3 / SD3.5 and Flux CLIPs (token keys ``g``/``l``/``t5xxl`` and ``l``/``t5xxl``): each sentence's T5 tokens
+are padded (T5's pad token) or cut (keeping T5's end token last) to ``L``, the length the CLIP's T5 tokenizer
+pads a short prompt to (77 for SD3, 256 for Flux; at least 77), so the sentences of a batch encode to one
+conditioning each of the same length: SD3 ``[77 CLIP tokens ; L T5 tokens]``, Flux ``[L T5 tokens]``, 4096
+wide, cut back into per-sentence rows. Pooled outputs (SD3: CLIP-L + CLIP-G, zeros for an absent one, as
+ComfyUI; Flux: CLIP-L) come from the same batched modules, checked as above. The encoders present (SD3
+may lack any of its three) and the layout are recorded in the direction.
+
 Progress, Cancel and cache: a sentence bank shows a progress bar on the node and in the console, and Cancel
 stops it between batches. The mean embedding of each sentence list is kept per CLIP (``BANK_CACHE``, the last
 16 lists), so another direction with the same CLIP and sentences (e.g. the same source, another target)
@@ -34,6 +42,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..zerocon_core import direction as zdir
+from ..zerocon_core import text_layout as zlayout
 from . import paths, progress
 from .inputs import CATEGORY
 
@@ -86,15 +95,49 @@ class ComfyClipEncoder:
         self.clip = clip
         probe = clip.tokenize("a")
         self.keys = tuple(probe.keys())
-        self.pooled = ("g" in self.keys) if pooled is None else bool(pooled)
+        self.layout = zlayout.identify_layout(0, keys=self.keys)
+        self.segmented = self.layout in zdir.SEGMENTED
+        self.pooled = ("g" in self.keys or self.segmented) if pooled is None else bool(pooled)
         self._truncated = 0
+        self._t5_truncated = 0
         self._fast_pooled: bool | None = None  # None: not tried yet
         self.encoders: tuple[tuple[str, int], ...] | None = None
+        self.t5_length = 0
+        if self.segmented:
+            self.encoders = self._segmented_encoders()
+            self.t5_length = max(len(probe[zlayout.T5_KEY][0]), zlayout.CHUNK)
         self.info = {
             "clip": type(clip.cond_stage_model).__name__,
             "clip_keys": ",".join(self.keys),
             "clip_layer": str(getattr(clip, "layer_idx", None)),
         }
+
+    def _segmented_encoders(self) -> tuple[tuple[str, int], ...]:
+        """SD3 / Flux: ``((name, width), ...)`` of the encoders this CLIP has (SD3: any of l, g, t5xxl; Flux: the
+        T5 only, as its sequence is T5's)."""
+        model = self.clip.cond_stage_model
+        names = ("l", "g", zlayout.T5_KEY) if self.layout == "SD3" else (zlayout.T5_KEY,)
+        out = []
+        for name in names:
+            module = getattr(model, name if name == zlayout.T5_KEY else f"clip_{name}", None)
+            if module is None:
+                continue
+            width = _encoder_width(module)
+            if width is None:
+                raise ValueError(f"ZeroCon Edit Direction: cannot read the width of this CLIP's {name} encoder")
+            out.append((name, width))
+        if not out:
+            raise ValueError(f"ZeroCon Edit Direction: this {self.layout} CLIP has no text encoder loaded")
+        return tuple(out)
+
+    def _fit_t5(self, chunk: list) -> list:
+        """One sentence's T5 tokens padded (pad token) or cut (end token kept last) to ``t5_length``."""
+        tok = self.clip.tokenizer.t5xxl
+        n = self.t5_length
+        if len(chunk) > n:
+            self._t5_truncated += 1
+            return list(chunk[: n - 1]) + [(tok.end_token, 1.0)]
+        return list(chunk) + [(tok.pad_token, 1.0)] * (n - len(chunk))
 
     @property
     def cache_key(self) -> tuple:
@@ -121,10 +164,13 @@ class ComfyClipEncoder:
                 raise ValueError(
                     f"the CLIP tokenizer gave keys {sorted(tok)} for one sentence and {sorted(self.keys)} for another"
                 )
-            if any(len(chunks) > 1 for chunks in tok.values()):
+            if any(len(chunks) > 1 for k, chunks in tok.items() if k != zlayout.T5_KEY):
                 self._truncated += 1
             for k in self.keys:
-                merged[k].append(tok[k][0])
+                if k == zlayout.T5_KEY and self.segmented:
+                    merged[k].append(self._fit_t5([t for chunk in tok[k] for t in chunk]))
+                else:
+                    merged[k].append(tok[k][0])
         return merged
 
     def _split_widths(self, width: int) -> tuple[tuple[str, int], ...]:
@@ -142,28 +188,42 @@ class ComfyClipEncoder:
         return (("+".join(order), width),)
 
     # ------------------------------------------------------------------ pooled
-    def _pooled_key(self) -> str | None:
-        """The encoder whose pooled output ComfyUI returns: SDXL's "g", or a single-encoder CLIP's only one."""
+    def _pooled_parts(self) -> list[tuple[str, int | None]]:
+        """The encoders whose pooled outputs ComfyUI returns, in order, each with the width of the zeros it
+        puts there when the encoder is absent (None: it must be present): SDXL's "g"; a single-encoder CLIP's
+        only one; SD3 "l" (768) + "g" (1280); Flux "l"."""
+        if self.layout == "SD3":
+            return [("l", zlayout.SD3_L_WIDTH), ("g", zlayout.SD3_CLIP_WIDTH - zlayout.SD3_L_WIDTH)]
+        if self.layout == "Flux":
+            return [("l", None)]
         if "g" in self.keys:
-            return "g"
-        return self.keys[0] if len(self.keys) == 1 else None
+            return [("g", None)]
+        return [(self.keys[0], None)] if len(self.keys) == 1 else []
 
     def _pooled_fast(self, tokens: dict, first_pooled: torch.Tensor) -> torch.Tensor | None:
-        """Per-sentence pooled outputs from the pooled encoder's own batched ``encode`` (or None)."""
-        key = self._pooled_key()
-        module = getattr(self.clip.cond_stage_model, f"clip_{key}", None) if key else None
-        if module is None or not hasattr(module, "encode"):
+        """Per-sentence pooled outputs from the pooled encoders' own batched ``encode`` (or None)."""
+        parts = self._pooled_parts()
+        n = len(tokens[self.keys[0]])
+        rows = []
+        for key, zero_width in parts:
+            module = getattr(self.clip.cond_stage_model, f"clip_{key}", None)
+            if module is None and zero_width is not None:
+                rows.append(torch.zeros(n, zero_width))
+                continue
+            if module is None or not hasattr(module, "encode"):
+                return None
+            try:
+                out = module.encode([[t[0] for t in chunk] for chunk in tokens[key]])
+                pooled = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
+            except Exception:
+                logger.debug("ZeroCon: batched pooled encode failed", exc_info=True)
+                return None
+            if pooled is None or pooled.ndim != 2 or pooled.shape[0] != n:
+                return None
+            rows.append(pooled.float().cpu())
+        if not rows:
             return None
-        try:
-            chunks = tokens[key]
-            out = module.encode([[t[0] for t in chunk] for chunk in chunks])
-            pooled = out[1] if isinstance(out, (tuple, list)) and len(out) > 1 else None
-        except Exception:
-            logger.debug("ZeroCon: batched pooled encode failed", exc_info=True)
-            return None
-        if pooled is None or pooled.ndim != 2 or pooled.shape[0] != len(chunks):
-            return None
-        pooled = pooled.float().cpu()
+        pooled = torch.cat(rows, dim=-1)
         ref = first_pooled.reshape(-1).float().cpu()
         # Same tokens through the same module: only a wrong layout guess gives a real difference (the tolerance
         # leaves room for fp16 kernels that differ with the batch size).
@@ -189,12 +249,7 @@ class ComfyClipEncoder:
         tokens = self._tokens(texts)
         with torch.no_grad():
             cond, first_pooled = self.clip.encode_from_tokens(tokens, return_pooled=True)
-            if cond.shape[-2] != 77 * n:
-                raise ValueError(
-                    f"ZeroCon: this CLIP encoded {n} sentences to {cond.shape[-2]} tokens, not {77 * n}: "
-                    "only CLIPs with 77-token chunks (SD1.x, SD2.x, SDXL) are supported"
-                )
-            embeds = cond.reshape(n, 77, cond.shape[-1]).float().cpu()
+            embeds = self._per_sentence(cond, n)
             pooled = None
             if self.pooled:
                 if first_pooled is None:
@@ -208,7 +263,38 @@ class ComfyClipEncoder:
             self.encoders = self._split_widths(int(embeds.shape[-1]))
         return embeds, pooled
 
+    def _per_sentence(self, cond: torch.Tensor, n: int) -> torch.Tensor:
+        """``(1, tokens, D)`` for n sentences -> ``(n, tokens / n, D)``: CLIP chunks are one per sentence; SD3
+        puts all CLIP chunks first, then all T5 sequences (``SD3ClipModel.encode_token_weights``)."""
+        width = int(cond.shape[-1])
+        if self.segmented:
+            names = {k for k, _ in self.encoders}
+            clip_tokens = zlayout.CHUNK if names & {"l", "g"} else 0
+            t5_tokens = self.t5_length if zlayout.T5_KEY in names else 0
+            expected = n * (clip_tokens + t5_tokens)
+        else:
+            expected = zlayout.CHUNK * n
+        if cond.shape[-2] != expected:
+            raise ValueError(
+                f"ZeroCon: this CLIP encoded {n} sentences to {cond.shape[-2]} tokens, not {expected}: only CLIPs "
+                "with 77-token chunks (SD1.x, SD2.x, SDXL) and SD3 / Flux CLIPs are supported"
+            )
+        cond = cond.float().cpu()
+        if not self.segmented:
+            return cond.reshape(n, zlayout.CHUNK, width)
+        clip_part = cond[0, : n * clip_tokens].reshape(n, clip_tokens, width)
+        t5_part = cond[0, n * clip_tokens :].reshape(n, t5_tokens, width)
+        return torch.cat([clip_part, t5_part], dim=1)
+
     def finish(self) -> None:
+        if self._t5_truncated:
+            logger.warning(
+                "ZeroCon: %d sentence(s) longer than %d T5 tokens were cut to %d tokens",
+                self._t5_truncated,
+                self.t5_length,
+                self.t5_length,
+            )
+            self._t5_truncated = 0
         if self._truncated:
             logger.warning(
                 "ZeroCon: %d sentence(s) longer than 75 tokens were cut to their first 77-token chunk", self._truncated
@@ -332,10 +418,6 @@ class ZeroConEditDirection(io.ComfyNode):
         return io.NodeOutput(direction, ui=ui.PreviewText(direction.describe()))
 
 
-def _conditioning_kind(width: int) -> str:
-    return {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}.get(width, f"{width}-wide")
-
-
 class ZeroConApplyEditDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -376,34 +458,18 @@ class ZeroConApplyEditDirection(io.ComfyNode):
     def execute(cls, conditioning, direction, strength) -> io.NodeOutput:
         if not isinstance(direction, zdir.EditDirection):
             raise TypeError(f"ZeroCon Apply Edit Direction: expected an edit direction, got {type(direction).__name__}")
-        made_with = direction.extra.get("clip")
         out = []
         for cond, extra in conditioning:
-            width = int(cond.shape[-1])
-            if width != direction.width:
-                raise ValueError(
-                    f"ZeroCon Apply Edit Direction: the direction was made with a different CLIP"
-                    f"{f' ({made_with})' if made_with else ''}: it is {direction.width} wide "
-                    f"({_conditioning_kind(direction.width)}), but this conditioning is {width} wide "
-                    f"({_conditioning_kind(width)}). Make the direction with the CLIP that encoded this conditioning."
-                )
             d = dict(extra)
             pooled = extra.get("pooled_output")
-            if direction.pooled is not None and pooled is not None and pooled.shape[-1] != direction.pooled.shape[-1]:
-                raise ValueError(
-                    f"ZeroCon Apply Edit Direction: the direction was made with a different CLIP"
-                    f"{f' ({made_with})' if made_with else ''}: its pooled delta is {direction.pooled.shape[-1]} wide but "
-                    f"this conditioning's pooled_output is {pooled.shape[-1]} wide."
+            if direction.pooled is not None and pooled is None and strength != 0:
+                logger.warning(
+                    "ZeroCon Apply Edit Direction: the conditioning has no pooled_output; the pooled delta is not applied"
                 )
             try:
-                if direction.pooled is not None and pooled is not None:
+                if pooled is not None:
                     new_cond, d["pooled_output"] = zdir.apply_direction(cond, direction, strength, pooled)
                 else:
-                    if direction.pooled is not None and strength != 0:
-                        logger.warning(
-                            "ZeroCon Apply Edit Direction: the conditioning has no pooled_output; "
-                            "the pooled delta is not applied"
-                        )
                     new_cond = zdir.apply_direction(cond, direction, strength)
             except ValueError as exc:
                 raise ValueError(f"ZeroCon Apply Edit Direction: {exc}") from exc

@@ -24,6 +24,19 @@ encoder and sentences encodes nothing.
 Representation: :class:`EditDirection` holds one ``(T, D_e)`` delta per encoder in an insertion-ordered
 dict (order = concatenation order in the conditioning); :attr:`EditDirection.delta` is their
 concatenation ``(T, D_total)``. Deltas are float32 on the CPU; means are accumulated in float64.
+:attr:`EditDirection.layout` names the encoder layout (``zerocon_core.text_layout``: SD1.x, SD2.x, SDXL, SD3,
+Flux), saved with the direction.
+
+SD3 / SD3.5 and Flux (T5-XXL): the host returns, per sentence, the conditioning ComfyUI builds for it, cut
+to a fixed length: SD3 ``[CLIP part (77 tokens: CLIP-L | CLIP-G | zeros) ; T5 (L tokens)]`` x 4096, Flux
+``T5 (L tokens)`` x 4096. ``L`` is the T5 tokenizer's padded length (its minimum length: 77 for SD3, 256 for
+Flux), so every sentence of a bank has the same length, as the tokenizer itself pads it (longer sentences
+are cut to L tokens, ending with T5's end token). The direction keeps one delta per encoder present:
+``l (77, 768)``, ``g (77, 1280)``, ``t5xxl (L, 4096)`` and the pooled delta (SD3: CLIP-L + CLIP-G, 2048;
+Flux: CLIP-L, 768). Applied to a conditioning, the CLIP delta goes on every 77-token chunk of SD3's CLIP part
+(as for SD1.x/SDXL) and the T5 delta on the first ``min(L, n)`` of the conditioning's ``n`` T5 tokens: T5
+encodes a prompt as one sequence (no chunks), so a prompt longer than L keeps its tail unchanged (the bank's
+mean has padding, not words, there) and a conditioning padded shorter than L gets the first n positions.
 """
 
 from __future__ import annotations
@@ -40,6 +53,18 @@ import torch
 from torch import Tensor
 
 from .log import logger
+from .text_layout import (
+    CHUNK,
+    LAYOUTS,
+    SD3_L_WIDTH,
+    T5_KEY,
+    T5_WIDTH,
+    ConditioningLayout,
+    conditioning_layout,
+    describe_encoders,
+    identify_layout,
+    sd3_offsets,
+)
 
 __all__ = [
     "FORMAT",
@@ -49,6 +74,7 @@ __all__ = [
     "EncodeFn",
     "ProgressFn",
     "apply_direction",
+    "check_direction_fits",
     "clip_encoder",
     "default_encoders",
     "load_direction",
@@ -61,7 +87,9 @@ __all__ = [
 ]
 
 FORMAT = "zerocon.edit_direction"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 adds SD3 / Flux directions (a ``layout`` field, a T5 delta); SD1.x/SD2.x/SDXL files are still
+written as version 1, which older versions of the pack read."""
 
 EncodeFn = Callable[[list[str]], "tuple[Tensor, Tensor | None]"]
 """Host text encoder: ``list[str] -> (embeds (N, 77, D_total), pooled (N, P) | None)``."""
@@ -69,12 +97,8 @@ EncodeFn = Callable[[list[str]], "tuple[Tensor, Tensor | None]"]
 ProgressFn = Callable[[int, int], None]
 """``progress(done, total)``: sentences encoded so far out of ``total``; may raise to cancel."""
 
-# Conditioning width -> model family, for error messages.
-_FAMILY = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-
-
-def _family(width: int) -> str:
-    return _FAMILY.get(width, "unknown model family")
+SEGMENTED = ("SD3", "Flux")
+"""Layouts whose conditioning has T5 tokens (deltas of different token lengths per encoder)."""
 
 
 def default_encoders(width: int) -> tuple[tuple[str, int], ...]:
@@ -92,9 +116,11 @@ def default_encoders(width: int) -> tuple[tuple[str, int], ...]:
 class EditDirection:
     """A token-wise edit direction.
 
-    ``deltas``: encoder name -> ``(T, D_e)`` float32 delta (T = 77), in the order the encoders are
-    concatenated in the conditioning. ``pooled``: ``(P,)`` pooled-embedding delta (SDXL) or ``None``.
-    ``mode``: ``"sentences"`` (sentence banks) or ``"prompt"`` (prompt difference).
+    ``deltas``: encoder name -> ``(T, D_e)`` float32 delta, in the order the encoders are concatenated in the
+    conditioning (SD1.x/SD2.x/SDXL: all T = 77; SD3: ``l``/``g`` 77 tokens, ``t5xxl`` L tokens; Flux:
+    ``t5xxl`` only). ``pooled``: ``(P,)`` pooled-embedding delta or ``None``. ``mode``: ``"sentences"``
+    (sentence banks) or ``"prompt"`` (prompt difference). ``layout``: one of ``text_layout.LAYOUTS`` or ``""``
+    (unknown); left empty, it is inferred from the encoder names and widths (``identify_layout``).
     """
 
     deltas: dict[str, Tensor]
@@ -105,22 +131,71 @@ class EditDirection:
     num_source: int = 0
     num_target: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+    layout: str = ""
 
     def __post_init__(self) -> None:
         if not self.deltas:
             raise ValueError("an edit direction needs at least one encoder delta")
-        lengths = {tuple(d.shape[:-1]) for d in self.deltas.values()}
-        if any(d.ndim != 2 for d in self.deltas.values()) or len(lengths) != 1:
+        if any(d.ndim != 2 for d in self.deltas.values()):
             shapes = {k: tuple(v.shape) for k, v in self.deltas.items()}
-            raise ValueError(f"edit direction deltas must all be (T, D) with the same T, got {shapes}")
+            raise ValueError(f"edit direction deltas must all be (T, D), got {shapes}")
         if self.mode not in ("sentences", "prompt"):
             raise ValueError(f"edit direction mode must be 'sentences' or 'prompt', got {self.mode!r}")
         if self.pooled is not None and self.pooled.ndim != 1:
             raise ValueError(f"pooled delta must be 1-D (P,), got shape {tuple(self.pooled.shape)}")
+        if self.layout not in LAYOUTS:
+            flat = sum(int(v.shape[-1]) for k, v in self.deltas.items() if k != T5_KEY)
+            width = int(self.deltas[T5_KEY].shape[-1]) if T5_KEY in self.deltas else flat
+            pooled_width = None if self.pooled is None else int(self.pooled.shape[-1])
+            self.layout = identify_layout(width, pooled_width, keys=tuple(self.deltas))
+        clip = [k for k in self.deltas if k != T5_KEY]
+        lengths = {int(self.deltas[k].shape[0]) for k in (clip if self.segmented else self.deltas)}
+        if len(lengths) > 1 or (self.segmented and clip and lengths != {CHUNK}):
+            shapes = {k: tuple(v.shape) for k, v in self.deltas.items()}
+            raise ValueError(f"edit direction deltas must all be (T, D) with the same T, got {shapes}")
+        if self.segmented and self.layout == "Flux" and list(self.deltas) != [T5_KEY]:
+            raise ValueError(f"a Flux edit direction has a T5 delta only, got {list(self.deltas)}")
+
+    @property
+    def segmented(self) -> bool:
+        """True for SD3 / Flux: T5 tokens follow (SD3) or replace (Flux) the 77-token CLIP chunks."""
+        return self.layout in SEGMENTED
+
+    @property
+    def clip_encoders(self) -> tuple[str, ...]:
+        """The CLIP encoders (not T5) the direction has deltas for."""
+        return tuple(k for k in self.deltas if k != T5_KEY)
+
+    @property
+    def t5_length(self) -> int:
+        """Token length L of the T5 delta (0 without T5)."""
+        return int(self.deltas[T5_KEY].shape[0]) if T5_KEY in self.deltas and self.segmented else 0
+
+    def delta_for(self, clip_tokens: int, t5_tokens: int) -> Tensor:
+        """SD3 / Flux: the ``(clip_tokens + t5_tokens, width)`` delta for a conditioning with that many CLIP
+        tokens (a multiple of 77; SD3 only) and T5 tokens: the CLIP delta (CLIP-L | CLIP-G | zeros) on every
+        77-token chunk, the T5 delta on the first ``min(L, t5_tokens)`` T5 tokens, zeros after."""
+        if not self.segmented:
+            raise ValueError(f"delta_for is for SD3 / Flux directions, this one is {self.kind()}")
+        width = self.width
+        out = torch.zeros(clip_tokens + t5_tokens, width, dtype=torch.float32)
+        if clip_tokens:
+            chunk = torch.zeros(CHUNK, width, dtype=torch.float32)
+            offsets = sd3_offsets({k: int(self.deltas[k].shape[-1]) for k in self.clip_encoders})
+            for k, start in offsets.items():
+                chunk[:, start : start + self.deltas[k].shape[-1]] = self.deltas[k]
+            out[:clip_tokens] = chunk.repeat(clip_tokens // CHUNK, 1)
+        n = min(self.t5_length, t5_tokens)
+        if n:
+            out[clip_tokens : clip_tokens + n] = self.deltas[T5_KEY][:n]
+        return out
 
     @property
     def delta(self) -> Tensor:
-        """The concatenated delta ``(T, D_total)``, as it adds to a conditioning."""
+        """The concatenated delta ``(T, D_total)``, as it adds to a conditioning (SD3 / Flux: one CLIP chunk,
+        if any, then the L T5 tokens, as the sentences were encoded)."""
+        if self.segmented:
+            return self.delta_for(CHUNK if self.clip_encoders else 0, self.t5_length)
         parts = list(self.deltas.values())
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
@@ -131,32 +206,63 @@ class EditDirection:
 
     @property
     def width(self) -> int:
-        """Total conditioning width D_total (768 SD1.x, 1024 SD2.x, 2048 SDXL)."""
+        """Conditioning width D_total (768 SD1.x, 1024 SD2.x, 2048 SDXL, 4096 SD3 and Flux)."""
+        if self.layout == "SD3":
+            return T5_WIDTH  # ComfyUI pads SD3's CLIP part to T5-XXL's width, with or without T5
+        if self.layout == "Flux":
+            return int(self.deltas[T5_KEY].shape[-1])
         return sum(w for _, w in self.encoders)
 
     @property
     def length(self) -> int:
-        """Token length T of the delta (77)."""
+        """Token length T of :attr:`delta` (77; SD3 77 + L or L; Flux L)."""
+        if self.segmented:
+            return (CHUNK if self.clip_encoders else 0) + self.t5_length
         return int(next(iter(self.deltas.values())).shape[0])
+
+    def kind(self) -> str:
+        """``"SDXL"``, ``"SD3: CLIP-L + CLIP-G + T5-XXL"``, ``"Flux"``... (``"unknown family"`` if unknown)."""
+        if self.layout == "SD3":
+            return f"SD3: {describe_encoders(self.deltas)}"
+        return self.layout or "unknown family"
 
     def describe(self) -> str:
         """One-line human description, e.g. for a node's UI."""
         enc = "+".join(f"{k}{w}" for k, w in self.encoders)
         counts = f", {self.num_source}/{self.num_target} sentences" if self.mode == "sentences" else ""
         pooled = ", pooled" if self.pooled is not None else ""
-        return f"'{self.source}' -> '{self.target}' ({self.mode}{counts}; {enc} = {self.width} wide, {_family(self.width)}{pooled})"
+        tokens = f", {self.length} tokens" if self.segmented else ""
+        return (
+            f"'{self.source}' -> '{self.target}' ({self.mode}{counts}; {enc} = {self.width} wide, "
+            f"{self.kind()}{tokens}{pooled})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Building directions
 
 
-def _resolve_encoders(encode, encoders, width: int) -> tuple[tuple[str, int], ...]:
+def _resolve_encoders(encode, encoders, width: int, layout: str) -> tuple[tuple[str, int], ...]:
     enc = encoders if encoders is not None else getattr(encode, "encoders", None)
     enc = tuple((str(k), int(w)) for k, w in enc) if enc is not None else default_encoders(width)
-    if sum(w for _, w in enc) != width:
+    if layout in SEGMENTED:
+        names = [k for k, _ in enc]
+        if layout == "Flux" and names != [T5_KEY] or layout == "SD3" and not set(names) <= {"l", "g", T5_KEY}:
+            raise ValueError(f"encoder split {list(enc)} does not fit the {layout} layout")
+        if any(w > width for _, w in enc):
+            raise ValueError(f"encoder split {list(enc)} is wider than the text encoder's width {width}")
+    elif sum(w for _, w in enc) != width:
         raise ValueError(f"encoder split {list(enc)} does not add up to the text encoder's width {width}")
     return enc
+
+
+def _resolve_layout(encode, mean: MeanEmbedding, enc_names) -> str:
+    """The host's ``layout`` attribute, else the one rule (``identify_layout``) on the encoder names and widths."""
+    layout = getattr(encode, "layout", None) or mean.layout
+    if layout:
+        return layout
+    pooled_width = None if mean.pooled is None else int(mean.pooled.shape[-1])
+    return identify_layout(int(mean.embeds.shape[-1]), pooled_width, keys=enc_names)
 
 
 def _check_texts(texts: Sequence[str], what: str) -> list[str]:
@@ -171,11 +277,12 @@ def _check_texts(texts: Sequence[str], what: str) -> list[str]:
 @dataclass(frozen=True)
 class MeanEmbedding:
     """The mean over a sentence list of the host embeddings: ``embeds (T, D)`` float64, ``pooled (P,)`` float64
-    or None, and the encoder split the host reported (None if it reported none)."""
+    or None, and the encoder split and layout the host reported (None if it reported none)."""
 
     embeds: Tensor
     pooled: Tensor | None
     encoders: tuple[tuple[str, int], ...] | None = None
+    layout: str | None = None
 
 
 class EmbeddingCache:
@@ -234,7 +341,7 @@ def _mean_embedding(encode: EncodeFn, texts: list[str], batch_size: int, what: s
         if total is not None and s.shape != total.shape:
             raise ValueError(
                 f"encode() returned {tuple(emb.shape[1:])} for some {what} and {tuple(total.shape)} for others: "
-                "the host must pad/truncate every text to the same token length (77)"
+                "the host must pad/truncate every text to the same token length (77; T5: its padded length)"
             )
         total = s if total is None else total + s
         if pooled is not None:
@@ -251,6 +358,7 @@ def _mean_embedding(encode: EncodeFn, texts: list[str], batch_size: int, what: s
         embeds=total / n,
         pooled=pooled_total / n if pooled_total is not None else None,
         encoders=tuple((str(k), int(w)) for k, w in enc) if enc is not None else None,
+        layout=getattr(encode, "layout", None),
     )
 
 
@@ -259,8 +367,28 @@ def _cache_key(encode: EncodeFn, texts: list[str]) -> Hashable | None:
     return None if key is None else (key, tuple(texts))
 
 
-def _split(delta: Tensor, encoders: tuple[tuple[str, int], ...]) -> dict[str, Tensor]:
-    out, start = {}, 0
+def _split(delta: Tensor, encoders: tuple[tuple[str, int], ...], layout: str) -> dict[str, Tensor]:
+    """Per-encoder deltas from the host-shaped delta ``(T, D)``: channel slices (SD1.x/SD2.x/SDXL); SD3: the
+    CLIP-L / CLIP-G channels of the first 77 tokens (``sd3_offsets``) and the T5 tokens after them; Flux: all
+    of it is T5."""
+    out = {}
+    if layout in SEGMENTED:
+        widths = dict(encoders)
+        offsets = sd3_offsets({k: w for k, w in widths.items() if k != T5_KEY})
+        clip_tokens = CHUNK if offsets else 0
+        if delta.shape[0] < clip_tokens or (T5_KEY in widths) != (delta.shape[0] > clip_tokens):
+            raise ValueError(
+                f"encode() returned {delta.shape[0]} tokens per sentence, which does not fit {layout} with "
+                f"{describe_encoders(widths)}"
+            )
+        for name, _ in encoders:
+            if name == T5_KEY:
+                out[name] = delta[clip_tokens:, : widths[name]]
+            else:
+                start = offsets[name]
+                out[name] = delta[:CHUNK, start : start + widths[name]]
+        return {k: v.to(torch.float32).contiguous() for k, v in out.items()}
+    start = 0
     for name, w in encoders:
         out[name] = delta[:, start : start + w].to(torch.float32).contiguous()
         start += w
@@ -311,12 +439,16 @@ def sentence_bank_direction(
         )
     if encoders is None and getattr(encode, "encoders", None) is None:
         encoders = mean_src.encoders or mean_tgt.encoders
-    enc = _resolve_encoders(encode, encoders, int(mean_src.embeds.shape[-1]))
+    width = int(mean_src.embeds.shape[-1])
+    names = [k for k, _ in (encoders or getattr(encode, "encoders", None) or default_encoders(width))]
+    layout = _resolve_layout(encode, mean_src, names)
+    enc = _resolve_encoders(encode, encoders, width, layout)
     pooled = None
     if mean_src.pooled is not None and mean_tgt.pooled is not None:
         pooled = (mean_tgt.pooled - mean_src.pooled).to(torch.float32)
     d = EditDirection(
-        deltas=_split(mean_tgt.embeds - mean_src.embeds, enc),
+        deltas=_split(mean_tgt.embeds - mean_src.embeds, enc, layout),
+        layout=layout,
         pooled=pooled,
         source=source,
         target=target,
@@ -502,12 +634,44 @@ def parse_sentence_list(text: str | Iterable[str]) -> list[str]:
 # Applying
 
 
-def _check_width(width: int, direction: EditDirection) -> None:
-    if width != direction.width:
+def _different_clip(direction: EditDirection, what: str) -> ValueError:
+    made_with = direction.extra.get("clip")
+    return ValueError(
+        f"the direction was made with a different CLIP{f' ({made_with})' if made_with else ''}: {what}. "
+        "Make the direction with the CLIP that encoded this conditioning."
+    )
+
+
+def check_direction_fits(direction: EditDirection, cond: ConditioningLayout) -> None:
+    """Raise ``ValueError`` naming both sides when ``direction`` cannot be added to a conditioning of layout
+    ``cond`` (:func:`text_layout.conditioning_layout`): another width, another known family (Flux vs SD3),
+    another set of SD3 encoders (a CLIP-L-only SD3 direction does not fit a CLIP-L + CLIP-G + T5 conditioning:
+    it would leave two encoders unedited), a token count that is not whole 77-token chunks, or another pooled
+    width."""
+    mine = f"it is {direction.width} wide ({direction.kind()})"
+    theirs = f"this conditioning is {cond.width} wide ({cond.describe()})"
+    if cond.width != direction.width:
+        raise _different_clip(direction, f"{mine}, but {theirs}")
+    if direction.layout and cond.layout and direction.layout != cond.layout:
+        raise _different_clip(direction, f"{mine}, but {theirs}")
+    if cond.layout == "SD3" and direction.layout == "SD3" and set(cond.encoders) != set(direction.deltas):
+        raise _different_clip(direction, f"{mine}, but {theirs}")
+    if direction.segmented and not direction.clip_encoders and cond.clip_tokens:
+        raise _different_clip(direction, f"{mine}, but {theirs}")
+    if not direction.segmented and cond.tokens % direction.length != 0:
         raise ValueError(
-            f"edit direction was made with a {direction.width}-wide text encoder ({_family(direction.width)}) "
-            f"but the conditioning is {width} wide ({_family(width)}): make the direction with the same "
-            "model's text encoder (CLIP) as the conditioning"
+            f"conditioning has {cond.tokens} tokens, not a multiple of the edit direction's {direction.length}: "
+            "cannot add the direction"
+        )
+    if (
+        direction.pooled is not None
+        and cond.pooled_width is not None
+        and cond.pooled_width != direction.pooled.shape[-1]
+    ):
+        raise _different_clip(
+            direction,
+            f"its pooled delta is {direction.pooled.shape[-1]} wide but this conditioning's pooled_output is "
+            f"{cond.pooled_width} wide",
         )
 
 
@@ -518,37 +682,42 @@ def apply_direction(
     cond_embeds: Tensor, direction: EditDirection, strength: float, pooled: Tensor
 ) -> tuple[Tensor, Tensor]: ...
 def apply_direction(cond_embeds, direction, strength, pooled=None):
-    """``cond + strength * delta`` on every ``T``-token chunk of ``cond_embeds`` (``(B, k*T, D)`` or ``(k*T, D)``).
+    """``cond + strength * delta`` at the conditioning's tokens (``(B, T, D)`` or ``(T, D)``).
 
-    A 154-token conditioning gets the delta on each of its two 77-token chunks. Returns the new
-    conditioning (same dtype/device); when ``pooled`` ``(B, P)`` is given, returns ``(cond, pooled)`` with
-    ``pooled + strength * direction.pooled`` (unchanged if the direction has no pooled delta). Inputs are
-    not modified. Raises ``ValueError`` on width or length mismatch.
+    SD1.x/SD2.x/SDXL: the delta on every 77-token chunk (a 154-token conditioning gets it twice). SD3: the
+    CLIP delta on every chunk of the CLIP part, the T5 delta on the first ``min(L, n)`` of its n T5 tokens;
+    Flux: the T5 delta likewise (:meth:`EditDirection.delta_for`). Returns the new conditioning (same
+    dtype/device); when ``pooled`` ``(B, P)`` is given, returns ``(cond, pooled)`` with ``pooled + strength *
+    direction.pooled`` (unchanged if the direction has no pooled delta). Inputs are not modified. Raises
+    ``ValueError`` (:func:`check_direction_fits`) when the direction does not fit the conditioning.
     """
     if cond_embeds.ndim not in (2, 3):
         raise ValueError(f"conditioning must be (B, tokens, D) or (tokens, D), got {tuple(cond_embeds.shape)}")
-    _check_width(int(cond_embeds.shape[-1]), direction)
-    t, n = direction.length, int(cond_embeds.shape[-2])
-    if n % t != 0:
-        raise ValueError(
-            f"conditioning has {n} tokens, not a multiple of the edit direction's {t}: cannot add the direction"
-        )
+    l_width = int(direction.deltas["l"].shape[-1]) if direction.layout == "SD3" and "l" in direction.deltas else None
+    layout = conditioning_layout(cond_embeds, pooled, l_width=l_width or SD3_L_WIDTH)
+    check_direction_fits(direction, layout)
     strength = float(strength)
-    delta = direction.delta.to(cond_embeds.device)
+    if direction.segmented:
+        delta = direction.delta_for(layout.clip_tokens, layout.t5_tokens)
+        if layout.t5_tokens != direction.t5_length:
+            logger.info(
+                "edit direction: T5 delta (%d tokens) added to the first %d of the conditioning's %d T5 tokens",
+                direction.t5_length,
+                min(direction.t5_length, layout.t5_tokens),
+                layout.t5_tokens,
+            )
+    else:
+        delta = direction.delta.repeat(layout.tokens // direction.length, 1)
+    delta = delta.to(cond_embeds.device)
     work = torch.float64 if cond_embeds.dtype == torch.float64 else torch.float32
     if strength == 0.0:
         out = cond_embeds.clone()
     else:
-        out = (cond_embeds.to(work) + strength * delta.to(work).repeat(n // t, 1)).to(cond_embeds.dtype)
+        out = (cond_embeds.to(work) + strength * delta.to(work)).to(cond_embeds.dtype)
     if pooled is None:
         return out
     if direction.pooled is None or strength == 0.0:
         return out, pooled.clone()
-    if pooled.shape[-1] != direction.pooled.shape[-1]:
-        raise ValueError(
-            f"pooled output is {pooled.shape[-1]} wide but the edit direction's pooled delta is "
-            f"{direction.pooled.shape[-1]} wide ({_family(direction.width)} text encoder)"
-        )
     pwork = torch.float64 if pooled.dtype == torch.float64 else torch.float32
     new_pooled = (pooled.to(pwork) + strength * direction.pooled.to(pooled.device, pwork)).to(pooled.dtype)
     return out, new_pooled
@@ -568,7 +737,8 @@ def save_direction(path: str | os.PathLike, direction: EditDirection) -> None:
         tensors["pooled"] = direction.pooled.detach().to("cpu").contiguous().clone()
     meta = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if direction.segmented else 1),
+        "layout": direction.layout,
         "source": direction.source,
         "target": direction.target,
         "mode": direction.mode,
@@ -593,7 +763,10 @@ def save_direction(path: str | os.PathLike, direction: EditDirection) -> None:
 
 
 def load_direction(path: str | os.PathLike) -> EditDirection:
-    """Read a direction written by :func:`save_direction`. Raises ``FileNotFoundError`` / ``ValueError``."""
+    """Read a direction written by :func:`save_direction`. Raises ``FileNotFoundError`` / ``ValueError``.
+
+    Files without a ``layout`` field (written before SD3 / Flux support), or with one this version does not
+    know, get the layout the one rule (``identify_layout``) infers from their encoder names and widths."""
     from safetensors import safe_open
 
     path = os.fspath(path)
@@ -620,7 +793,11 @@ def load_direction(path: str | os.PathLike) -> EditDirection:
         encoders = [(str(k), int(w)) for k, w in json.loads(meta["encoders"])]
         deltas = {k: tensors[f"delta.{k}"] for k, _ in encoders}
         extra = json.loads(meta.get("extra", "{}"))
+        layout = meta.get("layout", "")
+        if layout and layout not in LAYOUTS:
+            logger.warning("%s: unknown edit direction layout %r; inferring it from the widths", path, layout)
         d = EditDirection(
+            layout=layout if layout in LAYOUTS else "",
             deltas=deltas,
             pooled=tensors.get("pooled"),
             source=meta.get("source", ""),

@@ -4,6 +4,12 @@
   (``SD1ClipModel`` / ``SDXLClipModel`` with their bundled tokenizers) and small text-model configs passed
   the way ComfyUI passes per-model config overrides (``model_options["clip_l_model_config"]``...). Widths
   match ``tiny_models``: SD1 context 64; SDXL l 32 + g 32 = 64 context, pooled 32.
+- ``sd3_clip(l=True, g=True, t5=True)`` / ``flux_clip()``: ``comfy.sd.CLIP`` objects of ComfyUI's SD3 and Flux
+  text encoders (``sd3_clip.SD3ClipModel`` / ``flux.FluxClipModel``): tiny CLIP-L / CLIP-G as above and a
+  one-layer T5 that is 4096 wide (ComfyUI pads SD3's CLIP part to 4096 and joins the T5 tokens to it, so the
+  width is fixed) with a tiny vocabulary. Its tokenizer is ComfyUI's T5 tokenizer class (``T5TokenizerFast`` in
+  ``sd1_clip.SDTokenizer``, same padding rules: min length 77 for SD3, 256 for Flux) over a vocabulary file
+  written by the test (``t5_tokenizer_folder``); CLIP-L / CLIP-G use ComfyUI's bundled tokenizers.
 - ``vae()``: a ``comfy.sd.VAE`` (AutoencoderKL, 8x downscale, 4 latent channels, 32 channels wide).
 - ``save_blip(folder)``: a tiny transformers BLIP captioner (``BlipForConditionalGeneration`` +
   ``BlipProcessor`` with a 20-word BERT vocabulary) saved with ``save_pretrained``; ``mode="empty"`` makes
@@ -79,6 +85,110 @@ def clip(kind: str = "sd1", seed: int = 0, width: int | None = None):
         }
     else:
         raise ValueError(f"unknown tiny CLIP kind {kind!r}")
+    with torch.inference_mode():
+        c = comfy.sd.CLIP(target, model_options={**options, "dtype": torch.float32})
+        _init_(c.cond_stage_model, seed)
+    return c
+
+
+T5_WIDTH = 4096
+T5_WORDS = (
+    "a an the of in on at is this there photo picture image close-up high quality snapshot portrait shot cat cats "
+    "dog dogs small large cute old young happy sitting standing lying running walking park beach grass house tree "
+    "red blue showing light soft natural room snow street forest kitchen field sunset studio lake garden sky"
+).split()
+_T5_FOLDER: str | None = None
+
+
+def t5_tokenizer_folder() -> str:
+    """A tiny T5 tokenizer (``T5TokenizerFast`` files: <pad> 0, </s> 1, <unk> 2, the words of ``T5_WORDS`` and
+    single letters) written once per process to a temporary folder; returns the folder."""
+    global _T5_FOLDER
+    if _T5_FOLDER is None:
+        import tempfile
+
+        from transformers import T5TokenizerFast
+
+        vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+        vocab += [("\u2581" + w, -1.0) for w in T5_WORDS]
+        vocab += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz.,()"]
+        folder = tempfile.mkdtemp(prefix="zerocon-tiny-t5-")
+        T5TokenizerFast(vocab=vocab, extra_ids=0).save_pretrained(folder)
+        _T5_FOLDER = folder
+    return _T5_FOLDER
+
+
+def _t5_vocab_size() -> int:
+    from transformers import T5TokenizerFast
+
+    return len(T5TokenizerFast.from_pretrained(t5_tokenizer_folder()).get_vocab())
+
+
+def _tiny_t5_tokenizer(min_length: int, tokenizer_data: dict):
+    """ComfyUI's ``T5XXLTokenizer`` settings over the tiny vocabulary."""
+    import comfy.sd1_clip
+    from transformers import T5TokenizerFast
+
+    return comfy.sd1_clip.SDTokenizer(
+        t5_tokenizer_folder(),
+        pad_with_end=False,
+        embedding_size=T5_WIDTH,
+        embedding_key="t5xxl",
+        tokenizer_class=T5TokenizerFast,
+        has_start_token=False,
+        pad_to_max_length=False,
+        max_length=99999999,
+        min_length=min_length,
+        tokenizer_data=tokenizer_data,
+    )
+
+
+def _t5_config() -> dict:
+    return {
+        "d_model": T5_WIDTH,
+        "d_ff": 32,
+        "d_kv": 8,
+        "num_heads": 2,
+        "num_layers": 2,
+        "vocab_size": _t5_vocab_size(),
+    }
+
+
+def sd3_clip(l: bool = True, g: bool = True, t5: bool = True, seed: int = 0):  # noqa: E741
+    """A tiny SD3 CLIP (``SD3ClipModel`` with the chosen encoders; the tokenizer always gives all three keys, as
+    ComfyUI's ``SD3Tokenizer`` does). CLIP-L 32 + CLIP-G 32 wide (pooled 32 + 32), T5 4096 wide, min length 77."""
+    import comfy.sd
+    import comfy.text_encoders.sd3_clip as sd3
+
+    class TinySD3Tokenizer(sd3.SD3Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data)
+            self.t5xxl = _tiny_t5_tokenizer(77, tokenizer_data)
+
+    target = _Target(sd3.sd3_clip(clip_l=l, clip_g=g, t5=t5), TinySD3Tokenizer)
+    options = {
+        "clip_l_model_config": _text_config(SDXL_L_WIDTH),
+        "clip_g_model_config": _text_config(SDXL_G_WIDTH, act="gelu"),
+        "t5xxl_model_config": _t5_config(),
+    }
+    with torch.inference_mode():
+        c = comfy.sd.CLIP(target, model_options={**options, "dtype": torch.float32})
+        _init_(c.cond_stage_model, seed)
+    return c
+
+
+def flux_clip(seed: int = 0):
+    """A tiny Flux CLIP (``FluxClipModel``: T5 sequence 4096 wide, padded to 256 tokens; CLIP-L pooled, 32)."""
+    import comfy.sd
+    import comfy.text_encoders.flux as flux
+
+    class TinyFluxTokenizer(flux.FluxTokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data)
+            self.t5xxl = _tiny_t5_tokenizer(256, tokenizer_data)
+
+    target = _Target(flux.flux_clip(), TinyFluxTokenizer)
+    options = {"clip_l_model_config": _text_config(SDXL_L_WIDTH), "t5xxl_model_config": _t5_config()}
     with torch.inference_mode():
         c = comfy.sd.CLIP(target, model_options={**options, "dtype": torch.float32})
         _init_(c.cond_stage_model, seed)

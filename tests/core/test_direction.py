@@ -162,7 +162,7 @@ def test_apply_width_mismatch_message():
     with pytest.raises(ValueError) as e:
         D.apply_direction(torch.zeros(1, 77, 2048), _direction(768), 1.0)
     msg = str(e.value)
-    assert "768-wide" in msg and "SD1.x" in msg and "2048 wide" in msg and "SDXL" in msg
+    assert "it is 768 wide" in msg and "SD1.x" in msg and "2048 wide" in msg and "SDXL" in msg
 
 
 def test_apply_length_not_multiple():
