@@ -164,4 +164,3 @@ def conditioning_layout(cond: Tensor, pooled: Tensor | None = None, l_width: int
             present.append(T5_KEY)
         encoders = tuple(present)
     return ConditioningLayout(layout, width, tokens, clip_tokens, t5_tokens, pooled_width, encoders)
-

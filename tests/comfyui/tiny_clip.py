@@ -161,7 +161,8 @@ def sd3_clip(l: bool = True, g: bool = True, t5: bool = True, seed: int = 0):  #
     import comfy.text_encoders.sd3_clip as sd3
 
     class TinySD3Tokenizer(sd3.SD3Tokenizer):
-        def __init__(self, embedding_directory=None, tokenizer_data={}):
+        def __init__(self, embedding_directory=None, tokenizer_data=None):
+            tokenizer_data = tokenizer_data or {}
             super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data)
             self.t5xxl = _tiny_t5_tokenizer(77, tokenizer_data)
 
@@ -183,7 +184,8 @@ def flux_clip(seed: int = 0):
     import comfy.text_encoders.flux as flux
 
     class TinyFluxTokenizer(flux.FluxTokenizer):
-        def __init__(self, embedding_directory=None, tokenizer_data={}):
+        def __init__(self, embedding_directory=None, tokenizer_data=None):
+            tokenizer_data = tokenizer_data or {}
             super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data)
             self.t5xxl = _tiny_t5_tokenizer(256, tokenizer_data)
 
