@@ -5,8 +5,16 @@ Each line is encoded exactly as CLIP Text Encode encodes a prompt (``clip.tokeni
 ``clip.encode_from_tokens_scheduled``); one line gives CLIP Text Encode's output unchanged. The rows are then
 stacked along the batch axis (``pooled_output`` too). Prompts of different lengths (more than 75 tokens:
 several 77-token chunks) are brought to a common length by repeating their tokens, as ComfyUI does when it
-batches conditionings of different lengths (comfy/conds.py): attention over a repeated key/value sequence gives
-the same result.
+batches conditionings of different lengths (comfy/conds.py): cross-attention over a repeated key/value sequence
+gives the same result.
+
+SD3 / SD3.5 and Flux CLIPs (a T5-XXL tokenizer): T5 encodes a prompt as one sequence, padded to a minimum length
+(77 SD3, 256 Flux), and these models attend jointly over text and image tokens, where repeating text tokens
+would change the attention weights. So when the prompts' T5 token counts differ, every line is tokenized again
+with the T5 minimum length set to the longest line's (the tokenizer's own ``t5xxl_min_length`` option, what
+T5 Tokenizer Options sets): the T5 sequences get the same length by T5's own padding. Row i is then CLIP Text
+Encode of line i with that T5 padding. Only SD3 lines with different numbers of 77-token CLIP chunks (more
+than 75 CLIP tokens) are still repeated as above, with a warning, as ComfyUI itself does when it batches them.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..zerocon_core.prompts import split_prompts
+from ..zerocon_core.text_layout import T5_KEY
 from .inputs import CATEGORY
 
 logger = logging.getLogger("zerocon")
@@ -25,10 +34,31 @@ logger = logging.getLogger("zerocon")
 NODE = "ZeroCon Encode Prompts"
 
 
-def _stack(rows: list[list], prompts: list[str]) -> list:
-    """One CONDITIONING entry from N single-entry CONDITIONINGs of batch 1 (row i = prompt i)."""
+def _tokenize_all(clip, prompts: list[str]) -> list[dict]:
+    """Tokens of every prompt; with a T5 tokenizer, its sequences padded to the longest prompt's T5 length."""
+    tokens = [clip.tokenize(prompt) for prompt in prompts]
+    if len(prompts) > 1 and all(T5_KEY in t for t in tokens):
+        lengths = [sum(len(chunk) for chunk in t[T5_KEY]) for t in tokens]
+        if len(set(lengths)) > 1:
+            options = {f"{T5_KEY}_min_length": max(lengths)}
+            tokens = [clip.tokenize(prompt, tokenizer_options=options) for prompt in prompts]
+            logger.info("%s: T5 sequences padded to %d tokens (the longest line's)", NODE, max(lengths))
+    return tokens
+
+
+def _stack(rows: list[list], prompts: list[str], joint: bool = False) -> list:
+    """One CONDITIONING entry from N single-entry CONDITIONINGs of batch 1 (row i = prompt i). ``joint``: the
+    CLIP has a T5 (SD3 / Flux), whose models attend jointly over text and image (repeating is approximate)."""
     conds = [row[0][0] for row in rows]
     length = math.lcm(*(int(c.shape[1]) for c in conds))
+    if joint and len({int(c.shape[1]) for c in conds}) > 1:
+        logger.warning(
+            "%s: the lines encode to different lengths (%s tokens); their tokens are repeated to %d, as ComfyUI "
+            "batches them, which is not exact for SD3's joint attention: keep SD3 prompts under 75 CLIP tokens",
+            NODE,
+            sorted({int(c.shape[1]) for c in conds}),
+            length,
+        )
     cond = torch.cat([c.repeat(1, length // int(c.shape[1]), 1) for c in conds])
     extras = [row[0][1] for row in rows]
     keys = set(extras[0])
@@ -52,8 +82,9 @@ def _stack(rows: list[list], prompts: list[str]) -> list:
 def encode_prompts(clip, prompts: list[str]) -> list:
     """CONDITIONING of batch ``len(prompts)``: row i is what CLIP Text Encode gives for ``prompts[i]``."""
     rows = []
-    for i, prompt in enumerate(prompts):
-        row = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+    all_tokens = _tokenize_all(clip, prompts)
+    for i, tokens in enumerate(all_tokens):
+        row = clip.encode_from_tokens_scheduled(tokens)
         if len(prompts) == 1:
             return row
         if len(row) != 1:
@@ -62,7 +93,7 @@ def encode_prompts(clip, prompts: list[str]) -> list:
                 "batching needs one per prompt: encode such prompts with CLIP Text Encode, one image at a time"
             )
         rows.append(row)
-    return _stack(rows, prompts)
+    return _stack(rows, prompts, joint=T5_KEY in all_tokens[0])
 
 
 class ZeroConEncodePrompts(io.ComfyNode):

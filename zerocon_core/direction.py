@@ -656,7 +656,9 @@ def check_direction_fits(direction: EditDirection, cond: ConditioningLayout) -> 
         raise _different_clip(direction, f"{mine}, but {theirs}")
     if cond.layout == "SD3" and direction.layout == "SD3" and set(cond.encoders) != set(direction.deltas):
         raise _different_clip(direction, f"{mine}, but {theirs}")
-    if direction.segmented and not direction.clip_encoders and cond.clip_tokens:
+    if direction.segmented and (
+        bool(direction.clip_encoders) != bool(cond.clip_tokens) or (T5_KEY in direction.deltas) != bool(cond.t5_tokens)
+    ):  # e.g. an SD3 direction with CLIP-L on a conditioning that cannot be told SD3 or Flux (no pooled output)
         raise _different_clip(direction, f"{mine}, but {theirs}")
     if not direction.segmented and cond.tokens % direction.length != 0:
         raise ValueError(
