@@ -13,8 +13,8 @@ SD3 / SD3.5 and Flux CLIPs (a T5-XXL tokenizer): T5 encodes a prompt as one sequ
 would change the attention weights. So when the prompts' T5 token counts differ, every line is tokenized again
 with the T5 minimum length set to the longest line's (the tokenizer's own ``t5xxl_min_length`` option, what
 T5 Tokenizer Options sets): the T5 sequences get the same length by T5's own padding. Row i is then CLIP Text
-Encode of line i with that T5 padding. Only SD3 lines with different numbers of 77-token CLIP chunks (more
-than 75 CLIP tokens) are still repeated as above, with a warning, as ComfyUI itself does when it batches them.
+Encode of line i with that T5 padding. SD3 lines with different numbers of 77-token CLIP chunks (more than 75
+CLIP tokens) cannot be batched exactly and are an error naming the line.
 """
 
 from __future__ import annotations
@@ -48,16 +48,18 @@ def _tokenize_all(clip, prompts: list[str]) -> list[dict]:
 
 def _stack(rows: list[list], prompts: list[str], joint: bool = False) -> list:
     """One CONDITIONING entry from N single-entry CONDITIONINGs of batch 1 (row i = prompt i). ``joint``: the
-    CLIP has a T5 (SD3 / Flux), whose models attend jointly over text and image (repeating is approximate)."""
+    CLIP has a T5 (SD3 / Flux), whose models attend jointly over text and image: no repeating (see the module
+    docstring)."""
     conds = [row[0][0] for row in rows]
     length = math.lcm(*(int(c.shape[1]) for c in conds))
     if joint and len({int(c.shape[1]) for c in conds}) > 1:
-        logger.warning(
-            "%s: the lines encode to different lengths (%s tokens); their tokens are repeated to %d, as ComfyUI "
-            "batches them, which is not exact for SD3's joint attention: keep SD3 prompts under 75 CLIP tokens",
-            NODE,
-            sorted({int(c.shape[1]) for c in conds}),
-            length,
+        counts = [int(c.shape[1]) for c in conds]
+        i = next(i for i, n in enumerate(counts) if n != counts[0])
+        raise ValueError(
+            f"{NODE}: line {i + 1} encodes to {counts[i]} tokens and line 1 to {counts[0]} (different numbers of "
+            "77-token CLIP chunks: a line has more than 75 CLIP tokens); SD3 attends jointly over text and image, "
+            "so repeating tokens to batch them would change the result: shorten the lines to 75 CLIP tokens or "
+            "encode the images one at a time with CLIP Text Encode"
         )
     cond = torch.cat([c.repeat(1, length // int(c.shape[1]), 1) for c in conds])
     extras = [row[0][1] for row in rows]

@@ -221,6 +221,14 @@ def test_mismatch_errors_name_both_layouts():
     assert "it is 4096 wide (SD3: CLIP-L), but this conditioning is 4096 wide (SD3: CLIP-L + CLIP-G + T5-XXL)" in msg
     msg = _message(_sd3_direction(), flux.unsqueeze(0), flux_pooled.unsqueeze(0))
     assert "(SD3: CLIP-L + CLIP-G + T5-XXL), but this conditioning is 4096 wide (Flux)" in msg
+    # Same token structure, other encoders: an SD3 CLIP-L + CLIP-G + T5 direction on a CLIP-L + T5 conditioning ...
+    no_g, no_g_pooled = sd3_row("x", g=False)
+    msg = _message(_sd3_direction(), no_g.unsqueeze(0), no_g_pooled.unsqueeze(0))
+    assert "(SD3: CLIP-L + CLIP-G + T5-XXL), but this conditioning is 4096 wide (SD3: CLIP-L + T5-XXL)" in msg
+    # ... and a Flux direction on a T5-only SD3 conditioning (told apart by SD3's 2048-wide pooled output).
+    t5_only, t5_pooled = sd3_row("x", l=False, g=False, t5=256)
+    msg = _message(_flux_direction(), t5_only.unsqueeze(0), t5_pooled.unsqueeze(0))
+    assert "it is 4096 wide (Flux), but this conditioning is 4096 wide (SD3: T5-XXL)" in msg
     # No pooled output: the conditioning cannot be told SD3 or Flux; a T5-only SD3 direction is not a Flux one.
     msg = _message(_sd3_direction(), flux.unsqueeze(0))
     assert "(SD3: CLIP-L + CLIP-G + T5-XXL), but this conditioning is 4096 wide (SD3 or Flux)" in msg
