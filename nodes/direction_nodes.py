@@ -81,9 +81,10 @@ class ComfyClipEncoder:
     """The engine's encode callable over a ComfyUI ``CLIP`` (``comfy.sd.CLIP``).
 
     ``encoders`` is the split of the conditioning width by text encoder, in concatenation order
-    (``(("l", 768),)`` for SD1.x, ``(("l", 768), ("g", 1280))`` for SDXL). ``pooled`` says whether pooled
-    outputs are returned (SDXL-style CLIPs, whose UNet uses them). ``info`` describes the CLIP for the
-    direction's metadata.
+    (``(("l", 768),)`` for SD1.x, ``(("l", 768), ("g", 1280))`` for SDXL; SD3 / Flux: the encoders present,
+    ``t5xxl`` included, see the module docstring). ``layout``: ``text_layout.identify_layout`` of the tokenizer's
+    keys. ``pooled`` says whether pooled outputs are returned (SDXL, SD3 and Flux CLIPs, whose models use them).
+    ``info`` describes the CLIP for the direction's metadata.
     """
 
     def __init__(self, clip, pooled: bool | None = None):
@@ -373,7 +374,7 @@ class ZeroConEditDirection(io.ComfyNode):
                 Direction.Output(
                     "direction",
                     display_name="direction",
-                    tooltip="The edit direction (77 tokens x the CLIP's width; SDXL also a pooled delta).",
+                    tooltip="The edit direction (77 tokens x the CLIP's width; SDXL also a pooled delta; SD3 / Flux: the CLIP and T5 token deltas and the pooled delta).",
                 )
             ],
         )
@@ -426,8 +427,8 @@ class ZeroConApplyEditDirection(io.ComfyNode):
             display_name="ZeroCon Apply Edit Direction",
             category=CATEGORY,
             description=(
-                "Adds strength x the edit direction to a conditioning (every 77-token chunk), and its pooled delta "
-                "to pooled_output for SDXL. Everything else in the conditioning (areas, masks, hooks, timestep "
+                "Adds strength x the edit direction to a conditioning (every 77-token CLIP chunk; SD3 / Flux: the T5 "
+                "delta on the first T5 tokens), and its pooled delta to pooled_output (SDXL, SD3, Flux). Everything else in the conditioning (areas, masks, hooks, timestep "
                 "ranges...) is kept."
             ),
             inputs=[
