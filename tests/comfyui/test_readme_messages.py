@@ -60,6 +60,17 @@ def direction_width(ctx):
     return _message(lambda: dn.ZeroConApplyEditDirection.execute(conditioning=sdxl_cond, direction=sd1, strength=1.0))
 
 
+def direction_layout(ctx):
+    dn = pack_module("nodes.direction_nodes")
+    zdir = pack_module("zerocon_core.direction")
+    flux = zdir.EditDirection(deltas={"t5xxl": torch.zeros(256, 4096)}, pooled=torch.zeros(768), layout="Flux")
+    sd3 = torch.zeros(1, 77 + 77, 4096)
+    sd3[:, :77, :2048] = 1.0  # CLIP-L and CLIP-G channels of the CLIP part; zeros from 2048 on
+    sd3[:, 77:] = 1.0  # T5 tokens
+    sd3_cond = [[sd3, {"pooled_output": torch.ones(1, 2048)}]]
+    return _message(lambda: dn.ZeroConApplyEditDirection.execute(conditioning=sd3_cond, direction=flux, strength=1.0))
+
+
 def inversion_size(ctx):
     _, inversion, _ = h.invert(ctx.zc, ctx.run, ctx.model, tm.latent(40), tm.conditioning(41))
     return _message(
@@ -91,6 +102,7 @@ TRIGGERS = {
     "ZeroCon supports SD1.x, SD2.x (eps or v-prediction) and SDXL models only; this MODEL is ...": unsupported_model,
     "the direction was made with a different CLIP (...): it is 768 wide (SD1.x), but this conditioning is 2048 wide "
     "(SDXL)": direction_width,
+    "it is 4096 wide (Flux), but this conditioning is 4096 wide (SD3: CLIP-L + CLIP-G + T5-XXL)": direction_layout,
     "the inversion latent size ... differs from the LATENT": inversion_size,
     "batch mismatch": batch_mismatch,
     "step ...: guidance gradient is not finite; step skipped": gradient_not_finite,
