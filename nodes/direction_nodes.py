@@ -96,7 +96,7 @@ class ComfyClipEncoder:
         self.clip = clip
         probe = clip.tokenize("a")
         self.keys = tuple(probe.keys())
-        self.layout = zlayout.identify_layout(0, keys=self.keys)
+        self.layout = zlayout.identify_layout(keys=self.keys)
         self.segmented = self.layout in zdir.SEGMENTED
         self.pooled = ("g" in self.keys or self.segmented) if pooled is None else bool(pooled)
         self._truncated = 0

@@ -11,8 +11,8 @@ Host independence: the text encoder is an *encode callable* supplied by the host
 where ``embeds`` is exactly what the host's UNet receives as cross-attention context (for SDXL the
 encoders' hidden states concatenated along the channel axis, CLIP-L first: 768 + 1280 = 2048, as both
 diffusers and ComfyUI do) and ``pooled`` is the pooled text embedding (SDXL: text_encoder_2 / "g"), or
-``None``. Hosts must return a fixed token length (77): a ComfyUI CLIP host should keep the first 77-token
-chunk of long sentences. The encoder split of ``D_total`` comes from, in order: the ``encoders`` argument,
+``None``. Hosts must return a fixed token length (77; SD3 / Flux: below): a ComfyUI CLIP host should keep the
+first 77-token chunk of long sentences. The encoder split of ``D_total`` comes from, in order: the ``encoders`` argument,
 an ``encoders`` attribute on the callable (set by :func:`clip_encoder` / :func:`sdxl_clip_encoder`), or
 the width (768 -> ``l``, 1024 -> ``h``, 2048 -> ``l`` + ``g``; ComfyUI's encoder keys).
 
@@ -92,7 +92,9 @@ FORMAT_VERSION = 2
 written as version 1, which older versions of the pack read."""
 
 EncodeFn = Callable[[list[str]], "tuple[Tensor, Tensor | None]"]
-"""Host text encoder: ``list[str] -> (embeds (N, 77, D_total), pooled (N, P) | None)``."""
+"""Host text encoder: ``list[str] -> (embeds (N, 77, D_total), pooled (N, P) | None)`` (SD3: ``(N, 77 + L, 4096)``
+or without the CLIP or T5 part; Flux: ``(N, L, 4096)``; the host's ``layout`` and ``encoders`` attributes say
+which, see the module docstring)."""
 
 ProgressFn = Callable[[int, int], None]
 """``progress(done, total)``: sentences encoded so far out of ``total``; may raise to cancel."""

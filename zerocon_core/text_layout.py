@@ -65,18 +65,23 @@ _BY_WIDTH = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 _NAMES = {"l": "CLIP-L", "h": "OpenCLIP-H", "g": "CLIP-G", T5_KEY: "T5-XXL"}
 
 
-def identify_layout(width: int, pooled_width: int | None = None, keys=None, clip_tokens: int | None = None) -> str:
+def identify_layout(
+    width: int | None = None, pooled_width: int | None = None, keys=None, clip_tokens: int | None = None
+) -> str:
     """The layout name (one of :data:`LAYOUTS`), or ``""`` when it cannot be told.
 
     ``keys``: a CLIP object's token keys (decisive when they match a layout). Otherwise from the width:
     768 SD1.x, 1024 SD2.x, 2048 SDXL; 4096 (T5-XXL) is SD3 when the conditioning has a CLIP part
     (``clip_tokens > 0``) or a 2048-wide pooled output (SD3 pads missing pooled halves with zeros), Flux
-    when it has another pooled output (CLIP-L's), and ``""`` (SD3 or Flux) when it has none.
+    when it has another pooled output (CLIP-L's), and ``""`` (SD3 or Flux) when it has none. ``width`` None
+    (keys only): ``""`` unless the keys decide.
     """
     if keys is not None:
         found = _BY_KEYS.get(frozenset(keys))
         if found:
             return found
+    if width is None:
+        return ""
     width = int(width)
     if width in _BY_WIDTH:
         return _BY_WIDTH[width]
