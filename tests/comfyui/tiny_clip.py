@@ -143,13 +143,13 @@ def _tiny_t5_tokenizer(min_length: int, tokenizer_data: dict):
     )
 
 
-def _t5_config() -> dict:
+def _t5_config(layers: int = 2, d_ff: int = 32) -> dict:
     return {
         "d_model": T5_WIDTH,
-        "d_ff": 32,
+        "d_ff": d_ff,
         "d_kv": 8,
         "num_heads": 2,
-        "num_layers": 2,
+        "num_layers": layers,
         "vocab_size": _t5_vocab_size(),
     }
 
@@ -178,8 +178,9 @@ def sd3_clip(l: bool = True, g: bool = True, t5: bool = True, seed: int = 0):  #
     return c
 
 
-def flux_clip(seed: int = 0):
-    """A tiny Flux CLIP (``FluxClipModel``: T5 sequence 4096 wide, padded to 256 tokens; CLIP-L pooled, 32)."""
+def flux_clip(seed: int = 0, t5_layers: int = 2, t5_ff: int = 32):
+    """A tiny Flux CLIP (``FluxClipModel``: T5 sequence 4096 wide, padded to 256 tokens; CLIP-L pooled, 32).
+    ``t5_layers`` / ``t5_ff``: a bigger T5 (benchmarks)."""
     import comfy.sd
     import comfy.text_encoders.flux as flux
 
@@ -190,7 +191,7 @@ def flux_clip(seed: int = 0):
             self.t5xxl = _tiny_t5_tokenizer(256, tokenizer_data)
 
     target = _Target(flux.flux_clip(), TinyFluxTokenizer)
-    options = {"clip_l_model_config": _text_config(SDXL_L_WIDTH), "t5xxl_model_config": _t5_config()}
+    options = {"clip_l_model_config": _text_config(SDXL_L_WIDTH), "t5xxl_model_config": _t5_config(t5_layers, t5_ff)}
     with torch.inference_mode():
         c = comfy.sd.CLIP(target, model_options={**options, "dtype": torch.float32})
         _init_(c.cond_stage_model, seed)
