@@ -102,6 +102,18 @@ def test_flux_direction_is_the_mean_difference_of_clip_text_encode(dn, flux):
     torch.testing.assert_close(prompt.pooled.double(), pb - pa, atol=2e-5, rtol=1e-4)
 
 
+def test_t5_length_follows_the_clips_tokenizer_options(dn, flux):
+    """T5 Tokenizer Options' min_length sets the length the sentences are padded to (and the cache tells the two
+    CLIPs apart: the default-length means made just before are not reused)."""
+    make_direction(dn, flux)
+    short = flux.clone()
+    short.set_tokenizer_option("t5xxl_min_length", 100)
+    d = make_direction(dn, short)
+    (ms, _), (mt, _) = mean_one_by_one(short, SRC), mean_one_by_one(short, TGT)
+    assert d.t5_length == 100 and ms.shape == (100, 4096)
+    torch.testing.assert_close(d.delta.double(), mt - ms, atol=2e-5, rtol=1e-4)
+
+
 def test_sd3_with_clip_l_only(dn):
     clip = tiny_clip.sd3_clip(g=False, t5=False, seed=8)
     d = make_direction(dn, clip)
