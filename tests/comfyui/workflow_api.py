@@ -13,14 +13,14 @@ opens runs through ComfyUI's executor with tiny models in the tests.
 
 from __future__ import annotations
 
-import nodes as comfy_nodes
-
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 
 def node_info(class_type: str) -> dict:
-    """``/object_info``'s entry for a registered node type (V3 or V1 schema)."""
+    """``/object_info``'s entry for a node type registered in this process (V3 or V1 schema)."""
+    import nodes as comfy_nodes
+
     cls = comfy_nodes.NODE_CLASS_MAPPINGS[class_type]
     if hasattr(cls, "GET_NODE_INFO_V1"):
         return cls.GET_NODE_INFO_V1()
@@ -49,14 +49,16 @@ def widget_names(info: dict) -> list[str | None]:
     return out
 
 
-def to_api(workflow: dict) -> dict:
-    """The API-format prompt of a UI-format ``workflow`` (version 0.4), keyed by node id strings."""
+def to_api(workflow: dict, infos: dict | None = None) -> dict:
+    """The API-format prompt of a UI-format ``workflow`` (version 0.4), keyed by node id strings.
+
+    ``infos``: a server's ``/object_info`` (default: the node types registered in this process)."""
     links = {ln[0]: ln for ln in workflow.get("links", [])}  # id -> [id, from, from_slot, to, to_slot, type]
     prompt = {}
     for node in workflow["nodes"]:
         if node["type"] in FRONTEND_ONLY or node.get("mode", 0) != 0:
             continue
-        info = node_info(node["type"])
+        info = infos[node["type"]] if infos is not None else node_info(node["type"])
         inputs = {}
         values = list(node.get("widgets_values") or [])
         names = widget_names(info)
@@ -72,6 +74,52 @@ def to_api(workflow: dict) -> dict:
                 inputs[slot["name"]] = [str(src), int(src_slot)]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def validate(prompt: dict, infos: dict) -> list[str]:
+    """What ComfyUI's ``validate_prompt`` would reject in ``prompt`` against ``/object_info``, checked here without
+    queueing: unknown node types, missing required inputs, links from a missing node or of the wrong type, widget
+    values of the wrong type, out of range or not among a combo's options. Returns the problems found."""
+    problems = []
+    for key, node in prompt.items():
+        info = infos.get(node["class_type"])
+        if info is None:
+            problems.append(f"{key}: unknown node type {node['class_type']}")
+            continue
+        specs = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        for name in info["input"].get("required", {}):
+            if name not in node["inputs"]:
+                problems.append(f"{key} ({node['class_type']}): required input {name!r} missing")
+        for name, value in node["inputs"].items():
+            spec = specs.get(name)
+            if spec is None:
+                continue
+            typ, opts = spec[0], spec[1] if len(spec) > 1 else {}
+            where = f"{key} ({node['class_type']}).{name} = {value!r}"
+            if isinstance(value, list):
+                src = prompt.get(value[0])
+                if src is None:
+                    problems.append(f"{where}: links a node that is not in the prompt")
+                    continue
+                out_types = infos[src["class_type"]]["output"]
+                got = out_types[value[1]]
+                want = "COMBO" if isinstance(typ, list) else typ
+                if want != "*" and got != "*" and not set(str(got).split(",")) & set(str(want).split(",")):
+                    problems.append(f"{where}: output type {got} into input type {want}")
+            elif isinstance(typ, list) or typ == "COMBO":
+                options = typ if isinstance(typ, list) else opts.get("options", [])
+                if value not in options:
+                    problems.append(f"{where}: not among {options}")
+            elif typ in ("INT", "FLOAT"):
+                if not isinstance(value, (int, float)) or isinstance(value, bool):
+                    problems.append(f"{where}: not a number")
+                elif not opts.get("min", value) <= value <= opts.get("max", value):
+                    problems.append(f"{where}: outside [{opts.get('min')}, {opts.get('max')}]")
+            elif typ == "BOOLEAN" and not isinstance(value, bool):
+                problems.append(f"{where}: not a boolean")
+            elif typ == "STRING" and not isinstance(value, str):
+                problems.append(f"{where}: not a string")
+    return problems
 
 
 def swap(prompt: dict, class_type: str, new_type: str, inputs: dict, outputs: dict[int, int] | None = None) -> int:

@@ -83,7 +83,7 @@ EXPECTED_CLASS = {"sd15": "SD15", "sdxl": "SDXL", "sd3": "SD3"}
 FILE_NAMES = {
     "sd15": "v1-5-pruned-emaonly-fp16.safetensors",
     "sdxl": "sd_xl_base_1.0.safetensors",
-    "sd3": "sd3.5_medium_incl_clip_l.safetensors",
+    "sd3": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",  # ours holds CLIP-L alone (above)
 }
 # Tiny transformers models (save_pretrained folders) under the names the workflows' loaders default to.
 TINY_FOLDERS = {
