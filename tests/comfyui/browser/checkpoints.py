@@ -58,9 +58,33 @@ SDXL_UNET = {
     "num_classes": "sequential",
 }
 
-EXPECTED_CLASS = {"sd15": "SD15", "sdxl": "SDXL"}
+# SD3 / SD3.5 (MMDiT): ComfyUI's detection ties the width to the depth (64 per joint block, as many heads as
+# blocks), so 2 joint blocks make a 128-wide, 2-head MMDiT (≈ 2M parameters); patch 2, 16 latent channels,
+# a 64 x 64 patch position table (latents up to 128 x 128, 1024 px), pooled 2048 (CLIP-L + CLIP-G widths) and a
+# 4096-wide context projected to 128. The checkpoint carries CLIP-L alone (``text_encoders.clip_l.``), which
+# ComfyUI's SD3 text encoder accepts (CLIP-G and T5 absent: zeros in their places).
+SD3_DEPTH = 2
+SD3_UNET = {
+    "in_channels": 16,
+    "pos_embed_scaling_factor": None,
+    "patch_size": 2,
+    "depth": SD3_DEPTH,
+    "num_patches": 64 * 64,
+    "pos_embed_max_size": 64,
+    "adm_in_channels": 2048,
+    "context_embedder_config": {
+        "target": "torch.nn.Linear",
+        "params": {"in_features": 4096, "out_features": 64 * SD3_DEPTH},
+    },
+}
+
+EXPECTED_CLASS = {"sd15": "SD15", "sdxl": "SDXL", "sd3": "SD3"}
 # The file names ComfyUI's own default graph and templates use (the workflows name them too).
-FILE_NAMES = {"sd15": "v1-5-pruned-emaonly-fp16.safetensors", "sdxl": "sd_xl_base_1.0.safetensors"}
+FILE_NAMES = {
+    "sd15": "v1-5-pruned-emaonly-fp16.safetensors",
+    "sdxl": "sd_xl_base_1.0.safetensors",
+    "sd3": "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors",  # ours holds CLIP-L alone (above)
+}
 # Tiny transformers models (save_pretrained folders) under the names the workflows' loaders default to.
 TINY_FOLDERS = {
     "blip": "blip/blip-image-captioning-base",
@@ -111,19 +135,28 @@ def build(kind: str, path: str, seed: int = 0) -> dict:
     import torch
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
-    config_cls = {"sd15": sm.SD15, "sdxl": sm.SDXL}[kind]
-    unet = _common(SD15_UNET if kind == "sd15" else SDXL_UNET)
+    config_cls = {"sd15": sm.SD15, "sdxl": sm.SDXL, "sd3": sm.SD3}[kind]
+    unet = dict(SD3_UNET) if kind == "sd3" else _common(SD15_UNET if kind == "sd15" else SDXL_UNET)
     t0 = time.time()
     with torch.inference_mode(False):
         cfg = config_cls(dict(unet))
         cfg.set_inference_dtype(torch.float16, None)
         base = cfg.get_model({})
         _init_(base.diffusion_model, seed)
-        clip = comfy.sd.CLIP(cfg.clip_target(), model_options={"dtype": torch.float16})
+        if kind == "sd3":
+            import comfy.text_encoders.sd3_clip as sd3_clip
+            from comfy import supported_models_base
+
+            target = supported_models_base.ClipTarget(
+                sd3_clip.SD3Tokenizer, sd3_clip.sd3_clip(clip_l=True, clip_g=False, t5=False)
+            )
+        else:
+            target = cfg.clip_target()
+        clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float16})
         _init_(clip.cond_stage_model, seed + 1)
         ddconfig = {
             "double_z": True,
-            "z_channels": 4,
+            "z_channels": 16 if kind == "sd3" else 4,
             "resolution": 256,
             "in_channels": 3,
             "out_ch": 3,
@@ -133,7 +166,7 @@ def build(kind: str, path: str, seed: int = 0) -> dict:
             "attn_resolutions": [],
             "dropout": 0.0,
         }
-        vae_model = AutoencoderKL(ddconfig=ddconfig, embed_dim=4)
+        vae_model = AutoencoderKL(ddconfig=ddconfig, embed_dim=ddconfig["z_channels"])
         _init_(vae_model, seed + 2)
         sd = base.state_dict_for_saving(clip.get_sd(), {k: v for k, v in vae_model.state_dict().items()})
         sd = {
@@ -186,6 +219,132 @@ def build(kind: str, path: str, seed: int = 0) -> dict:
     return info
 
 
+# Flux-dev: ComfyUI's detection hard-codes the width (3072, 24 heads, 4096-wide context, RoPE axes 16/56/56) and
+# counts the blocks, so 1 double + 1 single block is the smallest Flux it loads (≈ 0.5B parameters, stored in
+# fp16: ≈ 1 GB). Flux ships as four files for the stock loaders: the diffusion model (Load Diffusion Model),
+# the 16-channel VAE (Load VAE) and CLIP-L + T5-XXL (DualCLIPLoader, type flux). T5-XXL cannot shrink (its
+# detection reads block 23): random weights stored in fp8 (e4m3fn) as users' t5xxl_fp8_e4m3fn file is, 4.7 GB,
+# generated tensor by tensor so the 19 GB of fp32 weights never exist at once.
+FLUX_DIT = {
+    "image_model": "flux",
+    "in_channels": 16,
+    "patch_size": 2,
+    "out_channels": 16,
+    "vec_in_dim": 768,
+    "context_in_dim": 4096,
+    "hidden_size": 3072,
+    "mlp_ratio": 4.0,
+    "num_heads": 24,
+    "depth": 1,
+    "depth_single_blocks": 1,
+    "axes_dim": [16, 56, 56],
+    "theta": 10000,
+    "qkv_bias": True,
+    "guidance_embed": True,
+}
+#: file -> ComfyUI models folder, for the Flux kind (the names ComfyUI's Flux examples use)
+FLUX_FILES = {
+    "flux1-dev.safetensors": "diffusion_models",
+    "ae.safetensors": "vae",
+    "clip_l.safetensors": "text_encoders",
+    "t5xxl_fp8_e4m3fn.safetensors": "text_encoders",
+}
+
+
+def _random_state_dict(module, seed: int, dtype) -> dict:
+    """Seeded random weights for every parameter / buffer shape of ``module`` (which may live on "meta"),
+    scaled like ``_init_``, cast to ``dtype`` one tensor at a time."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+        if p.ndim >= 2:
+            t = torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5
+        elif name.endswith("weight") or name.endswith("scale"):
+            t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        else:
+            t = 0.02 * torch.randn(p.shape, generator=gen)
+        out[name] = t.to(dtype).contiguous()
+    return out
+
+
+def build_flux(out: str, seed: int = 0) -> dict:
+    """Write the four Flux-dev files into ``out``; returns what the stock loaders detect on reload."""
+    import json as _json
+
+    import comfy.sd
+    import comfy.supported_models as sm
+    import comfy.text_encoders.t5 as t5
+    import comfy.utils
+    import torch
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    t0 = time.time()
+    with torch.inference_mode(False):
+        cfg = sm.Flux(dict(FLUX_DIT))
+        cfg.set_inference_dtype(torch.float16, None)
+        with torch.device("meta"):
+            dit = cfg.get_model({}).diffusion_model
+        comfy.utils.save_torch_file(
+            _random_state_dict(dit, seed, torch.float16), os.path.join(out, "flux1-dev.safetensors")
+        )
+        del dit
+        ddconfig = {
+            "double_z": True,
+            "z_channels": 16,
+            "resolution": 256,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 128,
+            "ch_mult": [1, 2, 4, 4],
+            "num_res_blocks": 2,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        }
+        vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=16)
+        _init_(vae, seed + 2)
+        vae_sd = {k: v.detach().to(torch.float16).contiguous() for k, v in vae.state_dict().items()}
+        comfy.utils.save_torch_file(vae_sd, os.path.join(out, "ae.safetensors"))
+        del vae, vae_sd
+        import comfy.sd1_clip
+
+        clip_l = comfy.sd1_clip.SDClipModel(layer="hidden", layer_idx=-2, dtype=torch.float16)
+        _init_(clip_l, seed + 1)
+        clip_sd = {k: v.detach().to(torch.float16).contiguous() for k, v in clip_l.transformer.state_dict().items()}
+        comfy.utils.save_torch_file(clip_sd, os.path.join(out, "clip_l.safetensors"))
+        del clip_l, clip_sd
+        t5_config = _json.load(open(os.path.join(os.path.dirname(t5.__file__), "t5_config_xxl.json")))
+        with torch.device("meta"):
+            t5_model = t5.T5(t5_config, torch.float32, "meta", torch.nn)
+        comfy.utils.save_torch_file(
+            _random_state_dict(t5_model, seed + 3, torch.float8_e4m3fn),
+            os.path.join(out, "t5xxl_fp8_e4m3fn.safetensors"),
+        )
+        del t5_model
+    built = time.time() - t0
+
+    import comfy.sd as sd_mod
+
+    model = sd_mod.load_diffusion_model(os.path.join(out, "flux1-dev.safetensors"))
+    clip = sd_mod.load_clip(
+        [os.path.join(out, "clip_l.safetensors"), os.path.join(out, "t5xxl_fp8_e4m3fn.safetensors")],
+        clip_type=sd_mod.CLIPType.FLUX,
+    )
+    info = {
+        "kind": "flux",
+        "files": {name: os.path.getsize(os.path.join(out, name)) for name in FLUX_FILES},
+        "detected": type(model.model.model_config).__name__,
+        "guidance_embed": model.model.model_config.unet_config.get("guidance_embed"),
+        "clip": type(clip.cond_stage_model).__name__,
+        "seconds": round(built, 1),
+    }
+    del model, clip
+    if info["detected"] != "Flux":
+        raise RuntimeError(f"Flux files: ComfyUI detected {info['detected']}: {info}")
+    return info
+
+
 def build_tiny(out: str) -> dict:
     """Tiny random BLIP / DINO / CLIP-metric folders (the builders of the pack's other tests) under ``out``."""
     repo = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
@@ -206,7 +365,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--comfyui", required=True, help="ComfyUI checkout")
     ap.add_argument("--out", required=True, help="folder for the .safetensors files (and info.json)")
-    ap.add_argument("kinds", nargs="+", choices=sorted(FILE_NAMES) + ["tiny"])
+    ap.add_argument("kinds", nargs="+", choices=sorted(FILE_NAMES) + ["flux", "tiny"])
     a = ap.parse_args(argv)
     sys.path.insert(0, os.path.abspath(a.comfyui))
     from comfy.cli_args import args as comfy_args
@@ -220,6 +379,8 @@ def main(argv=None) -> int:
     for kind in a.kinds:
         if kind == "tiny":
             infos[kind] = build_tiny(a.out)
+        elif kind == "flux":
+            infos[kind] = build_flux(a.out)
         else:
             infos[kind] = build(kind, os.path.join(a.out, FILE_NAMES[kind]))
         print(json.dumps(infos[kind]), flush=True)

@@ -132,6 +132,10 @@ class Frontend:
     def refresh_combos(self) -> None:
         self.js("() => window.__zc.refreshCombos()")
 
+    def to_prompt(self) -> dict:
+        """The API-format prompt ``graphToPrompt`` makes of the loaded graph (not queued)."""
+        return self.js("() => window.__zc.prompt()")
+
     def queue(self) -> dict:
         return self.js("() => window.__zc.queue()")
 

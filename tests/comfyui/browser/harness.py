@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from .comfy_server import PACK_FOLDER, ComfyServer, history_errors, make_base
 from .frontend import Frontend, find_chromium, playwright_available
 from .model_files import prepare, write_input_image
 from .roundtrip import graph_differences
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/comfyui: workflow_api
+import workflow_api  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[2]
@@ -44,6 +48,13 @@ SPEED_OVERRIDES = [
 # Frontend-only node types (never sent to the server).
 VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
+# Workflows the test loads, converts and validates in the frontend but does not queue, and why (the executor test
+# tests/comfyui/test_workflow_executor.py runs the same graph with tiny models instead).
+VALIDATE_ONLY = {
+    "text_edit_flux": "Flux's text encoder is T5-XXL at full size: a random fp8 copy is 4.7 GB and each prompt "
+    "encode takes about 90 s on 2 CPU cores, several minutes per run",
+}
+
 # Workflows that need a second run with other nodes active (a file saved by the first run is loaded by the
 # second): the nodes muted in the file are switched on, these types are muted, combos are refreshed.
 SECOND_RUN_MUTE = {"direction_save_and_reuse": ("ZeroConEditDirection", "ZeroConSaveEditDirection")}
@@ -65,14 +76,19 @@ def unavailable() -> str | None:
     return None
 
 
+#: Stock loader nodes whose file-name widgets select the model files the test must provide.
+LOADER_TYPES = ("CheckpointLoaderSimple", "UNETLoader", "VAELoader", "CLIPLoader", "DualCLIPLoader", "TripleCLIPLoader")
+
+
 def checkpoint_kinds(files) -> list[str]:
-    """Which random checkpoints the workflows need (by the file names their loaders select)."""
+    """Which random model files the workflows need (by the file names their loaders select)."""
     names = set()
     for f in files:
         for node in json.loads(Path(f).read_text()).get("nodes", []):
-            if node.get("type") == "CheckpointLoaderSimple":
-                names.update(v for v in node.get("widgets_values") or [] if isinstance(v, str))
+            if node.get("type") in LOADER_TYPES:
+                names.update(v for v in node.get("widgets_values") or [] if str(v).endswith(".safetensors"))
     by_name = {v: k for k, v in checkpoints.FILE_NAMES.items()}
+    by_name.update({name: "flux" for name in checkpoints.FLUX_FILES})
     unknown = sorted(n for n in names if n not in by_name)
     if unknown:
         raise RuntimeError(
@@ -236,6 +252,22 @@ def run_workflow(s: Session, path: Path, timeout: float, log=print) -> dict:
     )
     t0 = time.time()
     check_loaded(s, workflow, name)
+    converted = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in s.frontend.to_prompt().items()}
+    expected = workflow_api.to_api(workflow, s.object_info)
+    assert converted == expected, (
+        f"{name}: graphToPrompt differs from tests/comfyui/workflow_api.to_api (the executor test's conversion): "
+        f"{json.dumps({'frontend': converted, 'to_api': expected}, indent=1)[:6000]}"
+    )
+    if name in VALIDATE_ONLY:
+        problems = workflow_api.validate(converted, s.object_info)
+        assert not problems, f"{name}: the converted prompt would be rejected: {problems}"
+        log(f"[{name}] loaded, converted and validated ({len(converted)} nodes); not queued: {VALIDATE_ONLY[name]}")
+        return {
+            "name": name,
+            "runs": [],
+            "validated": True,
+            "prompt_classes": sorted({v["class_type"] for v in converted.values()}),
+        }
     changes = apply_speed_overrides(s)
     log(
         f"[{name}] loaded OK ({len(workflow['nodes'])} nodes); speed overrides: "

@@ -82,7 +82,8 @@ def prepare(base: Path, comfyui: Path, python: str, kinds=("sd15", "sdxl"), log=
     root = cache_root()
     root.mkdir(parents=True, exist_ok=True)
     out = root / cache_key(comfyui, python)
-    want = [k for k in kinds if not (out / checkpoints.FILE_NAMES[k]).is_file()]
+    executed = [k for k in kinds if k in checkpoints.FILE_NAMES]  # Flux is only validated: placeholders below
+    want = [k for k in executed if not (out / checkpoints.FILE_NAMES[k]).is_file()]
     if not all((out / rel / "config.json").is_file() for rel in checkpoints.TINY_FOLDERS.values()):
         want.append("tiny")
     if want:
@@ -94,12 +95,17 @@ def prepare(base: Path, comfyui: Path, python: str, kinds=("sd15", "sdxl"), log=
     models = base / "models"
     (models / "checkpoints").mkdir(parents=True, exist_ok=True)
     used = {}
-    for k in kinds:
+    for k in executed:
         name = checkpoints.FILE_NAMES[k]
         link = models / "checkpoints" / name
         if not link.exists():
             link.symlink_to(out / name)
         used[k] = str(link)
+    if "flux" in kinds:  # the Flux workflow is loaded and validated, never queued: empty files under its names
+        for name, folder in checkpoints.FLUX_FILES.items():
+            (models / folder).mkdir(parents=True, exist_ok=True)
+            (models / folder / name).touch()
+        used["flux"] = "placeholders (validated only)"
     for k, rel in checkpoints.TINY_FOLDERS.items():
         dest = models / rel
         if not dest.exists():

@@ -116,6 +116,9 @@
     await frame();
   };
 
+  // graphToPrompt's API-format prompt (what Queue would send), without queueing it.
+  zc.prompt = async () => (await app.graphToPrompt()).output;
+
   // graphToPrompt through the frontend, then queue it through the frontend's API client.
   zc.queue = async () => {
     const p = await app.graphToPrompt();

@@ -1,0 +1,85 @@
+"""The shipped text-edit workflows, exactly as a user opens them, run through ComfyUI's executor with tiny models.
+
+``workflow_api.to_api`` converts the UI-format file as the frontend's ``graphToPrompt`` does; the model loaders are
+swapped for the test-only tiny checkpoint of the same family, Load Image for a seeded test image, the image
+savers for capture nodes; the speed knobs are turned down as in the browser test. Everything else (our nodes,
+their widget values, the links) is the file's. The browser test (test_browser_workflows.py) runs the same files
+in the real frontend on random-weight checkpoints the stock loaders detect; for the workflows it cannot execute
+there (see ``harness.VALIDATE_ONLY``) this is the run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import workflow_api
+from conftest import REPO
+from test_graph import execute_in_process, executor_env  # noqa: F401  (the fixture)
+
+WORKFLOWS = REPO / "example_workflows"
+#: workflow -> tiny checkpoint kind (the family its loaders load)
+FAMILIES = {"text_edit_sd15": "sd15", "text_edit_sdxl": "sdxl"}
+LOADERS = {  # class -> {old output slot: TinyCheckpoint slot (MODEL 0, CLIP 1, VAE 2)}
+    "CheckpointLoaderSimple": {0: 0, 1: 1, 2: 2},
+    "UNETLoader": {0: 0},
+    "DualCLIPLoader": {0: 1},
+    "CLIPLoader": {0: 1},
+    "TripleCLIPLoader": {0: 1},
+    "VAELoader": {0: 2},
+}
+SPEED = [("width", 64), ("height", 64), ("steps", 2), ("num_sentences", 3), ("reg_outer", 1), ("reg_rolls", 1)]
+SPEED += [("patches", 16), ("max_new_tokens", 4), ("batch_size", 8)]
+
+
+def tiny_prompt(name: str, kind: str) -> dict:
+    prompt = workflow_api.to_api(json.loads((WORKFLOWS / f"{name}.json").read_text()))
+    for cls, slots in LOADERS.items():
+        workflow_api.swap(prompt, cls, "ZeroConTest_TinyCheckpoint", {"kind": kind, "seed": 0}, slots)
+    workflow_api.swap(prompt, "LoadImage", "ZeroConTest_Image", {"width": 80, "height": 72, "batch_size": 1, "seed": 1})
+    for saver in ("SaveImage", "PreviewImage"):
+        for key, node in prompt.items():
+            if node["class_type"] == saver:
+                prompt[key] = {
+                    "class_type": "ZeroConTest_Capture",
+                    "inputs": {"value": node["inputs"]["images"], "key": key},
+                }
+    workflow_api.set_widgets(prompt, "model", "tiny-blip", ["ZeroConBLIPLoader"], only_if_larger=False)
+    for widget, value in SPEED:
+        workflow_api.set_widgets(prompt, widget, value)
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def extras(executor_env):  # noqa: F811
+    """ComfyUI's comfy_extras nodes (PreviewAny, ...) registered, as a server start does."""
+    import asyncio
+
+    import nodes as comfy_nodes
+
+    if "PreviewAny" not in comfy_nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(comfy_nodes.init_builtin_extra_nodes())
+    return executor_env
+
+
+def test_conversion_maps_widgets_by_position(extras):
+    """The converter puts each saved value on its input (a shifted mapping would put 'cat' on 'mode', etc.)."""
+    prompt = workflow_api.to_api(json.loads((WORKFLOWS / "text_edit_sd15.json").read_text()))
+    by_type = {v["class_type"]: v["inputs"] for v in prompt.values()}
+    assert by_type["ZeroConEditDirection"]["source"] == "cat" and by_type["ZeroConEditDirection"]["target"] == "dog"
+    assert by_type["ZeroConDDIMInversion"]["steps"] == 50 and by_type["ZeroConDDIMInversion"]["convention"] == "current"
+    assert isinstance(by_type["ZeroConGuidedSampler"]["model"], list)  # a link, not a widget
+    assert not any(v["class_type"] in workflow_api.FRONTEND_ONLY for v in prompt.values())
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_shipped_workflow_runs_in_the_executor(extras, name):
+    captured = extras
+    captured.clear()
+    prompt = tiny_prompt(name, FAMILIES[name])
+    execute_in_process(prompt)
+    images = [v for k, v in captured.items() if isinstance(v, torch.Tensor) and v.ndim == 4]
+    assert len(images) >= 2, sorted(captured)
+    for img in images:
+        assert img.shape[-1] == 3 and torch.isfinite(img).all()
