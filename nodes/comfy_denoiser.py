@@ -226,7 +226,8 @@ class ComfyDenoiser:
 
     def _layer_table(self) -> list[tuple[LayerInfo, tuple[str, int, int]]]:
         if self._layers is None:
-            self._layers = enumerate_layers(self.model.diffusion_model)
+            net = self.model.diffusion_model  # DiTs (Flux, SD3): no capturable layers yet
+            self._layers = enumerate_layers(net) if hasattr(net, "input_blocks") else []
         return self._layers
 
     def _options(self, capture: CaptureRequest | None, recorder: _Recorder | None, grad: bool) -> dict:

@@ -42,11 +42,19 @@ from ..zerocon_core.sampler import SamplerSettings
 from ..zerocon_core.schedule import check_steps
 from . import progress
 from .dino_nodes import Dino
-from .families import detect_family
+from .families import cfg_warning, detect_family
 from .guidance_nodes import resolve_weights
 from .inputs import CATEGORY, GUIDANCE, cfg_input, previous_input, seed_input, step_inputs, steps_input, window_inputs
 from .loaders import ZeroConModel
-from .sampling_nodes import ZeroConGuider, _latent_out, check_conditioning, check_latent, guided_function
+from .sampling_nodes import (
+    ZeroConGuider,
+    ZeroConKSampler,
+    _latent_out,
+    check_conditioning,
+    check_latent,
+    ddim_grid,
+    guided_function,
+)
 from .weights import autograd_weights
 
 logger = logging.getLogger("zerocon")
@@ -138,7 +146,7 @@ def check_vae(vae: Any, family, node: str) -> None:
         raise ValueError(
             f"{node}: this VAE makes {channels}-channel {'image' if dim == 2 else f'{dim}-D'} latents but the MODEL "
             f"is {family} with {family.latent_channels}-channel image latents: use the VAE of the MODEL's family "
-            f"(its checkpoint's VAE, or taesd / taesdxl for {family.name})"
+            f"(its checkpoint's VAE, or {family.tiny_decoder} for {family.name})"
         )
 
 
@@ -156,7 +164,12 @@ def _common(model, vae, dino, node: str) -> dict:
     check_vae(vae, family, node)
     dino_model = _dino_model(dino, node)
     decoder = VAEDecoder(vae, model.model.latent_format, family.name)
-    return dict(decode=decoder, dino=dino_model, autograd_session=make_session(decoder, dino))
+    return dict(
+        decode=decoder,
+        dino=dino_model,
+        autograd_session=make_session(decoder, dino),
+        prediction_type=family.prediction_type,
+    )
 
 
 def _shared_inputs() -> list:
@@ -314,6 +327,7 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
                     lambda_range=float(lambda_range),
                     decode=shared["decode"],
                     autograd_session=shared["autograd_session"],
+                    prediction_type=shared["prediction_type"],
                     **window,
                 ),
             )
@@ -454,6 +468,7 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         cls, model, positive, negative, latent, guidance, steps, cfg, strength, resample, seed, step_mode, step_size
     ) -> io.NodeOutput:
         family = detect_family(model)
+        cfg_warning(family, float(cfg), "ZeroCon DiffuseIT Sampler")
         ms = model.get_model_object("model_sampling")
         check_steps(int(steps), len(ms.sigmas))
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
@@ -466,8 +481,10 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         if not (strength == AUTO_STRENGTH or 0.0 < strength <= 1.0):
             raise ValueError(f"ZeroCon DiffuseIT Sampler: strength must be -1 (auto) or in (0, 1], got {strength}")
 
-        full = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", int(steps)).cpu()
-        k = start_index(full, None if strength == AUTO_STRENGTH else float(strength))
+        full = ddim_grid(ms, int(steps))
+        k = start_index(
+            full, None if strength == AUTO_STRENGTH else float(strength), prediction_type=family.prediction_type
+        )
         sigmas = full[k:]
         noise = comfy.sample.prepare_noise(samples, int(seed), latent.get("batch_index"))
 
@@ -480,7 +497,7 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         settings = SamplerSettings(
             resample=int(resample), step_mode=step_mode, step_size=float(step_size), seed=int(seed)
         )
-        sampler = comfy.samplers.KSAMPLER(guided_function, extra_options={"settings": settings})
+        sampler = ZeroConKSampler(guided_function, extra_options={"settings": settings})
         callback = progress.node_callback(work, len(sigmas) - 1)
         out = guider.sample(
             noise,
