@@ -42,7 +42,7 @@ from ..zerocon_core.sampler import SamplerSettings
 from ..zerocon_core.schedule import check_steps
 from . import progress
 from .dino_nodes import Dino
-from .families import cfg_warning, detect_family
+from .families import article, cfg_warning, detect_family
 from .guidance_nodes import resolve_weights
 from .inputs import CATEGORY, GUIDANCE, cfg_input, previous_input, seed_input, step_inputs, steps_input, window_inputs
 from .loaders import ZeroConModel
@@ -400,7 +400,8 @@ def check_decoders(terms, model, family) -> None:
         dec = getattr(term, "decode", None)
         if isinstance(dec, VAEDecoder) and type(dec.latent_format) is not fmt:
             raise ValueError(
-                f"ZeroCon: the {type(term).__name__} was built for an {dec.family} MODEL but this MODEL is {family}; "
+                f"ZeroCon: the {type(term).__name__} was built for {article(dec.family)} {dec.family} MODEL but this MODEL "
+                f"is {family}; "
                 "give the DINO guidance node the same MODEL as the sampler"
             )
 

@@ -110,6 +110,11 @@ def size_warning(family: ModelFamily, latent_shape) -> str | None:
     )
 
 
+def article(name: str) -> str:
+    """ "an" before a family name read letter by letter (an SD1.x, an SDXL), else "a" (a Flux)."""
+    return "an" if name.startswith("SD") else "a"
+
+
 def cfg_warning(family: ModelFamily, cfg: float, node: str) -> str | None:
     """Log and return a warning when ``cfg`` is not 1 on a guidance-distilled family (Flux-dev), else None.
 

@@ -29,7 +29,7 @@ from ..zerocon_core.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps, inversion_sigmas
 from . import progress
 from .comfy_denoiser import ComfyDenoiser
-from .families import ModelFamily, cfg_warning, detect_family, prediction_type, size_warning
+from .families import ModelFamily, article, cfg_warning, detect_family, prediction_type, size_warning
 from .guidance_nodes import resolve_weights
 from .inputs import CATEGORY, GUIDANCE, cfg_input, seed_input, step_inputs, steps_input
 
@@ -140,17 +140,13 @@ def check_family(model, inversion: InversionData) -> ModelFamily:
     family = detect_family(model)
     if inversion.family and inversion.family != family.name:
         raise ValueError(
-            f"ZeroCon: the inversion was made with {_article(inversion.family)} {inversion.family} model but this MODEL "
+            f"ZeroCon: the inversion was made with {article(inversion.family)} {inversion.family} model but this MODEL "
             f"is {family.name}; "
             f"invert and sample with the same model (a {family.name} MODEL needs a latent inverted with {family.name})"
         )
     if inversion.model_key and inversion.model_key != id(model.model):
         logger.warning("ZeroCon: sampling with a different model than the one the latent was inverted with")
     return family
-
-
-def _article(name: str) -> str:
-    return "an" if name.startswith("SD") else "a"
 
 
 def check_inversion_latent(inversion: InversionData, samples: torch.Tensor) -> None:
