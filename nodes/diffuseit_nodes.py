@@ -176,14 +176,14 @@ def _shared_inputs() -> list:
     return [
         io.Model.Input(
             "model",
-            tooltip="The diffusion model you sample with (SD1.x, SD2.x or SDXL): its latent format "
+            tooltip="The diffusion model you sample with (SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux): its latent format "
             "tells how to decode the latent.",
         ),
         io.Vae.Input(
             "vae",
             tooltip="The VAE that decodes the predicted image at every guided step (with gradients). "
-            "The checkpoint's VAE is exact; a TAESD (taesd / taesdxl loaded with Load VAE) is much cheaper "
-            "and close enough for DINO at 224 px.",
+            "The checkpoint's VAE is exact; a TAESD (taesd / taesdxl / taesd3 / taef1 loaded with Load VAE) is much "
+            "cheaper and close enough for DINO at 224 px.",
         ),
         Dino.Input("dino", tooltip="DINO ViT from ZeroCon DINO Loader (DiffuseIT: dino-vitb8)."),
     ]
@@ -256,7 +256,7 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
                     "lambda_semantic",
                     LAMBDA_SEM,
                     "Weight of the semantic-divergence loss, active while the noise level is above "
-                    "DiffuseIT's gate (sigma 3.54) (DiffuseIT: 100; 0 disables).",
+                    "DiffuseIT's gate (sigma 3.54; Flux / SD3: the same SNR, t 0.78) (DiffuseIT: 100; 0 disables).",
                 ),
                 _lambda_input(
                     "lambda_range",
@@ -400,8 +400,8 @@ def check_decoders(terms, model, family) -> None:
         dec = getattr(term, "decode", None)
         if isinstance(dec, VAEDecoder) and type(dec.latent_format) is not fmt:
             raise ValueError(
-                f"ZeroCon: the {type(term).__name__} was built for {article(dec.family)} {dec.family} MODEL but this MODEL "
-                f"is {family}; "
+                f"ZeroCon: the {type(term).__name__} was built for {article(dec.family)} {dec.family} MODEL but "
+                f"this MODEL is {family}; "
                 "give the DINO guidance node the same MODEL as the sampler"
             )
 
@@ -431,7 +431,10 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
                 "Connect DINO Structure (and Style) Guidance; text-guided = the positive prompt describes the target."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model (SD1.x, SD2.x or SDXL); the same as the guidance nodes'."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The model (SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux); the same as the guidance nodes'.",
+                ),
                 io.Conditioning.Input(
                     "positive",
                     tooltip="The target prompt (text-guided DiffuseIT), or a description "
@@ -449,7 +452,8 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
                     max=1.0,
                     step=0.01,
                     tooltip="How much noise the source gets, as a fraction of the steps (like denoise). -1 = "
-                    "auto: DiffuseIT's noise level (sigma 6, about 0.85). Less keeps more of the source.",
+                    "auto: DiffuseIT's noise level (sigma 6, about 0.85; Flux / SD3: the same SNR, t 0.86). Less keeps "
+                    "more of the source.",
                 ),
                 io.Int.Input(
                     "resample",

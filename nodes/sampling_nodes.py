@@ -434,13 +434,17 @@ class ZeroConDDIMInversion(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Deterministic DDIM inversion of an image latent (pix2pix-zero): runs the model up the flipped "
-                "ddim_uniform sigmas with the caption, optionally regularising the predicted noise. The LATENT output "
-                "is x_T: a stock SamplerCustom (add_noise off, the SIGMAS output, cfg 1, the caption) reconstructs the "
-                "image from it. convention: current = ComfyUI's FlipSigmas + ddim; next = diffusers' "
-                "DDIMInverseScheduler (pix2pix-zero's diffusers pipeline)."
+                "ddim_uniform sigmas (Flux / SD3: the model's own simple sigmas, the Euler ODE run backwards) with the "
+                "caption, optionally regularising the predicted noise. The LATENT output is x_T: for SD1.x/2.x/SDXL a "
+                "stock SamplerCustom (add_noise off, the SIGMAS output, cfg 1, the caption) reconstructs the image "
+                "from it; for Flux / SD3 use the ZeroCon Guided Sampler (ComfyUI's flow noise scaling would blank a "
+                "latent at sigma 1). convention: current = ComfyUI's FlipSigmas + ddim / euler; next = diffusers' "
+                "DDIMInverseScheduler (pix2pix-zero's diffusers pipeline; SD models only)."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The Stable Diffusion model (SD1.x, SD2.x or SDXL) to invert with."),
+                io.Model.Input(
+                    "model", tooltip="The model to invert with (SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux dev/schnell)."
+                ),
                 io.Latent.Input("latent", tooltip="The image latent to invert (VAE Encode of the source image)."),
                 io.Conditioning.Input(
                     "conditioning",

@@ -401,8 +401,9 @@ def diffuseit_sample(
     ``sigmas``: the full descending DDIM grid. ``settings``: the sampler's (default: CFG 5 and
     ``resample`` = 10, as DiffuseIT); its ``seed`` also draws the start noise. Returns the sampler's
     ``SampleResult``. Flow models (``denoiser.prediction_type`` "flow") start at the level of the same SNR and
-    noise as ``(1 - t) x0 + t eps``; give their DINO terms ``prediction_type="flow"`` too. Capture-based terms (cross-attention, PatchNCE), if added, compare with a reference
-    branch that denoises the same noised start under ``negative_cond``.
+    noise as ``(1 - t) x0 + t eps``; give their DINO terms ``prediction_type="flow"`` too (a mismatch is a
+    ``ValueError``). Capture-based terms (cross-attention, PatchNCE), if added, compare with a reference branch
+    that denoises the same noised start under ``negative_cond``.
     """
     settings = SamplerSettings(resample=DIFFUSEIT_RESAMPLE) if settings is None else settings
     for term in guidance:
