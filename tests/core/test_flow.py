@@ -233,3 +233,23 @@ def test_semantic_gate_by_snr():
     assert loss(gate + 0.01) != 0.0
     assert loss(gate - 0.01) == 0.0
     assert loss(0.9) != 0.0 and loss(0.5) == 0.0  # as VP sigmas 0.9 and 0.5 would both be below 3.54
+
+
+def test_diffuseit_sample_on_flow_and_a_term_built_for_another_prediction_type():
+    from zerocon_core.diffuseit import diffuseit_sample
+
+    dino = tiny_dino(seed=0).double()
+    conv = torch.nn.Conv2d(4, 3, 1).double().requires_grad_(False)
+    den, src = FlowToy(), rand_image(4)
+    x0 = cond(5, 8)
+    grid = flow_grid(8)
+    vp_term = SemanticDivergenceGuidance(dino=dino, decode=conv, source=src, dino_size=32)
+    with pytest.raises(ValueError, match="built for prediction type 'eps' but the model's is 'flow'"):
+        diffuseit_sample(den, x0, grid, cond=cond(6, 8), negative_cond=cond(7, 8), guidance=[vp_term])
+    term = SemanticDivergenceGuidance(dino=dino, decode=conv, source=src, dino_size=32, prediction_type="flow")
+    settings = SamplerSettings(cfg=2.0, resample=3, seed=1)
+    res = diffuseit_sample(den, x0, grid, cond=cond(6, 8), negative_cond=cond(7, 8), guidance=[term], settings=settings)
+    plain = diffuseit_sample(
+        den, x0, grid, cond=cond(6, 8), negative_cond=cond(7, 8), guidance=[], settings=settings
+    )  # fmt: skip
+    assert torch.isfinite(res.latent).all() and float((res.latent - plain.latent).abs().max()) > 1e-6
