@@ -1,4 +1,4 @@
-"""VP diffusion vs flow matching: the few formulas that differ, in one place (docs/method.md §10).
+"""VP diffusion vs flow matching: the few formulas that differ, in one place (docs/method.md §9b).
 
 The engine works in ComfyUI's sigma space for both: a latent ``x`` at level ``sigma`` and the prediction
 ``eps := (x - x0) / sigma``, so that ``x + (sigma_next - sigma) * eps`` is the Euler (= DDIM, eta 0) step of
