@@ -317,3 +317,32 @@ def test_flux_gradient_through_in_place_blocks_is_right(zc):
         finally:
             net.float()
     assert float((g * d).sum()) == pytest.approx(float(fd), rel=1e-6)
+
+
+def test_guider_and_guided_ddim_sampler_in_sampler_custom_advanced(zc, run):
+    """The GUIDER + SAMPLER pair with DisableNoise and the inversion's SIGMAS gives the Guided Sampler's edit: the
+    inverted latent enters at sigma 1 as it is (ComfyUI's flow scaling would have zeroed it)."""
+    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
+
+    model = tm.sd3()
+    source, edit = _conds("sd3")
+    x_t, inversion, sigmas = h.invert(zc, run, model, tm.flow_latent(10, size=8), source, steps=STEPS)
+    node_edit, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0, reference="resampled")
+    (guider,) = run(zc.sampling.ZeroConGuiderNode, model=model, edited=edit, source=source, cfg=4.0)
+    (sampler,) = run(
+        zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0
+    )  # fmt: skip
+    with torch.inference_mode():
+        out, _ = SamplerCustomAdvanced().sample(DisableNoise().get_noise()[0], guider, sampler, sigmas, x_t)
+    torch.testing.assert_close(out["samples"], node_edit["samples"], rtol=0, atol=1e-6)
+
+
+def test_regularised_flow_inversion(zc, run):
+    """The regulariser on the implied noise runs on a flow model (16 x 16 latent: on 8 x 8 its steps are far larger
+    than at real sizes) and changes x_T."""
+    model = tm.flux()
+    lat, source = tm.flow_latent(11, size=16), tm.flow_conditioning(1)
+    plain, _, _ = h.invert(zc, run, model, lat, source, steps=STEPS)
+    reg, _, _ = h.invert(zc, run, model, lat, source, steps=STEPS, regularize=True)
+    assert torch.isfinite(reg["samples"]).all()
+    assert float((reg["samples"] - plain["samples"]).abs().max()) > 1e-3
