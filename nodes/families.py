@@ -25,11 +25,6 @@ from ..zerocon_core.guidance import CrossAttentionGuidance
 
 SUPPORTED = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5 and Flux"
 
-#: The flow-matching families (prediction type "flow", 16-channel latents).
-FLOW_FAMILIES = ("SD3", "Flux")
-#: CFG styles: real classifier-free guidance (negative and positive forwards), or Flux-dev's distilled guidance
-#: (cfg 1; the guidance value travels in the conditioning, as ComfyUI's FluxGuidance node sets it).
-CFG_STYLES = ("cfg", "distilled")
 
 #: Side (pixels) of the square images each family was trained at; SD2.x eps is SD 2.x-base (512), v is 768-v.
 NATIVE_SIZE = {"SD1.x": 512, "SDXL": 1024, "SD3": 1024, "Flux": 1024}
@@ -228,7 +223,10 @@ def detect_family(model) -> ModelFamily:
     expected = lf.SDXL if name == "SDXL" else lf.SD15
     if type(fmt) is not expected:
         raise _unsupported(f"a {name}-shaped UNet with the {type(fmt).__name__} latent format")
-    return ModelFamily(name=name, prediction_type=prediction_type(model.get_model_object("model_sampling")))
+    ptype = prediction_type(model.get_model_object("model_sampling"))
+    if ptype == "flow":
+        raise _unsupported(f"a {name} UNet patched to flow-matching sampling (ZeroCon needs its DDPM schedule)")
+    return ModelFamily(name=name, prediction_type=ptype)
 
 
 def _flow_family(model, base) -> ModelFamily | None:

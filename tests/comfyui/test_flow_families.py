@@ -75,6 +75,15 @@ def test_flow_model_sampled_otherwise_is_refused(zc):
         zc.families.detect_family(patched)
 
 
+def test_sd_unet_patched_to_flow_sampling_is_refused(zc):
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    with torch.inference_mode():
+        (patched,) = ModelSamplingSD3().patch(tm.sd15(), 3.0)
+    with pytest.raises(zc.families.UnsupportedModelError, match="SD1.x UNet patched to flow-matching sampling"):
+        zc.families.detect_family(patched)
+
+
 @pytest.mark.parametrize("kind, shift", [("sd3", 3.0), ("flux", None)])
 def test_grid_is_the_models_simple_schedule(zc, kind, shift):
     model = FLOW[kind][0]()
