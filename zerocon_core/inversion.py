@@ -13,7 +13,7 @@ Where the model is queried is a choice:
 Flow-matching models (SD3, Flux): ``eps`` is the velocity and the same step is the Euler ODE run backwards, the
 exact analogue of DDIM inversion (ComfyUI's ``FlipSigmas`` + ``euler``). The noise regulariser acts on the
 implied noise ``n = x + (1 - t) v`` and the velocity is recovered from the regularised noise
-(``parameterization.implied_noise``; our choice, docs/method.md §10).
+(``parameterization.implied_noise``; our choice, docs/method.md §9b).
 """
 
 from __future__ import annotations

@@ -149,3 +149,21 @@ def test_guidance_built_for_flux_sampled_with_sd3_is_an_error(dn, run, vae16, di
     guidance = structure(dn, run, tm.flux(), vae16, dino, src)
     with pytest.raises(ValueError, match="built for a Flux MODEL but this MODEL is SD3"):
         sample(dn, run, "sd3", tm.sd3(), encode(vae16, src), guidance)
+
+
+def test_dino_terms_in_the_guided_sampler_after_a_flow_inversion(zc, dn, run, vae16, dino):  # noqa: F811
+    model = tm.flux()
+    src = image(9)
+    _, inversion, _ = h.invert(zc, run, model, encode(vae16, src), tm.flow_conditioning(1), steps=3)
+    plain, _ = h.guided(zc, run, model, inversion, tm.flow_conditioning(2), cfg=1.0)
+    guided, recon = h.guided(
+        zc,
+        run,
+        model,
+        inversion,
+        tm.flow_conditioning(2),
+        cfg=1.0,
+        guidance=structure(dn, run, model, vae16, dino, src),
+    )
+    assert torch.isfinite(guided["samples"]).all() and torch.isfinite(recon["samples"]).all()
+    assert float((guided["samples"] - plain["samples"]).abs().max()) > 1e-4
