@@ -355,3 +355,18 @@ def test_regularised_flow_inversion(zc, run):
     reg, _, _ = h.invert(zc, run, model, lat, source, steps=STEPS, regularize=True)
     assert torch.isfinite(reg["samples"]).all()
     assert float((reg["samples"] - plain["samples"]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("kind", sorted(FLOW))
+def test_inversion_then_sampling_reconstructs_and_the_error_shrinks_with_steps(zc, run, kind):
+    """DDIM Inversion then the Guided Sampler (no guidance, the caption as the edit, cfg 1): the start latent comes
+    back, the error about halving per doubling of the steps (Euler is first order)."""
+    model = FLOW[kind][0]()
+    lat = tm.flow_latent(12, size=8)
+    cond = tm.flow_conditioning(2, guidance=FLOW[kind][2])
+    errors = []
+    for steps in (16, 32, 64, 128):
+        _, inversion, _ = h.invert(zc, run, model, lat, cond, steps=steps)
+        out, _ = h.guided(zc, run, model, inversion, cond, cfg=1.0)
+        errors.append(float((out["samples"] - lat["samples"]).abs().max()))
+    assert all(0.35 < b / a < 0.62 for a, b in zip(errors, errors[1:])), errors
