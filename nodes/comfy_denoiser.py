@@ -19,6 +19,7 @@ attention kernel that has no backward (flash, sage...) is routed to PyTorch SDPA
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from typing import Any, ContextManager, Iterator, Sequence
@@ -73,6 +74,19 @@ def enumerate_layers(diffusion_model: torch.nn.Module) -> list[tuple[LayerInfo, 
         if any(isinstance(m, Upsample) for m in blk.modules()):
             level -= 1
     return out
+
+
+def _copy_if_grad(t: Tensor) -> Tensor:
+    return t.clone() if t.requires_grad else t
+
+
+def _saved_tensor_copies(enabled: bool) -> ContextManager[None]:
+    """Inside: activations autograd saves for backward (those that require grad: derived from the latent) are
+    saved as copies, so a later in-place update of the same tensor by the model does not invalidate them.
+    Weights (never requiring grad) are saved as they are. Costs a copy of each saved activation."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, lambda t: t)
 
 
 class _Recorder:
@@ -195,8 +209,10 @@ class ComfyDenoiser:
             sigma = sigma.clone()  # autograd may save it (eps = (x - x0) / sigma); inference tensors cannot be saved
         timestep = sigma * x.new_ones([x.shape[0]])
         recorder = _Recorder() if capture else None
-        options = self._options(capture, recorder, grad=torch.is_grad_enabled())
-        x0s = comfy.samplers.calc_cond_batch(self.model, conds, x, timestep, options)
+        grad = torch.is_grad_enabled()
+        options = self._options(capture, recorder, grad=grad)
+        with _saved_tensor_copies(grad and self._in_place_blocks()):
+            x0s = comfy.samplers.calc_cond_batch(self.model, conds, x, timestep, options)
         out = []
         for i, x0 in enumerate(x0s):
             eps = (x - x0) / sigma
@@ -224,9 +240,17 @@ class ComfyDenoiser:
 
     # -- internals ---------------------------------------------------------------------------------
 
+    def _in_place_blocks(self) -> bool:
+        """True for networks whose blocks update activations in place (ComfyUI's Flux: ``x += ...`` after a
+        LayerNorm saved ``x``), which autograd refuses unless the saved activations are copies."""
+        from comfy.ldm.flux.model import Flux
+
+        return isinstance(self.model.diffusion_model, Flux)
+
     def _layer_table(self) -> list[tuple[LayerInfo, tuple[str, int, int]]]:
         if self._layers is None:
-            self._layers = enumerate_layers(self.model.diffusion_model)
+            net = self.model.diffusion_model  # DiTs (Flux, SD3): no capturable layers yet
+            self._layers = enumerate_layers(net) if hasattr(net, "input_blocks") else []
         return self._layers
 
     def _options(self, capture: CaptureRequest | None, recorder: _Recorder | None, grad: bool) -> dict:

@@ -42,11 +42,19 @@ from ..zerocon_core.sampler import SamplerSettings
 from ..zerocon_core.schedule import check_steps
 from . import progress
 from .dino_nodes import Dino
-from .families import detect_family
+from .families import article, cfg_warning, detect_family
 from .guidance_nodes import resolve_weights
 from .inputs import CATEGORY, GUIDANCE, cfg_input, previous_input, seed_input, step_inputs, steps_input, window_inputs
 from .loaders import ZeroConModel
-from .sampling_nodes import ZeroConGuider, _latent_out, check_conditioning, check_latent, guided_function
+from .sampling_nodes import (
+    ZeroConGuider,
+    ZeroConKSampler,
+    _latent_out,
+    check_conditioning,
+    check_latent,
+    ddim_grid,
+    guided_function,
+)
 from .weights import autograd_weights
 
 logger = logging.getLogger("zerocon")
@@ -138,7 +146,7 @@ def check_vae(vae: Any, family, node: str) -> None:
         raise ValueError(
             f"{node}: this VAE makes {channels}-channel {'image' if dim == 2 else f'{dim}-D'} latents but the MODEL "
             f"is {family} with {family.latent_channels}-channel image latents: use the VAE of the MODEL's family "
-            f"(its checkpoint's VAE, or taesd / taesdxl for {family.name})"
+            f"(its checkpoint's VAE, or {family.tiny_decoder} for {family.name})"
         )
 
 
@@ -156,21 +164,26 @@ def _common(model, vae, dino, node: str) -> dict:
     check_vae(vae, family, node)
     dino_model = _dino_model(dino, node)
     decoder = VAEDecoder(vae, model.model.latent_format, family.name)
-    return dict(decode=decoder, dino=dino_model, autograd_session=make_session(decoder, dino))
+    return dict(
+        decode=decoder,
+        dino=dino_model,
+        autograd_session=make_session(decoder, dino),
+        prediction_type=family.prediction_type,
+    )
 
 
 def _shared_inputs() -> list:
     return [
         io.Model.Input(
             "model",
-            tooltip="The diffusion model you sample with (SD1.x, SD2.x or SDXL): its latent format "
+            tooltip="The diffusion model you sample with (SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux): its latent format "
             "tells how to decode the latent.",
         ),
         io.Vae.Input(
             "vae",
             tooltip="The VAE that decodes the predicted image at every guided step (with gradients). "
-            "The checkpoint's VAE is exact; a TAESD (taesd / taesdxl loaded with Load VAE) is much cheaper "
-            "and close enough for DINO at 224 px.",
+            "The checkpoint's VAE is exact; a TAESD (taesd / taesdxl / taesd3 / taef1 loaded with Load VAE) is much "
+            "cheaper and close enough for DINO at 224 px.",
         ),
         Dino.Input("dino", tooltip="DINO ViT from ZeroCon DINO Loader (DiffuseIT: dino-vitb8)."),
     ]
@@ -243,7 +256,7 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
                     "lambda_semantic",
                     LAMBDA_SEM,
                     "Weight of the semantic-divergence loss, active while the noise level is above "
-                    "DiffuseIT's gate (sigma 3.54) (DiffuseIT: 100; 0 disables).",
+                    "DiffuseIT's gate (sigma 3.54; Flux / SD3: the same SNR, t 0.78) (DiffuseIT: 100; 0 disables).",
                 ),
                 _lambda_input(
                     "lambda_range",
@@ -314,6 +327,7 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
                     lambda_range=float(lambda_range),
                     decode=shared["decode"],
                     autograd_session=shared["autograd_session"],
+                    prediction_type=shared["prediction_type"],
                     **window,
                 ),
             )
@@ -386,7 +400,8 @@ def check_decoders(terms, model, family) -> None:
         dec = getattr(term, "decode", None)
         if isinstance(dec, VAEDecoder) and type(dec.latent_format) is not fmt:
             raise ValueError(
-                f"ZeroCon: the {type(term).__name__} was built for an {dec.family} MODEL but this MODEL is {family}; "
+                f"ZeroCon: the {type(term).__name__} was built for {article(dec.family)} {dec.family} MODEL but "
+                f"this MODEL is {family}; "
                 "give the DINO guidance node the same MODEL as the sampler"
             )
 
@@ -416,7 +431,10 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
                 "Connect DINO Structure (and Style) Guidance; text-guided = the positive prompt describes the target."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The model (SD1.x, SD2.x or SDXL); the same as the guidance nodes'."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The model (SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux); the same as the guidance nodes'.",
+                ),
                 io.Conditioning.Input(
                     "positive",
                     tooltip="The target prompt (text-guided DiffuseIT), or a description "
@@ -434,7 +452,8 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
                     max=1.0,
                     step=0.01,
                     tooltip="How much noise the source gets, as a fraction of the steps (like denoise). -1 = "
-                    "auto: DiffuseIT's noise level (sigma 6, about 0.85). Less keeps more of the source.",
+                    "auto: DiffuseIT's noise level (sigma 6, about 0.85; Flux / SD3: the same SNR, t 0.86). Less keeps "
+                    "more of the source.",
                 ),
                 io.Int.Input(
                     "resample",
@@ -454,6 +473,7 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         cls, model, positive, negative, latent, guidance, steps, cfg, strength, resample, seed, step_mode, step_size
     ) -> io.NodeOutput:
         family = detect_family(model)
+        cfg_warning(family, float(cfg), "ZeroCon DiffuseIT Sampler")
         ms = model.get_model_object("model_sampling")
         check_steps(int(steps), len(ms.sigmas))
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
@@ -466,8 +486,10 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         if not (strength == AUTO_STRENGTH or 0.0 < strength <= 1.0):
             raise ValueError(f"ZeroCon DiffuseIT Sampler: strength must be -1 (auto) or in (0, 1], got {strength}")
 
-        full = comfy.samplers.calculate_sigmas(ms, "ddim_uniform", int(steps)).cpu()
-        k = start_index(full, None if strength == AUTO_STRENGTH else float(strength))
+        full = ddim_grid(ms, int(steps))
+        k = start_index(
+            full, None if strength == AUTO_STRENGTH else float(strength), prediction_type=family.prediction_type
+        )
         sigmas = full[k:]
         noise = comfy.sample.prepare_noise(samples, int(seed), latent.get("batch_index"))
 
@@ -480,7 +502,7 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         settings = SamplerSettings(
             resample=int(resample), step_mode=step_mode, step_size=float(step_size), seed=int(seed)
         )
-        sampler = comfy.samplers.KSAMPLER(guided_function, extra_options={"settings": settings})
+        sampler = ZeroConKSampler(guided_function, extra_options={"settings": settings})
         callback = progress.node_callback(work, len(sigmas) - 1)
         out = guider.sample(
             noise,

@@ -1,28 +1,37 @@
 """Which ComfyUI models the ZeroCon samplers support, detected from the MODEL (a ModelPatcher).
 
-Supported: SD1.x, SD2.x (eps or v-prediction) and SDXL (and its distilled variants: SSD-1B, Vega,
-KOALA), i.e. the 4-channel latent UNets with cross-attention and a discrete DDPM noise table, where
-pix2pix-zero's DDIM inversion and cross-attention guidance apply. Everything else (SD3, Flux, Stable
-Cascade, video models, inpainting / instruct-pix2pix / unCLIP / upscaler variants, EDM or flow sampling)
-raises ``UnsupportedModelError`` naming the supported families.
+Supported:
+
+- VP diffusion UNets: SD1.x, SD2.x (eps or v-prediction) and SDXL (and its distilled variants: SSD-1B, Vega,
+  KOALA), i.e. the 4-channel latent UNets with cross-attention and a discrete DDPM noise table, where
+  pix2pix-zero's DDIM inversion and cross-attention guidance apply;
+- flow-matching MM-DiTs (prediction type "flow", 16-channel latents, trained at 1024 px): SD3 / SD3.5
+  (``model_base.SD3``, real CFG) and Flux (``model_base.Flux``): Flux-dev-like models (a guidance embedding)
+  are guidance-distilled (cfg 1, the guidance value in the conditioning, as FluxGuidance sets it),
+  Flux-schnell-like ones have none (cfg 1 or real CFG).
+
+Everything else (Stable Cascade, video models, inpainting / fill / instruct-pix2pix / unCLIP / upscaler
+variants, Chroma and other Flux derivatives, other DiTs, EDM sampling) raises ``UnsupportedModelError``
+naming the supported families.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from ..zerocon_core.auto_weights import auto_weight, weight_scale
 from ..zerocon_core.guidance import CrossAttentionGuidance
 
-SUPPORTED = "SD1.x, SD2.x (eps or v-prediction) and SDXL"
+SUPPORTED = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5 and Flux"
 
 
 #: Side (pixels) of the square images each family was trained at; SD2.x eps is SD 2.x-base (512), v is 768-v.
-NATIVE_SIZE = {"SD1.x": 512, "SDXL": 1024}
+NATIVE_SIZE = {"SD1.x": 512, "SDXL": 1024, "SD3": 1024, "Flux": 1024}
 NATIVE_SIZE_SD2 = {"eps": 512, "v": 768}
 #: An image with more than this many times the native pixel count (1.5 x the native side, squared) is warned about.
 OVERSIZE_AREA = 2.25
-#: Pixels per latent cell (the VAE's downscale factor, 8 for every supported family).
+#: Pixels per latent cell (the VAE's downscale factor, 8 for every supported family, Flux and SD3 included).
 LATENT_SCALE = 8
 
 
@@ -32,11 +41,20 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelFamily:
-    """``name``: "SD1.x", "SD2.x" or "SDXL"; ``prediction_type``: "eps" or "v"."""
+    """``name``: "SD1.x", "SD2.x", "SDXL", "SD3" (SD3 / SD3.5) or "Flux"; ``prediction_type``: "eps", "v" or
+    "flow"; ``cfg_style``: "cfg" (real CFG) or "distilled" (Flux-dev: cfg 1 and the conditioning's guidance
+    value); ``variant``: a note shown with the name ("dev" / "schnell" for Flux), else ""."""
 
     name: str
     prediction_type: str
     latent_channels: int = 4
+    cfg_style: str = "cfg"
+    variant: str = ""
+
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching family (SD3, Flux): ``x = (1 - t) x0 + t n``, the model predicts a velocity."""
+        return self.prediction_type == "flow"
 
     @property
     def guidance_scale(self) -> float:
@@ -49,6 +67,11 @@ class ModelFamily:
         return auto_weight(CrossAttentionGuidance, self.prediction_type)
 
     @property
+    def tiny_decoder(self) -> str:
+        """ComfyUI's name of the family's tiny decoder (Load VAE): taesd, taesdxl, taesd3 or taef1."""
+        return {"SDXL": "taesdxl", "SD3": "taesd3", "Flux": "taef1"}.get(self.name, "taesd")
+
+    @property
     def native_size(self) -> int:
         """Side, in pixels, of the square images the family was trained at (SD1.x 512, SD2.x 512 / 768-v, SDXL 1024)."""
         if self.name == "SD2.x":
@@ -56,6 +79,9 @@ class ModelFamily:
         return NATIVE_SIZE[self.name]
 
     def __str__(self) -> str:
+        if self.is_flow:
+            kind = "flow matching, guidance-distilled" if self.cfg_style == "distilled" else "flow matching"
+            return f"{self.name}{'-' + self.variant if self.variant else ''} ({kind})"
         return f"{self.name} ({'v-prediction' if self.prediction_type == 'v' else 'eps-prediction'})"
 
 
@@ -79,10 +105,31 @@ def size_warning(family: ModelFamily, latent_shape) -> str | None:
     )
 
 
+def article(name: str) -> str:
+    """ "an" before a family name read letter by letter (an SD1.x, an SDXL), else "a" (a Flux)."""
+    return "an" if name.startswith("SD") else "a"
+
+
+def cfg_warning(family: ModelFamily, cfg: float, node: str) -> str | None:
+    """Log and return a warning when ``cfg`` is not 1 on a guidance-distilled family (Flux-dev), else None.
+
+    Flux-dev is distilled for one forward per step with the guidance value in the conditioning (ComfyUI's
+    FluxGuidance); a cfg other than 1 still works (real CFG on top, two forwards per step) but is rarely wanted."""
+    if family.cfg_style != "distilled" or cfg == 1.0:
+        return None
+    text = (
+        f"{node}: {family} is guidance-distilled: use cfg 1 and set the guidance value on the conditionings with "
+        f"FluxGuidance; cfg {cfg:g} adds real CFG on top (two forwards per step)"
+    )
+    logging.getLogger("zerocon").warning(text)
+    return text
+
+
 def _unsupported(what: str) -> UnsupportedModelError:
     return UnsupportedModelError(
         f"ZeroCon supports {SUPPORTED} models only; this MODEL is {what}. "
-        "Load an SD1.x, SD2.x or SDXL checkpoint (LoRAs and other model patches are fine)."
+        "Load an SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux (dev or schnell) checkpoint (LoRAs and other model patches "
+        "are fine)."
     )
 
 
@@ -127,9 +174,12 @@ def _unet_config_family(unet_config: dict) -> str | None:
 
 
 def prediction_type(model_sampling) -> str:
-    """ "eps" or "v" for a discrete-schedule model_sampling object; raises ``UnsupportedModelError`` otherwise."""
+    """ "eps" or "v" for a discrete-schedule model_sampling object, "flow" for a flow-matching one (CONST);
+    raises ``UnsupportedModelError`` otherwise."""
     import comfy.model_sampling as ms
 
+    if isinstance(model_sampling, ms.CONST):  # flow matching (SD3, Flux): x_t = (1 - t) x0 + t eps
+        return "flow"
     name = type(model_sampling).__name__
     if not isinstance(model_sampling, ms.ModelSamplingDiscrete):
         raise _unsupported(f"sampled with {name} (ZeroCon needs a discrete DDPM noise schedule)")
@@ -155,6 +205,9 @@ def detect_family(model) -> ModelFamily:
     if base is None:
         raise _unsupported(f"a {type(model).__name__}, not a ComfyUI MODEL")
     diffusion = getattr(base, "diffusion_model", None)
+    flow = _flow_family(model, base)
+    if flow is not None:
+        return flow
     if not isinstance(diffusion, UNetModel):
         raise _unsupported(f"a {type(diffusion).__name__} network ({type(base).__name__})")
     config = getattr(base, "model_config", None)
@@ -170,4 +223,42 @@ def detect_family(model) -> ModelFamily:
     expected = lf.SDXL if name == "SDXL" else lf.SD15
     if type(fmt) is not expected:
         raise _unsupported(f"a {name}-shaped UNet with the {type(fmt).__name__} latent format")
-    return ModelFamily(name=name, prediction_type=prediction_type(model.get_model_object("model_sampling")))
+    ptype = prediction_type(model.get_model_object("model_sampling"))
+    if ptype == "flow":
+        raise _unsupported(f"a {name} UNet patched to flow-matching sampling (ZeroCon needs its DDPM schedule)")
+    return ModelFamily(name=name, prediction_type=ptype)
+
+
+def _flow_family(model, base) -> ModelFamily | None:
+    """The ``ModelFamily`` of a Flux or SD3 MODEL, None for any other network; ``UnsupportedModelError`` for a
+    Flux / SD3 variant ZeroCon cannot run (extra input channels, another latent format, another sampling)."""
+    import comfy.latent_formats as lf
+    import comfy.model_base as mb
+
+    kind = type(base)  # exact: Chroma and other subclasses of Flux are other models
+    if kind is mb.Flux:
+        name, fmt = "Flux", lf.Flux
+    elif kind is mb.SD3:
+        name, fmt = "SD3", lf.SD3
+    else:
+        return None
+    config = getattr(base, "model_config", None)
+    unet_config = dict(getattr(config, "unet_config", {}) or {})
+    if unet_config.get("in_channels", 16) != 16:
+        raise _unsupported(f"a {name} variant with {unet_config.get('in_channels')} input channels (fill / inpainting)")
+    if type(base.latent_format) is not fmt:
+        raise _unsupported(f"a {name} network with the {type(base.latent_format).__name__} latent format")
+    ptype = prediction_type(model.get_model_object("model_sampling"))
+    if ptype != "flow":
+        raise _unsupported(f"a {name} network sampled as {ptype}-prediction (ZeroCon needs its flow sampling)")
+    if name == "SD3":
+        return ModelFamily(name="SD3", prediction_type="flow", latent_channels=16)
+    params = getattr(base.diffusion_model, "params", None)
+    distilled = bool(getattr(params, "guidance_embed", unet_config.get("guidance_embed", False)))
+    return ModelFamily(
+        name="Flux",
+        prediction_type="flow",
+        latent_channels=16,
+        cfg_style="distilled" if distilled else "cfg",
+        variant="dev" if distilled else "schnell",
+    )

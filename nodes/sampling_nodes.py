@@ -5,9 +5,11 @@ scaling (process_latent_in/out), conditioning processing, hooks and wrappers are
 two ``KSAMPLER`` functions, which hand a ``ComfyDenoiser`` to the engine: ``inversion_function``
 (``zerocon_core.inversion.ddim_invert``) and ``guided_function`` (``zerocon_core.sampler.guided_ddim_sample``,
 shared by the Guided Sampler, the Guided DDIM Sampler and the DiffuseIT Sampler). Sigmas are ComfyUI's
-``ddim_uniform`` grid: inversion runs up its flipped copy (``FlipSigmas``), sampling back down the grid itself;
-with the "next" convention (diffusers') the grid's last level is the model's ``sigma_min`` instead of 0
-(``ddim_grid``).
+``ddim_uniform`` grid (VP models) or its ``simple`` grid over the model's own shifted flow sigmas (Flux, SD3):
+inversion runs up its flipped copy (``FlipSigmas``), sampling back down the grid itself; with the "next"
+convention (diffusers', VP models only) the grid's last level is the model's ``sigma_min`` instead of 0
+(``ddim_grid``). ``ZeroConKSampler`` runs both functions, keeping ComfyUI's noise scaling except where it does
+not apply to an inverted flow latent (see there).
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
 
-from ..zerocon_core.inversion import EVAL_AT, Inversion, NoiseRegularization, ddim_invert
+from ..zerocon_core.inversion import EVAL_AT, Inversion, NoiseRegularization, check_eval_at, ddim_invert
 from ..zerocon_core.replay import REFERENCES, RecordSettings, merged_request
 from ..zerocon_core.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
 from ..zerocon_core.schedule import check_steps, inversion_sigmas
 from . import progress
 from .comfy_denoiser import ComfyDenoiser
-from .families import ModelFamily, detect_family, size_warning
+from .families import ModelFamily, article, cfg_warning, detect_family, prediction_type, size_warning
 from .guidance_nodes import resolve_weights
 from .inputs import CATEGORY, GUIDANCE, cfg_input, seed_input, step_inputs, steps_input
 
@@ -124,8 +126,9 @@ def check_latent(samples: torch.Tensor, family: ModelFamily) -> str | None:
     """Raise for a latent the family cannot take; log and return the warning for one far above its training size."""
     if samples.ndim != 4 or samples.shape[1] != family.latent_channels:
         raise ValueError(
-            f"ZeroCon: {family.name} needs a {family.latent_channels}-channel image latent (B, 4, H, W); got shape "
-            f"{tuple(samples.shape)} (encode the image with this model's VAE)"
+            f"ZeroCon: {family.name} needs a {family.latent_channels}-channel image latent "
+            f"(B, {family.latent_channels}, H, W); got shape {tuple(samples.shape)} (encode the image with this "
+            "model's VAE)"
         )
     warning = size_warning(family, samples.shape)
     if warning:
@@ -137,8 +140,9 @@ def check_family(model, inversion: InversionData) -> ModelFamily:
     family = detect_family(model)
     if inversion.family and inversion.family != family.name:
         raise ValueError(
-            f"ZeroCon: the inversion was made with an {inversion.family} model but this MODEL is {family.name}; "
-            "invert and sample with the same model"
+            f"ZeroCon: the inversion was made with {article(inversion.family)} {inversion.family} model but this MODEL "
+            f"is {family.name}; "
+            f"invert and sample with the same model (a {family.name} MODEL needs a latent inverted with {family.name})"
         )
     if inversion.model_key and inversion.model_key != id(model.model):
         logger.warning("ZeroCon: sampling with a different model than the one the latent was inverted with")
@@ -154,6 +158,50 @@ def check_inversion_latent(inversion: InversionData, samples: torch.Tensor) -> N
 
 
 # -- KSAMPLER functions (run inside CFGGuider.sample) ----------------------------------------------------
+
+
+class ZeroConKSampler(comfy.samplers.KSAMPLER):
+    """ComfyUI's ``KSAMPLER`` with the one change flow models need to start from or end at an inverted latent.
+
+    ComfyUI scales the latent in (``model_sampling.noise_scaling``) and out (``inverse_noise_scaling``) of every
+    sampler; for VP models both are the identity here (zero noise), and this class *is* ``KSAMPLER``. For flow
+    models (CONST) the scaling assumes a clean latent and sampling down to 0: with zero noise a latent entering at
+    sigma 1 becomes ``(1 - 1) x = 0``, and an inversion ending at sigma 1 is divided by ``1 - 1``. So, for flow:
+
+    - a descending grid with zero noise (DisableNoise; our Guided Sampler): the latent is taken as it is, already
+      at ``sigmas[0]`` (the inverted x_T);
+    - an ascending grid (inversion): scaled in as ComfyUI does (``(1 - s0) x0`` at FlipSigmas' 1e-4, exactly what
+      FlipSigmas + euler start from) and returned unscaled, the latent at the top level;
+    - otherwise (fresh noise, as the DiffuseIT Sampler's start): ComfyUI's scaling, the exact forward noising.
+    """
+
+    def sample(
+        self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False
+    ):
+        model_sampling = model_wrap.inner_model.model_sampling
+        if prediction_type(model_sampling) != "flow" or len(sigmas) < 2:
+            return super().sample(
+                model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar
+            )
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = comfy.samplers.KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image = latent_image
+        model_k.noise = noise
+        ascending = bool(sigmas[-1] > sigmas[0])
+        if not ascending and latent_image is not None and not bool(noise.any()):
+            x = latent_image
+        else:
+            x = model_sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
+        k_callback = None
+        total_steps = len(sigmas) - 1
+        if callback is not None:
+            k_callback = lambda d: callback(d["i"], d["denoised"], d["x"], total_steps)  # noqa: E731
+        samples = self.sampler_function(
+            model_k, x, sigmas, extra_args=extra_args, callback=k_callback, disable=disable_pbar, **self.extra_options
+        )
+        if not ascending:
+            samples = model_sampling.inverse_noise_scaling(sigmas[-1], samples)
+        return samples
 
 
 def _denoiser(guider, extra_args: dict) -> ComfyDenoiser:
@@ -349,16 +397,25 @@ def check_convention(convention: str) -> None:
         )
 
 
+#: ComfyUI scheduler of the sampling grid per model kind: VP models "ddim_uniform" (DDIM's timesteps), flow models
+#: "simple" (ComfyUI's default for Flux and SD3: evenly spaced over the model's own shifted sigma table, 1 -> 0).
+GRID_SCHEDULERS = {"vp": "ddim_uniform", "flow": "simple"}
+
+
 def ddim_grid(model_sampling, steps: int, convention: str = "current") -> torch.Tensor:
     """Descending DDIM sampling sigmas (``steps + 1`` levels, CPU) for ``convention``.
 
-    "current": ComfyUI's ``ddim_uniform`` grid, down to 0 (inversion then starts at FlipSigmas' 1e-4).
-    "next": diffusers' DDIM grid for SD's schedulers (``set_alpha_to_one=False``): the same levels, but the
-    clean latent sits at the model's first training level ``sigma_min`` instead of 0, as diffusers'
-    DDIMScheduler and DDIMInverseScheduler place it.
+    "current": ComfyUI's ``ddim_uniform`` grid (VP models) or ``simple`` grid (flow models: the model's own
+    sampling, its shift included; ``GRID_SCHEDULERS``), down to 0 (inversion then starts at FlipSigmas' 1e-4).
+    "next" (VP models only: a flow model is a ``ValueError``): diffusers' DDIM grid for SD's schedulers
+    (``set_alpha_to_one=False``): the same levels, but the clean latent sits at the model's first training
+    level ``sigma_min`` instead of 0, as diffusers' DDIMScheduler and DDIMInverseScheduler place it.
     """
     check_convention(convention)
-    grid = comfy.samplers.calculate_sigmas(model_sampling, "ddim_uniform", int(steps)).cpu()
+    ptype = prediction_type(model_sampling)
+    check_eval_at(convention, "ZeroCon DDIM Inversion: convention", ptype)
+    scheduler = GRID_SCHEDULERS["flow" if ptype == "flow" else "vp"]
+    grid = comfy.samplers.calculate_sigmas(model_sampling, scheduler, int(steps)).cpu()
     if convention == "next" and float(grid[-1]) == 0.0:
         grid = grid.clone()
         grid[-1] = float(model_sampling.sigma_min)
@@ -377,13 +434,17 @@ class ZeroConDDIMInversion(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "Deterministic DDIM inversion of an image latent (pix2pix-zero): runs the model up the flipped "
-                "ddim_uniform sigmas with the caption, optionally regularising the predicted noise. The LATENT output "
-                "is x_T: a stock SamplerCustom (add_noise off, the SIGMAS output, cfg 1, the caption) reconstructs the "
-                "image from it. convention: current = ComfyUI's FlipSigmas + ddim; next = diffusers' "
-                "DDIMInverseScheduler (pix2pix-zero's diffusers pipeline)."
+                "ddim_uniform sigmas (Flux / SD3: the model's own simple sigmas, the Euler ODE run backwards) with the "
+                "caption, optionally regularising the predicted noise. The LATENT output is x_T: for SD1.x/2.x/SDXL a "
+                "stock SamplerCustom (add_noise off, the SIGMAS output, cfg 1, the caption) reconstructs the image "
+                "from it; for Flux / SD3 use the ZeroCon Guided Sampler (ComfyUI's flow noise scaling would blank a "
+                "latent at sigma 1). convention: current = ComfyUI's FlipSigmas + ddim / euler; next = diffusers' "
+                "DDIMInverseScheduler (pix2pix-zero's diffusers pipeline; SD models only)."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="The Stable Diffusion model (SD1.x, SD2.x or SDXL) to invert with."),
+                io.Model.Input(
+                    "model", tooltip="The model to invert with (SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux dev/schnell)."
+                ),
                 io.Latent.Input("latent", tooltip="The image latent to invert (VAE Encode of the source image)."),
                 io.Conditioning.Input(
                     "conditioning",
@@ -507,7 +568,7 @@ class ZeroConDDIMInversion(io.ComfyNode):
             cfg=float(cfg), regularization=reg, seed=int(seed), eval_at=convention, record=record
         )
         sink: list[Inversion] = []
-        sampler = comfy.samplers.KSAMPLER(inversion_function, extra_options={"settings": settings, "sink": sink})
+        sampler = ZeroConKSampler(inversion_function, extra_options={"settings": settings, "sink": sink})
         x_t = _run(guider, sampler, samples, inversion_sigmas(sampling), model, int(seed))
         replay = None
         if record is not None and sink:
@@ -615,6 +676,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
         if not isinstance(inversion, InversionData):
             raise ValueError("ZeroCon Guided Sampler: 'inversion' must come from ZeroCon DDIM Inversion")
         family = check_family(model, inversion)
+        cfg_warning(family, float(cfg), "ZeroCon Guided Sampler")
         base = latent if latent is not None else {"samples": inversion.latent}
         samples = base["samples"]
         check_inversion_latent(inversion, samples)
@@ -633,7 +695,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
             keep_reference=True,
             reference=reference,
         )
-        sampler = comfy.samplers.KSAMPLER(guided_function, extra_options={"settings": settings})
+        sampler = ZeroConKSampler(guided_function, extra_options={"settings": settings})
         edit, ref = split_reference(_run(guider, sampler, samples, inversion.sigmas, model, int(seed)))
         return io.NodeOutput(_latent_out(base, edit), _latent_out(base, ref))
 
@@ -671,7 +733,7 @@ class ZeroConGuiderNode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, edited, source, cfg, negative=None, guidance=None, inversion=None) -> io.NodeOutput:
-        detect_family(model)
+        cfg_warning(detect_family(model), float(cfg), "ZeroCon Guider")
         if inversion is not None and not isinstance(inversion, InversionData):
             raise ValueError("ZeroCon Guider: 'inversion' must come from ZeroCon DDIM Inversion")
         guider = ZeroConGuider(model)
@@ -715,7 +777,7 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
         settings = SamplerSettings(
             step_mode=step_mode, step_size=float(step_size), branches=branches, seed=int(seed), reference=reference
         )
-        return io.NodeOutput(comfy.samplers.KSAMPLER(guided_function, extra_options={"settings": settings}))
+        return io.NodeOutput(ZeroConKSampler(guided_function, extra_options={"settings": settings}))
 
 
 NODES = [ZeroConDDIMInversion, ZeroConGuidedSampler, ZeroConGuiderNode, ZeroConGuidedDDIMSampler]

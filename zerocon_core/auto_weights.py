@@ -23,8 +23,9 @@ from .guidance import GuidanceTerm
 
 #: The weight value meaning "auto" (any negative weight is auto).
 AUTO = -1.0
-#: Factor on the class default weights per prediction type ("eps" or "v").
-PREDICTION_SCALE = {"eps": 1.0, "v": 0.1}
+#: Factor on the class default weights per prediction type ("eps", "v" or "flow"). "flow" (SD3, Flux):
+#: uncalibrated (no real weights measured yet), the eps steps as a starting point.
+PREDICTION_SCALE = {"eps": 1.0, "v": 0.1, "flow": 1.0}
 
 
 def weight_scale(prediction_type: str) -> float:

@@ -1,6 +1,7 @@
 """The contract between the engine and a host (diffusers, ComfyUI): the ``Denoiser`` protocol.
 
-A denoiser predicts noise in sigma space for a batch of latents under one or more conditionings, and
+A denoiser predicts ``eps = (x - x0) / sigma`` in sigma space (the noise for VP models, the velocity for
+flow-matching ones: ``prediction_type``) for a batch of latents under one or more conditionings, and
 can record, on request, what the guidance losses need from inside the UNet:
 
 - ``probs``: cross-attention probabilities ``softmax(q k^T / sqrt(d))`` of chosen ``attn2`` layers,
@@ -66,7 +67,9 @@ class Denoiser(Protocol):
 
     #: The model's training sigmas, ascending, indexed by timestep (float64, CPU).
     sigma_table: Tensor
-    #: "eps" or "v": informational (default guidance step sizes differ), predictions are always eps.
+    #: "eps" or "v" (VP models: predictions are always converted to eps, the noise; default guidance step sizes
+    #: differ) or "flow" (flow matching, SD3 / Flux: ``x = (1 - t) x0 + t n`` with ``t = sigma``, and eps is the
+    #: velocity ``n - x0``). The engine's VP-vs-flow formulas (``parameterization``) read it.
     prediction_type: str
 
     def layers(self) -> list[LayerInfo]:

@@ -46,6 +46,7 @@ from .diffuseit_start import DIFFUSEIT_RESAMPLE, DIFFUSEIT_SEM_SIGMA, noised_sta
 from .dino import DINO_MAX_SIZE, DINO_SIZE, DinoFeatures, dino_features
 from .guidance import GuidanceTerm, StepContext
 from .log import logger
+from .parameterization import check_prediction_type, noise_blend, vp_sigma
 from .sampler import SampleResult, SamplerSettings, guided_ddim_sample
 
 __all__ = [
@@ -79,13 +80,16 @@ Decode = Callable[[Tensor], Tensor]
 # -- step size ------------------------------------------------------------------------------------------
 
 
-def posterior_step_scale(sigma: Tensor | float, sigma_next: Tensor | float) -> float:
+def posterior_step_scale(sigma: Tensor | float, sigma_next: Tensor | float, prediction_type: str = "eps") -> float:
     """The VP beta of the step ``sigma -> sigma_next``: ``1 - a(now)/a(next) = (σ² - σ_next²) / (1 + σ²)``.
 
     DiffuseIT's guidance step is the posterior variance ``Σ_t``, bounded by this beta of its respaced
-    schedule (docs/method.md §9): large at the noisy start, vanishing at the end.
+    schedule (docs/method.md §9): large at the noisy start, vanishing at the end. Flow models: the beta of the
+    VP levels of the same SNR (``parameterization.vp_sigma``; 1 from the pure-noise level t = 1).
     """
-    s, sn = float(sigma), float(sigma_next)
+    s, sn = float(vp_sigma(float(sigma), prediction_type)), float(vp_sigma(float(sigma_next), prediction_type))
+    if s == float("inf"):
+        return 1.0
     return max(s * s - sn * sn, 0.0) / (1.0 + s * s)
 
 
@@ -121,14 +125,18 @@ class _DecodedTerm(GuidanceTerm):
     denoises, at sigma 0) -> image ``(B, 3, H, W)`` in [0, 1], differentiable and not clamped.
     ``posterior_scale``: multiply the loss by the step's VP beta (module docstring). ``autograd_session``:
     optional host hook, a context-manager factory entered around the decoder's and DINO's forwards (ComfyUI
-    makes its inference-tensor weights usable by autograd there, like ``Denoiser.autograd_session``)."""
+    makes its inference-tensor weights usable by autograd there, like ``Denoiser.autograd_session``).
+    ``prediction_type``: the sampled model's (``Denoiser.prediction_type``): flow models map noise levels to VP
+    ones by SNR for the posterior scale, the semantic gate and the noise blend (``parameterization``)."""
 
     decode: Decode | None = field(default=None, compare=False, repr=False)
     posterior_scale: bool = True
     autograd_session: Callable[[], ContextManager[None]] | None = field(default=None, compare=False, repr=False)
+    prediction_type: str = "eps"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_prediction_type(self.prediction_type)
         if self.decode is None or not callable(self.decode):
             raise ValueError(f"{type(self).__name__} needs a decode callable (latent -> image in [0, 1])")
 
@@ -138,7 +146,7 @@ class _DecodedTerm(GuidanceTerm):
         if ctx.sigma_next is None:
             logger.debug("%s: no sigma_next in the step context; posterior scale 1", type(self).__name__)
             return 1.0
-        return posterior_step_scale(ctx.sigma, ctx.sigma_next)
+        return posterior_step_scale(ctx.sigma, ctx.sigma_next, self.prediction_type)
 
     def _session(self) -> ContextManager[None]:
         return self.autograd_session() if self.autograd_session is not None else contextlib.nullcontext()
@@ -146,10 +154,8 @@ class _DecodedTerm(GuidanceTerm):
     def _decoded(self, ctx: StepContext, blend: bool = False) -> Tensor:
         def compute() -> Tensor:
             latent = ctx.x0
-            if blend:  # DiffuseIT's --use_noise_aug_all: f * x0 + (1 - f) * x_t (VP), f = sqrt(1 - a)
-                s = ctx.sigma.to(ctx.x.dtype)
-                f = s / (1 + s * s).sqrt()
-                latent = f * latent + (1 - f) * ctx.x / (1 + s * s).sqrt()
+            if blend:  # DiffuseIT's --use_noise_aug_all: f * x0 + (1 - f) * z_t, f the noise level (VP sqrt(1 - a))
+                latent = noise_blend(ctx.x, latent, ctx.sigma.to(ctx.x.dtype), self.prediction_type)
             with self._session():
                 image = self.decode(latent)
             if (
@@ -303,8 +309,9 @@ class DinoStyleGuidance(_DinoTerm):
 class SemanticDivergenceGuidance(_SourceTerm):
     """DiffuseIT's ``ℓ_sem`` (docs/method.md §8-§9): pushes the decoded prediction's [CLS] away from the
     previous guidance call's (the source image's at the first call; resampling repeats count as calls). Active while
-    ``sigma > min_sigma``: DiffuseIT's ``diff_iter`` gate at the same noise level (ADM t = 505, sigma 3.54;
-    SD t = 715). Weight ``lambda_sem`` 100 as its code; ``weight`` is the global multiplier.
+    the level is above ``min_sigma`` (VP units; flow levels compared by SNR, ``parameterization.vp_sigma``):
+    DiffuseIT's ``diff_iter`` gate at the same noise level (ADM t = 505, sigma 3.54; SD t = 715; flow t = 0.780).
+    Weight ``lambda_sem`` 100 as its code; ``weight`` is the global multiplier.
     """
 
     weight: float = 1.0
@@ -312,7 +319,7 @@ class SemanticDivergenceGuidance(_SourceTerm):
     min_sigma: float = DIFFUSEIT_SEM_SIGMA
 
     def loss(self, ctx: StepContext, request) -> Tensor:
-        if float(ctx.sigma) <= self.min_sigma:
+        if float(vp_sigma(float(ctx.sigma), self.prediction_type)) <= self.min_sigma:
             return (ctx.x * 0).sum()
         image, feats = self._features(ctx)
         # Previous call's [CLS] per branch prediction: a new evaluation starts when ctx.x changes.
@@ -370,7 +377,7 @@ def diffuseit_guidance(
     if semantic:
         terms.append(SemanticDivergenceGuidance(weight=weight, dino=dino, decode=decode, source=source, **common))
     if range_term:
-        shared = {k: v for k, v in common.items() if k in ("posterior_scale", "autograd_session")}
+        shared = {k: v for k, v in common.items() if k in ("posterior_scale", "autograd_session", "prediction_type")}
         terms.append(RangeGuidance(weight=weight, decode=decode, **shared))
     return tuple(terms)
 
@@ -393,11 +400,20 @@ def diffuseit_sample(
     first-step resampling, CFG between ``negative_cond`` and ``cond`` (the target prompt; text-guided DiffuseIT).
     ``sigmas``: the full descending DDIM grid. ``settings``: the sampler's (default: CFG 5 and
     ``resample`` = 10, as DiffuseIT); its ``seed`` also draws the start noise. Returns the sampler's
-    ``SampleResult``. Capture-based terms (cross-attention, PatchNCE), if added, compare with a reference
-    branch that denoises the same noised start under ``negative_cond``.
+    ``SampleResult``. Flow models (``denoiser.prediction_type`` "flow") start at the level of the same SNR and
+    noise as ``(1 - t) x0 + t eps``; give their DINO terms ``prediction_type="flow"`` too (a mismatch is a
+    ``ValueError``). Capture-based terms (cross-attention, PatchNCE), if added, compare with a reference branch
+    that denoises the same noised start under ``negative_cond``.
     """
     settings = SamplerSettings(resample=DIFFUSEIT_RESAMPLE) if settings is None else settings
-    x, grid = noised_start(latent, sigmas, strength, settings.seed)
+    for term in guidance:
+        wanted = getattr(term, "prediction_type", None)
+        if wanted is not None and wanted != denoiser.prediction_type:
+            raise ValueError(
+                f"{type(term).__name__} was built for prediction type {wanted!r} but the model's is "
+                f"{denoiser.prediction_type!r}: build the DINO terms with prediction_type={denoiser.prediction_type!r}"
+            )
+    x, grid = noised_start(latent, sigmas, strength, settings.seed, prediction_type=denoiser.prediction_type)
     return guided_ddim_sample(
         denoiser,
         x,

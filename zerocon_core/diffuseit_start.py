@@ -6,7 +6,8 @@ model to a latent model is the *noise level* (SNR), not the fraction of steps sk
 schedule at DiffuseIT's start (t = 595 of 1000) has alpha_bar = 0.0272, i.e. sigma = 5.98, and its
 semantic-divergence gate (t = 505) has alpha_bar = 0.0739, sigma = 3.54. In sigma space these levels are
 model-independent for every VP model (SD1.x/2.x/SDXL): SD's scaled-linear schedule reaches them at
-t = 835 and t = 715.
+t = 835 and t = 715. Flow-matching models (SD3, Flux) take the levels of the same SNR
+(``parameterization.sigma_from_vp``: t = sigma / (1 + sigma), 0.857 and 0.780); the constants stay in VP units.
 
 Units: ``x = x0 + sigma * eps`` (sigma space, see ``zerocon_core/__init__.py``); grids are descending.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .log import logger
+from .parameterization import forward_noise, renoise_coefficients, vp_sigma
 
 #: Noise level of DiffuseIT's start: ADM linear schedule, t = 595 (alpha_bar 0.0272), sigma = sqrt((1-a)/a).
 DIFFUSEIT_START_SIGMA = 5.985
@@ -28,12 +30,18 @@ DIFFUSEIT_SEM_SIGMA = 3.539
 DIFFUSEIT_RESAMPLE = 10
 
 
-def start_index(sigmas: Tensor, strength: float | None = None, start_sigma: float = DIFFUSEIT_START_SIGMA) -> int:
+def start_index(
+    sigmas: Tensor,
+    strength: float | None = None,
+    start_sigma: float = DIFFUSEIT_START_SIGMA,
+    prediction_type: str = "eps",
+) -> int:
     """Index into the descending grid ``sigmas`` (``steps + 1`` levels) where a noised start begins.
 
     ``strength`` in (0, 1]: keep the last ``round(strength * steps)`` steps (at least 1), as img2img's
-    "strength"/"denoise". ``None``: the level nearest to ``start_sigma`` in log-sigma (DiffuseIT's SNR;
-    about strength 0.84-0.86 on SD's 50-step DDIM grid).
+    "strength"/"denoise". ``None``: the level nearest in log-SNR to the VP level ``start_sigma`` (DiffuseIT's
+    SNR; about strength 0.84-0.86 on SD's 50-step DDIM grid); the grid's levels are mapped to VP units by
+    ``parameterization.vp_sigma(level, prediction_type)`` (identity for VP models).
     """
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid of at least 2 levels, got shape {tuple(sigmas.shape)}")
@@ -41,7 +49,7 @@ def start_index(sigmas: Tensor, strength: float | None = None, start_sigma: floa
     if strength is None:
         if start_sigma <= 0:
             raise ValueError(f"start_sigma must be > 0, got {start_sigma}")
-        levels = sigmas[:-1].double().clamp_min(1e-12).log()
+        levels = vp_sigma(sigmas[:-1].double(), prediction_type).clamp_min(1e-12).log()
         return int((levels - math.log(start_sigma)).abs().argmin())
     strength = float(strength)
     if not (0.0 < strength <= 1.0):
@@ -58,16 +66,18 @@ def noised_start(
     *,
     start_sigma: float = DIFFUSEIT_START_SIGMA,
     noise: Tensor | None = None,
+    prediction_type: str = "eps",
 ) -> tuple[Tensor, Tensor]:
     """Forward-noise a clean latent ``x0`` (B, C, h, w) to the start level of ``sigmas``.
 
-    Returns ``(x, grid)``: ``x = x0 + grid[0] * eps`` (sigma space) and ``grid = sigmas[k:]``, the truncated
-    descending grid to sample down (``k = start_index(sigmas, strength, start_sigma)``). ``eps`` is drawn on
-    the CPU from ``seed`` (reproducible across devices) unless ``noise`` is given.
+    Returns ``(x, grid)``: ``x = x0 + grid[0] * eps`` (VP, sigma space; flow: ``(1 - s) x0 + s eps``,
+    ``parameterization.forward_noise``) and ``grid = sigmas[k:]``, the truncated descending grid to sample down
+    (``k = start_index(sigmas, strength, start_sigma, prediction_type)``). ``eps`` is drawn on the CPU from
+    ``seed`` (reproducible across devices) unless ``noise`` is given.
     """
     if not torch.isfinite(x0).all():
         raise ValueError("the latent to noise contains NaN or Inf")
-    k = start_index(sigmas, strength, start_sigma)
+    k = start_index(sigmas, strength, start_sigma, prediction_type)
     grid = sigmas[k:].to(device=x0.device, dtype=x0.dtype)
     if noise is None:
         gen = torch.Generator().manual_seed(int(seed))
@@ -75,18 +85,24 @@ def noised_start(
     elif noise.shape != x0.shape:
         raise ValueError(f"noise shape {tuple(noise.shape)} differs from the latent's {tuple(x0.shape)}")
     logger.debug("noised start at grid index %d, sigma %.4g (%d steps left)", k, float(grid[0]), len(grid) - 1)
-    return x0 + grid[0] * noise, grid
+    return forward_noise(x0, noise, grid[0], prediction_type), grid
 
 
-def renoise(x: Tensor, sigma_from: Tensor | float, sigma_to: Tensor | float, generator: torch.Generator) -> Tensor:
-    """Exact forward transition from level ``sigma_from`` up to ``sigma_to`` (>= it): ``x + sqrt(to^2 - from^2) * eps``.
+def renoise(
+    x: Tensor,
+    sigma_from: Tensor | float,
+    sigma_to: Tensor | float,
+    generator: torch.Generator,
+    prediction_type: str = "eps",
+) -> Tensor:
+    """Exact forward transition from level ``sigma_from`` up to ``sigma_to`` (>= it): ``k x + s eps``.
 
-    In VP terms ``z_to = sqrt(a_to / a_from) z_from + sqrt(1 - a_to / a_from) eps``: DiffuseIT's one-step
-    re-noise between resampling iterations (docs/method.md §9; the original uses the respaced beta of the *next* index,
-    an off-by-one; we use the exact transition). ``eps`` is drawn on the CPU from ``generator``.
+    VP: ``x + sqrt(to^2 - from^2) * eps``, in VP terms ``z_to = sqrt(a_to / a_from) z_from + sqrt(1 - a_to / a_from)
+    eps``: DiffuseIT's one-step re-noise between resampling iterations (docs/method.md §9; the original uses the
+    respaced beta of the *next* index, an off-by-one; we use the exact transition). Flow: ``k = (1 - to) /
+    (1 - from)``, ``s = sqrt(to^2 - k^2 from^2)`` (``parameterization.renoise_coefficients``). ``eps`` is drawn on
+    the CPU from ``generator``.
     """
-    sf, st = float(sigma_from), float(sigma_to)
-    if st < sf:
-        raise ValueError(f"renoise goes up in noise: sigma_to ({st}) < sigma_from ({sf})")
+    k, s = renoise_coefficients(float(sigma_from), float(sigma_to), prediction_type)
     eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-    return x + math.sqrt(st * st - sf * sf) * eps
+    return (x if k == 1.0 else k * x) + s * eps

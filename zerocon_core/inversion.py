@@ -7,7 +7,13 @@ Where the model is queried is a choice:
 - ``"current"`` (default): at ``s_a`` with the latent as it is: Euler on flipped sigmas, exactly what
   ComfyUI's ``FlipSigmas`` + ``ddim`` sampler does;
 - ``"next"``: at ``s_b`` with the same VP latent re-expressed at that level: diffusers'
-  ``DDIMInverseScheduler`` / null-text inversion convention (exact for eps-prediction models).
+  ``DDIMInverseScheduler`` / null-text inversion convention (exact for eps-prediction models). VP models only:
+  a flow-matching model (``prediction_type`` "flow") is a ``ValueError`` (``check_eval_at``).
+
+Flow-matching models (SD3, Flux): ``eps`` is the velocity and the same step is the Euler ODE run backwards, the
+exact analogue of DDIM inversion (ComfyUI's ``FlipSigmas`` + ``euler``). The noise regulariser acts on the
+implied noise ``n = x + (1 - t) v`` and the velocity is recovered from the regularised noise
+(``parameterization.implied_noise``; our choice, docs/method.md §9b).
 """
 
 from __future__ import annotations
@@ -21,17 +27,23 @@ from torch import Tensor
 from .denoiser import CaptureRequest, Denoiser
 from .log import logger
 from .losses import auto_corr_loss, kl_loss
+from .parameterization import eps_from_noise, implied_noise, input_scale, is_flow
 from .replay import Recorder, RecordSettings, ReferenceRecord
 from .sampler import cfg_combine
-from .schedule import vp_scale
 
 EVAL_AT = ("current", "next")
 
 
-def check_eval_at(eval_at: str, what: str = "eval_at") -> None:
-    """``ValueError`` naming the accepted conventions (``EVAL_AT``) unless ``eval_at`` is one of them."""
+def check_eval_at(eval_at: str, what: str = "eval_at", prediction_type: str = "eps") -> None:
+    """``ValueError`` naming the accepted conventions (``EVAL_AT``) unless ``eval_at`` is one of them, or when
+    ``eval_at`` is "next" for a flow-matching model (diffusers' DDIM convention is defined for VP models only)."""
     if eval_at not in EVAL_AT:
         raise ValueError(f"{what} must be one of {', '.join(EVAL_AT)}, got {eval_at!r}")
+    if eval_at == "next" and is_flow(prediction_type):
+        raise ValueError(
+            f"{what} 'next' (diffusers' DDIMInverseScheduler) is for VP models (SD1.x, SD2.x, SDXL) only; "
+            "flow-matching models (SD3, Flux) invert with 'current' (ComfyUI's FlipSigmas + euler)"
+        )
 
 
 @dataclass(frozen=True)
@@ -100,12 +112,14 @@ def ddim_invert(
     """Invert the latent ``x`` (sigma space, at level ``sigmas[0]``) up the ascending grid ``sigmas``.
 
     ``cfg`` 1 (default, pix2pix-zero) uses ``cond`` alone; otherwise ``negative_cond`` is required.
-    ``seed`` seeds the regulariser's random shifts. ``callback(i, n, x)`` after each step.
+    ``seed`` seeds the regulariser's random shifts. ``callback(i, n, x)`` after each step. Flow models
+    (``denoiser.prediction_type`` "flow"): the backward Euler ODE, regulariser on the implied noise (module doc).
     ``record``: record the captures ``record.guidance`` requests for the sampler's "inverted" reference
     (``replay``; implies ``keep_trajectory``). Recorded only for eval_at "current" and cfg 1, where the
     inversion's forwards are the reference's; otherwise the record is empty and the sampler falls back.
     """
-    check_eval_at(eval_at)
+    ptype = denoiser.prediction_type
+    check_eval_at(eval_at, prediction_type=ptype)
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid of at least 2 levels, got shape {tuple(sigmas.shape)}")
     if bool((sigmas[1:] <= sigmas[:-1]).any()):
@@ -137,7 +151,7 @@ def ddim_invert(
                 s_e, x_in = s_a, x
             else:
                 s_e = s_b
-                x_in = x * (vp_scale(s_a) / vp_scale(s_e))
+                x_in = x * (input_scale(s_a, ptype) / input_scale(s_e, ptype))
             if cfg == 1.0:
                 capture = recorder.wants(i) if recorder is not None else None
                 (p,) = denoiser.predict(x_in, s_e, [cond], capture)
@@ -147,8 +161,9 @@ def ddim_invert(
             else:
                 p_neg, p_pos = denoiser.predict(x_in, s_e, [negative_cond, cond])
                 eps = cfg_combine(p_neg.eps, p_pos.eps, cfg)
-            if regularization is not None:
-                eps = regularization(eps, gen)
+            if regularization is not None:  # on the Gaussian noise the prediction implies (VP: eps itself)
+                noise = regularization(implied_noise(x_in, eps, s_e, ptype), gen)
+                eps = eps_from_noise(x_in, noise, s_e, ptype)
             x = x + (s_b - s_a) * eps
             if keep_trajectory:
                 trajectory.append(x)

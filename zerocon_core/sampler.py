@@ -25,6 +25,7 @@ from .denoiser import CaptureRequest, Denoiser, Prediction
 from .diffuseit_start import renoise
 from .guidance import GuidanceTerm, StepContext
 from .log import logger
+from .parameterization import gradient_scale
 from .replay import REFERENCES, merged_request, replayed, resolve_reference
 
 if TYPE_CHECKING:
@@ -247,7 +248,7 @@ def guided_ddim_sample(
                 if r > 0:
                     if check_interrupt is not None:
                         check_interrupt()
-                    x = renoise(x, s_next, s, noise_gen)
+                    x = renoise(x, s_next, s, noise_gen, denoiser.prediction_type)
                 copies: tuple[Tensor, ...] = (x,)
                 if active:
                     step = GuidedStep(denoiser, i, n, s, s_next, active, ref_preds, neg, edit_cond, gen, state)
@@ -369,7 +370,7 @@ def _guidance_step(x: Tensor, step: GuidedStep, settings: SamplerSettings) -> St
         grads = torch.autograd.grad(total, leaves)
     if not all(torch.isfinite(g).all() for g in grads):
         return StepOutcome((x,), logged, finite=False)
-    scale = 1.0 + s * s  # d/dz = sqrt(1+s^2) d/dx, and dx = sqrt(1+s^2) dz
+    scale = gradient_scale(s, den.prediction_type)  # VP: 1 + s^2 (d/dz = sqrt(1+s^2) d/dx, dx = sqrt(1+s^2) dz)
     if settings.step_mode == "raw":
         updates = [g * scale for g in grads]
     else:  # the copies' gradients rescaled together (one RMS over all of them)

@@ -140,7 +140,7 @@ def test_vae_of_another_family_is_a_clear_error(dn, run, sd15_model, dino):
 
 def test_unsupported_model_is_a_clear_error(zc, dn, run, vae, dino):
     with pytest.raises(zc.families.UnsupportedModelError, match="supports"):
-        style(dn, run, tm.flux(), vae, dino, image(1))
+        style(dn, run, tm.flux_fill(), vae, dino, image(1))
 
 
 def test_diffuseit_sampler_end_to_end(dn, run, sd15_model, vae, dino):

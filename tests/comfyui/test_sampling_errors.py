@@ -51,15 +51,16 @@ def test_batch_mismatch_in_sampler_custom_advanced(zc, run, sd15_model):
 
 
 def test_unsupported_model_family(zc, run):
-    flux = tm.flux()
+    fill = tm.flux_fill()
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
     with pytest.raises(
         ValueError,
-        match=r"ZeroCon supports SD1\.x, SD2\.x \(eps or v-prediction\) and SDXL models only; this MODEL is a Flux network",
+        match=r"ZeroCon supports SD1\.x, SD2\.x \(eps or v-prediction\), SDXL, SD3/SD3\.5 and Flux models only; "
+        r"this MODEL is a Flux variant with 96 input channels",
     ):
-        h.invert(zc, run, flux, latent, tm.conditioning(49))
-    with pytest.raises(zc.families.UnsupportedModelError, match="SDXL models only"):
-        run(zc.sampling.ZeroConGuiderNode, model=flux, edited=tm.conditioning(50), source=tm.conditioning(51), cfg=5.0)
+        h.invert(zc, run, fill, latent, tm.conditioning(49))
+    with pytest.raises(zc.families.UnsupportedModelError, match="and Flux models only"):
+        run(zc.sampling.ZeroConGuiderNode, model=fill, edited=tm.conditioning(50), source=tm.conditioning(51), cfg=5.0)
 
 
 def test_unsupported_sampling_patch(zc, sd15_model):

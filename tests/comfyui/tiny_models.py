@@ -206,3 +206,57 @@ def flow_latent(seed: int = 0, batch: int = 1, size: int = 16) -> dict:
     """A 16-channel LATENT dict (Flux / SD3 VAE scale)."""
     gen = torch.Generator().manual_seed(seed)
     return {"samples": torch.randn(batch, 16, size, size, generator=gen)}
+
+
+# -- flow-family extras: a 16-channel VAE, and Flux / SD variants ZeroCon refuses ------------------------------
+
+FLOW_VAE_CONFIG = {
+    "params": {
+        "embed_dim": 16,
+        "ddconfig": {
+            "double_z": True,
+            "z_channels": 16,
+            "resolution": 64,
+            "in_channels": 3,
+            "out_ch": 3,
+            "ch": 32,  # GroupNorm(32 groups) needs a multiple of 32
+            "ch_mult": [1, 1, 1, 1],  # 3 downsamplings: 8x, like the Flux / SD3 VAE
+            "num_res_blocks": 1,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+    }
+}
+
+
+def flow_vae(seed: int = 0):
+    """A tiny 16-channel ``comfy.sd.VAE`` (AutoencoderKL, 8x) standing in for the Flux / SD3 VAE.
+
+    Built from ``FLOW_VAE_CONFIG`` (ComfyUI's ``config=`` path, which assumes 4 channels, so ``latent_channels``
+    is set to the config's 16 afterwards, as ComfyUI's own detection sets it for a 16-channel state dict)."""
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    with torch.inference_mode():
+        model = AutoencoderKL(**FLOW_VAE_CONFIG["params"])
+        _init_(model, seed)
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        vae = comfy.sd.VAE(sd=sd, config=FLOW_VAE_CONFIG)
+    vae.latent_channels = 16
+    return vae
+
+
+def flux_fill(seed: int = 6):
+    """A tiny Flux Fill / inpainting model (96 input channels: latent + mask + masked image): not supported."""
+    import comfy.supported_models
+
+    cfg = _flux_config(True)
+    cfg["in_channels"] = 96
+    return _dit_patcher(comfy.supported_models.FluxInpaint(cfg), seed)
+
+
+def sd15_inpaint(seed: int = 7):
+    """A tiny SD1.5 inpainting UNet (9 input channels): not supported."""
+    import comfy.supported_models
+
+    return _patcher(comfy.supported_models.SD15(_unet_config(in_channels=9)), seed=seed)

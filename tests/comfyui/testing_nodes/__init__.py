@@ -5,6 +5,8 @@ installed). The tiny builders come from the sibling test modules ``tiny_models.p
 ``tiny_clip.py`` (CLIP, VAE), loaded by file path so this pack works whatever its import name.
 
 - ``ZeroConTest_TinyCheckpoint``: MODEL, CLIP, VAE of a tiny SD1.5- or SDXL-shaped model (like a checkpoint loader).
+- ``ZeroConTest_TinyFlowCheckpoint``: MODEL and 16-channel VAE of a tiny Flux (schnell- or dev-like) or SD3 model.
+- ``ZeroConTest_FlowConditioning``: a seeded fake Flux / SD3 CONDITIONING (optionally with Flux-dev's guidance).
 - ``ZeroConTest_Image``: a seeded smooth random IMAGE batch.
 - ``ZeroConTest_Capture``: an output node that stores whatever reaches it in ``CAPTURED[key]`` (in-process
   runs) and reports a JSON summary of it as its UI output (server runs: ``/history``).
@@ -65,6 +67,50 @@ class TinyCheckpoint(io.ComfyNode):
             clip = tiny_clip.clip("sd1" if kind == "sd15" else "sdxl", seed)
             _CACHE[key] = (model, clip, tiny_clip.vae(seed))
         return io.NodeOutput(*_CACHE[key])
+
+
+class TinyFlowCheckpoint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZeroConTest_TinyFlowCheckpoint",
+            display_name="ZeroCon Test Tiny Flow Checkpoint",
+            category="testing/zerocon",
+            inputs=[
+                io.Combo.Input("kind", options=["flux", "flux_dev", "sd3"], default="flux", tooltip="Model family."),
+                io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Seed of the random weights."),
+            ],
+            outputs=[io.Model.Output("model_out"), io.Vae.Output("vae_out")],
+        )
+
+    @classmethod
+    def execute(cls, kind, seed):
+        key = ("flow", kind, seed)
+        if key not in _CACHE:
+            tiny_models = _sibling("tiny_models")
+            build = {"flux": tiny_models.flux, "flux_dev": tiny_models.flux_dev, "sd3": tiny_models.sd3}[kind]
+            _CACHE[key] = (build(seed), tiny_models.flow_vae(seed))
+        return io.NodeOutput(*_CACHE[key])
+
+
+class FlowConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ZeroConTest_FlowConditioning",
+            display_name="ZeroCon Test Flow Conditioning",
+            category="testing/zerocon",
+            inputs=[
+                io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Seed."),
+                io.Float.Input("guidance", default=0.0, min=0.0, max=100.0, tooltip="Flux-dev guidance; 0 = none."),
+            ],
+            outputs=[io.Conditioning.Output("conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, seed, guidance):
+        cond = _sibling("tiny_models").flow_conditioning(seed, guidance=guidance or None)
+        return io.NodeOutput(cond)
 
 
 class TestImage(io.ComfyNode):
@@ -135,7 +181,7 @@ def summary(value) -> dict:
 
 class TestingExtension(ComfyExtension):
     async def get_node_list(self):
-        return [TinyCheckpoint, TestImage, Capture]
+        return [TinyCheckpoint, TinyFlowCheckpoint, FlowConditioning, TestImage, Capture]
 
 
 async def comfy_entrypoint():
