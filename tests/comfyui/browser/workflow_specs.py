@@ -16,6 +16,57 @@ SD15_CKPT = "v1-5-pruned-emaonly-fp16.safetensors"
 SD15_URL = "https://huggingface.co/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly-fp16.safetensors?download=true"
 SDXL_CKPT = "sd_xl_base_1.0.safetensors"
 SDXL_URL = "https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors?download=true"
+SD35_CKPT = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
+SD35_URL = "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8/resolve/main/sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors?download=true"
+#: Flux-dev as ComfyUI's Flux examples load it: (key, node type, widgets, [(file, folder, url)])
+FLUX_LOADERS = [
+    (
+        "unet",
+        "UNETLoader",
+        {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"},
+        [
+            (
+                "flux1-dev.safetensors",
+                "diffusion_models",
+                "https://huggingface.co/black-forest-labs/FLUX.1-dev/resolve/main/flux1-dev.safetensors?download=true",
+            )
+        ],
+    ),
+    (
+        "clip",
+        "DualCLIPLoader",
+        {
+            "clip_name1": "clip_l.safetensors",
+            "clip_name2": "t5xxl_fp8_e4m3fn.safetensors",
+            "type": "flux",
+            "device": "default",
+        },
+        [
+            (
+                "clip_l.safetensors",
+                "text_encoders",
+                "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/clip_l.safetensors?download=true",
+            ),
+            (
+                "t5xxl_fp8_e4m3fn.safetensors",
+                "text_encoders",
+                "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp8_e4m3fn.safetensors?download=true",
+            ),
+        ],
+    ),
+    (
+        "vae",
+        "VAELoader",
+        {"vae_name": "ae.safetensors"},
+        [
+            (
+                "ae.safetensors",
+                "vae",
+                "https://huggingface.co/black-forest-labs/FLUX.1-schnell/resolve/main/ae.safetensors?download=true",
+            )
+        ],
+    ),
+]
 
 NOTE_COLOR, NOTE_BG = "#432", "#653"
 GROUP_COLORS = {
@@ -376,6 +427,135 @@ def text_edit_sdxl() -> dict:
         "any SDXL checkpoint works (also SSD-1B / Vega / KOALA). 1024 × 1024 is SDXL's size. The edit direction "
         "covers both SDXL text encoders and the pooled embedding.",
     )
+
+
+FLOW_INVERT_NOTE = """### Inversion (flow models)
+On SD3.5 and Flux the inversion runs the model's flow ODE backwards (Euler, ComfyUI's `simple` grid of the model's own
+sampling, shift included): the flow-matching twin of DDIM inversion.
+
+- *steps* 28 (these models' usual count); the guided sampler reuses them.
+- *cfg* 1: the caption alone.
+- *regularize* is **off** here: pix2pix-zero's noise regulariser was made for Stable Diffusion's noise prediction;
+  on flow models it acts on the implied noise and its weights are not verified yet. Turn it on to try it.
+- The inverted latent belongs to the ZeroCon samplers: a stock sampler cannot start from it (ComfyUI scales a flow
+  latent by 1 − sigma on the way in, which is 0 at the top of the grid).
+"""
+
+FLOW_GUIDE_NOTE = """### Guidance on an MM-DiT
+- **Cross-Attention Guidance**: the text-to-image part of the joint attention (image queries against the prompt's
+  keys, softmax over all keys as the model computes it); *layers* `all` picks the model's default blocks (double-stream
+  / joint blocks, where the text and image streams meet); `auto` says the same; `double:0,1` or `joint:12,18` pick
+  blocks by number.
+- **PatchNCE Guidance**: the image tokens' outputs of the default blocks (*layers* `up` or `auto`).
+- *weight* −1 = auto; *start* / *end* as for Stable Diffusion.
+"""
+
+
+def _relink(links: list, mapping: dict) -> list:
+    """``links`` with each ``(from_key, output)`` in ``mapping`` replaced by its new source key."""
+    return [[mapping.get((a, out), a), out, b, inp] for a, out, b, inp in links]
+
+
+def _flux_loader_nodes() -> list:
+    return [
+        {
+            "key": key,
+            "type": node_type,
+            "col": 0,
+            "widgets": widgets,
+            "properties": {"models": [{"name": n, "url": u, "directory": d} for n, d, u in files]},
+        }
+        for key, node_type, widgets, files in FLUX_LOADERS
+    ]
+
+
+FLUX_RELINK = {("ckpt", "MODEL"): "unet", ("ckpt", "CLIP"): "clip", ("ckpt", "VAE"): "vae"}
+
+
+def _flow_widgets(nodes: list, cfg: float) -> list:
+    """The text-edit chain's widget values for a flow model: 28 steps, no regulariser, ``cfg`` in the sampler."""
+    for n in nodes:
+        if n["key"] == "invert":
+            n["widgets"].update({"steps": 28, "regularize": False})
+        if n["key"] == "sampler":
+            n["widgets"]["cfg"] = cfg
+    return nodes
+
+
+def _flow_notes(extra: list | None = None) -> list:
+    notes = [n for n in _notes_row() if n["key"] in ("note_caption", "note_direction", "note_sampler")]
+    return notes + [_note("note_invert", 3, FLOW_INVERT_NOTE, 360), _note("note_guide", 4, FLOW_GUIDE_NOTE, 300)]
+
+
+def text_edit_sd35() -> dict:
+    readme = _readme(
+        "ZeroCon text edit — SD3.5",
+        f"""The pix2pix-zeroCon text edit on **Stable Diffusion 3.5** (MM-DiT, flow matching): BLIP
+captions the image, an edit direction through SD3.5's own text encoders (CLIP-L, CLIP-G and T5-XXL, sequence and
+pooled) moves the caption from *source* to *target*, the image is inverted along the model's flow, and the guided
+sampler edits while the joint attention's text-to-image maps and the image tokens' features stay close to the
+reconstruction's.
+
+**Use:** pick your image in *Load Image*, set *source* / *target* in *Edit Direction*, then Queue.
+
+**Models:**
+- `ComfyUI/models/checkpoints/{SD35_CKPT}` — SD3.5 Medium with its text encoders; any SD3 / SD3.5 checkpoint works
+  (one without text encoders needs a *TripleCLIPLoader* for the CLIP input). 1024 × 1024 is its size.
+- `ComfyUI/models/blip/blip-image-captioning-base/` — BLIP captioner, see *Caption*.
+
+*cfg* 5 with the caption as the negative (real CFG). The guided sampler differentiates through the transformer at
+every step: slower and hungrier than a KSampler.
+""",
+    )
+    nodes, links = _edit_chain(1024)
+    nodes = _insert_after([readme, _ckpt(SD35_CKPT, SD35_URL), *nodes], "encode", _direction_node())
+    nodes = _flow_widgets(nodes, 5.0)
+    nodes += _flow_notes()
+    return {"name": "text_edit_sd35", "nodes": nodes, "links": links, "groups": _groups()}
+
+
+def text_edit_flux() -> dict:
+    readme = _readme(
+        "ZeroCon text edit — Flux.1-dev",
+        """The pix2pix-zeroCon text edit on **Flux.1-dev** (MM-DiT, flow matching, guidance-distilled):
+BLIP captions the image, an edit direction through Flux's text encoders (the T5-XXL sequence and CLIP-L's pooled
+vector) moves the caption from *source* to *target*, the image is inverted along the model's flow, and the guided
+sampler edits while the joint attention's text-to-image maps and the image tokens' features stay close to the
+reconstruction's.
+
+**Use:** pick your image in *Load Image*, set *source* / *target* in *Edit Direction*, then Queue.
+
+**Models** (the files ComfyUI's Flux examples use):
+- `ComfyUI/models/diffusion_models/flux1-dev.safetensors` (*Load Diffusion Model*; an fp8 copy works too)
+- `ComfyUI/models/text_encoders/clip_l.safetensors` and `t5xxl_fp8_e4m3fn.safetensors` (*DualCLIPLoader*, type flux)
+- `ComfyUI/models/vae/ae.safetensors` (*Load VAE*)
+- `ComfyUI/models/blip/blip-image-captioning-base/` — BLIP captioner, see *Caption*.
+
+Flux-dev is guidance-distilled: no CFG (*cfg* 1 in the sampler); **FluxGuidance** 3.5 on the caption sets the
+distilled guidance the inversion and the edit use (Apply Edit Direction keeps it). 1024 × 1024 is its size.
+""",
+    )
+    nodes, links = _edit_chain(1024)
+    nodes = [n for n in nodes]
+    nodes = _insert_after([readme, *_flux_loader_nodes(), *nodes], "encode", _direction_node())
+    nodes = _insert_after(
+        nodes, "encode", {"key": "flux_guidance", "type": "FluxGuidance", "col": 2, "widgets": {"guidance": 3.5}}
+    )
+    nodes = _flow_widgets(nodes, 1.0)
+    nodes += _flow_notes()
+    links = _relink(links, FLUX_RELINK)
+    links = [
+        ["flux_guidance", "CONDITIONING", b, inp]
+        if (a, b) in (("encode", "apply"), ("encode", "invert"))
+        else [a, o, b, inp]
+        for a, o, b, inp in links
+    ]
+    links += [["encode", "CONDITIONING", "flux_guidance", "conditioning"], ["clip", "CLIP", "direction", "clip"]]
+    links = [ln for ln in links if ln != ["ckpt", "CLIP", "direction", "clip"]]
+    groups = _groups()
+    groups[0]["keys"] = ["unet", "clip", "vae", "image", "scale"]
+    groups[2]["keys"] = groups[2]["keys"] + ["flux_guidance"]
+    return {"name": "text_edit_flux", "nodes": nodes, "links": links, "groups": groups}
 
 
 SOURCE_SENTENCES = """# one sentence per line; lines starting with # are ignored
@@ -965,6 +1145,8 @@ def _own_readme_column(make):
 SPECS = {
     "text_edit_sd15": text_edit_sd15,
     "text_edit_sdxl": text_edit_sdxl,
+    "text_edit_sd35": text_edit_sd35,
+    "text_edit_flux": text_edit_flux,
     "custom_sentences": custom_sentences,
     "direction_save_and_reuse": direction_save_and_reuse,
     "compare_and_measure": compare_and_measure,
