@@ -20,7 +20,7 @@ from test_graph import execute_in_process, executor_env  # noqa: F401  (the fixt
 
 WORKFLOWS = REPO / "example_workflows"
 #: workflow -> tiny checkpoint kind (the family its loaders load)
-FAMILIES = {"text_edit_sd15": "sd15", "text_edit_sdxl": "sdxl"}
+FAMILIES = {"text_edit_sd15": "sd15", "text_edit_sdxl": "sdxl", "text_edit_sd35": "sd3", "text_edit_flux": "flux_dev"}
 LOADERS = {  # class -> {old output slot: TinyCheckpoint slot (MODEL 0, CLIP 1, VAE 2)}
     "CheckpointLoaderSimple": {0: 0, 1: 1, 2: 2},
     "UNETLoader": {0: 0},

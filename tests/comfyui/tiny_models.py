@@ -120,14 +120,14 @@ def latent(seed: int = 0, batch: int = 1, size: int = 16) -> dict:
     return {"samples": torch.randn(batch, 4, size, size, generator=gen) * 4.0}
 
 
-def _flux_config(guidance_embed: bool) -> dict:
+def _flux_config(guidance_embed: bool, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM) -> dict:
     return {
         "image_model": "flux",
         "in_channels": 16,
         "patch_size": 2,
         "out_channels": 16,
-        "vec_in_dim": POOLED_DIM,
-        "context_in_dim": CONTEXT_DIM,
+        "vec_in_dim": pooled_dim,
+        "context_in_dim": context_dim,
         "hidden_size": 32,
         "mlp_ratio": 2.0,
         "num_heads": 2,
@@ -153,26 +153,28 @@ def _dit_patcher(config, seed: int):
         )
 
 
-def flux(seed: int = 3, guidance_embed: bool = False):
+def flux(seed: int = 3, guidance_embed: bool = False, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM):
     """A tiny Flux model (1 double + 1 single block, width 32, 2 heads, RoPE axes 4/6/6, 16-channel latent).
 
     ``guidance_embed`` False: Flux-schnell-like; True: Flux-dev-like (distilled guidance read from the
-    conditioning's ``guidance`` value). Context width 64, pooled (``vec``) width 32."""
+    conditioning's ``guidance`` value). Context width 64, pooled (``vec``) width 32 by default; 4096 / 32 take
+    ``tiny_clip.flux_clip``'s conditioning."""
     import comfy.supported_models
 
-    return _dit_patcher(comfy.supported_models.Flux(_flux_config(guidance_embed)), seed)
+    return _dit_patcher(comfy.supported_models.Flux(_flux_config(guidance_embed, context_dim, pooled_dim)), seed)
 
 
-def flux_dev(seed: int = 4):
+def flux_dev(seed: int = 4, **dims):
     """A tiny Flux-dev-like model (guidance embedding on)."""
-    return flux(seed, guidance_embed=True)
+    return flux(seed, guidance_embed=True, **dims)
 
 
-def sd3(seed: int = 5, depth: int = 2):
+def sd3(seed: int = 5, depth: int = 2, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM):
     """A tiny SD3-shaped MMDiT (ComfyUI ties width to depth: 64 per block, so depth 2 is 128 wide with 2 heads).
 
     16-channel latent (SD3 latent format), patch size 2, context 64 wide (projected by ``context_embedder``),
-    pooled width 32, ModelSamplingDiscreteFlow with shift 3."""
+    pooled width 32 by default (4096 / 64 take ``tiny_clip.sd3_clip``'s conditioning), ModelSamplingDiscreteFlow
+    with shift 3."""
     import comfy.supported_models
 
     unet_config = {
@@ -182,10 +184,10 @@ def sd3(seed: int = 5, depth: int = 2):
         "depth": depth,
         "num_patches": 64 * 64,
         "pos_embed_max_size": 64,
-        "adm_in_channels": POOLED_DIM,
+        "adm_in_channels": pooled_dim,
         "context_embedder_config": {
             "target": "torch.nn.Linear",
-            "params": {"in_features": CONTEXT_DIM, "out_features": 64 * depth},
+            "params": {"in_features": context_dim, "out_features": 64 * depth},
         },
         "dtype": torch.float32,
     }

@@ -4,7 +4,8 @@ Loaded by the integration tests with ComfyUI's own ``nodes.load_custom_node`` (n
 installed). The tiny builders come from the sibling test modules ``tiny_models.py`` (UNets) and
 ``tiny_clip.py`` (CLIP, VAE), loaded by file path so this pack works whatever its import name.
 
-- ``ZeroConTest_TinyCheckpoint``: MODEL, CLIP, VAE of a tiny SD1.5- or SDXL-shaped model (like a checkpoint loader).
+- ``ZeroConTest_TinyCheckpoint``: MODEL, CLIP, VAE of a tiny SD1.5-, SDXL-, SD3- or Flux-dev-shaped model with its
+  text encoders (like a checkpoint loader).
 - ``ZeroConTest_TinyFlowCheckpoint``: MODEL and 16-channel VAE of a tiny Flux (schnell- or dev-like) or SD3 model.
 - ``ZeroConTest_FlowConditioning``: a seeded fake Flux / SD3 CONDITIONING (optionally with Flux-dev's guidance).
 - ``ZeroConTest_Image``: a seeded smooth random IMAGE batch.
@@ -51,7 +52,9 @@ class TinyCheckpoint(io.ComfyNode):
             display_name="ZeroCon Test Tiny Checkpoint",
             category="testing/zerocon",
             inputs=[
-                io.Combo.Input("kind", options=["sd15", "sdxl"], default="sd15", tooltip="Model family shape."),
+                io.Combo.Input(
+                    "kind", options=["sd15", "sdxl", "sd3", "flux_dev"], default="sd15", tooltip="Model family shape."
+                ),
                 io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Seed of the random weights."),
             ],
             outputs=[io.Model.Output("model_out"), io.Clip.Output("clip_out"), io.Vae.Output("vae_out")],
@@ -63,9 +66,16 @@ class TinyCheckpoint(io.ComfyNode):
         if key not in _CACHE:
             tiny_models = _sibling("tiny_models")
             tiny_clip = _sibling("tiny_clip")
-            model = tiny_models.sd15(seed) if kind == "sd15" else tiny_models.sdxl(seed)
-            clip = tiny_clip.clip("sd1" if kind == "sd15" else "sdxl", seed)
-            _CACHE[key] = (model, clip, tiny_clip.vae(seed))
+            if kind == "sd3":  # the tiny SD3 CLIP: 4096-wide joint sequence, pooled CLIP-L 32 + CLIP-G 32
+                parts = (tiny_models.sd3(seed, context_dim=4096, pooled_dim=64), tiny_clip.sd3_clip(seed=seed))
+                _CACHE[key] = (*parts, tiny_models.flow_vae(seed))
+            elif kind == "flux_dev":  # the tiny Flux CLIP: 4096-wide T5 sequence, CLIP-L pooled 32
+                parts = (tiny_models.flux_dev(seed, context_dim=4096, pooled_dim=32), tiny_clip.flux_clip(seed))
+                _CACHE[key] = (*parts, tiny_models.flow_vae(seed))
+            else:
+                model = tiny_models.sd15(seed) if kind == "sd15" else tiny_models.sdxl(seed)
+                clip = tiny_clip.clip("sd1" if kind == "sd15" else "sdxl", seed)
+                _CACHE[key] = (model, clip, tiny_clip.vae(seed))
         return io.NodeOutput(*_CACHE[key])
 
 
