@@ -235,6 +235,23 @@ def test_multi_patch_nce_sampled_indices_are_a_permutation_head():
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
 
+def test_multi_patch_nce_on_recorded_samples_equals_the_reference_formula():
+    """The inversion's record (``patch_samples``: the pooled map at the step's locations) gives the loss of the full
+    reference map: CUT's formula at those locations, pooling first (odd sizes: the last row is dropped)."""
+    r = rng(9)
+    e, f = r.normal(size=(2, 4, 9, 6)), r.normal(size=(2, 4, 9, 6))
+    samples = L.patch_samples(t64(f), "a", 3, (1, 2), 10, seed=4)
+    assert sorted(samples.values) == [(1, 4, 10), (2, 4, 10)] and samples.shape == (2, 4, 9, 6)
+    got = L.multi_patch_nce_loss({"a": t64(e)}, {"a": samples}, (1, 2), 10, seed=4, step=3)
+    full = L.multi_patch_nce_loss({"a": t64(e)}, {"a": t64(f)}, (1, 2), 10, seed=4, step=3)
+    idx1 = L.patch_locations(4, 3, "a", 1, 54, 10).numpy()
+    idx2 = L.patch_locations(4, 3, "a", 2, 12, 10).numpy()
+    expected = ref_patch_nce(e, f, idx1) + ref_patch_nce(avg_pool(e, 2), avg_pool(f, 2), idx2)
+    assert got.item() == pytest.approx(expected, rel=1e-10) and full.item() == pytest.approx(expected, rel=1e-10)
+    with pytest.raises(ValueError, match="recorded for other PatchNCE settings"):
+        L.multi_patch_nce_loss({"a": t64(e)}, {"a": samples}, (1, 2), 10, seed=5, step=3)
+
+
 def test_multi_patch_nce_gradcheck_and_errors():
     r = rng(8)
     q = t64(r.normal(size=(1, 3, 4, 4))).requires_grad_()
