@@ -25,8 +25,8 @@ class StepContext:
     conditioning (differentiable), ``edit``/``ref`` the captures of the edit branch (differentiable) and of
     the reference branch (detached; None when no active term requested captures, so the reference branch
     did not run; replayed from the inversion's record, a feature layer read only by terms with a
-    ``samples_key`` holds ``losses.PatchSamples`` instead of the map). ``step`` counts from 0; ``sigma`` is a 0-d tensor. ``sigma_next``: the level the step goes
-    down to (0-d; None if the host does not say). ``state``: scratch space shared by the terms for one
+    ``samples_key`` holds ``losses.PatchSamples`` instead of the map). ``step`` counts from 0; ``sigma`` is
+    a 0-d tensor. ``sigma_next``: the level the step goes down to (0-d; None if the host does not say). ``state``: scratch space shared by the terms for one
     sampling run (created empty per run; terms key their entries by themselves).
     """
 

@@ -166,6 +166,8 @@ def record_gap(record: ReferenceRecord, terms: Sequence[GuidanceTerm], layers) -
         if not (req.probs <= record.request.probs and req.features <= record.request.features):
             return "the inversion's record lacks some guided layers"
         key = term.samples_key
+        if key is None and any(n in record.sampled for n in req.features):
+            return f"the inversion recorded only samples of feature layers {type(term).__name__} reads whole"
         if key is not None and any(n in record.sampled and key not in record.sampled[n] for n in req.features):
             return (
                 f"the inversion recorded {type(term).__name__}'s samples for other settings (patch sizes, number "

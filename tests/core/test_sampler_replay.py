@@ -212,6 +212,16 @@ def test_a_layer_also_read_whole_is_recorded_whole_and_replay_stays_exact(den, s
     torch.testing.assert_close(replay.latent, lockstep.latent, rtol=0, atol=1e-6)
 
 
+def test_a_record_of_samples_is_not_replayed_to_a_term_reading_whole_maps(den, setup):
+    inv = invert(den, setup)  # PatchNCE only reads the features: samples recorded
+    terms = (*TERMS, _WholeFeatures(weight=0.2))
+    res = sample(den, inv, setup, terms)
+    assert res.replayed == [] and any("_WholeFeatures reads whole" in n for n in res.notes), res.notes
+    torch.testing.assert_close(
+        res.latent, sample(den, invert(den, setup, terms), setup, terms).latent, rtol=0, atol=1e-6
+    )
+
+
 def test_the_samplers_seed_does_not_move_patchnce_locations(den, setup):
     """PatchNCE's locations come from the term's seed (so the inversion can record them), not the sampler's."""
     inv = invert(den, setup)
