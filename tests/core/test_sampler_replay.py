@@ -295,3 +295,10 @@ def test_bad_reference_and_record_settings_are_refused():
         RecordSettings(dtype="int8")
     with pytest.raises(ValueError, match="record budget must be >= 0 MiB"):
         RecordSettings(budget_mb=-1)
+
+
+def test_the_command_lines_seed_seeds_patchnce():
+    from zerocon_core.pipeline import default_guidance
+
+    (nce,) = [t for t in default_guidance("eps", nce_seed=5) if isinstance(t, PatchNCEGuidance)]
+    assert nce.seed == 5 and nce.samples_key == ("PatchNCE", (1, 2), 256, 5)
