@@ -154,7 +154,9 @@ def sweep_image(
     seconds: dict[str, float] = {}
     for k, s in enumerate(settings):
         t1 = time.perf_counter()
-        guidance = default_guidance(pipe.prediction_type, s.xa, s.nce, options.xa_layers, options.nce_layers)
+        guidance = default_guidance(
+            pipe.prediction_type, s.xa, s.nce, options.xa_layers, options.nce_layers, nce_seed=options.seed
+        )
         res = guided_ddim_sample(
             pipe.denoiser,
             inv.latent,

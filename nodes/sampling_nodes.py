@@ -36,7 +36,11 @@ from .inputs import CATEGORY, GUIDANCE, cfg_input, seed_input, step_inputs, step
 logger = logging.getLogger("zerocon")
 
 INVERSION = io.Custom("ZEROCON_INVERSION")
-GUIDED_SEED = "Seeds the guidance's random choices (PatchNCE sample locations); sampling itself is deterministic."
+GUIDED_SEED = (
+    "Seeds the random choices guidance terms make while sampling; the cross-attention and PatchNCE terms make none "
+    "(PatchNCE's sample locations are fixed per step, so that DDIM Inversion can record them). Sampling itself is "
+    "deterministic."
+)
 BRANCHES_TOOLTIP = (
     "What the guidance step moves. edit: the latent, by the gradient of its edited forward only (fastest). both: "
     "the latent, by the gradient of its negative and edited forwards, losses averaged. pix2pix-zero: pix2pix-zero's "

@@ -178,12 +178,16 @@ def default_guidance(
     nce_weight: float | None = None,
     xa_layers: str = "all",
     nce_layers: str = "up",
+    nce_seed: int = 0,
 ) -> tuple[GuidanceTerm, ...]:
     """Cross-attention + PatchNCE terms; a weight of None is auto (``auto_weights.resolve_weights``: 0.1 / 0.5
-    on eps-prediction models, 0.01 / 0.05 on v-prediction); weight 0 drops a term."""
+    on eps-prediction models, 0.01 / 0.05 on v-prediction); weight 0 drops a term. ``nce_seed``: PatchNCE's
+    sample locations (``PatchNCEGuidance.seed``)."""
     terms = (
         CrossAttentionGuidance(weight=AUTO if xa_weight is None else float(xa_weight), layers=xa_layers),
-        PatchNCEGuidance(weight=AUTO if nce_weight is None else float(nce_weight), layers=nce_layers),
+        PatchNCEGuidance(
+            weight=AUTO if nce_weight is None else float(nce_weight), layers=nce_layers, seed=int(nce_seed)
+        ),
     )
     return tuple(t for t in resolve_weights(terms, prediction_type) if t.weight > 0)
 
@@ -508,7 +512,12 @@ class ZeroConPipeline:
             z0 = encode_latents(self.vae, work, options.posterior, options.seed)
 
         guidance = default_guidance(
-            self.prediction_type, options.xa_weight, options.nce_weight, options.xa_layers, options.nce_layers
+            self.prediction_type,
+            options.xa_weight,
+            options.nce_weight,
+            options.xa_layers,
+            options.nce_layers,
+            nce_seed=options.seed,
         )
         logger.info("guidance: %s", ", ".join(f"{type(t).__name__}(weight={t.weight:g})" for t in guidance) or "none")
         z, inv, res = invert_and_edit(

@@ -26,7 +26,7 @@ from .diffuseit_start import renoise
 from .guidance import GuidanceTerm, StepContext
 from .log import logger
 from .parameterization import gradient_scale
-from .replay import REFERENCES, merged_request, replayed, resolve_reference
+from .replay import REFERENCES, merged_request, record_gap, replayed, resolve_reference
 
 if TYPE_CHECKING:
     from .inversion import Inversion
@@ -51,7 +51,9 @@ class SamplerSettings:
         edit's), each moved by its own half of the averaged loss's gradient, the CFG noise recomputed as
         negative(copy 0) and edit(copy 1), and copy 0 carried on to the DDIM step.
 
-    - ``seed``: seeds the terms' random choices (PatchNCE locations) and the resampling noise.
+    - ``seed``: seeds ``StepContext.generator`` (the terms' random draws while sampling; PatchNCE's locations
+      come from its own seed, ``PatchNCEGuidance.seed``, so that the inversion can record them) and the
+      resampling noise.
     - ``resample`` N > 1: DiffuseIT's first-step resampling: the first step (guidance + DDIM step) is
       done N times, each but the last followed by an exact re-noise from ``sigmas[1]`` back to
       ``sigmas[0]`` with fresh noise. N = 1: plain sampling.
@@ -63,6 +65,11 @@ class SamplerSettings:
       Exact only for the "current" convention, no inversion CFG, the source as the negative and branches
       other than "pix2pix-zero"; otherwise (or without an inversion) it falls back to "resampled", logged
       and noted in ``SampleResult.notes``. "resampled": the reference branch is denoised in lockstep.
+    - ``reuse_guidance_eps`` (opt-in, branches "edit" only; not the method): at a guided step the CFG step
+      takes the edit's noise from the guidance forward, i.e. at the latent *before* the gradient step, and
+      runs the negative alone at the moved latent: one batch-1 forward fewer per guided step (a guided step
+      costs about 1.8 plain CFG steps instead of 2.2 on CPU). Inexact: the edit noise lags the guidance
+      update by one gradient step (``cfg * (eps_edit(x) - eps_edit(x - dx))`` in the CFG noise).
 
     Raises ``ValueError`` on construction for an unknown ``step_mode`` / ``branches`` or a bad ``resample``.
     """
@@ -75,6 +82,7 @@ class SamplerSettings:
     resample: int = 1
     keep_reference: bool = False
     reference: str = "inverted"
+    reuse_guidance_eps: bool = False
 
     def __post_init__(self) -> None:
         if self.step_mode not in STEP_MODES:
@@ -85,6 +93,8 @@ class SamplerSettings:
             raise ValueError(f"reference must be one of {REFERENCES}, got {self.reference!r}")
         if not isinstance(self.resample, int) or isinstance(self.resample, bool) or self.resample < 1:
             raise ValueError(f"resample must be an integer >= 1, got {self.resample!r}")
+        if self.reuse_guidance_eps and self.branches != "edit":
+            raise ValueError(f"reuse_guidance_eps needs branches 'edit' (one guided forward), got {self.branches!r}")
 
 
 @dataclass
@@ -200,17 +210,16 @@ def guided_ddim_sample(
     last_active = max((i for i in range(n) for t, r in zip(terms, reqs) if r and t.active(i, n)), default=-1)
     ref_until = n if settings.keep_reference else last_active + 1
     x_ref = x.clone() if ref_until > 0 and mode == "resampled" else None
-    if (
-        record is not None
-        and merged
-        and not (merged.probs <= record.request.probs and merged.features <= record.request.features)
-    ):
-        notes.append("the inversion's record lacks some guided layers: the reference forward runs at every step")
+    gap = record_gap(record, terms, layers) if record is not None and merged else ""
+    if gap:
+        notes.append(f"{gap}: the reference forward runs at every step")
         logger.warning("reference record: %s", notes[-1])
+        record = None
     skipped: list[int] = []
     losses: list[dict[str, float]] = []
     state: dict = {}  # per-run scratch space of the terms (StepContext.state)
     noise_gen = torch.Generator().manual_seed(int(settings.seed) + 1) if settings.resample > 1 else None
+    memo = _GuidanceEps(denoiser, edit_cond) if settings.reuse_guidance_eps else None
 
     with denoiser.autograd_session():
         for i in range(n):
@@ -251,7 +260,8 @@ def guided_ddim_sample(
                     x = renoise(x, s_next, s, noise_gen, denoiser.prediction_type)
                 copies: tuple[Tensor, ...] = (x,)
                 if active:
-                    step = GuidedStep(denoiser, i, n, s, s_next, active, ref_preds, neg, edit_cond, gen, state)
+                    den = memo if memo is not None else denoiser
+                    step = GuidedStep(den, i, n, s, s_next, active, ref_preds, neg, edit_cond, gen, state)
                     outcome = _guidance_step(x, step, settings)
                     losses.append(outcome.losses)
                     if outcome.finite:
@@ -261,7 +271,11 @@ def guided_ddim_sample(
                         skipped.append(i)
 
                 with torch.no_grad():
-                    if len(copies) == 1:
+                    eps_edit = memo.take() if memo is not None else None
+                    if eps_edit is not None:  # reuse_guidance_eps: the edit's noise from the guidance forward
+                        (p_neg,) = denoiser.predict(copies[0], s, [neg])
+                        p_edit = p_neg._replace(eps=eps_edit)
+                    elif len(copies) == 1:
                         p_neg, p_edit = denoiser.predict(copies[0], s, [neg, edit_cond])
                     else:  # pix2pix-zero: the negative's noise from copy 0, the edit's from copy 1
                         (p_neg,) = denoiser.predict(copies[0], s, [neg])
@@ -291,6 +305,28 @@ def guided_ddim_sample(
         replayed=replay_steps,
         notes=notes,
     )
+
+
+class _GuidanceEps:
+    """The denoiser as the guidance step sees it with ``reuse_guidance_eps``: keeps, detached, the eps of the
+    last grad-enabled forward under the edit conditioning alone (the "edit" branches' guidance forward)."""
+
+    def __init__(self, denoiser: Denoiser, edit_cond: Any) -> None:
+        self.denoiser, self.edit_cond, self.eps = denoiser, edit_cond, None
+
+    def __getattr__(self, name: str):
+        return getattr(self.denoiser, name)
+
+    def predict(self, x: Tensor, sigma: Tensor, conds: Sequence[Any], capture: CaptureRequest | None = None):
+        preds = self.denoiser.predict(x, sigma, conds, capture)
+        if torch.is_grad_enabled() and len(conds) == 1 and conds[0] is self.edit_cond:
+            self.eps = preds[0].eps.detach()
+        return preds
+
+    def take(self) -> Tensor | None:
+        """The kept eps (None if no guidance forward ran since the last call)."""
+        eps, self.eps = self.eps, None
+        return eps
 
 
 def _reference_source(
