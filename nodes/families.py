@@ -130,6 +130,8 @@ def prediction_type(model_sampling) -> str:
     """ "eps" or "v" for a discrete-schedule model_sampling object; raises ``UnsupportedModelError`` otherwise."""
     import comfy.model_sampling as ms
 
+    if isinstance(model_sampling, ms.CONST):  # flow matching (SD3, Flux): x_t = (1 - t) x0 + t eps
+        return "flow"
     name = type(model_sampling).__name__
     if not isinstance(model_sampling, ms.ModelSamplingDiscrete):
         raise _unsupported(f"sampled with {name} (ZeroCon needs a discrete DDPM noise schedule)")
