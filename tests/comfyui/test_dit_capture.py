@@ -44,6 +44,15 @@ def flux_dev(seed=4):
     return _sharp(tm.flux_dev(seed))
 
 
+def sd3(seed=5, depth=2):
+    """tiny_models.sd3 with its ``pos_embed`` buffer filled (it is left uninitialised: NaNs now and then)."""
+    model = tm.sd3(seed, depth)
+    with torch.inference_mode():
+        pe = model.model.diffusion_model.pos_embed
+        pe.copy_(0.1 * torch.randn(pe.shape, generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
 def _sigmas(model, steps=3):
     with torch.inference_mode():
         return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).float()
@@ -98,7 +107,7 @@ def test_layer_tables_and_defaults(zc):
     assert guidance.CrossAttentionGuidance().request(layers).probs == {"double.0.img2txt"}
     assert guidance.PatchNCEGuidance().request(layers).features == {"single.0.img"}
     assert guidance.CrossAttentionGuidance(layers="single:0").request(layers).probs == {"single.0.img2txt"}
-    layers, kind, _ = _inside_sampler(tm.sd3(depth=3), {"positive": tm.flow_conditioning(1)}, body)
+    layers, kind, _ = _inside_sampler(sd3(depth=3), {"positive": tm.flow_conditioning(1)}, body)
     assert kind == "mmdit" and [i.name for i in layers if i.kind == "cross"] == [f"joint.{i}.img2txt" for i in range(3)]
     assert guidance.CrossAttentionGuidance(layers="auto").request(layers).probs == {
         "joint.1.img2txt",
@@ -166,7 +175,9 @@ def _flux_qk(block, args, single: bool):
 def _recording_patch(store, key):
     def patch(args, extra):
         store[key] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-        return extra["original_block"](args)
+        out = extra["original_block"](args)
+        store[key]["out"] = out["img"].detach().clone()
+        return out
 
     return patch
 
@@ -183,7 +194,7 @@ def test_flux_probabilities_equal_a_float64_recomputation_with_rope(zc):
 
     def body(guider, x, sigmas, extra_args):
         den = _den(zc, guider, extra_args)
-        req = CR(probs=frozenset({"double.0.img2txt", "single.0.img2txt"}))
+        req = CR(probs=frozenset({"double.0.img2txt", "single.0.img2txt"}), features=_all(den.layers(), "self"))
         return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
 
     pred = _inside_sampler(model, {"positive": tm.flow_conditioning(2, tokens=tokens, guidance=3.5)}, body)
@@ -205,6 +216,11 @@ def test_flux_probabilities_equal_a_float64_recomputation_with_rope(zc):
         share = got.sum(-1)
         assert (share < 1).all() and (share > 0).all()
         torch.testing.assert_close(share.double(), p[:, :, tokens:, :tokens].sum(-1), rtol=1e-4, atol=1e-6)
+        # the block's image-token output on the patch grid (a single block's output also holds the text tokens)
+        img = seen[name]["out"][:, tokens:] if single else seen[name]["out"]
+        expect = img.transpose(1, 2).reshape(1, -1, grid, grid)
+        assert torch.equal(pred.features[f"{name}.0.img"], expect)
+        assert torch.equal(pred.features[f"{name}.0.img"][0, :, 2, 5], img[0, 2 * grid + 5])
 
 
 def _sd3_qk(block, args):
@@ -220,7 +236,7 @@ def _sd3_qk(block, args):
 
 
 def test_sd3_probabilities_equal_a_float64_recomputation(zc):
-    model = tm.sd3(depth=2).clone()
+    model = sd3(depth=2).clone()
     seen = {}
     model.set_model_patch_replace(_recording_patch(seen, 1), "dit", "double_block", 1)
     tokens = 10
@@ -287,7 +303,7 @@ def test_bad_chunk_sizes():
 # -- through the model -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("build", [flux, tm.sd3], ids=["flux", "sd3"])
+@pytest.mark.parametrize("build", [flux, sd3], ids=["flux", "sd3"])
 def test_chunked_equals_unchunked_and_rows_split_per_conditioning(zc, build):
     """Tiny chunks give the full-chunk maps; a batched pair of conds gives each cond its own maps/features."""
 
@@ -317,7 +333,7 @@ def test_chunked_equals_unchunked_and_rows_split_per_conditioning(zc, build):
         torch.testing.assert_close(whole[1].features[name], alone[0].features[name], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("build", [flux, tm.sd3], ids=["flux", "sd3"])
+@pytest.mark.parametrize("build", [flux, sd3], ids=["flux", "sd3"])
 def test_gradient_agrees_with_finite_differences(zc, build):
     """d/dx of a fixed linear read-out of the maps and features, along a random direction, vs a central difference."""
 
@@ -379,7 +395,7 @@ def _one_step(zc, build, term):
     return _inside_sampler(build(), conds, body)
 
 
-@pytest.mark.parametrize("build", [flux, flux_dev, tm.sd3], ids=["flux", "flux-dev", "sd3"])
+@pytest.mark.parametrize("build", [flux, flux_dev, sd3], ids=["flux", "flux-dev", "sd3"])
 @pytest.mark.parametrize(
     "term",
     [guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=16)],
@@ -456,7 +472,7 @@ class _Watching(guidance.CrossAttentionGuidance):
         return super().loss(ctx, request)
 
 
-@pytest.mark.parametrize("build", [flux_dev, tm.sd3], ids=["flux-dev", "sd3"])
+@pytest.mark.parametrize("build", [flux_dev, sd3], ids=["flux-dev", "sd3"])
 def test_guided_and_interrupted_runs_leave_the_model_as_it_was(zc, build):
     model = build()
     pos, neg, lat = tm.flow_conditioning(10, guidance=3.5), tm.flow_conditioning(11, guidance=3.5), tm.flow_latent(12)
