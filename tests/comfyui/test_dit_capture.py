@@ -335,37 +335,41 @@ def test_chunked_equals_unchunked_and_rows_split_per_conditioning(zc, build):
 
 @pytest.mark.parametrize("build", [flux, sd3], ids=["flux", "sd3"])
 def test_gradient_agrees_with_finite_differences(zc, build):
-    """d/dx of a fixed linear read-out of the maps and features, along a random direction, vs a central difference."""
+    """d/dx of fixed linear read-outs of the maps, of the features and of eps, along a random direction, vs a
+    central difference (each read-out on its own, so an error in one path cannot hide behind another)."""
 
     def body(guider, x, sigmas, extra_args):
         den = _den(zc, guider, extra_args)
         layers = den.layers()
         req = CR(probs=_all(layers, "cross"), features=_all(layers, "self"))
-        s = sigmas[1].clone()
         cond = [guider.conds["positive"]]
         gen = torch.Generator().manual_seed(9)
         with torch.inference_mode(False):
-            x = x.clone()
+            x, s = x.clone(), sigmas[1].clone()
             with torch.no_grad():
                 (p,) = den.predict(x, s, cond, req)
             weights = {n: torch.randn(t.shape, generator=gen) for n, t in {**p.probs, **p.features}.items()}
-
-            def readout(pred):
-                return sum((t.float() * weights[n]).sum() for n, t in {**pred.probs, **pred.features}.items())
-
-            with den.autograd_session(), torch.enable_grad():
-                xg = x.clone().requires_grad_(True)
-                (g,) = torch.autograd.grad(readout(den.predict(xg, s, cond, req)[0]), xg)
+            readouts = {
+                "probs": lambda pred: sum((t.float() * weights[n]).sum() for n, t in pred.probs.items()),
+                "features": lambda pred: sum((t.float() * weights[n]).sum() for n, t in pred.features.items()),
+                "eps": lambda pred: pred.eps.square().sum(),
+            }
             direction = torch.randn(x.shape, generator=gen)
             eps = 1e-4  # the tiny random models are far from linear at 1e-2
-            with torch.no_grad():
-                up = readout(den.predict(x + eps * direction, s, cond, req)[0])
-                down = readout(den.predict(x - eps * direction, s, cond, req)[0])
-            return float((g * direction).sum()), float((up - down) / (2 * eps))
+            out = {}
+            for what, readout in readouts.items():
+                with den.autograd_session(), torch.enable_grad():
+                    xg = x.clone().requires_grad_(True)
+                    (g,) = torch.autograd.grad(readout(den.predict(xg, s, cond, req)[0]), xg)
+                with torch.no_grad():
+                    up = readout(den.predict(x + eps * direction, s, cond, req)[0])
+                    down = readout(den.predict(x - eps * direction, s, cond, req)[0])
+                out[what] = float((g * direction).sum()), float((up - down) / (2 * eps))
+            return out
 
-    analytic, numeric = _inside_sampler(build(), {"positive": tm.flow_conditioning(6)}, body)
-    assert analytic != 0
-    assert analytic == pytest.approx(numeric, rel=2e-2)
+    for what, (analytic, numeric) in _inside_sampler(build(), {"positive": tm.flow_conditioning(6)}, body).items():
+        assert analytic != 0, what
+        assert analytic == pytest.approx(numeric, rel=1e-2), what
 
 
 def _one_step(zc, build, term):
