@@ -37,7 +37,7 @@ TAG = "zerocon_dit_block"
 #: Key of our DIFFUSION_MODEL wrapper.
 WRAPPER_KEY = "zerocon_dit_capture"
 #: Default chunk sizes: queries x keys per chunk (per batch row and head).
-QUERY_CHUNK = 1024
+QUERY_CHUNK = 256
 KEY_CHUNK = 1024
 
 
@@ -120,10 +120,15 @@ def capture_bytes(batch: int, heads: int, image_tokens: int, text_tokens: int, t
 
 
 def _scores(q: Tensor, k: Tensor, scale: float, mask: Tensor | None, rows: slice, cols: slice) -> Tensor:
-    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    """float32 ``q k^T * scale (+ mask)`` for one chunk, built in place (one chunk-sized tensor)."""
+    s = q.float() @ k.float().transpose(-1, -2)
+    s.mul_(scale)
     if mask is not None:
         m = mask[..., rows, cols]
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.float()
+        if m.dtype == torch.bool:
+            s.masked_fill_(~m, float("-inf"))
+        else:
+            s.add_(m.float())
     return s
 
 
@@ -155,11 +160,11 @@ class TextProbabilities(torch.autograd.Function):
                 s = _scores(qr, k[:, :, cols], scale, mask, rows, cols)
                 m = torch.maximum(m, s.amax(-1))
                 new_shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-                acc = acc * (shift - new_shift).exp() + (s - new_shift.unsqueeze(-1)).exp().sum(-1)
+                acc = acc * (shift - new_shift).exp() + s.sub_(new_shift.unsqueeze(-1)).exp_().sum(-1)
                 shift = new_shift
             lse[:, :, rows] = acc.log() + shift
             s = _scores(qr, k[:, :, text], scale, mask, rows, text)
-            out[:, :, rows] = (s - lse[:, :, rows].unsqueeze(-1)).exp()
+            out[:, :, rows] = s.sub_(lse[:, :, rows].unsqueeze(-1)).exp_()
         ctx.save_for_backward(q, k, lse, out, mask if mask is not None else torch.empty(0))
         ctx.has_mask = mask is not None
         ctx.text, ctx.scale, ctx.chunk = text, scale, chunk
@@ -182,12 +187,15 @@ class TextProbabilities(torch.autograd.Function):
             for c0 in range(0, big_l, chunk.keys):
                 cols = slice(c0, min(big_l, c0 + chunk.keys))
                 kc = k[:, :, cols].float()
-                p = (_scores(qr, kc, scale, mask, rows, cols) - lse[:, :, rows].unsqueeze(-1)).exp()
-                g = -c[:, :, rows].unsqueeze(-1).expand_as(p).clone()
+                p = _scores(qr, kc, scale, mask, rows, cols).sub_(lse[:, :, rows].unsqueeze(-1)).exp_()
                 lo, hi = max(cols.start, text.start), min(cols.stop, text.stop)
+                text_part = None
                 if lo < hi:
-                    g[..., lo - c0 : hi - c0] += grad[:, :, rows, lo - text.start : hi - text.start]
-                ds = p * g * scale
+                    text_part = p[..., lo - c0 : hi - c0] * grad[:, :, rows, lo - text.start : hi - text.start]
+                ds = p.mul_(-c[:, :, rows].unsqueeze(-1))  # in place: ds = scale * p * (g - c)
+                if text_part is not None:
+                    ds[..., lo - c0 : hi - c0] += text_part
+                ds.mul_(scale)
                 if dq is not None:
                     dq[:, :, rows] += ds @ kc
                 if dk is not None:

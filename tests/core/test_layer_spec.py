@@ -12,7 +12,10 @@ def _dit(stacks: dict[str, int]) -> list[LayerInfo]:
     out = []
     for block, n in stacks.items():
         for i in range(n):
-            out += [LayerInfo(f"{block}.{i}.img2txt", "cross", block, i), LayerInfo(f"{block}.{i}.img", "self", block, i)]
+            out += [
+                LayerInfo(f"{block}.{i}.img2txt", "cross", block, i),
+                LayerInfo(f"{block}.{i}.img", "self", block, i),
+            ]
     return out
 
 
@@ -67,7 +70,9 @@ def test_unet_behaviour_unchanged_and_auto():
         "output.3.0.attn2",
     ]
     assert select_layers(UNET, "self", *parse_layer_spec("up")) == ["output.3.0.attn1"]
-    assert select_layers(UNET, "cross", *parse_layer_spec("auto")) == select_layers(UNET, "cross", ("down", "mid", "up"))
+    assert select_layers(UNET, "cross", *parse_layer_spec("auto")) == select_layers(
+        UNET, "cross", ("down", "mid", "up")
+    )
     assert select_layers(UNET, "self", *parse_layer_spec("auto")) == ["output.3.0.attn1"]
 
 
