@@ -101,19 +101,37 @@ def patch_grid(diffusion_model, latent_shape) -> tuple[int, int]:
     return math.ceil(int(latent_shape[-2]) / ph), math.ceil(int(latent_shape[-1]) / pw)
 
 
-def capture_bytes(batch: int, heads: int, image_tokens: int, text_tokens: int, total_tokens: int, chunk=None) -> int:
-    """Peak extra memory (bytes) of one guided block's probability capture, forward or backward.
+def capture_bytes(
+    batch: int,
+    heads: int,
+    image_tokens: int,
+    text_tokens: int,
+    total_tokens: int,
+    chunk: Chunking | None = None,
+    *,
+    backward: bool = False,
+    head_dim: int = 128,
+) -> int:
+    """Peak extra memory (bytes) of one guided block's probability capture (``TextProbabilities``).
 
-    Output ``B*heads*N*T`` float32 probabilities, per-row normalisers ``B*heads*N`` float32, and the chunk
-    workspace: scores and their exponentials for one ``queries x keys`` chunk (``2 * B*heads*cq*ck``), plus
-    in backward the float32 gradients of q (image rows) and k (all keys) (``B*heads*(N+L)*d`` is the
-    caller's q/k size; not counted here: the model holds q and k anyway). Does not count the gradient of
-    the output, which the loss makes (another ``B*heads*N*T`` in backward).
+    With ``bh = batch * heads``, N image, T text, L total tokens, a ``cq x ck`` chunk, d the head size,
+    all float32:
+
+    - forward: the output ``bh*N*T`` + row normalisers ``bh*N`` + one score chunk ``bh*cq*max(ck, T)``;
+    - backward (besides the incoming gradient, which the loss makes): dq ``bh*N*d``, dk ``bh*L*d`` and
+      autograd's scatter of dq into the whole q ``bh*L*d``, the row terms ``bh*N``, and the working chunks
+      ``bh*cq*(2*ck + T)``.
+
+    A dense softmax over all keys would hold ``bh*L*L`` for the scores alone.
     """
     chunk = chunk or Chunking()
     cq, ck = min(chunk.queries, image_tokens), min(chunk.keys, total_tokens)
     bh = batch * heads
-    return 4 * (bh * image_tokens * text_tokens + bh * image_tokens + 2 * bh * cq * ck)
+    if backward:
+        return 4 * (
+            bh * (image_tokens + 2 * total_tokens) * head_dim + bh * image_tokens + bh * cq * (2 * ck + text_tokens)
+        )
+    return 4 * (bh * image_tokens * text_tokens + bh * image_tokens + bh * cq * max(ck, text_tokens))
 
 
 # -- the probabilities ---------------------------------------------------------------------------------------
@@ -178,7 +196,10 @@ class TextProbabilities(torch.autograd.Function):
         n, big_l = q.shape[-2], k.shape[-2]
         grad = grad.float()
         # d loss / d s_ij = p_ij (g_ij [j text] - c_i), c_i = sum_t g_it p_it (the softmax's Jacobian over all keys)
-        c = (grad * out).sum(-1)
+        c = torch.empty(out.shape[:-1], dtype=torch.float32, device=out.device)
+        for r0 in range(0, n, chunk.queries):
+            rows = slice(r0, min(n, r0 + chunk.queries))
+            c[:, :, rows] = (grad[:, :, rows] * out[:, :, rows]).sum(-1)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if ctx.needs_input_grad[0] else None
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if ctx.needs_input_grad[1] else None
         for r0 in range(0, n, chunk.queries):
