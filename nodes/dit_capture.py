@@ -118,9 +118,10 @@ def capture_bytes(
     all float32:
 
     - forward: the output ``bh*N*T`` + row normalisers ``bh*N`` + one score chunk ``bh*cq*max(ck, T)``;
-    - backward (besides the incoming gradient, which the loss makes): dq ``bh*N*d``, dk ``bh*L*d`` and
-      autograd's scatter of dq into the whole q ``bh*L*d``, the row terms ``bh*N``, and the working chunks
-      ``bh*cq*(2*ck + T)``.
+    - backward (besides the incoming gradient, which the loss makes): dq ``bh*N*d`` and dk ``bh*L*d``, the
+      row terms ``bh*N``, and the working set: a probability chunk ``bh*cq*ck``, its text part
+      ``bh*cq*min(T, ck)`` and the chunk's dk product ``bh*ck*d``. (Autograd then scatters dq into the whole
+      q, ``bh*L*d``, after the chunks are gone.)
 
     A dense softmax over all keys would hold ``bh*L*L`` for the scores alone.
     """
@@ -128,9 +129,9 @@ def capture_bytes(
     cq, ck = min(chunk.queries, image_tokens), min(chunk.keys, total_tokens)
     bh = batch * heads
     if backward:
-        return 4 * (
-            bh * (image_tokens + 2 * total_tokens) * head_dim + bh * image_tokens + bh * cq * (2 * ck + text_tokens)
-        )
+        working = bh * cq * (ck + min(text_tokens, ck)) + bh * ck * head_dim
+        return 4 * (bh * (image_tokens + total_tokens) * head_dim + bh * image_tokens + working)
+
     return 4 * (bh * image_tokens * text_tokens + bh * image_tokens + bh * cq * max(ck, text_tokens))
 
 
@@ -180,9 +181,11 @@ class TextProbabilities(torch.autograd.Function):
                 new_shift = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
                 acc = acc * (shift - new_shift).exp() + s.sub_(new_shift.unsqueeze(-1)).exp_().sum(-1)
                 shift = new_shift
+                del s  # one chunk alive at a time
             lse[:, :, rows] = acc.log() + shift
-            s = _scores(qr, k[:, :, text], scale, mask, rows, text)
-            out[:, :, rows] = s.sub_(lse[:, :, rows].unsqueeze(-1)).exp_()
+            out[:, :, rows] = (
+                _scores(qr, k[:, :, text], scale, mask, rows, text).sub_(lse[:, :, rows].unsqueeze(-1)).exp_()
+            )
         ctx.save_for_backward(q, k, lse, out, mask if mask is not None else torch.empty(0))
         ctx.has_mask = mask is not None
         ctx.text, ctx.scale, ctx.chunk = text, scale, chunk
@@ -221,6 +224,7 @@ class TextProbabilities(torch.autograd.Function):
                     dq[:, :, rows] += ds @ kc
                 if dk is not None:
                     dk[:, :, cols] += ds.transpose(-1, -2) @ qr
+                del p, ds, text_part  # one chunk alive at a time
         return (
             dq.to(q.dtype) if dq is not None else None,
             dk.to(k.dtype) if dk is not None else None,
