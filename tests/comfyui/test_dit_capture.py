@@ -514,3 +514,13 @@ def test_guided_and_interrupted_runs_leave_the_model_as_it_was(zc, build):
     assert after_flags == flags and all(t.is_inference() for t in after.values())
     assert after_options == options
     assert torch.equal(_stock(model, pos, neg, lat), reference)
+
+
+def test_unknown_layer_is_refused(zc):
+    def body(guider, x, sigmas, extra_args):
+        den = _den(zc, guider, extra_args)
+        with pytest.raises(ValueError, match=r"unknown attention layers \['output.3.0.attn2'\]"):
+            den.predict(x, sigmas[0], [guider.conds["positive"]], CR(probs=frozenset({"output.3.0.attn2"})))
+        return True
+
+    assert _inside_sampler(flux(), {"positive": tm.flow_conditioning(14)}, body)
