@@ -303,6 +303,15 @@ def test_bad_chunk_sizes():
 # -- through the model -----------------------------------------------------------------------------------------
 
 
+def _structure(value):
+    """Nested dicts' keys, with the identity of every other value."""
+    if isinstance(value, dict):
+        return {k: _structure(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_structure(v) for v in value]
+    return id(value)
+
+
 @pytest.mark.parametrize("build", [flux, sd3], ids=["flux", "sd3"])
 def test_chunked_equals_unchunked_and_rows_split_per_conditioning(zc, build):
     """Tiny chunks give the full-chunk maps; a batched pair of conds gives each cond its own maps/features."""
@@ -312,11 +321,16 @@ def test_chunked_equals_unchunked_and_rows_split_per_conditioning(zc, build):
         layers = den.layers()
         req = CR(probs=_all(layers, "cross"), features=_all(layers, "self"))
         conds = [guider.conds["positive"], guider.conds["negative"]]
+        options = extra_args["model_options"]
+        before = _structure(options)
         plain = den.predict(x, sigmas[0], conds)
         whole = den.predict(x, sigmas[0], conds, req)
         den.chunking = dc.Chunking(5, 7)
         small = den.predict(x, sigmas[0], conds, req)
         alone = den.predict(x, sigmas[0], conds[1:], req)
+        with den.autograd_session(), torch.enable_grad():  # a grad pass installs the Flux block patches too
+            den.predict(x.clone().requires_grad_(True), sigmas[0].clone(), conds[:1], req)
+        assert _structure(options) == before  # patches go on per-call copies only
         return plain, whole, small, alone
 
     conds = {"positive": tm.flow_conditioning(4, tokens=9), "negative": tm.flow_conditioning(5, tokens=9)}
