@@ -321,7 +321,8 @@ class _BlockPatch:
             start = image.start if self.block == "single" else 0  # double / joint: the image stream alone
             tokens = img[:, start : start + self.state.grid_tokens]
             b, _, c = tokens.shape
-            feat = tokens.transpose(1, 2).reshape(b, c, *self.state.grid)
+            # a copy: the next blocks add to this output in place (Flux single blocks, ControlNet)
+            feat = tokens.transpose(1, 2).reshape(b, c, *self.state.grid).contiguous()
             self.state.recorder.add_features(self.features_name, feat, to)
         return out
 
@@ -368,8 +369,8 @@ def _capture_override(state: _CallState, previous):
             q, k, heads = args[0], args[1], int(args[3]) if len(args) > 3 else int(kwargs["heads"])
             if not kwargs.get("skip_reshape", False):
                 b, length, inner = q.shape
-                q = q.view(b, length, heads, inner // heads).transpose(1, 2)
-                k = k.view(b, k.shape[1], heads, inner // heads).transpose(1, 2)
+                q = q.reshape(b, length, heads, inner // heads).transpose(1, 2)
+                k = k.reshape(b, k.shape[1], heads, inner // heads).transpose(1, 2)
             if k.shape[-2] == block.total:  # the joint attention (SD3.5's extra image-only attention is not)
                 block.done = True
                 probs = text_probabilities(q, k, block.image, block.text, kwargs.get("mask"), state.chunk)

@@ -185,7 +185,11 @@ def _recording_patch(store, key):
 def test_flux_probabilities_equal_a_float64_recomputation_with_rope(zc):
     """Captured double- and single-block maps = softmax over all keys of (RoPE q)(RoPE k)^T, recomputed in
     float64 from the blocks' weights and the token positions; image rows x text columns; rows sum < 1."""
-    model = flux_dev().clone()
+    import comfy.supported_models
+
+    # Flux-dev-like with two single blocks: the second adds to the first one's output in place
+    config = comfy.supported_models.Flux({**tm._flux_config(True), "depth_single_blocks": 2})
+    model = _sharp(tm._dit_patcher(config, 4)).clone()
     seen = {}
     model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
     model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
