@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                 {
                     "step": ctx.step,
                     "sigma": float(ctx.sigma),
-                    "loss_xa": float(l_xa),
-                    "loss_nce": float(l_nce),
+                    "loss_xa": float(l_xa.detach()),
+                    "loss_nce": float(l_nce.detach()),
                     "rms_grad_xa": rms[0],
                     "rms_grad_nce": rms[1],
                 }
