@@ -7,18 +7,20 @@ builds it), 512 px (a 64 x 64 latent, 32 x 32 = 1024 image tokens).
 
     COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_dit.py                 # 512 px, cfg 1, 2 threads
     COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_dit.py --cfg 3.5 --double 2 --single 2
+    COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_dit.py --cfg 3.5 --reference inverted  # replayed reference
 
 Measured (wall and process CPU time, one process, the same model and latent):
 
 - stock: one ``euler`` step of ComfyUI's KSampler (median of the steps after the first);
 - guided: one step of the engine's ``guided_ddim_sample`` through ``ComfyDenoiser`` with the default
-  CrossAttentionGuidance + PatchNCEGuidance (layers "auto"), the reference branch run live ("resampled"),
-  split into its forwards (reference capture, guided forward + backward, the step's CFG pair);
+  CrossAttentionGuidance + PatchNCEGuidance (layers "auto"), split into its forwards (reference capture,
+  guided forward (+ backward, not in the list), the step's CFG pair); ``--reference resampled``: the
+  reference branch run live; ``inverted``: replayed from a 2-step inversion's record (the second step);
 - capture memory of one guided block: the ``TextProbabilities`` forward and backward on that block's q / k
   shapes, peak bytes allocated (PyTorch profiler memory events, CPU) at this size, next to the formula
   ``dit_capture.capture_bytes`` at this size and at 1024 px, and next to a dense softmax over all keys.
 
-Writes bench/out/bench_dit_<size>.json.
+Writes bench/out/bench_dit_<size>_<reference>.json.
 """
 
 from __future__ import annotations
@@ -191,6 +193,13 @@ def main(argv=None) -> int:
     ap.add_argument("--double", type=int, default=1, help="double-stream blocks")
     ap.add_argument("--single", type=int, default=1, help="single-stream blocks")
     ap.add_argument("--cfg", type=float, default=1.0, help="CFG of both samplers (Flux-dev: 1, distilled guidance)")
+    ap.add_argument(
+        "--reference",
+        choices=["resampled", "inverted"],
+        default="resampled",
+        help="resampled: one step with the live reference branch; inverted: a 2-step inversion records the "
+        "captures and the second guided step (replayed reference) is timed",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "bench" / "out"))
     args = ap.parse_args(argv)
@@ -215,8 +224,11 @@ def main(argv=None) -> int:
     den_mod = pack_module("nodes.comfy_denoiser")
     guidance = pack_module("zerocon_core.guidance")
     sampler = pack_module("zerocon_core.sampler")
+    inversion = pack_module("zerocon_core.inversion")
+    replay = pack_module("zerocon_core.replay")
 
     res: dict = {"size": args.size, "double": args.double, "single": args.single, "cfg": args.cfg}
+    res["reference"] = args.reference
     res["threads"] = args.threads
     start = Clock.now()
     model = build_model(args.double, args.single, 0)
@@ -251,29 +263,42 @@ def main(argv=None) -> int:
         guider = model_k.inner_model
         den = TimedDenoiser(den_mod.ComfyDenoiser(guider.inner_model, extra_args["model_options"]))
         found["layers"] = sorted(terms[0].request(den.layers()).probs | terms[1].request(den.layers()).features)
-        settings = sampler.SamplerSettings(cfg=args.cfg, step_mode="normalized", reference="resampled")
+        settings = sampler.SamplerSettings(cfg=args.cfg, step_mode="normalized", reference=args.reference)
+        src, edit = guider.conds["positive"], guider.conds["negative"]
         with torch.inference_mode(False):
-            for _ in range(2):  # the first run warms up (allocator, autograd); the second is timed
+            if args.reference == "inverted":  # invert 2 steps with a record, sample 2 steps; time the 2nd
+                inv = inversion.ddim_invert(
+                    den, x.clone(), sigmas.flip(0).clone(), src, record=replay.RecordSettings(guidance=terms)
+                )
+                stamps = []
                 den.calls.clear()
                 t0 = Clock.now()
                 with Peak(False) as pk:
                     sampler.guided_ddim_sample(
-                        den,
-                        x.clone(),
-                        sigmas[:2].clone(),
-                        source_cond=guider.conds["positive"],
-                        edit_cond=guider.conds["negative"],
-                        guidance=terms,
-                        settings=settings,
-                    )
-                found["total"] = Clock.since(t0)
-        found["calls"] = list(den.calls)
+                        den, inv.latent, sigmas.clone(), source_cond=src, edit_cond=edit, guidance=terms,
+                        settings=settings, inversion=inv,
+                        callback=lambda *a: stamps.append((*Clock.now(), len(den.calls))),
+                    )  # fmt: skip
+                found["total"] = (stamps[1][0] - stamps[0][0], stamps[1][1] - stamps[0][1])
+                found["calls"] = den.calls[stamps[0][2] : stamps[1][2]]  # the second step's calls
+            else:
+                for _ in range(2):  # the first run warms up (allocator, autograd); the second is timed
+                    den.calls.clear()
+                    t0 = Clock.now()
+                    with Peak(False) as pk:
+                        sampler.guided_ddim_sample(
+                            den, x.clone(), sigmas[:2].clone(), source_cond=src, edit_cond=edit, guidance=terms,
+                            settings=settings,
+                        )  # fmt: skip
+                    found["total"] = Clock.since(t0)
+                found["calls"] = list(den.calls)
         found["peak"] = pk.added
         return x
 
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": source, "negative": edited})
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 28)[10:12]
+    levels = 3 if args.reference == "inverted" else 2
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 28)[10 : 10 + levels]
     with torch.inference_mode():
         guider.sample(torch.randn(latent["samples"].shape, generator=gen), latent["samples"],
                       comfy.samplers.KSAMPLER(function), sigmas)  # fmt: skip
@@ -298,12 +323,13 @@ def main(argv=None) -> int:
     }
 
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"bench_dit_{args.size}.json"
+    path = Path(args.out) / f"bench_dit_{args.size}_{args.reference}.json"
     path.write_text(json.dumps(res, indent=2))
     cm, c1024 = res["capture_memory"], res["capture_memory_1024_formula_mb"]
     lines = [
         f"Flux-shaped DiT ({args.double} double + {args.single} single blocks, width {HIDDEN}, {HEADS} heads), "
-        f"{args.size}px, CPU, {args.threads} threads, cfg {args.cfg}; guided layers {res['guided_layers']}",
+        f"{args.size}px, CPU, {args.threads} threads, cfg {args.cfg}, reference {args.reference}; "
+        f"guided layers {res['guided_layers']}",
         f"stock euler step:  {res['stock_step_wall_s']:.2f} s wall, {res['stock_step_cpu_s']:.2f} s CPU",
         f"guided step:       {res['guided_step_wall_s']:.2f} s wall, {res['guided_step_cpu_s']:.2f} s CPU",
     ]
