@@ -138,16 +138,21 @@ def capture_bytes(
 # -- the probabilities ---------------------------------------------------------------------------------------
 
 
+def _work(t: Tensor) -> Tensor:
+    """float32, or float64 for float64 inputs (so the math can be checked in double precision)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _scores(q: Tensor, k: Tensor, scale: float, mask: Tensor | None, rows: slice, cols: slice) -> Tensor:
-    """float32 ``q k^T * scale (+ mask)`` for one chunk, built in place (one chunk-sized tensor)."""
-    s = q.float() @ k.float().transpose(-1, -2)
+    """``q k^T * scale (+ mask)`` for one chunk in the working dtype, built in place (one chunk-sized tensor)."""
+    s = _work(q) @ _work(k).transpose(-1, -2)
     s.mul_(scale)
     if mask is not None:
         m = mask[..., rows, cols]
         if m.dtype == torch.bool:
             s.masked_fill_(~m, float("-inf"))
         else:
-            s.add_(m.float())
+            s.add_(m.to(s.dtype))
     return s
 
 
@@ -156,7 +161,7 @@ class TextProbabilities(torch.autograd.Function):
 
     ``q``: (B, H, N, d) image-token queries; ``k``: (B, H, L, d) all keys; ``mask``: None, or a boolean /
     additive mask broadcastable to (B, H, N, L) (already sliced to the image rows); ``text``: a slice of
-    key columns. Returns (B, H, N, T) float32. Chunked over queries and keys (``chunk``); backward recomputes
+    key columns. Returns (B, H, N, T) float32 (float64 for float64 inputs). Chunked over queries and keys (``chunk``); backward recomputes
     the chunks from q, k and the saved per-row log-sum-exp (``FlashAttention``-style), so memory stays at
     the output plus one chunk. Gradients flow to q and k (not to the mask).
     """
@@ -165,15 +170,16 @@ class TextProbabilities(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, mask: Tensor | None, text: slice, scale: float, chunk: Chunking):
         b, h, n, _ = q.shape
         big_l = k.shape[-2]
-        out = q.new_empty((b, h, n, text.stop - text.start), dtype=torch.float32)
-        lse = q.new_empty((b, h, n), dtype=torch.float32)
+        wd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        out = q.new_empty((b, h, n, text.stop - text.start), dtype=wd)
+        lse = q.new_empty((b, h, n), dtype=wd)
         for r0 in range(0, n, chunk.queries):
             rows = slice(r0, min(n, r0 + chunk.queries))
             qr = q[:, :, rows]
             shape = (b, h, rows.stop - rows.start)
-            m = torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
-            shift = torch.zeros(shape, dtype=torch.float32, device=q.device)  # finite running max (online LSE)
-            acc = torch.zeros(shape, dtype=torch.float32, device=q.device)
+            m = torch.full(shape, float("-inf"), dtype=wd, device=q.device)
+            shift = torch.zeros(shape, dtype=wd, device=q.device)  # finite running max (online LSE)
+            acc = torch.zeros(shape, dtype=wd, device=q.device)
             for c0 in range(0, big_l, chunk.keys):
                 cols = slice(c0, min(big_l, c0 + chunk.keys))
                 s = _scores(qr, k[:, :, cols], scale, mask, rows, cols)
@@ -197,20 +203,20 @@ class TextProbabilities(torch.autograd.Function):
         mask = mask if ctx.has_mask else None
         text, scale, chunk = ctx.text, ctx.scale, ctx.chunk
         n, big_l = q.shape[-2], k.shape[-2]
-        grad = grad.float()
+        grad = grad.to(out.dtype)
         # d loss / d s_ij = p_ij (g_ij [j text] - c_i), c_i = sum_t g_it p_it (the softmax's Jacobian over all keys)
-        c = torch.empty(out.shape[:-1], dtype=torch.float32, device=out.device)
+        c = torch.empty(out.shape[:-1], dtype=out.dtype, device=out.device)
         for r0 in range(0, n, chunk.queries):
             rows = slice(r0, min(n, r0 + chunk.queries))
             c[:, :, rows] = (grad[:, :, rows] * out[:, :, rows]).sum(-1)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if ctx.needs_input_grad[0] else None
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device) if ctx.needs_input_grad[1] else None
+        dq = torch.zeros(q.shape, dtype=out.dtype, device=q.device) if ctx.needs_input_grad[0] else None
+        dk = torch.zeros(k.shape, dtype=out.dtype, device=k.device) if ctx.needs_input_grad[1] else None
         for r0 in range(0, n, chunk.queries):
             rows = slice(r0, min(n, r0 + chunk.queries))
-            qr = q[:, :, rows].float()
+            qr = _work(q[:, :, rows])
             for c0 in range(0, big_l, chunk.keys):
                 cols = slice(c0, min(big_l, c0 + chunk.keys))
-                kc = k[:, :, cols].float()
+                kc = _work(k[:, :, cols])
                 p = _scores(qr, kc, scale, mask, rows, cols).sub_(lse[:, :, rows].unsqueeze(-1)).exp_()
                 lo, hi = max(cols.start, text.start), min(cols.stop, text.stop)
                 text_part = None

@@ -267,7 +267,8 @@ def _dense(q, k, image, text, mask=None):
 
 @pytest.mark.parametrize("chunk", [(3, 4), (5, 1000), (1000, 7)], ids=["both", "queries", "keys"])
 def test_text_probabilities_chunks_mask_and_gradcheck(chunk):
-    """Chunked forward = dense softmax (float64, with an additive mask); gradients pass gradcheck."""
+    """Chunked forward = dense softmax (float64, with an additive mask); gradients pass gradcheck (float64)
+    and match the dense float64 gradient from float32 inputs."""
     gen = torch.Generator().manual_seed(0)
     b, heads, length, d = 2, 2, 17, 4
     q = torch.randn(b, heads, length, d, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -276,17 +277,21 @@ def test_text_probabilities_chunks_mask_and_gradcheck(chunk):
     image, text = slice(6, 15), slice(2, 6)
     ch = dc.Chunking(*chunk)
     got = dc.text_probabilities(q, k, image, text, mask, ch)
-    torch.testing.assert_close(got.double(), _dense(q, k, image, text, mask), rtol=1e-5, atol=1e-7)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _dense(q, k, image, text, mask), rtol=1e-10, atol=1e-12)
 
-    def f64(q, k):  # the function's float32 arithmetic is exact enough for the forward; gradcheck in float64
-        return dc.TextProbabilities.apply(q[:, :, image], k, mask[image], text, d**-0.5, ch)
-
-    # float32 inside: compare the analytic gradient with the dense float64 one instead of numerical jacobians
+    torch.autograd.gradcheck(
+        lambda q, k: dc.TextProbabilities.apply(q[:, :, image], k, mask[image], text, d**-0.5, ch), (q, k)
+    )
+    # float32 (the model's case): the analytic gradient against the dense float64 one
     w = torch.randn(got.shape, generator=gen, dtype=torch.float64)
-    ga = torch.autograd.grad((f64(q, k).double() * w).sum(), (q, k))
+    q32, k32 = (t.detach().float().requires_grad_(True) for t in (q, k))
+    ga = torch.autograd.grad(
+        (dc.text_probabilities(q32, k32, image, text, mask.float(), ch).double() * w).sum(), (q32, k32)
+    )
     gd = torch.autograd.grad((_dense(q, k, image, text, mask) * w).sum(), (q, k))
     for a, e in zip(ga, gd):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5)
 
 
 def test_text_probabilities_boolean_mask():
