@@ -44,6 +44,22 @@ def flux_dev(seed=4):
     return _sharp(tm.flux_dev(seed))
 
 
+_SD3_CONFIG = {
+    "in_channels": 16,
+    "pos_embed_scaling_factor": None,
+    "patch_size": 2,
+    "depth": 2,
+    "num_patches": 64 * 64,
+    "pos_embed_max_size": 64,
+    "adm_in_channels": tm.POOLED_DIM,
+    "context_embedder_config": {
+        "target": "torch.nn.Linear",
+        "params": {"in_features": tm.CONTEXT_DIM, "out_features": 128},
+    },
+    "dtype": torch.float32,
+}
+
+
 def sd3(seed=5, depth=2):
     """tiny_models.sd3 with its ``pos_embed`` buffer filled (it is left uninitialised: NaNs now and then)."""
     model = tm.sd3(seed, depth)
@@ -233,26 +249,40 @@ def _sd3_qk(block, args):
     out = []
     for x, part in ((args["txt"].double(), block.context_block), (args["img"].double(), block.x_block)):
         mods = _lin(F.silu(c), part.adaLN_modulation[1])
-        shift, scale = mods.chunk(2 if part.pre_only else 6, -1)[:2]
+        shift, scale = mods.chunk(mods.shape[-1] // x.shape[-1], -1)[:2]  # 2, 6 or 9 modulations
         qkv = _lin(_ln(x) * (1 + scale[:, None]) + shift[:, None], part.attn.qkv)
         out.append(_heads(qkv, part.attn.num_heads))
     return torch.cat((out[0][0], out[1][0]), 2), torch.cat((out[0][1], out[1][1]), 2)
 
 
-def test_sd3_probabilities_equal_a_float64_recomputation(zc):
-    model = sd3(depth=2).clone()
+@pytest.mark.parametrize("extra_attention", [False, True], ids=["sd3", "sd35-medium-like"])
+def test_sd3_probabilities_equal_a_float64_recomputation(zc, extra_attention):
+    """SD3 joint block; with SD3.5-medium's extra image-only attention in the block the maps still come from
+    the joint attention (the first call), and the features are the block's image output."""
+    model = sd3(depth=2)
+    if extra_attention:
+        import comfy.supported_models
+
+        config = comfy.supported_models.SD3({**_SD3_CONFIG, "x_block_self_attn_layers": [1]})
+        model = tm._dit_patcher(config, 5)
+        with torch.inference_mode():
+            model.model.diffusion_model.pos_embed.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+        assert model.model.diffusion_model.joint_blocks[1].x_block.x_block_self_attn
+    model = model.clone()
     seen = {}
     model.set_model_patch_replace(_recording_patch(seen, 1), "dit", "double_block", 1)
     tokens = 10
 
     def body(guider, x, sigmas, extra_args):
         den = _den(zc, guider, extra_args)
-        return den.predict(x, sigmas[0], [guider.conds["positive"]], CR(probs=frozenset({"joint.1.img2txt"})))[0]
+        req = CR(probs=frozenset({"joint.1.img2txt"}), features=frozenset({"joint.1.img"}))
+        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
 
     pred = _inside_sampler(model, {"positive": tm.flow_conditioning(3, tokens=tokens)}, body)
     q, k = _sd3_qk(model.model.diffusion_model.joint_blocks[1], seen[1])
     p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
     torch.testing.assert_close(pred.probs["joint.1.img2txt"].double(), p[:, :, tokens:, :tokens], rtol=1e-4, atol=1e-6)
+    assert torch.equal(pred.features["joint.1.img"], seen[1]["out"].transpose(1, 2).reshape(1, -1, 8, 8))
 
 
 # -- the chunked autograd function --------------------------------------------------------------------------
