@@ -15,6 +15,7 @@ evaluations was.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -173,11 +174,13 @@ class Layout:
 def series(result: SampleResult) -> dict[str, list[tuple[int, float]]]:
     """The chart's points: for each term, ``(step, loss normalised to [0, 1] over the run: (v - min) / (max -
     min), 0.5 when constant)``, and "update": ``(step, update / max update)``, both from ``per_step``; skipped
-    evaluations have no update point."""
+    evaluations have no update point, losses that are not finite no point."""
     recs = [(i, r) for i, r in enumerate(per_step(result)) if r is not None]
     out: dict[str, list[tuple[int, float]]] = {}
     for name in summarize(result).terms:
-        pts = [(i, r.losses[name]) for i, r in recs if name in r.losses]
+        pts = [(i, r.losses[name]) for i, r in recs if name in r.losses and math.isfinite(r.losses[name])]
+        if not pts:
+            continue
         lo, hi = min(v for _, v in pts), max(v for _, v in pts)
         out[name] = [(i, (v - lo) / (hi - lo) if hi > lo else 0.5) for i, v in pts]
     ups = [(i, r.update) for i, r in recs if not r.skipped]
@@ -234,7 +237,9 @@ def chart(result: SampleResult, layout: Layout = Layout()) -> Tensor:
 
 
 def _loss_legend(result: SampleResult, name: str) -> str:
-    values = [r.losses[name] for r in per_step(result) if r is not None and name in r.losses]
+    values = [r.losses[name] for r in per_step(result) if r is not None and math.isfinite(r.losses.get(name, math.nan))]
+    if not values:
+        return f"{label(name)} loss: not finite"
     return f"{label(name)} loss, {min(values):.4g} .. {max(values):.4g} (scaled per term)"
 
 
