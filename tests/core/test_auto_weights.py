@@ -69,3 +69,53 @@ def test_pipeline_on_a_v_prediction_model():
     assert [t.weight for t in default_guidance(den.prediction_type, step_mode="raw")] == pytest.approx(
         DOCUMENTED["v"], rel=1e-12
     )
+
+
+# -- step mode "auto": weights are ratios ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ptype", ["eps", "v"])
+def test_auto_mode_resolves_to_the_default_ratios(ptype):
+    """In step mode auto an auto weight is the class's ratio, the same on every prediction type; a positive
+    weight is the ratio as given; 0 stays off."""
+    terms = (
+        CrossAttentionGuidance(weight=aw.AUTO),
+        PatchNCEGuidance(weight=-0.5),
+        CrossAttentionGuidance(weight=0.3),
+        PatchNCEGuidance(weight=0.0),
+    )
+    out = aw.resolve_weights(terms, ptype, step_mode="auto")
+    assert [t.weight for t in out] == [1.0, 1.0, 0.3, 0.0]
+    assert out[2] is terms[2] and out[3] is terms[3]
+    assert [t.weight for t in default_guidance(ptype, step_mode="auto")] == [1.0, 1.0]
+    assert [t.weight for t in default_guidance(ptype, 2.0, None, step_mode="auto")] == [2.0, 1.0]
+
+
+def test_dino_terms_have_their_documented_ratios():
+    from zerocon_core.diffuseit import (
+        DinoStructureGuidance,
+        DinoStyleGuidance,
+        RangeGuidance,
+        SemanticDivergenceGuidance,
+    )
+
+    ratios = [aw.auto_ratio(c) for c in (DinoStructureGuidance, DinoStyleGuidance, SemanticDivergenceGuidance)]
+    assert ratios + [aw.auto_ratio(RangeGuidance)] == [1.0, 1.0, 0.5, 0.5]
+    assert aw.auto_weight(RangeGuidance, "v", "auto") == 0.5
+    assert aw.auto_weight(RangeGuidance, "v", "raw") == pytest.approx(0.1)  # class default 1 x the v factor
+
+
+def test_unknown_step_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"unknown step mode 'adam' for guidance weights; expected auto, raw or"):
+        aw.resolve_weights((), "eps", step_mode="adam")
+
+
+def test_edit_options_default_to_auto_except_pix2pix_zero():
+    from zerocon_core.pipeline import EditOptions
+
+    assert EditOptions().sampler_settings().step_mode == "auto"
+    assert EditOptions(branches="pix2pix-zero").sampler_settings().step_mode == "raw"
+    s = EditOptions(step_mode="normalized", step_size=0.05).sampler_settings()
+    assert (s.step_mode, s.step_size) == ("normalized", 0.05)
+    with pytest.raises(ValueError, match="step_size must be a finite number >= 0"):
+        EditOptions(step_size=-1.0).validate()
