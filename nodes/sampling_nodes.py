@@ -730,7 +730,8 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "A SAMPLER for SamplerCustomAdvanced running pix2pix-zero(Con)'s guided DDIM loop. Needs the ZeroCon "
-                "Guider; use DisableNoise and the inversion's SIGMAS."
+                "Guider; use DisableNoise and the inversion's SIGMAS. A SAMPLER has no outputs of its own: the "
+                "guidance summary (steps applied, update size) goes to the console log."
             ),
             inputs=[
                 *step_inputs(),

@@ -242,3 +242,21 @@ def test_losses_and_update_are_float32_for_a_half_precision_latent(den):
 def test_unresolved_auto_weight_is_refused(den):
     with pytest.raises(ValueError, match=r"CrossAttentionGuidance has an unresolved auto weight \(-1\)"):
         _sample(den, (CrossAttentionGuidance(weight=-1.0),), "auto")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_unet_is_guided_at_every_step(dtype):
+    """A float16 / bfloat16 UNet (CPU): finite output, the guidance applied at every step, the auto update
+    exactly step_size of the latent's RMS (the update is float32 whatever the UNet's dtype)."""
+    from .tiny import tiny_denoiser
+
+    den = tiny_denoiser("epsilon", dtype=dtype)
+    sig = ddim_sigmas(den.sigma_table, 6).float()
+    x = tiny_latent(3, dtype=torch.float32) / vp_scale(sig[0])
+    terms = (CrossAttentionGuidance(weight=1.0), PatchNCEGuidance(weight=1.0, **NCE))
+    res = guided_ddim_sample(
+        den, x, sig, source_cond=tiny_cond(1, dtype=dtype), edit_cond=tiny_cond(2, dtype=dtype), guidance=terms
+    )
+    assert torch.isfinite(res.latent).all() and res.skipped == []
+    assert summary(res).startswith("guidance applied at 6/6 steps (step mode auto); mean update 2.0% of the latent")
+    assert [r.update for r in res.records] == pytest.approx([0.02] * 6, rel=1e-5)
