@@ -109,7 +109,7 @@ def test_auto_update_is_the_normalised_mix(den, ratios):
 def _sample(den, terms, mode, steps=4, **kw):
     sig = ddim_sigmas(den.sigma_table, steps)
     x = tiny_latent(3) / vp_scale(sig[0])
-    settings = SamplerSettings(cfg=3.0, step_mode=mode, seed=2, **kw)
+    settings = SamplerSettings(cfg=3.0, step_mode=mode, seed=2, **{"step_size": 0.02, **kw})
     return guided_ddim_sample(
         den, x, sig, source_cond=tiny_cond(1), edit_cond=tiny_cond(2), guidance=terms, settings=settings
     )
@@ -255,7 +255,13 @@ def test_half_precision_unet_is_guided_at_every_step(dtype):
     x = tiny_latent(3, dtype=torch.float32) / vp_scale(sig[0])
     terms = (CrossAttentionGuidance(weight=1.0), PatchNCEGuidance(weight=1.0, **NCE))
     res = guided_ddim_sample(
-        den, x, sig, source_cond=tiny_cond(1, dtype=dtype), edit_cond=tiny_cond(2, dtype=dtype), guidance=terms
+        den,
+        x,
+        sig,
+        source_cond=tiny_cond(1, dtype=dtype),
+        edit_cond=tiny_cond(2, dtype=dtype),
+        guidance=terms,
+        settings=SamplerSettings(step_size=0.02),
     )
     assert torch.isfinite(res.latent).all() and res.skipped == []
     assert summary(res).startswith("guidance applied at 6/6 steps (step mode auto); mean update 2.0% of the latent")

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from zerocon_core import cli
+from zerocon_core.sampler import AUTO_STEP_SIZE
 
 from .tiny import PNG_H, PNG_W, tiny_sd_folder
 from .tiny_text import tiny_blip_folder
@@ -205,7 +206,7 @@ def test_cli_sdxl(tmp_path, png, caplog, capsys):
     # the default: step mode auto, the auto weights are the ratios 1 / 1; the summary is printed
     assert "guidance (step mode auto): CrossAttentionGuidance(weight=1), PatchNCEGuidance(weight=1)" in caplog.text
     guidance_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("guidance:"))
-    assert "steps (step mode auto); mean update 2.0% of the latent RMS" in guidance_line
+    assert f"steps (step mode auto); mean update {100 * AUTO_STEP_SIZE:.1f}% of the latent RMS" in guidance_line
 
 
 def test_cli_subprocess(model_dir, png, tmp_path):

@@ -32,7 +32,7 @@ class FailsAt(GuidanceTerm):
 def _run(den, terms, mode="auto", resample=1):
     sig = ddim_sigmas(den.sigma_table, STEPS)
     x = tiny_latent(3) / vp_scale(sig[0])
-    settings = SamplerSettings(cfg=3.0, step_mode=mode, resample=resample, seed=1)
+    settings = SamplerSettings(cfg=3.0, step_mode=mode, resample=resample, seed=1, step_size=0.02)
     return guided_ddim_sample(
         den, x, sig, source_cond=tiny_cond(1), edit_cond=tiny_cond(2), guidance=terms, settings=settings
     )
