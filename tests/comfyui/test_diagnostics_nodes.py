@@ -134,3 +134,28 @@ def test_diffuseit_sampler_outputs_diagnostics(dn, run, sd15_model, vae, dino): 
     assert "semantic divergence pulled 0x as hard as DINO structure" in text
     assert "range pulled 0.5x as hard as DINO structure" in text
     assert text in shown.as_dict()["text"][0]
+
+
+def test_skipped_steps_are_said_plainly_on_the_node(zc, run, sd15_model):
+    """A term whose gradient is never finite: the output stays finite and the node's summary warns."""
+    from dataclasses import dataclass
+
+    base = pack_module("zerocon_core.guidance").GuidanceTerm
+
+    @dataclass(frozen=True)
+    class Broken(base):
+        def loss(self, ctx, request):
+            return (ctx.x * float("nan")).sum()
+
+    lat, cap, edit = tm.latent(37), tm.conditioning(38), tm.conditioning(39)
+    _, inversion, _ = h.invert(zc, run, sd15_model, lat, cap)
+    kw = dict(model=sd15_model, inversion=inversion, edited=edit, cfg=5.0, branches="edit", seed=0)
+    (out, _, img, text), shown = _execute(
+        zc.sampling.ZeroConGuidedSampler, step_mode="auto", step_size=0.02, guidance=(Broken(weight=1.0),), **kw
+    )
+    assert torch.isfinite(out["samples"]).all()
+    assert text.startswith(f"guidance applied at 0/{h.STEPS} steps (step mode auto)")
+    assert f"WARNING: the guidance was skipped at {h.STEPS} of {h.STEPS} steps" in text
+    assert shown.as_dict()["text"] == (text,)
+    pixels = (img[0] * 255).round().to(torch.uint8)
+    assert bool((pixels == torch.tensor((250, 205, 205), dtype=torch.uint8)).all(-1).any())  # skipped bands
