@@ -266,3 +266,14 @@ def test_half_precision_unet_is_guided_at_every_step(dtype):
     assert torch.isfinite(res.latent).all() and res.skipped == []
     assert summary(res).startswith("guidance applied at 6/6 steps (step mode auto); mean update 2.0% of the latent")
     assert [r.update for r in res.records] == pytest.approx([0.02] * 6, rel=1e-5)
+
+
+@pytest.mark.parametrize("branches", ["edit", "both", "pix2pix-zero"])
+def test_auto_runs_on_every_branches_mode(den, branches):
+    """Auto on each branches mode (pix2pix-zero: the two copies normalised together): the update is step_size
+    of the latent's RMS at every step and the result differs from the unguided one."""
+    terms = (CrossAttentionGuidance(weight=1.0), PatchNCEGuidance(weight=1.0, **NCE))
+    res = _sample(den, terms, "auto", branches=branches)
+    assert torch.isfinite(res.latent).all() and res.skipped == []
+    assert [r.update for r in res.records] == pytest.approx([0.02] * 4, rel=1e-9)
+    assert rel_err(res.latent, _sample(den, (), "auto", branches=branches).latent) > 1e-3
