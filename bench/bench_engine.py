@@ -303,7 +303,7 @@ def phase_ours(
     """(b) our edit through the pipeline's core (VAE encode + invert_and_edit + VAE decode)."""
     src = TextCond(inputs["caption"])
     edit = TextCond(inputs["caption"] + inputs["delta"])
-    guidance = default_guidance("eps", xa, nce)
+    guidance = default_guidance("eps", xa, nce, step_mode="raw")
     stamps: dict[str, list[float]] = {"inversion": [], "sampling": []}
     cpu_stamps: dict[str, list[float]] = {"inversion": [], "sampling": []}
 
@@ -324,7 +324,12 @@ def phase_ours(
             steps=steps,
             guidance=guidance,
             settings=SamplerSettings(
-                cfg=cfg, branches=branches, seed=seed, reference=reference, reuse_guidance_eps=reuse_guidance_eps
+                cfg=cfg,
+                branches=branches,
+                seed=seed,
+                reference=reference,
+                reuse_guidance_eps=reuse_guidance_eps,
+                step_mode="raw",
             ),
             regularization=NoiseRegularization(),
             timings=timings,
@@ -487,7 +492,7 @@ def guided_step_parts(
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, latent_hw, latent_hw, generator=g) * float((1 + s * s) ** 0.5)
     src, edit = TextCond(inputs["caption"]), TextCond(inputs["caption"] + inputs["delta"])
-    terms = default_guidance("eps", xa, nce)
+    terms = default_guidance("eps", xa, nce, step_mode="raw")
     layers = den.layers()
     reqs = [t.request(layers) for t in terms]
     merged = CaptureRequest()
@@ -535,7 +540,10 @@ def profile_guided_step(
     x = torch.randn(1, 4, latent_hw, latent_hw, generator=g) * float((1 + sigmas[k] ** 2) ** 0.5)
     src, edit = TextCond(inputs["caption"]), TextCond(inputs["caption"] + inputs["delta"])
     kw = dict(
-        source_cond=src, edit_cond=edit, settings=SamplerSettings(cfg=cfg), guidance=default_guidance("eps", xa, nce)
+        source_cond=src,
+        edit_cond=edit,
+        settings=SamplerSettings(cfg=cfg, step_mode="raw"),
+        guidance=default_guidance("eps", xa, nce, step_mode="raw"),
     )
     guided_ddim_sample(den, x, sigmas[k : k + 2], **kw)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -158,8 +158,11 @@ def test_auto_weights_follow_the_model_family(zc, sd15_model, sd2v_model, sdxl_m
         g.CrossAttentionGuidance(weight=0.3),
     )
     for model, xa, nce in ((sd15_model, 0.1, 0.5), (sdxl_model, 0.1, 0.5), (sd2v_model, 0.01, 0.05)):
-        resolved = g.resolve_weights(terms, fam(model))
+        resolved = g.resolve_weights(terms, fam(model), "raw")
         assert [t.weight for t in resolved] == pytest.approx([xa, nce, 0.3])
+        # step mode auto: ratios, the same on every family
+        resolved = g.resolve_weights(terms, fam(model), "auto")
+        assert [t.weight for t in resolved] == pytest.approx([1.0, 1.0, 0.3])
 
 
 def test_v_prediction_guided_run(zc, run, sd2v_model):
