@@ -155,7 +155,13 @@ def sweep_image(
     for k, s in enumerate(settings):
         t1 = time.perf_counter()
         guidance = default_guidance(
-            pipe.prediction_type, s.xa, s.nce, options.xa_layers, options.nce_layers, nce_seed=options.seed, step_mode="raw"
+            pipe.prediction_type,
+            s.xa,
+            s.nce,
+            options.xa_layers,
+            options.nce_layers,
+            nce_seed=options.seed,
+            step_mode="raw",
         )
         res = guided_ddim_sample(
             pipe.denoiser,
