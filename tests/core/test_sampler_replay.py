@@ -300,5 +300,5 @@ def test_bad_reference_and_record_settings_are_refused():
 def test_the_command_lines_seed_seeds_patchnce():
     from zerocon_core.pipeline import default_guidance
 
-    (nce,) = [t for t in default_guidance("eps", nce_seed=5) if isinstance(t, PatchNCEGuidance)]
+    (nce,) = [t for t in default_guidance("eps", nce_seed=5, step_mode="auto") if isinstance(t, PatchNCEGuidance)]
     assert nce.seed == 5 and nce.samples_key == ("PatchNCE", (1, 2), 256, 5)
