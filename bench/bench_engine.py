@@ -16,8 +16,11 @@ resetting it through /proc/self/clear_refs where allowed), and the peak added ov
     ~/venvs/zc/bin/python bench/bench_engine.py --tiny            # seconds: checks that everything runs
     ~/venvs/zc/bin/python bench/bench_engine.py                   # SD1.5-size UNet, 256x256, 10 steps, 2 threads
     ~/venvs/zc/bin/python bench/bench_engine.py --profile         # + torch.profiler of one guided step
+    ~/venvs/zc/bin/python bench/bench_engine.py --threads 1 --phases a,b --reuse-guidance-eps   # the opt-in
 
-Targets (full size): time (b)/(c) <= 0.6, peak added memory (b)/(c) <= 0.6, guided step <= 2.5 x plain CFG step.
+Targets (full size): time (b)/(c) <= 0.6, peak added memory (b)/(c) <= 0.6, guided step <= 2.0 x plain CFG step.
+Step ratios are given in wall time and in process CPU time (per-step ``time.process_time`` stamps): on a shared
+machine the CPU-time ratio is the steadier one.
 Results: JSON under bench/out/ (gitignored).
 """
 
@@ -54,7 +57,7 @@ from zerocon_core.pipeline import Timings, default_guidance, invert_and_edit, sa
 from zerocon_core.replay import REFERENCES  # noqa: E402
 from zerocon_core.sampler import BRANCHES, SamplerSettings, cfg_combine, guided_ddim_sample  # noqa: E402
 
-TARGETS = {"time_b_over_c": 0.6, "mem_b_over_c": 0.6, "guided_over_plain_step": 2.5}
+TARGETS = {"time_b_over_c": 0.6, "mem_b_over_c": 0.6, "guided_over_plain_step": 2.0, "guided_over_plain_step_cpu": 2.0}
 
 SD15_UNET = dict(
     sample_size=64,
@@ -261,20 +264,25 @@ def phase_plain(unet, inputs, steps: int, cfg: float, latent_hw: int, seed: int)
     lat = torch.randn(1, 4, latent_hw, latent_hw, generator=g)
     emb = torch.cat([inputs["caption"], inputs["caption"] + inputs["delta"]])
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
     with PeakRSS() as mem, torch.no_grad():
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for t in sched.timesteps:
             noise = unet(torch.cat([lat, lat]), t, encoder_hidden_states=emb).sample
             un, co = noise.chunk(2)
             lat = sched.step(cfg_combine(un, co, cfg), t, lat).prev_sample
             stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
         wall = time.perf_counter() - t0
     steps_s = step_durations(stamps, t0)
+    steps_cpu = step_durations(cpu_stamps, c0)
     return {
         "finite": bool(torch.isfinite(lat).all()),
         "wall_s": wall,
         "step_s": steps_s,
         "step_median_s": med(steps_s),
+        "step_cpu_s": steps_cpu,
+        "step_cpu_median_s": med(steps_cpu),
         **mem.as_dict(),
     }
 
@@ -290,12 +298,19 @@ def phase_ours(
     xa: float,
     nce: float | None,
     reference: str = "inverted",
+    reuse_guidance_eps: bool = False,
 ) -> dict[str, Any]:
     """(b) our edit through the pipeline's core (VAE encode + invert_and_edit + VAE decode)."""
     src = TextCond(inputs["caption"])
     edit = TextCond(inputs["caption"] + inputs["delta"])
-    guidance = default_guidance("eps", xa, nce)
+    guidance = default_guidance("eps", xa, nce, step_mode="raw")
     stamps: dict[str, list[float]] = {"inversion": [], "sampling": []}
+    cpu_stamps: dict[str, list[float]] = {"inversion": [], "sampling": []}
+
+    def stamp(phase: str, i: int, n: int) -> None:
+        stamps[phase].append(time.perf_counter())
+        cpu_stamps[phase].append(time.process_time())
+
     timings = Timings()
     with PeakRSS() as mem, VAETimer(vae) as vt:
         t0 = time.perf_counter()
@@ -308,17 +323,25 @@ def phase_ours(
             edit,
             steps=steps,
             guidance=guidance,
-            settings=SamplerSettings(cfg=cfg, branches=branches, seed=seed, reference=reference),
+            settings=SamplerSettings(
+                cfg=cfg,
+                branches=branches,
+                seed=seed,
+                reference=reference,
+                reuse_guidance_eps=reuse_guidance_eps,
+                step_mode="raw",
+            ),
             regularization=NoiseRegularization(),
             timings=timings,
             progress=False,
-            step_callback=lambda phase, i, n: stamps[phase].append(time.perf_counter()),
+            step_callback=stamp,
         )
         with timings.stage("decode"):
             img = decode_latents(vae, z)
         wall = time.perf_counter() - t0
     inv_steps = step_durations(stamps["inversion"], t0 + timings["encode"])
     smp_steps = step_durations(stamps["sampling"], stamps["inversion"][-1])
+    smp_cpu = step_durations(cpu_stamps["sampling"], cpu_stamps["inversion"][-1])
     return {
         "finite": bool(torch.isfinite(img).all()),
         "skipped_guidance_steps": res.skipped,
@@ -329,6 +352,9 @@ def phase_ours(
         "inversion_step_s": inv_steps[1:],
         "sampling_step_s": smp_steps,
         "guided_step_median_s": med(smp_steps),
+        "sampling_step_cpu_s": smp_cpu,
+        "guided_step_cpu_median_s": med(smp_cpu),
+        "reuse_guidance_eps": reuse_guidance_eps,
         "inversion_step_median_s": med(inv_steps[1:]),
         "guidance": [f"{type(t).__name__}(weight={t.weight:g}, layers={t.layers})" for t in guidance],
         "branches": branches,
@@ -433,6 +459,19 @@ def restore_unet(unet, processors) -> None:
 # one guided step: breakdown and profile
 
 
+class Clock:
+    """Wall and process-CPU time since construction (``lap()`` returns both and restarts)."""
+
+    def __init__(self) -> None:
+        self.w, self.c = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        w, c = time.perf_counter(), time.process_time()
+        out = (w - self.w, c - self.c)
+        self.w, self.c = w, c
+        return out
+
+
 def guided_step_parts(
     den: DiffusersDenoiser,
     inputs,
@@ -441,52 +480,52 @@ def guided_step_parts(
     xa: float,
     nce: float | None,
     latent_hw: int,
-    repeats: int = 2,
-) -> dict[str, float]:
+    repeats: int = 3,
+) -> dict[str, dict[str, float]]:
     """Time the pieces of one guided step at a mid-grid sigma: reference forward (batch 1, captures),
-    differentiable forward (batch 1, captures) + losses, backward to the latent, CFG forward (batch 2);
-    and one plain CFG forward (batch 2) through our denoiser with nothing captured. Medians of ``repeats``."""
+    differentiable forward (batch 1, captures) + losses, backward to the latent, CFG forward (batch 2), the
+    negative's forward alone (batch 1: the CFG step with ``reuse_guidance_eps``); and one plain CFG forward
+    (batch 2) through our denoiser with nothing captured. Medians of ``repeats`` (interleaved), wall and CPU s."""
     sigmas = sampling_grid(den, steps)
-    s = sigmas[len(sigmas) // 2]
+    k = len(sigmas) // 2
+    s = sigmas[k]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 4, latent_hw, latent_hw, generator=g) * float((1 + s * s) ** 0.5)
     src, edit = TextCond(inputs["caption"]), TextCond(inputs["caption"] + inputs["delta"])
-    terms = default_guidance("eps", xa, nce)
+    terms = default_guidance("eps", xa, nce, step_mode="raw")
     layers = den.layers()
     reqs = [t.request(layers) for t in terms]
     merged = CaptureRequest()
     for r in reqs:
         merged = merged | r
-    parts: dict[str, list[float]] = {
-        k: [] for k in ("reference_fwd", "grad_fwd_and_losses", "backward", "cfg_fwd", "plain_cfg_fwd_ours")
-    }
+    names = ("reference_fwd", "grad_fwd_and_losses", "backward", "cfg_fwd", "negative_fwd", "plain_cfg_fwd_ours")
+    parts: dict[str, list[tuple[float, float]]] = {n: [] for n in names}
     for _ in range(repeats):
-        t = time.perf_counter()
+        clock = Clock()
         with torch.no_grad():
             (ref,) = den.predict(x, s, [src], merged)
-        parts["reference_fwd"].append(time.perf_counter() - t)
-        t = time.perf_counter()
+        parts["reference_fwd"].append(clock.lap())
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
             (p,) = den.predict(xg, s, [edit], merged)
             total = sum(
-                term.weight * term.loss(StepContext(0, steps, s, xg, p.eps, p, ref, g), req)
+                term.weight * term.loss(StepContext(k, steps, s, xg, p.eps, p, ref, g), req)
                 for term, req in zip(terms, reqs)
             )
-            parts["grad_fwd_and_losses"].append(time.perf_counter() - t)
-            t = time.perf_counter()
+            parts["grad_fwd_and_losses"].append(clock.lap())
             torch.autograd.grad(total, xg)
-            parts["backward"].append(time.perf_counter() - t)
+            parts["backward"].append(clock.lap())
         del ref, p, total, xg
-        t = time.perf_counter()
         with torch.no_grad():
             den.predict(x, s, [src, edit])
-        parts["cfg_fwd"].append(time.perf_counter() - t)
-        t = time.perf_counter()
+        parts["cfg_fwd"].append(clock.lap())
+        with torch.no_grad():
+            den.predict(x, s, [src])
+        parts["negative_fwd"].append(clock.lap())
         with torch.no_grad():
             den.predict(x, s, [src, edit])
-        parts["plain_cfg_fwd_ours"].append(time.perf_counter() - t)
-    return {k: med(v) for k, v in parts.items()}
+        parts["plain_cfg_fwd_ours"].append(clock.lap())
+    return {n: {"wall_s": med([w for w, _ in v]), "cpu_s": med([c for _, c in v])} for n, v in parts.items()}
 
 
 def profile_guided_step(
@@ -501,7 +540,10 @@ def profile_guided_step(
     x = torch.randn(1, 4, latent_hw, latent_hw, generator=g) * float((1 + sigmas[k] ** 2) ** 0.5)
     src, edit = TextCond(inputs["caption"]), TextCond(inputs["caption"] + inputs["delta"])
     kw = dict(
-        source_cond=src, edit_cond=edit, settings=SamplerSettings(cfg=cfg), guidance=default_guidance("eps", xa, nce)
+        source_cond=src,
+        edit_cond=edit,
+        settings=SamplerSettings(cfg=cfg, step_mode="raw"),
+        guidance=default_guidance("eps", xa, nce, step_mode="raw"),
     )
     guided_ddim_sample(den, x, sigmas[k : k + 2], **kw)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -523,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--branches", choices=BRANCHES, default="edit", help="our guided branches (default edit)")
     ap.add_argument(
         "--reference", choices=REFERENCES, default="inverted", help="our reference (default inverted: replayed)"
+    )
+    ap.add_argument(
+        "--reuse-guidance-eps",
+        action="store_true",
+        help="opt-in SamplerSettings.reuse_guidance_eps (not exact): the CFG step takes the edit noise from the "
+        "guidance forward",
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -569,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
             "nce_weight": args.nce_weight,
             "branches": args.branches,
             "reference": args.reference,
+            "reuse_guidance_eps": args.reuse_guidance_eps,
             "threads": args.threads,
             "seed": args.seed,
             "unet_params": n_params,
@@ -606,6 +655,7 @@ def main(argv: list[str] | None = None) -> int:
             args.xa_weight,
             args.nce_weight,
             args.reference,
+            args.reuse_guidance_eps,
         )
     if not args.no_breakdown:
         out("one guided step, part by part ...")
@@ -676,6 +726,7 @@ def report(res: dict[str, Any]) -> None:
         ratios["guided_step_b_over_c"] = b["guided_step_median_s"] / c["guided_step_median_s"]
     if "a" in ph and "b" in ph:
         ratios["guided_over_plain_step"] = ph["b"]["guided_step_median_s"] / ph["a"]["step_median_s"]
+        ratios["guided_over_plain_step_cpu"] = ph["b"]["guided_step_cpu_median_s"] / ph["a"]["step_cpu_median_s"]
     res["ratios"] = ratios
     res["targets"] = {
         k: {"target": v, "value": ratios.get(k), "met": (ratios[k] <= v) if k in ratios else None}
@@ -689,6 +740,13 @@ def report(res: dict[str, Any]) -> None:
     if "b" in ph:
         b = ph["b"]
         out(f"\n(b) reference {b['reference']}: replayed steps {b['replayed_steps']}, record {b['record_mb']:.1f} MiB")
+        out(
+            f"(b) guided step median: wall {b['guided_step_median_s']:.3f} s, CPU {b['guided_step_cpu_median_s']:.3f} s"
+            + (" (reuse_guidance_eps)" if b["reuse_guidance_eps"] else "")
+        )
+        if "a" in ph:
+            a = ph["a"]
+            out(f"(a) plain CFG step median: wall {a['step_median_s']:.3f} s, CPU {a['step_cpu_median_s']:.3f} s")
         out("(b) stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in ph["b"]["stages_s"].items()))
     if "c" in ph:
         c = ph["c"]
@@ -699,12 +757,24 @@ def report(res: dict[str, Any]) -> None:
         )
     if "guided_step_parts_s" in res:
         parts = res["guided_step_parts_s"]
-        plain = ph.get("a", {}).get("step_median_s")
-        out("\none guided step, part by part (s)" + (f"; plain CFG step (a) = {plain:.3f} s" if plain else ""))
+        out("\none guided step, part by part (median wall s / CPU s), ratios to our plain CFG forward (batch 2)")
+        plain = parts["plain_cfg_fwd_ours"]
         for k, v in parts.items():
-            rel = f"   {v / plain:5.2f} x plain step" if plain else ""
-            out(f"  {k:<22} {v:>8.3f}{rel}")
-        out(f"  {'sum of guided parts':<22} {sum(v for k, v in parts.items() if k != 'plain_cfg_fwd_ours'):>8.3f}")
+            out(
+                f"  {k:<22} {v['wall_s']:>8.3f} {v['cpu_s']:>8.3f}   {v['wall_s'] / plain['wall_s']:5.2f} x / "
+                f"{v['cpu_s'] / plain['cpu_s']:5.2f} x"
+            )
+        steps = {
+            "guided step (reference replayed)": ("grad_fwd_and_losses", "backward", "cfg_fwd"),
+            "guided step, reuse_guidance_eps": ("grad_fwd_and_losses", "backward", "negative_fwd"),
+            "guided step (reference live)": ("reference_fwd", "grad_fwd_and_losses", "backward", "cfg_fwd"),
+        }
+        res["guided_step_from_parts"] = {}
+        for label, keys in steps.items():
+            w = sum(parts[k]["wall_s"] for k in keys) / plain["wall_s"]
+            c = sum(parts[k]["cpu_s"] for k in keys) / plain["cpu_s"]
+            res["guided_step_from_parts"][label] = {"wall_x": w, "cpu_x": c}
+            out(f"  {label:<34} {w:5.2f} x plain (wall) {c:5.2f} x plain (CPU)")
 
 
 if __name__ == "__main__":

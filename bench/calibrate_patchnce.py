@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond  # noqa: E402
 from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, StepContext  # noqa: E402
 from zerocon_core.inversion import ddim_invert  # noqa: E402
-from zerocon_core.sampler import guided_ddim_sample  # noqa: E402
+from zerocon_core.sampler import SamplerSettings, guided_ddim_sample  # noqa: E402
 from zerocon_core.schedule import ddim_sigmas, inversion_sigmas  # noqa: E402
 
 
@@ -109,7 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     layers = den.layers()
     object.__setattr__(probe, "xa_req", probe.xa.request(layers))
     object.__setattr__(probe, "nce_req", probe.nce.request(layers))
-    guided_ddim_sample(den, inv.latent, sig.to(latent.device), source_cond=src, edit_cond=edit, guidance=[probe])
+    guided_ddim_sample(
+        den,
+        inv.latent,
+        sig.to(latent.device),
+        source_cond=src,
+        edit_cond=edit,
+        guidance=[probe],
+        settings=SamplerSettings(step_mode="raw"),  # the raw defaults, as when the figure was measured
+    )
 
     ratios = [r["rms_grad_xa"] / max(r["rms_grad_nce"], 1e-30) for r in probe.records]
     w_nce = probe.xa.weight * statistics.median(ratios)

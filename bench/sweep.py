@@ -154,7 +154,15 @@ def sweep_image(
     seconds: dict[str, float] = {}
     for k, s in enumerate(settings):
         t1 = time.perf_counter()
-        guidance = default_guidance(pipe.prediction_type, s.xa, s.nce, options.xa_layers, options.nce_layers)
+        guidance = default_guidance(
+            pipe.prediction_type,
+            s.xa,
+            s.nce,
+            options.xa_layers,
+            options.nce_layers,
+            nce_seed=options.seed,
+            step_mode="raw",
+        )
         res = guided_ddim_sample(
             pipe.denoiser,
             inv.latent,
@@ -163,7 +171,11 @@ def sweep_image(
             edit_cond=edit_cond,
             guidance=guidance,
             settings=SamplerSettings(
-                cfg=options.cfg, branches=options.branches, seed=options.seed, keep_reference=(k == 0)
+                cfg=options.cfg,
+                branches=options.branches,
+                seed=options.seed,
+                keep_reference=(k == 0),
+                step_mode="raw",
             ),
         )
         z = res.latent * vp_scale(sigmas[-1])

@@ -10,6 +10,9 @@
   patch that was already there, e.g. IPAdapter's); every other layer keeps ComfyUI's fast attention;
 - self-attention features: an ``attn1_output_patch`` (after ``to_out``) that records the chosen layers.
 
+On Flux and SD3 (MM-DiT) the same two captures come from the joint attention and the image-token outputs
+of the guided blocks through ``nodes.dit_capture`` (block replace patches, an attention override, a wrapper).
+
 Rows are split per conditioning with ``transformer_options["cond_or_uncond"]`` (calc_cond_batch batches
 several conds into one forward). ``autograd_session()`` makes the inference-tensor weights usable by
 autograd and restores them on exit (``weights.autograd_weights``); during grad-enabled forwards every
@@ -19,7 +22,6 @@ attention kernel that has no backward (flash, sage...) is routed to PyTorch SDPA
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import defaultdict
 from typing import Any, ContextManager, Iterator, Sequence
@@ -28,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..zerocon_core.denoiser import CaptureRequest, LayerInfo, Prediction
+from . import dit_capture
 from .weights import autograd_weights
 
 logger = logging.getLogger("zerocon")
@@ -74,19 +77,6 @@ def enumerate_layers(diffusion_model: torch.nn.Module) -> list[tuple[LayerInfo, 
         if any(isinstance(m, Upsample) for m in blk.modules()):
             level -= 1
     return out
-
-
-def _copy_if_grad(t: Tensor) -> Tensor:
-    return t.clone() if t.requires_grad else t
-
-
-def _saved_tensor_copies(enabled: bool) -> ContextManager[None]:
-    """Inside: activations autograd saves for backward (those that require grad: derived from the latent) are
-    saved as copies, so a later in-place update of the same tensor by the model does not invalidate them.
-    Weights (never requiring grad) are saved as they are. Costs a copy of each saved activation."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.saved_tensors_hooks(_copy_if_grad, lambda t: t)
 
 
 class _Recorder:
@@ -170,6 +160,9 @@ class ComfyDenoiser:
     - ``model_sampling``: the active model_sampling (object patches included); default the model's;
     - ``autograd_modules``: modules whose weights must take part in autograd (default: the model; the
       sampler adds ControlNets and other models it loaded).
+
+    The diffusion model's type picks the capture code: a UNet (``UNetModel``) or an MM-DiT (Flux, SD3 MMDiT:
+    ``dit_capture``). ``chunking``: query / key chunk sizes of the DiT text-probability computation.
     """
 
     def __init__(
@@ -190,7 +183,9 @@ class ComfyDenoiser:
         self.sigma_table = ms.sigmas.detach().to("cpu", torch.float64).clone()
         self.prediction_type = prediction_type(ms)
         self.autograd_modules = list(autograd_modules) if autograd_modules is not None else [model]
-        self._layers: list[tuple[LayerInfo, tuple[str, int, int]]] | None = None
+        self.dit_type = dit_capture.dit_type(model.diffusion_model)
+        self.chunking = dit_capture.Chunking()
+        self._layers: list[tuple[LayerInfo, tuple]] | None = None
         self._warned_no_override = False
 
     # -- Denoiser protocol -------------------------------------------------------------------------
@@ -209,10 +204,8 @@ class ComfyDenoiser:
             sigma = sigma.clone()  # autograd may save it (eps = (x - x0) / sigma); inference tensors cannot be saved
         timestep = sigma * x.new_ones([x.shape[0]])
         recorder = _Recorder() if capture else None
-        grad = torch.is_grad_enabled()
-        options = self._options(capture, recorder, grad=grad)
-        with _saved_tensor_copies(grad and self._in_place_blocks()):
-            x0s = comfy.samplers.calc_cond_batch(self.model, conds, x, timestep, options)
+        options = self._options(capture, recorder, grad=torch.is_grad_enabled(), latent_shape=x.shape)
+        x0s = comfy.samplers.calc_cond_batch(self.model, conds, x, timestep, options)
         out = []
         for i, x0 in enumerate(x0s):
             eps = (x - x0) / sigma
@@ -240,20 +233,15 @@ class ComfyDenoiser:
 
     # -- internals ---------------------------------------------------------------------------------
 
-    def _in_place_blocks(self) -> bool:
-        """True for networks whose blocks update activations in place (ComfyUI's Flux: ``x += ...`` after a
-        LayerNorm saved ``x``), which autograd refuses unless the saved activations are copies."""
-        from comfy.ldm.flux.model import Flux
-
-        return isinstance(self.model.diffusion_model, Flux)
-
-    def _layer_table(self) -> list[tuple[LayerInfo, tuple[str, int, int]]]:
+    def _layer_table(self) -> list[tuple[LayerInfo, tuple]]:
         if self._layers is None:
-            net = self.model.diffusion_model  # DiTs (Flux, SD3): no capturable layers yet
-            self._layers = enumerate_layers(net) if hasattr(net, "input_blocks") else []
+            dm = self.model.diffusion_model
+            self._layers = dit_capture.enumerate_layers(dm) if self.dit_type else enumerate_layers(dm)
         return self._layers
 
-    def _options(self, capture: CaptureRequest | None, recorder: _Recorder | None, grad: bool) -> dict:
+    def _options(
+        self, capture: CaptureRequest | None, recorder: _Recorder | None, grad: bool, latent_shape=None
+    ) -> dict:
         """A copy of the sampler's model_options with this call's patches; the original is untouched."""
         import comfy.model_patcher
 
@@ -262,6 +250,12 @@ class ComfyDenoiser:
         options["transformer_options"] = to
         if grad:
             self._route_differentiable_attention(to)
+        if self.dit_type:
+            dm = self.model.diffusion_model
+            dit_capture.install(
+                options, dm, self._layer_table(), capture, recorder, latent_shape, self.chunking, grad=grad
+            )
+            return options
         if not capture:
             return options
         keys = {info.name: key for info, key in self._layer_table()}

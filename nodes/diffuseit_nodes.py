@@ -43,6 +43,7 @@ from ..zerocon_core.schedule import check_steps
 from . import progress
 from .dino_nodes import Dino
 from .families import article, cfg_warning, detect_family
+from .guidance_nodes import AUTO as AUTO_WEIGHT
 from .guidance_nodes import resolve_weights
 from .inputs import CATEGORY, GUIDANCE, cfg_input, previous_input, seed_input, step_inputs, steps_input, window_inputs
 from .loaders import ZeroConModel
@@ -53,6 +54,8 @@ from .sampling_nodes import (
     check_conditioning,
     check_latent,
     ddim_grid,
+    diagnostics_of,
+    diagnostics_outputs,
     guided_function,
 )
 from .weights import autograd_weights
@@ -189,17 +192,18 @@ def _shared_inputs() -> list:
     ]
 
 
-def _weight_input(default: float = 1.0):
+def _weight_input(default: float = AUTO_WEIGHT):
     return io.Float.Input(
         "weight",
         default=default,
-        min=0.0,
+        min=-1.0,
         max=1000.0,
         step=0.01,
         round=0.0001,
-        tooltip="Global multiplier of this node's losses (0 disables). 1 = DiffuseIT's weights applied as its "
-        "posterior-variance step; this scale in latent space is our choice, not verified: tune it, or use the "
-        "sampler's normalized step mode.",
+        tooltip="-1 = auto (no tuning needed). With the sampler's step_mode auto (default) a ratio: how hard this "
+        "node's losses pull next to the other terms (auto: structure 1, style 1, semantic divergence and range "
+        "0.5). With step_mode raw a global multiplier of the losses (auto: 1 = DiffuseIT's weights applied as its "
+        "posterior-variance step; this scale in latent space is our choice, not verified). 0 disables.",
     )
 
 
@@ -465,7 +469,10 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
                 seed_input("Seeds the start noise and the resampling noise."),
                 *step_inputs("DiffuseIT"),
             ],
-            outputs=[io.Latent.Output(display_name="latent", tooltip="The translated latent (VAE Decode it).")],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip="The translated latent (VAE Decode it)."),
+                *diagnostics_outputs(),
+            ],
         )
 
     @classmethod
@@ -481,7 +488,7 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         batch = samples.shape[0]
         check_conditioning(positive, batch, "positive")
         check_conditioning(negative, batch, "negative")
-        terms = resolve_weights(guidance, family)
+        terms = resolve_weights(guidance, family, step_mode)
         check_decoders(terms, model, family)
         if not (strength == AUTO_STRENGTH or 0.0 < strength <= 1.0):
             raise ValueError(f"ZeroCon DiffuseIT Sampler: strength must be -1 (auto) or in (0, 1], got {strength}")
@@ -502,7 +509,8 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         settings = SamplerSettings(
             resample=int(resample), step_mode=step_mode, step_size=float(step_size), seed=int(seed)
         )
-        sampler = ZeroConKSampler(guided_function, extra_options={"settings": settings})
+        sink: list = []
+        sampler = ZeroConKSampler(guided_function, extra_options={"settings": settings, "sink": sink})
         callback = progress.node_callback(work, len(sigmas) - 1)
         out = guider.sample(
             noise,
@@ -513,8 +521,9 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
             disable_pbar=not progress.progress_enabled(),
             seed=int(seed),
         )
-        shown = ui.PreviewText(warning) if warning else None
-        return io.NodeOutput(_latent_out(latent, out.to(mm.intermediate_device())), ui=shown)
+        image, text = diagnostics_of(sink)
+        shown = ui.PreviewText(f"{warning}\n{text}" if warning else text)
+        return io.NodeOutput(_latent_out(latent, out.to(mm.intermediate_device())), image, text, ui=shown)
 
 
 NODES = [ZeroConDinoStructureGuidance, ZeroConDinoStyleGuidance, ZeroConDiffuseITSampler]

@@ -4,12 +4,14 @@ A ZEROCON_GUIDANCE link carries a tuple of ``GuidanceTerm`` objects (``zerocon_c
 the guided samplers sum ``weight * loss`` of the terms active at a step and take one gradient step on the
 latent.
 
-Weights: a negative weight (the default, -1) means **auto**, resolved by the sampler once the model is
-known, by the engine's one rule (``zerocon_core.auto_weights``, shared with the pipeline and the CLI): the
-term's default step (cross-attention 0.1, PatchNCE 0.5) for eps-prediction models (SD1.x, SD2-base, SDXL)
-and a tenth of it for v-prediction models (SD2-768-v), whose gradients are about ten times larger
-(pix2pix-zero advises 0.01 or less for SD2: docs/method.md §5). Weight 0 disables a term; any positive
-value is used as given.
+Weights: a negative weight (the default, -1) means **auto**, resolved by the sampler once the model and
+the step mode are known, by the engine's one rule (``zerocon_core.auto_weights``, shared with the pipeline
+and the CLI). In step mode "auto" (the samplers' default) a weight is a unitless ratio, how hard the term
+pulls next to the others, and auto is the term's default ratio (cross-attention 1, PatchNCE 1). In "raw" /
+"normalized" it is a step size, and auto is the term's default step (cross-attention 0.1, PatchNCE 0.5) for
+eps-prediction models (SD1.x, SD2-base, SDXL) and a tenth of it for v-prediction models (SD2-768-v), whose
+gradients are about ten times larger (pix2pix-zero advises 0.01 or less for SD2: docs/method.md §5). Weight
+0 disables a term; any positive value is used as given.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from .inputs import CATEGORY, GUIDANCE, previous_input, window_inputs
 
 AUTO = auto_weights.AUTO
 AUTO_TIP = (
-    "-1 = auto: the default step for this model family (see the node description); 0 disables the term; "
-    "a positive value is the step used as given."
+    "-1 = auto (no tuning needed). With the sampler's step_mode auto (default) a weight is a ratio: how hard "
+    "this term pulls next to the others (1 = as hard as cross-attention). With step_mode raw it is the step size "
+    "(auto: the default step for this model family). 0 disables the term."
 )
 LAYER_TIP = (
     "Which UNet layers: 'all', or blocks from down/mid/up separated by commas, optionally ':levels' "
@@ -33,9 +36,10 @@ LAYER_TIP = (
 )
 
 
-def resolve_weights(terms, family: ModelFamily) -> tuple[GuidanceTerm, ...]:
-    """Auto (negative) weights resolved for the MODEL's family by ``zerocon_core.auto_weights.resolve_weights``."""
-    return auto_weights.resolve_weights(terms, family.prediction_type)
+def resolve_weights(terms, family: ModelFamily, step_mode: str) -> tuple[GuidanceTerm, ...]:
+    """Auto (negative) weights resolved for the MODEL's family and the sampler's ``step_mode`` by
+    ``zerocon_core.auto_weights.resolve_weights``."""
+    return auto_weights.resolve_weights(terms, family.prediction_type, step_mode=step_mode)
 
 
 def _check_layers(spec: str) -> str:
@@ -54,8 +58,10 @@ class ZeroConCrossAttentionGuidance(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "pix2pix-zero's cross-attention guidance: at each step the edit's cross-attention maps are pulled "
-                "towards those of the source reconstruction by one gradient step on the latent. Auto weight: 0.1 "
-                "for eps-prediction models (SD1.x, SD2-base, SDXL), 0.01 for v-prediction (SD2-768-v)."
+                "towards those of the source reconstruction by one gradient step on the latent. Auto weight: ratio 1 "
+                "with the sampler's step_mode auto (the reference the other terms' ratios are measured against); "
+                "with step_mode raw, a step of 0.1 for eps-prediction models (SD1.x, SD2-base, SDXL), 0.01 for "
+                "v-prediction (SD2-768-v)."
             ),
             inputs=[
                 io.Float.Input("weight", default=AUTO, min=-1.0, max=10.0, step=0.001, round=0.0001, tooltip=AUTO_TIP),
@@ -85,7 +91,9 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
                 "zeroCon's patch-wise contrastive loss (CUT PatchNCE) between the edit's and the source's UNet "
                 "self-attention outputs: each edited patch is pulled towards the source patch at the same place "
                 "and away from the others. Layers, patch sizes, count and temperature are our defaults (the paper "
-                "does not give them). Auto weight: 0.5 for eps-prediction models, 0.05 for v-prediction (calibrated to pull as hard as the cross-attention term)."
+                "does not give them). Auto weight: ratio 1 (pulls as hard as cross-attention) with the sampler's step_mode "
+                "auto; with step_mode raw, a step of 0.5 for eps-prediction models, 0.05 for v-prediction (calibrated "
+                "to pull about as hard as the cross-attention term)."
             ),
             inputs=[
                 io.Float.Input("weight", default=AUTO, min=-1.0, max=10.0, step=0.001, round=0.0001, tooltip=AUTO_TIP),

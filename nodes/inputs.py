@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..zerocon_core.sampler import STEP_MODES
+from ..zerocon_core.sampler import AUTO_STEP_SIZE, STEP_MODES
 
 #: The menu every ZeroCon node is listed under.
 CATEGORY = "image/translation/zerocon"
@@ -37,24 +37,28 @@ def cfg_input(default: float, tooltip: str) -> io.Float.Input:
 def step_inputs(method: str = "pix2pix-zero") -> list:
     """``step_mode`` and ``step_size``: how the guidance gradient becomes a step on the latent.
 
-    ``method``: whose step "raw" is (named in the tooltip).
+    ``method``: whose step "raw" is (named in the tooltip). Default "auto" (``zerocon_core.sampler``).
     """
     return [
         io.Combo.Input(
             "step_mode",
             options=list(STEP_MODES),
-            default="raw",
-            tooltip=f"raw: the latent moves by weight x gradient ({method}'s step); normalized: the gradient is "
-            "rescaled to RMS step_size (robust across models and resolutions).",
+            default="auto",
+            tooltip="auto (default, no tuning): each step moves the latent by step_size of its own size, the "
+            "guidance terms sharing it by their weights (ratios: 1 = as hard as cross-attention); the same on "
+            f"every model. raw: the latent moves by weight x gradient ({method}'s step; the weights are step "
+            "sizes that depend on the model). normalized: the raw direction rescaled to RMS step_size.",
         ),
         io.Float.Input(
             "step_size",
-            default=0.02,
+            default=AUTO_STEP_SIZE,
             min=0.0,
             max=10.0,
             step=0.001,
             round=0.0001,
-            tooltip="RMS size of the guidance step in normalized mode (ignored in raw mode).",
+            tooltip=f"auto: how far each step moves the latent, as a fraction of its size ({AUTO_STEP_SIZE:g} = "
+            f"{100 * AUTO_STEP_SIZE:g}%): raise it if the edit loses the source's structure, lower it if the "
+            "result gets noisy. normalized: the step's RMS. Ignored in raw mode.",
         ),
     ]
 

@@ -23,6 +23,7 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
 
+from ..zerocon_core.diagnostics import chart, summarize, summary, too_many_skipped
 from ..zerocon_core.inversion import EVAL_AT, Inversion, NoiseRegularization, check_eval_at, ddim_invert
 from ..zerocon_core.replay import REFERENCES, RecordSettings, merged_request
 from ..zerocon_core.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
@@ -36,7 +37,11 @@ from .inputs import CATEGORY, GUIDANCE, cfg_input, seed_input, step_inputs, step
 logger = logging.getLogger("zerocon")
 
 INVERSION = io.Custom("ZEROCON_INVERSION")
-GUIDED_SEED = "Seeds the guidance's random choices (PatchNCE sample locations); sampling itself is deterministic."
+GUIDED_SEED = (
+    "Seeds the random choices guidance terms make while sampling; the cross-attention and PatchNCE terms make none "
+    "(PatchNCE's sample locations are fixed per step, so that DDIM Inversion can record them). Sampling itself is "
+    "deterministic."
+)
 BRANCHES_TOOLTIP = (
     "What the guidance step moves. edit: the latent, by the gradient of its edited forward only (fastest). both: "
     "the latent, by the gradient of its negative and edited forwards, losses averaged. pix2pix-zero: pix2pix-zero's "
@@ -73,7 +78,7 @@ class InversionData:
     model_key: int = 0
     regularization: NoiseRegularization | None = None
     #: for the "inverted" reference: the engine's inversion (its ascending sigmas, trajectory and record, CPU;
-    #: latents in sigma space as the KSAMPLER saw them) and the resolved guidance terms it recorded for
+    #: latents in sigma space as the KSAMPLER saw them) and the guidance terms it recorded for (as connected)
     replay: Inversion | None = None
     recorded_for: tuple = ()
 
@@ -260,14 +265,23 @@ def inversion_function(
 
 
 def guided_function(
-    model, x, sigmas, extra_args=None, callback=None, disable=None, settings: SamplerSettings = SamplerSettings()
+    model,
+    x,
+    sigmas,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    settings: SamplerSettings = SamplerSettings(),
+    sink: list | None = None,
 ):
     """KSAMPLER function: the guided DDIM loop, reading conds and guidance from a ZeroConGuider.
 
     ``settings``: the engine's sampler settings; their ``cfg`` is replaced by the guider's. Returns the edit
     (sigma space at the last sigma, B images); with ``settings.keep_reference`` the edit and the reference
     branch's reconstruction concatenated on the batch axis (2B: ComfyUI's latent-out processing, which is
-    per element, then applies to both; ``split_reference`` separates them).
+    per element, then applies to both; ``split_reference`` separates them). The run's diagnostics summary is
+    logged (a warning when more than a few steps were skipped); ``sink``: a list the engine's
+    ``SampleResult`` is appended to (the nodes' diagnostics outputs).
     """
     extra_args = extra_args or {}
     guider = model.inner_model
@@ -280,7 +294,7 @@ def guided_function(
     for what, cond in guider.conditionings.items():
         check_conditioning(cond, x.shape[0], what)
     family = detect_family(guider.model_patcher)
-    terms = resolve_weights(guider.guidance, family)
+    terms = resolve_weights(guider.guidance, family, settings.step_mode)
     denoiser = _denoiser(guider, extra_args)
     wants = bool(terms) and bool(merged_request(terms, denoiser.layers())[1])  # a reference is needed at all
     conds = guider.conds
@@ -297,18 +311,25 @@ def guided_function(
             settings=dataclasses.replace(settings, cfg=float(guider.cfg)),
             callback=progress.sampling_callback(callback, sigmas),
             check_interrupt=progress.check_interrupt,
-            inversion=replay_source(guider, terms, sigmas) if settings.reference == "inverted" and wants else None,
+            inversion=replay_source(guider, sigmas) if settings.reference == "inverted" and wants else None,
         )
+    text = summary(result)
+    (logger.warning if too_many_skipped(summarize(result)) else logger.info)("ZeroCon guidance: %s", text)
+    if sink is not None:
+        sink.append(result)
     if settings.keep_reference:
         return torch.cat([result.latent, result.reference])
     return result.latent
 
 
-def replay_source(guider, terms: tuple, sigmas: torch.Tensor) -> Inversion | None:
+def replay_source(guider, sigmas: torch.Tensor) -> Inversion | None:
     """The engine ``Inversion`` whose record the sampler replays, or None (logged; the sampler then runs
     "resampled"). Called only when the guidance needs reference captures. Replay only when the guider's
-    inversion recorded for the same resolved guidance terms, the same steps, the same model weights and the
-    same source conditioning (the engine checks the convention, the grid and the recorded layers)."""
+    inversion recorded for the same guidance terms (as connected, auto weights unresolved: the inversion does
+    not know the sampler's step mode, and a weight only decides whether a term is active), the same steps, the
+    same model weights and the same source conditioning (the engine checks the convention, the grid and the
+    recorded layers)."""
+    terms = tuple(guider.guidance)
     data = getattr(guider, "inversion", None)
     replay = data.replay if data is not None else None
     why = ""
@@ -328,6 +349,28 @@ def replay_source(guider, terms: tuple, sigmas: torch.Tensor) -> Inversion | Non
         logger.warning("ZeroCon: reference 'inverted' falls back to 'resampled': %s", why)
         return None
     return replay
+
+
+def diagnostics_outputs() -> list:
+    """The guided samplers' last two outputs: the per-step chart and the summary (``diagnostics_of``)."""
+    return [
+        io.Image.Output(
+            display_name="diagnostics",
+            tooltip="Per step: each guidance term's loss (scaled per term), the update size, skipped steps in red.",
+        ),
+        io.String.Output(
+            display_name="summary",
+            tooltip="At how many steps the guidance was applied, how big the update was, how hard each term pulled "
+            "(also shown on the node).",
+        ),
+    ]
+
+
+def diagnostics_of(sink: list) -> tuple[torch.Tensor, str]:
+    """``(chart IMAGE (1, H, W, 3), summary text)`` of the last guided run ``guided_function`` put in ``sink``."""
+    if not sink:  # the sampler did not run (nothing to sample)
+        return torch.ones(1, 64, 64, 3), "no guided sampling ran."
+    return chart(sink[-1]), summary(sink[-1])
 
 
 def split_reference(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -562,7 +605,7 @@ class ZeroConDDIMInversion(io.ComfyNode):
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(conditioning, negative if negative is not None else conditioning)
         guider.set_cfg(cfg)
-        terms = resolve_weights(guidance, family) if guidance else ()
+        terms = tuple(guidance or ())  # as connected: what a term records does not depend on its weight's value
         record = RecordSettings(guidance=terms) if terms else None
         settings = InversionSettings(
             cfg=float(cfg), regularization=reg, seed=int(seed), eval_at=convention, record=record
@@ -653,6 +696,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
                     tooltip="The reference branch: the source reconstructed from x_T (reference inverted: exactly the "
                     "latent the inversion started from).",
                 ),
+                *diagnostics_outputs(),
             ],
         )
 
@@ -695,9 +739,11 @@ class ZeroConGuidedSampler(io.ComfyNode):
             keep_reference=True,
             reference=reference,
         )
-        sampler = ZeroConKSampler(guided_function, extra_options={"settings": settings})
+        sink: list = []
+        sampler = ZeroConKSampler(guided_function, extra_options={"settings": settings, "sink": sink})
         edit, ref = split_reference(_run(guider, sampler, samples, inversion.sigmas, model, int(seed)))
-        return io.NodeOutput(_latent_out(base, edit), _latent_out(base, ref))
+        image, text = diagnostics_of(sink)
+        return io.NodeOutput(_latent_out(base, edit), _latent_out(base, ref), image, text, ui=ui.PreviewText(text))
 
 
 class ZeroConGuiderNode(io.ComfyNode):
@@ -750,7 +796,8 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "A SAMPLER for SamplerCustomAdvanced running pix2pix-zero(Con)'s guided DDIM loop. Needs the ZeroCon "
-                "Guider; use DisableNoise and the inversion's SIGMAS."
+                "Guider; use DisableNoise and the inversion's SIGMAS. A SAMPLER has no outputs of its own: the "
+                "guidance summary (steps applied, update size) goes to the console log."
             ),
             inputs=[
                 *step_inputs(),

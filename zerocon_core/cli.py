@@ -42,7 +42,7 @@ def _non_negative(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .sampler import BRANCHES
+    from .sampler import AUTO_STEP_SIZE, BRANCHES, STEP_MODES
 
     parser = argparse.ArgumentParser(
         prog="python -m zerocon_core", description="ZeroCon: training-free image translation."
@@ -129,14 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=_non_negative,
         default=None,
         metavar="X",
-        help="cross-attention guidance step (default: auto, 0.1; 0.01 for v-prediction; 0 = off)",
+        help="cross-attention guidance weight: a ratio in --step-mode auto (default 1), a step in raw mode "
+        "(default 0.1; 0.01 for v-prediction); 0 = off",
     )
     s.add_argument(
         "--nce-weight",
         type=_non_negative,
         default=None,
         metavar="X",
-        help="PatchNCE guidance weight (default: auto, 0.5; 0.05 for v-prediction; 0 = off)",
+        help="PatchNCE guidance weight: a ratio in --step-mode auto (default 1 = pulls as hard as "
+        "cross-attention), a step in raw mode (default 0.5; 0.05 for v-prediction); 0 = off",
+    )
+    s.add_argument(
+        "--step-mode",
+        choices=STEP_MODES,
+        default=None,
+        help="auto (default; raw with --branches pix2pix-zero): each guidance step moves the latent by "
+        "--step-size of its RMS, the terms mixed by their weights as ratios; raw: weight x gradient "
+        "(pix2pix-zero); normalized: the raw direction rescaled to RMS --step-size",
+    )
+    s.add_argument(
+        "--step-size",
+        type=_non_negative,
+        default=None,
+        metavar="X",
+        help=f"guidance step in auto mode, as a fraction of the latent's RMS (default {AUTO_STEP_SIZE:g}); "
+        "unused in raw mode",
     )
     s.add_argument(
         "--branches",
@@ -205,6 +223,7 @@ def _check_out(path: str) -> Path:
 
 def cmd_edit(args: argparse.Namespace) -> int:
     """The ``edit`` subcommand. Validates every path before loading a model; raises USER_ERRORS for fixable input."""
+    from .diagnostics import summary
     from .direction import load_direction, save_direction
     from .images import load_image, save_image
     from .pipeline import EditOptions, Timings, ZeroConPipeline
@@ -237,6 +256,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         xa_weight=args.xa_weight,
         nce_weight=args.nce_weight,
         branches=args.branches,
+        step_mode=args.step_mode,
+        step_size=args.step_size,
         regularization=not args.no_regularization,
         eval_at=args.inversion,
         posterior=args.posterior,
@@ -272,6 +293,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         f"caption:   {result.caption}",
         f"direction: {result.direction.describe()}",
         f"output:    {out} ({w}x{h})",
+        f"guidance:  {summary(result.sample)}" if result.sample is not None else "guidance:  none",
         "",
         "where the time went:",
         result.timings.table(),

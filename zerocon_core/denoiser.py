@@ -9,6 +9,10 @@ can record, on request, what the guidance losses need from inside the UNet:
 - ``features``: outputs of chosen self-attention (``attn1``) layers after their output projection,
   shape ``(B, C, H, W)``.
 
+On an MM-DiT (Flux, SD3) a "cross" layer is the text-to-image part of a block's joint attention (image-token
+queries against text-token keys, softmax over all keys) and a "self" layer is the block's image-token output,
+both on the latent's patch grid (H/2 x W/2).
+
 Gradients flow from both (and from ``eps``) to ``x`` when the caller enables grad inside
 ``denoiser.autograd_session()``. Conditionings are opaque, host-specific objects.
 """
@@ -23,14 +27,24 @@ from torch import Tensor
 
 KINDS = ("cross", "self")
 BLOCKS = ("down", "mid", "up")
+#: MM-DiT block kinds: Flux double-stream / single-stream blocks, SD3 joint blocks.
+DIT_BLOCKS = ("double", "single", "joint")
+#: A layer spec word meaning "the model family's default layers" (``default_layers``).
+AUTO = "auto"
+#: How many blocks the DiT defaults pick: text-image maps (from double / joint blocks) and PatchNCE features.
+DIT_DEFAULT_CROSS_BLOCKS = 5
+DIT_DEFAULT_FEATURE_BLOCKS = 4
 
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """One attention layer of the UNet.
+    """One attention layer of the UNet, or one capture point of an MM-DiT block.
 
     ``name`` is the host's unique id; ``kind`` is "cross" (attn2, text) or "self" (attn1); ``block`` is
     "down", "mid" or "up"; ``level`` is the downsampling level (0 = the latent's own resolution, 1 = half...).
+    On an MM-DiT ``block`` is "double" / "single" (Flux) or "joint" (SD3), ``level`` the block's index in its
+    stack, ``kind`` "cross" for the block's text-to-image attention probabilities and "self" for its
+    image-token output.
     """
 
     name: str
@@ -100,6 +114,45 @@ def no_session() -> ContextManager[None]:
     return contextlib.nullcontext()
 
 
+def _spread(items: Sequence[LayerInfo], count: int) -> list[LayerInfo]:
+    """``count`` items evenly spread over the second half of ``items`` (its last item always included)."""
+    n = len(items)
+    if n == 0:
+        return []
+    lo = n // 2
+    picks = sorted({round(lo + (n - 1 - lo) * j / max(count - 1, 1)) for j in range(count)})
+    return [items[p] for p in picks]
+
+
+def is_dit(layers: Sequence[LayerInfo]) -> bool:
+    """Whether ``layers`` come from an MM-DiT (Flux, SD3) rather than a UNet."""
+    return any(info.block in DIT_BLOCKS for info in layers)
+
+
+def default_layers(layers: Sequence[LayerInfo], kind: str) -> list[str]:
+    """The family's default layers of ``kind`` (what the spec "auto" selects), in forward order.
+
+    UNet: every cross-attention layer (pix2pix-zero's choice) and the up blocks' self-attention (ours, for
+    PatchNCE). MM-DiT (our choice, README "Guidance on Flux and SD3.5 (MM-DiT)"): text-image maps from
+    ``DIT_DEFAULT_CROSS_BLOCKS`` double-stream / joint blocks spread over the second half of that stack;
+    PatchNCE features from ``DIT_DEFAULT_FEATURE_BLOCKS`` blocks spread over the second half of the whole
+    model's depth (for Flux: single-stream blocks). Raises ``ValueError`` when there are none.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown layer kind {kind!r}; expected one of {KINDS}")
+    if not is_dit(layers):
+        return select_layers(layers, kind, BLOCKS if kind == "cross" else ("up",))
+    of_kind = [info for info in layers if info.kind == kind]
+    if kind == "cross":
+        joint = [info for info in of_kind if info.block in ("double", "joint")]
+        picked = _spread(joint or of_kind, DIT_DEFAULT_CROSS_BLOCKS)
+    else:
+        picked = _spread(of_kind, DIT_DEFAULT_FEATURE_BLOCKS)
+    if not picked:
+        raise ValueError(f"this model has no {kind} layers to guide")
+    return [info.name for info in picked]
+
+
 def select_layers(
     layers: Sequence[LayerInfo],
     kind: str,
@@ -108,31 +161,54 @@ def select_layers(
 ) -> list[str]:
     """Names of the layers of ``kind`` in ``blocks`` (and, if given, at ``levels``), in forward order.
 
-    Raises ``ValueError`` for an unknown kind/block or when nothing matches.
+    ``blocks`` = ("auto",) selects ``default_layers``. On an MM-DiT, UNet block names ("down", "mid", "up";
+    "all" parses to all three) also select the family's defaults, so the term nodes' UNet defaults and saved
+    SD workflows mean something sensible there; DiT block names ("double", "single", "joint") select blocks,
+    ``levels`` then being block indices. Raises ``ValueError`` for an unknown kind/block, DiT blocks on a
+    UNet, or when nothing matches.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown layer kind {kind!r}; expected one of {KINDS}")
-    bad = [b for b in blocks if b not in BLOCKS]
+    bad = [b for b in blocks if b not in BLOCKS + DIT_BLOCKS + (AUTO,)]
     if bad:
-        raise ValueError(f"unknown UNet block(s) {bad}; expected a subset of {BLOCKS}")
+        raise ValueError(f"unknown block(s) {bad}; expected a subset of {BLOCKS + DIT_BLOCKS} or {AUTO!r}")
+    dit = is_dit(layers)
+    if AUTO in blocks or (dit and all(b in BLOCKS for b in blocks)):
+        return default_layers(layers, kind)
+    if not dit and any(b in DIT_BLOCKS for b in blocks):
+        raise ValueError(
+            f"DiT block(s) {[b for b in blocks if b in DIT_BLOCKS]} asked for on a UNet; use {BLOCKS} or 'auto'"
+        )
     names = [
         info.name
         for info in layers
         if info.kind == kind and info.block in blocks and (levels is None or info.level in levels)
     ]
     if not names:
+        what = "block indices" if dit else "levels"
         raise ValueError(
             f"no {kind}-attention layers in blocks {list(blocks)}"
-            + (f" at levels {list(levels)}" if levels is not None else "")
-            + f"; this UNet has {sorted({(i.kind, i.block, i.level) for i in layers})}"
+            + (f" at {what} {list(levels)}" if levels is not None else "")
+            + f"; this model has {_describe(layers)}"
         )
     return names
 
 
-def parse_layer_spec(spec: str) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
-    """Parse a user layer spec: "all", or comma-separated blocks ("down,up"), optionally ":levels".
+def _describe(layers: Sequence[LayerInfo]) -> str:
+    if not is_dit(layers):
+        return str(sorted({(i.kind, i.block, i.level) for i in layers}))
+    counts: dict[str, int] = {}
+    for info in layers:
+        counts[info.block] = max(counts.get(info.block, 0), info.level + 1)
+    return ", ".join(f"{n} {b} blocks (indices 0-{n - 1})" for b, n in counts.items())
 
-    Examples: ``"all"``, ``"up"``, ``"down,mid"``, ``"up:0,1"`` (up blocks at levels 0 and 1).
+
+def parse_layer_spec(spec: str) -> tuple[tuple[str, ...], tuple[int, ...] | None]:
+    """Parse a user layer spec: "all", "auto", or comma-separated blocks ("down,up"), optionally ":levels".
+
+    Examples: ``"all"``, ``"up"``, ``"down,mid"``, ``"up:0,1"`` (up blocks at levels 0 and 1); for an MM-DiT
+    ``"double"``, ``"single:30,37"``, ``"joint:12,18"`` (indices are block numbers) and ``"auto"`` (the
+    family's defaults: ``default_layers``).
     """
     spec = spec.strip().lower()
     blocks_part, _, levels_part = spec.partition(":")
@@ -143,7 +219,12 @@ def parse_layer_spec(spec: str) -> tuple[tuple[str, ...], tuple[int, ...] | None
             levels = tuple(int(v) for v in levels_part.split(",") if v.strip())
         except ValueError as exc:
             raise ValueError(f"bad levels in layer spec {spec!r}: expected integers like 'up:0,1'") from exc
-    bad = [b for b in blocks if b not in BLOCKS]
+    bad = [b for b in blocks if b not in BLOCKS + DIT_BLOCKS + (AUTO,)]
     if bad:
-        raise ValueError(f"bad layer spec {spec!r}: unknown block(s) {bad}; use 'all' or a subset of {BLOCKS}")
+        raise ValueError(
+            f"bad layer spec {spec!r}: unknown block(s) {bad}; use 'all', 'auto', a subset of {BLOCKS} (UNet) "
+            f"or of {DIT_BLOCKS} (MM-DiT)"
+        )
+    if AUTO in blocks and (len(blocks) > 1 or levels is not None):
+        raise ValueError(f"bad layer spec {spec!r}: 'auto' stands alone")
     return blocks, levels

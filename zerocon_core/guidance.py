@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .denoiser import CaptureRequest, LayerInfo, Prediction, parse_layer_spec, select_layers
-from .losses import cross_attention_loss, multi_patch_nce_loss
+from .losses import PatchSamples, cross_attention_loss, multi_patch_nce_loss, patch_samples
 
 
 @dataclass
@@ -24,8 +24,9 @@ class StepContext:
     ``x`` is the edit latent in sigma space (requires grad), ``eps`` its prediction under the edit
     conditioning (differentiable), ``edit``/``ref`` the captures of the edit branch (differentiable) and of
     the reference branch (detached; None when no active term requested captures, so the reference branch
-    did not run). ``step`` counts from 0; ``sigma`` is a 0-d tensor. ``sigma_next``: the level the step goes
-    down to (0-d; None if the host does not say). ``state``: scratch space shared by the terms for one
+    did not run; replayed from the inversion's record, a feature layer read only by terms with a
+    ``samples_key`` holds ``losses.PatchSamples`` instead of the map). ``step`` counts from 0; ``sigma`` is
+    a 0-d tensor. ``sigma_next``: the level the step goes down to (0-d; None if the host does not say). ``state``: scratch space shared by the terms for one
     sampling run (created empty per run; terms key their entries by themselves).
     """
 
@@ -68,6 +69,17 @@ class GuidanceTerm:
     def loss(self, ctx: StepContext, request: CaptureRequest) -> Tensor:
         raise NotImplementedError
 
+    @property
+    def samples_key(self) -> tuple | None:
+        """None (the default): the term reads its reference feature maps whole. Otherwise the key of the
+        ``PatchSamples`` it reads (``reference_samples``): terms with equal keys read the same samples."""
+        return None
+
+    def reference_samples(self, layer: str, fmap: Tensor, step: int) -> PatchSamples | None:
+        """What this term reads of the reference feature map ``fmap`` (B, C, H, W) of ``layer`` at sampling
+        ``step`` (what the inversion records for it): None, the default, means the whole map."""
+        return None
+
 
 @dataclass(frozen=True)
 class CrossAttentionGuidance(GuidanceTerm):
@@ -94,7 +106,10 @@ class PatchNCEGuidance(GuidanceTerm):
     """Patch-wise contrastive (CUT PatchNCE) loss between edit and reference self-attention outputs.
 
     Our defaults for pix2pix-zeroCon (the paper is silent; docs/method.md §6): up-block ``attn1``
-    outputs, patch sizes {1, 2}, 256 shared sample locations, tau 0.07, no MLP head. Default weight 0.5:
+    outputs, patch sizes {1, 2}, 256 shared sample locations, tau 0.07, no MLP head. ``seed``: the sample
+    locations of a step are ``losses.patch_locations(seed, step, layer, patch size, ...)``, a pure function of
+    the term and the step, so DDIM inversion records the reference at exactly those positions
+    (``reference_samples``) and the sampler compares the edit there, replayed or not. Default weight 0.5:
     the weight at which its gradient pulls about as hard as the cross-attention term's at 0.1 (median
     gradient-RMS ratio 5.76 over a 10-step edit, random SD1.5 UNet, 256 px: ``bench/calibrate_patchnce.py``;
     README, "Calibrating PatchNCE"). Our choice: the zeroCon paper gives no weight.
@@ -105,6 +120,7 @@ class PatchNCEGuidance(GuidanceTerm):
     num_patches: int = 256
     tau: float = 0.07
     patch_sizes: tuple[int, ...] = field(default=(1, 2))
+    seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,8 +143,17 @@ class PatchNCEGuidance(GuidanceTerm):
             patch_sizes=self.patch_sizes,
             num_patches=self.num_patches,
             tau=self.tau,
-            generator=ctx.generator,
+            seed=self.seed,
+            step=ctx.step,
         )
+
+    @property
+    def samples_key(self) -> tuple:
+        return ("PatchNCE", tuple(int(p) for p in self.patch_sizes), int(self.num_patches), int(self.seed))
+
+    def reference_samples(self, layer: str, fmap: Tensor, step: int) -> PatchSamples:
+        """``fmap``'s p x p pooled values at this term's sample locations of ``step``, per patch size."""
+        return patch_samples(fmap, layer, step, self.patch_sizes, self.num_patches, self.seed)
 
 
 Guidance = tuple[GuidanceTerm, ...]

@@ -6,7 +6,9 @@ Sources: pix2pix-zero (cross-attention loss, auto-correlation and KL noise regul
 
 from __future__ import annotations
 
+import hashlib
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -48,21 +50,82 @@ def sample_patch_indices(num_locations: int, num_patches: int, generator: torch.
     return perm[: min(num_patches, num_locations)].to(device)
 
 
-def patch_nce_loss(query: Tensor, key: Tensor, indices: Tensor, tau: float = 0.07) -> Tensor:
-    """CUT's PatchNCE for one layer: query patches against key patches at the same ``indices``.
+def patch_locations(seed: int, step: int, layer: str, patch_size: int, num_locations: int, num_patches: int) -> Tensor:
+    """PatchNCE's sample locations for one (sampling step, layer, patch size): ``sample_patch_indices`` (int64, CPU;
+    row-major positions of the p x p pooled map) from a generator seeded by a hash of ``(seed, step, layer,
+    patch_size)`` alone. A pure function of those keys (not of what was drawn before), so DDIM inversion can
+    record exactly the positions the sampler will compare at that step, and replay and lockstep agree."""
+    key = f"{int(seed)}/{int(step)}/{layer}/{int(patch_size)}".encode()
+    digest = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") & (2**63 - 1)
+    return sample_patch_indices(num_locations, num_patches, torch.Generator().manual_seed(digest), "cpu")
 
-    ``query`` and ``key`` are ``(B, C, H, W)`` feature maps; the key side is detached (CUT orientation:
-    query = edited, key = source). Features are L2-normalised over channels; no MLP head. For each sampled
-    location the positive is the key at the same location and the negatives are the keys at the other
-    sampled locations of the same image (the diagonal of the negative block is masked with -10 before
-    dividing by ``tau``, as CUT does). Returns the mean cross-entropy; about ln(S) at chance for S patches.
+
+def pooled_size(shape: Sequence[int], patch_size: int) -> int:
+    """Number of locations of a ``(B, C, H, W)`` map after p x p average pooling (stride p, no padding)."""
+    return (int(shape[-2]) // patch_size) * (int(shape[-1]) // patch_size)
+
+
+def pooled_patches(fmap: Tensor, patch_size: int, indices: Tensor) -> Tensor:
+    """``(B, C, S)``: the p x p average-pooled ``fmap`` (B, C, H, W) at the flat positions ``indices`` (S,).
+    Pooling comes first: a sampled patch is the mean of its p x p block of the full map."""
+    pooled = fmap if patch_size == 1 else F.avg_pool2d(fmap, patch_size)
+    return pooled.flatten(2)[:, :, indices.to(fmap.device)]
+
+
+@dataclass(frozen=True)
+class PatchSamples:
+    """A ``(B, C, H, W)`` feature map reduced to what PatchNCE compares (what the inversion records).
+
+    ``shape``: the full map's shape. ``values[(patch_size, seed, num_patches)]``: ``(B, C, S)``, the map's
+    ``pooled_patches`` at ``patch_locations(seed, step, layer, patch_size, ...)`` of the step it was taken for.
     """
+
+    shape: tuple[int, ...]
+    values: dict[tuple[int, int, int], Tensor]
+
+    def to(self, **kwargs) -> PatchSamples:
+        return PatchSamples(self.shape, {k: v.to(**kwargs) for k, v in self.values.items()})
+
+    def detach(self) -> PatchSamples:
+        return PatchSamples(self.shape, {k: v.detach() for k, v in self.values.items()})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.values.values())
+
+    def merge(self, other: PatchSamples) -> PatchSamples:
+        if self.shape != other.shape:
+            raise ValueError(f"PatchNCE samples of maps of different shapes: {self.shape} vs {other.shape}")
+        return PatchSamples(self.shape, {**self.values, **other.values})
+
+
+def patch_samples(
+    fmap: Tensor, layer: str, step: int, patch_sizes: Sequence[int], num_patches: int, seed: int
+) -> PatchSamples:
+    """The ``PatchSamples`` of ``fmap`` (B, C, H, W) that ``multi_patch_nce_loss`` with these settings compares
+    at ``step`` (patch sizes leaving fewer than 2 locations are left out, as the loss skips them)."""
+    values = {}
+    for p in patch_sizes:
+        p = int(p)
+        n = pooled_size(fmap.shape, p)
+        if n >= 2:
+            idx = patch_locations(seed, step, layer, p, n, num_patches)
+            values[(p, int(seed), int(num_patches))] = pooled_patches(fmap, p, idx)
+    return PatchSamples(tuple(fmap.shape), values)
+
+
+def patch_nce(query: Tensor, key: Tensor, tau: float = 0.07) -> Tensor:
+    """CUT's PatchNCE on sampled patches: ``query`` and ``key`` are ``(B, C, S)``, patch ``s`` of the query is
+    matched with patch ``s`` of the key. The key side is detached (CUT orientation: query = edited, key = source).
+    Vectors are L2-normalised over channels; no MLP head. For each patch the positive is the key at the same
+    location and the negatives are the keys at the other sampled locations of the same image (the diagonal of
+    the negative block is masked with -10 before dividing by ``tau``, as CUT does). Returns the mean
+    cross-entropy; about ln(S) at chance."""
     if query.shape != key.shape:
-        raise ValueError(f"PatchNCE features differ in shape: {tuple(query.shape)} vs {tuple(key.shape)}")
-    b, c, h, w = query.shape
-    q = F.normalize(_f(query).flatten(2)[:, :, indices].transpose(1, 2), dim=-1)  # (B, S, C)
-    k = F.normalize(_f(key).detach().flatten(2)[:, :, indices].transpose(1, 2), dim=-1)
-    s = q.shape[1]
+        raise ValueError(f"PatchNCE samples differ in shape: {tuple(query.shape)} vs {tuple(key.shape)}")
+    b, _, s = query.shape
+    q = F.normalize(_f(query).transpose(1, 2), dim=-1)  # (B, S, C)
+    k = F.normalize(_f(key).detach().transpose(1, 2), dim=-1)
     l_pos = (q * k).sum(-1, keepdim=True)  # (B, S, 1)
     l_neg = torch.bmm(q, k.transpose(1, 2))  # (B, S, S)
     eye = torch.eye(s, dtype=torch.bool, device=q.device)[None]
@@ -72,18 +135,29 @@ def patch_nce_loss(query: Tensor, key: Tensor, indices: Tensor, tau: float = 0.0
     return F.cross_entropy(logits.reshape(b * s, 1 + s), target)
 
 
+def patch_nce_loss(query: Tensor, key: Tensor, indices: Tensor, tau: float = 0.07) -> Tensor:
+    """CUT's PatchNCE for one layer: ``patch_nce`` of the ``(B, C, H, W)`` maps ``query`` and ``key`` at the same
+    flat ``indices``. Returns the mean cross-entropy; about ln(S) at chance for S patches."""
+    if query.shape != key.shape:
+        raise ValueError(f"PatchNCE features differ in shape: {tuple(query.shape)} vs {tuple(key.shape)}")
+    return patch_nce(pooled_patches(query, 1, indices), pooled_patches(key, 1, indices), tau)
+
+
 def multi_patch_nce_loss(
     edit: Mapping[str, Tensor],
-    ref: Mapping[str, Tensor],
+    ref: Mapping[str, Tensor | PatchSamples],
     patch_sizes: Sequence[int] = (1, 2),
     num_patches: int = 256,
     tau: float = 0.07,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
+    step: int = 0,
 ) -> Tensor:
     """PatchNCE summed over layers and patch sizes (size p = p x p average pooling first).
 
-    Sample indices are drawn once per (layer, patch size) and shared by query and key. Our choice for
-    pix2pix-zeroCon (the paper does not say; docs/method.md §6).
+    Locations: ``patch_locations(seed, step, layer, p, ...)``, shared by query and key. ``ref`` maps a layer to
+    its full ``(B, C, H, W)`` map or to the ``PatchSamples`` recorded for these settings at this step (the
+    inversion's record). Sizes leaving fewer than 2 locations are skipped. Our choice for pix2pix-zeroCon (the
+    paper does not say; docs/method.md §6).
     """
     if set(edit) != set(ref):
         raise ValueError(f"PatchNCE layers differ: {sorted(set(edit) ^ set(ref))}")
@@ -94,13 +168,25 @@ def multi_patch_nce_loss(
     total = None
     for name, f_edit in edit.items():
         f_ref = ref[name]
+        ref_shape = f_ref.shape if isinstance(f_ref, PatchSamples) else tuple(f_ref.shape)
+        if tuple(f_edit.shape) != tuple(ref_shape):
+            raise ValueError(f"PatchNCE features differ in shape: {tuple(f_edit.shape)} vs {tuple(ref_shape)}")
         for p in patch_sizes:
             p = int(p)
-            q, k = (f_edit, f_ref) if p == 1 else (F.avg_pool2d(f_edit, p), F.avg_pool2d(f_ref, p))
-            if q.shape[-1] * q.shape[-2] < 2:
+            n = pooled_size(f_edit.shape, p)
+            if n < 2:
                 continue  # one location: no negatives, nothing to contrast
-            idx = sample_patch_indices(q.shape[-1] * q.shape[-2], num_patches, generator, q.device)
-            term = patch_nce_loss(q, k, idx, tau)
+            idx = patch_locations(seed, step, name, p, n, num_patches)
+            if isinstance(f_ref, PatchSamples):
+                k = f_ref.values.get((p, int(seed), int(num_patches)))
+                if k is None:
+                    raise ValueError(
+                        f"PatchNCE: the recorded reference of layer {name} lacks patch size {p} (seed {seed}, "
+                        f"{num_patches} patches): it was recorded for other PatchNCE settings"
+                    )
+            else:
+                k = pooled_patches(f_ref, p, idx)
+            term = patch_nce(pooled_patches(f_edit, p, idx), k, tau)
             total = term if total is None else total + term
     if total is None:
         raise ValueError("PatchNCE: every layer is too small for the chosen patch sizes")

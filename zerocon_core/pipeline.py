@@ -66,9 +66,11 @@ class EditOptions:
     ``target_sentences``, each side falling back to ``num_sentences`` template sentences about
     ``source`` / ``target``).
 
-    ``xa_weight`` / ``nce_weight`` None: auto (``auto_weights``: 0.1 / 0.5 for eps-prediction models, a tenth
-    of that for v-prediction); 0 disables a term. ``caption`` None: BLIP captions the image (or, with no BLIP, a
-    "a photo of a {source}" fallback with a warning).
+    ``step_mode`` None: "auto" (raw for ``branches`` "pix2pix-zero": ``sampler.default_step_mode``);
+    ``step_size`` None: the sampler's default (2 % of the latent's RMS per step in "auto").
+    ``xa_weight`` / ``nce_weight`` None: auto (``auto_weights``: in "auto" mode ratio 1 each; in "raw" mode
+    0.1 / 0.5 for eps-prediction models, a tenth of that for v-prediction); 0 disables a term. ``caption``
+    None: BLIP captions the image (or, with no BLIP, a "a photo of a {source}" fallback with a warning).
     """
 
     source: str | None = None
@@ -88,6 +90,8 @@ class EditOptions:
     xa_layers: str = "all"
     nce_layers: str = "up"
     branches: str = "edit"
+    step_mode: str | None = None
+    step_size: float | None = None
     regularization: bool = True
     eval_at: str = "current"
     posterior: str = "mean"
@@ -98,8 +102,10 @@ class EditOptions:
     blip_min_tokens: int = 0
 
     def sampler_settings(self) -> SamplerSettings:
-        """The guided sampler's settings for this edit (raises ``ValueError`` for bad ``branches``)."""
-        return SamplerSettings(cfg=self.cfg, branches=self.branches, seed=self.seed)
+        """The guided sampler's settings for this edit (raises ``ValueError`` for bad ``branches`` /
+        ``step_mode`` / ``step_size``)."""
+        size = {} if self.step_size is None else {"step_size": float(self.step_size)}
+        return SamplerSettings(cfg=self.cfg, branches=self.branches, seed=self.seed, step_mode=self.step_mode, **size)
 
     def validate(self) -> None:
         """Raise ``ValueError`` for settings that cannot work (before any model runs)."""
@@ -178,14 +184,21 @@ def default_guidance(
     nce_weight: float | None = None,
     xa_layers: str = "all",
     nce_layers: str = "up",
+    nce_seed: int = 0,
+    *,
+    step_mode: str,
 ) -> tuple[GuidanceTerm, ...]:
-    """Cross-attention + PatchNCE terms; a weight of None is auto (``auto_weights.resolve_weights``: 0.1 / 0.5
-    on eps-prediction models, 0.01 / 0.05 on v-prediction); weight 0 drops a term."""
+    """Cross-attention + PatchNCE terms for the sampler's ``step_mode``; a weight of None is auto
+    (``auto_weights.resolve_weights``: ratios 1 / 1 in "auto"; steps 0.1 / 0.5 on eps-prediction models,
+    0.01 / 0.05 on v-prediction in "raw" / "normalized"); weight 0 drops a term. ``nce_seed``: PatchNCE's
+    sample locations (``PatchNCEGuidance.seed``)."""
     terms = (
         CrossAttentionGuidance(weight=AUTO if xa_weight is None else float(xa_weight), layers=xa_layers),
-        PatchNCEGuidance(weight=AUTO if nce_weight is None else float(nce_weight), layers=nce_layers),
+        PatchNCEGuidance(
+            weight=AUTO if nce_weight is None else float(nce_weight), layers=nce_layers, seed=int(nce_seed)
+        ),
     )
-    return tuple(t for t in resolve_weights(terms, prediction_type) if t.weight > 0)
+    return tuple(t for t in resolve_weights(terms, prediction_type, step_mode=step_mode) if t.weight > 0)
 
 
 def _bar(total: int, desc: str, progress: bool):
@@ -507,10 +520,21 @@ class ZeroConPipeline:
             src_cond, edit_cond = self.conditionings(caption, direction, options.strength, work_size, input_size)
             z0 = encode_latents(self.vae, work, options.posterior, options.seed)
 
+        settings = options.sampler_settings()
         guidance = default_guidance(
-            self.prediction_type, options.xa_weight, options.nce_weight, options.xa_layers, options.nce_layers
+            self.prediction_type,
+            options.xa_weight,
+            options.nce_weight,
+            options.xa_layers,
+            options.nce_layers,
+            nce_seed=options.seed,
+            step_mode=settings.step_mode,
         )
-        logger.info("guidance: %s", ", ".join(f"{type(t).__name__}(weight={t.weight:g})" for t in guidance) or "none")
+        logger.info(
+            "guidance (step mode %s): %s",
+            settings.step_mode,
+            ", ".join(f"{type(t).__name__}(weight={t.weight:g})" for t in guidance) or "none",
+        )
         z, inv, res = invert_and_edit(
             self.denoiser,
             z0.to(self.device),
@@ -518,7 +542,7 @@ class ZeroConPipeline:
             edit_cond,
             steps=options.steps,
             guidance=guidance,
-            settings=options.sampler_settings(),
+            settings=settings,
             regularization=NoiseRegularization() if options.regularization else None,
             eval_at=options.eval_at,
             set_alpha_to_one=bool(self.scheduler_config.get("set_alpha_to_one", False)),

@@ -10,7 +10,13 @@ evaluated by the inversion: one reference forward there.
 
 Storage is compact (fp16 / bf16 on the offload device) and bounded by ``RecordSettings.budget_mb``: the
 levels that do not fit are not recorded, and the sampler runs the reference forward live at those steps
-(on the inverted latent, so the maps are the same; only the pass is not saved).
+(on the inverted latent, so the maps are the same; only the pass is not saved). Cross-attention
+probabilities are kept whole; a feature layer read only by terms with a ``samples_key`` (PatchNCE) keeps
+only what they read: the p x p pooled map at the step's sample locations (``losses.PatchSamples``), which
+are a pure function of the term's seed and (step, layer, patch size), so the sampler draws the same ones.
+
+Nothing here assumes a UNet: the contract is the ``Denoiser``'s (probs ``(B, heads, HW, T)``, features
+``(B, C, H, W)``), for any family whose inversion forward is the reference forward.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import Tensor
 from .denoiser import CaptureRequest, Prediction
 from .guidance import GuidanceTerm
 from .log import logger
+from .losses import PatchSamples
 
 REFERENCES = ("inverted", "resampled")
 STORAGE_DTYPES = {
@@ -65,7 +72,9 @@ class ReferenceRecord:
     ``eps`` None and the requested probs/features, in the storage dtype on the storage device.
     ``missing``: levels that needed captures but did not fit the budget. ``step_bytes``: bytes of one
     level's captures (0 before anything was recorded). ``eval_at`` / ``cfg``: the inversion's convention
-    and CFG (replay is exact only for "current" and cfg 1).
+    and CFG (replay is exact only for "current" and cfg 1). ``sampled``: feature layers kept as
+    ``PatchSamples``, with the ``samples_key`` of each term they were taken for; the other feature layers of
+    ``request`` are kept whole.
     """
 
     request: CaptureRequest
@@ -75,6 +84,7 @@ class ReferenceRecord:
     captures: dict[int, Prediction] = field(default_factory=dict)
     missing: list[int] = field(default_factory=list)
     step_bytes: int = 0
+    sampled: dict[str, frozenset] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
@@ -96,19 +106,27 @@ def needed_steps(terms: Sequence[GuidanceTerm], num_steps: int) -> list[int]:
 
 
 def prediction_bytes(p: Prediction) -> int:
-    """Bytes held by the probs and features of ``p`` (eps not counted)."""
-    return sum(t.numel() * t.element_size() for d in (p.probs, p.features) for t in d.values())
+    """Bytes held by the probs and features of ``p`` (eps not counted; ``PatchSamples`` by their values)."""
+    tensors = [*p.probs.values(), *p.features.values()]
+    return sum(t.nbytes if isinstance(t, PatchSamples) else t.numel() * t.element_size() for t in tensors)
 
 
 def step_record_bytes(
-    probs: Sequence[tuple[int, int]], features: Sequence[tuple[int, int]], tokens: int, bytes_per: int, batch: int = 1
+    probs: Sequence[tuple[int, int]],
+    features: Sequence[tuple[int, int]],
+    tokens: int,
+    bytes_per: int,
+    batch: int = 1,
+    patches: Sequence[tuple[int, int]] = (),
 ) -> int:
-    """Bytes of one level's record: ``batch * (sum_l heads_l * HW_l * tokens + sum_m C_m * HW_m) * bytes_per``.
+    """Bytes of one level's record:
+    ``batch * (sum_l heads_l * HW_l * tokens + sum_m C_m * HW_m + sum_j C_j * S_j) * bytes_per``.
 
-    ``probs``: (heads, HW) per recorded cross-attention layer; ``features``: (channels, HW) per recorded
-    self-attention layer. The stored shapes are (B, heads, HW, tokens) and (B, C, H, W).
+    ``probs``: (heads, HW) per recorded cross-attention layer; ``features``: (channels, HW) per feature layer
+    kept whole; ``patches``: (channels, S) per (PatchNCE layer, patch size) kept as samples, with
+    ``S = min(num_patches, (H // p) * (W // p))``. Stored shapes: (B, heads, HW, tokens), (B, C, H, W), (B, C, S).
     """
-    n = sum(h * hw * tokens for h, hw in probs) + sum(c * hw for c, hw in features)
+    n = sum(h * hw * tokens for h, hw in probs) + sum(c * hw for c, hw in features) + sum(c * k for c, k in patches)
     return batch * n * bytes_per
 
 
@@ -140,12 +158,37 @@ def resolve_reference(
     return "inverted", ""
 
 
+def record_gap(record: ReferenceRecord, terms: Sequence[GuidanceTerm], layers) -> str:
+    """Why ``record`` cannot stand in for the reference forward of ``terms`` over ``layers`` ("" when it can):
+    a layer the terms read is not recorded, or a term reads samples (``samples_key``) the record lacks."""
+    for term in terms:
+        req = term.request(layers)
+        if not (req.probs <= record.request.probs and req.features <= record.request.features):
+            return "the inversion's record lacks some guided layers"
+        key = term.samples_key
+        if key is None and any(n in record.sampled for n in req.features):
+            return f"the inversion recorded only samples of feature layers {type(term).__name__} reads whole"
+        if key is not None and any(n in record.sampled and key not in record.sampled[n] for n in req.features):
+            return (
+                f"the inversion recorded {type(term).__name__}'s samples for other settings (patch sizes, number "
+                "of patches or seed)"
+            )
+    return ""
+
+
 class Recorder:
     """Used by ``ddim_invert``: decides which levels to record and stores their captures within budget."""
 
     def __init__(self, settings: RecordSettings, layers, num_steps: int, eval_at: str, cfg: float) -> None:
         reqs, self.request = merged_request(settings.guidance, layers)
         capturing = [t for t, r in zip(settings.guidance, reqs) if r]
+        readers = {n: [t for t, r in zip(settings.guidance, reqs) if n in r.features] for n in self.request.features}
+        # a feature layer whose readers all read samples keeps only those (one reader per samples key)
+        self.samplers = {
+            n: list({t.samples_key: t for t in ts}.values())
+            for n, ts in readers.items()
+            if all(t.samples_key is not None for t in ts)
+        }
         self.settings = settings
         self.num_steps = num_steps
         self.dtype = STORAGE_DTYPES[settings.dtype]
@@ -153,6 +196,7 @@ class Recorder:
         # levels k = n - i for the sampling steps i >= 1 that need captures (step 0 is never evaluated here)
         self.wanted = sorted(num_steps - i for i in needed_steps(capturing, num_steps) if i >= 1)
         self.record = ReferenceRecord(self.request, num_steps, eval_at, cfg)
+        self.record.sampled = {n: frozenset(t.samples_key for t in ts) for n, ts in self.samplers.items()}
         self.keep: set[int] | None = None  # decided once one level's size is known
 
     def wants(self, k: int) -> CaptureRequest | None:
@@ -161,12 +205,25 @@ class Recorder:
             return None
         return self.request
 
+    def compact(self, name: str, fmap: Tensor, step: int) -> Tensor | PatchSamples:
+        """What the record keeps of the feature map of ``name`` at sampling ``step`` (before the storage cast)."""
+        terms = self.samplers.get(name)
+        if not terms:
+            return fmap
+        out = terms[0].reference_samples(name, fmap, step)
+        for t in terms[1:]:
+            out = out.merge(t.reference_samples(name, fmap, step))
+        return out
+
     def add(self, k: int, pred: Prediction) -> None:
+        """Store the captures of the inversion forward at level ``k`` (sampling step ``n - k``), if they fit."""
         dev = self.settings.device
+        step = self.num_steps - k
+        feats = {n: self.compact(n, t.detach(), step) for n, t in pred.features.items()}
         stored = Prediction(
             None,
             {n: t.detach().to(device=dev or t.device, dtype=self.dtype) for n, t in pred.probs.items()},
-            {n: t.detach().to(device=dev or t.device, dtype=self.dtype) for n, t in pred.features.items()},
+            {n: t.to(device=dev or fmap_device(t), dtype=self.dtype) for n, t in feats.items()},
         )
         size = prediction_bytes(stored)
         if self.keep is None:
@@ -197,6 +254,13 @@ class Recorder:
             self.settings.dtype,
         )
         return self.record
+
+
+def fmap_device(t: Tensor | PatchSamples) -> torch.device:
+    """The device a feature capture (map or ``PatchSamples``) lives on."""
+    if isinstance(t, PatchSamples):
+        return next(iter(t.values.values())).device if t.values else torch.device("cpu")
+    return t.device
 
 
 def replayed(record: ReferenceRecord, k: int, request: CaptureRequest, like: Tensor) -> Prediction | None:

@@ -81,6 +81,13 @@ def guided(zc, run, model, inversion, edited, **over):
         seed=0,
     )
     kw.update(over)
+    return run(zc.sampling.ZeroConGuidedSampler, **kw)[:2]  # (edit, reconstruction); diagnostics: guided_outputs
+
+
+def guided_outputs(zc, run, model, inversion, edited, **over):
+    """All the Guided Sampler's outputs: (edit, reconstruction, diagnostics IMAGE, summary STRING)."""
+    kw = dict(model=model, inversion=inversion, edited=edited, cfg=5.0, branches="edit", seed=0)
+    kw.update(over)
     return run(zc.sampling.ZeroConGuidedSampler, **kw)
 
 

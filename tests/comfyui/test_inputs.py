@@ -48,7 +48,7 @@ def test_seed_and_step_inputs_keep_their_ranges(infos):
     seed = _inputs(infos["ZeroConGuidedSampler"])["seed"][1]
     assert (seed["default"], seed["min"], seed["max"], seed["control_after_generate"]) == (0, 0, 2**64 - 1, True)
     mode = _inputs(infos["ZeroConDiffuseITSampler"])["step_mode"][1]
-    assert mode["options"] == ["raw", "normalized"] and mode["default"] == "raw"
+    assert mode["options"] == ["auto", "raw", "normalized"] and mode["default"] == "auto"
     assert "DiffuseIT's step" in mode["tooltip"]
     assert "pix2pix-zero's step" in _inputs(infos["ZeroConGuidedDDIMSampler"])["step_mode"][1]["tooltip"]
 

@@ -71,7 +71,8 @@ def test_guided_modes_with_a_separate_negative(zc, run, sd15_model, mode):
     _, recon_caption = _guided(zc, run, sd15_model, inversion, edit, step_mode=mode, guidance=guidance)
     assert torch.isfinite(both["samples"]).all() and torch.isfinite(recon_both["samples"]).all()
     moved = float((only["samples"] - plain["samples"]).norm())
-    assert float((both["samples"] - only["samples"]).norm()) > 0.2 * moved > 0  # measured 0.82 (normalized), 0.74 (raw)
+    # measured 0.15 (normalized), 0.52 (raw); 0.82 and 0.74 while PatchNCE drew other locations for each half
+    assert float((both["samples"] - only["samples"]).norm()) > 0.1 * moved > 0
     torch.testing.assert_close(recon_both["samples"], recon_edit["samples"], rtol=0, atol=0)
     assert not torch.allclose(recon_both["samples"], recon_caption["samples"])
 
@@ -157,8 +158,11 @@ def test_auto_weights_follow_the_model_family(zc, sd15_model, sd2v_model, sdxl_m
         g.CrossAttentionGuidance(weight=0.3),
     )
     for model, xa, nce in ((sd15_model, 0.1, 0.5), (sdxl_model, 0.1, 0.5), (sd2v_model, 0.01, 0.05)):
-        resolved = g.resolve_weights(terms, fam(model))
+        resolved = g.resolve_weights(terms, fam(model), "raw")
         assert [t.weight for t in resolved] == pytest.approx([xa, nce, 0.3])
+        # step mode auto: ratios, the same on every family
+        resolved = g.resolve_weights(terms, fam(model), "auto")
+        assert [t.weight for t in resolved] == pytest.approx([1.0, 1.0, 0.3])
 
 
 def test_v_prediction_guided_run(zc, run, sd2v_model):

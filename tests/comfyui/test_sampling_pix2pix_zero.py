@@ -56,7 +56,10 @@ def test_guided_sampler_pix2pix_zero_is_the_engine_and_differs_from_edit(zc, run
     assert effect > 1e-3 * float(plain["samples"].norm()), "guidance did not move the latent"
     for b, (latent, _) in out.items():
         assert float((latent["samples"] - p2pz["samples"]).norm()) > 0.1 * effect, b
-    torch.testing.assert_close(recon["samples"], plain_recon["samples"], rtol=0, atol=0)  # same reference branch
+    # the same reference branch: equal up to float32 round-off (with guidance its forwards capture the maps, and the
+    # capturing attention computes the probabilities explicitly instead of the fused kernel)
+    recon_scale = float(plain_recon["samples"].abs().max())
+    torch.testing.assert_close(recon["samples"] / recon_scale, plain_recon["samples"] / recon_scale, rtol=0, atol=1e-5)
 
 
 def test_guider_and_sampler_pair_runs_pix2pix_zero(zc, run, sd15_model):

@@ -146,7 +146,15 @@ def _dit_patcher(config, seed: int):
 
     with torch.inference_mode():
         base = config.get_model({})
-        _init_(base.diffusion_model, seed)
+        net = base.diffusion_model
+        _init_(net, seed)
+        gen = torch.Generator().manual_seed(seed + 1000)
+        for name, p in net.named_parameters():  # RMS-norm scales (Flux's QK-norm) about 1, as trained ones are
+            if name.endswith(".scale"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+        pos = getattr(net, "pos_embed", None)  # SD3's position table is a buffer `_init_` leaves uninitialised
+        if isinstance(pos, torch.Tensor):
+            pos.copy_(0.02 * torch.randn(pos.shape, generator=gen))
         base.eval()
         return comfy.model_patcher.ModelPatcher(
             base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()

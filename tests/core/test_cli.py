@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from zerocon_core import cli
+from zerocon_core.sampler import AUTO_STEP_SIZE
 
 from .tiny import PNG_H, PNG_W, tiny_sd_folder
 from .tiny_text import tiny_blip_folder
@@ -189,19 +190,23 @@ def test_cli_sentence_files_and_blip(model_dir, png, tmp_path, capsys):
 
 def test_cli_v_prediction(vpred_dir, png, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="zerocon"):
-        assert cli.main(_args(vpred_dir, png, tmp_path / "v.png", "--caption", "a cat")) == 0
+        assert cli.main(_args(vpred_dir, png, tmp_path / "v.png", "--caption", "a cat", "--step-mode", "raw")) == 0
     _check_png(tmp_path / "v.png")
     assert "v-prediction" in caplog.text
-    # the one auto-weight rule: every term a tenth of its eps default (as the nodes resolve it)
-    assert "guidance: CrossAttentionGuidance(weight=0.01), PatchNCEGuidance(weight=0.05)" in caplog.text
+    # the one auto-weight rule, raw mode: every term a tenth of its eps default (as the nodes resolve it)
+    assert "guidance (step mode raw): CrossAttentionGuidance(weight=0.01), PatchNCEGuidance(weight=0.05)" in caplog.text
 
 
-def test_cli_sdxl(tmp_path, png, caplog):
+def test_cli_sdxl(tmp_path, png, caplog, capsys):
     model = tiny_sd_folder(tmp_path / "sdxl-tiny", sdxl=True)
     with caplog.at_level(logging.INFO, logger="zerocon"):
         assert cli.main(_args(model, png, tmp_path / "xl.png", "--caption", "a cat", "--target-prompt", "a dog")) == 0
     _check_png(tmp_path / "xl.png")
     assert "loaded SDXL model" in caplog.text
+    # the default: step mode auto, the auto weights are the ratios 1 / 1; the summary is printed
+    assert "guidance (step mode auto): CrossAttentionGuidance(weight=1), PatchNCEGuidance(weight=1)" in caplog.text
+    guidance_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("guidance:"))
+    assert f"steps (step mode auto); mean update {100 * AUTO_STEP_SIZE:.1f}% of the latent RMS" in guidance_line
 
 
 def test_cli_subprocess(model_dir, png, tmp_path):

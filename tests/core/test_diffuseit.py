@@ -230,7 +230,7 @@ def test_guided_step_lowers_the_structure_loss(den, dino):
             edit_cond=cond,
             guidance=[term],
             callback=lambda i, n, xx, x0: out.__setitem__(weight, x0),
-            settings=SamplerSettings(cfg=1.0),
+            settings=SamplerSettings(cfg=1.0, step_mode="raw"),
         )
         return structure_value(dino, dec, out[weight], src)
 
@@ -250,7 +250,13 @@ def test_style_guidance_pulls_the_cls_toward_the_reference(den, dino):
     def cls_dist(weight):
         term = DinoStyleGuidance(weight=weight, dino=dino, decode=dec, reference=ref, lambda_pixel=0.0, dino_size=32)
         res = guided_ddim_sample(
-            den, x, g, source_cond=cond, edit_cond=cond, guidance=[term], settings=SamplerSettings(cfg=1.0)
+            den,
+            x,
+            g,
+            source_cond=cond,
+            edit_cond=cond,
+            guidance=[term],
+            settings=SamplerSettings(cfg=1.0, step_mode="raw"),
         )
         return float((dino_features(dino, dec(res.latent), 32).cls - ref_cls).pow(2).mean())
 
@@ -387,7 +393,7 @@ def test_both_branches_and_a_separate_negative(den, dino):
     neg, edit = tiny_cond(11), tiny_cond(10)
     kw = dict(source_cond=tiny_cond(9), edit_cond=edit, negative_cond=neg)
     res = guided_ddim_sample(
-        den, x, g, guidance=terms, **kw, settings=SamplerSettings(cfg=2.0, resample=2, branches="both")
+        den, x, g, guidance=terms, **kw, settings=SamplerSettings(cfg=2.0, resample=2, branches="both", step_mode="raw")
     )
     assert torch.isfinite(res.latent).all() and res.reference is None and res.skipped == []
     eps_neg, eps_edit = (p.eps for p in den.predict(x, g[0], [neg, edit]))
@@ -399,7 +405,7 @@ def test_both_branches_and_a_separate_negative(den, dino):
         want = term.weight * (halves[0] + halves[1]) / 2
         assert res.losses[0][type(term).__name__] == pytest.approx(want, rel=1e-9)
     edit_only = guided_ddim_sample(
-        den, x, g, guidance=terms, **kw, settings=SamplerSettings(cfg=2.0, resample=2, branches="edit")
+        den, x, g, guidance=terms, **kw, settings=SamplerSettings(cfg=2.0, resample=2, branches="edit", step_mode="raw")
     )
     unguided = guided_ddim_sample(den, x, g, **kw, settings=SamplerSettings(cfg=2.0, resample=2))
     moved = float((edit_only.latent - unguided.latent).norm())

@@ -76,13 +76,14 @@ def test_weight_is_applied_once(den, kind, weight):
         (p_ref,) = den.predict(x, sig[0], [src], req)
     if kind == "xattn":
         loss = L.cross_attention_loss(p_edit.probs, p_ref.probs)
-    else:  # the sampler's generator (seeded by ``seed``) draws the sample locations, in the layers' order
+    else:  # the term's seed (default 0) and the step draw the sample locations
         loss = L.multi_patch_nce_loss(
             {n: p_edit.features[n] for n in sorted(req.features)},
             {n: p_ref.features[n] for n in sorted(req.features)},
             patch_sizes=(1, 2),
             num_patches=8,
-            generator=torch.Generator().manual_seed(3),
+            seed=0,
+            step=0,
         )
     name = type(term).__name__
     assert res.losses[0][name] == pytest.approx(weight * float(loss), rel=1e-9)

@@ -214,23 +214,42 @@ def test_multi_patch_nce_matches_reference_all_locations():
         {k: t64(v) for k, v in f.items()},
         patch_sizes=(1, 2),
         num_patches=256,
-        generator=torch.Generator().manual_seed(0),
     )
     assert got.item() == pytest.approx(expected, rel=1e-10)
 
 
 def test_multi_patch_nce_sampled_indices_are_a_permutation_head():
-    """With fewer patches than locations: indices = head of randperm(HW) from the generator, per (layer, size)."""
+    """With fewer patches than locations: per (layer, size), indices = head of randperm(HW) drawn from a generator
+    seeded by the hash of (seed, step, layer, size) (blake2b, 8 bytes little-endian, top bit cleared)."""
+    import hashlib
+
+    def perm_head(key: str, n: int, s: int):
+        h = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & (2**63 - 1)
+        return torch.randperm(n, generator=torch.Generator().manual_seed(h))[:s].numpy()
+
     r = rng(7)
     e, f = r.normal(size=(1, 4, 8, 8)), r.normal(size=(1, 4, 8, 8))
-    got = L.multi_patch_nce_loss(
-        {"a": t64(e)}, {"a": t64(f)}, patch_sizes=(1, 2), num_patches=10, generator=torch.Generator().manual_seed(3)
-    )
-    g = torch.Generator().manual_seed(3)
-    idx1 = torch.randperm(64, generator=g)[:10].numpy()
-    idx2 = torch.randperm(16, generator=g)[:10].numpy()
+    got = L.multi_patch_nce_loss({"a": t64(e)}, {"a": t64(f)}, patch_sizes=(1, 2), num_patches=10, seed=3, step=5)
+    idx1, idx2 = perm_head("3/5/a/1", 64, 10), perm_head("3/5/a/2", 16, 10)
     expected = ref_patch_nce(e, f, idx1) + ref_patch_nce(avg_pool(e, 2), avg_pool(f, 2), idx2)
     assert got.item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_multi_patch_nce_on_recorded_samples_equals_the_reference_formula():
+    """The inversion's record (``patch_samples``: the pooled map at the step's locations) gives the loss of the full
+    reference map: CUT's formula at those locations, pooling first (odd sizes: the last row is dropped)."""
+    r = rng(9)
+    e, f = r.normal(size=(2, 4, 9, 6)), r.normal(size=(2, 4, 9, 6))
+    samples = L.patch_samples(t64(f), "a", 3, (1, 2), 10, seed=4)
+    assert sorted(samples.values) == [(1, 4, 10), (2, 4, 10)] and samples.shape == (2, 4, 9, 6)
+    got = L.multi_patch_nce_loss({"a": t64(e)}, {"a": samples}, (1, 2), 10, seed=4, step=3)
+    full = L.multi_patch_nce_loss({"a": t64(e)}, {"a": t64(f)}, (1, 2), 10, seed=4, step=3)
+    idx1 = L.patch_locations(4, 3, "a", 1, 54, 10).numpy()
+    idx2 = L.patch_locations(4, 3, "a", 2, 12, 10).numpy()
+    expected = ref_patch_nce(e, f, idx1) + ref_patch_nce(avg_pool(e, 2), avg_pool(f, 2), idx2)
+    assert got.item() == pytest.approx(expected, rel=1e-10) and full.item() == pytest.approx(expected, rel=1e-10)
+    with pytest.raises(ValueError, match="recorded for other PatchNCE settings"):
+        L.multi_patch_nce_loss({"a": t64(e)}, {"a": samples}, (1, 2), 10, seed=5, step=3)
 
 
 def test_multi_patch_nce_gradcheck_and_errors():
@@ -238,9 +257,7 @@ def test_multi_patch_nce_gradcheck_and_errors():
     q = t64(r.normal(size=(1, 3, 4, 4))).requires_grad_()
     k = t64(r.normal(size=(1, 3, 4, 4)))
     torch.autograd.gradcheck(
-        lambda x: L.multi_patch_nce_loss(
-            {"a": x}, {"a": k}, num_patches=5, tau=0.5, generator=torch.Generator().manual_seed(1)
-        ),
+        lambda x: L.multi_patch_nce_loss({"a": x}, {"a": k}, num_patches=5, tau=0.5, seed=1),
         (q,),
     )
     with pytest.raises(ValueError, match="layers differ"):

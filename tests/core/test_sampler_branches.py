@@ -34,7 +34,7 @@ def test_both_and_edit_are_sums_of_the_pix2pix_zero_copies_moves(den):
 
     def moved(branches: str):
         step = GuidedStep(den, 4, 10, s, None, [(term, req)], ref, neg, edit, torch.Generator().manual_seed(0))
-        out = _guidance_step(x, step, SamplerSettings(branches=branches))
+        out = _guidance_step(x, step, SamplerSettings(branches=branches, step_mode="raw"))
         assert out.finite
         return out.latents
 

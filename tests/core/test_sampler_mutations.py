@@ -95,7 +95,7 @@ def test_guided_loop_equals_the_written_out_loop(den, start, branches, separate_
         edit_cond=edit,
         negative_cond=neg,
         guidance=(CrossAttentionGuidance(weight=WEIGHT),),
-        settings=SamplerSettings(cfg=CFG, branches=branches, keep_reference=True),
+        settings=SamplerSettings(cfg=CFG, branches=branches, keep_reference=True, step_mode="raw"),
     )
     want, want_ref, want_losses = reference_loop(den, x, sig, src, edit, neg, CFG, WEIGHT, branches)
     assert rel_err(res.latent, want) < 1e-9
@@ -122,7 +122,7 @@ def test_both_differs_from_edit_by_the_negative_half(den, start):
             negative_cond=negative,
             guidance=terms,
             **kw,
-            settings=SamplerSettings(cfg=CFG, branches="edit"),
+            settings=SamplerSettings(cfg=CFG, branches="edit", step_mode="raw"),
         )
         b = sample(
             den,
@@ -131,7 +131,7 @@ def test_both_differs_from_edit_by_the_negative_half(den, start):
             negative_cond=negative,
             guidance=terms,
             **kw,
-            settings=SamplerSettings(cfg=CFG, branches="both"),
+            settings=SamplerSettings(cfg=CFG, branches="both", step_mode="raw"),
         )
         assert rel_err(b.latent, e.latent) > 0.25 * rel_err(e.latent, unguided.latent)
         first_edit, first_both = e.losses[0]["CrossAttentionGuidance"], b.losses[0]["CrossAttentionGuidance"]

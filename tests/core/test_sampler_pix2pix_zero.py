@@ -59,7 +59,7 @@ def ours(setup, weight: float, branches: str, negative=None) -> torch.Tensor:
         edit_cond=TextCond(caption.embeds + delta),
         negative_cond=negative,
         guidance=terms,
-        settings=SamplerSettings(cfg=CFG, branches=branches),
+        settings=SamplerSettings(cfg=CFG, branches=branches, step_mode="raw"),
     )
     return res.latent * vp_scale(sigmas[-1])
 
@@ -156,5 +156,7 @@ def test_any_term_moves_each_copy_by_its_own_half(setup):
     kw = dict(source_cond=caption, edit_cond=edit, negative_cond=neg, guidance=(term,))
     res = guided_ddim_sample(den, x, sigmas[3:5], settings=SamplerSettings(cfg=CFG, branches="pix2pix-zero"), **kw)
     assert rel(res.latent, x_next) < 1e-10
-    both = guided_ddim_sample(den, x, sigmas[3:5], settings=SamplerSettings(cfg=CFG, branches="both"), **kw)
+    both = guided_ddim_sample(
+        den, x, sigmas[3:5], settings=SamplerSettings(cfg=CFG, branches="both", step_mode="raw"), **kw
+    )
     assert rel(both.latent, x_next) > 1e-3

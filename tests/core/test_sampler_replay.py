@@ -15,6 +15,7 @@ import torch
 from zerocon_core.denoiser import CaptureRequest
 from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
 from zerocon_core.inversion import ddim_invert
+from zerocon_core.losses import PatchSamples, patch_locations
 from zerocon_core.replay import RecordSettings, step_record_bytes
 from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
 from zerocon_core.schedule import ddim_sigmas, inversion_sigmas
@@ -72,6 +73,7 @@ def sample(den, inv, setup, terms=TERMS, **settings):
 
 def test_replay_equals_lockstep_pinned_to_the_inverted_trajectory(den, setup):
     inv = invert(den, setup)
+    assert all(isinstance(f, PatchSamples) for c in inv.record.captures.values() for f in c.features.values())
     counting = Pinned(den)
     replay = sample(counting, inv, setup)
     assert replay.reference_mode == "inverted" and replay.replayed == [1, 2, 3]
@@ -96,13 +98,16 @@ def test_inverted_reconstruction_is_the_inversions_start_latent(den, setup):
     assert not torch.allclose(resampled.reference, inv.trajectory[0], atol=1e-6)  # DDIM reconstruction drifts
 
 
-def _formula_bytes(den, request: CaptureRequest, bytes_per: int) -> int:
-    """The tiny UNet: 8 heads everywhere; level 0 is 8x8 with 32 channels, level 1 4x4 with 64."""
+def _formula_bytes(den, request: CaptureRequest, bytes_per: int, num_patches: int, sizes=(1, 2)) -> int:
+    """The tiny UNet: 8 heads everywhere; level 0 is 8x8 with 32 channels, level 1 4x4 with 64. PatchNCE keeps
+    ``min(num_patches, HW / p^2)`` positions per layer and patch size."""
     level = {info.name: info.level for info in den.layers()}
-    hw, channels = {0: 64, 1: 16}, {0: 32, 1: 64}
-    probs = [(8, hw[level[n]]) for n in request.probs]
-    feats = [(channels[level[n]], hw[level[n]]) for n in request.features]
-    return step_record_bytes(probs, feats, TOKENS, bytes_per)
+    side, channels = {0: 8, 1: 4}, {0: 32, 1: 64}
+    probs = [(8, side[level[n]] ** 2) for n in request.probs]
+    patches = [
+        (channels[level[n]], min(num_patches, (side[level[n]] // p) ** 2)) for n in request.features for p in sizes
+    ]
+    return step_record_bytes(probs, [], TOKENS, bytes_per, patches=patches)
 
 
 @pytest.mark.parametrize("dtype, size", [("float16", 2), ("bfloat16", 2)])
@@ -111,12 +116,117 @@ def test_recorded_bytes_match_the_formula(den, setup, dtype, size):
     inv = invert(den, setup, terms, dtype=dtype)
     rec = inv.record
     assert rec.request.probs and rec.request.features
-    expected = _formula_bytes(den, rec.request, size)
+    expected = _formula_bytes(den, rec.request, size, num_patches=8)
+    # 8 of 64 and 8 of 16 positions at level 0, 8 of 16 and all 4 at level 1: less than the maps (C x HW)
+    assert expected < _formula_bytes(den, rec.request, size, num_patches=64) - 1000
     assert rec.step_bytes == expected
     assert sorted(rec.captures) == [1, 2, 3]  # levels n - i for the sampling steps 1..3 (step 0: live)
     assert rec.nbytes == 3 * expected and not rec.missing
     p = rec.captures[2]
     assert p.eps is None and all(t.dtype == getattr(torch, dtype) and t.device.type == "cpu" for t in p.probs.values())
+    for samples in p.features.values():
+        assert isinstance(samples, PatchSamples)
+        assert all(v.dtype == getattr(torch, dtype) and v.device.type == "cpu" for v in samples.values.values())
+
+
+def _pool(fmap: torch.Tensor, p: int) -> torch.Tensor:
+    """p x p block means of (B, C, H, W), written out (H, W multiples of p here)."""
+    b, c, h, w = fmap.shape
+    return fmap.reshape(b, c, h // p, p, w // p, p).mean(dim=(3, 5))
+
+
+def test_the_record_holds_the_pooled_features_at_exactly_the_steps_locations(den, setup):
+    """At level k (sampling step n - k), layer l and patch size p the record holds the p x p block means of the
+    inversion forward's map at ``patch_locations(seed, n - k, l, p)``, and nothing else."""
+    sigmas, _, src, _ = setup
+    term = PatchNCEGuidance(num_patches=8, seed=11)
+    inv = invert(den, setup, (term,))
+    rec, req = inv.record, term.request(den.layers())
+    inv_sigmas = inversion_sigmas(sigmas)
+    for k in (1, 2, 3):
+        with torch.no_grad():
+            (full,) = den.predict(inv.trajectory[k], inv_sigmas[k], [src], req)
+        for name in req.features:
+            fmap, stored = full.features[name], rec.captures[k].features[name]
+            assert isinstance(stored, PatchSamples) and stored.shape == tuple(fmap.shape)
+            assert sorted(stored.values) == [(1, 11, 8), (2, 11, 8)]
+            for p in (1, 2):
+                pooled = _pool(fmap, p).flatten(2)
+                idx = patch_locations(11, N - k, name, p, pooled.shape[-1], 8)
+                torch.testing.assert_close(stored.values[(p, 11, 8)], pooled[:, :, idx], rtol=0, atol=1e-12)
+                other = patch_locations(11, k, name, p, pooled.shape[-1], 8)  # the level's index, not the step's
+                if not torch.equal(other, idx):
+                    assert not torch.allclose(stored.values[(p, 11, 8)], pooled[:, :, other])
+
+
+def test_patch_locations_are_a_pure_function_of_seed_step_layer_and_size():
+    first = patch_locations(3, 2, "up.attn1", 2, 1024, 256)
+    torch.manual_seed(123)
+    torch.randperm(1000)  # what was drawn before does not matter
+    assert torch.equal(patch_locations(3, 2, "up.attn1", 2, 1024, 256), first)
+    assert first.dtype == torch.int64 and len(set(first.tolist())) == 256 and 0 <= int(first.min()) < 1024
+    assert int(first.max()) < 1024
+    for other in [(4, 2, "up.attn1", 2), (3, 1, "up.attn1", 2), (3, 2, "up.attn1b", 2), (3, 2, "up.attn1", 1)]:
+        assert not torch.equal(patch_locations(*other, 1024, 256), first), other
+    assert sorted(patch_locations(3, 2, "x", 1, 12, 256).tolist()) == list(range(12))  # fewer locations: all
+
+
+TERMS_SEED_1 = (TERMS[0], PatchNCEGuidance(weight=0.5, num_patches=8, seed=1))
+
+
+def test_a_record_for_other_patchnce_settings_is_not_replayed(den, setup, caplog):
+    """The sampler's PatchNCE draws other locations than the recorded ones (another seed): no replay, a note,
+    and the same edit as with a record made for its own settings."""
+    inv = invert(den, setup)  # TERMS: PatchNCE seed 0
+    with caplog.at_level(logging.WARNING, logger="zerocon"):
+        res = sample(den, inv, setup, TERMS_SEED_1)
+    assert res.reference_mode == "inverted" and res.replayed == []
+    assert any("recorded PatchNCEGuidance's samples for other settings" in n for n in res.notes), res.notes
+    assert "for other settings" in caplog.text
+    own = sample(den, invert(den, setup, TERMS_SEED_1), setup, TERMS_SEED_1)
+    assert own.replayed == [1, 2, 3]
+    torch.testing.assert_close(res.latent, own.latent, rtol=0, atol=1e-6)
+    assert float((own.latent - sample(den, inv, setup).latent).abs().max()) > 1e-6  # the seed matters
+
+
+class _WholeFeatures(GuidanceTerm):
+    """A term that reads the reference feature maps whole (as a non-PatchNCE term would)."""
+
+    def request(self, layers):
+        return PatchNCEGuidance().request(layers)
+
+    def loss(self, ctx, request):
+        return sum(((ctx.edit.features[n] - ctx.ref.features[n]) ** 2).mean() for n in sorted(request.features))
+
+
+def test_a_layer_also_read_whole_is_recorded_whole_and_replay_stays_exact(den, setup):
+    terms = (*TERMS, _WholeFeatures(weight=0.2))
+    inv = invert(den, setup, terms)
+    assert inv.record.sampled == {} and all(
+        isinstance(t, torch.Tensor) and t.ndim == 4 for t in inv.record.captures[2].features.values()
+    )
+    replay = sample(den, inv, setup, terms)
+    pinned = Pinned(den, inv)
+    lockstep = sample(pinned, inv, setup, terms, reference="resampled")
+    assert replay.replayed == [1, 2, 3]
+    torch.testing.assert_close(replay.latent, lockstep.latent, rtol=0, atol=1e-6)
+
+
+def test_a_record_of_samples_is_not_replayed_to_a_term_reading_whole_maps(den, setup):
+    inv = invert(den, setup)  # PatchNCE only reads the features: samples recorded
+    terms = (*TERMS, _WholeFeatures(weight=0.2))
+    res = sample(den, inv, setup, terms)
+    assert res.replayed == [] and any("_WholeFeatures reads whole" in n for n in res.notes), res.notes
+    torch.testing.assert_close(
+        res.latent, sample(den, invert(den, setup, terms), setup, terms).latent, rtol=0, atol=1e-6
+    )
+
+
+def test_the_samplers_seed_does_not_move_patchnce_locations(den, setup):
+    """PatchNCE's locations come from the term's seed (so the inversion can record them), not the sampler's."""
+    inv = invert(den, setup)
+    a, b = sample(den, inv, setup, seed=0), sample(den, inv, setup, seed=5)
+    assert torch.equal(a.latent, b.latent)
 
 
 def test_only_levels_where_a_capturing_term_is_active_are_recorded(den, setup):
@@ -185,3 +295,10 @@ def test_bad_reference_and_record_settings_are_refused():
         RecordSettings(dtype="int8")
     with pytest.raises(ValueError, match="record budget must be >= 0 MiB"):
         RecordSettings(budget_mb=-1)
+
+
+def test_the_command_lines_seed_seeds_patchnce():
+    from zerocon_core.pipeline import default_guidance
+
+    (nce,) = [t for t in default_guidance("eps", nce_seed=5, step_mode="auto") if isinstance(t, PatchNCEGuidance)]
+    assert nce.seed == 5 and nce.samples_key == ("PatchNCE", (1, 2), 256, 5)

@@ -122,22 +122,26 @@ Runs the model backwards from the image to noise x_T with the caption, so sampli
 GUIDE_NOTE = """### Guidance (what keeps the layout)
 At each step the edit's latent takes one gradient step so that its features stay close to the reconstruction's.
 
-- **Cross-Attention Guidance** (pix2pix-zero): *weight* −1 = auto (0.1 for SD1.x / SD2-base / SDXL, 0.01 for
-  v-prediction SD2-768); *layers* `all`.
-- **PatchNCE Guidance** (zeroCon): patch-wise contrastive loss on the up-block self-attention outputs. Auto *weight*
-  0.5 (0.05 for v-prediction), calibrated to pull as hard as cross-attention at 0.1; *patches* 256 sampled
-  locations, *tau* 0.07, *patch_sizes* `1,2`. These are our defaults: the zeroCon paper does not state them.
+- *weight* −1 = auto, no tuning: with the sampler's *step_mode* `auto` a weight is a **ratio**, how hard a term pulls
+  next to the others (auto: 1 each, both terms pull equally hard; 2 = twice as hard as the other). The total pull is
+  the sampler's *step_size*. With *step_mode* `raw` the weight is a step size (auto: 0.1 / 0.5 for SD1.x / SD2-base /
+  SDXL, a tenth of that for v-prediction SD2-768).
+- **Cross-Attention Guidance** (pix2pix-zero): *layers* `all`.
+- **PatchNCE Guidance** (zeroCon): patch-wise contrastive loss on the up-block self-attention outputs; *patches* 256
+  sampled locations, *tau* 0.07, *patch_sizes* `1,2`. These are our defaults: the zeroCon paper does not state them.
 - *start* / *end*: the fraction of the steps during which a term is active. *weight* 0 turns a term off; remove the
   link into the sampler's *guidance* for a plain DDIM edit (no guidance).
-- More weight = closer to the source layout, but too much can leave the edit half-done.
 """
 
 SAMPLER_NOTE = """### Guided sampler
 From x_T, a reference branch reconstructs the source while the edit branch samples the edited caption.
 
 - *cfg* 5 with the **caption as the negative** (pix2pix-zero, for real images). Connect a *negative* to override.
-- *step_mode* `raw`: the latent moves by weight × gradient (pix2pix-zero). `normalized`: the step is rescaled to RMS
-  *step_size*, steadier across models and sizes.
+- *step_mode* `auto`: each step moves the latent by *step_size* (0.02 = 2 %) of its own size, shared by the guidance
+  terms by their weights: the same strength on every model. Structure lost: raise *step_size*; noisy: lower it.
+  `raw`: the latent moves by weight × gradient (pix2pix-zero; the weights are step sizes).
+- **diagnostics** / **summary**: a per-step chart and a one-line summary (also on the node): at how many steps the
+  guidance was applied, how big the update was, how hard each term pulled.
 - *branches* `edit` guides only the edited forward (fastest); `both` guides the negative and the edited forwards of
   one latent; `pix2pix-zero` is pix2pix-zero's own update (one copy of the latent per CFG half).
 - *seed* only picks PatchNCE's sample locations: sampling is deterministic.
@@ -265,7 +269,7 @@ def _edit_chain(
             "col": 4,
             "widgets": {
                 "cfg": 5.0,
-                "step_mode": "raw",
+                "step_mode": "auto",
                 "step_size": 0.02,
                 "branches": "edit",
                 "seed": 0,
@@ -870,7 +874,8 @@ source *image* (the one you encoded):
   keys (each patch stays like the same patch of the source). More = closer to the source layout.
 - *lambda_semantic* 100: pushes the first, noisiest steps away from the previous step (DiffuseIT's acceleration);
   *lambda_range* 200: keeps decoded pixels inside [0, 1]. 0 turns a term off.
-- *weight* scales all of them (0 disables the node). *dino_size* 224 is DiffuseIT's DINO resolution (larger =
+- *weight* −1 = auto: with the sampler's `auto` step mode a ratio (structure 1; semantic and range 0.5 each), with
+  `raw` a global multiplier (auto 1). 0 disables the node. *dino_size* 224 is DiffuseIT's DINO resolution (larger =
   finer structure, slower). *start* / *end*: the fraction of the steps during which it is active.
 - *noise_blend*: DiffuseIT's `--use_noise_aug_all` (losses on a noise-blended estimate).
 
@@ -887,8 +892,8 @@ Pulls the decoded prediction toward the **reference** image:
   when the reference's colours should not leak in).
 - *weight*, *dino_size*, *start* / *end* and the *vae* input (TAESD for speed) as in Structure Guidance.
 
-Balance the two nodes with their *weight*: more style weight = more of the reference, less of the source's
-structure. Chained through *previous*: both terms reach the sampler on one link.
+Balance the two nodes with their *weight* (auto: 1 each, equal pull): more style weight = more of the reference,
+less of the source's structure. Chained through *previous*: both terms reach the sampler on one link.
 """
 
 DIFFUSEIT_SAMPLER_NOTE = """### DiffuseIT Sampler
@@ -898,8 +903,9 @@ No inversion: the encoded source is **noised** to the start level, then sampled 
 - *resample* 10 (DiffuseIT): the first step is repeated with re-noising in between, which helps the guidance take
   hold; 1 turns it off (faster). It costs *resample* − 1 extra guided steps.
 - *steps* 50: the full DDIM schedule; only the last *strength* part is run. *cfg* 5 between positive and negative.
-- *step_mode* `raw`: the latent moves by weight × gradient (DiffuseIT's step); `normalized`: each step is rescaled to
-  RMS *step_size* (steadier across models and sizes). *seed*: the start and resampling noise.
+- *step_mode* `auto`: each step moves the latent by *step_size* (2 %) of its size, shared by the terms by their
+  weights; `raw`: weight × gradient (DiffuseIT's step). *seed*: the start and resampling noise.
+- **diagnostics** / **summary**: per-step chart and summary (also on the node): steps applied, update size, pulls.
 
 Every guided step backpropagates through the UNet, the VAE decoder and DINO: much slower than a KSampler.
 """
@@ -1006,7 +1012,7 @@ and write the {"description" if style else "target"} in the positive prompt, the
             "type": "ZeroConDinoStructureGuidance",
             "col": 2,
             "widgets": {
-                "weight": 1.0,
+                "weight": -1.0,
                 "lambda_ssim": 1000.0,
                 "lambda_contrastive": 200.0,
                 "lambda_semantic": 100.0,
@@ -1025,7 +1031,7 @@ and write the {"description" if style else "target"} in the positive prompt, the
                 "type": "ZeroConDinoStyleGuidance",
                 "col": 2,
                 "widgets": {
-                    "weight": 1.0,
+                    "weight": -1.0,
                     "lambda_cls": 2000.0,
                     "lambda_pixel": 3000.0,
                     "dino_size": 224,
@@ -1051,7 +1057,7 @@ and write the {"description" if style else "target"} in the positive prompt, the
                 "resample": 10,
                 "seed": 0,
                 **ctl,
-                "step_mode": "raw",
+                "step_mode": "auto",
                 "step_size": 0.02,
             },
         },

@@ -1,0 +1,354 @@
+"""ComfyUI benchmark on a Flux-shaped MM-DiT: one guided step vs one stock step, and capture memory per block.
+
+Runs inside ComfyUI's environment, in ONE process, on CPU: a Flux-dev-shaped model built from ComfyUI's own
+classes at full width (hidden 3072, 24 heads of 128, T5 context 4096 wide, 512 text tokens, RoPE axes
+16/56/56) with few blocks (default 1 double + 1 single), random weights (under inference mode, as a loader
+builds it), 512 px (a 64 x 64 latent, 32 x 32 = 1024 image tokens).
+
+    COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_dit.py                 # 512 px, cfg 1, 2 threads
+    COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_dit.py --cfg 3.5 --double 2 --single 2
+    COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_dit.py --cfg 3.5 --reference inverted  # replayed reference
+
+Measured (wall and process CPU time, one process, the same model and latent):
+
+- stock: one ``euler`` step of ComfyUI's KSampler (median of the steps after the first);
+- guided: one step of the engine's ``guided_ddim_sample`` through ``ComfyDenoiser`` with the default
+  CrossAttentionGuidance + PatchNCEGuidance (layers "auto"), split into its forwards (reference capture,
+  guided forward (+ backward, not in the list), the step's CFG pair); ``--reference resampled``: the
+  reference branch run live; ``inverted``: replayed from a 2-step inversion's record (the second step);
+- capture memory of one guided block: the ``TextProbabilities`` forward and backward on that block's q / k
+  shapes, peak bytes allocated (PyTorch profiler memory events, CPU) at this size, next to the formula
+  ``dit_capture.capture_bytes`` at this size and at 1024 px, and next to a dense softmax over all keys.
+
+Writes bench/out/bench_dit_<size>_<reference>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser().resolve()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+HIDDEN, HEADS, CONTEXT, POOLED, TEXT_TOKENS = 3072, 24, 4096, 768, 512
+
+
+def flux_config(double: int, single: int) -> dict:
+    return {
+        "image_model": "flux",
+        "in_channels": 16,
+        "patch_size": 2,
+        "out_channels": 16,
+        "vec_in_dim": POOLED,
+        "context_in_dim": CONTEXT,
+        "hidden_size": HIDDEN,
+        "mlp_ratio": 4.0,
+        "num_heads": HEADS,
+        "depth": double,
+        "depth_single_blocks": single,
+        "axes_dim": [16, 56, 56],
+        "theta": 10000,
+        "qkv_bias": True,
+        "guidance_embed": True,
+    }
+
+
+def build_model(double: int, single: int, seed: int):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    config = comfy.supported_models.Flux(flux_config(double, single))
+    config.set_inference_dtype(torch.float32, None)
+    with torch.inference_mode():
+        base = config.get_model({})
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in base.diffusion_model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+            else:  # norm weights / QK-norm scales about 1, biases about 0
+                one = name.endswith(("weight", "scale"))
+                p.copy_((1.0 if one else 0.0) + 0.02 * torch.randn(p.shape, generator=gen))
+        base.eval()
+        return comfy.model_patcher.ModelPatcher(
+            base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+        )
+
+
+class Clock:
+    """(wall, process CPU) seconds."""
+
+    @staticmethod
+    def now() -> tuple[float, float]:
+        return time.perf_counter(), time.process_time()
+
+    @staticmethod
+    def since(start: tuple[float, float]) -> tuple[float, float]:
+        w, c = Clock.now()
+        return w - start[0], c - start[1]
+
+
+class StepClock:
+    """(wall, CPU) stamps of ComfyUI's progress-bar ticks (one per sampling step)."""
+
+    def __init__(self):
+        self.stamps: list[tuple[float, float]] = []
+
+    def hook(self, value, total, preview, node_id=None):
+        self.stamps.append(Clock.now())
+
+    def per_step(self, start) -> list[tuple[float, float]]:
+        ts = [start] + self.stamps
+        return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(ts, ts[1:])]
+
+
+class TimedDenoiser:
+    """Forwards ``predict`` to a ComfyDenoiser and logs (what, wall, CPU) per call."""
+
+    def __init__(self, den):
+        self.den, self.calls = den, []
+
+    def __getattr__(self, name):
+        return getattr(self.den, name)
+
+    def predict(self, x, sigma, conds, capture=None):
+        import torch
+
+        start = Clock.now()
+        out = self.den.predict(x, sigma, conds, capture)
+        what = f"{'grad ' if torch.is_grad_enabled() else ''}{'capture ' if capture else ''}B={len(conds)}"
+        self.calls.append((what, *Clock.since(start)))
+        return out
+
+
+def peak_allocated(fn) -> int:
+    """Peak bytes allocated (CPU) above the start while ``fn`` runs, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        ((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+    )
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def capture_memory(dc, size: int, chunk) -> dict:
+    """Measured peak of one block's probability capture (forward; backward) at ``size`` px vs the formulas."""
+    import torch
+
+    n = (size // 16) ** 2
+    total = n + TEXT_TOKENS
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, HEADS, total, HIDDEN // HEADS, generator=gen).requires_grad_(True)
+    k = torch.randn(1, HEADS, total, HIDDEN // HEADS, generator=gen).requires_grad_(True)
+    image, text = slice(TEXT_TOKENS, total), slice(0, TEXT_TOKENS)
+    held = {}
+
+    def forward():
+        held["p"] = dc.text_probabilities(q, k, image, text, None, chunk)
+
+    fwd = peak_allocated(forward)
+    grad = torch.randn(held["p"].shape, generator=gen)
+
+    def backward():
+        torch.autograd.grad(held["p"], (q, k), grad)
+
+    bwd = peak_allocated(backward)
+    held.clear()
+
+    def dense():
+        s = (q @ k.transpose(-1, -2) / (HIDDEN // HEADS) ** 0.5).softmax(-1)
+        held["p"] = s[:, :, image, text]
+
+    dense_fwd = peak_allocated(dense)
+    held.clear()
+    return {
+        "image_tokens": n,
+        "text_tokens": TEXT_TOKENS,
+        "measured_forward_mb": fwd / 2**20,
+        "measured_backward_mb": bwd / 2**20,
+        "formula_forward_mb": dc.capture_bytes(1, HEADS, n, TEXT_TOKENS, total, chunk) / 2**20,
+        "formula_backward_mb": dc.capture_bytes(1, HEADS, n, TEXT_TOKENS, total, chunk, backward=True, head_dim=128)
+        / 2**20,
+        "dense_softmax_forward_mb": dense_fwd / 2**20,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels")
+    ap.add_argument("--double", type=int, default=1, help="double-stream blocks")
+    ap.add_argument("--single", type=int, default=1, help="single-stream blocks")
+    ap.add_argument("--cfg", type=float, default=1.0, help="CFG of both samplers (Flux-dev: 1, distilled guidance)")
+    ap.add_argument(
+        "--reference",
+        choices=["resampled", "inverted"],
+        default="resampled",
+        help="resampled: one step with the live reference branch; inverted: a 2-step inversion records the "
+        "captures and the second guided step (replayed reference) is timed",
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "bench" / "out"))
+    args = ap.parse_args(argv)
+
+    sys.path.insert(0, str(COMFYUI))
+    from comfy.cli_args import args as cargs
+
+    cargs.cpu = True
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import comfy.samplers
+    import comfy.utils
+    from bench_comfyui import Peak
+
+    import nodes as comfy_nodes
+
+    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
+    from conftest import pack_module  # loads the pack from this checkout the way ComfyUI does
+
+    dc = pack_module("nodes.dit_capture")
+    den_mod = pack_module("nodes.comfy_denoiser")
+    guidance = pack_module("zerocon_core.guidance")
+    sampler = pack_module("zerocon_core.sampler")
+    inversion = pack_module("zerocon_core.inversion")
+    replay = pack_module("zerocon_core.replay")
+
+    res: dict = {"size": args.size, "double": args.double, "single": args.single, "cfg": args.cfg}
+    res["reference"] = args.reference
+    res["threads"] = args.threads
+    start = Clock.now()
+    model = build_model(args.double, args.single, 0)
+    res["build_s"] = Clock.since(start)[0]
+    gen = torch.Generator().manual_seed(1)
+
+    def cond(seed):
+        g = torch.Generator().manual_seed(seed)
+        extra = {"pooled_output": torch.randn(1, POOLED, generator=g), "guidance": 3.5}
+        return [[torch.randn(1, TEXT_TOKENS, CONTEXT, generator=g), extra]]
+
+    source, edited, negative = cond(2), cond(3), cond(4)
+    h = args.size // 8
+    latent = {"samples": torch.randn(1, 16, h, h, generator=gen)}
+    clock = StepClock()
+    comfy.utils.set_progress_bar_global_hook(clock.hook)
+
+    with torch.inference_mode():  # stock: KSampler euler, 3 steps; the steps after the first are timed
+        clock.stamps.clear()
+        with Peak(False) as pk_stock:
+            t0 = Clock.now()
+            comfy_nodes.common_ksampler(model, 0, 3, args.cfg, "euler", "simple", edited, negative, latent)
+        stock_steps = clock.per_step(t0)[1:]
+    res["stock_step_wall_s"] = statistics.median(s[0] for s in stock_steps)
+    res["stock_step_cpu_s"] = statistics.median(s[1] for s in stock_steps)
+    res["stock_peak_rss_added_mb"] = pk_stock.added
+
+    terms = (guidance.CrossAttentionGuidance(layers="auto"), guidance.PatchNCEGuidance(layers="auto"))
+    found = {}
+
+    def function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        guider = model_k.inner_model
+        den = TimedDenoiser(den_mod.ComfyDenoiser(guider.inner_model, extra_args["model_options"]))
+        found["layers"] = sorted(terms[0].request(den.layers()).probs | terms[1].request(den.layers()).features)
+        settings = sampler.SamplerSettings(cfg=args.cfg, step_mode="normalized", reference=args.reference)
+        src, edit = guider.conds["positive"], guider.conds["negative"]
+        with torch.inference_mode(False):
+            if args.reference == "inverted":  # invert 2 steps with a record, sample 2 steps; time the 2nd
+                inv = inversion.ddim_invert(
+                    den, x.clone(), sigmas.flip(0).clone(), src, record=replay.RecordSettings(guidance=terms)
+                )
+                stamps = []
+                den.calls.clear()
+                t0 = Clock.now()
+                with Peak(False) as pk:
+                    sampler.guided_ddim_sample(
+                        den, inv.latent, sigmas.clone(), source_cond=src, edit_cond=edit, guidance=terms,
+                        settings=settings, inversion=inv,
+                        callback=lambda *a: stamps.append((*Clock.now(), len(den.calls))),
+                    )  # fmt: skip
+                found["total"] = (stamps[1][0] - stamps[0][0], stamps[1][1] - stamps[0][1])
+                found["calls"] = den.calls[stamps[0][2] : stamps[1][2]]  # the second step's calls
+            else:
+                for _ in range(2):  # the first run warms up (allocator, autograd); the second is timed
+                    den.calls.clear()
+                    t0 = Clock.now()
+                    with Peak(False) as pk:
+                        sampler.guided_ddim_sample(
+                            den, x.clone(), sigmas[:2].clone(), source_cond=src, edit_cond=edit, guidance=terms,
+                            settings=settings,
+                        )  # fmt: skip
+                    found["total"] = Clock.since(t0)
+                found["calls"] = list(den.calls)
+        found["peak"] = pk.added
+        return x
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.inner_set_conds({"positive": source, "negative": edited})
+    levels = 3 if args.reference == "inverted" else 2
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 28)[10 : 10 + levels]
+    with torch.inference_mode():
+        guider.sample(torch.randn(latent["samples"].shape, generator=gen), latent["samples"],
+                      comfy.samplers.KSAMPLER(function), sigmas)  # fmt: skip
+    res["guided_layers"] = found["layers"]
+    res["guided_step_wall_s"], res["guided_step_cpu_s"] = found["total"]
+    res["guided_forwards"] = [{"what": w, "wall_s": a, "cpu_s": b} for w, a, b in found["calls"]]
+    res["guided_peak_rss_added_mb"] = found["peak"]
+    res["guided_over_stock_wall"] = res["guided_step_wall_s"] / res["stock_step_wall_s"]
+    res["guided_over_stock_cpu"] = res["guided_step_cpu_s"] / res["stock_step_cpu_s"]
+
+    chunk = dc.Chunking()
+    res["chunk"] = [chunk.queries, chunk.keys]
+    res["capture_memory"] = capture_memory(dc, args.size, chunk)
+    n1024 = (1024 // 16) ** 2
+    res["capture_memory_1024_formula_mb"] = {
+        "forward": dc.capture_bytes(1, HEADS, n1024, TEXT_TOKENS, n1024 + TEXT_TOKENS, chunk) / 2**20,
+        "backward": dc.capture_bytes(
+            1, HEADS, n1024, TEXT_TOKENS, n1024 + TEXT_TOKENS, chunk, backward=True, head_dim=HIDDEN // HEADS
+        )
+        / 2**20,
+        "dense_softmax_all_keys": 4 * HEADS * (n1024 + TEXT_TOKENS) ** 2 / 2**20,
+    }
+
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"bench_dit_{args.size}_{args.reference}.json"
+    path.write_text(json.dumps(res, indent=2))
+    cm, c1024 = res["capture_memory"], res["capture_memory_1024_formula_mb"]
+    lines = [
+        f"Flux-shaped DiT ({args.double} double + {args.single} single blocks, width {HIDDEN}, {HEADS} heads), "
+        f"{args.size}px, CPU, {args.threads} threads, cfg {args.cfg}, reference {args.reference}; "
+        f"guided layers {res['guided_layers']}",
+        f"stock euler step:  {res['stock_step_wall_s']:.2f} s wall, {res['stock_step_cpu_s']:.2f} s CPU",
+        f"guided step:       {res['guided_step_wall_s']:.2f} s wall, {res['guided_step_cpu_s']:.2f} s CPU",
+    ]
+    for c in res["guided_forwards"]:
+        lines.append(f"  predict {c['what']:<16} {c['wall_s']:.2f} s wall, {c['cpu_s']:.2f} s CPU")
+    lines += [
+        f"guided / stock = {res['guided_over_stock_wall']:.2f} (wall), {res['guided_over_stock_cpu']:.2f} (CPU) "
+        "(target <= 2.5)",
+        f"capture memory per guided block at {args.size}px ({cm['image_tokens']} image x {TEXT_TOKENS} text tokens): "
+        f"measured {cm['measured_forward_mb']:.1f} MB forward, {cm['measured_backward_mb']:.1f} MB backward "
+        f"(formula {cm['formula_forward_mb']:.1f} / {cm['formula_backward_mb']:.1f}); "
+        f"dense softmax {cm['dense_softmax_forward_mb']:.1f} MB",
+        f"at 1024px (formula): {c1024['forward']:.1f} MB forward, {c1024['backward']:.1f} MB backward "
+        f"(a dense joint-attention matrix alone: {c1024['dense_softmax_all_keys']:.0f} MB)",
+        f"wrote {path}",
+    ]
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
