@@ -45,6 +45,11 @@ def tiny_prompt(name: str, kind: str) -> dict:
                     "class_type": "ZeroConTest_Capture",
                     "inputs": {"value": node["inputs"]["images"], "key": key},
                 }
+    for key in [k for k, v in prompt.items() if v["class_type"] == "ZeroConGuidedSampler"]:
+        prompt[f"summary_{key}"] = {
+            "class_type": "ZeroConTest_Capture",
+            "inputs": {"value": [key, 3], "key": "summary"},
+        }
     workflow_api.set_widgets(prompt, "model", "tiny-blip", ["ZeroConBLIPLoader"], only_if_larger=False)
     for widget, value in SPEED:
         workflow_api.set_widgets(prompt, widget, value)
@@ -83,3 +88,5 @@ def test_shipped_workflow_runs_in_the_executor(extras, name):
     assert len(images) >= 2, sorted(captured)
     for img in images:
         assert img.shape[-1] == 3 and torch.isfinite(img).all()
+    # the guidance chain really ran at every step (cross-attention + PatchNCE, on the DiTs through the joint attention)
+    assert "guidance applied at 2/2 steps" in captured["summary"], captured["summary"]
