@@ -31,8 +31,10 @@ AUTO_TIP = (
     "(auto: the default step for this model family). 0 disables the term."
 )
 LAYER_TIP = (
-    "Which UNet layers: 'all', or blocks from down/mid/up separated by commas, optionally ':levels' "
-    "(0 = latent resolution, 1 = half...), e.g. 'up', 'down,up', 'up:0,1'."
+    "Which layers. UNet (SD1.x/SD2.x/SDXL): 'all', or blocks from down/mid/up separated by commas, optionally "
+    "':levels' (0 = latent resolution, 1 = half...), e.g. 'up', 'down,up', 'up:0,1'. MM-DiT (Flux, SD3.5): "
+    "'auto' (the family's default blocks; the UNet words mean the same there), or blocks by number, e.g. "
+    "'double:9,18', 'single:37', 'joint:12,18'."
 )
 
 
@@ -121,12 +123,21 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
                 ),
                 *window_inputs(),
                 previous_input(),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFF,
+                    optional=True,
+                    tooltip="Picks the sampled locations (a fixed function of the seed, the step and the layer, so "
+                    "DDIM Inversion records exactly the ones the sampler compares).",
+                ),
             ],
             outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
         )
 
     @classmethod
-    def execute(cls, weight, layers, patches, tau, patch_sizes, start, end, previous=None) -> io.NodeOutput:
+    def execute(cls, weight, layers, patches, tau, patch_sizes, start, end, previous=None, seed=0) -> io.NodeOutput:
         try:
             sizes = tuple(int(p) for p in str(patch_sizes).replace(" ", "").split(",") if p)
         except ValueError as exc:
@@ -141,6 +152,7 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
             patch_sizes=sizes,
             start=start,
             end=end,
+            seed=int(seed),
         )
         return io.NodeOutput(chain(previous, term))
 

@@ -39,8 +39,8 @@ logger = logging.getLogger("zerocon")
 INVERSION = io.Custom("ZEROCON_INVERSION")
 GUIDED_SEED = (
     "Seeds the random choices guidance terms make while sampling; the cross-attention and PatchNCE terms make none "
-    "(PatchNCE's sample locations are fixed per step, so that DDIM Inversion can record them). Sampling itself is "
-    "deterministic."
+    "(PatchNCE's sample locations come from the PatchNCE node's own seed, so that DDIM Inversion can record them). "
+    "Sampling itself is deterministic."
 )
 BRANCHES_TOOLTIP = (
     "What the guidance step moves. edit: the latent, by the gradient of its edited forward only (fastest). both: "

@@ -91,8 +91,8 @@ def guided_outputs(zc, run, model, inversion, edited, **over):
     return run(zc.sampling.ZeroConGuidedSampler, **kw)
 
 
-def guidance(zc, run, xa=0.1, nce=0.05, patches=16):
-    """Cross-attention + PatchNCE guidance chain (through the nodes)."""
+def guidance(zc, run, xa=0.1, nce=0.05, patches=16, seed=0):
+    """Cross-attention + PatchNCE guidance chain (through the nodes); ``seed``: PatchNCE's locations."""
     (g,) = run(zc.guidance.ZeroConCrossAttentionGuidance, weight=xa, layers="all", start=0.0, end=1.0)
     (g,) = run(
         zc.guidance.ZeroConPatchNCEGuidance,
@@ -104,5 +104,6 @@ def guidance(zc, run, xa=0.1, nce=0.05, patches=16):
         start=0.0,
         end=1.0,
         previous=g,
+        seed=seed,
     )
     return g

@@ -126,3 +126,23 @@ def test_other_steps_through_the_guider_are_not_replayed(zc, run, sd15_model, mo
         )
     assert f"the inversion has {h.STEPS} steps, the sampler {h.STEPS - 1}" in caplog.text
     assert results[0].reference_mode == "resampled"
+
+
+def test_the_patchnce_nodes_seed_picks_the_recorded_locations(zc, run, sd15_model, monkeypatch, caplog):
+    """The PatchNCE node's seed reaches the term: another seed records other locations, and a sampler whose guidance
+    has another seed than the inversion recorded for does not replay (logged fallback)."""
+    lat, cap, edit = tm.latent(43), tm.conditioning(44), tm.conditioning(45)
+    g0, g7 = h.guidance(zc, run), h.guidance(zc, run, seed=7)
+    assert [t.seed for t in g7 if type(t).__name__ == "PatchNCEGuidance"] == [7]
+    _, inv0, _ = h.invert(zc, run, sd15_model, lat, cap, guidance=g0)
+    _, inv7, _ = h.invert(zc, run, sd15_model, lat, cap, guidance=g7)
+    s0 = next(iter(inv0.replay.record.captures[1].features.values()))
+    s7 = next(iter(inv7.replay.record.captures[1].features.values()))
+    assert sorted(k[1] for k in s0.values) == [0, 0] and sorted(k[1] for k in s7.values) == [7, 7]  # (p, seed, S)
+    pairs = [(s0.values[(p, 0, n)], s7.values[(p, 7, n)]) for p, _, n in s0.values]
+    assert any(not torch.equal(a, b) for a, b in pairs), "the seed did not move the locations"
+    results = _spy(zc, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="zerocon"):
+        h.guided(zc, run, sd15_model, inv0, edit, guidance=g7)
+    assert results[0].reference_mode == "resampled"
+    assert "the guidance differs from the one DDIM Inversion recorded for" in caplog.text
