@@ -124,20 +124,22 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
                 *window_inputs(),
                 previous_input(),
                 io.Int.Input(
-                    "seed",
+                    "location_seed",
                     default=0,
                     min=0,
                     max=0xFFFFFFFF,
                     optional=True,
-                    tooltip="Picks the sampled locations (a fixed function of the seed, the step and the layer, so "
-                    "DDIM Inversion records exactly the ones the sampler compares).",
+                    tooltip="Picks the sampled locations (a fixed function of this seed, the step and the layer, so "
+                    "DDIM Inversion records exactly the ones the sampler compares; change it for other locations).",
                 ),
             ],
             outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
         )
 
     @classmethod
-    def execute(cls, weight, layers, patches, tau, patch_sizes, start, end, previous=None, seed=0) -> io.NodeOutput:
+    def execute(
+        cls, weight, layers, patches, tau, patch_sizes, start, end, previous=None, location_seed=0
+    ) -> io.NodeOutput:
         try:
             sizes = tuple(int(p) for p in str(patch_sizes).replace(" ", "").split(",") if p)
         except ValueError as exc:
@@ -152,7 +154,7 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
             patch_sizes=sizes,
             start=start,
             end=end,
-            seed=int(seed),
+            seed=int(location_seed),
         )
         return io.NodeOutput(chain(previous, term))
 

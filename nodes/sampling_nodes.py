@@ -39,7 +39,7 @@ logger = logging.getLogger("zerocon")
 INVERSION = io.Custom("ZEROCON_INVERSION")
 GUIDED_SEED = (
     "Seeds the random choices guidance terms make while sampling; the cross-attention and PatchNCE terms make none "
-    "(PatchNCE's sample locations come from the PatchNCE node's own seed, so that DDIM Inversion can record them). "
+    "(PatchNCE's sample locations come from the PatchNCE node's location_seed, so that DDIM Inversion can record them). "
     "Sampling itself is deterministic."
 )
 BRANCHES_TOOLTIP = (

@@ -104,6 +104,6 @@ def guidance(zc, run, xa=0.1, nce=0.05, patches=16, seed=0):
         start=0.0,
         end=1.0,
         previous=g,
-        seed=seed,
+        location_seed=seed,
     )
     return g

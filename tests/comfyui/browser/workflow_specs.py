@@ -259,7 +259,7 @@ def _edit_chain(
                     "patch_sizes": "1,2",
                     "start": 0.0,
                     "end": 1.0,
-                    "seed": 0,
+                    "location_seed": 0,
                 },
             },
         ]
