@@ -10,6 +10,9 @@
   patch that was already there, e.g. IPAdapter's); every other layer keeps ComfyUI's fast attention;
 - self-attention features: an ``attn1_output_patch`` (after ``to_out``) that records the chosen layers.
 
+Both leave here in float32 whatever the model's dtype (an fp16 / bf16 UNet hands the patches half-precision
+activations), so the losses never run in half precision.
+
 Rows are split per conditioning with ``transformer_options["cond_or_uncond"]`` (calc_cond_batch batches
 several conds into one forward). ``autograd_session()`` makes the inference-tensor weights usable by
 autograd and restores them on exit (``weights.autograd_weights``); during grad-enabled forwards every
@@ -322,5 +325,6 @@ class _SelfAttentionCapture:
                 h, w = int(shape[-2]), int(shape[-1])
             else:
                 raise RuntimeError(f"ZeroCon: cannot tell the spatial size of layer {name} ({hw} tokens)")
-            self.recorder.add_features(name, n.transpose(1, 2).reshape(b, c, h, w), extra_options)
+            feat = n.transpose(1, 2).reshape(b, c, h, w).float()  # fp16/bf16 models: the losses run in float32
+            self.recorder.add_features(name, feat, extra_options)
         return n
