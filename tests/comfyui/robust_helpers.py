@@ -74,9 +74,9 @@ def assert_untouched(model, before: dict, stock_before: torch.Tensor, pos, neg, 
 def force_partial_load(monkeypatch, budget_bytes: int) -> None:
     """Make every model load go through ComfyUI's partial-load path with ``budget_bytes`` of weights resident.
 
-    ``load_models_gpu`` passes ``lowvram_model_memory`` = what fits in free VRAM to ``LoadedModel.model_load``
-    on a GPU in normal/low-VRAM mode, and 0 (load everything) on a CPU; this hands it ``budget_bytes``
-    instead, so ``ModelPatcher.load`` loads the largest modules that fit regularly and marks the rest
+    ``load_models_gpu`` passes ``lowvram_model_memory`` = the free VRAM less what the model already holds to
+    ``LoadedModel.model_load`` on a GPU in normal/low-VRAM mode, and 0 (load everything) on a CPU; this hands
+    it ``budget_bytes`` less what is loaded instead, so ``ModelPatcher.load`` loads the largest modules that fit regularly and marks the rest
     ``comfy_cast_weights`` (weights cast per layer by ``comfy.ops``, LoRA patches applied per layer by
     ``LowVramPatch`` weight functions). Models already loaded are unloaded first."""
     import comfy.model_management as mm
@@ -85,7 +85,9 @@ def force_partial_load(monkeypatch, budget_bytes: int) -> None:
     real = mm.LoadedModel.model_load
 
     def model_load(self, lowvram_model_memory=0, force_patch_weights=False):
-        return real(self, budget_bytes, force_patch_weights=force_patch_weights)
+        # as load_models_gpu computes it: the memory left for weights, less what is already loaded
+        extra = max(0.1, budget_bytes - self.model_loaded_memory())
+        return real(self, extra, force_patch_weights=force_patch_weights)
 
     monkeypatch.setattr(mm.LoadedModel, "model_load", model_load)
 
