@@ -5,8 +5,9 @@ Runs inside ComfyUI's environment. For each precision the UNet is built as Comfy
 (``--bf16-unet`` / ``--fp16-unet`` on a device that runs them; "fp16-cast" is fp16 weights cast per layer to
 fp32, what ComfyUI does with ``--fp16-unet`` on a CPU). Each does the same edit: DDIM inversion recording the
 guidance's reference maps, the guided sampler (cross-attention + PatchNCE), and the unguided sampler from the
-same inversion. Reported per precision: guided step time (median wall and CPU time per step), peak memory
-added by the guided run (RSS on CPU, allocated VRAM on GPU), the steps whose guidance was skipped, and the
+same inversion. Reported per precision: guided step time (median wall and CPU time per step), the UNet's
+weight memory, peak memory added by the guided run (RSS above the value before it, freed heap returned to the
+OS first, on CPU; peak allocated VRAM on GPU), the steps whose guidance was skipped, and the
 agreement with fp32 (relative L2 distance of the final latents; the unguided one for comparison).
 
     COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_precision.py --size 256 --steps 5          # CPU
@@ -18,6 +19,7 @@ A precision that cannot run on the device is reported as skipped with the error.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -39,6 +41,17 @@ def _dtypes(name: str):
         "fp16": (torch.float16, None),
         "fp16-cast": (torch.float16, torch.float32),
     }[name]
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc), so that a later run's RSS peak counts its own memory
+    instead of reusing pages an earlier precision left resident."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rel(a, b) -> float:
@@ -138,9 +151,12 @@ def main(argv=None) -> int:
             model = None
             try:
                 model, _, _ = bc.build_model("sd15", 0, dtype=dtype, compute_dtype=compute)
+                model_mb = model.model_size() / 2**20
                 _, inversion, _ = invert(model, g)
                 clock.stamps.clear()
                 engine_results.clear()
+                gc.collect()
+                _trim_heap()
                 with bc.Peak(cuda) as pk:
                     cpu0, start = time.process_time(), time.perf_counter()
                     edit, _ = sample(model, inversion, g)
@@ -154,9 +170,11 @@ def main(argv=None) -> int:
                 continue
             finally:
                 del model
+                mm.unload_all_models()
             finals[name] = (edit["samples"].float(), plain["samples"].float())
             res["runs"][name] = {
                 "weights": str(dtype),
+                "weights_mb": model_mb,
                 "compute": str(compute or dtype),
                 "guided_step_s": statistics.median(per_step[1:] or per_step),
                 "guided_cpu_s_per_step": cpu / args.steps,
@@ -178,7 +196,7 @@ def main(argv=None) -> int:
     lines = [
         f"guided step, SD1.5 (random) {args.size}px, {args.steps} steps, {res['device']}, {args.threads} threads, "
         f"torch {torch.__version__}",
-        f"{'precision':<10} {'step s':>8} {'CPU s/step':>10} {'x fp32':>7} {'peak ' + unit + ' MB':>14} "
+        f"{'precision':<10} {'step s':>8} {'CPU s/step':>10} {'x fp32':>7} {'weights MB':>10} {'peak ' + unit + ' MB':>14} "
         f"{'skipped':>8} {'rel L2 vs fp32':>15} {'(unguided)':>11}",
     ]
     for name, run in res["runs"].items():
@@ -187,7 +205,7 @@ def main(argv=None) -> int:
             continue
         lines.append(
             f"{name:<10} {run['guided_step_s']:>8.2f} {run['guided_cpu_s_per_step']:>10.2f} "
-            f"{run['guided_step_vs_fp32']:>7.2f} {run['guided_peak_added_mb']:>14.0f} {len(run['skipped_steps']):>8} "
+            f"{run['guided_step_vs_fp32']:>7.2f} {run['weights_mb']:>10.0f} {run['guided_peak_added_mb']:>14.0f} {len(run['skipped_steps']):>8} "
             f"{run['rel_l2_vs_fp32']:>15.4f} {run['rel_l2_vs_fp32_unguided']:>11.4f}"
         )
     lines.append(f"wrote {path}")
