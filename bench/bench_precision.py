@@ -14,6 +14,7 @@ agreement with fp32 (relative L2 distance of the final latents; the unguided one
     COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_precision.py --gpu --size 512 --steps 10   # GPU
 
 A precision that cannot run on the device is reported as skipped with the error. Writes bench/out/*.json.
+``--gpu`` has not been run yet (no GPU was available when this was written): treat its first figures with care.
 """
 
 from __future__ import annotations
