@@ -87,7 +87,12 @@ class StepClock:
         return [b - a for a, b in zip(ts, ts[1:])]
 
 
-def build_model(family: str, seed: int):
+def build_model(family: str, seed: int, dtype=None, compute_dtype="auto"):
+    """A random full-size ``family`` UNet as ComfyUI's checkpoint loader builds it: ``(ModelPatcher, context
+    width, pooled width)``. ``dtype``: the weights' dtype (default: ComfyUI's ``unet_dtype()``, i.e. its
+    ``--fp16-unet`` / ``--bf16-unet`` flags); ``compute_dtype``: the per-layer cast dtype (``comfy.ops``
+    manual cast), None for none, "auto" for ComfyUI's choice on its device. The same seed gives the same
+    weights, rounded to ``dtype``."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -140,8 +145,10 @@ def build_model(family: str, seed: int):
         }
         config = comfy.supported_models.SDXL(cfg)
         ctx, pooled = 2048, 1280
-    dtype = mm.unet_dtype()
-    config.set_inference_dtype(dtype, mm.unet_manual_cast(dtype, mm.get_torch_device()))
+    dtype = mm.unet_dtype() if dtype is None else dtype
+    if compute_dtype == "auto":
+        compute_dtype = mm.unet_manual_cast(dtype, mm.get_torch_device())
+    config.set_inference_dtype(dtype, compute_dtype)
     with torch.inference_mode():
         base = config.get_model({})
         gen = torch.Generator().manual_seed(seed)

@@ -12,12 +12,15 @@
 
 On Flux and SD3 (MM-DiT) the same two captures come from the joint attention and the image-token outputs
 of the guided blocks through ``nodes.dit_capture`` (block replace patches, an attention override, a wrapper).
+Both leave here in float32 whatever the model's dtype (an fp16 / bf16 UNet hands the patches half-precision
+activations), so the losses never run in half precision.
 
 Rows are split per conditioning with ``transformer_options["cond_or_uncond"]`` (calc_cond_batch batches
 several conds into one forward). ``autograd_session()`` makes the inference-tensor weights usable by
 autograd and restores them on exit (``weights.autograd_weights``); during grad-enabled forwards every
 attention kernel that has no backward (flash, sage...) is routed to PyTorch SDPA via
-``optimized_attention_override``.
+``optimized_attention_override`` (an override already on the model keeps running, unless its output has no
+gradient); forwards without grad keep the user's kernel.
 """
 
 from __future__ import annotations
@@ -136,8 +139,12 @@ def _fold_tokens(probs: Tensor, lengths: set[int]) -> Tensor:
     return probs
 
 
-def _differentiable_attention_override(previous):
-    """An ``optimized_attention_override`` that routes kernels without a backward to PyTorch SDPA."""
+def _differentiable_attention_override(previous, on_fallback=None):
+    """An ``optimized_attention_override`` for grad-enabled forwards: routes kernels without a backward to
+    PyTorch SDPA, then hands the call to an override that was already there (``previous``). Where that one
+    ignores the kernel it is given and returns an output cut from the autograd graph (a kernel with no autograd
+    support, e.g. a custom node's sage or flash override), the call is recomputed with SDPA and
+    ``on_fallback(name)`` is told."""
     from comfy.ldm.modules import attention
 
     sdpa = getattr(attention.attention_pytorch, "__wrapped__", attention.attention_pytorch)
@@ -145,9 +152,15 @@ def _differentiable_attention_override(previous):
     def override(func, *args, **kwargs):
         if getattr(func, "__name__", "") not in DIFFERENTIABLE_KERNELS:
             func = sdpa
-        if previous is not None:
-            return previous(func, *args, **kwargs)
-        return func(*args, **kwargs)
+        if previous is None:
+            return func(*args, **kwargs)
+        out = previous(func, *args, **kwargs)
+        inputs = [a for a in args[:3] if isinstance(a, Tensor)]
+        if torch.is_grad_enabled() and any(a.requires_grad for a in inputs) and not out.requires_grad:
+            if on_fallback is not None:
+                on_fallback(getattr(previous, "__name__", type(previous).__name__))
+            return func(*args, **kwargs)
+        return out
 
     return override
 
@@ -187,6 +200,7 @@ class ComfyDenoiser:
         self.chunking = dit_capture.Chunking()
         self._layers: list[tuple[LayerInfo, tuple]] | None = None
         self._warned_no_override = False
+        self._warned_override_fallback = False
 
     # -- Denoiser protocol -------------------------------------------------------------------------
 
@@ -283,7 +297,7 @@ class ComfyDenoiser:
 
         if hasattr(attention, "wrap_attn"):
             to["optimized_attention_override"] = _differentiable_attention_override(
-                to.get("optimized_attention_override")
+                to.get("optimized_attention_override"), self._warn_override_fallback
             )
         elif (
             getattr(attention.optimized_attention, "__name__", "") not in DIFFERENTIABLE_KERNELS
@@ -294,6 +308,15 @@ class ComfyDenoiser:
                 "ZeroCon: this ComfyUI cannot route attention per call and the active kernel (%s) may have no "
                 "backward; if guidance fails, start ComfyUI with --use-pytorch-cross-attention",
                 attention.optimized_attention.__name__,
+            )
+
+    def _warn_override_fallback(self, name: str) -> None:
+        if not self._warned_override_fallback:
+            self._warned_override_fallback = True
+            logger.warning(
+                "ZeroCon: the model's attention override (%s) returned an output without gradient in a guidance "
+                "pass; those passes use PyTorch attention instead (other passes keep the override)",
+                name,
             )
 
 
@@ -340,5 +363,6 @@ class _SelfAttentionCapture:
                 h, w = int(shape[-2]), int(shape[-1])
             else:
                 raise RuntimeError(f"ZeroCon: cannot tell the spatial size of layer {name} ({hw} tokens)")
-            self.recorder.add_features(name, n.transpose(1, 2).reshape(b, c, h, w), extra_options)
+            feat = n.transpose(1, 2).reshape(b, c, h, w).float()  # fp16/bf16 models: the losses run in float32
+            self.recorder.add_features(name, feat, extra_options)
         return n

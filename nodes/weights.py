@@ -13,12 +13,21 @@ set) are replaced by a detached alias too, so no weight requires grad during the
 tracks the latent only and does not keep activations for weight gradients. On exit, in ``finally`` (so also on errors and interrupts), the original tensor objects are
 put back, so the model is exactly as it was: same objects, same values, same flags; a later stock KSampler
 gives bit-identical results. Nothing is written to the weights' storage at any point.
+
+Weights that ComfyUI casts per layer (``comfy.ops`` modules with ``comfy_cast_weights``: the part of a partially
+loaded model that did not fit, every layer under manual cast, LoRAs applied per layer by weight functions) are
+fresh copies made during the forward; autograd would keep each of them for the backward, i.e. a copy of those
+weights in the compute dtype on the device for the whole gradient pass. Inside the block such a copy is not
+kept: the backward casts it again from the module (``comfy.ops.cast_bias_weight``, weight functions
+included), as the forward did. Resident weights are kept by reference, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
@@ -81,15 +90,110 @@ def _restore(done: list[tuple[dict, str, torch.Tensor, torch.Tensor]]) -> None:
             logger.debug("weight %s was replaced during the run; leaving the newer tensor", name)
 
 
+@dataclass(frozen=True)
+class _Recast:
+    """What the backward needs to rebuild a saved view of a per-layer cast weight."""
+
+    module: torch.nn.Module
+    dtype: torch.dtype
+    device: torch.device
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+class _CastWeights:
+    """Saved-tensor hooks that keep per-layer cast weights out of the autograd graph (see the module docstring).
+
+    ``mark(module)`` is appended to the module's weight functions: it sees the final cast weight of every
+    forward and remembers which module made it. ``pack`` replaces a saved tensor that is (a view of) such a
+    weight, still alive, by a ``_Recast``; ``unpack`` casts the weight again and takes the same view."""
+
+    def __init__(self) -> None:
+        self._made: dict[int, tuple[weakref.ref, torch.nn.Module]] = {}  # storage address -> (weight, module)
+
+    def marker(self, module: torch.nn.Module):
+        def mark(weight: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled() and weight.is_contiguous():
+                if len(self._made) > 4096:  # forget the weights already freed
+                    self._made = {k: v for k, v in self._made.items() if v[0]() is not None}
+                self._made[weight.untyped_storage().data_ptr()] = (weakref.ref(weight), module)
+            return weight
+
+        return mark
+
+    def pack(self, t: torch.Tensor):
+        if t.requires_grad or not self._made:
+            return t
+        entry = self._made.get(t.untyped_storage().data_ptr())
+        weight = entry[0]() if entry is not None else None
+        if (
+            weight is None
+            or weight.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+            or weight.dtype != t.dtype
+            or weight.device != t.device
+        ):
+            return t
+        return _Recast(entry[1], t.dtype, t.device, tuple(t.size()), tuple(t.stride()), t.storage_offset())
+
+    @staticmethod
+    def unpack(packed):
+        if not isinstance(packed, _Recast):
+            return packed
+        import comfy.ops
+
+        weight, _ = comfy.ops.cast_bias_weight(packed.module, dtype=packed.dtype, device=packed.device)
+        return weight.as_strided(packed.size, packed.stride, packed.offset)
+
+
+def _cast_modules(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The comfy.ops modules whose weight is cast (or patched) per layer in each forward."""
+    out, seen = [], set()
+    for root in modules:
+        for mod in root.modules():
+            if id(mod) in seen or not isinstance(mod._parameters.get("weight"), torch.Tensor):
+                continue
+            seen.add(id(mod))
+            if getattr(mod, "comfy_cast_weights", False) or getattr(mod, "weight_function", None):
+                out.append(mod)
+    return out
+
+
+@contextlib.contextmanager
+def _recast_in_backward(modules: list[torch.nn.Module]) -> Iterator[None]:
+    """Mark the cast modules' weights and install the saved-tensor hooks; the weight function lists are put
+    back (the very objects, or the class default) on exit."""
+    cast = _CastWeights()
+    undo: list[tuple[torch.nn.Module, object]] = []
+    try:
+        for mod in modules:
+            undo.append((mod, mod.__dict__.get("weight_function", _NO_ATTRIBUTE)))
+            mod.weight_function = list(mod.weight_function) + [cast.marker(mod)]  # a new list: never the class's
+        with torch.autograd.graph.saved_tensors_hooks(cast.pack, cast.unpack):
+            yield
+    finally:
+        for mod, previous in reversed(undo):
+            if previous is _NO_ATTRIBUTE:
+                mod.__dict__.pop("weight_function", None)
+            else:
+                mod.weight_function = previous
+
+
+_NO_ATTRIBUTE = object()
+
+
 @contextlib.contextmanager
 def autograd_weights(modules: Iterable[torch.nn.Module]) -> Iterator[int]:
-    """Inside: ``torch.inference_mode(False)`` and autograd-usable weights. Yields how many tensors were swapped."""
+    """Inside: ``torch.inference_mode(False)``, autograd-usable weights, and per-layer cast weights recast in the
+    backward instead of kept. Yields how many tensors were swapped."""
     modules = [m for m in modules if isinstance(m, torch.nn.Module)]
     done: list[tuple[dict, str, torch.Tensor, torch.Tensor]] = []
     with torch.inference_mode(False):
         try:
             _swap_in(modules, done)
             logger.debug("autograd session: %d inference tensors made usable", len(done))
-            yield len(done)
+            cast = _cast_modules(modules)
+            with _recast_in_backward(cast) if cast else contextlib.nullcontext():
+                yield len(done)
         finally:
             _restore(done)

@@ -270,3 +270,38 @@ def sd15_inpaint(seed: int = 7):
     import comfy.supported_models
 
     return _patcher(comfy.supported_models.SD15(_unet_config(in_channels=9)), seed=seed)
+
+
+def sd15_as_loaded(
+    weight_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
+    state_dict: dict | None = None,
+    seed: int = 0,
+):
+    """The tiny SD1.5 model as ComfyUI's checkpoint loader builds it for a precision (``comfy.sd``'s
+    ``load_state_dict_guess_config``): the config's ``set_inference_dtype(weight_dtype, compute_dtype)`` picks
+    the weight dtype and ``comfy.ops`` (``manual_cast`` when ``compute_dtype`` differs: weights cast per layer
+    to it), then ``load_model_weights`` copies the UNet state dict in (cast to ``weight_dtype``).
+
+    ``state_dict``: UNet weights without prefix (default: those of ``sd15(seed)``, fp32), so every variant holds
+    the same weights rounded to its dtype. fp16 / bf16 with ``compute_dtype`` None is ``--fp16-unet`` /
+    ``--bf16-unet`` on a device that computes in that dtype; fp16 weights with ``compute_dtype`` fp32 is what
+    ComfyUI does with them on a CPU."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if state_dict is None:
+        state_dict = sd15(seed).model.diffusion_model.state_dict()
+    config = comfy.supported_models.SD15(_unet_config(dtype=weight_dtype))
+    config.set_inference_dtype(weight_dtype, compute_dtype)
+    config.unet_config["num_heads"] = 4
+    config.unet_config["num_head_channels"] = -1
+    with torch.inference_mode():
+        base = config.get_model({})
+        prefix = "model.diffusion_model."
+        base.load_model_weights({prefix + k: v for k, v in state_dict.items()}, prefix)
+        base.eval()
+        return comfy.model_patcher.ModelPatcher(
+            base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+        )

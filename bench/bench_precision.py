@@ -1,0 +1,218 @@
+"""Precision benchmark: the guided step in fp32, bf16 and fp16 on the random full-size SD1.5 UNet, in ONE process.
+
+Runs inside ComfyUI's environment. For each precision the UNet is built as ComfyUI's loader builds it
+(``bench_comfyui.build_model``: the same seeded weights, rounded to the dtype) and computes in that dtype
+(``--bf16-unet`` / ``--fp16-unet`` on a device that runs them; "fp16-cast" is fp16 weights cast per layer to
+fp32, what ComfyUI does with ``--fp16-unet`` on a CPU). Each does the same edit: DDIM inversion recording the
+guidance's reference maps, the guided sampler (cross-attention + PatchNCE), and the unguided sampler from the
+same inversion. Reported per precision: guided step time (median wall and CPU time per step), the UNet's
+weight memory, peak memory added by the guided run (RSS above the value before it, freed heap returned to the
+OS first, on CPU; peak allocated VRAM on GPU), the steps whose guidance was skipped, and the
+agreement with fp32 (relative L2 distance of the final latents; the unguided one for comparison).
+
+    COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_precision.py --size 256 --steps 5          # CPU
+    COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_precision.py --gpu --size 512 --steps 10   # GPU
+
+A precision that cannot run on the device is reported as skipped with the error. Writes bench/out/*.json.
+``--gpu`` has not been run yet (no GPU was available when this was written): treat its first figures with care.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_comfyui as bc  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16", "fp16", "fp16-cast")
+
+
+def _dtypes(name: str):
+    import torch
+
+    return {
+        "fp32": (torch.float32, None),
+        "bf16": (torch.bfloat16, None),
+        "fp16": (torch.float16, None),
+        "fp16-cast": (torch.float16, torch.float32),
+    }[name]
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc), so that a later run's RSS peak counts its own memory
+    instead of reusing pages an earlier precision left resident."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rel(a, b) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=256, help="image side in pixels")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--cfg", type=float, default=5.0)
+    ap.add_argument("--xa", type=float, default=0.1)
+    ap.add_argument("--nce", type=float, default=0.5)
+    ap.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma-separated, from {PRECISIONS}")
+    ap.add_argument("--gpu", action="store_true", help="use the GPU (default: --cpu)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(bc.REPO / "bench" / "out"))
+    args = ap.parse_args(argv)
+    names = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if names[0] != "fp32" or any(n not in PRECISIONS for n in names):
+        ap.error(f"--precisions: fp32 first (the reference), then any of {PRECISIONS[1:]}")
+
+    sys.path.insert(0, str(bc.COMFYUI))
+    from comfy.cli_args import args as cargs
+
+    cargs.cpu = not args.gpu
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import comfy.model_management as mm
+    import comfy.utils
+
+    sampling, guidance = bc.load_pack()
+    cuda = args.gpu and torch.cuda.is_available()
+    h = args.size // 8
+
+    def cond(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [[torch.randn(1, 77, 768, generator=g), {}]]
+
+    source, edited = cond(1), cond(2)
+    latent = {"samples": torch.randn(1, 4, h, h, generator=torch.Generator().manual_seed(3))}
+    clock = bc.StepClock()
+    comfy.utils.set_progress_bar_global_hook(clock.hook)
+    engine_results: list = []
+    real_engine = sampling.guided_ddim_sample
+
+    def recording(*a, **kw):
+        engine_results.append(real_engine(*a, **kw))
+        return engine_results[-1]
+
+    sampling.guided_ddim_sample = recording  # to read the skipped steps of each run
+
+    def invert(model, g):
+        kw = dict(cfg=1.0, regularize=False, lambda_ac=20.0, lambda_kl=20.0, reg_outer=5, reg_rolls=5, seed=0)
+        return bc.run_node(
+            sampling.ZeroConDDIMInversion,
+            model=model,
+            latent=latent,
+            conditioning=source,
+            steps=args.steps,
+            guidance=g,
+            **kw,
+        )
+
+    def sample(model, inversion, g):
+        kw = dict(cfg=args.cfg, step_mode="raw", step_size=0.02, branches="edit", seed=0)
+        return bc.run_node(
+            sampling.ZeroConGuidedSampler, model=model, inversion=inversion, edited=edited, guidance=g, **kw
+        )
+
+    res: dict = {
+        "size": args.size,
+        "steps": args.steps,
+        "device": str(mm.get_torch_device()),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "runs": {},
+    }
+    finals: dict = {}
+    with torch.inference_mode():
+        (g,) = bc.run_node(guidance.ZeroConCrossAttentionGuidance, weight=args.xa, layers="all", start=0.0, end=1.0)
+        (g,) = bc.run_node(
+            guidance.ZeroConPatchNCEGuidance,
+            weight=args.nce,
+            layers="up",
+            patches=256,
+            tau=0.07,
+            patch_sizes="1,2",
+            start=0.0,
+            end=1.0,
+            previous=g,
+        )
+        for name in names:
+            dtype, compute = _dtypes(name)
+            mm.unload_all_models()
+            model = None
+            try:
+                model, _, _ = bc.build_model("sd15", 0, dtype=dtype, compute_dtype=compute)
+                model_mb = model.model_size() / 2**20
+                _, inversion, _ = invert(model, g)
+                clock.stamps.clear()
+                engine_results.clear()
+                gc.collect()
+                _trim_heap()
+                with bc.Peak(cuda) as pk:
+                    cpu0, start = time.process_time(), time.perf_counter()
+                    edit, _ = sample(model, inversion, g)
+                    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
+                per_step = clock.per_step(start)
+                skipped = list(engine_results[-1].skipped)
+                plain, _ = sample(model, inversion, None)
+            except Exception as exc:  # e.g. an op this torch has no kernel for in that dtype on that device
+                res["runs"][name] = {"skipped_precision": f"{type(exc).__name__}: {exc}"}
+                sys.stdout.write(f"{name}: cannot run here: {type(exc).__name__}: {exc}\n")
+                continue
+            finally:
+                del model
+                mm.unload_all_models()
+            finals[name] = (edit["samples"].float(), plain["samples"].float())
+            res["runs"][name] = {
+                "weights": str(dtype),
+                "weights_mb": model_mb,
+                "compute": str(compute or dtype),
+                "guided_step_s": statistics.median(per_step[1:] or per_step),
+                "guided_cpu_s_per_step": cpu / args.steps,
+                "guided_total_s": wall,
+                "guided_peak_added_mb": pk.added,
+                "skipped_steps": skipped,
+                "finite": bool(torch.isfinite(edit["samples"]).all()),
+            }
+    ref_edit, ref_plain = finals["fp32"]
+    for name, (e, p) in finals.items():
+        run = res["runs"][name]
+        run["rel_l2_vs_fp32"] = _rel(e, ref_edit)
+        run["rel_l2_vs_fp32_unguided"] = _rel(p, ref_plain)
+        run["guided_step_vs_fp32"] = run["guided_step_s"] / res["runs"]["fp32"]["guided_step_s"]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    path = Path(args.out) / f"bench_precision_{args.size}_{'gpu' if cuda else 'cpu'}.json"
+    path.write_text(json.dumps(res, indent=2))
+    unit = "VRAM" if cuda else "RSS"
+    lines = [
+        f"guided step, SD1.5 (random) {args.size}px, {args.steps} steps, {res['device']}, {args.threads} threads, "
+        f"torch {torch.__version__}",
+        f"{'precision':<10} {'step s':>8} {'CPU s/step':>10} {'x fp32':>7} {'weights MB':>10} {'peak ' + unit + ' MB':>14} "
+        f"{'skipped':>8} {'rel L2 vs fp32':>15} {'(unguided)':>11}",
+    ]
+    for name, run in res["runs"].items():
+        if "skipped_precision" in run:
+            lines.append(f"{name:<10} cannot run: {run['skipped_precision']}")
+            continue
+        lines.append(
+            f"{name:<10} {run['guided_step_s']:>8.2f} {run['guided_cpu_s_per_step']:>10.2f} "
+            f"{run['guided_step_vs_fp32']:>7.2f} {run['weights_mb']:>10.0f} {run['guided_peak_added_mb']:>14.0f} {len(run['skipped_steps']):>8} "
+            f"{run['rel_l2_vs_fp32']:>15.4f} {run['rel_l2_vs_fp32_unguided']:>11.4f}"
+        )
+    lines.append(f"wrote {path}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
