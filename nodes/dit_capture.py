@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ..zerocon_core.denoiser import CaptureRequest, LayerInfo
+from .weights import ACTIVE_SAVED_TENSOR_HOOKS
 
 #: transformer_options key holding the running guided block's ``_BlockContext``.
 TAG = "zerocon_dit_block"
@@ -357,12 +358,19 @@ def _saved_inputs_copied(args: dict):
     tensor per save) keeps the block's forward unchanged and its backward exact.
     """
     storages = {t.untyped_storage().data_ptr() for t in (args.get("img"), args.get("txt")) if isinstance(t, Tensor)}
+    # PyTorch runs only the innermost hooks: hand everything else to the autograd session's (per-layer cast
+    # weights recast in the backward, ``weights.ACTIVE_SAVED_TENSOR_HOOKS``)
+    outer_pack, outer_unpack = ACTIVE_SAVED_TENSOR_HOOKS.get() or (_same, _same)
 
-    def pack(t: Tensor) -> Tensor:
-        return t.clone() if t.untyped_storage().data_ptr() in storages else t
+    def pack(t: Tensor):
+        return t.clone() if t.untyped_storage().data_ptr() in storages else outer_pack(t)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, outer_unpack):
         yield
+
+
+def _same(t):
+    return t
 
 
 def _capture_override(state: _CallState, previous):

@@ -25,6 +25,7 @@ included), as the forward did. Resident weights are kept by reference, as before
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import weakref
 from dataclasses import dataclass
@@ -159,6 +160,13 @@ def _cast_modules(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
     return out
 
 
+#: The saved-tensor hooks ``(pack, unpack)`` an autograd session installed, for hooks opened inside it to chain to:
+#: PyTorch runs only the innermost pair, so a nested pair must hand what it does not handle to these.
+ACTIVE_SAVED_TENSOR_HOOKS: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
+    "zerocon_saved_tensor_hooks", default=None
+)
+
+
 @contextlib.contextmanager
 def _recast_in_backward(modules: list[torch.nn.Module]) -> Iterator[None]:
     """Mark the cast modules' weights and install the saved-tensor hooks; the weight function lists are put
@@ -169,8 +177,12 @@ def _recast_in_backward(modules: list[torch.nn.Module]) -> Iterator[None]:
         for mod in modules:
             undo.append((mod, mod.__dict__.get("weight_function", _NO_ATTRIBUTE)))
             mod.weight_function = list(mod.weight_function) + [cast.marker(mod)]  # a new list: never the class's
-        with torch.autograd.graph.saved_tensors_hooks(cast.pack, cast.unpack):
-            yield
+        token = ACTIVE_SAVED_TENSOR_HOOKS.set((cast.pack, cast.unpack))
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(cast.pack, cast.unpack):
+                yield
+        finally:
+            ACTIVE_SAVED_TENSOR_HOOKS.reset(token)
     finally:
         for mod, previous in reversed(undo):
             if previous is _NO_ATTRIBUTE:

@@ -142,3 +142,43 @@ def test_gradient_pass_does_not_keep_per_layer_cast_weights(zc, run, monkeypatch
     assert (saved["resident"] > 0) == partial
     monkeypatch.undo()
     mm.unload_all_models()
+
+
+def test_flux_gradient_pass_recasts_cast_weights_inside_its_blocks(zc, run, monkeypatch):
+    """Flux's blocks open their own saved-tensor hooks in gradient passes (copies of their in-place-updated inputs);
+    those chain to the session's, so per-layer cast weights inside the blocks are recast in the backward too, not
+    kept (PyTorch runs only the innermost hooks: without the chaining none of them would be)."""
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    model = tm.flux_dev(weight_dtype=torch.float16)
+    net = model.model.diffusion_model
+    cast = zc.weights._CastWeights
+    recast = set()
+    real_pack = cast.pack
+
+    def pack(self, t):
+        packed = real_pack(self, t)
+        if isinstance(packed, zc.weights._Recast):
+            recast.add(id(packed.module))
+        return packed
+
+    monkeypatch.setattr(cast, "pack", pack)
+    source, edit = tm.flow_conditioning(1, guidance=3.5), tm.flow_conditioning(2, guidance=3.5)
+    g = h.guidance(zc, run)
+    _, inversion, _ = h.invert(zc, run, model, tm.flow_latent(3, size=8), source, steps=2, guidance=g)
+    out, _ = h.guided(zc, run, model, inversion, edit, guidance=g, cfg=1.0)
+    assert torch.isfinite(out["samples"]).all()
+    names = {id(m): name for name, m in net.named_modules()}
+    recast_names = {names[i] for i in recast if i in names}
+    # the layers on the image tokens' path inside the blocks (their weights are saved for the latent's gradient)
+    on_latent_path = {
+        "double_blocks.0.img_attn.qkv",
+        "double_blocks.0.img_mlp.0",
+        "double_blocks.0.img_mlp.2",
+        "single_blocks.0.linear1",
+        "single_blocks.0.linear2",
+    }
+    assert on_latent_path <= recast_names, f"kept for the backward instead: {sorted(on_latent_path - recast_names)}"
+    monkeypatch.undo()
+    mm.unload_all_models()

@@ -161,15 +161,25 @@ def _dit_patcher(config, seed: int):
         )
 
 
-def flux(seed: int = 3, guidance_embed: bool = False, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM):
+def flux(
+    seed: int = 3,
+    guidance_embed: bool = False,
+    context_dim: int = CONTEXT_DIM,
+    pooled_dim: int = POOLED_DIM,
+    weight_dtype: torch.dtype | None = None,
+):
     """A tiny Flux model (1 double + 1 single block, width 32, 2 heads, RoPE axes 4/6/6, 16-channel latent).
 
     ``guidance_embed`` False: Flux-schnell-like; True: Flux-dev-like (distilled guidance read from the
     conditioning's ``guidance`` value). Context width 64, pooled (``vec``) width 32 by default; 4096 / 32 take
-    ``tiny_clip.flux_clip``'s conditioning."""
+    ``tiny_clip.flux_clip``'s conditioning. ``weight_dtype`` (e.g. fp16): weights stored in it and cast per layer to
+    float32 by ``comfy.ops.manual_cast``, as ComfyUI loads them on a device that computes in float32."""
     import comfy.supported_models
 
-    return _dit_patcher(comfy.supported_models.Flux(_flux_config(guidance_embed, context_dim, pooled_dim)), seed)
+    config = comfy.supported_models.Flux(_flux_config(guidance_embed, context_dim, pooled_dim))
+    if weight_dtype is not None:
+        config.set_inference_dtype(weight_dtype, torch.float32)
+    return _dit_patcher(config, seed)
 
 
 def flux_dev(seed: int = 4, **dims):

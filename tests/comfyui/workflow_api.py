@@ -15,6 +15,9 @@ from __future__ import annotations
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+#: Widgets the frontend adds to a node by itself (not in ``/object_info``) and sends in the prompt, with their value
+#: (PreviewAny's text display; the server ignores it).
+FRONTEND_WIDGETS = {"PreviewAny": {"preview": ""}}
 
 
 def node_info(class_type: str) -> dict:
@@ -59,7 +62,7 @@ def to_api(workflow: dict, infos: dict | None = None) -> dict:
         if node["type"] in FRONTEND_ONLY or node.get("mode", 0) != 0:
             continue
         info = infos[node["type"]] if infos is not None else node_info(node["type"])
-        inputs = {}
+        inputs = dict(FRONTEND_WIDGETS.get(node["type"], {}))
         values = list(node.get("widgets_values") or [])
         names = widget_names(info)
         if len(values) != len(names):
