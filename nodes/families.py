@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ..zerocon_core import parameterization
 from ..zerocon_core.auto_weights import auto_weight, weight_scale
 from ..zerocon_core.guidance import CrossAttentionGuidance
 
@@ -54,7 +55,7 @@ class ModelFamily:
     @property
     def is_flow(self) -> bool:
         """A flow-matching family (SD3, Flux): ``x = (1 - t) x0 + t n``, the model predicts a velocity."""
-        return self.prediction_type == "flow"
+        return parameterization.is_flow(self.prediction_type)
 
     @property
     def guidance_scale(self) -> float:

@@ -45,17 +45,6 @@ def input_scale(sigma, prediction_type: str):
     return vp_scale(sigma)
 
 
-def gradient_scale(sigma, prediction_type: str):
-    """Factor turning ``grad_x L`` into the step on ``x`` that a step ``-grad_z L`` on the model-input latent
-    ``z = c x`` makes: ``1 / c^2`` (VP ``1 + sigma^2``; flow 1, the input latent is ``x``).
-
-    pix2pix-zero's guidance step is SGD on the model-input latent; with this factor the sampler takes the same
-    step in sigma space (``dz = -grad_z L = -grad_x L / c`` and ``dx = dz / c``)."""
-    if is_flow(prediction_type):
-        return sigma * 0 + 1 if isinstance(sigma, Tensor) else 1.0
-    return 1.0 + sigma * sigma
-
-
 def signal_scale(sigma, prediction_type: str):
     """``a`` in ``x = a * x0 + sigma * n``: 1 (VP, sigma space), ``1 - sigma`` (flow)."""
     if is_flow(prediction_type):
@@ -143,7 +132,6 @@ __all__ = [
     "check_prediction_type",
     "eps_from_noise",
     "forward_noise",
-    "gradient_scale",
     "implied_noise",
     "input_scale",
     "is_flow",

@@ -1,16 +1,18 @@
 """The guided DDIM loop of pix2pix-zero(Con), over any ``Denoiser``.
 
-Two branches run in lockstep from the same inverted latent: the *reference* branch denoises with the
-source (caption) conditioning and records the captures the guidance needs; the *edit* branch, at every
-step, first takes one gradient step on its latent to bring its captures close to the reference's, then
-a CFG DDIM step with the edited conditioning. Reference captures are used at once and dropped, so only
-one step's maps are ever held (pix2pix-zero keeps all steps').
+At every step the *edit* branch first takes one gradient step on its latent to bring its captures (attention
+maps, features) close to the *reference*'s, then a CFG step with the edited conditioning. In ComfyUI's sigma
+space the step ``x + (sigma_next - sigma) * eps`` is DDIM for SD (VP) models and Euler on the velocity for
+flow-matching models (SD3, Flux; ``parameterization``).
 
-How the guidance step treats the two halves of the CFG batch is ``SamplerSettings.branches`` (see there).
+Where the reference comes from is ``SamplerSettings.reference``: "inverted" (the default, where exact) pins it
+to the inversion's trajectory (Direct Inversion's source branch) and replays the captures ``ddim_invert``
+recorded (``replay``), saving the reference forward at every step but the first; "resampled" denoises a
+reference branch in lockstep with the source conditioning, its captures used at once and dropped (only one
+step's maps are ever held; pix2pix-zero keeps all steps').
 
-``SamplerSettings.reference`` "inverted" (the default, where exact) pins the reference branch to the
-inverted trajectory instead (Direct Inversion's source branch) and replays the captures ``ddim_invert``
-recorded (``replay``), saving the reference forward at every step but the first.
+How the guidance step treats the two halves of the CFG batch is ``SamplerSettings.branches``; how the gradient
+becomes a step, ``SamplerSettings.step_mode`` ("auto" by default: ``_auto_update``).
 """
 
 from __future__ import annotations
@@ -68,11 +70,11 @@ class SamplerSettings:
         ``z <- z - step_size * rms(z) * d / rms(d)``, ``d = sum_k w_k g_k / rms(g_k)``. One backward pass per
         active term. A term whose gradient is exactly 0 (nothing to correct) adds nothing.
       - "raw": ``z <- z - grad_z(sum_k w_k L_k)`` (pix2pix-zero; the weights are step sizes).
-      - "normalized": the raw direction rescaled to RMS ``step_size`` (VP units, whole batch).
+      - "normalized": the raw direction rescaled to RMS ``step_size`` (model-input latent units, whole batch).
       - None (the default): ``default_step_mode(branches)``: "auto", or "raw" for branches "pix2pix-zero".
 
     - ``step_size``: the update's RMS in "auto" (a fraction of the latent's RMS: 0.02 = 2 %) and "normalized"
-      (VP units); unused by "raw".
+      (model-input latent units); unused by "raw".
     - ``branches`` (what the guidance step differentiates):
 
       - "edit": only the edit-conditioned forward of the latent is guided (batch 1, cheapest);
@@ -369,7 +371,7 @@ def guided_ddim_sample(
 
     if skipped:
         logger.warning("guidance skipped at %d of %d steps (non-finite gradient): %s", len(skipped), n, skipped)
-    if live_steps:
+    if live_steps and not gap:  # with a gap every step runs it, as its note already says
         notes.append(f"steps {live_steps} ran the reference forward on the inverted latent (not in the record)")
         logger.info("reference: %s", notes[-1])
     if mode == "inverted":
