@@ -46,7 +46,8 @@ BRANCHES_TOOLTIP = (
     "What the guidance step moves. edit: the latent, by the gradient of its edited forward only (fastest). both: "
     "the latent, by the gradient of its negative and edited forwards, losses averaged. pix2pix-zero: pix2pix-zero's "
     "own update: one copy of the latent per CFG half, each moved by its half of the averaged loss, the negative's "
-    "copy carried on (the same weight moves it about 0.6x as far as edit or both)."
+    "copy carried on (the same weight moves it about 0.6x as far as edit or both); with step_mode raw it is exactly "
+    "pix2pix-zero's update."
 )
 REFERENCE_TOOLTIP = (
     "Where the reference maps come from. inverted: the inversion's own latents and the captures DDIM Inversion "
