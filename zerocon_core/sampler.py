@@ -61,7 +61,9 @@ def latent_scale(sigma: Tensor, prediction_type: str = "eps") -> Tensor:
 class SamplerSettings:
     """How the guided loop runs: everything but the model, the latents, the conditionings and the terms.
 
-    - ``cfg``: classifier-free guidance scale between the negative and the edit.
+    - ``cfg``: classifier-free guidance scale between the negative and the edit. At 1 (no CFG: Flux-dev's
+      distilled guidance) the step's noise is the edit's alone and the negative is not evaluated, as
+      ComfyUI's own CFG skips it at 1 (the reference branch still runs where guidance needs it).
     - ``step_mode`` (``z``: the model-input latent, ``latent_scale``):
 
       - "auto": each active term's gradient divided by its own RMS (so a term's pull does not depend on its
@@ -354,16 +356,19 @@ def guided_ddim_sample(
 
                 with torch.no_grad():
                     eps_edit = memo.take() if memo is not None else None
-                    if eps_edit is not None:  # reuse_guidance_eps: the edit's noise from the guidance forward
-                        (p_neg,) = denoiser.predict(copies[0], s, [neg])
-                        p_edit = p_neg._replace(eps=eps_edit)
-                    elif len(copies) == 1:
-                        p_neg, p_edit = denoiser.predict(copies[0], s, [neg, edit_cond])
-                    else:  # pix2pix-zero: the negative's noise from copy 0, the edit's from copy 1
-                        (p_neg,) = denoiser.predict(copies[0], s, [neg])
-                        (p_edit,) = denoiser.predict(copies[1], s, [edit_cond])
                     x = copies[0]
-                    eps = cfg_combine(p_neg.eps, p_edit.eps, cfg)
+                    if cfg == 1.0 and len(copies) == 1:  # no CFG (Flux-dev's distilled guidance): the edit alone
+                        eps = eps_edit if eps_edit is not None else denoiser.predict(x, s, [edit_cond])[0].eps
+                    else:
+                        if eps_edit is not None:  # reuse_guidance_eps: the edit's noise from the guidance forward
+                            (p_neg,) = denoiser.predict(x, s, [neg])
+                            p_edit = p_neg._replace(eps=eps_edit)
+                        elif len(copies) == 1:
+                            p_neg, p_edit = denoiser.predict(x, s, [neg, edit_cond])
+                        else:  # pix2pix-zero: the negative's noise from copy 0, the edit's from copy 1
+                            (p_neg,) = denoiser.predict(x, s, [neg])
+                            (p_edit,) = denoiser.predict(copies[1], s, [edit_cond])
+                        eps = cfg_combine(p_neg.eps, p_edit.eps, cfg)
                     x0 = x - s * eps
                     x = ddim_step(x, eps, s, s_next)
             if callback is not None:

@@ -164,3 +164,31 @@ def test_sampling_matches_ddim_scheduler(pair, cfg, steps):
     )
     assert res.reference is None and res.skipped == []
     assert rel_err(res.latent * vp_scale(sigmas[-1]), z) < 1e-5
+
+
+def test_cfg_1_evaluates_the_edit_alone(pair):
+    """At cfg 1 (Flux-dev's distilled guidance) the step's noise is the edit's: the negative is never evaluated for
+    the CFG step (the reference branch still runs for the guidance), and the result does not depend on it."""
+    den, _, _ = pair
+    sigmas = ddim_sigmas(den.sigma_table, 4)
+    x = tiny_latent(5) / vp_scale(sigmas[0])
+    src, edit, other_neg = tiny_cond(1), tiny_cond(2), tiny_cond(3)
+    calls = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(den, name)
+
+        def predict(self, x, sigma, conds, capture=None):
+            calls.append((torch.is_grad_enabled(), [id(c) for c in conds]))
+            return den.predict(x, sigma, conds, capture)
+
+    term = CrossAttentionGuidance(weight=0.1)
+    settings = SamplerSettings(cfg=1.0, step_mode="raw", reference="resampled")
+    res = guided_ddim_sample(Spy(), x, sigmas, source_cond=src, edit_cond=edit, guidance=(term,), settings=settings)
+    cfg_calls = [ids for grad, ids in calls if not grad and id(edit) in ids]
+    assert cfg_calls == [[id(edit)]] * 4, calls  # one edit-only forward per step, never [negative, edit]
+    other = guided_ddim_sample(
+        den, x, sigmas, source_cond=src, edit_cond=edit, negative_cond=other_neg, guidance=(term,), settings=settings
+    )
+    assert torch.equal(res.latent, other.latent) or rel_err(res.latent, other.latent) < 1e-12
