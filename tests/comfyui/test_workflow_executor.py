@@ -11,6 +11,7 @@ there (see ``harness.VALIDATE_ONLY``) this is the run.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -20,7 +21,15 @@ from test_graph import execute_in_process, executor_env  # noqa: F401  (the fixt
 
 WORKFLOWS = REPO / "example_workflows"
 #: workflow -> tiny checkpoint kind (the family its loaders load)
-FAMILIES = {"text_edit_sd15": "sd15", "text_edit_sdxl": "sdxl", "text_edit_sd35": "sd3", "text_edit_flux": "flux_dev"}
+FAMILIES = {
+    "text_edit_sd15": "sd15",
+    "text_edit_sdxl": "sdxl",
+    "text_edit_sd35": "sd3",
+    "text_edit_flux": "flux_dev",
+    "diffuseit_text_guided_flux": "flux_dev",
+}
+#: the summary output's slot on each guided sampler
+SUMMARY_SLOT = {"ZeroConGuidedSampler": 3, "ZeroConDiffuseITSampler": 2}
 LOADERS = {  # class -> {old output slot: TinyCheckpoint slot (MODEL 0, CLIP 1, VAE 2)}
     "CheckpointLoaderSimple": {0: 0, 1: 1, 2: 2},
     "UNETLoader": {0: 0},
@@ -30,7 +39,7 @@ LOADERS = {  # class -> {old output slot: TinyCheckpoint slot (MODEL 0, CLIP 1, 
     "VAELoader": {0: 2},
 }
 SPEED = [("width", 64), ("height", 64), ("steps", 2), ("num_sentences", 3), ("reg_outer", 1), ("reg_rolls", 1)]
-SPEED += [("patches", 16), ("max_new_tokens", 4), ("batch_size", 8)]
+SPEED += [("patches", 16), ("max_new_tokens", 4), ("batch_size", 8), ("resample", 1), ("dino_size", 64)]
 
 
 def tiny_prompt(name: str, kind: str) -> dict:
@@ -45,27 +54,40 @@ def tiny_prompt(name: str, kind: str) -> dict:
                     "class_type": "ZeroConTest_Capture",
                     "inputs": {"value": node["inputs"]["images"], "key": key},
                 }
-    for key in [k for k, v in prompt.items() if v["class_type"] == "ZeroConGuidedSampler"]:
+    for key in [k for k, v in prompt.items() if v["class_type"] in SUMMARY_SLOT]:
+        slot = SUMMARY_SLOT[prompt[key]["class_type"]]
         prompt[f"summary_{key}"] = {
             "class_type": "ZeroConTest_Capture",
-            "inputs": {"value": [key, 3], "key": "summary"},
+            "inputs": {"value": [key, slot], "key": "summary"},
         }
     workflow_api.set_widgets(prompt, "model", "tiny-blip", ["ZeroConBLIPLoader"], only_if_larger=False)
+    workflow_api.set_widgets(prompt, "model", "tiny-dino", ["ZeroConDINOLoader"], only_if_larger=False)
+    workflow_api.set_widgets(prompt, "allow_download", False, ["ZeroConDINOLoader"], only_if_larger=False)
     for widget, value in SPEED:
         workflow_api.set_widgets(prompt, widget, value)
     return prompt
 
 
 @pytest.fixture(scope="module")
-def extras(executor_env):  # noqa: F811
-    """ComfyUI's comfy_extras nodes (PreviewAny, ...) registered, as a server start does."""
+def extras(executor_env, tmp_path_factory):  # noqa: F811
+    """ComfyUI's comfy_extras nodes (PreviewAny, FluxGuidance, ...) registered, as a server start does, and a tiny
+    DINO in a temporary models/dino (restored afterwards)."""
     import asyncio
+    import copy
+
+    import folder_paths
+    from test_metrics_node import save_tiny_dino
 
     import nodes as comfy_nodes
 
     if "PreviewAny" not in comfy_nodes.NODE_CLASS_MAPPINGS:
         asyncio.run(comfy_nodes.init_builtin_extra_nodes())
-    return executor_env
+    dino = tmp_path_factory.mktemp("models") / "dino"
+    save_tiny_dino(dino / "tiny-dino")
+    saved = copy.deepcopy(folder_paths.folder_names_and_paths["dino"])
+    folder_paths.add_model_folder_path("dino", str(dino), is_default=True)
+    yield executor_env
+    folder_paths.folder_names_and_paths["dino"] = saved
 
 
 def test_conversion_maps_widgets_by_position(extras):
@@ -85,8 +107,9 @@ def test_shipped_workflow_runs_in_the_executor(extras, name):
     prompt = tiny_prompt(name, FAMILIES[name])
     execute_in_process(prompt)
     images = [v for k, v in captured.items() if isinstance(v, torch.Tensor) and v.ndim == 4]
-    assert len(images) >= 2, sorted(captured)
+    assert len(images) >= (1 if name.startswith("diffuseit") else 2), sorted(captured)
     for img in images:
         assert img.shape[-1] == 3 and torch.isfinite(img).all()
-    # the guidance chain really ran at every step (cross-attention + PatchNCE, on the DiTs through the joint attention)
-    assert "guidance applied at 2/2 steps" in captured["summary"], captured["summary"]
+    # the guidance chain really ran at every step it was meant to (cross-attention + PatchNCE, on the DiTs through the
+    # joint attention; DiffuseIT's DINO terms through the 16-channel VAE)
+    assert re.search(r"guidance applied at (\d+)/\1 steps", captured["summary"]), captured["summary"]

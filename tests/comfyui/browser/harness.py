@@ -50,10 +50,11 @@ VIRTUAL_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 
 # Workflows the test loads, converts and validates in the frontend but does not queue, and why (the executor test
 # tests/comfyui/test_workflow_executor.py runs the same graph with tiny models instead).
-VALIDATE_ONLY = {
-    "text_edit_flux": "Flux's text encoder is T5-XXL at full size: a random fp8 copy is 4.7 GB and each prompt "
-    "encode takes about 90 s on 2 CPU cores, several minutes per run",
-}
+_T5_COST = (
+    "Flux's text encoder is T5-XXL at full size: a random fp8 copy is 4.7 GB and each prompt encode takes about 90 s "
+    "on 2 CPU cores, several minutes per run"
+)
+VALIDATE_ONLY = {"text_edit_flux": _T5_COST, "diffuseit_text_guided_flux": _T5_COST}
 
 # Workflows that need a second run with other nodes active (a file saved by the first run is loaded by the
 # second): the nodes muted in the file are switched on, these types are muted, combos are refreshed.

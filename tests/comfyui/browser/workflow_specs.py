@@ -1132,6 +1132,53 @@ def diffuseit_text_guided() -> dict:
     return _diffuseit("diffuseit_text_guided", "DiffuseIT — text-guided translation (SD1.5)", style=False)
 
 
+DIFFUSEIT_FLUX_NOTE = """### DiffuseIT on Flux.1-dev
+The same DiffuseIT as on Stable Diffusion, on a flow model:
+- the source is noised to DiffuseIT's level by **signal-to-noise ratio** (*strength* −1: t ≈ 0.86 on Flux's grid), the
+  semantic gate likewise, and sampled back with Euler steps (*steps* 28, ComfyUI's `simple` grid with Flux's shift);
+- the DINO losses decode the predicted image with **Flux's 16-channel VAE** (`ae.safetensors`), or much cheaper with
+  `taef1` (put `taef1_encoder` / `taef1_decoder` in `models/vae_approx/`, load it with Load VAE and connect it to the
+  guidance node's *vae* only);
+- Flux-dev is guidance-distilled: *cfg* 1 and **FluxGuidance** on the prompt (the negative prompt is then unused).
+"""
+
+
+def diffuseit_text_guided_flux() -> dict:
+    spec = _diffuseit("diffuseit_text_guided_flux", "DiffuseIT — text-guided translation (Flux.1-dev)", style=False)
+    readme = next(n for n in spec["nodes"] if n["key"] == "readme")
+    readme["widgets"]["text"] = readme["widgets"]["text"].split("**Models** (local files):")[0] + (
+        """**Models** (the files ComfyUI's Flux examples use):
+- `ComfyUI/models/diffusion_models/flux1-dev.safetensors` (*Load Diffusion Model*)
+- `ComfyUI/models/text_encoders/clip_l.safetensors` and `t5xxl_fp8_e4m3fn.safetensors` (*DualCLIPLoader*, type flux)
+- `ComfyUI/models/vae/ae.safetensors` (*Load VAE*); optional, for speed: `taef1` in `ComfyUI/models/vae_approx/`
+- `ComfyUI/models/dino/dino-vitb8/` ← [facebook/dino-vitb8](https://huggingface.co/facebook/dino-vitb8), see the
+  DINO note.
+"""
+    )
+    nodes = [n for n in spec["nodes"] if n["key"] != "ckpt"]
+    i = next(i for i, n in enumerate(nodes) if n["key"] == "readme")
+    nodes = nodes[: i + 1] + _flux_loader_nodes() + nodes[i + 1 :]
+    for n in nodes:
+        if n["key"] == "scale":
+            n["widgets"].update({"width": 1024, "height": 1024})
+        if n["key"] == "sampler":
+            n["widgets"].update({"steps": 28, "cfg": 1.0})
+    nodes = _insert_after(
+        nodes, "negative", {"key": "flux_guidance", "type": "FluxGuidance", "col": 1, "widgets": {"guidance": 3.5}}
+    )
+    nodes.append(_note("note_flux", 3, DIFFUSEIT_FLUX_NOTE, 300))
+    links = _relink(spec["links"], FLUX_RELINK)
+    links = [
+        ["flux_guidance", "CONDITIONING", b, inp] if (a, b) == ("positive", "sampler") else [a, o, b, inp]
+        for a, o, b, inp in links
+    ]
+    links.append(["positive", "CONDITIONING", "flux_guidance", "conditioning"])
+    groups = spec["groups"]
+    groups[0]["keys"] = ["unet", "clip", "vae", "image", "scale"]
+    groups[1]["keys"] = groups[1]["keys"] + ["flux_guidance"]
+    return {**spec, "nodes": nodes, "links": links, "groups": groups}
+
+
 def _own_readme_column(make):
     """The Read-me note alone in column 0, every other node one column to the right."""
 
@@ -1159,6 +1206,7 @@ SPECS = {
     "compare_and_measure": compare_and_measure,
     "diffuseit_image_guided": diffuseit_image_guided,
     "diffuseit_text_guided": diffuseit_text_guided,
+    "diffuseit_text_guided_flux": diffuseit_text_guided_flux,
 }
 SPECS = {k: _own_readme_column(v) for k, v in SPECS.items()}
 
