@@ -61,6 +61,7 @@ from .text_layout import (
     T5_WIDTH,
     ConditioningLayout,
     conditioning_layout,
+    delta_layout,
     describe_encoders,
     identify_layout,
     sd3_offsets,
@@ -149,7 +150,7 @@ class EditDirection:
             flat = sum(int(v.shape[-1]) for k, v in self.deltas.items() if k != T5_KEY)
             width = int(self.deltas[T5_KEY].shape[-1]) if T5_KEY in self.deltas else flat
             pooled_width = None if self.pooled is None else int(self.pooled.shape[-1])
-            self.layout = identify_layout(width, pooled_width, keys=tuple(self.deltas))
+            self.layout = delta_layout(self.deltas, width, pooled_width)
         clip = [k for k in self.deltas if k != T5_KEY]
         lengths = {int(self.deltas[k].shape[0]) for k in (clip if self.segmented else self.deltas)}
         if len(lengths) > 1 or (self.segmented and clip and lengths != {CHUNK}):

@@ -65,6 +65,16 @@ _BY_WIDTH = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 _NAMES = {"l": "CLIP-L", "h": "OpenCLIP-H", "g": "CLIP-G", T5_KEY: "T5-XXL"}
 
 
+def delta_layout(keys, width: int | None = None, pooled_width: int | None = None) -> str:
+    """The layout of a direction from the encoders its deltas cover: a T5 delta alone is Flux's (its CLIP-L gives
+    only the pooled delta), a T5 delta with CLIP deltas is SD3's (any of its encoders may be absent); without T5,
+    ``identify_layout`` on the key set (which then names the same encoders as a CLIP object's tokens) and widths."""
+    keys = set(keys or ())
+    if T5_KEY in keys:
+        return "Flux" if keys == {T5_KEY} else "SD3"
+    return identify_layout(width, pooled_width, keys=tuple(sorted(keys)))
+
+
 def identify_layout(
     width: int | None = None, pooled_width: int | None = None, keys=None, clip_tokens: int | None = None
 ) -> str:

@@ -285,3 +285,11 @@ def test_unknown_layout_field_is_inferred_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="zerocon"):
         d = D.load_direction(tmp_path / "odd.safetensors")
     assert d.layout == "SD2.x" and "unknown edit direction layout 'SD9'" in caplog.text
+
+
+def test_a_direction_built_without_a_layout_is_named_by_its_deltas():
+    """Deltas of CLIP-L + T5 (SD3 without CLIP-G) are SD3's, not Flux's: Flux directions carry a T5 delta alone."""
+    sd3 = EditDirection({"l": torch.randn(77, 768), L.T5_KEY: torch.randn(77, L.T5_WIDTH)}, torch.randn(2048))
+    flux = EditDirection({L.T5_KEY: torch.randn(256, L.T5_WIDTH)}, torch.randn(768))
+    xl = EditDirection({"l": torch.randn(77, 768), "g": torch.randn(77, 1280)}, torch.randn(1280))
+    assert (sd3.layout, flux.layout, xl.layout) == ("SD3", "Flux", "SDXL")
