@@ -1,8 +1,9 @@
-"""The shipped text-edit workflows, exactly as a user opens them, run through ComfyUI's executor with tiny models.
+"""The shipped edit workflows (SD1.5, SDXL, SD3.5, Flux; DiffuseIT on Flux), exactly as a user opens them, run
+through ComfyUI's executor with tiny models.
 
 ``workflow_api.to_api`` converts the UI-format file as the frontend's ``graphToPrompt`` does; the model loaders are
 swapped for the test-only tiny checkpoint of the same family, Load Image for a seeded test image, the image
-savers for capture nodes; the speed knobs are turned down as in the browser test. Everything else (our nodes,
+savers for capture nodes; the speed knobs are turned down by the browser test's own ``harness.SPEED_OVERRIDES``. Everything else (our nodes,
 their widget values, the links) is the file's. The browser test (test_browser_workflows.py) runs the same files
 in the real frontend on random-weight checkpoints the stock loaders detect; for the workflows it cannot execute
 there (see ``harness.VALIDATE_ONLY``) this is the run.
@@ -16,6 +17,7 @@ import re
 import pytest
 import torch
 import workflow_api
+from browser import harness
 from conftest import REPO
 from test_graph import execute_in_process, executor_env  # noqa: F401  (the fixture)
 
@@ -38,8 +40,6 @@ LOADERS = {  # class -> {old output slot: TinyCheckpoint slot (MODEL 0, CLIP 1, 
     "TripleCLIPLoader": {0: 1},
     "VAELoader": {0: 2},
 }
-SPEED = [("width", 64), ("height", 64), ("steps", 2), ("num_sentences", 3), ("reg_outer", 1), ("reg_rolls", 1)]
-SPEED += [("patches", 16), ("max_new_tokens", 4), ("batch_size", 8), ("resample", 1), ("dino_size", 64)]
 
 
 def tiny_prompt(name: str, kind: str) -> dict:
@@ -63,8 +63,8 @@ def tiny_prompt(name: str, kind: str) -> dict:
     workflow_api.set_widgets(prompt, "model", "tiny-blip", ["ZeroConBLIPLoader"], only_if_larger=False)
     workflow_api.set_widgets(prompt, "model", "tiny-dino", ["ZeroConDINOLoader"], only_if_larger=False)
     workflow_api.set_widgets(prompt, "allow_download", False, ["ZeroConDINOLoader"], only_if_larger=False)
-    for widget, value in SPEED:
-        workflow_api.set_widgets(prompt, widget, value)
+    for widget, value, types in harness.SPEED_OVERRIDES:
+        workflow_api.set_widgets(prompt, widget, value, types)
     return prompt
 
 
