@@ -182,6 +182,24 @@ def run_node(cls, **kw):
     return tuple(out.result) if hasattr(out, "result") else tuple(out)
 
 
+def guidance_chain(guidance, xa: float, nce: float):
+    """Cross-attention (all layers) + PatchNCE (up blocks, 256 patches, tau 0.07, sizes 1,2) through the guidance
+    nodes (``guidance``: the pack's ``nodes.guidance_nodes``), as the shipped workflows chain them."""
+    (g,) = run_node(guidance.ZeroConCrossAttentionGuidance, weight=xa, layers="all", start=0.0, end=1.0)
+    (g,) = run_node(
+        guidance.ZeroConPatchNCEGuidance,
+        weight=nce,
+        layers="up",
+        patches=256,
+        tau=0.07,
+        patch_sizes="1,2",
+        start=0.0,
+        end=1.0,
+        previous=g,
+    )
+    return g
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
@@ -266,18 +284,7 @@ def main(argv=None) -> int:
                 seed=0,
             )
         )
-        (g,) = run_node(guidance.ZeroConCrossAttentionGuidance, weight=args.xa, layers="all", start=0.0, end=1.0)
-        (g,) = run_node(
-            guidance.ZeroConPatchNCEGuidance,
-            weight=args.nce,
-            layers="up",
-            patches=256,
-            tau=0.07,
-            patch_sizes="1,2",
-            start=0.0,
-            end=1.0,
-            previous=g,
-        )
+        g = guidance_chain(guidance, args.xa, args.nce)
         _, t_guided, steps_guided, pk_guided = timed(
             lambda: run_node(
                 sampling.ZeroConGuidedSampler,

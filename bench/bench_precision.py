@@ -134,18 +134,7 @@ def main(argv=None) -> int:
     }
     finals: dict = {}
     with torch.inference_mode():
-        (g,) = bc.run_node(guidance.ZeroConCrossAttentionGuidance, weight=args.xa, layers="all", start=0.0, end=1.0)
-        (g,) = bc.run_node(
-            guidance.ZeroConPatchNCEGuidance,
-            weight=args.nce,
-            layers="up",
-            patches=256,
-            tau=0.07,
-            patch_sizes="1,2",
-            start=0.0,
-            end=1.0,
-            previous=g,
-        )
+        g = bc.guidance_chain(guidance, args.xa, args.nce)
         for name in names:
             dtype, compute = _dtypes(name)
             mm.unload_all_models()
