@@ -41,7 +41,9 @@ HIDDEN, HEADS, CONTEXT, POOLED, TEXT_TOKENS = 3072, 24, 4096, 768, 512
 
 
 def flux_config(double: int, single: int) -> dict:
-    return {
+    from comfy.ldm.flux.model import FluxParams
+
+    cfg = {
         "image_model": "flux",
         "in_channels": 16,
         "patch_size": 2,
@@ -58,6 +60,9 @@ def flux_config(double: int, single: int) -> dict:
         "qkv_bias": True,
         "guidance_embed": True,
     }
+    if "txt_ids_dims" in FluxParams.__dataclass_fields__:  # newer ComfyUI requires it (Flux-1: no text axes)
+        cfg["txt_ids_dims"] = []
+    return cfg
 
 
 def build_model(double: int, single: int, seed: int):

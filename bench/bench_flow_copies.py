@@ -70,7 +70,7 @@ def main() -> None:
         "guidance_embed": False,
     }
     with torch.inference_mode():
-        base = comfy.supported_models.Flux(cfg).get_model({})
+        base = comfy.supported_models.Flux(tiny_models.flux_params_compat(cfg)).get_model({})
         tiny_models._init_(base.diffusion_model, 0)
     net = base.diffusion_model
     # plain (non-inference) copies of the weights, as the autograd session provides them
@@ -109,11 +109,22 @@ def main() -> None:
             return tensor.clone()
         return tensor
 
+    import comfy.model_management as mm
+
     def guided():
-        xg = x.clone().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
-            out = net(xg, t, ctx, y)
-        torch.autograd.grad(out.pow(2).sum(), xg)
+        # as the pack's guided passes run (nodes/grad_paths.torch_paths): where ComfyUI has the switch, its model
+        # code takes the torch paths (newer versions' comfy-kitchen RoPE has no backward)
+        training = getattr(mm, "in_training", None)
+        if training is not None:
+            mm.in_training = True
+        try:
+            xg = x.clone().requires_grad_(True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+                out = net(xg, t, ctx, y)
+            torch.autograd.grad(out.pow(2).sum(), xg)
+        finally:
+            if training is not None:
+                mm.in_training = training
 
     guided()  # warm-up, and one forward's byte counts
     per_forward = dict(saved)

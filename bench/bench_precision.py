@@ -151,7 +151,7 @@ def main(argv=None) -> int:
                     cpu0, start = time.process_time(), time.perf_counter()
                     edit, _ = sample(model, inversion, g)
                     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
-                per_step = clock.per_step(start)
+                per_step = [w for w, _ in clock.per_step((start, cpu0))]
                 skipped = list(engine_results[-1].skipped)
                 plain, _ = sample(model, inversion, None)
             except Exception as exc:  # e.g. an op this torch has no kernel for in that dtype on that device

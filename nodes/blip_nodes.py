@@ -21,7 +21,7 @@ from comfy_api.latest import io, ui
 from ..zerocon_core import captioning
 from ..zerocon_core.prompts import join_prompts
 from . import loaders, paths
-from .inputs import CATEGORY
+from .inputs import CATEGORY, schema
 
 logger = logging.getLogger("zerocon")
 
@@ -54,7 +54,7 @@ class ZeroConBlip(loaders.ZeroConModel):
 class ZeroConBLIPLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConBLIPLoader",
             display_name="ZeroCon BLIP Loader",
             category=CATEGORY,
@@ -104,7 +104,7 @@ class ZeroConBLIPLoader(io.ComfyNode):
 class ZeroConBLIPCaption(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConBLIPCaption",
             display_name="ZeroCon BLIP Caption",
             category=CATEGORY,

@@ -17,14 +17,17 @@ activations), so the losses never run in half precision.
 
 Rows are split per conditioning with ``transformer_options["cond_or_uncond"]`` (calc_cond_batch batches
 several conds into one forward). ``autograd_session()`` makes the inference-tensor weights usable by
-autograd and restores them on exit (``weights.autograd_weights``); during grad-enabled forwards every
-attention kernel that has no backward (flash, sage...) is routed to PyTorch SDPA via
-``optimized_attention_override`` (an override already on the model keeps running, unless its output has no
-gradient); forwards without grad keep the user's kernel.
+autograd and restores them on exit (``weights.autograd_weights``). Grad-enabled forwards take ComfyUI's
+differentiable model paths (``grad_paths.torch_paths``: no comfy-kitchen op without a backward) and route every
+attention kernel that has no backward (flash, sage, INT8...) to PyTorch SDPA via ``optimized_attention_override``
+(an override already on the model keeps running, unless it ignores its kernel and its output carries no
+gradient); forwards without grad keep the user's kernel. Every forward checks ComfyUI's interrupt at each attention
+call, and every backward when it reaches one, so Cancel takes effect within one layer at any image size.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from typing import Any, ContextManager, Iterator, Sequence
@@ -33,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..zerocon_core.denoiser import CaptureRequest, LayerInfo, Prediction
-from . import dit_capture
+from . import dit_capture, grad_paths
 from .weights import autograd_weights
 
 logger = logging.getLogger("zerocon")
@@ -139,27 +142,63 @@ def _fold_tokens(probs: Tensor, lengths: set[int]) -> Tensor:
     return probs
 
 
-def _differentiable_attention_override(previous, on_fallback=None):
-    """An ``optimized_attention_override`` for grad-enabled forwards: routes kernels without a backward to
-    PyTorch SDPA, then hands the call to an override that was already there (``previous``). Where that one
-    ignores the kernel it is given and returns an output cut from the autograd graph (a kernel with no autograd
-    support, e.g. a custom node's sage or flash override), the call is recomputed with SDPA and
-    ``on_fallback(name)`` is told."""
+def _check_interrupt() -> None:
+    import comfy.model_management
+
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+def _interrupt_in_backward(grad: Tensor) -> None:
+    _check_interrupt()
+
+
+def _passing_attention_override(previous):
+    """An ``optimized_attention_override`` for forwards without grad: checks ComfyUI's interrupt at every attention
+    call (so Cancel stops a long forward), then runs exactly what would have run without it."""
+
+    def override(func, *args, **kwargs):
+        _check_interrupt()
+        return func(*args, **kwargs) if previous is None else previous(func, *args, **kwargs)
+
+    if getattr(previous, "container_function", None) is not None:
+        override.container_function = previous.container_function
+    return override
+
+
+def _differentiable_attention_override(previous, bypassed: set, on_bypass=None):
+    """An ``optimized_attention_override`` for grad-enabled forwards.
+
+    Routes kernels without a backward to PyTorch SDPA, then hands the call to an override that was already there
+    (``previous``). Where that one ignores the kernel it is handed and its output cannot carry a gradient back to
+    q, k, v (none at all, or through an op without a backward such as comfy-kitchen's INT8 attention), the call is
+    recomputed with SDPA, ``on_bypass(name)`` is told, and its id joins ``bypassed``: later calls skip it. Checks ComfyUI's interrupt at each
+    call and again when the backward reaches the call's output."""
     from comfy.ldm.modules import attention
 
     sdpa = getattr(attention.attention_pytorch, "__wrapped__", attention.attention_pytorch)
 
     def override(func, *args, **kwargs):
+        _check_interrupt()
         if getattr(func, "__name__", "") not in DIFFERENTIABLE_KERNELS:
             func = sdpa
-        if previous is None:
-            return func(*args, **kwargs)
-        out = previous(func, *args, **kwargs)
-        inputs = [a for a in args[:3] if isinstance(a, Tensor)]
-        if torch.is_grad_enabled() and any(a.requires_grad for a in inputs) and not out.requires_grad:
-            if on_fallback is not None:
-                on_fallback(getattr(previous, "__name__", type(previous).__name__))
-            return func(*args, **kwargs)
+        if previous is None or id(previous) in bypassed:
+            out = func(*args, **kwargs)
+        else:
+            handed = []
+
+            def kernel(*a, **k):
+                handed.append(True)
+                return func(*a, **k)
+
+            kernel.__name__ = getattr(func, "__name__", "kernel")
+            out = previous(kernel, *args, **kwargs)
+            if not handed and not grad_paths.differentiable(out, args[:3]):
+                bypassed.add(id(previous))
+                if on_bypass is not None:
+                    on_bypass(getattr(previous, "__qualname__", type(previous).__name__))
+                out = func(*args, **kwargs)
+        if out.requires_grad:
+            out.register_hook(_interrupt_in_backward)
         return out
 
     return override
@@ -201,6 +240,8 @@ class ComfyDenoiser:
         self._layers: list[tuple[LayerInfo, tuple]] | None = None
         self._warned_no_override = False
         self._warned_override_fallback = False
+        self._graph_checked = False
+        self._bypassed: set[int] = set()  # ids of attention overrides that gradient passes skip
 
     # -- Denoiser protocol -------------------------------------------------------------------------
 
@@ -218,8 +259,13 @@ class ComfyDenoiser:
             sigma = sigma.clone()  # autograd may save it (eps = (x - x0) / sigma); inference tensors cannot be saved
         timestep = sigma * x.new_ones([x.shape[0]])
         recorder = _Recorder() if capture else None
-        options = self._options(capture, recorder, grad=torch.is_grad_enabled(), latent_shape=x.shape)
-        x0s = comfy.samplers.calc_cond_batch(self.model, conds, x, timestep, options)
+        grad = torch.is_grad_enabled()
+        options = self._options(capture, recorder, grad=grad, latent_shape=x.shape)
+        with grad_paths.torch_paths() if grad else contextlib.nullcontext():
+            x0s = comfy.samplers.calc_cond_batch(self.model, conds, x, timestep, options)
+        if grad and x.requires_grad and not self._graph_checked:
+            self._graph_checked = True
+            self._check_graph(x0s, recorder)
         out = []
         for i, x0 in enumerate(x0s):
             eps = (x - x0) / sigma
@@ -245,6 +291,19 @@ class ComfyDenoiser:
     def autograd_session(self) -> ContextManager[None]:
         return autograd_weights(self.autograd_modules)
 
+    def _check_graph(self, x0s: Sequence[Tensor], recorder: _Recorder | None) -> None:
+        """Refuse, with a clear error, a first guidance forward whose graph holds an op without a backward."""
+        outputs = list(x0s)
+        if recorder is not None:
+            outputs += [t for parts in (*recorder.probs.values(), *recorder.features.values()) for t in parts]
+        op = grad_paths.opaque_op(outputs)
+        if op is not None:
+            raise RuntimeError(
+                f"ZeroCon: the guidance forward of {type(self.model.diffusion_model).__name__} ran {op}, an op with "
+                "no backward, so no gradient can reach the latent; this ComfyUI has no differentiable path for it "
+                "that ZeroCon knows of (run without guidance, or report the model and ComfyUI version)"
+            )
+
     # -- internals ---------------------------------------------------------------------------------
 
     def _layer_table(self) -> list[tuple[LayerInfo, tuple]]:
@@ -263,7 +322,8 @@ class ComfyDenoiser:
         to = dict(options.get("transformer_options", {}))
         options["transformer_options"] = to
         if grad:
-            self._route_differentiable_attention(to)
+            options.pop("multigpu_clones", None)  # ComfyUI's multi-GPU path runs under no_grad: one device here
+        self._route_attention(to, grad)
         if self.dit_type:
             dm = self.model.diffusion_model
             dit_capture.install(
@@ -292,15 +352,21 @@ class ComfyDenoiser:
             to["patches"] = patches
         return options
 
-    def _route_differentiable_attention(self, to: dict) -> None:
+    def _route_attention(self, to: dict, grad: bool) -> None:
+        """Installs this call's attention override: interrupt checks, and in grad passes kernels with a backward."""
         from comfy.ldm.modules import attention
 
         if hasattr(attention, "wrap_attn"):
-            to["optimized_attention_override"] = _differentiable_attention_override(
-                to.get("optimized_attention_override"), self._warn_override_fallback
-            )
+            previous = to.get("optimized_attention_override")
+            if grad:
+                to["optimized_attention_override"] = _differentiable_attention_override(
+                    previous, self._bypassed, self._warn_bypass
+                )
+            else:
+                to["optimized_attention_override"] = _passing_attention_override(previous)
         elif (
-            getattr(attention.optimized_attention, "__name__", "") not in DIFFERENTIABLE_KERNELS
+            grad
+            and getattr(attention.optimized_attention, "__name__", "") not in DIFFERENTIABLE_KERNELS
             and not self._warned_no_override
         ):
             self._warned_no_override = True
@@ -310,12 +376,12 @@ class ComfyDenoiser:
                 attention.optimized_attention.__name__,
             )
 
-    def _warn_override_fallback(self, name: str) -> None:
+    def _warn_bypass(self, name: str) -> None:
         if not self._warned_override_fallback:
             self._warned_override_fallback = True
             logger.warning(
-                "ZeroCon: the model's attention override (%s) returned an output without gradient in a guidance "
-                "pass; those passes use PyTorch attention instead (other passes keep the override)",
+                "ZeroCon: the model's attention override (%s) ignores the kernel it is given and its output carries "
+                "no gradient; guidance passes use PyTorch attention instead (other passes keep the override)",
                 name,
             )
 

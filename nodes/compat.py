@@ -3,8 +3,9 @@
 The nodes use ComfyUI's V3 node API (``comfy_api.latest``: ``io.ComfyNode``, ``io.Custom``, ``ui.PreviewText``,
 the ``comfy_entrypoint`` / ``ComfyExtension`` registration; ComfyUI 0.3.48 and later) and, for gradients through
 attention layers whose kernels have no backward, ``comfy.ldm.modules.attention.wrap_attn`` with the
-``optimized_attention_override`` transformer option (ComfyUI 0.3.60 and later). ``MIN_COMFYUI`` must equal
-``requires-comfyui`` in pyproject.toml (a test checks it).
+``optimized_attention_override`` transformer option (ComfyUI 0.3.60 and later). The supported range is what CI
+tests: ComfyUI 0.3.64 and 0.33.0 (versions between and after are handled by feature detection, not version
+numbers). ``MIN_COMFYUI`` must equal ``requires-comfyui`` in pyproject.toml (a test checks it).
 
 On an older ComfyUI the pack is not loaded the way it expects: before 0.3.48 ComfyUI never calls
 ``comfy_entrypoint`` and only says "Skip ... due to the lack of NODE_CLASS_MAPPINGS"; a workflow then shows the
@@ -23,7 +24,7 @@ import re
 
 logger = logging.getLogger("zerocon")
 
-MIN_COMFYUI = (0, 3, 60)
+MIN_COMFYUI = (0, 3, 64)
 MIN_COMFYUI_TEXT = ".".join(map(str, MIN_COMFYUI))
 UPDATE_HINT = "update ComfyUI (git pull in the ComfyUI folder, or ComfyUI-Manager > Update ComfyUI) and restart it"
 

@@ -45,7 +45,17 @@ from .dino_nodes import Dino
 from .families import article, cfg_warning, detect_family
 from .guidance_nodes import AUTO as AUTO_WEIGHT
 from .guidance_nodes import resolve_weights
-from .inputs import CATEGORY, GUIDANCE, cfg_input, previous_input, seed_input, step_inputs, steps_input, window_inputs
+from .inputs import (
+    CATEGORY,
+    GUIDANCE,
+    cfg_input,
+    previous_input,
+    schema,
+    seed_input,
+    step_inputs,
+    steps_input,
+    window_inputs,
+)
 from .loaders import ZeroConModel
 from .sampling_nodes import (
     ZeroConGuider,
@@ -84,14 +94,21 @@ class VAEDecoder:
 
     def __call__(self, latent: torch.Tensor) -> torch.Tensor:
         model = self.vae.first_stage_model
-        param = next(model.parameters())
-        z = self.latent_format.process_out(latent).to(device=param.device, dtype=param.dtype)
+        device, dtype = decode_placement(self.vae)
+        z = self.latent_format.process_out(latent).to(device=device, dtype=dtype)
         image = model.decode(z)
         return (image.float() + 1.0) / 2.0
 
     @property
     def modules(self) -> list[torch.nn.Module]:
         return [self.vae.first_stage_model]
+
+
+def decode_placement(vae: Any) -> tuple[torch.device, torch.dtype]:
+    """Where and in what dtype ComfyUI's own VAE Decode runs: the VAE's device and ``vae_dtype``, not where its
+    weights sit (under Dynamic VRAM they stay on the offload device and are streamed per layer)."""
+    param = next(vae.first_stage_model.parameters())
+    return torch.device(getattr(vae, "device", None) or param.device), getattr(vae, "vae_dtype", None) or param.dtype
 
 
 def _patchers(decoder: VAEDecoder, dino: Any) -> list:
@@ -102,11 +119,9 @@ def _patchers(decoder: VAEDecoder, dino: Any) -> list:
 
 
 def _loaded(patcher) -> bool:
-    try:
-        param = next(patcher.model.parameters())
-    except (StopIteration, AttributeError):
-        return True
-    return param.device == torch.device(patcher.load_device)
+    """Whether ComfyUI's memory manager holds the patcher loaded (not where its weights sit: Dynamic VRAM keeps
+    them on the offload device while loaded)."""
+    return any(m is patcher or getattr(m, "model", None) is patcher.model for m in mm.loaded_models())
 
 
 def make_session(decoder: VAEDecoder, dino: Any):
@@ -230,7 +245,7 @@ def _dino_size_input():
 class ZeroConDinoStructureGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConDinoStructureGuidance",
             is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DINO Structure Guidance (DiffuseIT)",
@@ -341,7 +356,7 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
 class ZeroConDinoStyleGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConDinoStyleGuidance",
             is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DINO Style Guidance (DiffuseIT)",
@@ -424,7 +439,7 @@ def _extra_models(terms) -> list:
 class ZeroConDiffuseITSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConDiffuseITSampler",
             is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DiffuseIT Sampler",

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from ..zerocon_core import dino
 from . import loaders, paths
-from .inputs import CATEGORY
+from .inputs import CATEGORY, schema
 from .loaders import DEVICES, DTYPES, ZeroConModel, patcher_for
 
 Dino = io.Custom("ZEROCON_DINO")
@@ -28,7 +28,7 @@ PRECISIONS = tuple(DTYPES)
 class ZeroConDINOLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConDINOLoader",
             display_name="ZeroCon DINO Loader",
             category=CATEGORY,

@@ -44,7 +44,7 @@ from comfy_api.latest import io, ui
 from ..zerocon_core import direction as zdir
 from ..zerocon_core import text_layout as zlayout
 from . import paths, progress
-from .inputs import CATEGORY
+from .inputs import CATEGORY, schema
 
 logger = logging.getLogger("zerocon")
 
@@ -310,7 +310,7 @@ class ComfyClipEncoder:
 class ZeroConEditDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConEditDirection",
             display_name="ZeroCon Edit Direction",
             category=CATEGORY,
@@ -422,7 +422,7 @@ class ZeroConEditDirection(io.ComfyNode):
 class ZeroConApplyEditDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConApplyEditDirection",
             display_name="ZeroCon Apply Edit Direction",
             category=CATEGORY,
@@ -495,7 +495,7 @@ def _direction_path(name: str) -> str:
 class ZeroConSaveEditDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConSaveEditDirection",
             display_name="ZeroCon Save Edit Direction",
             category=CATEGORY,
@@ -540,7 +540,7 @@ class ZeroConSaveEditDirection(io.ComfyNode):
 class ZeroConLoadEditDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConLoadEditDirection",
             display_name="ZeroCon Load Edit Direction",
             category=CATEGORY,

@@ -22,7 +22,7 @@ from ..zerocon_core import auto_weights
 from ..zerocon_core.denoiser import parse_layer_spec
 from ..zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, chain
 from .families import ModelFamily
-from .inputs import CATEGORY, GUIDANCE, previous_input, window_inputs
+from .inputs import CATEGORY, GUIDANCE, previous_input, schema, window_inputs
 
 AUTO = auto_weights.AUTO
 AUTO_TIP = (
@@ -54,7 +54,7 @@ class ZeroConCrossAttentionGuidance(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConCrossAttentionGuidance",
             display_name="ZeroCon Cross-Attention Guidance",
             category=CATEGORY,
@@ -85,7 +85,7 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConPatchNCEGuidance",
             display_name="ZeroCon PatchNCE Guidance",
             category=CATEGORY,

@@ -92,3 +92,35 @@ def previous_input() -> io.Input:
         optional=True,
         tooltip="Guidance terms to add to (chain several guidance nodes); none = start a new chain.",
     )
+
+
+#: Words users type in the node search (ComfyUI 0.33's ``search_aliases``) besides the display name.
+SEARCH_ALIASES = {
+    "ZeroConBLIPLoader": ["caption model", "image captioning", "blip"],
+    "ZeroConBLIPCaption": ["caption image", "describe image", "img2txt", "interrogate"],
+    "ZeroConEncodePrompts": ["prompt batch", "encode captions", "text encode list"],
+    "ZeroConEditDirection": ["pix2pix-zero", "edit direction", "cat to dog", "text edit", "zerocon"],
+    "ZeroConApplyEditDirection": ["pix2pix-zero", "edit conditioning", "apply direction"],
+    "ZeroConSaveEditDirection": ["save direction", "export edit direction"],
+    "ZeroConLoadEditDirection": ["load direction", "import edit direction"],
+    "ZeroConDDIMInversion": ["invert image", "unsample", "inversion", "rf inversion", "image to noise"],
+    "ZeroConGuidedSampler": ["pix2pix-zero", "zerocon", "structure preserving edit", "image translation", "img2img"],
+    "ZeroConGuider": ["pix2pix-zero guider", "zerocon guider", "guided edit"],
+    "ZeroConGuidedDDIMSampler": ["pix2pix-zero sampler", "zerocon sampler", "guided ddim"],
+    "ZeroConCrossAttentionGuidance": ["attention guidance", "cross attention loss", "pix2pix-zero"],
+    "ZeroConPatchNCEGuidance": ["contrastive guidance", "cut loss", "structure guidance", "patchnce"],
+    "ZeroConDINOLoader": ["dino vit", "dino model"],
+    "ZeroConDinoStructureGuidance": ["diffuseit", "structure loss", "self-similarity"],
+    "ZeroConDinoStyleGuidance": ["diffuseit", "style transfer", "reference image", "appearance"],
+    "ZeroConDiffuseITSampler": ["diffuseit", "style transfer", "image translation", "reference style"],
+    "ZeroConCLIPMetricLoader": ["clip score model", "metrics"],
+    "ZeroConEditMetrics": ["clip score", "psnr", "ssim", "evaluate edit", "metrics"],
+}
+
+
+def schema(**fields) -> io.Schema:
+    """``io.Schema`` with this node's search aliases, keeping only the fields this ComfyUI's Schema has (0.3.64 has
+    no ``search_aliases``; newer fields are left out there rather than refused)."""
+    known = getattr(io.Schema, "__dataclass_fields__", {})
+    fields.setdefault("search_aliases", SEARCH_ALIASES.get(fields.get("node_id"), []))
+    return io.Schema(**{k: v for k, v in fields.items() if k in known})

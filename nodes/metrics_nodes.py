@@ -19,7 +19,7 @@ from ..zerocon_core import metrics
 from ..zerocon_core.prompts import split_prompts
 from . import loaders
 from .dino_nodes import Dino
-from .inputs import CATEGORY
+from .inputs import CATEGORY, schema
 from .loaders import DEVICES, DTYPES, ZeroConModel, patcher_for, unwrap
 from .paths import CLIP_METRIC
 
@@ -40,7 +40,7 @@ KNOWN_CLIP = SOURCE.known
 class ZeroConCLIPMetricLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConCLIPMetricLoader",
             display_name="ZeroCon CLIP Metric Loader",
             category=CATEGORY,
@@ -141,7 +141,7 @@ def _per_image(text: str) -> str | list[str]:
 class ZeroConEditMetrics(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConEditMetrics",
             display_name="ZeroCon Edit Metrics",
             category=CATEGORY,

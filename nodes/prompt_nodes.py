@@ -27,7 +27,7 @@ from comfy_api.latest import io, ui
 
 from ..zerocon_core.prompts import split_prompts
 from ..zerocon_core.text_layout import T5_KEY
-from .inputs import CATEGORY
+from .inputs import CATEGORY, schema
 
 logger = logging.getLogger("zerocon")
 
@@ -101,7 +101,7 @@ def encode_prompts(clip, prompts: list[str]) -> list:
 class ZeroConEncodePrompts(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConEncodePrompts",
             display_name=NODE,
             category=CATEGORY,

@@ -32,7 +32,7 @@ from . import progress
 from .comfy_denoiser import ComfyDenoiser
 from .families import ModelFamily, article, cfg_warning, detect_family, prediction_type, size_warning
 from .guidance_nodes import resolve_weights
-from .inputs import CATEGORY, GUIDANCE, cfg_input, seed_input, step_inputs, steps_input
+from .inputs import CATEGORY, GUIDANCE, cfg_input, schema, seed_input, step_inputs, steps_input
 
 logger = logging.getLogger("zerocon")
 
@@ -142,6 +142,13 @@ def check_latent(samples: torch.Tensor, family: ModelFamily) -> str | None:
     return warning
 
 
+def model_key(patcher) -> int:
+    """Identity of the weights sampling with ``patcher`` runs: the patcher's model, or, where ComfyUI (0.33's
+    Dynamic VRAM with hooked conditioning) samples with a non-dynamic delegate, the delegate's shared model."""
+    delegate = getattr(patcher, "non_dynamic_delegate_model", None)
+    return id(delegate[0]) if delegate else id(patcher.model)
+
+
 def check_family(model, inversion: InversionData) -> ModelFamily:
     family = detect_family(model)
     if inversion.family and inversion.family != family.name:
@@ -150,7 +157,7 @@ def check_family(model, inversion: InversionData) -> ModelFamily:
             f"is {family.name}; "
             f"invert and sample with the same model (a {family.name} MODEL needs a latent inverted with {family.name})"
         )
-    if inversion.model_key and inversion.model_key != id(model.model):
+    if inversion.model_key and inversion.model_key != model_key(model):
         logger.warning("ZeroCon: sampling with a different model than the one the latent was inverted with")
     return family
 
@@ -342,7 +349,7 @@ def replay_source(guider, sigmas: torch.Tensor) -> Inversion | None:
         why = "the guidance differs from the one DDIM Inversion recorded for"
     elif len(replay.trajectory) != len(sigmas):
         why = f"the inversion has {len(replay.trajectory) - 1} steps, the sampler {len(sigmas) - 1}"
-    elif data.model_key and data.model_key != id(guider.model_patcher.model):
+    elif data.model_key and data.model_key != model_key(guider.model_patcher):
         why = "the MODEL differs from the one the inversion recorded with"
     elif guider.conditionings.get("source") is not data.source:
         why = "the source conditioning is not the one the inversion used"
@@ -472,7 +479,7 @@ def ddim_grid(model_sampling, steps: int, convention: str = "current") -> torch.
 class ZeroConDDIMInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConDDIMInversion",
             display_name="ZeroCon DDIM Inversion",
             category=CATEGORY,
@@ -625,7 +632,7 @@ class ZeroConDDIMInversion(io.ComfyNode):
             source=conditioning,
             family=family.name,
             prediction_type=family.prediction_type,
-            model_key=id(model.model),
+            model_key=model_key(guider.model_patcher),
             regularization=reg,
             replay=replay,
             recorded_for=terms,
@@ -637,7 +644,7 @@ class ZeroConDDIMInversion(io.ComfyNode):
 class ZeroConGuidedSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConGuidedSampler",
             display_name="ZeroCon Guided Sampler",
             category=CATEGORY,
@@ -750,7 +757,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
 class ZeroConGuiderNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConGuider",
             display_name="ZeroCon Guider",
             category=CATEGORY,
@@ -791,7 +798,7 @@ class ZeroConGuiderNode(io.ComfyNode):
 class ZeroConGuidedDDIMSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
+        return schema(
             node_id="ZeroConGuidedDDIMSampler",
             display_name="ZeroCon Guided DDIM Sampler",
             category=CATEGORY,

@@ -19,7 +19,10 @@ loaded model that did not fit, every layer under manual cast, LoRAs applied per 
 fresh copies made during the forward; autograd would keep each of them for the backward, i.e. a copy of those
 weights in the compute dtype on the device for the whole gradient pass. Inside the block such a copy is not
 kept: the backward casts it again from the module (``comfy.ops.cast_bias_weight``, weight functions
-included), as the forward did. Resident weights are kept by reference, as before.
+included), as the forward did, and the cast is released again (nothing stays pinned under Dynamic VRAM). Resident
+weights are kept by reference, as before. Replacements keep the originals' Python attributes (Dynamic VRAM's
+per-Parameter ``_model_dtype``); quantized weights (tensor subclasses) of per-layer cast modules are not replaced at
+all: they are dequantized into fresh tensors at each use, so they are never copied.
 """
 
 from __future__ import annotations
@@ -64,23 +67,39 @@ def _swap_in(modules: Iterable[torch.nn.Module], done: list[tuple[dict, str, tor
             if id(mod) in seen:
                 continue
             seen.add(id(mod))
+            cast = _casts_per_layer(mod)
             for store in (mod._parameters, mod._buffers):
                 for name, t in list(store.items()):
                     if t is None or not (t.is_inference() or t.requires_grad):
                         continue
+                    if cast and type(t) not in _PLAIN and not t.requires_grad:
+                        continue  # a quantized weight: dequantized per layer into a fresh tensor, never copied here
                     new = replacement.get(id(t))
                     if new is None:
                         try:
-                            view = _normal_view(t)
+                            new = _replacement(t)
                         except Exception as exc:  # leave it: the forward will say what failed
                             logger.debug("could not make %s usable by autograd: %s", name, exc)
                             continue
-                        new = (
-                            torch.nn.Parameter(view, requires_grad=False) if isinstance(t, torch.nn.Parameter) else view
-                        )
                         replacement[id(t)] = new
                     store[name] = new
                     done.append((store, name, t, new))
+
+
+def _replacement(t: torch.Tensor) -> torch.Tensor:
+    """``t`` usable by autograd (``_normal_view``), a Parameter again if ``t`` was one, with ``t``'s Python attributes
+    (ComfyUI's markers such as Dynamic VRAM's ``_model_dtype``, read at every per-layer cast)."""
+    view = _normal_view(t)
+    new = torch.nn.Parameter(view, requires_grad=False) if isinstance(t, torch.nn.Parameter) else view
+    extra = getattr(t, "__dict__", None)
+    if extra:
+        new.__dict__.update(extra)
+    return new
+
+
+def _casts_per_layer(mod: torch.nn.Module) -> bool:
+    """A comfy.ops module whose weight is cast (or patched) per layer in each forward."""
+    return bool(getattr(mod, "comfy_cast_weights", False) or getattr(mod, "weight_function", None))
 
 
 def _restore(done: list[tuple[dict, str, torch.Tensor, torch.Tensor]]) -> None:
@@ -141,10 +160,26 @@ class _CastWeights:
     def unpack(packed):
         if not isinstance(packed, _Recast):
             return packed
-        import comfy.ops
+        return _recast(packed)
 
-        weight, _ = comfy.ops.cast_bias_weight(packed.module, dtype=packed.dtype, device=packed.device)
-        return weight.as_strided(packed.size, packed.stride, packed.offset)
+
+def _recast(packed: _Recast) -> torch.Tensor:
+    """The module's weight cast again, viewed as it was saved. Where ComfyUI can release a cast (``offloadable``
+    casts into reused buffers and Dynamic VRAM's pinned slots), the view is copied out and the cast released at
+    once, so nothing stays pinned."""
+    import comfy.ops
+
+    module = packed.module
+    if hasattr(comfy.ops, "uncast_bias_weight"):
+        weight, bias, state = comfy.ops.cast_bias_weight(
+            module, dtype=packed.dtype, device=packed.device, offloadable=True
+        )
+        try:
+            return weight.as_strided(packed.size, packed.stride, packed.offset).clone()
+        finally:
+            comfy.ops.uncast_bias_weight(module, weight, bias, state)
+    weight, _ = comfy.ops.cast_bias_weight(module, dtype=packed.dtype, device=packed.device)
+    return weight.as_strided(packed.size, packed.stride, packed.offset)
 
 
 def _cast_modules(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -155,7 +190,7 @@ def _cast_modules(modules: Iterable[torch.nn.Module]) -> list[torch.nn.Module]:
             if id(mod) in seen or not isinstance(mod._parameters.get("weight"), torch.Tensor):
                 continue
             seen.add(id(mod))
-            if getattr(mod, "comfy_cast_weights", False) or getattr(mod, "weight_function", None):
+            if _casts_per_layer(mod):
                 out.append(mod)
     return out
 

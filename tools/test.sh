@@ -3,9 +3,10 @@
 #
 # 1. the pack's environment: a venv (ZEROCON_VENV, default .venv) with CPU torch 2.13.0 and the project with its
 #    test extra; reused while pyproject.toml, requirements.txt and the torch pin are unchanged;
-# 2. ComfyUI's environment, when a ComfyUI checkout is found (COMFYUI_PATH, default ~/ComfyUI) and COMFYUI_PYTHON
-#    is not set: its own venv (ComfyUI needs torchvision and the registry's default torch), cached in
-#    ~/.cache/zerocon-ci/comfyui-venv-<key> (ZEROCON_CI_CACHE), keyed by ComfyUI's requirements and ours;
+# 2. ComfyUI's environments, one per ComfyUI checkout found (COMFYUI_PATHS, colon-separated, else COMFYUI_PATH,
+#    else ~/ComfyUI-0.33.0, ~/ComfyUI-0.3.64 and ~/ComfyUI), unless COMFYUI_PYTHON is set: each its own venv
+#    (ComfyUI needs torchvision and torchaudio with the registry's torch), cached in
+#    ~/.cache/zerocon-ci/comfyui-venv-<key> (ZEROCON_CI_CACHE), keyed by that ComfyUI's requirements and ours;
 # 2b. comfy-cli for the Registry check (comfy node validate), in its own venv cached beside ComfyUI's, unless
 #    COMFY_CLI is set or comfy is on PATH;
 # 3. lint: ruff check . and ruff format --check . must pass before any test runs;
@@ -37,30 +38,42 @@ else
   echo "$stamp" > "$VENV/.zerocon-stamp"
 fi
 
-echo "== ComfyUI environment"
-COMFYUI_PATH=${COMFYUI_PATH:-$HOME/ComfyUI}
-if [ -f "$COMFYUI_PATH/comfy/model_base.py" ]; then
-  export COMFYUI_PATH
-  if [ -z "${COMFYUI_PYTHON:-}" ]; then
-    # ComfyUI imports torchvision, which needs the registry's default torch: its own venv, cached
-    # between runs (it is ComfyUI's environment, not ours), keyed by its requirements and ours.
-    key=$(cat "$COMFYUI_PATH/requirements.txt" requirements.txt | sha256sum | cut -c1-16)
+echo "== ComfyUI environments"
+# Every ComfyUI checkout the suite runs on: COMFYUI_PATHS (colon-separated), else COMFYUI_PATH, else the
+# supported versions' usual places (~/ComfyUI-0.33.0, ~/ComfyUI-0.3.64) and ~/ComfyUI. Each gets its own venv.
+COMFY_TORCH="torch==2.9.1 torchvision==0.24.1 torchaudio==2.9.1"  # a trio the registry has; 0.33 imports torchaudio
+targets=""
+IFS=: read -r -a candidates <<< "${COMFYUI_PATHS:-${COMFYUI_PATH:-$HOME/ComfyUI-0.33.0:$HOME/ComfyUI-0.3.64:$HOME/ComfyUI}}"
+for comfy in "${candidates[@]}"; do
+  [ -f "$comfy/comfy/model_base.py" ] || continue
+  comfy=$(cd "$comfy" && pwd -P)
+  case ";$targets" in *";$comfy="*) continue ;; esac
+  py=${COMFYUI_PYTHON:-}
+  if [ -z "$py" ]; then
+    # ComfyUI imports torchvision (and, from 0.33 on, torchaudio), which need the registry's torch: a venv of
+    # its own, cached between runs (it is ComfyUI's environment, not ours), keyed by its requirements and ours.
+    key=$( (cat "$comfy/requirements.txt" requirements.txt; echo "$COMFY_TORCH") | sha256sum | cut -c1-16)
     CVENV="$CACHE/comfyui-venv-$key"
     if [ ! -x "$CVENV/bin/python" ] || [ ! -f "$CVENV/.complete" ]; then
-      echo "building $CVENV (torch 2.14.1 + torchvision 0.29.2 + ComfyUI requirements)"
+      echo "building $CVENV ($COMFY_TORCH + the requirements of $comfy)"
       rm -rf "$CVENV"; mkdir -p "$CACHE"
       "$PY" -m venv "$CVENV"
-      "$CVENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.2
-      grep -v -E '^(torch|torchvision|torchaudio)([<>=!~ ].*)?$' "$COMFYUI_PATH/requirements.txt" > "$WORK/comfy-req.txt"
+      # shellcheck disable=SC2086
+      "$CVENV/bin/pip" install -q $COMFY_TORCH
+      grep -v -E '^(torch|torchvision|torchaudio)([<>=!~ ].*)?$' "$comfy/requirements.txt" > "$WORK/comfy-req.txt"
       "$CVENV/bin/pip" install -q -r "$WORK/comfy-req.txt" requests pytest
       touch "$CVENV/.complete"
     fi
     # Our own requirements, as ComfyUI-Manager would install them (line by line, torch never), and
     # playwright for the real-browser workflow test (it drives Debian's Chromium; no browser download).
     "$CVENV/bin/pip" install -q -r requirements.txt playwright
-    export COMFYUI_PYTHON="$CVENV/bin/python"
+    py="$CVENV/bin/python"
   fi
-  echo "ComfyUI checkout: $COMFYUI_PATH; its Python: $COMFYUI_PYTHON"
+  echo "ComfyUI checkout: $comfy ($(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$comfy/comfyui_version.py" 2>/dev/null)); its Python: $py"
+  targets="$targets$comfy=$py;"
+done
+if [ -n "$targets" ]; then
+  export ZEROCON_COMFYUI_TARGETS="$targets"
   if ! command -v chromium >/dev/null 2>&1; then
     if [ "${ZEROCON_INSTALL_CHROMIUM:-}" = 1 ]; then
       echo "installing Debian's chromium for the browser workflow test"
@@ -70,7 +83,7 @@ if [ -f "$COMFYUI_PATH/comfy/model_base.py" ]; then
     fi
   fi
 else
-  echo "no ComfyUI checkout at $COMFYUI_PATH: the ComfyUI integration tests will be SKIPPED"
+  echo "no ComfyUI checkout found (${candidates[*]}): the ComfyUI integration tests will be SKIPPED"
 fi
 
 echo "== comfy-cli (for the Registry check, comfy node validate)"
@@ -103,7 +116,8 @@ rc=$?
 set -e
 echo "=================================================================="
 if [ -f "$ZEROCON_REPORT_DIR/comfyui-integration.txt" ]; then
-  echo "ComfyUI integration tests: $(cat "$ZEROCON_REPORT_DIR/comfyui-integration.txt")"
+  echo "ComfyUI integration tests (one line per ComfyUI checkout):"
+  sed 's/^/  /' "$ZEROCON_REPORT_DIR/comfyui-integration.txt"
 else
   echo "ComfyUI integration tests: NOT RUN (the runner test did not report)"
 fi

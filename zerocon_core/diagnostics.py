@@ -189,13 +189,22 @@ def series(result: SampleResult) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
+def chart_font():
+    """Pillow's bitmap font: its spaces are a full character wide (the FreeType default that Pillow >= 10.1 returns
+    from ``load_default`` draws a 2-pixel space, so words run together at this size)."""
+    from PIL import ImageFont
+
+    bitmap = getattr(ImageFont, "load_default_imagefont", None)
+    return bitmap() if bitmap is not None else ImageFont.load_default()
+
+
 def chart(result: SampleResult, layout: Layout = Layout()) -> Tensor:
     """The per-step chart (module docstring) as a ComfyUI IMAGE ``(1, height, width, 3)`` float32 in [0, 1]."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
+    font = chart_font()
     n = max(result.num_steps, 1)
     s = summarize(result)
     half = max(1, (layout.width - layout.left - layout.right) // (2 * n))

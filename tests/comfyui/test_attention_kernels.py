@@ -44,9 +44,9 @@ def _fake_kernel(calls: dict, name: str = "attention_fake_flash"):
     return attention.wrap_attn(kernel)
 
 
-def _edit(zc, run, model):
+def _edit(zc, run, model, guided=True):
     lat, cap, edit = tm.latent(30), tm.conditioning(31), tm.conditioning(32)
-    g = h.guidance(zc, run)
+    g = h.guidance(zc, run) if guided else None
     _, inversion, _ = h.invert(zc, run, model, lat, cap, steps=STEPS, guidance=g)
     out, _ = h.guided(zc, run, model, inversion, edit, guidance=g, reference="resampled")
     return out["samples"]
@@ -58,7 +58,15 @@ def reference_edit(zc, run):
     return _edit(zc, run, tm.sd15())
 
 
-def test_kernel_without_backward_selected_as_comfyui_attention(zc, run, monkeypatch, reference_edit):
+@pytest.fixture
+def tolerance(zc, run, reference_edit):
+    """How far another kernel's edit may land from the stock one: 1% of the guidance's own effect (its distance to
+    the unguided edit). Float32 round-off differs between kernels and CPUs (2.5e-5 relative was seen), and the
+    normalised guidance step carries it through the steps; an edit that lost its gradients lands ~100x further."""
+    return 1e-2 * rh.rel(reference_edit, _edit(zc, run, tm.sd15(), guided=False))
+
+
+def test_kernel_without_backward_selected_as_comfyui_attention(zc, run, monkeypatch, reference_edit, tolerance):
     from comfy.ldm.modules import attention
 
     calls = {"grad": 0, "no_grad": 0}
@@ -77,13 +85,14 @@ def test_kernel_without_backward_selected_as_comfyui_attention(zc, run, monkeypa
     assert calls["grad"] == 0  # never in a gradient pass (its backward would raise)
     assert calls["no_grad"] > 0  # the reference, CFG and inversion passes keep the user's kernel
     assert all(not r.skipped for r in results)
-    assert rh.rel(out, reference_edit) < 1e-5  # the same edit as with the stock kernel
+    assert rh.rel(out, reference_edit) < tolerance  # the same edit as with the stock kernel
     rh.assert_untouched(model, before, stock_before, edit, cap, lat)
 
 
-def test_override_that_ignores_the_kernel_it_is_given(zc, run, monkeypatch, reference_edit, caplog):
+def test_override_that_ignores_the_kernel_it_is_given(zc, run, monkeypatch, reference_edit, tolerance, caplog):
     """A custom node's override that always calls its own kernel (as sage-attention patch nodes do): in the
-    gradient passes its output has no gradient, so those passes use SDPA; the others keep the override."""
+    gradient passes its output has no gradient, so after its first gradient call those passes use SDPA; the others
+    keep the override."""
     calls = {"grad": 0, "no_grad": 0}
 
     def own_kernel(q, k, v, heads, **kwargs):  # a compiled kernel with no autograd support: a detached output
@@ -102,6 +111,6 @@ def test_override_that_ignores_the_kernel_it_is_given(zc, run, monkeypatch, refe
     with caplog.at_level(logging.WARNING, logger="zerocon"):
         out = _edit(zc, run, model)
     assert calls["grad"] > 0 and calls["no_grad"] > 0  # the override ran in every pass
-    assert rh.rel(out, reference_edit) < 1e-5  # ... but the gradients came from SDPA
+    assert rh.rel(out, reference_edit) < tolerance  # ... but the gradients came from SDPA
     assert all(not r.skipped for r in results)
-    assert "sage_patch_override" in caplog.text and "without gradient" in caplog.text
+    assert "sage_patch_override" in caplog.text and "carries no gradient" in caplog.text

@@ -24,8 +24,15 @@ def cache(dn):
 
 
 @pytest.fixture
-def ui_updates():
-    """Every (value, total) that reached ComfyUI's progress-bar hook (what the frontend's node bar shows)."""
+def ui_updates(monkeypatch):
+    """Every (value, total) that reached ComfyUI's progress-bar hook (what the frontend's node bar shows).
+
+    Newer ComfyUI's ``ProgressBar`` drops updates less than 0.1 s after the last one it sent (first, final and
+    preview updates always go through): its throttle is turned off here, so the list holds every update the
+    node makes whatever the speed of the machine."""
+    for name in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT"):
+        if hasattr(comfy.utils, name):
+            monkeypatch.setattr(comfy.utils, name, 0)
     seen = []
     saved = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: seen.append((value, total)))

@@ -30,10 +30,21 @@ def _sharp(model):
     every attention map uniform and would let a missing RoPE or a wrong normaliser pass unnoticed)."""
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        for name, p in model.model.diffusion_model.named_parameters():
-            if name.endswith(("query_norm.scale", "key_norm.scale")):
+        for module_name, module in model.model.diffusion_model.named_modules():
+            if module_name.endswith(("query_norm", "key_norm")):
+                p = _qk_norm(module)[0]
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
     return model
+
+
+def _qk_norm(norm) -> tuple[torch.Tensor, float]:
+    """(scale, eps) of a Flux QK-norm: ComfyUI's own RMSNorm (``.scale``, eps 1e-6) in older versions,
+    ``operations.RMSNorm`` (a ``torch.nn.RMSNorm``: ``.weight``, ``.eps``, None for the float32 epsilon the
+    blocks compute in) in newer ones."""
+    if hasattr(norm, "scale"):
+        return norm.scale, 1e-6
+    eps = norm.eps
+    return norm.weight, torch.finfo(torch.float32).eps if eps is None else eps
 
 
 def flux(seed=3):
@@ -149,8 +160,9 @@ def _rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.stack((cos * a - sin * b, sin * a + cos * b), -1).flatten(-2)
 
 
-def _rms(x, scale):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * scale.double()
+def _rms(x, norm):
+    scale, eps = _qk_norm(norm)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale.double()
 
 
 def _lin(x, lin):
@@ -176,7 +188,7 @@ def _flux_qk(block, args, single: bool):
         x = args["img"].double()
         qkv = _lin(_ln(x) * (1 + scale) + shift, block.linear1)[..., : 3 * block.hidden_size]
         q, k = _heads(qkv, block.num_heads)
-        return _rms(q, block.norm.query_norm.scale), _rms(k, block.norm.key_norm.scale)
+        return _rms(q, block.norm.query_norm), _rms(k, block.norm.key_norm)
     out = []
     for x, mod, attn in (
         (args["txt"].double(), block.txt_mod, block.txt_attn),
@@ -184,7 +196,7 @@ def _flux_qk(block, args, single: bool):
     ):
         shift, scale = _lin(F.silu(vec), mod.lin)[:, None].chunk(6, -1)[:2]
         q, k = _heads(_lin(_ln(x) * (1 + scale) + shift, attn.qkv), block.num_heads)
-        out.append((_rms(q, attn.norm.query_norm.scale), _rms(k, attn.norm.key_norm.scale)))
+        out.append((_rms(q, attn.norm.query_norm), _rms(k, attn.norm.key_norm)))
     return torch.cat((out[0][0], out[1][0]), 2), torch.cat((out[0][1], out[1][1]), 2)
 
 

@@ -174,13 +174,28 @@ def executor_env(tmp_path_factory):
     folder_paths.folder_names_and_paths["blip"] = saved
 
 
+def prompt_executor(server):
+    """``execution.PromptExecutor`` with the CLASSIC cache, as ``main.py`` builds it by default. Newer ComfyUI
+    takes a ``cache_args`` dict (its ``execute`` reads the RAM headroom from it: 0 unless the cache is
+    RAM_PRESSURE), older ones a ``cache_size``: pass what this version's signature names."""
+    import inspect
+
+    import execution
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor.__init__).parameters:
+        cache = {"cache_args": {"lru": 0, "ram": 0, "ram_inactive": 0}}
+    else:
+        cache = {}
+    return execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, **cache)
+
+
 def execute_in_process(prompt: dict) -> ServerStub:
     import execution
 
     ok, error, outputs, node_errors = asyncio.run(execution.validate_prompt(uuid.uuid4().hex, prompt, None))
     assert ok, json.dumps({"error": error, "node_errors": node_errors}, indent=1, default=str)
     server = ServerStub()
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC)
+    executor = prompt_executor(server)
     executor.execute(prompt, uuid.uuid4().hex, {"client_id": "zerocon-test"}, outputs)
     errors = [d for e, d in executor.status_messages if e == "execution_error"]
     assert executor.success and not errors, json.dumps(errors, indent=1, default=str)[:4000]
@@ -213,7 +228,7 @@ def test_graph_reports_a_missing_blip_folder_as_a_node_error(executor_env, monke
     prompt["blip"]["inputs"]["allow_download"] = True
     ok, _, outputs, _ = asyncio.run(execution.validate_prompt("v", prompt, None))
     assert ok
-    executor = execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC)
+    executor = prompt_executor(ServerStub())
     executor.execute(prompt, "missing-blip", {}, outputs)
     errors = [d for e, d in executor.status_messages if e == "execution_error"]
     assert not executor.success and errors and errors[0]["node_type"] == "ZeroConBLIPLoader"

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 import torch
-from test_graph import ServerStub, build_graph, executor_env  # noqa: F401  (executor_env: the fixture)
+from test_graph import ServerStub, build_graph, executor_env, prompt_executor  # noqa: F401  (executor_env: the fixture)
 
 
 def _stock(prompt: dict, seed: int) -> dict:
@@ -74,12 +74,10 @@ def spy(monkeypatch):
 
 
 def test_requeue_with_a_new_edit_prompt_replays_the_cached_record(executor_env, spy):  # noqa: F811
-    import execution
-
     captured = executor_env
     graph = build_graph("sd15")
     graph["invert"]["inputs"]["guidance"] = ["nce", 0]
-    executor = execution.PromptExecutor(ServerStub(), cache_type=execution.CacheType.CLASSIC)
+    executor = prompt_executor(ServerStub())
 
     ran = _queue(executor, _stock({"ckpt": graph["ckpt"]}, seed=7))
     assert "ks" in ran

@@ -168,15 +168,22 @@ def test_differentiable_attention_override_routes_kernels(zc):
         return None
 
     flash_like.__name__ = "attention_flash"
-    override = zc.denoiser._differentiable_attention_override(None)
+    override = zc.denoiser._differentiable_attention_override(None, set())
     q = k = v = torch.randn(1, 5, 8)
     out = override(flash_like, q, k, v, 2)
     assert calls == [] and out.shape == (1, 5, 8)
     torch.testing.assert_close(out, attention.attention_basic(q, k, v, 2))
     basic = getattr(attention.attention_basic, "__wrapped__", attention.attention_basic)
-    chained = zc.denoiser._differentiable_attention_override(lambda func, *a, **kw: ("prev", func.__name__))
-    assert chained(flash_like, q, k, v, 2) == ("prev", "attention_pytorch")
-    assert chained(basic, q, k, v, 2) == ("prev", "attention_basic")
+    handed = []
+
+    def previous(func, *a, **kw):  # an override that runs the kernel it is handed
+        handed.append(func.__name__)
+        return func(*a, **kw)
+
+    chained = zc.denoiser._differentiable_attention_override(previous, set())
+    torch.testing.assert_close(chained(flash_like, q, k, v, 2), attention.attention_basic(q, k, v, 2))
+    chained(basic, q, k, v, 2)
+    assert handed == ["attention_pytorch", "attention_basic"] and calls == []
 
 
 def test_existing_attn2_replace_patch_keeps_working(zc, sd15_model):

@@ -120,8 +120,19 @@ def latent(seed: int = 0, batch: int = 1, size: int = 16) -> dict:
     return {"samples": torch.randn(batch, 4, size, size, generator=gen) * 4.0}
 
 
+def flux_params_compat(cfg: dict) -> dict:
+    """``cfg`` (a hand-written Flux ``unet_config``) with what this ComfyUI's ``FluxParams`` requires beyond the
+    Flux-1 fields: ``txt_ids_dims`` (``[]``, no text-position axes, as its detection sets for a Flux-1
+    checkpoint) where the dataclass has that field; ComfyUI versions without it reject the key."""
+    from comfy.ldm.flux.model import FluxParams
+
+    if "txt_ids_dims" in FluxParams.__dataclass_fields__:
+        cfg.setdefault("txt_ids_dims", [])
+    return cfg
+
+
 def _flux_config(guidance_embed: bool, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM) -> dict:
-    return {
+    cfg = {
         "image_model": "flux",
         "in_channels": 16,
         "patch_size": 2,
@@ -138,6 +149,7 @@ def _flux_config(guidance_embed: bool, context_dim: int = CONTEXT_DIM, pooled_di
         "qkv_bias": True,
         "guidance_embed": guidance_embed,
     }
+    return flux_params_compat(cfg)
 
 
 def _dit_patcher(config, seed: int):
@@ -149,7 +161,9 @@ def _dit_patcher(config, seed: int):
         net = base.diffusion_model
         _init_(net, seed)
         gen = torch.Generator().manual_seed(seed + 1000)
-        for name, p in net.named_parameters():  # RMS-norm scales (Flux's QK-norm) about 1, as trained ones are
+        # RMS-norm scales (Flux's QK-norm) about 1, as trained ones are: ComfyUI's own RMSNorm names them "scale"
+        # (older versions); newer ones use torch's RMSNorm, whose 1-D "weight" `_init_` already draws about 1
+        for name, p in net.named_parameters():
             if name.endswith(".scale"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
         pos = getattr(net, "pos_embed", None)  # SD3's position table is a buffer `_init_` leaves uninitialised

@@ -150,3 +150,27 @@ def test_windows_are_reported(den):
     assert dg.summary(res).startswith(
         "guidance applied at 3/5 steps (step mode auto); the terms were active at 3 (their start/end); "
     )
+
+
+def _word_gaps(row_band: torch.Tensor, min_width: int) -> int:
+    """Runs of at least ``min_width`` blank columns between inked columns of a (H, W) ink mask."""
+    inked = row_band.any(dim=0).tolist()
+    first, last = inked.index(True), len(inked) - 1 - inked[::-1].index(True)
+    gaps, run = 0, 0
+    for col in inked[first : last + 1]:
+        if col:
+            gaps += run >= min_width
+            run = 0
+        else:
+            run += 1
+    return gaps
+
+
+def test_chart_title_keeps_its_spaces(mixed):
+    """The title is drawn with spaces a reader sees (with a 2-pixel space it read "4/4stepsapplied")."""
+    _, res = mixed
+    img = dg.chart(res)
+    lay = dg.Layout()
+    band = (img[0, 2 : lay.top - 10, lay.left :] < 0.5).any(dim=-1)  # dark pixels of the title's rows
+    title = f"ZeroCon guidance per step ({res.step_mode}): {dg.summarize(res).applied}/{STEPS} steps applied"
+    assert _word_gaps(band, min_width=4) >= title.count(" ")
