@@ -20,8 +20,8 @@ several conds into one forward). ``autograd_session()`` makes the inference-tens
 autograd and restores them on exit (``weights.autograd_weights``). Grad-enabled forwards take ComfyUI's
 differentiable model paths (``grad_paths.torch_paths``: no comfy-kitchen op without a backward) and route every
 attention kernel that has no backward (flash, sage, INT8...) to PyTorch SDPA via ``optimized_attention_override``
-(an override already on the model keeps running, unless it ignores its kernel and its output carries no
-gradient); forwards without grad keep the user's kernel. Every forward checks ComfyUI's interrupt at each attention
+(an override already on the model keeps running, unless its output carries no gradient: it ignored the kernel
+it was handed); forwards without grad keep the user's kernel. Every forward checks ComfyUI's interrupt at each attention
 call, and every backward when it reaches one, so Cancel takes effect within one layer at any image size.
 """
 
@@ -169,10 +169,10 @@ def _differentiable_attention_override(previous, bypassed: set, on_bypass=None):
     """An ``optimized_attention_override`` for grad-enabled forwards.
 
     Routes kernels without a backward to PyTorch SDPA, then hands the call to an override that was already there
-    (``previous``). Where that one ignores the kernel it is handed and its output cannot carry a gradient back to
-    q, k, v (none at all, or through an op without a backward such as comfy-kitchen's INT8 attention), the call is
-    recomputed with SDPA, ``on_bypass(name)`` is told, and its id joins ``bypassed``: later calls skip it. Checks ComfyUI's interrupt at each
-    call and again when the backward reaches the call's output."""
+    (``previous``). Where that one's output cannot carry a gradient back to q, k, v (it ignored the kernel it was
+    handed and returned none at all, or one through an op without a backward such as comfy-kitchen's INT8
+    attention), the call is recomputed with SDPA, ``on_bypass(name)`` is told and its id joins ``bypassed``: later
+    calls skip it. Checks ComfyUI's interrupt at each call and again when the backward reaches the call's output."""
     from comfy.ldm.modules import attention
 
     sdpa = getattr(attention.attention_pytorch, "__wrapped__", attention.attention_pytorch)
@@ -184,15 +184,8 @@ def _differentiable_attention_override(previous, bypassed: set, on_bypass=None):
         if previous is None or id(previous) in bypassed:
             out = func(*args, **kwargs)
         else:
-            handed = []
-
-            def kernel(*a, **k):
-                handed.append(True)
-                return func(*a, **k)
-
-            kernel.__name__ = getattr(func, "__name__", "kernel")
-            out = previous(kernel, *args, **kwargs)
-            if not handed and not grad_paths.differentiable(out, args[:3]):
+            out = previous(func, *args, **kwargs)
+            if not grad_paths.differentiable(out, args[:3]):
                 bypassed.add(id(previous))
                 if on_bypass is not None:
                     on_bypass(getattr(previous, "__qualname__", type(previous).__name__))
@@ -380,8 +373,8 @@ class ComfyDenoiser:
         if not self._warned_override_fallback:
             self._warned_override_fallback = True
             logger.warning(
-                "ZeroCon: the model's attention override (%s) ignores the kernel it is given and its output carries "
-                "no gradient; guidance passes use PyTorch attention instead (other passes keep the override)",
+                "ZeroCon: the model's attention override (%s) returns an output that carries no gradient (it does not "
+                "run the kernel it is handed); guidance passes use PyTorch attention instead (other passes keep it)",
                 name,
             )
 
