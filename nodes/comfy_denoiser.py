@@ -206,8 +206,9 @@ class ComfyDenoiser:
     - ``autograd_modules``: modules whose weights must take part in autograd (default: the model; the
       sampler adds ControlNets and other models it loaded).
 
-    The diffusion model's type picks the capture code: a UNet (``UNetModel``) or an MM-DiT (Flux, SD3 MMDiT:
-    ``dit_capture``). ``chunking``: query / key chunk sizes of the DiT text-probability computation.
+    The model's family adapter (``families``) picks the capture code: UNet attention patches or an MM-DiT's
+    block patches (Flux, SD3 MMDiT: ``dit_capture``), and whether gradient passes take ComfyUI's torch paths.
+    ``chunking``: query / key chunk sizes of the DiT text-probability computation.
     """
 
     def __init__(
@@ -218,7 +219,7 @@ class ComfyDenoiser:
         model_sampling=None,
         autograd_modules: Sequence[torch.nn.Module] | None = None,
     ) -> None:
-        from .families import prediction_type
+        from .families import capture_code, needs_torch_paths, prediction_type
 
         self.model = model
         self.model_options = model_options or {}
@@ -228,7 +229,8 @@ class ComfyDenoiser:
         self.sigma_table = ms.sigmas.detach().to("cpu", torch.float64).clone()
         self.prediction_type = prediction_type(ms)
         self.autograd_modules = list(autograd_modules) if autograd_modules is not None else [model]
-        self.dit_type = dit_capture.dit_type(model.diffusion_model)
+        self.dit_type = capture_code(model)  # the family adapter's capture code: None (UNet), "flux", "mmdit"
+        self.torch_paths = needs_torch_paths(model)
         self.chunking = dit_capture.Chunking()
         self._layers: list[tuple[LayerInfo, tuple]] | None = None
         self._warned_no_override = False
@@ -254,7 +256,7 @@ class ComfyDenoiser:
         recorder = _Recorder() if capture else None
         grad = torch.is_grad_enabled()
         options = self._options(capture, recorder, grad=grad, latent_shape=x.shape)
-        with grad_paths.torch_paths() if grad else contextlib.nullcontext():
+        with grad_paths.torch_paths() if grad and self.torch_paths else contextlib.nullcontext():
             x0s = comfy.samplers.calc_cond_batch(self.model, conds, x, timestep, options)
         if grad and x.requires_grad and not self._graph_checked:
             self._graph_checked = True

@@ -2,7 +2,7 @@
 
 - requirements.txt (what ComfyUI-Manager installs into ComfyUI's environment) equals [project].dependencies
   minus torch, and lists exactly the distributions the nodes import, found by reading every import
-  (function-level ones too) of nodes/*.py and of every zerocon_core module they reach. diffusers is not
+  (function-level ones too) of nodes/**/*.py and of every zerocon_core module they reach. diffusers is not
   among them: it belongs to the ``cli`` extra.
 - pyproject.toml follows the Registry's pyproject specification; ``comfy node validate`` passes when
   comfy-cli is installed (``COMFY_CLI`` names its executable, else ``comfy`` on PATH).
@@ -85,7 +85,7 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
             parts = (node.module or "").split(".") if node.module else []
             if in_core and node.level == 1:  # from .x import y / from . import x
                 core |= {parts[0]} if parts else {a.name for a in node.names}
-            elif not in_core and node.level == 2 and parts and parts[0] == "zerocon_core":  # from ..zerocon_core...
+            elif not in_core and node.level >= 2 and parts and parts[0] == "zerocon_core":  # from ..zerocon_core...
                 core |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
     return absolute, core
 
@@ -95,7 +95,7 @@ def node_side_imports() -> tuple[set[str], set[str]]:
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     third: set[str] = set()
     todo: set[str] = set()
-    for path in sorted((ROOT / "nodes").glob("*.py")):
+    for path in sorted((ROOT / "nodes").rglob("*.py")):  # nodes/families/ too
         absolute, core = _imports(path)
         third |= absolute
         todo |= core

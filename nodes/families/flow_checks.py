@@ -1,0 +1,25 @@
+"""The checks every flow-matching MM-DiT family (SD3, Flux) runs before naming its ``ModelFamily``."""
+
+from __future__ import annotations
+
+from .adapter import FamilyAdapter
+from .model_family import prediction_type, unsupported
+
+
+def unet_config(base) -> dict:
+    """The model config's ``unet_config`` (a copy; empty when there is none)."""
+    return dict(getattr(getattr(base, "model_config", None), "unet_config", {}) or {})
+
+
+def check_flow_network(adapter: FamilyAdapter, model, base) -> None:
+    """``UnsupportedModelError`` for a variant of the family ZeroCon cannot run, in order: extra input channels
+    (fill / inpainting), another latent format, sampling other than flow matching."""
+    name, channels = adapter.name, adapter.latent_channels
+    config = unet_config(base)
+    if config.get("in_channels", channels) != channels:
+        raise unsupported(f"a {name} variant with {config.get('in_channels')} input channels (fill / inpainting)")
+    if not adapter.has_latent_format(base.latent_format):
+        raise unsupported(f"a {name} network with the {type(base.latent_format).__name__} latent format")
+    ptype = prediction_type(model.get_model_object("model_sampling"))
+    if ptype != "flow":
+        raise unsupported(f"a {name} network sampled as {ptype}-prediction (ZeroCon needs its flow sampling)")

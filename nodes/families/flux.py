@@ -1,0 +1,58 @@
+"""Flux.1 (dev, schnell, Krea, and Kontext): flow matching, 16-channel latents, trained at 1024 px.
+
+Recognised by ComfyUI's ``Flux`` model config class (``Flux``, ``FluxSchnell``) on exactly ``model_base.Flux``:
+its subclasses (Chroma, Flux.2, LongCat-Image) are other models. Flux-dev-like networks (a guidance embedding)
+are guidance-distilled (cfg 1, the guidance value in the conditioning, as FluxGuidance sets it); Flux-schnell-like
+ones have none (cfg 1 or real CFG). Flux.1 Kontext is the same class with reference latents in the conditioning:
+their tokens follow the image's and are extra keys for the captures. Captured on the double / single blocks
+(``dit_capture``, kind "flux"), whose RoPE needs ComfyUI's torch paths in gradient passes. Refused: Flux Fill /
+inpainting (extra input channels), another latent format, the network patched to a discrete (eps / v) schedule.
+"""
+
+from __future__ import annotations
+
+from ...zerocon_core.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
+from .adapter import FamilyAdapter, GradientPasses, GuidedLayers, Recognition
+from .flow_checks import check_flow_network, unet_config
+from .model_family import ModelFamily
+
+
+def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
+    """The flow checks, then dev (a guidance embedding: distilled guidance) or schnell."""
+    check_flow_network(adapter, model, base)
+    params = getattr(base.diffusion_model, "params", None)
+    distilled = bool(getattr(params, "guidance_embed", unet_config(base).get("guidance_embed", False)))
+    return ModelFamily(
+        name=adapter.name,
+        prediction_type="flow",
+        latent_channels=adapter.latent_channels,
+        cfg_style="distilled" if distilled else "cfg",
+        variant="dev" if distilled else "schnell",
+    )
+
+
+FLUX = FamilyAdapter(
+    name="Flux",
+    rank=50,
+    label="Flux",
+    load_label="Flux (dev or schnell)",
+    recognition=Recognition(config="comfy.supported_models.Flux", model_base="comfy.model_base.Flux"),
+    latent_format="comfy.latent_formats.Flux",
+    latent_channels=16,
+    native_size=1024,
+    tiny_decoder="taef1",
+    capture="flux",
+    # maps from double-stream blocks over the second half of that stack; features over the second half of the
+    # whole depth (the single-stream blocks)
+    guided_layers=GuidedLayers(
+        cross=("double",),
+        features=("double", "single"),
+        cross_count=DIT_DEFAULT_CROSS_BLOCKS,
+        feature_count=DIT_DEFAULT_FEATURE_BLOCKS,
+    ),
+    text_layout="Flux",
+    gradient=GradientPasses(torch_paths=True, rope=True),
+    detect=_detect,
+)
+
+ADAPTERS = (FLUX,)

@@ -1,0 +1,138 @@
+"""The registry of family adapters: every module of this package that exports ``ADAPTERS`` is a family module.
+
+Adding a family means adding one module: ``FamilyRegistry`` finds it (``pkgutil`` over the package), orders
+its adapters by rank with the others', and from then on ``detect_family`` recognises its models, the
+"unsupported" error names it, and ``ModelFamily`` reads its settings. A family module may also export
+``refuse_unclaimed(base)``: the refusals, with their own wording, for networks of its kind that no adapter
+claims (a video UNet, an unrecognised UNet).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable
+
+from .adapter import FamilyAdapter
+from .model_family import ModelFamily, article, unsupported
+
+
+def _discover() -> list[ModuleType]:
+    """The family modules of this package (those exporting ``ADAPTERS``), in file-name order."""
+    package = __name__.rpartition(".")[0]
+    out = []
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
+        module = importlib.import_module(f"{package}.{info.name}")
+        if getattr(module, "ADAPTERS", None):
+            out.append(module)
+    return out
+
+
+class FamilyRegistry:
+    """The family modules in use and their adapters, ordered by ``FamilyAdapter.rank``."""
+
+    def __init__(self, modules: Iterable[ModuleType]) -> None:
+        self._modules: list[ModuleType] = []
+        for module in modules:
+            self.add(module)
+
+    @property
+    def modules(self) -> tuple[ModuleType, ...]:
+        return tuple(self._modules)
+
+    def adapters(self) -> tuple[FamilyAdapter, ...]:
+        """Every registered adapter, by rank."""
+        found = [a for module in self._modules for a in module.ADAPTERS]
+        return tuple(sorted(found, key=lambda a: (a.rank, a.name)))
+
+    def add(self, module: ModuleType) -> None:
+        """Register a family module; ``ValueError`` if one of its family names is registered already."""
+        taken = {a.name for a in self.adapters()}
+        clash = sorted(taken & {a.name for a in module.ADAPTERS})
+        if clash:
+            raise ValueError(f"ZeroCon: model families {clash} are registered twice")
+        self._modules.append(module)
+
+    def remove(self, module: ModuleType) -> None:
+        """Unregister a family module added with ``add``."""
+        self._modules.remove(module)
+
+    def claiming(self, base: Any) -> FamilyAdapter | None:
+        """The adapter that recognises the BaseModel ``base`` by its classes, or None."""
+        for adapter in self.adapters():
+            if adapter.claims(base):
+                return adapter
+        return None
+
+    def named(self, name: str) -> FamilyAdapter:
+        """The adapter of family ``name``; ``KeyError`` if none."""
+        for adapter in self.adapters():
+            if adapter.name == name:
+                return adapter
+        raise KeyError(name)
+
+    def refuse_unclaimed(self, base: Any) -> None:
+        """Run the family modules' refusals for a network no adapter claims (each may raise)."""
+        for module in self._modules:
+            refuse = getattr(module, "refuse_unclaimed", None)
+            if refuse is not None:
+                refuse(base)
+
+
+REGISTRY = FamilyRegistry(_discover())
+
+
+def _listing(labels: list[str], last: str) -> str:
+    return labels[0] if len(labels) == 1 else f"{', '.join(labels[:-1])} {last} {labels[-1]}"
+
+
+def supported_text() -> str:
+    """The registered families as the "supported" sentence names them ("SD1.x, ..., SD3/SD3.5 and Flux")."""
+    return _listing([a.label for a in REGISTRY.adapters()], "and")
+
+
+def load_text() -> str:
+    """What the "unsupported" error asks to load ("an SD1.x, ..., SD3/SD3.5 or Flux (dev or schnell)")."""
+    labels = [a.load_label for a in REGISTRY.adapters()]
+    return f"{article(labels[0])} {_listing(labels, 'or')}"
+
+
+def adapter_named(name: str) -> FamilyAdapter:
+    """The registered adapter of family ``name`` (``KeyError`` if none)."""
+    return REGISTRY.named(name)
+
+
+def detect_family(model) -> ModelFamily:
+    """The ``ModelFamily`` of a MODEL (ModelPatcher), or ``UnsupportedModelError`` naming what is supported.
+
+    The adapter that recognises the model's classes runs its family's checks; a model no adapter recognises
+    gets the family modules' refusals for its kind of network, else the general one."""
+    base = getattr(model, "model", None)
+    if base is None:
+        raise unsupported(f"a {type(model).__name__}, not a ComfyUI MODEL")
+    adapter = REGISTRY.claiming(base)
+    if adapter is not None:
+        return adapter.detect(adapter, model, base)
+    REGISTRY.refuse_unclaimed(base)
+    raise unsupported(f"a {type(getattr(base, 'diffusion_model', None)).__name__} network ({type(base).__name__})")
+
+
+def capture_code(base) -> str | None:
+    """``dit_capture``'s network kind ("flux", "mmdit") for the BaseModel ``base``, None for the UNet capture
+    code: its family adapter's choice; for a network no adapter recognises, its class decides
+    (``dit_capture.dit_type``), as the capture code reads any Flux / MMDiT network."""
+    adapter = REGISTRY.claiming(base)
+    if adapter is not None:
+        return adapter.dit_type
+    from ..dit_capture import dit_type
+
+    return dit_type(base.diffusion_model)
+
+
+def needs_torch_paths(base) -> bool:
+    """Whether gradient passes through the BaseModel ``base`` take ComfyUI's torch paths (its family adapter's
+    ``gradient.torch_paths``; True for a network no adapter recognises)."""
+    adapter = REGISTRY.claiming(base)
+    return True if adapter is None else adapter.gradient.torch_paths
