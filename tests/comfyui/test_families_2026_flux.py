@@ -24,7 +24,19 @@ import tiny_models as tm
 import torch
 from conftest import pack_module
 from test_diffuseit_nodes import dino, dino_nodes, image, structure, style  # noqa: F401  (fixtures)
-from test_dit_capture import _den, _flux_qk, _inside_sampler, _recording_patch, _rope_angles, _rotate, _sharp
+from test_dit_capture import (
+    _den,
+    _flux_qk,
+    _heads,
+    _inside_sampler,
+    _lin,
+    _ln,
+    _recording_patch,
+    _rms,
+    _rope_angles,
+    _rotate,
+    _sharp,
+)
 from test_flow_diffuseit import encode
 from test_flow_families import _stock_guider
 from test_sampling_cleanup import _snapshot
@@ -197,7 +209,7 @@ class _Stopping(guidance.CrossAttentionGuidance):
         return super().loss(ctx, request)
 
 
-def _assert_untouched(model, before, reference, pos, neg, lat):
+def _assert_untouched(model, before, reference, pos, neg, lat, cfg=1.0):
     after = _snapshot(model)
     assert after["tensors"].keys() == before["tensors"].keys()
     for name, t in after["tensors"].items():
@@ -205,7 +217,7 @@ def _assert_untouched(model, before, reference, pos, neg, lat):
         assert t.requires_grad == before["requires_grad"][name], name
     assert after["options"] == before["options"] and after["object_patches"] == before["object_patches"]
     assert after["wrappers"] == before["wrappers"] and after["callbacks"] == before["callbacks"]
-    assert torch.equal(h.ksampler(model, pos, neg, lat, cfg=1.0), reference)
+    assert torch.equal(h.ksampler(model, pos, neg, lat, cfg=cfg), reference)
 
 
 @kontext
@@ -252,3 +264,195 @@ def test_kontext_diffuseit_runs(run, dino):  # noqa: F811
     assert torch.equal(out["samples"], again["samples"])
     assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
     assert torch.equal(h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=1.0), reference)
+
+
+# -- Chroma ---------------------------------------------------------------------------------------------------------
+
+chroma = pytest.mark.skipif(not tf.has_chroma(), reason="this ComfyUI has no Chroma (supported_models.Chroma)")
+
+
+def _chroma_conds(pad=0):
+    return tf.t5_conditioning(1, pad=pad), tf.t5_conditioning(2, pad=pad)
+
+
+@chroma
+def test_chroma_is_recognised_by_its_config_class(zc):
+    import comfy.model_base
+
+    model = tf.chroma()
+    assert type(model.model) is comfy.model_base.Chroma
+    fam = zc.families.detect_family(model)
+    assert (fam.name, fam.prediction_type, fam.latent_channels, fam.cfg_style, str(fam)) == (
+        "Chroma",
+        "flow",
+        16,
+        "cfg",
+        "Chroma (flow matching)",
+    )
+    assert (fam.tiny_decoder, fam.latent_scale, fam.native_size) == ("taef1", 8, 1024)
+    assert zc.families.detect_family(tm.flux()).name == "Flux"  # a Flux is still a Flux
+    assert zc.families.SUPPORTED.endswith("SD3/SD3.5, Flux and Chroma")
+
+
+@chroma
+@pytest.mark.parametrize("pad", [0, 4], ids=["plain", "masked"])
+def test_chroma_inversion_and_sampler_equal_stock_euler(zc, run, pad):
+    model = tf.chroma()
+    source, edit = _chroma_conds(pad)
+    lat = tm.flow_latent(3, size=16)
+    _, inversion, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
+    up = h.flip(sigmas)
+    fmt = model.model.latent_format
+    ours = zc.sampling.ZeroConKSampler(zc.sampling.inversion_function, extra_options={})
+    with torch.inference_mode():
+        zeros = torch.zeros_like(lat["samples"])
+        ours_short = _stock_guider(model, source, source, 1.0).sample(zeros, lat["samples"], ours, up[:-1])
+        stock = _stock_guider(model, source, source, 1.0).sample(
+            zeros, lat["samples"], comfy.samplers.sampler_object("euler"), up[:-1]
+        )
+    torch.testing.assert_close(
+        fmt.process_in(ours_short), fmt.process_in(stock) * (1 - float(up[-2])), rtol=0, atol=1e-5
+    )
+    out, _ = h.guided(zc, run, model, inversion, edit, cfg=2.0)
+    with torch.inference_mode():
+        x_t = fmt.process_in(inversion.latent)
+        stock = _stock_guider(model, edit, source, 2.0).sample(
+            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
+        )
+    torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
+    assert float((out["samples"] - inversion.latent).abs().max()) > 0.1
+
+
+def _chroma_qk(block, args, single: bool):
+    """q, k (B, H, L, d) of a Chroma block in float64 from its weights and the approximator's modulations (``vec``:
+    the single block's (shift, scale, gate); the double block's ((img 1, img 2), (txt 1, txt 2))), before RoPE."""
+
+    def modulate(x, mod):
+        return _ln(x.double()) * (1 + mod.scale.double()) + mod.shift.double()
+
+    if single:
+        qkv = _lin(modulate(args["img"], args["vec"]), block.linear1)[..., : 3 * block.hidden_size]
+        q, k = _heads(qkv, block.num_heads)
+        return _rms(q, block.norm.query_norm), _rms(k, block.norm.key_norm)
+    (img_mod, _), (txt_mod, _) = args["vec"]
+    out = []
+    for x, mod, attn in ((args["txt"], txt_mod, block.txt_attn), (args["img"], img_mod, block.img_attn)):
+        q, k = _heads(_lin(modulate(x, mod), attn.qkv), block.num_heads)
+        out.append((_rms(q, attn.norm.query_norm), _rms(k, attn.norm.key_norm)))
+    return torch.cat((out[0][0], out[1][0]), 2), torch.cat((out[0][1], out[1][1]), 2)
+
+
+@chroma
+@pytest.mark.parametrize("pad", [0, 5], ids=["plain", "masked"])
+def test_chroma_probabilities_equal_a_float64_recomputation_with_rope_and_mask(zc, pad):
+    """Double and single blocks: softmax over all keys of (RoPE q)(RoPE k)^T + the conditioning's key mask,
+    recomputed in float64 from the blocks' weights and modulations; the padded text columns get exactly 0."""
+    model = _sharp(tf.chroma()).clone()
+    seen = {}
+    model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
+    model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
+    dm = model.model.diffusion_model
+    tokens, grid, n = 12, 8, 64
+
+    def body(guider, x, sigmas, extra_args):
+        den = _den(zc, guider, extra_args)
+        names = frozenset({"double.0.img2txt", "single.0.img2txt"})
+        req = core_den.CaptureRequest(probs=names, features=frozenset({"double.0.img", "single.0.img"}))
+        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
+
+    cond = tf.t5_conditioning(2, tokens=tokens, pad=pad)
+    pred = _inside_sampler(model, {"positive": cond}, body)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ids = torch.cat((torch.zeros(tokens, 3), torch.stack((torch.zeros(n), rows.flatten(), cols.flatten()), -1)))
+    angles = _rope_angles(ids, dm.params.axes_dim, dm.params.theta)
+    mask = torch.zeros(tokens + n, dtype=torch.float64)
+    mask[tokens - pad : tokens] = float("-inf") if pad else 0.0
+    for name, single in (("double", False), ("single", True)):
+        block = (dm.single_blocks if single else dm.double_blocks)[0]
+        q, k = _chroma_qk(block, seen[name], single)
+        q, k = _rotate(q, angles), _rotate(k, angles)
+        p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask).softmax(-1)
+        got = pred.probs[f"{name}.0.img2txt"]
+        assert got.shape == (1, dm.num_heads, n, tokens)
+        torch.testing.assert_close(got.double(), p[:, :, tokens:, :tokens], rtol=1e-4, atol=1e-6)
+        if pad:
+            assert torch.all(got[..., tokens - pad :] == 0) and torch.all(got[..., : tokens - pad] > 0)
+        img = seen[name]["out"][:, tokens:] if single else seen[name]["out"]
+        assert torch.equal(pred.features[f"{name}.0.img"], img.transpose(1, 2).reshape(1, -1, grid, grid))
+
+
+@chroma
+@pytest.mark.parametrize(
+    "term",
+    [guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=16)],
+    ids=["xattn", "patchnce"],
+)
+def test_chroma_one_guided_step_lowers_each_loss(zc, term):
+    conds = {"positive": tf.t5_conditioning(7, pad=3), "negative": tf.t5_conditioning(8, pad=3)}
+    before, after, finite = _one_step(zc, _sharp(tf.chroma()), term, conds)
+    assert finite and before > 0
+    assert after < before, (before, after)
+
+
+@chroma
+def test_chroma_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc, run):
+    model = tf.chroma()
+    source, edit = _chroma_conds(pad=3)
+    lat = tm.flow_latent(7, size=16)
+    _, inversion, _ = h.invert(zc, run, model, lat, source, steps=3)
+    reference = h.ksampler(model, edit, source, lat, cfg=2.0)
+    before = _snapshot(model)
+    terms = (_Stopping(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8))
+    out, _ = h.guided(zc, run, model, inversion, edit, cfg=2.0, guidance=terms)
+    plain, _ = h.guided(zc, run, model, inversion, edit, cfg=2.0)
+    assert torch.isfinite(out["samples"]).all()
+    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
+    _assert_untouched(model, before, reference, edit, source, lat, cfg=2.0)
+    for error in (comfy.model_management.InterruptProcessingException, RuntimeError):
+        with pytest.raises(error, match="stop"):
+            h.guided(
+                zc, run, model, inversion, edit, cfg=2.0, guidance=(_Stopping(weight=1.0, stop_at=1, error=error),)
+            )
+        _assert_untouched(model, before, reference, edit, source, lat, cfg=2.0)
+
+
+@chroma
+def test_chroma_diffuseit_runs(run, dino):  # noqa: F811
+    dn = pack_module("nodes.diffuseit_nodes")
+    model, vae = tf.chroma(), tm.flow_vae(0)
+    src = image(4)
+    lat = encode(vae, src)
+    pos, neg = tf.t5_conditioning(1), tf.t5_conditioning(2)
+    reference = h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=2.0)
+    kw = dict(
+        model=model, positive=pos, negative=neg, latent=lat, steps=4, cfg=2.0, strength=0.5, resample=1, seed=3,
+        step_mode="raw", step_size=0.02,
+    )  # fmt: skip
+    terms = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
+    out = run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)[0]
+    plain = run(dn.ZeroConDiffuseITSampler, guidance=structure(dn, run, model, vae, dino, src, weight=0.0), **kw)[0]
+    assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
+    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
+    assert torch.equal(h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=2.0), reference)
+
+
+# -- the mask as ComfyUI's kernels read it ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", ["key", "per-row", "shared"])
+def test_text_probabilities_read_masks_as_the_kernels_do(shape):
+    """(B, 1, L) key masks, (B, L, L) per-batch-row masks and (L, L) shared ones, B = 2 and 2 heads: the
+    probabilities equal a dense softmax under the mask as ComfyUI's attention broadcasts it, in chunks."""
+    dc = pack_module("nodes.dit_capture")
+    gen = torch.Generator().manual_seed(3)
+    b, heads, length, d = 2, 2, 14, 4
+    q, k = torch.randn(2, b, heads, length, d, generator=gen, dtype=torch.float64)
+    full = {"key": (b, 1, length), "per-row": (b, length, length), "shared": (length, length)}[shape]
+    mask = torch.where(torch.rand(full, generator=gen) > 0.3, 0.0, float("-inf")).double()
+    mask[..., 0] = 0.0  # every query keeps a key
+    image, text = slice(5, 14), slice(0, 5)
+    got = dc.text_probabilities(q, k, image, text, mask, dc.Chunking(4, 3))
+    kernel = mask.unsqueeze(0) if mask.ndim == 2 else mask
+    kernel = kernel.unsqueeze(1)  # as attention_pytorch: (B or 1, 1, rows, L)
+    expect = (q @ k.transpose(-1, -2) / math.sqrt(d) + kernel).softmax(-1)[:, :, image, text]
+    torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
