@@ -7,6 +7,14 @@ text-to-image probabilities have the image tokens' rows only (not the reference 
 every key (text, image and reference), equal to a float64 recomputation from the block's q and k with Flux's RoPE
 on Kontext's positions; one guided step lowers each loss; guided, interrupted and failed runs leave the MODEL
 exactly as it was; DiffuseIT runs. Kontext needs a ComfyUI whose Flux takes ``ref_latents`` (feature detection).
+
+Chroma (``supported_models.Chroma`` / ``model_base.Chroma``, T5 only, real CFG), with and without an attention mask
+in the conditioning: the same checks, the maps against a float64 recomputation with RoPE and the mask (padded text
+columns get 0), and ``dit_capture.kernel_mask`` against ComfyUI's mask broadcasting. Skipped where ComfyUI has no
+Chroma.
+
+Two flow behaviours: DiffuseIT's noise blend on a flow model mixes at level ``t``; branches "pix2pix-zero" at cfg 1
+take the edit's noise from the edit copy.
 """
 
 from __future__ import annotations
@@ -456,3 +464,81 @@ def test_text_probabilities_read_masks_as_the_kernels_do(shape):
     kernel = kernel.unsqueeze(1)  # as attention_pytorch: (B or 1, 1, rows, L)
     expect = (q @ k.transpose(-1, -2) / math.sqrt(d) + kernel).softmax(-1)[:, :, image, text]
     torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
+
+
+# -- two flow behaviours ------------------------------------------------------------------------------------------
+
+
+def test_noise_blend_on_a_flow_model_uses_the_level_t(run, dino, monkeypatch):  # noqa: F811
+    """DiffuseIT's noise-blended estimate on Flux decodes ``t x0 + (1 - t) x_t`` (the flow latent's noise level is
+    ``t`` and its input scale 1), not the VP ``sigma / sqrt(1 + sigma^2)`` mix."""
+    dn = pack_module("nodes.diffuseit_nodes")
+    diffuseit = pack_module("zerocon_core.diffuseit")
+    model, vae = tm.flux(), tm.flow_vae(0)
+    src = image(4)
+    lat = encode(vae, src)
+    terms = structure(dn, run, model, vae, dino, src, noise_blend=True, lambda_semantic=0.0)
+    blended = [t for t in terms if getattr(t, "noise_blend", False)]
+    assert blended and all(t.prediction_type == "flow" for t in blended)
+    seen = []
+    real = diffuseit._DecodedTerm._decoded
+
+    def spy(self, ctx, blend=False):
+        decode = self.decode
+
+        def recording(latent):
+            seen.append((blend, ctx.x.detach().clone(), ctx.x0.detach().clone(), float(ctx.sigma), latent.detach()))
+            return decode(latent)
+
+        object.__setattr__(self, "decode", recording)
+        try:
+            return real(self, ctx, blend)
+        finally:
+            object.__setattr__(self, "decode", decode)
+
+    monkeypatch.setattr(diffuseit._DecodedTerm, "_decoded", spy)
+    pos, neg = tm.flow_conditioning(1), tm.flow_conditioning(2)
+    kw = dict(
+        model=model, positive=pos, negative=neg, latent=lat, steps=4, cfg=1.0, strength=0.6, resample=1, seed=3,
+        step_mode="raw", step_size=0.02,
+    )  # fmt: skip
+    run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)
+    mixes = [s for s in seen if s[0]]
+    assert mixes, "no blended decode"
+    for _, x, x0, t, latent in mixes:
+        assert 0 < t < 1
+        torch.testing.assert_close(latent, t * x0 + (1 - t) * x, rtol=0, atol=1e-6)
+        f_vp = t / math.sqrt(1 + t * t)
+        vp = f_vp * x0 + (1 - f_vp) * x / math.sqrt(1 + t * t)
+        assert float((latent - vp).abs().max()) > 1e-3
+
+
+def test_pix2pix_zero_branches_at_cfg_1_take_the_edit_noise_from_the_edit_copy(zc, run, monkeypatch):
+    """Branches "pix2pix-zero" with cfg 1 (Flux-dev): the step's noise is the edit's prediction on the edit copy
+    (copy 1), not on the negative's copy that is carried on, so the result differs from predicting the edit on copy
+    0; the two copies differ at guided steps."""
+    model = tm.flux_dev()
+    source, edit = tm.flow_conditioning(1, guidance=3.5), tm.flow_conditioning(2, guidance=3.5)
+    _, inversion, _ = h.invert(zc, run, model, tm.flow_latent(4, size=8), source, steps=3)
+    calls = []
+    real = zc.denoiser.ComfyDenoiser.predict
+    edit_text = edit[0][0]
+
+    def is_edit(cond) -> bool:
+        text = cond[0]["model_conds"]["c_crossattn"].cond
+        return text.shape == edit_text.shape and torch.equal(text.cpu(), edit_text)
+
+    def spy(self, x, sigma, conds, capture=None):
+        if not torch.is_grad_enabled() and len(conds) == 1:
+            calls.append((is_edit(conds[0]), float(sigma), x.detach().clone()))
+        return real(self, x, sigma, conds, capture)
+
+    monkeypatch.setattr(zc.denoiser.ComfyDenoiser, "predict", spy)
+    g = h.guidance(zc, run, xa=1.0, nce=0.0)
+    h.guided(zc, run, model, inversion, edit, cfg=1.0, branches="pix2pix-zero", step_mode="raw", guidance=g)
+    edits = [(s, x) for flag, s, x in calls if flag]
+    others = [(s, x) for flag, s, x in calls if not flag]
+    assert edits and others
+    for s, x in edits:  # the edit copy is neither the negative's copy nor the reference latent
+        same_level = [o for so, o in others if so == s]
+        assert same_level and all(float((x - o).abs().max()) > 1e-6 for o in same_level), s
