@@ -542,3 +542,33 @@ def test_pix2pix_zero_branches_at_cfg_1_take_the_edit_noise_from_the_edit_copy(z
     for s, x in edits:  # the edit copy is neither the negative's copy nor the reference latent
         same_level = [o for so, o in others if so == s]
         assert same_level and all(float((x - o).abs().max()) > 1e-6 for o in same_level), s
+
+
+# -- families that stay refused -------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not tf.has_flux2(), reason="this ComfyUI has no Flux.2 (supported_models.Flux2)")
+def test_flux2_stays_refused_with_the_clear_error(zc, run):
+    """Flux.2 (a ``model_base.Flux`` subclass under a ``Flux`` config subclass) is not claimed by the Flux adapter:
+    every node refuses it naming the supported families, before any sampling."""
+    model = tf.flux2()
+    with pytest.raises(zc.families.UnsupportedModelError) as err:
+        zc.families.detect_family(model)
+    assert "this MODEL is a Flux network (Flux2)" in str(err.value)
+    assert zc.families.SUPPORTED in str(err.value)
+    latent = {"samples": torch.zeros(1, 128, 4, 4)}
+    with pytest.raises(zc.families.UnsupportedModelError, match=r"a Flux network \(Flux2\)"):
+        h.invert(zc, run, model, latent, tm.flow_conditioning(1, guidance=3.5), steps=2)
+
+
+@chroma
+def test_chroma_radiance_stays_refused(zc):
+    """Chroma Radiance (pixel space) is another model_base / config class: the Chroma adapter does not claim it."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    model = tf.chroma()
+    model.model.__class__ = comfy.model_base.ChromaRadiance
+    model.model.model_config.__class__ = comfy.supported_models.ChromaRadiance
+    with pytest.raises(zc.families.UnsupportedModelError, match=r"this MODEL is a Chroma network \(ChromaRadiance\)"):
+        zc.families.detect_family(model)

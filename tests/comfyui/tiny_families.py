@@ -97,3 +97,45 @@ def t5_conditioning(seed: int, tokens: int = 16, batch: int = 1, pad: int = 0, g
         mask[..., tokens - pad : tokens] = float("-inf")
         extra.update(attention_mask=mask, attention_mask_img_shape=grid)
     return [[cond, extra]]
+
+
+# -- Flux.2 (refused for now) ----------------------------------------------------------------------------------------
+
+
+def has_flux2() -> bool:
+    """Whether this ComfyUI has Flux.2 (``supported_models.Flux2`` and ``model_base.Flux2``)."""
+    import comfy.model_base
+    import comfy.supported_models
+
+    return hasattr(comfy.supported_models, "Flux2") and hasattr(comfy.model_base, "Flux2")
+
+
+def flux2(seed: int = 30):
+    """A tiny Flux.2 model as ComfyUI's detection configures one (128-channel latent, patch size 1, global
+    modulation, SiLU-gated MLPs, no biases, 4-axis RoPE with the text position on axis 3), width 32, 2 heads."""
+    import comfy.supported_models
+
+    cfg = {
+        "image_model": "flux2",
+        "in_channels": 128,
+        "out_channels": 128,
+        "patch_size": 1,
+        "vec_in_dim": None,
+        "context_in_dim": tm.CONTEXT_DIM,
+        "hidden_size": 32,
+        "mlp_ratio": 3.0,
+        "num_heads": 2,
+        "depth": 1,
+        "depth_single_blocks": 1,
+        "axes_dim": [4, 4, 4, 4],
+        "theta": 2000,
+        "qkv_bias": False,
+        "guidance_embed": True,
+        "txt_ids_dims": [3],
+        "global_modulation": True,
+        "mlp_silu_act": True,
+        "ops_bias": False,
+        "default_ref_method": "index",
+        "ref_index_scale": 10.0,
+    }
+    return tm._dit_patcher(comfy.supported_models.Flux2(cfg), seed)
