@@ -572,3 +572,13 @@ def test_chroma_radiance_stays_refused(zc):
     model.model.model_config.__class__ = comfy.supported_models.ChromaRadiance
     with pytest.raises(zc.families.UnsupportedModelError, match=r"this MODEL is a Chroma network \(ChromaRadiance\)"):
         zc.families.detect_family(model)
+
+
+def test_a_flux2_latent_into_a_flux1_model_names_the_expected_channels(zc, run):
+    """A Flux.2 LATENT (128 channels, /16) into a Flux.1 MODEL: the error names the 16 channels Flux needs and the
+    shape it got (the reverse, a Flux.1 latent into Flux.2, is refused by the MODEL check above)."""
+    latent = {"samples": torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(0))}  # not empty
+    with pytest.raises(
+        ValueError, match=r"Flux needs a 16-channel image latent \(B, 16, H, W\); got shape \(1, 128, 4, 4\)"
+    ):
+        h.invert(zc, run, tm.flux(), latent, tm.flow_conditioning(1), steps=2)
