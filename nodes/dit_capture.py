@@ -57,12 +57,25 @@ class Chunking:
 # -- model structure ---------------------------------------------------------------------------------------
 
 
-def dit_type(diffusion_model) -> str | None:
-    """ "flux" for ComfyUI's Flux (and subclasses), "mmdit" for its SD3 MMDiT, None for anything else."""
+def _flux_block_networks() -> tuple[type, ...]:
+    """The network classes built from Flux's double / single stream blocks with Flux's ``patches_replace["dit"]``
+    keys and args: ComfyUI's Flux (and subclasses) and, where this ComfyUI has it, Chroma (not a Flux subclass;
+    its blocks get their modulations as ``vec``)."""
     from comfy.ldm.flux.model import Flux
+
+    try:
+        from comfy.ldm.chroma.model import Chroma
+    except ImportError:
+        return (Flux,)
+    return (Flux, Chroma)
+
+
+def dit_type(diffusion_model) -> str | None:
+    """ "flux" for a network of Flux's blocks (Flux and subclasses, Chroma), "mmdit" for ComfyUI's SD3 MMDiT,
+    None for anything else."""
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-    if isinstance(diffusion_model, Flux):
+    if isinstance(diffusion_model, _flux_block_networks()):
         return "flux"
     if isinstance(diffusion_model, MMDiT):
         return "mmdit"
@@ -149,7 +162,7 @@ def _scores(q: Tensor, k: Tensor, scale: float, mask: Tensor | None, rows: slice
     s = _work(q) @ _work(k).transpose(-1, -2)
     s.mul_(scale)
     if mask is not None:
-        m = mask[..., rows, cols]
+        m = mask[..., cols] if mask.shape[-2] == 1 else mask[..., rows, cols]  # a key mask for every query
         if m.dtype == torch.bool:
             s.masked_fill_(~m, float("-inf"))
         else:
@@ -162,8 +175,8 @@ class TextProbabilities(torch.autograd.Function):
 
     ``q``: (B, H, N, d) image-token queries; ``k``: (B, H, L, d) all keys; ``mask``: None, or a boolean /
     additive mask broadcastable to (B, H, N, L) (already sliced to the image rows); ``text``: a slice of
-    key columns. Returns (B, H, N, T) float32 (float64 for float64 inputs). Chunked over queries and keys (``chunk``); backward recomputes
-    the chunks from q, k and the saved per-row log-sum-exp (``FlashAttention``-style), so memory stays at
+    key columns; a mask with one row (a key mask, ``kernel_mask``) holds for every query. Returns (B, H, N, T)
+    float32 (float64 for float64 inputs). Chunked over queries and keys (``chunk``); backward recomputes the chunks from q, k and the saved per-row log-sum-exp (``FlashAttention``-style), so memory stays at
     the output plus one chunk. Gradients flow to q and k (not to the mask).
     """
 
@@ -242,6 +255,22 @@ class TextProbabilities(torch.autograd.Function):
         )
 
 
+def kernel_mask(mask: Tensor | None, image: slice) -> Tensor | None:
+    """The attention kernel's ``mask`` as (B or 1, H or 1, rows, L), read as ComfyUI's kernels read it, its query
+    rows cut to ``image`` (where it has a row per query; a row of 1 is broadcast over the queries).
+
+    ComfyUI's kernels take (L, L) as one mask for every batch row and head, (B, Lq, L) as one per batch row
+    (``unsqueeze(1)``: broadcast over the heads), so a T5 padding mask (B, 1, L) holds one key mask per batch row
+    for every query; 4-D masks are used as they are."""
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    return mask if mask.shape[-2] == 1 else mask[..., image, :]
+
+
 def text_probabilities(
     q: Tensor, k: Tensor, image: slice, text: slice, mask: Tensor | None = None, chunk: Chunking | None = None
 ) -> Tensor:
@@ -251,10 +280,7 @@ def text_probabilities(
     slices of the joint sequence; ``mask``: the kernel's mask or None. Differentiable w.r.t. q and k.
     """
     scale = q.shape[-1] ** -0.5
-    if mask is not None:
-        while mask.ndim < 4:
-            mask = mask.unsqueeze(0)
-        mask = mask[..., image, :]
+    mask = kernel_mask(mask, image)
     return TextProbabilities.apply(q[:, :, image], k, mask, text, scale, chunk or Chunking())
 
 

@@ -1,4 +1,4 @@
-"""The checks every flow-matching MM-DiT family (SD3, Flux) runs before naming its ``ModelFamily``."""
+"""The checks every flow-matching MM-DiT family (SD3, Flux, Chroma) runs before naming its ``ModelFamily``."""
 
 from __future__ import annotations
 
@@ -11,10 +11,14 @@ def unet_config(base) -> dict:
     return dict(getattr(getattr(base, "model_config", None), "unet_config", {}) or {})
 
 
-def check_flow_network(adapter: FamilyAdapter, model, base) -> None:
+def check_flow_network(adapter: FamilyAdapter, model, base, packed: int = 1) -> None:
     """``UnsupportedModelError`` for a variant of the family ZeroCon cannot run, in order: extra input channels
-    (fill / inpainting), another latent format, sampling other than flow matching."""
-    name, channels = adapter.name, adapter.latent_channels
+    (fill / inpainting), another latent format, sampling other than flow matching.
+
+    ``packed``: latent cells per input of the network's config (Chroma's ``in_channels`` count the channels of a
+    2 x 2 patch: 4), so its ``in_channels`` must be ``packed`` x the family's latent channels."""
+    name = adapter.name
+    channels = adapter.latent_channels * packed
     config = unet_config(base)
     if config.get("in_channels", channels) != channels:
         raise unsupported(f"a {name} variant with {config.get('in_channels')} input channels (fill / inpainting)")

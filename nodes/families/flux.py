@@ -1,7 +1,7 @@
 """Flux.1 (dev, schnell, Krea, and Kontext): flow matching, 16-channel latents, trained at 1024 px.
 
 Recognised by ComfyUI's ``Flux`` model config class (``Flux``, ``FluxSchnell``) on exactly ``model_base.Flux``:
-its subclasses (Chroma, Flux.2, LongCat-Image) are other models. Flux-dev-like networks (a guidance embedding)
+its subclasses (Chroma, its own adapter in ``chroma.py``; Flux.2, LongCat-Image) are other models. Flux-dev-like networks (a guidance embedding)
 are guidance-distilled (cfg 1, the guidance value in the conditioning, as FluxGuidance sets it); Flux-schnell-like
 ones have none (cfg 1 or real CFG). Flux.1 Kontext is the same class with reference latents in the conditioning:
 their tokens follow the image's and are extra keys for the captures. Captured on the double / single blocks

@@ -89,12 +89,12 @@ def _listing(labels: list[str], last: str) -> str:
 
 
 def supported_text() -> str:
-    """The registered families as the "supported" sentence names them ("SD1.x, ..., SD3/SD3.5 and Flux")."""
+    """The registered families as the "supported" sentence names them ("SD1.x, ..., Flux and Chroma")."""
     return _listing([a.label for a in REGISTRY.adapters()], "and")
 
 
 def load_text() -> str:
-    """What the "unsupported" error asks to load ("an SD1.x, ..., SD3/SD3.5 or Flux (dev or schnell)")."""
+    """What the "unsupported" error asks to load ("an SD1.x, ..., Flux (dev or schnell) or Chroma")."""
     labels = [a.load_label for a in REGISTRY.adapters()]
     return f"{article(labels[0])} {_listing(labels, 'or')}"
 

@@ -16,6 +16,7 @@ import comfy.latent_formats
 import comfy.supported_models
 import comfy.supported_models_base
 import pytest
+import tiny_families as tf
 import tiny_models as tm
 import torch
 from conftest import REPO, pack_module
@@ -27,9 +28,9 @@ dit_capture = pack_module("nodes.dit_capture")
 core_den = pack_module("zerocon_core.denoiser")
 text_layout = pack_module("zerocon_core.text_layout")
 
-FAMILIES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux")
-SUPPORTED_TEXT = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5 and Flux"
-LOAD_TEXT = "Load an SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux (dev or schnell) checkpoint"
+FAMILIES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux", "Chroma")
+SUPPORTED_TEXT = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux and Chroma"
+LOAD_TEXT = "Load an SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux (dev or schnell) or Chroma checkpoint"
 #: builder -> (family, ComfyUI config class it is built with)
 SUPPORTED_MODELS = {
     tm.sd15: ("SD1.x", comfy.supported_models.SD15),
@@ -39,6 +40,8 @@ SUPPORTED_MODELS = {
     tm.flux: ("Flux", comfy.supported_models.Flux),
     tm.flux_dev: ("Flux", comfy.supported_models.Flux),
 }
+if tf.has_chroma():
+    SUPPORTED_MODELS[tf.chroma] = ("Chroma", comfy.supported_models.Chroma)
 
 
 class NotSD15(comfy.supported_models_base.BASE):
@@ -60,14 +63,14 @@ def test_each_family_is_registered_once_in_one_module():
     names = [a.name for a in fam.REGISTRY.adapters()]
     assert names == list(FAMILIES)
     modules = sorted(m.__name__.rpartition(".")[2] for m in fam.REGISTRY.modules)
-    assert modules == ["flux", "sd3", "sd_unet"]
+    assert modules == ["chroma", "flux", "sd3", "sd_unet"]
     assert sorted(a.name for m in fam.REGISTRY.modules for a in m.ADAPTERS) == sorted(FAMILIES)
     assert fam.SUPPORTED == SUPPORTED_TEXT
     assert {a.text_layout for a in fam.REGISTRY.adapters()} == set(text_layout.LAYOUTS)
     for name in FAMILIES:
         assert fam.adapter_named(name).name == name
     with pytest.raises(KeyError):
-        fam.adapter_named("Chroma")
+        fam.adapter_named("Flux.2")
 
 
 def test_a_family_cannot_be_registered_twice():
@@ -155,7 +158,7 @@ def test_an_unsupported_family_error_names_the_supported_ones(kind):
         import comfy.model_base
 
         model = tm.flux()
-        model.model.__class__ = type("Derivative", (comfy.model_base.Flux,), {})  # Chroma, Flux.2, LongCat...
+        model.model.__class__ = type("Derivative", (comfy.model_base.Flux,), {})  # Flux.2, LongCat...
         what = "a Flux network (Derivative)"
     with pytest.raises(fam.UnsupportedModelError) as err:
         fam.detect_family(model)
@@ -213,8 +216,8 @@ def test_adding_one_family_module_makes_its_models_detectable():
         assert fam.capture_code(model.model) is None
         with pytest.raises(fam.UnsupportedModelError) as err:
             fam.detect_family(tm.flux_fill())
-        assert "SDXL, SD3/SD3.5, Flux and SDXL Refiner models only" in str(err.value)
-        assert "SD3/SD3.5, Flux (dev or schnell) or SDXL Refiner checkpoint" in str(err.value)
+        assert "SDXL, SD3/SD3.5, Flux, Chroma and SDXL Refiner models only" in str(err.value)
+        assert "SD3/SD3.5, Flux (dev or schnell), Chroma or SDXL Refiner checkpoint" in str(err.value)
         assert fam.detect_family(tm.sdxl()).name == "SDXL"  # the others are unchanged
     finally:
         fam.REGISTRY.remove(module)

@@ -1,0 +1,50 @@
+"""Chroma: flow matching on Flux's 16-channel latents, T5 text only, real CFG, trained at 1024 px.
+
+Recognised by ComfyUI's ``Chroma`` model config class on exactly ``model_base.Chroma`` (Chroma Radiance, its
+pixel-space subclass, is another model). Its network (``comfy.ldm.chroma.model.Chroma``) is not a Flux subclass
+but is built from Flux's double / single stream blocks, with their modulations computed by an approximator and
+handed to each block as ``vec``, under the same ``patches_replace["dit"]`` keys: captured as Flux is
+(``dit_capture``, kind "flux"), whose RoPE needs ComfyUI's torch paths in gradient passes. The conditioning is
+T5-XXL tokens with no pooled output (Flux's T5 part); an attention mask in the conditioning reaches the joint
+attention and the captured maps are normalised under it (``dit_capture.kernel_mask``). No guidance embedding:
+cfg is real CFG. Refused: another latent format, the network patched to a discrete (eps / v) schedule.
+"""
+
+from __future__ import annotations
+
+from ...zerocon_core.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
+from .adapter import FamilyAdapter, GradientPasses, GuidedLayers, Recognition
+from .flow_checks import check_flow_network, unet_config
+from .model_family import ModelFamily
+
+
+def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
+    """The flow checks; Chroma's config counts the input channels of a whole patch (``patch_size`` squared cells)."""
+    patch = int(unet_config(base).get("patch_size", 2))
+    check_flow_network(adapter, model, base, packed=patch * patch)
+    return ModelFamily(name=adapter.name, prediction_type="flow", latent_channels=adapter.latent_channels)
+
+
+CHROMA = FamilyAdapter(
+    name="Chroma",
+    rank=55,
+    label="Chroma",
+    load_label="Chroma",
+    recognition=Recognition(config="comfy.supported_models.Chroma", model_base="comfy.model_base.Chroma"),
+    latent_format="comfy.latent_formats.Flux",
+    latent_channels=16,
+    native_size=1024,
+    tiny_decoder="taef1",
+    capture="flux",
+    guided_layers=GuidedLayers(
+        cross=("double",),
+        features=("double", "single"),
+        cross_count=DIT_DEFAULT_CROSS_BLOCKS,
+        feature_count=DIT_DEFAULT_FEATURE_BLOCKS,
+    ),
+    text_layout="Flux",
+    gradient=GradientPasses(torch_paths=True, rope=True),
+    detect=_detect,
+)
+
+ADAPTERS = (CHROMA,)
