@@ -13,10 +13,17 @@ One session for the module (``tests/comfyui/browser/harness.py``):
    or changed). Then the speed knobs are turned down through the widgets (64 px, 2 steps, ...; see
    ``SPEED_OVERRIDES``), ``app.graphToPrompt()`` converts the graph and ``app.api.queuePrompt`` queues it;
    ``/history`` must report success with an output from every output node. Workflows with muted nodes
-   (save a file, then load it) run a second time with those nodes on.
-5. The template browser's list (``app.api.getWorkflowTemplates()``) has every workflow under the pack, and
-   the missing-model paths tell the user which file goes in which folder.
-6. The server and the browser are stopped in a ``finally``.
+   (save a file, then load it) run a second time with those nodes on. After each run, every ZeroCon node that
+   returned a text result shows it on the node (web/zerocon_text.js), in a box labelled "result", on the classic
+   canvas and, where the frontend offers it (1.49: Settings > "Modern Node Design (Nodes 2.0)"), under the Vue
+   renderer. ``ZEROCON_BROWSER_SCREENSHOTS=1`` saves a picture of each such node per renderer in the temp base
+   (kept with ``ZEROCON_KEEP_BROWSER_BASE=1``).
+5. No two nodes overlap, on every renderer (under Vue: the nodes' elements in the DOM), as loaded and with the
+   text results a run adds.
+6. The template browser's list (``app.api.getWorkflowTemplates()``) has every workflow under the pack, and
+   a missing checkpoint is reported with its file and folder (frontend 1.27: the missing-models dialog; 1.49:
+   a notification whose "View details" lists the missing model with its folder).
+7. The server and the browser are stopped in a ``finally``.
 
 Skipped, loudly, without Chromium (``apt-get install -y chromium``) or the ``playwright`` package
 (``pip install playwright`` in ComfyUI's environment; no browser download is used). The reason is also written
@@ -94,7 +101,10 @@ def test_workflow_loads_and_runs(session, path):
     if result.get("validated"):
         _results[path.stem] = f"loaded, converted and validated in {time.time() - t0:.0f}s (not queued)"
         return
+    shown_on = sorted({r for run in result["runs"] for r in run["shown"] if r != "nodes"})
+    n_shown = len({n for run in result["runs"] for n in run["shown"]["nodes"]})
     _results[path.stem] = "passed in " + " + ".join(f"{r['seconds']:.0f}s" for r in result["runs"])
+    _results[path.stem] += f", {n_shown} text results shown on {' and '.join(shown_on) or 'no renderer'}"
     if path.stem == "direction_save_and_reuse":
         saved = session.base / "models" / "edit_directions" / "cat_to_dog.safetensors"
         assert saved.is_file(), f"the first run did not write {saved}"
@@ -102,6 +112,22 @@ def test_workflow_loads_and_runs(session, path):
         texts = [t for r in result["runs"] for cls, t in r["texts"] if cls == "ZeroConEditMetrics"]
         assert len(texts) == 2 and all("CLIP score" in t and "structure distance" in t for t in texts), texts
         assert not any("n/a" in t for t in texts), f"a metric was not computed: {texts}"
+
+
+@needs_browser
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_nodes_do_not_overlap(session, path):
+    """No node covers another one, on every renderer (Vue "Nodes 2.0": from the DOM), before and after a run."""
+    checked = harness.check_no_overlaps(session, json.loads(path.read_text()), path.stem)
+    _results[f"{path.stem} layout"] = "no overlaps (" + ", ".join(checked) + ")"
+
+
+@needs_browser
+def test_frontend_script_uses_only_the_public_api(session):
+    """Loading the page gives no notice that an extension imported an internal or deprecated frontend module."""
+    notices = [m for m in session.frontend.console if "internal module" in m or "deprecated legacy API" in m]
+    notices += [m for m in session.frontend.console if "[ComfyUI Deprecated] Importing" in m]
+    assert not notices, notices
 
 
 @needs_browser
@@ -122,18 +148,43 @@ def _first(workflow: dict, node_type: str) -> dict:
 
 @needs_browser
 def test_missing_checkpoint_names_file_and_folder(session):
-    """A workflow whose checkpoint is missing: the frontend's missing-models dialog says which file goes where."""
+    """A workflow whose checkpoint is missing: the frontend says which file goes in which folder. Frontend 1.27
+    opens its missing-models dialog ("checkpoints / <file>"); 1.49 shows a notification "<file> is missing" /
+    "<node> is missing a required model file." whose "View details" opens the workflow's error panel listing the
+    missing model with its folder (and a Download button from the node's models url)."""
     path = harness.WORKFLOWS / "text_edit_sd15.json"
     wf = copy.deepcopy(json.loads(path.read_text()))
     ckpt = _first(wf, "CheckpointLoaderSimple")
     missing = "zerocon-missing-checkpoint.safetensors"
     ckpt["widgets_values"][0] = missing
     ckpt["properties"]["models"][0]["name"] = missing
-    state = session.frontend.load(wf)
-    dialogs = "\n".join(state["overlays"]["dialogs"])
-    session.frontend.close_overlays()
-    assert f"checkpoints / {missing}" in dialogs, f"no missing-model dialog naming the folder: {state['overlays']}"
-    _results["missing checkpoint"] = "dialog names checkpoints/"
+    fe = session.frontend
+    fe.reload()
+    try:
+        state = fe.load(wf)
+        dialogs = "\n".join(state["overlays"]["dialogs"])
+        toasts = [t for t in state["overlays"]["toasts"] if missing in t]
+        if dialogs:
+            assert f"checkpoints / {missing}" in dialogs, (
+                f"the missing-model dialog does not name the folder: {dialogs}"
+            )
+            _results["missing checkpoint"] = "dialog names checkpoints/"
+            return
+        assert toasts, f"neither a missing-model dialog nor a notification naming {missing}: {state['overlays']}"
+        assert f"{missing} is missing" in toasts[0] and "is missing a required model file" in toasts[0], toasts
+        fe.page.get_by_role("button", name="View details").first.click()
+        details = None
+        for _ in range(50):
+            details = fe.text_around([missing, "checkpoints", "Missing Models"])
+            if details:
+                break
+            time.sleep(0.1)
+        assert details, f"'View details' shows no panel naming {missing} and its folder checkpoints"
+        _results["missing checkpoint"] = "notification; its details name the file and checkpoints/: " + " | ".join(
+            ln.strip() for ln in details.splitlines() if ln.strip()
+        )
+    finally:
+        fe.reload()
 
 
 @needs_browser

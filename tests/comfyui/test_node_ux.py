@@ -74,3 +74,16 @@ def test_the_frontend_script_is_served():
     assert "onExecuted" in script and "message?.text" in script and 'startsWith("ZeroCon")' in script
     # kept out of the saved workflow and out of the prompt (an extra prompt input would change the cache key)
     assert "widget.serialize = false" in script and "widget.options.serialize = false" in script
+    # labelled for the user, not with the widget's internal name
+    assert 'const LABEL = "result"' in script and "widget.label = LABEL" in script
+
+
+def test_web_scripts_import_only_the_public_frontend_api():
+    """The frontend's public modules are scripts/app.js and scripts/api.js; the others (widgets.js, domWidget.js,
+    ui.js, ...) print "internal module" / "deprecated" notices on every page load from frontend 1.4x on and may go."""
+    import re
+
+    for path in sorted((REPO / "web").rglob("*.js")):
+        imports = re.findall(r"""^\s*import\s[^;]*?from\s+["']([^"']+)["']""", path.read_text(), re.M)
+        frontend = [m for m in imports if "/scripts/" in m or "/extensions/core/" in m]
+        assert all(re.search(r"/scripts/(app|api)\.js$", m) for m in frontend), f"{path.name}: {frontend}"

@@ -5,7 +5,8 @@
 - ``checkpoints`` / ``model_files``: random-weight checkpoints ComfyUI detects as SD1.5 / SDXL, tiny BLIP / DINO /
   CLIP-metric folders, all cached outside the repository.
 - ``harness``: the session and one workflow run; ``roundtrip``: graph comparison.
-- ``workflow_specs`` + ``build_workflows``: the shipped example_workflows/*.json, built in the real frontend (by hand).
+- ``workflow_specs`` + ``build_workflows``: the shipped example_workflows/*.json, built in the real frontend (by hand),
+  laid out from the nodes' sizes measured on every frontend and renderer given (classic canvas, Vue "Nodes 2.0").
 - ``render_docs``: docs/workflows/*.png and example_workflows/*.jpg thumbnails (by hand).
 
 Scripts run from the repository root with ComfyUI's Python, e.g.

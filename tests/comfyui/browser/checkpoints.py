@@ -126,6 +126,16 @@ def _init_(module, seed: int) -> None:
                 b.copy_(torch.arange(b.shape[-1]).expand_as(b))
 
 
+def _state_dict_for_saving(base, clip_sd: dict, vae_sd: dict) -> dict:
+    """``BaseModel.state_dict_for_saving``: up to 0.3.x it reads the UNet itself; later versions (0.33) take the
+    UNet's state dict as their first argument (without it the file would have no UNet). Told from the signature."""
+    import inspect
+
+    if "unet_state_dict" in inspect.signature(base.state_dict_for_saving).parameters:
+        return base.state_dict_for_saving(base.diffusion_model.state_dict(), clip_sd, vae_sd)
+    return base.state_dict_for_saving(clip_sd, vae_sd)
+
+
 def build(kind: str, path: str, seed: int = 0) -> dict:
     """Write the ``kind`` ("sd15" / "sdxl") checkpoint to ``path``; returns what ComfyUI detects on reload."""
     import comfy.model_management as mm
@@ -168,7 +178,7 @@ def build(kind: str, path: str, seed: int = 0) -> dict:
         }
         vae_model = AutoencoderKL(ddconfig=ddconfig, embed_dim=ddconfig["z_channels"])
         _init_(vae_model, seed + 2)
-        sd = base.state_dict_for_saving(clip.get_sd(), {k: v for k, v in vae_model.state_dict().items()})
+        sd = _state_dict_for_saving(base, clip.get_sd(), dict(vae_model.state_dict()))
         sd = {
             k: v.detach().to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
             for k, v in sd.items()
@@ -278,11 +288,15 @@ def build_flux(out: str, seed: int = 0) -> dict:
     import comfy.text_encoders.t5 as t5
     import comfy.utils
     import torch
+    from comfy.ldm.flux.model import FluxParams
     from comfy.ldm.models.autoencoder import AutoencoderKL
 
+    dit_config = dict(FLUX_DIT)
+    if "txt_ids_dims" in FluxParams.__dataclass_fields__:  # required from 0.33 on (Flux-1: no text-position axes)
+        dit_config["txt_ids_dims"] = []
     t0 = time.time()
     with torch.inference_mode(False):
-        cfg = sm.Flux(dict(FLUX_DIT))
+        cfg = sm.Flux(dit_config)
         cfg.set_inference_dtype(torch.float16, None)
         with torch.device("meta"):
             dit = cfg.get_model({}).diffusion_model

@@ -31,7 +31,7 @@ def free_port() -> int:
 
 def make_base(base: Path, repo: Path, settings_extra: dict | None = None) -> Path:
     """The temp ComfyUI base directory: the pack symlinked into custom_nodes, empty model / io folders, and
-    user settings that skip the first-run template dialog."""
+    user settings that skip the first-run template dialog and do not restore the last workflow on a reload."""
     for sub in ("custom_nodes", "models/checkpoints", "input", "output", "temp", "user/default"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACK_FOLDER
@@ -47,6 +47,9 @@ def make_base(base: Path, repo: Path, settings_extra: dict | None = None) -> Pat
                     "Comfy.Validation.Workflows": True,
                     "Comfy.Workflow.ShowMissingNodesWarning": True,
                     "Comfy.Workflow.ShowMissingModelsWarning": True,
+                    # A reloaded page starts from the default graph: no restored workflow replaces the one a test
+                    # loads right after the reload.
+                    "Comfy.Workflow.Persist": False,
                     **(settings_extra or {}),
                 }
             )

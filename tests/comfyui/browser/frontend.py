@@ -89,6 +89,11 @@ class Frontend:
         self.page.wait_for_function("() => !!window.__zc", timeout=10000)
         return self
 
+    def reload(self, timeout_s: float = 180.0) -> "Frontend":
+        """A fresh page (state of the previous graphs gone: e.g. an image preview loading late resizes the node that
+        has its id in the next graph)."""
+        return self.open(timeout_s)
+
     def close(self) -> None:
         try:
             if self.log_path is not None:
@@ -141,6 +146,40 @@ class Frontend:
 
     def build(self, spec: dict) -> dict:
         return self.js("(s) => window.__zc.build(s)", spec)
+
+    def measure(self, spec: dict, result_types, sample: str) -> dict:
+        """{node key: {"canvas": [w, h], "canvasResult": [w, h], "vueResult"?: [w, h]}} (``page.js::measure``)."""
+        return self.js("(a) => window.__zc.measure(a[0], a[1], a[2])", [spec, list(result_types), sample])
+
+    def vue_available(self) -> bool:
+        """Whether this frontend has the Vue "Nodes 2.0" renderer (its setting ``Comfy.VueNodes.Enabled``)."""
+        return bool(self.js("() => window.__zc.vueAvailable()"))
+
+    def set_renderer(self, which: str) -> bool:
+        """``"vue"`` or ``"canvas"``; returns whether that renderer is now on (False: no Vue renderer here), once
+        the nodes' sizes and the page's resources (lazily loaded widget components) have settled."""
+        return bool(self.js("(w) => window.__zc.setRenderer(w)", which))
+
+    def node_boxes(self) -> list[dict]:
+        return self.js("() => window.__zc.nodeBoxes()")
+
+    def overlaps(self, tol: float = 1.0) -> list[dict]:
+        """Pairs of nodes whose boxes intersect (from the DOM under Vue, from the graph on the canvas)."""
+        return self.js("(t) => window.__zc.overlaps(t)", tol)
+
+    def result_boxes(self) -> list[dict]:
+        """The text result boxes of web/zerocon_text.js: [{id, type, label, text, visible, inNode}]."""
+        return self.js("() => window.__zc.resultBoxes()")
+
+    def simulate_results(self, types, text: str) -> list:
+        return self.js("(a) => window.__zc.simulateResults(a[0], a[1])", [list(types), text])
+
+    def center_on(self, node_id, scale: float = 1.0) -> None:
+        self.js("(a) => window.__zc.centerOn(a[0], a[1])", [node_id, scale])
+
+    def text_around(self, needles: list[str]) -> str | None:
+        """The text of the smallest visible element holding every one of ``needles``."""
+        return self.js("(n) => window.__zc.textAround(n)", list(needles))
 
     def close_overlays(self) -> None:
         self.js("() => window.__zc.closeOverlays()")

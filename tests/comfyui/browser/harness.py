@@ -20,6 +20,7 @@ from .comfy_server import PACK_FOLDER, ComfyServer, history_errors, make_base
 from .frontend import Frontend, find_chromium, playwright_available
 from .model_files import prepare, write_input_image
 from .roundtrip import graph_differences
+from .workflow_specs import SAMPLE_RESULT, TEXT_RESULT_TYPES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/comfyui: workflow_api
 import workflow_api  # noqa: E402
@@ -173,6 +174,9 @@ def check_loaded(s: Session, workflow: dict, name: str) -> dict:
         problems.append(f"missing-nodes list from loadGraphData: {state['missing']}")
     if state["overlays"]["dialogs"]:
         problems.append(f"dialogs after loading: {state['overlays']['dialogs']}")
+    missing_toasts = [t for t in state["overlays"]["toasts"] if " is missing" in t or "errors found" in t]
+    if missing_toasts:  # frontend 1.49 says what is missing in a notification, not in a dialog
+        problems.append(f"notifications after loading: {missing_toasts}")
     if state["invalidCombos"]:
         problems.append(f"combo values not among the options: {state['invalidCombos']}")
     diffs = graph_differences(workflow, s.frontend.serialize())
@@ -255,6 +259,10 @@ def run_workflow(s: Session, path: Path, timeout: float, log=print) -> dict:
     check_loaded(s, workflow, name)
     converted = {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in s.frontend.to_prompt().items()}
     expected = workflow_api.to_api(workflow, s.object_info)
+    for key, node in expected.items():  # a frontend-only widget is sent by some frontends only (1.27, not 1.49)
+        for widget in workflow_api.FRONTEND_WIDGETS.get(node["class_type"], {}):
+            if widget not in converted.get(key, {}).get("inputs", {}):
+                node["inputs"].pop(widget, None)
     differing = {
         k: {"frontend": converted.get(k), "to_api": expected.get(k)}
         for k in sorted(set(converted) | set(expected))
@@ -285,7 +293,10 @@ def run_workflow(s: Session, path: Path, timeout: float, log=print) -> dict:
         f"{name}: graphToPrompt gave {len(prompt)} nodes, {len(active)} active in the file"
     )
     seen, texts = check_outputs(s, name, prompt, entry)
-    runs = [{"seconds": round(time.time() - t0, 1), "nodes": len(prompt), "outputs": seen, "texts": texts}]
+    shown = check_shown(s, name, entry, prompt)
+    runs = [
+        {"seconds": round(time.time() - t0, 1), "nodes": len(prompt), "outputs": seen, "texts": texts, "shown": shown}
+    ]
     log(f"[{name}] run 1 OK in {runs[0]['seconds']}s: {seen}")
     muted = [n["id"] for n in workflow["nodes"] if n.get("mode", 0) == 2]
     if muted:
@@ -298,12 +309,126 @@ def run_workflow(s: Session, path: Path, timeout: float, log=print) -> dict:
         assert not bad, f"{name}: after the first run, combo values still invalid: {bad}"
         prompt, entry = queue_and_wait(s, name + " (run 2)", timeout)
         seen, texts = check_outputs(s, name, prompt, entry)
-        runs.append({"seconds": round(time.time() - t1, 1), "nodes": len(prompt), "outputs": seen, "texts": texts})
+        shown = check_shown(s, name + " (run 2)", entry, prompt)
+        runs.append(
+            {
+                "seconds": round(time.time() - t1, 1),
+                "nodes": len(prompt),
+                "outputs": seen,
+                "texts": texts,
+                "shown": shown,
+            }
+        )
         log(
             f"[{name}] run 2 (muted nodes on, {list(SECOND_RUN_MUTE.get(name, ()))} off) OK in "
             f"{runs[1]['seconds']}s: {seen}"
         )
     return {"name": name, "runs": runs, "prompt_classes": sorted({v["class_type"] for v in prompt.values()})}
+
+
+def renderers(s: Session) -> list[str]:
+    """The node renderers this frontend offers: the canvas, and Vue "Nodes 2.0" where users can switch it on."""
+    return ["canvas", "vue"] if s.frontend.vue_available() else ["canvas"]
+
+
+def check_no_overlaps(s: Session, workflow: dict, name: str) -> dict:
+    """Load ``workflow`` on a fresh page and check, on every renderer, that no two nodes' boxes intersect: as
+    loaded, and with a text result on every node of ``TEXT_RESULT_TYPES`` (what a run adds). Under Vue the boxes
+    are the nodes' elements in the DOM; on the canvas, each node's title bar and body. Returns what was checked."""
+    fe = s.frontend
+    fe.reload()  # nothing of the previous graph (e.g. a late image preview) resizes this one
+    try:
+        check_loaded(s, workflow, name)
+        problems, checked = [], {}
+        order = renderers(s)
+        for stage in ("as loaded", "with results"):
+            if stage == "with results":
+                fe.simulate_results(TEXT_RESULT_TYPES, SAMPLE_RESULT)
+            for renderer in order:
+                assert fe.set_renderer(renderer), f"{name}: could not switch to the {renderer} renderer"
+                fe.fit_view()
+                boxes = fe.node_boxes()
+                if renderer == "vue" and len(boxes) != len(workflow["nodes"]):
+                    problems.append(f"{renderer}: {len(boxes)} node elements for {len(workflow['nodes'])} nodes")
+                bad = fe.overlaps()
+                if bad:
+                    problems.append(
+                        f"{renderer}, {stage}: " + "; ".join(f"{o['a']} and {o['b']} {o['overlap']}" for o in bad)
+                    )
+                checked[f"{renderer} {stage}"] = len(boxes)
+            order = order[::-1]  # back to where we came from, with the results shown
+        if problems:
+            raise AssertionError(f"{name}: nodes overlap:\n" + "\n".join(problems))
+        return checked
+    finally:
+        fe.set_renderer("canvas")
+
+
+def shown_results(entry: dict, prompt: dict) -> dict[str, str]:
+    """{node id: text} of the ZeroCon nodes that ran and returned a text result (``ui.PreviewText``). Nodes taken
+    from ComfyUI's cache (the same inputs in an earlier test) are left out: the frontend is sent no result for them
+    (some ComfyUI versions still list their earlier result in /history)."""
+    cached = set()
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_cached":
+            cached.update(str(n) for n in data.get("nodes", []))
+    out = {}
+    for nid, data in (entry.get("outputs") or {}).items():
+        node = prompt.get(str(nid)) or prompt.get(nid) or {}
+        text = data.get("text") if isinstance(data, dict) else None
+        if str(nid) in cached:
+            continue
+        if text is not None and str(node.get("class_type", "")).startswith("ZeroCon"):
+            out[str(nid)] = "\n".join(str(t) for t in text) if isinstance(text, list) else str(text)
+    return out
+
+
+def check_shown(s: Session, name: str, entry: dict, prompt: dict) -> dict:
+    """After a run: the nodes that returned a text result show it on every renderer (``check_results_shown``), and
+    their types are in ``TEXT_RESULT_TYPES`` (the layout keeps room for the box only on those). Returns
+    {"nodes": {id: text}, renderer: [ids shown]}."""
+    shown = shown_results(entry, prompt)
+    unknown = sorted({prompt[n]["class_type"] for n in shown} - set(TEXT_RESULT_TYPES))
+    assert not unknown, (
+        f"{name}: {unknown} showed a text result but are not in workflow_specs.TEXT_RESULT_TYPES: add them there "
+        "and rebuild the workflows (build_workflows.py), so the layout keeps room for the result"
+    )
+    shots = s.base / "screenshots" if os.environ.get("ZEROCON_BROWSER_SCREENSHOTS") else None
+    return {"nodes": shown, **check_results_shown(s, shown, name.replace(" ", "_"), shots)}
+
+
+def check_results_shown(s: Session, expected: dict[str, str], name: str, shots: Path | None = None) -> dict:
+    """Every node of ``expected`` shows its text result on the node, labelled "result", under every renderer:
+    the box is visible, inside the node, and holds the text the run returned; and no node covers another one
+    with the run's results shown. Returns {renderer: node ids}."""
+    fe = s.frontend
+    problems, seen = [], {}
+    if shots is not None:
+        shots.mkdir(parents=True, exist_ok=True)
+    try:
+        for renderer in renderers(s):
+            assert fe.set_renderer(renderer), f"{name}: could not switch to the {renderer} renderer"
+            seen[renderer] = []
+            for nid, text in expected.items():
+                fe.center_on(nid)
+                box = next((b for b in fe.result_boxes() if b["id"] == nid), None)
+                if box is None:
+                    problems.append(f"{renderer}: node {nid} has no result box")
+                elif not (box["visible"] and box["inNode"] and box["text"] == text and box["label"] == "result"):
+                    problems.append(f"{renderer}: node {nid} ({box['type']}) shows {box} instead of {text!r}")
+                else:
+                    seen[renderer].append(nid)
+                if shots is not None:
+                    fe.page.screenshot(path=str(shots / f"{name}-{renderer}-node{nid}.png"))
+            fe.fit_view()
+            bad = fe.overlaps()  # the run's results (text, image previews) cover no other node
+            if bad:
+                problems.append(f"{renderer}: after the run, " + "; ".join(f"{o['a']} and {o['b']}" for o in bad))
+    finally:
+        fe.set_renderer("canvas")
+    if problems:
+        raise AssertionError(f"{name}: text results not shown:\n" + "\n".join(problems))
+    return seen
 
 
 def pack_folder() -> str:

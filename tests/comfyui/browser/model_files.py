@@ -1,9 +1,9 @@
 """Model files for the browser tests: random-weight checkpoints (cached) and tiny transformers folders.
 
-Checkpoints are built once per cache key (the builder's source, ComfyUI's version, torch's version) under
-``$ZEROCON_BROWSER_CACHE`` (default: ``<tmp>/zerocon-browser-models``), never in the repository, by
-``checkpoints.py`` in a subprocess of ComfyUI's interpreter, and symlinked into the temp ComfyUI's
-``models/checkpoints``. The tiny BLIP / DINO / CLIP-metric folders are cached the same way and copied
+Checkpoints are built once per cache key (ComfyUI's version, then a hash of the builder's source, ComfyUI's
+model detection and the interpreter) under ``$ZEROCON_BROWSER_CACHE`` (default:
+``<tmp>/zerocon-browser-models``), never in the repository, by ``checkpoints.py`` in a subprocess of ComfyUI's
+interpreter, and symlinked into the temp ComfyUI's ``models/checkpoints``. The tiny BLIP / DINO / CLIP-metric folders are cached the same way and copied
 (they are small) into ``models/blip``, ``models/dino`` and ``models/clip_metric``.
 """
 
@@ -27,7 +27,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("ZEROCON_BROWSER_CACHE", os.path.join(tempfile.gettempdir(), "zerocon-browser-models")))
 
 
+def comfyui_version(comfyui: Path) -> str:
+    """The checkout's ``__version__`` ("unknown" when it has none)."""
+    try:
+        text = (Path(comfyui) / "comfyui_version.py").read_text()
+    except OSError:
+        return "unknown"
+    m = re.search(r'__version__\s*=\s*"([^"]+)"', text)
+    return re.sub(r"[^0-9A-Za-z.+-]", "_", m.group(1)) if m else "unknown"
+
+
 def cache_key(comfyui: Path, python: str) -> str:
+    """``<ComfyUI version>-<hash>``: one entry per ComfyUI version (their files and model detection differ), so
+    several checkouts sharing one cache do not rebuild each other's files."""
     h = hashlib.sha256()
     h.update((HERE / "checkpoints.py").read_bytes())
     for rel in ("comfyui_version.py", "comfy/model_detection.py", "comfy/supported_models.py"):
@@ -41,7 +53,7 @@ def cache_key(comfyui: Path, python: str) -> str:
         except OSError:
             pass
     h.update(python.encode())
-    return h.hexdigest()[:16]
+    return f"{comfyui_version(comfyui)}-{h.hexdigest()[:16]}"
 
 
 def _build(comfyui: Path, python: str, out: Path, kinds: list[str], log) -> None:
@@ -70,9 +82,14 @@ def _build(comfyui: Path, python: str, out: Path, kinds: list[str], log) -> None
 
 
 def _prune(root: Path, keep: str, log) -> None:
-    """Remove cache entries of other keys (older builder / ComfyUI versions): each holds ~2.6 GB."""
+    """Remove stale cache entries (each holds ~3 GB): older builds for the same ComfyUI version as ``keep``, and
+    entries named by a bare hash (before the version was part of the name). Other versions' entries stay."""
+    version = keep.rsplit("-", 1)[0]
     for entry in root.iterdir():
-        if entry.is_dir() and entry.name != keep and re.fullmatch(r"[0-9a-f]{16}", entry.name):
+        if not entry.is_dir() or entry.name == keep:
+            continue
+        same_version = entry.name.rsplit("-", 1)[0] == version and re.fullmatch(r".+-[0-9a-f]{16}", entry.name)
+        if same_version or re.fullmatch(r"[0-9a-f]{16}", entry.name):
             log(f"removing stale model cache {entry}")
             shutil.rmtree(entry, ignore_errors=True)
 

@@ -78,6 +78,7 @@ def main(argv=None) -> int:
                     print(f"wrote {shot}")
                     fe.page.set_viewport_size({"width": a.width, "height": a.height})
                 for f in files:
+                    fe.reload()  # one page per workflow: nothing of the previous graph changes this one
                     state = fe.load(json.loads(f.read_text()))
                     if state["missing"]:
                         print(f"{f.name}: missing node types {state['missing']}", file=sys.stderr)

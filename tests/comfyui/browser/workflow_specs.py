@@ -7,7 +7,9 @@ hand-edit the JSON.
 
 Spec format (see ``page.js::build``): nodes ``{key, type, col, widgets, title?, size?, mode?, color?}``
 stacked per column; links ``[from_key, output, to_key, input]`` by slot name (widget inputs included);
-groups ``{title, keys, color}``.
+groups ``{title, keys, color}``. Each node gets a slot in its column as high as it is on every frontend and
+renderer the build measured (classic canvas and Vue "Nodes 2.0"), with its text result shown when its type is in
+``TEXT_RESULT_TYPES``, so that no node covers another one.
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ FLUX_LOADERS = [
         ],
     ),
 ]
+
+#: Node types that show a text result on the node after a run (``ui.PreviewText``; web/zerocon_text.js adds the box).
+#: The layout keeps room for it below the node, so that the result never covers the node under it.
+TEXT_RESULT_TYPES = (
+    "ZeroConBLIPCaption",
+    "ZeroConEncodePrompts",
+    "ZeroConEditDirection",
+    "ZeroConSaveEditDirection",
+    "ZeroConGuidedSampler",
+    "ZeroConDiffuseITSampler",
+    "ZeroConEditMetrics",
+)
+#: The text the layout and the overlap test show in those boxes (the box's height does not depend on it: it scrolls).
+SAMPLE_RESULT = "cat -> dog, sentence bank: 300 sentences each\nsecond line of a result"
 
 NOTE_COLOR, NOTE_BG = "#432", "#653"
 GROUP_COLORS = {
