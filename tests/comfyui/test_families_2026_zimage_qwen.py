@@ -1,0 +1,337 @@
+"""Qwen-Image captures (nodes/dit_capture.py, kind "qwen") on a tiny Qwen-Image built from ComfyUI's own classes,
+and the attention-kernel conventions the 2026 families need in ``text_probabilities``.
+
+Qwen-Image's captures are in place and tested here; the family itself stays refused (no adapter registered) until
+its inversion, Guided Sampler and DiffuseIT run on its 5-D (B, 16, 1, H, W) latents and are tested. Z-Image is not
+started. Every test on the model skips, with the reason, on a ComfyUI without Qwen-Image (feature detection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import comfy.model_management
+import comfy.samplers
+import pytest
+import tiny_families_lumina_qwen as tq
+import torch
+import torch.nn.functional as F
+from conftest import pack_module
+from test_dit_capture import _den, _inside_sampler, _lin, _qk_norm, _rope_angles, _rotate, _snapshot
+
+dc = pack_module("nodes.dit_capture")
+core_den = pack_module("zerocon_core.denoiser")
+guidance = pack_module("zerocon_core.guidance")
+sampler = pack_module("zerocon_core.sampler")
+CR = core_den.CaptureRequest
+
+needs_qwen = pytest.mark.skipif(
+    not tq.has_qwen_image(),
+    reason="Qwen-Image is tested on ComfyUI's 2026 network (masked text, comfy-kitchen RoPE with the torch-path "
+    "switch model_management.in_training); this ComfyUI has none, or an older one that ignores the text mask",
+)
+
+
+# -- text_probabilities: the kernels' conventions ----------------------------------------------------------------
+
+
+def _dense(q, k, image, text, mask=None, scale=None):
+    s = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        s = s + mask
+    return s.softmax(-1)[:, :, image, text]
+
+
+def test_per_key_3d_mask_is_read_as_comfyuis_kernels_read_it():
+    """A (B, 1, L) additive mask (Qwen-Image's padded text) is (B, 1, 1, L): each batch row its own keys, every
+    query row the same (not (1, B, 1, L), and not sliced to the image rows)."""
+    gen = torch.Generator().manual_seed(2)
+    b, heads, length, d = 2, 3, 11, 4
+    q, k = torch.randn(2, b, heads, length, d, generator=gen, dtype=torch.float64)
+    mask = torch.zeros(b, 1, length, dtype=torch.float64)
+    mask[0, 0, 2:4] = -torch.finfo(torch.float64).max  # row 0: two padded text keys; row 1: none
+    image, text = slice(5, 11), slice(0, 5)
+    got = dc.text_probabilities(q, k, image, text, mask, dc.Chunking(2, 3))
+    expect = _dense(q, k, image, text, mask.unsqueeze(1))
+    torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
+    assert torch.equal(got[0, :, :, 2:4], torch.zeros_like(got[0, :, :, 2:4]))
+    assert (got[1, :, :, 2:4] > 0).all()
+
+
+def test_scale_and_grouped_query_keys():
+    """The kernel's ``scale`` is the one used; keys with fewer heads (GQA) serve query heads in groups, as SDPA's
+    ``enable_gqa`` does (query head h reads key head h // group)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 9, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 9, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    image, text = slice(3, 9), slice(0, 3)
+    got = dc.text_probabilities(q, k, image, text, scale=0.7)
+    expect = _dense(q, k.repeat_interleave(2, dim=1), image, text, scale=0.7)
+    torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-12)
+    w = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    ga = torch.autograd.grad((got * w).sum(), (q, k))
+    gd = torch.autograd.grad((expect * w).sum(), (q, k))
+    for a, e in zip(ga, gd):
+        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="4 query heads cannot share 3 key heads"):
+        dc.text_probabilities(q, torch.randn(1, 3, 9, 8, dtype=torch.float64), image, text)
+
+
+class _Recorder:
+    def __init__(self):
+        self.probs = {}
+
+    def add_probs(self, name, probs, options):
+        self.probs[name] = probs
+
+
+def test_capture_override_reads_mask_scale_and_gqa_as_the_kernel_gets_them():
+    """The override, called as ComfyUI calls the kernel (mask positional, (B, L, H*d) q and (B, L, Hkv*d) k,
+    ``scale`` and ``enable_gqa`` keywords), records the kernel's own probabilities and passes every argument on."""
+    gen = torch.Generator().manual_seed(4)
+    b, length, heads, kv_heads, d = 2, 10, 4, 2, 8
+    q = torch.randn(b, length, heads * d, generator=gen)
+    k = torch.randn(b, length, kv_heads * d, generator=gen)
+    v = torch.randn(b, length, kv_heads * d, generator=gen)
+    mask = torch.zeros(b, 1, length)
+    mask[1, 0, 1] = float("-inf")
+    recorder = _Recorder()
+    state = dc._CallState(recorder, (2, 3), dc.Chunking())
+    to = {dc.TAG: dc._BlockContext("double.0.img2txt", length, slice(4, 10), slice(0, 4))}
+    seen = []
+
+    def kernel(*args, **kwargs):
+        seen.append((args, kwargs))
+        return "out"
+
+    override = dc._capture_override(state, None)
+    assert override(kernel, q, k, v, heads, mask, transformer_options=to, scale=0.5, enable_gqa=True) == "out"
+    assert seen[0][0][4] is mask and seen[0][1]["scale"] == 0.5 and seen[0][1]["enable_gqa"]
+    qh = q.double().view(b, length, heads, d).transpose(1, 2)
+    kh = k.double().view(b, length, kv_heads, d).transpose(1, 2).repeat_interleave(2, dim=1)
+    expect = _dense(qh, kh, slice(4, 10), slice(0, 4), mask.double().unsqueeze(1), scale=0.5)
+    torch.testing.assert_close(recorder.probs["double.0.img2txt"].double(), expect, rtol=1e-5, atol=1e-6)
+    assert torch.equal(recorder.probs["double.0.img2txt"][1, :, :, 1], torch.zeros(heads, 6))
+
+
+# -- Qwen-Image ------------------------------------------------------------------------------------------------
+
+
+def _qwen(seed=21, layers=2):
+    return tq.qwen_image(seed, layers)
+
+
+@needs_qwen
+def test_qwen_image_stays_refused_until_its_family_is_complete(zc):
+    """No adapter claims Qwen-Image yet: the clear error names the network and what is supported."""
+    with pytest.raises(zc.families.UnsupportedModelError) as err:
+        zc.families.detect_family(_qwen())
+    assert "this MODEL is a QwenImageTransformer2DModel network (QwenImage)" in str(err.value)
+    assert "Flux" in str(err.value)
+
+
+@needs_qwen
+def test_qwen_layer_table(zc):
+    def body(guider, x, sigmas, extra_args):
+        den = _den(zc, guider, extra_args)
+        return den.dit_type, [(i.name, i.kind, i.block, i.level) for i in den.layers()]
+
+    kind, layers = _inside_sampler(
+        _qwen(layers=3), {"positive": tq.qwen_conditioning(1)}, body, latent=tq.qwen_latent(0)
+    )  # fmt: skip
+    assert kind == "qwen"
+    assert layers == [
+        (f"double.{i}.{what}", kind_, "double", i)
+        for i in range(3)
+        for what, kind_ in (("img2txt", "cross"), ("img", "self"))
+    ]
+
+
+def _recording_patch(store, key):
+    def patch(args, extra):
+        store[key] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        out = extra["original_block"](args)
+        store[key]["out"] = out["img"].detach().clone()
+        return out
+
+    return patch
+
+
+def _ln(x):
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
+
+
+def _rms(x, norm):
+    scale, eps = _qk_norm(norm)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale.double()
+
+
+def _qwen_qk(block, args):
+    """q, k (B, H, L, d) of a Qwen-Image block ([txt; img]) in float64 from its weights, before RoPE."""
+    vec = F.silu(args["vec"].double())
+    attn, heads = block.attn, block.attn.heads
+    out = []
+    for x, mod, qp, kp, qn, kn in (
+        (args["txt"], block.txt_mod[1], attn.add_q_proj, attn.add_k_proj, attn.norm_added_q, attn.norm_added_k),
+        (args["img"], block.img_mod[1], attn.to_q, attn.to_k, attn.norm_q, attn.norm_k),
+    ):
+        shift, scale = _lin(vec, mod)[:, None].chunk(6, -1)[:2]
+        xm = _ln(x.double()) * (1 + scale) + shift
+        b, n, _ = xm.shape
+        q = _lin(xm, qp).view(b, n, heads, -1).transpose(1, 2)
+        k = _lin(xm, kp).view(b, n, heads, -1).transpose(1, 2)
+        out.append((_rms(q, qn), _rms(k, kn)))
+    return torch.cat((out[0][0], out[1][0]), 2), torch.cat((out[0][1], out[1][1]), 2)
+
+
+def _qwen_ids(tokens: int, size: int) -> torch.Tensor:
+    """Token positions (frame, row, column) as Qwen-Image sets them: text on the diagonal after the image's
+    half-size, image rows / columns centred on 0."""
+    grid = size // 2
+    start = grid // 2
+    txt = torch.arange(start, start + tokens, dtype=torch.float64)[:, None].repeat(1, 3)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    img = torch.stack((torch.zeros(grid * grid), rows.flatten() - grid // 2, cols.flatten() - grid // 2), -1)
+    return torch.cat((txt, img.double()))
+
+
+@needs_qwen
+@pytest.mark.parametrize("padded", [0, 3], ids=["full", "padded-text"])
+def test_qwen_probabilities_equal_a_float64_recomputation_with_rope_and_mask(zc, padded):
+    """Captured maps = softmax over all keys of (RoPE q)(RoPE k)^T (+ the text padding mask), recomputed in float64
+    from the block's weights and the token positions; padded text keys get exactly 0; features are the block's
+    image output on the patch grid."""
+    model = _qwen().clone()
+    seen = {}
+    model.set_model_patch_replace(_recording_patch(seen, 1), "dit", "double_block", 1)
+    tokens, size = 12, 8
+
+    def body(guider, x, sigmas, extra_args):
+        den = _den(zc, guider, extra_args)
+        req = CR(probs=frozenset({"double.1.img2txt"}), features=frozenset({"double.1.img"}))
+        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
+
+    cond = tq.qwen_conditioning(2, tokens=tokens, padded=padded)
+    pred = _inside_sampler(model, {"positive": cond}, body, latent=tq.qwen_latent(1, size=size))
+    dm = model.model.diffusion_model
+    q, k = _qwen_qk(dm.transformer_blocks[1], seen[1])
+    angles = _rope_angles(_qwen_ids(tokens, size), tq.QWEN_AXES, 10000)
+    q, k = _rotate(q, angles), _rotate(k, angles)
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if padded:
+        s[..., tokens - padded : tokens] = float("-inf")
+    p = s.softmax(-1)
+    got = pred.probs["double.1.img2txt"]
+    grid = size // 2
+    assert got.shape == (1, 2, grid * grid, tokens) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), p[:, :, tokens:, :tokens], rtol=1e-4, atol=1e-6)
+    if padded:
+        assert torch.equal(got[..., tokens - padded :], torch.zeros_like(got[..., tokens - padded :]))
+    share = got.sum(-1)
+    assert (share < 1).all() and (share > 0).all()
+    expect = seen[1]["out"].transpose(1, 2).reshape(1, -1, grid, grid)
+    assert torch.equal(pred.features["double.1.img"], expect)
+
+
+@needs_qwen
+@pytest.mark.parametrize(
+    "term",
+    [guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8)],
+    ids=["xattn", "patchnce"],
+)
+def test_qwen_one_guided_step_lowers_each_loss(zc, term):
+    """A gradient step through the whole network (RoPE on ComfyUI's torch path) lowers the loss."""
+
+    def body(guider, x, sigmas, extra_args):
+        den = _den(zc, guider, extra_args)
+        src, edit = guider.conds["positive"], guider.conds["negative"]
+        req = term.request(den.layers())
+        with torch.inference_mode(False), torch.no_grad():
+            x, s = x.clone(), sigmas[1].clone()
+            (ref,) = den.predict(x, s, [src], req)
+
+            def loss(xx):
+                (p,) = den.predict(xx, s, [edit], req)
+                ctx = guidance.StepContext(0, 10, s, xx, p.eps, p, ref, torch.Generator().manual_seed(0))
+                return float(term.loss(ctx, req))
+
+            step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
+            with den.autograd_session():
+                outcome = sampler._guidance_step(
+                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-2)
+                )
+            (x_new,) = outcome.latents
+            return loss(x), loss(x_new), outcome.finite
+
+    conds = {"positive": tq.qwen_conditioning(7, padded=2), "negative": tq.qwen_conditioning(8, padded=2)}
+    before, after, finite = _inside_sampler(_qwen(), conds, body, latent=tq.qwen_latent(2))
+    assert finite and before > 0
+    assert after < before, (before, after)
+
+
+def _stock(model, pos, neg, lat):
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(pos, neg)
+    guider.set_cfg(2.0)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 3)
+    noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        return guider.sample(noise, lat, comfy.samplers.sampler_object("euler"), sigmas)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stopping(guidance.CrossAttentionGuidance):
+    """Cross-attention guidance that notes whether a model weight required grad, and can interrupt or fail."""
+
+    model: object = None
+    stop_at: int = -1
+    error: type = comfy.model_management.InterruptProcessingException
+    seen: list = dataclasses.field(default_factory=list, compare=False)
+
+    def loss(self, ctx, request):
+        self.seen.append(any(p.requires_grad for p in self.model.parameters()))
+        if ctx.step == self.stop_at:
+            raise self.error()
+        return super().loss(ctx, request)
+
+
+@needs_qwen
+def test_qwen_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
+    model = _qwen()
+    pos, neg, lat = tq.qwen_conditioning(10, padded=2), tq.qwen_conditioning(11), tq.qwen_latent(12)
+    reference = _stock(model, pos, neg, lat["samples"])
+    tensors, flags, options = _snapshot(model)
+
+    def run(stop_at, error=comfy.model_management.InterruptProcessingException):
+        term = _Stopping(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at, error=error)
+        term2 = guidance.PatchNCEGuidance(weight=1.0, num_patches=8)
+
+        def body(guider, x, sigmas, extra_args):
+            den = _den(zc, guider, extra_args)
+            with torch.inference_mode(False):
+                out = sampler.guided_ddim_sample(
+                    den,
+                    x.clone(),
+                    sigmas.clone(),
+                    source_cond=guider.conds["positive"],
+                    edit_cond=guider.conds["negative"],
+                    guidance=(term, term2),
+                    settings=sampler.SamplerSettings(cfg=1.0, step_mode="normalized", reference="resampled"),
+                )
+            return out.latent
+
+        out = _inside_sampler(model, {"positive": pos, "negative": neg}, body, latent=lat, noise_seed=13)
+        return out, term.seen
+
+    out, seen = run(-1)
+    assert torch.isfinite(out).all() and seen and not any(seen)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run(1)
+    with pytest.raises(RuntimeError):
+        run(0, RuntimeError)
+    after, after_flags, after_options = _snapshot(model)
+    assert after.keys() == tensors.keys() and all(after[n] is tensors[n] for n in tensors)
+    assert after_flags == flags and all(t.is_inference() for t in after.values())
+    assert after_options == options
+    assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)

@@ -1,0 +1,66 @@
+"""Tiny Qwen-Image models built from ComfyUI's own classes (``comfy.supported_models.QwenImage`` ->
+``model_base.QwenImage`` -> ``QwenImageTransformer2DModel``), for the 2026 family tests.
+
+Every builder returns None on a ComfyUI without the class (feature detection): the tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import tiny_models as tm
+import torch
+
+#: Text-encoder width of the tiny Qwen-Image (the real one: 3584, Qwen2.5-VL 7B's hidden size).
+QWEN_CONTEXT_DIM = 64
+#: Head size 16 split over RoPE axes (frame, row, column), as the real model's 128 = 16 + 56 + 56.
+QWEN_AXES = (4, 6, 6)
+
+
+def qwen_image_config(layers: int = 2) -> dict:
+    """The tiny network's ``unet_config``: 2 heads of 16, ``layers`` double-stream blocks, patch 2, 16 channels."""
+    return {
+        "image_model": "qwen_image",
+        "patch_size": 2,
+        "in_channels": 64,
+        "out_channels": 16,
+        "num_layers": layers,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": QWEN_CONTEXT_DIM,
+        "axes_dims_rope": QWEN_AXES,
+        "dtype": torch.float32,
+    }
+
+
+def has_qwen_image() -> bool:
+    """Whether this ComfyUI has the 2026 Qwen-Image: its model config class and the torch-path switch
+    (``model_management.in_training``) that came with its masked, comfy-kitchen-RoPE attention (0.3.64's Qwen-Image
+    has neither the switch nor the text mask)."""
+    import comfy.model_management
+    import comfy.supported_models
+
+    return hasattr(comfy.supported_models, "QwenImage") and hasattr(comfy.model_management, "in_training")
+
+
+def qwen_image(seed: int = 21, layers: int = 2):
+    """A tiny Qwen-Image MODEL (``QwenImage`` config, 16-channel Wan-2.1 latent format, flow matching)."""
+    import comfy.supported_models
+
+    return tm._dit_patcher(comfy.supported_models.QwenImage(qwen_image_config(layers)), seed)
+
+
+def qwen_conditioning(seed: int, tokens: int = 12, batch: int = 1, padded: int = 0):
+    """A fake Qwen-Image CONDITIONING ``[[cond (batch, tokens, 64), {}]]``; with ``padded`` > 0 the last
+    ``padded`` tokens are padding, marked by an ``attention_mask`` (1 keep, 0 pad) as ComfyUI's encoder sets it."""
+    gen = torch.Generator().manual_seed(seed)
+    extra = {}
+    if padded:
+        mask = torch.ones(batch, tokens, dtype=torch.long)
+        mask[:, tokens - padded :] = 0
+        extra["attention_mask"] = mask
+    return [[torch.randn(batch, tokens, QWEN_CONTEXT_DIM, generator=gen), extra]]
+
+
+def qwen_latent(seed: int = 0, batch: int = 1, size: int = 8) -> dict:
+    """A Qwen-Image LATENT: (B, 16, 1, H, W), the single-frame Wan-2.1 layout ComfyUI samples it in."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(batch, 16, 1, size, size, generator=gen)}
