@@ -130,10 +130,11 @@ def check_conditioning(conditioning, batch: int, what: str) -> None:
 
 def check_latent(samples: torch.Tensor, family: ModelFamily) -> str | None:
     """Raise for a latent the family cannot take; log and return the warning for one far above its training size."""
-    if samples.ndim != 4 or samples.shape[1] != family.latent_channels:
+    adapter = family.adapter
+    if not adapter.takes_latent_shape(samples.shape):
         raise ValueError(
             f"ZeroCon: {family.name} needs a {family.latent_channels}-channel image latent "
-            f"(B, {family.latent_channels}, H, W); got shape {tuple(samples.shape)} (encode the image with this "
+            f"{adapter.latent_shape_text()}; got shape {tuple(samples.shape)} (encode the image with this "
             "model's VAE)"
         )
     warning = size_warning(family, samples.shape)

@@ -18,6 +18,7 @@ import tiny_families_lumina_qwen as tq
 import torch
 import torch.nn.functional as F
 from conftest import pack_module
+from test_diffuseit_nodes import dino, dino_nodes  # noqa: F401  (fixtures)
 from test_dit_capture import _den, _inside_sampler, _lin, _qk_norm, _rope_angles, _rotate, _snapshot
 
 dc = pack_module("nodes.dit_capture")
@@ -123,15 +124,6 @@ def _qwen(seed=21, layers=2):
 
 
 @needs_qwen
-def test_qwen_image_stays_refused_until_its_family_is_complete(zc):
-    """No adapter claims Qwen-Image yet: the clear error names the network and what is supported."""
-    with pytest.raises(zc.families.UnsupportedModelError) as err:
-        zc.families.detect_family(_qwen())
-    assert "this MODEL is a QwenImageTransformer2DModel network (QwenImage)" in str(err.value)
-    assert "Flux" in str(err.value)
-
-
-@needs_qwen
 def test_qwen_layer_table(zc):
     def body(guider, x, sigmas, extra_args):
         den = _den(zc, guider, extra_args)
@@ -185,23 +177,30 @@ def _qwen_qk(block, args):
     return torch.cat((out[0][0], out[1][0]), 2), torch.cat((out[0][1], out[1][1]), 2)
 
 
-def _qwen_ids(tokens: int, size: int) -> torch.Tensor:
+def _qwen_ids(tokens: int, size: int, reference: bool = False) -> torch.Tensor:
     """Token positions (frame, row, column) as Qwen-Image sets them: text on the diagonal after the image's
-    half-size, image rows / columns centred on 0."""
+    half-size, image rows / columns centred on 0; a reference image's tokens (Qwen-Image-Edit, method "index") after
+    the image's, on frame 1."""
     grid = size // 2
     start = grid // 2
     txt = torch.arange(start, start + tokens, dtype=torch.float64)[:, None].repeat(1, 3)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    img = torch.stack((torch.zeros(grid * grid), rows.flatten() - grid // 2, cols.flatten() - grid // 2), -1)
-    return torch.cat((txt, img.double()))
+    img = [
+        torch.stack((torch.full((grid * grid,), float(f)), rows.flatten() - grid // 2, cols.flatten() - grid // 2), -1)
+        for f in ((0, 1) if reference else (0,))
+    ]
+    return torch.cat([txt] + [i.double() for i in img])
 
 
 @needs_qwen
-@pytest.mark.parametrize("padded", [0, 3], ids=["full", "padded-text"])
-def test_qwen_probabilities_equal_a_float64_recomputation_with_rope_and_mask(zc, padded):
+@pytest.mark.parametrize(
+    "padded, edit", [(0, False), (3, False), (3, True)], ids=["full", "padded-text", "edit-reference"]
+)
+def test_qwen_probabilities_equal_a_float64_recomputation_with_rope_and_mask(zc, padded, edit):
     """Captured maps = softmax over all keys of (RoPE q)(RoPE k)^T (+ the text padding mask), recomputed in float64
     from the block's weights and the token positions; padded text keys get exactly 0; features are the block's
-    image output on the patch grid."""
+    image output on the patch grid. Qwen-Image-Edit: the reference tokens follow the image's; the queries are the
+    image grid's, the softmax runs over every key (the reference's too)."""
     model = _qwen().clone()
     seen = {}
     model.set_model_patch_replace(_recording_patch(seen, 1), "dit", "double_block", 1)
@@ -212,25 +211,27 @@ def test_qwen_probabilities_equal_a_float64_recomputation_with_rope_and_mask(zc,
         req = CR(probs=frozenset({"double.1.img2txt"}), features=frozenset({"double.1.img"}))
         return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
 
-    cond = tq.qwen_conditioning(2, tokens=tokens, padded=padded)
+    reference = tq.qwen_latent(9, size=size)["samples"] if edit else None
+    cond = tq.qwen_conditioning(2, tokens=tokens, padded=padded, reference=reference)
     pred = _inside_sampler(model, {"positive": cond}, body, latent=tq.qwen_latent(1, size=size))
     dm = model.model.diffusion_model
+    grid = size // 2
+    assert seen[1]["img"].shape[1] == grid * grid * (2 if edit else 1)
     q, k = _qwen_qk(dm.transformer_blocks[1], seen[1])
-    angles = _rope_angles(_qwen_ids(tokens, size), tq.QWEN_AXES, 10000)
+    angles = _rope_angles(_qwen_ids(tokens, size, edit), tq.QWEN_AXES, 10000)
     q, k = _rotate(q, angles), _rotate(k, angles)
     s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     if padded:
         s[..., tokens - padded : tokens] = float("-inf")
     p = s.softmax(-1)
     got = pred.probs["double.1.img2txt"]
-    grid = size // 2
     assert got.shape == (1, 2, grid * grid, tokens) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), p[:, :, tokens:, :tokens], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got.double(), p[:, :, tokens : tokens + grid * grid, :tokens], rtol=1e-4, atol=1e-6)
     if padded:
         assert torch.equal(got[..., tokens - padded :], torch.zeros_like(got[..., tokens - padded :]))
     share = got.sum(-1)
     assert (share < 1).all() and (share > 0).all()
-    expect = seen[1]["out"].transpose(1, 2).reshape(1, -1, grid, grid)
+    expect = seen[1]["out"][:, : grid * grid].transpose(1, 2).reshape(1, -1, grid, grid)
     assert torch.equal(pred.features["double.1.img"], expect)
 
 
@@ -335,3 +336,163 @@ def test_qwen_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
     assert after_flags == flags and all(t.is_inference() for t in after.values())
     assert after_options == options
     assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
+
+
+# -- Qwen-Image as a family: detection, inversion and sampling against stock euler ---------------------------------
+
+STEPS = 4
+
+
+def _stock_guider(model, positive, negative, cfg):
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
+
+
+@needs_qwen
+def test_qwen_image_is_recognised_by_its_config_class(zc):
+    fam = zc.families.detect_family(_qwen())
+    assert (fam.name, fam.prediction_type, fam.latent_channels, fam.cfg_style) == ("Qwen-Image", "flow", 16, "cfg")
+    assert fam.adapter.capture == "qwen" and fam.adapter.frame_axis
+    assert fam.native_size == 1328
+    # the same network under another config class is not claimed (recognition by class, never by shapes)
+    import comfy.model_base
+    import comfy.supported_models
+
+    class Other(comfy.supported_models.QwenImage):
+        pass
+
+    base = _qwen().model
+    assert zc.families.REGISTRY.claiming(base).name == "Qwen-Image"
+    base.model_config = Other(tq.qwen_image_config())
+    assert zc.families.REGISTRY.claiming(base).name == "Qwen-Image"  # subclasses of the config are included
+    assert type(base) is comfy.model_base.QwenImage
+
+
+@needs_qwen
+def test_qwen_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
+    import sampling_helpers as h
+    from comfy.k_diffusion.sampling import sample_euler
+
+    model = _qwen()
+    source = tq.qwen_conditioning(1, padded=2)
+    lat = tq.qwen_latent(3)
+    x_t, _, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
+    assert x_t["samples"].shape == lat["samples"].shape
+    up = h.flip(sigmas)
+    fmt = model.model.latent_format
+    zeros = torch.zeros_like(lat["samples"])
+    captured = []
+
+    def euler(m, x, s, **kw):
+        out = sample_euler(m, x, s, **kw)
+        captured.append(out.clone())
+        return out
+
+    with torch.inference_mode():
+        _stock_guider(model, source, source, 1.0).sample(zeros, lat["samples"], comfy.samplers.KSAMPLER(euler), up)
+    torch.testing.assert_close(x_t["samples"], fmt.process_out(captured[-1]), rtol=0, atol=1e-5)
+
+
+@needs_qwen
+@pytest.mark.parametrize("reference", [False, True], ids=["qwen-image", "qwen-image-edit"])
+def test_qwen_guided_sampler_without_guidance_equals_stock_euler(zc, run, reference):
+    """Qwen-Image, and Qwen-Image-Edit (the source image's latent as the reference in both conditionings)."""
+    import sampling_helpers as h
+
+    model = _qwen()
+    lat = tq.qwen_latent(4)
+    ref = lat["samples"] if reference else None
+    source = tq.qwen_conditioning(1, padded=2, reference=ref)
+    edit = tq.qwen_conditioning(2, reference=ref)
+    _, inversion, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
+    out, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0)
+    fmt = model.model.latent_format
+    with torch.inference_mode():
+        x_t = fmt.process_in(inversion.latent)
+        stock = _stock_guider(model, edit, source, 4.0).sample(
+            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
+        )
+    torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
+    assert float((out["samples"] - inversion.latent).abs().max()) > 0.1  # it did sample
+
+
+@needs_qwen
+def test_qwen_guided_sampler_with_both_terms_runs(zc, run):
+    import sampling_helpers as h
+
+    model = _qwen()
+    source, edit = tq.qwen_conditioning(1, padded=2), tq.qwen_conditioning(2)
+    _, inversion, _ = h.invert(zc, run, model, tq.qwen_latent(5), source, steps=3)
+    terms = (guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8))
+    plain, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0)
+    out, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0, guidance=terms)
+    assert torch.isfinite(out["samples"]).all()
+    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
+
+
+@needs_qwen
+def test_qwen_wrong_latents_name_the_expected_shape(zc, run):
+    import sampling_helpers as h
+    import tiny_models as tm
+
+    with pytest.raises(ValueError, match=r"Qwen-Image needs a 16-channel image latent \(B, 16, 1, H, W\); got shape"):
+        h.invert(zc, run, _qwen(), {"samples": torch.randn(1, 16, 2, 8, 8)}, tq.qwen_conditioning(1))
+    with pytest.raises(ValueError, match=r"Flux needs a 16-channel image latent \(B, 16, H, W\); got shape \(1, 16, 1"):
+        h.invert(zc, run, tm.flux(), tq.qwen_latent(1), tm.flow_conditioning(1))
+
+
+# -- DiffuseIT on Qwen-Image -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dn():
+    return pack_module("nodes.diffuseit_nodes")
+
+
+@needs_qwen
+def test_qwen_diffuseit_runs_with_the_wan_vae_and_leaves_everything_as_it_was(dn, run, dino):  # noqa: F811
+    from test_diffuseit_nodes import image, structure, style
+
+    model, vae = _qwen(), tq.wan21_vae(0)
+    assert vae.latent_dim == 3 and vae.latent_channels == 16
+    src = image(4)
+    with torch.inference_mode():
+        lat = {"samples": vae.encode(src)}
+    assert lat["samples"].shape[:3] == (1, 16, 1)
+    guidance = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
+    modules = (vae.first_stage_model, dino.model, model.model)
+    before = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
+    pos, neg = tq.qwen_conditioning(1, padded=2), tq.qwen_conditioning(2)
+    reference = _stock(model, pos, neg, lat["samples"])
+
+    def sample(terms):
+        kw = dict(model=model, positive=pos, negative=neg, latent=lat, guidance=terms, steps=6, cfg=3.0,
+                  strength=0.5, resample=2, seed=3, step_mode="raw", step_size=0.02)  # fmt: skip
+        return run(dn.ZeroConDiffuseITSampler, **kw)[0]
+
+    plain = sample(structure(dn, run, model, vae, dino, src, weight=0.0))
+    out = sample(guidance)
+    assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
+    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4, "DINO guidance did not move the latent"
+    after = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
+    assert after == before
+    assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
+
+
+@needs_qwen
+def test_qwen_diffuseit_refuses_an_image_vae(dn, run, dino):  # noqa: F811
+    import tiny_models as tm
+    from test_diffuseit_nodes import image, structure
+
+    with pytest.raises(ValueError, match=r"16-channel image latents \(B, 16, 1, H, W\).*lighttaew2_1 for Qwen-Image"):
+        structure(dn, run, _qwen(), tm.flow_vae(0), dino, image(1))
+
+
+@pytest.mark.skipif(tq.has_qwen_image() or not hasattr(__import__("comfy.supported_models").supported_models, "QwenImage"),
+                    reason="this ComfyUI's Qwen-Image is the supported one (or it has none)")  # fmt: skip
+def test_older_qwen_image_is_refused_by_feature_detection(zc):
+    """An older ComfyUI's Qwen-Image (no torch-path switch, no text mask) is refused with the reason."""
+    with pytest.raises(zc.families.UnsupportedModelError, match="ComfyUI without the torch-path switch"):
+        zc.families.detect_family(tq.qwen_image())

@@ -16,6 +16,7 @@ import comfy.latent_formats
 import comfy.supported_models
 import comfy.supported_models_base
 import pytest
+import tiny_families_lumina_qwen as tq
 import tiny_models as tm
 import torch
 from conftest import REPO, pack_module
@@ -27,9 +28,9 @@ dit_capture = pack_module("nodes.dit_capture")
 core_den = pack_module("zerocon_core.denoiser")
 text_layout = pack_module("zerocon_core.text_layout")
 
-FAMILIES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux")
-SUPPORTED_TEXT = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5 and Flux"
-LOAD_TEXT = "Load an SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux (dev or schnell) checkpoint"
+FAMILIES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux", "Qwen-Image")
+SUPPORTED_TEXT = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux and Qwen-Image"
+LOAD_TEXT = "Load an SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux (dev or schnell) or Qwen-Image / Qwen-Image-Edit checkpoint"
 #: builder -> (family, ComfyUI config class it is built with)
 SUPPORTED_MODELS = {
     tm.sd15: ("SD1.x", comfy.supported_models.SD15),
@@ -39,6 +40,8 @@ SUPPORTED_MODELS = {
     tm.flux: ("Flux", comfy.supported_models.Flux),
     tm.flux_dev: ("Flux", comfy.supported_models.Flux),
 }
+if tq.has_qwen_image():  # ComfyUI 0.33's Qwen-Image (feature detection; refused on older ones)
+    SUPPORTED_MODELS[tq.qwen_image] = ("Qwen-Image", comfy.supported_models.QwenImage)
 
 
 class NotSD15(comfy.supported_models_base.BASE):
@@ -60,7 +63,7 @@ def test_each_family_is_registered_once_in_one_module():
     names = [a.name for a in fam.REGISTRY.adapters()]
     assert names == list(FAMILIES)
     modules = sorted(m.__name__.rpartition(".")[2] for m in fam.REGISTRY.modules)
-    assert modules == ["flux", "sd3", "sd_unet"]
+    assert modules == ["flux", "qwen_image", "sd3", "sd_unet"]
     assert sorted(a.name for m in fam.REGISTRY.modules for a in m.ADAPTERS) == sorted(FAMILIES)
     assert fam.SUPPORTED == SUPPORTED_TEXT
     assert {a.text_layout for a in fam.REGISTRY.adapters()} == set(text_layout.LAYOUTS)
@@ -213,8 +216,10 @@ def test_adding_one_family_module_makes_its_models_detectable():
         assert fam.capture_code(model.model) is None
         with pytest.raises(fam.UnsupportedModelError) as err:
             fam.detect_family(tm.flux_fill())
-        assert "SDXL, SD3/SD3.5, Flux and SDXL Refiner models only" in str(err.value)
-        assert "SD3/SD3.5, Flux (dev or schnell) or SDXL Refiner checkpoint" in str(err.value)
+        assert "SDXL, SD3/SD3.5, Flux, Qwen-Image and SDXL Refiner models only" in str(err.value)
+        assert "SD3/SD3.5, Flux (dev or schnell), Qwen-Image / Qwen-Image-Edit or SDXL Refiner checkpoint" in str(
+            err.value
+        )
         assert fam.detect_family(tm.sdxl()).name == "SDXL"  # the others are unchanged
     finally:
         fam.REGISTRY.remove(module)

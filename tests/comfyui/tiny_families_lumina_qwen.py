@@ -48,15 +48,19 @@ def qwen_image(seed: int = 21, layers: int = 2):
     return tm._dit_patcher(comfy.supported_models.QwenImage(qwen_image_config(layers)), seed)
 
 
-def qwen_conditioning(seed: int, tokens: int = 12, batch: int = 1, padded: int = 0):
+def qwen_conditioning(seed: int, tokens: int = 12, batch: int = 1, padded: int = 0, reference=None):
     """A fake Qwen-Image CONDITIONING ``[[cond (batch, tokens, 64), {}]]``; with ``padded`` > 0 the last
-    ``padded`` tokens are padding, marked by an ``attention_mask`` (1 keep, 0 pad) as ComfyUI's encoder sets it."""
+    ``padded`` tokens are padding, marked by an ``attention_mask`` (1 keep, 0 pad) as ComfyUI's encoder sets it;
+    ``reference``: a (B, 16, 1, h, w) latent in ``reference_latents``, as Qwen-Image-Edit's TextEncodeQwenImageEdit /
+    ReferenceLatent set it."""
     gen = torch.Generator().manual_seed(seed)
     extra = {}
     if padded:
         mask = torch.ones(batch, tokens, dtype=torch.long)
         mask[:, tokens - padded :] = 0
         extra["attention_mask"] = mask
+    if reference is not None:
+        extra["reference_latents"] = [reference]
     return [[torch.randn(batch, tokens, QWEN_CONTEXT_DIM, generator=gen), extra]]
 
 
@@ -64,3 +68,18 @@ def qwen_latent(seed: int = 0, batch: int = 1, size: int = 8) -> dict:
     """A Qwen-Image LATENT: (B, 16, 1, H, W), the single-frame Wan-2.1 layout ComfyUI samples it in."""
     gen = torch.Generator().manual_seed(seed)
     return {"samples": torch.randn(batch, 16, 1, size, size, generator=gen)}
+
+
+def wan21_vae(seed: int = 0):
+    """A tiny Wan 2.1 VAE (Qwen-Image's VAE: 16 channels, 8x, one latent frame per image) as Load VAE builds it:
+    ``comfy.sd.VAE`` recognises the state dict of a ``comfy.ldm.wan.vae.WanVAE`` of width 8."""
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    cfg = {"dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_scales": [],
+           "temperal_downsample": [False, True, True], "dropout": 0.0}  # fmt: skip
+    with torch.inference_mode():
+        model = WanVAE(**cfg)
+        tm._init_(model, seed)
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        return comfy.sd.VAE(sd=sd)
