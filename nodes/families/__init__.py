@@ -1,7 +1,8 @@
 """Which ComfyUI models the ZeroCon samplers support, detected from the MODEL (a ModelPatcher).
 
 One adapter per family, one module per family (or group of families sharing a network): ``sd_unet.py``
-(SD1.x, SD2.x, SDXL), ``sd3.py`` (SD3 / SD3.5), ``flux.py`` (Flux.1 dev / schnell / Kontext). Each adapter
+(SD1.x, SD2.x, SDXL), ``sd3.py`` (SD3 / SD3.5), ``flux.py`` (Flux.1 dev / schnell / Kontext), ``qwen_image.py``
+(Qwen-Image / Qwen-Image-Edit), ``z_image.py`` (Z-Image Turbo / base). Each adapter
 (``adapter.FamilyAdapter``) states how the family is recognised (ComfyUI's model config class and model_base
 class, never tensor shapes), its latent format, channels and scale, native size, tiny decoder, capture code,
 default guided layers, text layout, gradient-pass needs and its clear errors. The registry
@@ -16,7 +17,8 @@ Supported:
 - flow-matching MM-DiTs (prediction type "flow", 16-channel latents, trained at 1024 px): SD3 / SD3.5
   (``model_base.SD3``, real CFG) and Flux (``model_base.Flux``): Flux-dev-like models (a guidance embedding)
   are guidance-distilled (cfg 1, the guidance value in the conditioning, as FluxGuidance sets it),
-  Flux-schnell-like ones have none (cfg 1 or real CFG).
+  Flux-schnell-like ones have none (cfg 1 or real CFG); Qwen-Image (``model_base.QwenImage``, latents
+  (B, 16, 1, H, W)) and Z-Image (``ZImage`` on ``model_base.Lumina2``).
 
 Everything else (Stable Cascade, video models, inpainting / fill / instruct-pix2pix / unCLIP / upscaler
 variants, Chroma and other Flux derivatives, other DiTs, EDM sampling) raises ``UnsupportedModelError``

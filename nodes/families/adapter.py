@@ -18,8 +18,9 @@ from ...zerocon_core.text_layout import LAYOUTS
 LATENT_SCALE = 8
 #: The capture codes an adapter can name: UNet attn2 / attn1 patches (``comfy_denoiser``) or the MM-DiT block
 #: patches of ``dit_capture`` for Flux's double / single blocks ("flux"), SD3's joint blocks ("mmdit") or
-#: Qwen-Image's double-stream blocks ("qwen").
-CAPTURE_CODES = ("unet", "flux", "mmdit", "qwen")
+#: Qwen-Image's double-stream blocks ("qwen"), or ``joint_capture``'s single-stream joint attention of Z-Image /
+#: Lumina 2's NextDiT ("lumina").
+CAPTURE_CODES = ("unet", "flux", "mmdit", "qwen", "lumina")
 
 
 def comfy_class(path: str | None) -> type | None:

@@ -46,7 +46,7 @@ def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
 
 QWEN_IMAGE = FamilyAdapter(
     name="Qwen-Image",
-    rank=60,
+    rank=55,
     label="Qwen-Image",
     load_label="Qwen-Image / Qwen-Image-Edit",
     recognition=Recognition(config="comfy.supported_models.QwenImage", model_base="comfy.model_base.QwenImage"),

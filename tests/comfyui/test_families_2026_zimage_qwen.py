@@ -1,9 +1,12 @@
-"""Qwen-Image captures (nodes/dit_capture.py, kind "qwen") on a tiny Qwen-Image built from ComfyUI's own classes,
-and the attention-kernel conventions the 2026 families need in ``text_probabilities``.
+"""The 2026 families on tiny models built from ComfyUI 0.33's own classes: Qwen-Image / Qwen-Image-Edit
+(``dit_capture`` kind "qwen") and Z-Image (``joint_capture``, kind "lumina"), and the attention-kernel conventions
+their captures need in ``text_probabilities`` (per-key 3-D masks, ``scale``, grouped-query keys).
 
-Qwen-Image's captures are in place and tested here; the family itself stays refused (no adapter registered) until
-its inversion, Guided Sampler and DiffuseIT run on its 5-D (B, 16, 1, H, W) latents and are tested. Z-Image is not
-started. Every test on the model skips, with the reason, on a ComfyUI without Qwen-Image (feature detection).
+Per family: recognised by its config class; guidance off, our inversion and sampler equal ComfyUI's stock euler on
+the family's own sigmas; captured maps equal a float64 recomputation from the block's q and k with the family's RoPE
+(and mask); one guided step lowers each loss; the MODEL is left exactly as it was after guided, interrupted and
+failed runs; DiffuseIT runs; wrong latents get a clear error naming the expected shape. Every test on a model skips,
+with the reason, on a ComfyUI without the family (feature detection).
 """
 
 from __future__ import annotations
@@ -496,3 +499,321 @@ def test_older_qwen_image_is_refused_by_feature_detection(zc):
     """An older ComfyUI's Qwen-Image (no torch-path switch, no text mask) is refused with the reason."""
     with pytest.raises(zc.families.UnsupportedModelError, match="ComfyUI without the torch-path switch"):
         zc.families.detect_family(tq.qwen_image())
+
+
+# -- Z-Image ---------------------------------------------------------------------------------------------------------
+
+needs_zimage = pytest.mark.skipif(
+    not tq.has_z_image(), reason="this ComfyUI has no Z-Image (comfy.supported_models.ZImage, ComfyUI 0.33+)"
+)
+
+
+def _z(seed=31, layers=2, pad=tq.ZIMAGE_PAD):
+    return tq.z_image(seed, layers, pad)
+
+
+def _z_latent(seed, size=10):
+    """A Z-Image LATENT (Flux layout); 10 x 10 makes a 5 x 5 grid, padded to 32 image tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(1, 16, size, size, generator=gen)}
+
+
+@needs_zimage
+def test_z_image_is_recognised_by_its_config_class(zc):
+    import comfy.supported_models
+    import tiny_models as tm
+
+    fam = zc.families.detect_family(_z())
+    assert (fam.name, fam.prediction_type, fam.latent_channels, fam.cfg_style) == ("Z-Image", "flow", 16, "cfg")
+    assert (fam.adapter.capture, fam.tiny_decoder, fam.native_size) == ("lumina", "taef1", 1024)
+    # Lumina 2.0 (the same NextDiT under its own config class) is not claimed: the general error names the network
+    lumina = tm._dit_patcher(comfy.supported_models.Lumina2(tq.z_image_config()), 1)
+    with pytest.raises(zc.families.UnsupportedModelError, match=r"this MODEL is a NextDiT network \(Lumina2\)"):
+        zc.families.detect_family(lumina)
+
+
+@needs_zimage
+def test_z_image_layer_table(zc):
+    def body(guider, x, sigmas, extra_args):
+        den = _den(zc, guider, extra_args)
+        return den.dit_type, [(i.name, i.kind, i.block, i.level) for i in den.layers()]
+
+    kind, layers = _inside_sampler(_z(layers=3), {"positive": tq.z_image_conditioning(1)}, body, latent=_z_latent(0))
+    assert kind == "lumina"
+    assert layers == [
+        (f"joint.{i}.{what}", kind_, "joint", i)
+        for i in range(3)
+        for what, kind_ in (("img2txt", "cross"), ("img", "self"))
+    ]
+
+
+def _z_qk(layer, x, adaln):
+    """q, k (B, H, L, d) of a NextDiT main layer in float64 from its weights, before RoPE."""
+    attn = layer.attention
+    scale_msa = _lin(adaln.double(), layer.adaLN_modulation[0]).chunk(4, dim=1)[0]
+    h = _rms(x.double(), layer.attention_norm1) * (1 + scale_msa[:, None])
+    qkv = _lin(h, attn.qkv)
+    b, n, _ = qkv.shape
+    d = attn.head_dim
+    q, k = (
+        qkv[..., : attn.n_local_heads * d],
+        qkv[..., attn.n_local_heads * d : (attn.n_local_heads + attn.n_local_kv_heads) * d],
+    )
+    q = q.view(b, n, attn.n_local_heads, d).transpose(1, 2)
+    k = k.view(b, n, attn.n_local_kv_heads, d).transpose(1, 2)
+    return _rms(q, attn.q_norm), _rms(k, attn.k_norm)
+
+
+def _z_ids(caption: int, grid: int, multiple: int) -> torch.Tensor:
+    """Z-Image's token positions: caption tokens (padding included) at (1 + i, 0, 0), image tokens at
+    (Pc + 1, row, column), image padding at 0."""
+    pc = -(-caption // multiple) * multiple
+    n = grid * grid
+    pi = -(-n // multiple) * multiple
+    cap = torch.zeros(pc, 3, dtype=torch.float64)
+    cap[:, 0] = torch.arange(pc) + 1.0
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    img = torch.zeros(pi, 3, dtype=torch.float64)
+    img[:n] = torch.stack((torch.full((n,), pc + 1.0), rows.flatten(), cols.flatten()), -1).double()
+    return torch.cat((cap, img))
+
+
+@needs_zimage
+def test_z_image_probabilities_equal_a_float64_recomputation_with_rope(zc):
+    """Captured maps of a main layer = softmax over all keys (caption and image padding included) of
+    (RoPE q)(RoPE k)^T, recomputed in float64 from the layer's weights and the token positions; the text columns are
+    the caption's real tokens, the rows the image grid's (not its padding); features = the layer's image output."""
+    model = _z()
+    dm = model.model.diffusion_model
+    tokens, size, seen = 11, 10, {}
+
+    def hook(module, args, kwargs):
+        seen["x"], seen["adaln"] = args[0].detach().clone(), args[3].detach().clone()
+
+    def out_hook(module, args, out):
+        seen["out"] = out.detach().clone()
+
+    def body(guider, x, sigmas, extra_args):
+        den = _den(zc, guider, extra_args)
+        req = CR(probs=frozenset({"joint.1.img2txt"}), features=frozenset({"joint.1.img"}))
+        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
+
+    handles = [
+        dm.layers[1].register_forward_pre_hook(hook, with_kwargs=True),
+        dm.layers[1].register_forward_hook(out_hook),
+    ]
+    try:
+        pred = _inside_sampler(
+            model, {"positive": tq.z_image_conditioning(2, tokens=tokens)}, body, latent=_z_latent(1)
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    grid = size // 2
+    ids = _z_ids(tokens, grid, tq.ZIMAGE_PAD)
+    assert seen["x"].shape[1] == len(ids) == 16 + 32
+    q, k = _z_qk(dm.layers[1], seen["x"], seen["adaln"])
+    angles = _rope_angles(ids, tq.ZIMAGE_AXES, 256.0)
+    q, k = _rotate(q, angles), _rotate(k, angles)
+    p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    got = pred.probs["joint.1.img2txt"]
+    assert got.shape == (1, 4, grid * grid, tokens) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), p[:, :, 16 : 16 + grid * grid, :tokens], rtol=1e-4, atol=1e-6)
+    share = got.sum(-1)
+    assert (share < 1).all() and (share > 0).all()
+    expect = seen["out"][:, 16 : 16 + grid * grid].transpose(1, 2).reshape(1, -1, grid, grid)
+    assert torch.equal(pred.features["joint.1.img"], expect)
+
+
+@needs_zimage
+@pytest.mark.parametrize(
+    "term",
+    [guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8)],
+    ids=["xattn", "patchnce"],
+)
+def test_z_image_one_guided_step_lowers_each_loss(zc, term):
+    """A gradient step through the whole network (fused QK-norm + RoPE on ComfyUI's torch path) lowers the loss."""
+
+    def body(guider, x, sigmas, extra_args):
+        den = _den(zc, guider, extra_args)
+        src, edit = guider.conds["positive"], guider.conds["negative"]
+        req = term.request(den.layers())
+        with torch.inference_mode(False), torch.no_grad():
+            x, s = x.clone(), sigmas[1].clone()
+            (ref,) = den.predict(x, s, [src], req)
+
+            def loss(xx):
+                (p,) = den.predict(xx, s, [edit], req)
+                ctx = guidance.StepContext(0, 10, s, xx, p.eps, p, ref, torch.Generator().manual_seed(0))
+                return float(term.loss(ctx, req))
+
+            step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
+            with den.autograd_session():  # the 256-wide tiny NextDiT is more curved than the tiny MM-DiTs at 1e-2
+                outcome = sampler._guidance_step(
+                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-3)
+                )
+            (x_new,) = outcome.latents
+            return loss(x), loss(x_new), outcome.finite
+
+    conds = {"positive": tq.z_image_conditioning(7), "negative": tq.z_image_conditioning(8)}
+    before, after, finite = _inside_sampler(_z(), conds, body, latent=_z_latent(2, size=8))
+    assert finite and before > 0
+    assert after < before, (before, after)
+
+
+@needs_zimage
+def test_z_image_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
+    model = _z()
+    pos, neg, lat = tq.z_image_conditioning(10), tq.z_image_conditioning(11), _z_latent(12, size=8)
+    reference = _stock(model, pos, neg, lat["samples"])
+    tensors, flags, options = _snapshot(model)
+
+    def run(stop_at, error=comfy.model_management.InterruptProcessingException):
+        term = _Stopping(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at, error=error)
+        term2 = guidance.PatchNCEGuidance(weight=1.0, num_patches=8)
+
+        def body(guider, x, sigmas, extra_args):
+            den = _den(zc, guider, extra_args)
+            with torch.inference_mode(False):
+                out = sampler.guided_ddim_sample(
+                    den,
+                    x.clone(),
+                    sigmas.clone(),
+                    source_cond=guider.conds["positive"],
+                    edit_cond=guider.conds["negative"],
+                    guidance=(term, term2),
+                    settings=sampler.SamplerSettings(cfg=1.0, step_mode="normalized", reference="resampled"),
+                )
+            return out.latent
+
+        out = _inside_sampler(model, {"positive": pos, "negative": neg}, body, latent=lat, noise_seed=13)
+        return out, term.seen
+
+    out, seen = run(-1)
+    assert torch.isfinite(out).all() and seen and not any(seen)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run(1)
+    with pytest.raises(RuntimeError):
+        run(0, RuntimeError)
+    after, after_flags, after_options = _snapshot(model)
+    assert after.keys() == tensors.keys() and all(after[n] is tensors[n] for n in tensors)
+    assert after_flags == flags and all(t.is_inference() for t in after.values())
+    assert after_options == options
+    assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
+
+
+@needs_zimage
+def test_z_image_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
+    import sampling_helpers as h
+    from comfy.k_diffusion.sampling import sample_euler
+
+    model = _z()
+    source = tq.z_image_conditioning(1)
+    lat = _z_latent(3, size=8)
+    x_t, _, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
+    up = h.flip(sigmas)
+    fmt = model.model.latent_format
+    captured = []
+
+    def euler(m, x, s, **kw):
+        out = sample_euler(m, x, s, **kw)
+        captured.append(out.clone())
+        return out
+
+    with torch.inference_mode():
+        _stock_guider(model, source, source, 1.0).sample(
+            torch.zeros_like(lat["samples"]), lat["samples"], comfy.samplers.KSAMPLER(euler), up
+        )
+    torch.testing.assert_close(x_t["samples"], fmt.process_out(captured[-1]), rtol=0, atol=1e-5)
+
+
+@needs_zimage
+def test_z_image_guided_sampler_without_guidance_equals_stock_euler(zc, run):
+    import sampling_helpers as h
+
+    model = _z()
+    source, edit = tq.z_image_conditioning(1), tq.z_image_conditioning(2)
+    _, inversion, sigmas = h.invert(zc, run, model, _z_latent(4, size=8), source, steps=STEPS)
+    out, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0)
+    fmt = model.model.latent_format
+    with torch.inference_mode():
+        x_t = fmt.process_in(inversion.latent)
+        stock = _stock_guider(model, edit, source, 4.0).sample(
+            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
+        )
+    # 1e-5 of the output's scale (about 10 on this model): ours combines CFG on velocities, the stock guider on
+    # denoised latents, the same sum in another float32 rounding
+    scale = max(1.0, float(stock.abs().max()))
+    torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5 * scale)
+    assert float((out["samples"] - inversion.latent).abs().max()) > 0.1  # it did sample
+    terms = (guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8))
+    guided, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0, guidance=terms)
+    assert torch.isfinite(guided["samples"]).all()
+    assert float((guided["samples"] - out["samples"]).abs().max()) > 1e-4
+
+
+@needs_zimage
+def test_z_image_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino):  # noqa: F811
+    import tiny_models as tm
+    from test_diffuseit_nodes import image, structure, style
+
+    model, vae = _z(), tm.flow_vae(0)
+    src = image(4)
+    with torch.inference_mode():
+        lat = {"samples": vae.encode(src)}
+    guidance_ = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
+    modules = (vae.first_stage_model, dino.model, model.model)
+    before = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
+    pos, neg = tq.z_image_conditioning(1), tq.z_image_conditioning(2)
+    reference = _stock(model, pos, neg, lat["samples"])
+
+    def sample(terms):
+        kw = dict(model=model, positive=pos, negative=neg, latent=lat, guidance=terms, steps=6, cfg=3.0,
+                  strength=0.5, resample=2, seed=3, step_mode="raw", step_size=0.02)  # fmt: skip
+        return run(dn.ZeroConDiffuseITSampler, **kw)[0]
+
+    plain = sample(structure(dn, run, model, vae, dino, src, weight=0.0))
+    out = sample(guidance_)
+    assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
+    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4, "DINO guidance did not move the latent"
+    after = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
+    assert after == before
+    assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
+
+
+@needs_zimage
+@needs_qwen
+def test_qwen_image_latent_on_z_image_names_what_is_expected(zc, run):
+    import sampling_helpers as h
+
+    with pytest.raises(
+        ValueError, match=r"Z-Image needs a 16-channel image latent \(B, 16, H, W\); got shape \(1, 16, 1, 8, 8\)"
+    ):
+        h.invert(zc, run, _z(), tq.qwen_latent(1), tq.z_image_conditioning(1))
+
+
+def test_joint_capture_reads_only_the_main_layers_joint_attention():
+    """The override records a wanted main layer's joint attention (all caption + image keys) once per forward, and
+    nothing from a refiner's attention (fewer keys), another layer, or outside the main layers, even where ComfyUI's
+    ``block_type`` / ``block_index`` are left over from an earlier layer."""
+    jc = pack_module("nodes.joint_capture")
+    recorder = _Recorder()
+    state = jc._CallState(recorder, (2, 2), dc.Chunking(), {1: "joint.1.img2txt"}, {}, 8)
+    state.layout(5)  # caption 5 -> 8 tokens, image 4 -> 8 tokens: 16 keys
+    assert (state.total, state.image, state.text) == (16, slice(8, 12), slice(0, 5))
+    override = jc._override(state, None)
+    gen = torch.Generator().manual_seed(5)
+
+    def call(length, **to):
+        q, k = torch.randn(2, 1, 2, length, 4, generator=gen)
+        return override(lambda *a, **kw: "out", q, k, k, 2, None, skip_reshape=True, transformer_options=to)
+
+    assert call(8, block_type="double", block_index=1) == "out"  # a refiner's attention: 8 keys
+    call(16, block_index=1)  # not a main layer
+    call(16, block_type="double", block_index=0)  # not wanted
+    assert recorder.probs == {}
+    call(16, block_type="double", block_index=1)
+    first = recorder.probs["joint.1.img2txt"]
+    assert first.shape == (1, 2, 4, 5)
+    call(16, block_type="double", block_index=1)  # a second joint attention in the same layer: not this one
+    assert recorder.probs["joint.1.img2txt"] is first

@@ -83,3 +83,65 @@ def wan21_vae(seed: int = 0):
         tm._init_(model, seed)
         sd = {k: v.clone() for k, v in model.state_dict().items()}
         return comfy.sd.VAE(sd=sd)
+
+
+#: Caption width of the tiny Z-Image (the real one: 2560, Qwen3-4B's hidden size).
+ZIMAGE_CAP_DIM = 64
+#: Head size 64 split over RoPE axes (caption / frame, row, column), as the real model's 128 = 32 + 48 + 48.
+ZIMAGE_AXES = (16, 24, 24)
+#: Token padding multiple of Z-Image's caption and image sequences (its ``pad_tokens_multiple``).
+ZIMAGE_PAD = 8
+
+
+def has_z_image() -> bool:
+    """Whether this ComfyUI has Z-Image (the ``ZImage`` model config class)."""
+    import comfy.supported_models
+
+    return hasattr(comfy.supported_models, "ZImage")
+
+
+def z_image_config(layers: int = 2, pad: int | None = ZIMAGE_PAD) -> dict:
+    """The tiny NextDiT's ``unet_config`` as ComfyUI's detection builds Z-Image's: width 256 (Z-Image's modulation
+    reads a 256-wide time embedding, so no narrower), 4 heads of 64, ``layers``
+    main layers (and 2 refiner layers each for caption and image), Z-Image modulation, time scale 1000, tokens
+    padded to multiples of ``pad``."""
+    return {
+        "image_model": "lumina2",
+        "patch_size": 2,
+        "in_channels": 16,
+        "dim": 256,
+        "cap_feat_dim": ZIMAGE_CAP_DIM,
+        "n_layers": layers,
+        "n_refiner_layers": 2,
+        "qk_norm": True,
+        "n_heads": 4,
+        "n_kv_heads": 4,
+        "multiple_of": 64,
+        "axes_dims": list(ZIMAGE_AXES),
+        "axes_lens": [64, 32, 32],
+        "rope_theta": 256.0,
+        "ffn_dim_multiplier": 8.0 / 3.0,
+        "z_image_modulation": True,
+        "time_scale": 1000.0,
+        "pad_tokens_multiple": pad,
+        "dtype": torch.float32,
+    }
+
+
+def z_image(seed: int = 31, layers: int = 2, pad: int | None = ZIMAGE_PAD):
+    """A tiny Z-Image MODEL (``ZImage`` config -> ``model_base.Lumina2`` -> ``NextDiT``, Flux latent format)."""
+    import comfy.supported_models
+
+    model = tm._dit_patcher(comfy.supported_models.ZImage(z_image_config(layers, pad)), seed)
+    with torch.inference_mode():  # the pad tokens are parameters `_init_` draws as norms (1-D): make them tokens
+        gen = torch.Generator().manual_seed(seed + 7)
+        for name, p in model.model.diffusion_model.named_parameters():
+            if name.endswith("pad_token"):
+                p.copy_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+def z_image_conditioning(seed: int, tokens: int = 11, batch: int = 1):
+    """A fake Z-Image CONDITIONING ``[[cond (batch, tokens, 64), {}]]``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(batch, tokens, ZIMAGE_CAP_DIM, generator=gen), {}]]
