@@ -506,8 +506,8 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         warning = check_latent(samples, family)
         batch = samples.shape[0]
-        check_conditioning(positive, batch, "positive")
-        check_conditioning(negative, batch, "negative")
+        check_conditioning(positive, batch, "positive", model)
+        check_conditioning(negative, batch, "negative", model)
         terms = resolve_weights(guidance, family, step_mode)
         check_decoders(terms, model, family)
         if not (strength == AUTO_STRENGTH or 0.0 < strength <= 1.0):

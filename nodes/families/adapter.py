@@ -101,7 +101,8 @@ class FamilyAdapter:
       extra image inputs);
     - ``latent_format`` (exact ``comfy.latent_formats`` class), ``latent_channels``, ``latent_scale``;
       ``frame_axis``: its image latents are (B, C, 1, H, W) (a video latent format with one frame, as ComfyUI
-      samples Qwen-Image), else (B, C, H, W);
+      samples Qwen-Image), else (B, C, H, W); ``context_width(base)``: the width of the conditioning its network
+      takes, read from the network (None: not checked);
     - ``native_size``: side in pixels of its training images, ``native_sizes`` where the prediction type
       changes it (SD2.x 768-v); ``tiny_decoder``: ComfyUI's name of its TAESD;
     - ``capture``: the capture code (``CAPTURE_CODES``); ``guided_layers``: its default guided layers;
@@ -127,6 +128,7 @@ class FamilyAdapter:
     latent_scale: int = LATENT_SCALE
     gradient: GradientPasses = GradientPasses()
     frame_axis: bool = False
+    context_width: Callable[[Any], int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.capture not in CAPTURE_CODES:

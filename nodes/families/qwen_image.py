@@ -44,6 +44,11 @@ def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
     return ModelFamily(name=name, prediction_type="flow", latent_channels=adapter.latent_channels)
 
 
+def _context_width(base) -> int:
+    """The conditioning width the network takes (its ``txt_in``'s input: 3584, Qwen2.5-VL 7B's hidden size)."""
+    return int(base.diffusion_model.txt_in.in_features)
+
+
 QWEN_IMAGE = FamilyAdapter(
     name="Qwen-Image",
     rank=55,
@@ -65,6 +70,7 @@ QWEN_IMAGE = FamilyAdapter(
     text_layout="Qwen-Image",
     gradient=GradientPasses(torch_paths=True, rope=True),
     frame_axis=True,
+    context_width=_context_width,
     detect=_detect,
 )
 

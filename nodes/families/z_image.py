@@ -23,6 +23,11 @@ def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
     return ModelFamily(name=adapter.name, prediction_type="flow", latent_channels=adapter.latent_channels)
 
 
+def _context_width(base) -> int:
+    """The conditioning width the network takes (its caption embedder's input: 2560, Qwen3-4B's hidden size)."""
+    return int(base.diffusion_model.cap_embedder[1].in_features)
+
+
 Z_IMAGE = FamilyAdapter(
     name="Z-Image",
     rank=57,
@@ -46,6 +51,7 @@ Z_IMAGE = FamilyAdapter(
         feature_count=DIT_DEFAULT_FEATURE_BLOCKS,
     ),
     text_layout="Z-Image",
+    context_width=_context_width,
     gradient=GradientPasses(torch_paths=True, rope=True),
     detect=_detect,
 )

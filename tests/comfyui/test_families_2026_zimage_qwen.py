@@ -261,9 +261,9 @@ def test_qwen_one_guided_step_lowers_each_loss(zc, term):
                 return float(term.loss(ctx, req))
 
             step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
-            with den.autograd_session():
+            with den.autograd_session():  # a small step: these random tiny DiTs are curved at 1e-2
                 outcome = sampler._guidance_step(
-                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-2)
+                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-3)
                 )
             (x_new,) = outcome.latents
             return loss(x), loss(x_new), outcome.finite
@@ -648,7 +648,7 @@ def test_z_image_one_guided_step_lowers_each_loss(zc, term):
                 return float(term.loss(ctx, req))
 
             step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
-            with den.autograd_session():  # the 256-wide tiny NextDiT is more curved than the tiny MM-DiTs at 1e-2
+            with den.autograd_session():  # a small step: these random tiny DiTs are curved at 1e-2
                 outcome = sampler._guidance_step(
                     x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-3)
                 )
@@ -783,13 +783,31 @@ def test_z_image_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino): 
 
 @needs_zimage
 @needs_qwen
-def test_qwen_image_latent_on_z_image_names_what_is_expected(zc, run):
+def test_qwen_image_latent_or_conditioning_on_z_image_names_what_is_expected(zc, run, dn, dino):  # noqa: F811
     import sampling_helpers as h
+    import tiny_models as tm
+    from test_diffuseit_nodes import image, structure
 
     with pytest.raises(
         ValueError, match=r"Z-Image needs a 16-channel image latent \(B, 16, H, W\); got shape \(1, 16, 1, 8, 8\)"
     ):
         h.invert(zc, run, _z(), tq.qwen_latent(1), tq.z_image_conditioning(1))
+    # a conditioning of another width (here 48 vs the tiny Z-Image's 64; the real ones: Qwen-Image 3584, Z-Image 2560)
+    qwen_like = [[torch.randn(1, 12, 48), {}]]
+    expected = r"the %s conditioning is 48 wide but this Z-Image MODEL takes 64-wide text \(its Z-Image text encoder\)"
+    lat = _z_latent(1, size=8)
+    with pytest.raises(ValueError, match=expected % "caption"):
+        h.invert(zc, run, _z(), lat, qwen_like)
+    _, inversion, _ = h.invert(zc, run, _z(), lat, tq.z_image_conditioning(1), steps=2)
+    with pytest.raises(ValueError, match=expected % "edited"):
+        h.guided(zc, run, _z(), inversion, qwen_like)
+    terms = structure(dn, run, _z(), tm.flow_vae(0), dino, image(1))
+    with pytest.raises(ValueError, match=expected % "positive"):
+        run(dn.ZeroConDiffuseITSampler, model=_z(), positive=qwen_like, negative=tq.z_image_conditioning(2),
+            latent=lat, guidance=terms, steps=4, cfg=3.0, strength=0.5, resample=1, seed=3, step_mode="raw",
+            step_size=0.02)  # fmt: skip
+    with pytest.raises(ValueError, match=r"the caption conditioning is 64 wide but this Qwen-Image MODEL takes 48"):
+        h.invert(zc, run, tq.qwen_image(), tq.qwen_latent(1), tq.z_image_conditioning(1))
 
 
 def test_joint_capture_reads_only_the_main_layers_joint_attention():

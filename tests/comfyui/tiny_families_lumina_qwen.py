@@ -9,8 +9,9 @@ from __future__ import annotations
 import tiny_models as tm
 import torch
 
-#: Text-encoder width of the tiny Qwen-Image (the real one: 3584, Qwen2.5-VL 7B's hidden size).
-QWEN_CONTEXT_DIM = 64
+#: Text-encoder width of the tiny Qwen-Image (the real one: 3584, Qwen2.5-VL 7B's hidden size); not the tiny
+#: Z-Image's (64), as the real widths differ.
+QWEN_CONTEXT_DIM = 48
 #: Head size 16 split over RoPE axes (frame, row, column), as the real model's 128 = 16 + 56 + 56.
 QWEN_AXES = (4, 6, 6)
 
