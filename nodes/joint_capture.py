@@ -84,6 +84,11 @@ class _CallState:
 
 def _wrapper(state: _CallState):
     def wrapper(executor, x, timesteps, context, *args, **kwargs):
+        if kwargs.get("ref_latents") or kwargs.get("siglip_feats"):
+            raise ValueError(
+                "ZeroCon: Z-Image reference images (Omni: reference latents in the conditioning) are not supported "
+                "by the guided samplers' captures; remove the reference latents, or sample without guidance"
+            )
         state.layout(0 if context is None else int(context.shape[1]))
         return executor(x, timesteps, context, *args, **kwargs)
 

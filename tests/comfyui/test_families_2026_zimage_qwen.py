@@ -835,3 +835,16 @@ def test_joint_capture_reads_only_the_main_layers_joint_attention():
     assert first.shape == (1, 2, 4, 5)
     call(16, block_type="double", block_index=1)  # a second joint attention in the same layer: not this one
     assert recorder.probs["joint.1.img2txt"] is first
+
+
+@needs_zimage
+def test_z_image_reference_latents_are_a_clear_error_when_captured(zc, run):
+    """Z-Image Omni's reference tokens change the joint layout the captures read: refused, not misread."""
+    import sampling_helpers as h
+
+    model, lat = _z(), _z_latent(5, size=8)
+    cond = tq.z_image_conditioning(1)
+    _, inversion, _ = h.invert(zc, run, model, lat, cond, steps=2)
+    edit = [[cond[0][0], {"reference_latents": [lat["samples"]]}]]
+    with pytest.raises(ValueError, match="Z-Image reference images .* are not supported"):
+        h.guided(zc, run, model, inversion, edit, cfg=1.0, guidance=(guidance.CrossAttentionGuidance(weight=1.0),))
