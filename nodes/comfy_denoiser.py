@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ..zerocon_core.denoiser import CaptureRequest, LayerInfo, Prediction
-from . import dit_capture, grad_paths
+from . import dit_capture, grad_paths, joint_capture
 from .weights import autograd_weights
 
 logger = logging.getLogger("zerocon")
@@ -304,8 +304,13 @@ class ComfyDenoiser:
     def _layer_table(self) -> list[tuple[LayerInfo, tuple]]:
         if self._layers is None:
             dm = self.model.diffusion_model
-            self._layers = dit_capture.enumerate_layers(dm) if self.dit_type else enumerate_layers(dm)
+            self._layers = self._dit_capture().enumerate_layers(dm) if self.dit_type else enumerate_layers(dm)
         return self._layers
+
+    def _dit_capture(self):
+        """The capture module of this DiT: ``joint_capture`` for single-stream joint attention ("lumina"),
+        ``dit_capture`` for the MM-DiTs' block patches."""
+        return joint_capture if self.dit_type == "lumina" else dit_capture
 
     def _options(
         self, capture: CaptureRequest | None, recorder: _Recorder | None, grad: bool, latent_shape=None
@@ -321,7 +326,7 @@ class ComfyDenoiser:
         self._route_attention(to, grad)
         if self.dit_type:
             dm = self.model.diffusion_model
-            dit_capture.install(
+            self._dit_capture().install(
                 options, dm, self._layer_table(), capture, recorder, latent_shape, self.chunking, grad=grad
             )
             return options

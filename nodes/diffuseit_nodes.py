@@ -82,7 +82,8 @@ class VAEDecoder:
     """The ``decode`` callable of the DiffuseIT terms over a ComfyUI VAE.
 
     Model latent (what the UNet denoises, ``latent_format.process_in`` applied) -> ``latent_format.process_out``
-    -> ``first_stage_model.decode`` (in the VAE's dtype, on its device) -> ``(x + 1) / 2`` in float32, *not*
+    -> ``first_stage_model.decode`` (in the VAE's dtype, on its device; a video VAE's one frame for a family whose
+    latents carry a frame axis) -> ``(x + 1) / 2`` in float32, *not*
     clamped (the range loss needs the overshoot; ComfyUI's VAE Decode clamps). ``family`` and
     ``latent_format`` are those of the MODEL the guidance node was given.
     """
@@ -97,6 +98,8 @@ class VAEDecoder:
         device, dtype = decode_placement(self.vae)
         z = self.latent_format.process_out(latent).to(device=device, dtype=dtype)
         image = model.decode(z)
+        if image.ndim == 5:  # a video VAE (Qwen-Image's Wan 2.1) decodes the one-frame latent to one frame
+            image = image[:, :, 0]
         return (image.float() + 1.0) / 2.0
 
     @property
@@ -155,16 +158,18 @@ def _dino_model(dino: Any, node: str):
 
 
 def check_vae(vae: Any, family, node: str) -> None:
-    """A VAE whose latents the MODEL's family can use: image VAE, same latent channels."""
+    """A VAE whose latents the MODEL's family can use: same latent channels, and an image VAE (2-D latents), or a
+    video VAE (3-D latents) for a family whose image latents carry a frame axis (Qwen-Image: the Wan 2.1 VAE)."""
     if vae is None or getattr(vae, "first_stage_model", None) is None:
         raise ValueError(f"{node}: the VAE has no weights (load a VAE or a checkpoint with one)")
     channels = getattr(vae, "latent_channels", None)
     dim = getattr(vae, "latent_dim", 2)
-    if dim != 2 or channels != family.latent_channels:
+    adapter = family.adapter
+    if dim != (3 if adapter.frame_axis else 2) or channels != family.latent_channels:
         raise ValueError(
             f"{node}: this VAE makes {channels}-channel {'image' if dim == 2 else f'{dim}-D'} latents but the MODEL "
-            f"is {family} with {family.latent_channels}-channel image latents: use the VAE of the MODEL's family "
-            f"(its checkpoint's VAE, or {family.tiny_decoder} for {family.name})"
+            f"is {family} with {family.latent_channels}-channel image latents {adapter.latent_shape_text()}: use "
+            f"the VAE of the MODEL's family (its checkpoint's VAE, or {family.tiny_decoder} for {family.name})"
         )
 
 
@@ -501,8 +506,8 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         warning = check_latent(samples, family)
         batch = samples.shape[0]
-        check_conditioning(positive, batch, "positive")
-        check_conditioning(negative, batch, "negative")
+        check_conditioning(positive, batch, "positive", model)
+        check_conditioning(negative, batch, "negative", model)
         terms = resolve_weights(guidance, family, step_mode)
         check_decoders(terms, model, family)
         if not (strength == AUTO_STRENGTH or 0.0 < strength <= 1.0):

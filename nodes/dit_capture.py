@@ -1,4 +1,5 @@
-"""Captures on MM-DiT joint attention (Flux double / single blocks, SD3 joint blocks) for ``ComfyDenoiser``.
+"""Captures on MM-DiT joint attention (Flux double / single blocks, SD3 joint blocks, Qwen-Image double-stream
+blocks) for ``ComfyDenoiser``.
 
 Everything goes through ComfyUI's extension points on a per-call *copy* of the sampler's model_options:
 
@@ -10,7 +11,8 @@ Everything goes through ComfyUI's extension points on a per-call *copy* of the s
   text-to-image probabilities ``softmax_j(q_i . k_j / sqrt(d))[image rows, text columns]`` with the
   normaliser over *all* keys (text, image and any extra tokens) from the q and k the model hands its
   attention kernel (after Flux's RoPE and both models' QK-norm), then lets the attention output be
-  computed by the kernel as usual (the user's kernel; SDPA in grad passes when it has no backward);
+  computed by the kernel as usual (the user's kernel; SDPA in grad passes when it has no backward). The mask,
+  ``scale`` and grouped-query keys are read as ComfyUI's kernels read them (Qwen-Image's (B, 1, L) text mask);
 - for Flux, a ``DIFFUSION_MODEL`` wrapper that notes the text length (single blocks only see txt + img
   concatenated).
 
@@ -72,14 +74,24 @@ def _flux_block_networks() -> tuple[type, ...]:
 
 def dit_type(diffusion_model) -> str | None:
     """ "flux" for a network of Flux's blocks (Flux and subclasses, Chroma), "mmdit" for ComfyUI's SD3 MMDiT,
-    None for anything else."""
+    "qwen" for its Qwen-Image network (where this ComfyUI has one), None for anything else."""
     from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
     if isinstance(diffusion_model, _flux_block_networks()):
         return "flux"
     if isinstance(diffusion_model, MMDiT):
         return "mmdit"
+    if _is_qwen_image(diffusion_model):
+        return "qwen"
     return None
+
+
+def _is_qwen_image(diffusion_model) -> bool:
+    try:
+        from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
+    except ImportError:  # a ComfyUI without Qwen-Image
+        return False
+    return isinstance(diffusion_model, QwenImageTransformer2DModel)
 
 
 def _names(block: str, index: int) -> tuple[str, str]:
@@ -93,12 +105,13 @@ def enumerate_layers(diffusion_model) -> list[tuple[LayerInfo, tuple[str, int]]]
     output); ``LayerInfo.level`` is the block's index in its stack.
     """
     kind = dit_type(diffusion_model)
-    stacks = (
-        [("double", "double_block", len(diffusion_model.double_blocks)),
-         ("single", "single_block", len(diffusion_model.single_blocks))]
-        if kind == "flux"
-        else [("joint", "double_block", len(diffusion_model.joint_blocks))]
-    )  # fmt: skip
+    if kind == "flux":
+        stacks = [("double", "double_block", len(diffusion_model.double_blocks)),
+                  ("single", "single_block", len(diffusion_model.single_blocks))]  # fmt: skip
+    elif kind == "qwen":  # Qwen-Image: double-stream blocks only ([txt; img] joint attention)
+        stacks = [("double", "double_block", len(diffusion_model.transformer_blocks))]
+    else:
+        stacks = [("joint", "double_block", len(diffusion_model.joint_blocks))]
     out = []
     for block, patch_kind, count in stacks:
         for i in range(count):
@@ -158,7 +171,8 @@ def _work(t: Tensor) -> Tensor:
 
 
 def _scores(q: Tensor, k: Tensor, scale: float, mask: Tensor | None, rows: slice, cols: slice) -> Tensor:
-    """``q k^T * scale (+ mask)`` for one chunk in the working dtype, built in place (one chunk-sized tensor)."""
+    """``q k^T * scale (+ mask)`` for one chunk in the working dtype, built in place (one chunk-sized tensor).
+    A mask with one row (a per-key mask, broadcast over the queries) applies to every row."""
     s = _work(q) @ _work(k).transpose(-1, -2)
     s.mul_(scale)
     if mask is not None:
@@ -272,14 +286,27 @@ def kernel_mask(mask: Tensor | None, image: slice) -> Tensor | None:
 
 
 def text_probabilities(
-    q: Tensor, k: Tensor, image: slice, text: slice, mask: Tensor | None = None, chunk: Chunking | None = None
+    q: Tensor,
+    k: Tensor,
+    image: slice,
+    text: slice,
+    mask: Tensor | None = None,
+    chunk: Chunking | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     """Image-query x text-key attention probabilities (B, H, N_img, T) float32, softmax over all L keys.
 
-    ``q``, ``k``: (B, H, L, d) as the attention kernel receives them (RoPE applied); ``image`` / ``text``:
-    slices of the joint sequence; ``mask``: the kernel's mask or None. Differentiable w.r.t. q and k.
+    ``q``: (B, H, L, d) and ``k``: (B, H or H / g, L, d) as the attention kernel receives them (RoPE applied;
+    grouped-query keys are repeated per query head, as SDPA's ``enable_gqa`` does); ``image`` / ``text``: slices
+    of the joint sequence; ``mask``: the kernel's mask or None, read as ComfyUI's kernels read it (2-D: (Lq, L);
+    3-D: (B, Lq or 1, L); 4-D: (B, H, Lq or 1, L)); ``scale``: the kernel's scale (default ``d ** -0.5``).
+    Differentiable w.r.t. q and k.
     """
-    scale = q.shape[-1] ** -0.5
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if k.shape[1] != q.shape[1]:
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"ZeroCon: {q.shape[1]} query heads cannot share {k.shape[1]} key heads")
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     mask = kernel_mask(mask, image)
     return TextProbabilities.apply(q[:, :, image], k, mask, text, scale, chunk or Chunking())
 
@@ -409,11 +436,15 @@ def _capture_override(state: _CallState, previous):
             q, k, heads = args[0], args[1], int(args[3]) if len(args) > 3 else int(kwargs["heads"])
             if not kwargs.get("skip_reshape", False):
                 b, length, inner = q.shape
-                q = q.reshape(b, length, heads, inner // heads).transpose(1, 2)
-                k = k.reshape(b, k.shape[1], heads, inner // heads).transpose(1, 2)
+                d = inner // heads  # grouped-query keys have fewer heads of the same size
+                q = q.reshape(b, length, heads, d).transpose(1, 2)
+                k = k.reshape(b, k.shape[1], k.shape[-1] // d, d).transpose(1, 2)
             if k.shape[-2] == block.total:  # the joint attention (SD3.5's extra image-only attention is not)
                 block.done = True
-                probs = text_probabilities(q, k, block.image, block.text, kwargs.get("mask"), state.chunk)
+                mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
+                probs = text_probabilities(
+                    q, k, block.image, block.text, mask, state.chunk, scale=kwargs.get("scale")
+                )  # fmt: skip
                 state.recorder.add_probs(block.probs_name, probs, to)
         if previous is not None:
             return previous(func, *args, **kwargs)
@@ -497,6 +528,8 @@ class _MMDiTBlock:
 
 def _block_module(diffusion_model, model_type: str, key: tuple[str, int]):
     kind, i = key
+    if model_type == "qwen":
+        return diffusion_model.transformer_blocks[i]
     if model_type == "mmdit":
         return _MMDiTBlock(
             diffusion_model.joint_blocks[i],

@@ -114,10 +114,13 @@ def _cond_batches(conditioning) -> set[int]:
     return sizes
 
 
-def check_conditioning(conditioning, batch: int, what: str) -> None:
-    """A CONDITIONING must hold one row (shared by the batch) or one row per latent in the batch."""
+def check_conditioning(conditioning, batch: int, what: str, model=None) -> None:
+    """A CONDITIONING must hold one row (shared by the batch) or one row per latent in the batch; with ``model``,
+    tokens of the width its family's network takes, where the family's adapter states it (``context_width``)."""
     if conditioning is None:
         return
+    if model is not None:
+        _check_context_width(conditioning, model, what)
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError(f"ZeroCon: the {what} conditioning is empty or not a CONDITIONING")
     bad = sorted(b for b in _cond_batches(conditioning) if b not in (1, batch))
@@ -128,12 +131,30 @@ def check_conditioning(conditioning, batch: int, what: str) -> None:
         )
 
 
+def _check_context_width(conditioning, model, what: str) -> None:
+    family = detect_family(model)
+    reader = family.adapter.context_width
+    if reader is None or not isinstance(conditioning, list):
+        return
+    width = reader(model.model)
+    for entry in conditioning:
+        if isinstance(entry, (list, tuple)) and entry and isinstance(entry[0], torch.Tensor):
+            got = int(entry[0].shape[-1])
+            if got != width:
+                raise ValueError(
+                    f"ZeroCon: the {what} conditioning is {got} wide but this {family.name} MODEL takes {width}-wide "
+                    f"text (its {family.adapter.text_layout} text encoder): encode the prompt with the CLIP loaded "
+                    f"for {family.name}"
+                )
+
+
 def check_latent(samples: torch.Tensor, family: ModelFamily) -> str | None:
     """Raise for a latent the family cannot take; log and return the warning for one far above its training size."""
-    if samples.ndim != 4 or samples.shape[1] != family.latent_channels:
+    adapter = family.adapter
+    if not adapter.takes_latent_shape(samples.shape):
         raise ValueError(
             f"ZeroCon: {family.name} needs a {family.latent_channels}-channel image latent "
-            f"(B, {family.latent_channels}, H, W); got shape {tuple(samples.shape)} (encode the image with this "
+            f"{adapter.latent_shape_text()}; got shape {tuple(samples.shape)} (encode the image with this "
             "model's VAE)"
         )
     warning = size_warning(family, samples.shape)
@@ -300,7 +321,7 @@ def guided_function(
         )
     _no_mask(extra_args, "guided sampler")
     for what, cond in guider.conditionings.items():
-        check_conditioning(cond, x.shape[0], what)
+        check_conditioning(cond, x.shape[0], what, guider.model_patcher)
     family = detect_family(guider.model_patcher)
     terms = resolve_weights(guider.guidance, family, settings.step_mode)
     denoiser = _denoiser(guider, extra_args)
@@ -602,8 +623,8 @@ class ZeroConDDIMInversion(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         warning = check_latent(samples, family)
         batch = samples.shape[0]
-        check_conditioning(conditioning, batch, "caption")
-        check_conditioning(negative, batch, "negative")
+        check_conditioning(conditioning, batch, "caption", model)
+        check_conditioning(negative, batch, "negative", model)
         if cfg != 1.0 and negative is None:
             raise ValueError("ZeroCon DDIM Inversion: cfg other than 1 needs a negative conditioning")
         reg = NoiseRegularization(lambda_ac, lambda_kl, int(reg_outer), int(reg_rolls)) if regularize else None
@@ -735,7 +756,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
         check_latent(samples, family)
         source = inversion.source if source is None else source
         for cond, what in ((edited, "edited"), (source, "source"), (negative, "negative")):
-            check_conditioning(cond, samples.shape[0], what)
+            check_conditioning(cond, samples.shape[0], what, model)
 
         guider = ZeroConGuider(model)
         guider.set_zerocon(edited, source, negative, cfg=float(cfg), guidance=guidance, inversion=inversion)

@@ -14,6 +14,9 @@ SDXL      CLIP-L (768) and CLIP-G (1280) side by side: 77-token chunks x 2048   
 SD3       CLIP part (77-token chunks; CLIP-L in channels 0..767, CLIP-G in          CLIP-L + CLIP-G,
           768..2047, zeros up to 4096), then the T5-XXL tokens (x 4096)             2048
 Flux      T5-XXL tokens x 4096 (padded to at least 256)                             CLIP-L, 768
+Qwen-     Qwen2.5-VL 7B hidden states x 3584 (the chat template's tokens dropped),  none
+Image     with an ``attention_mask`` when padded; not told from a conditioning
+Z-Image   Qwen3-4B hidden states x 2560; not told from a conditioning             none
 ========  ========================================================================  ===============
 
 Any of SD3's three encoders may be absent (CLIPLoader "sd3" with one or two files): its channels (CLIP) or
@@ -52,7 +55,7 @@ SD3_CLIP_WIDTH = 2048
 """Channels of SD3's CLIP part that carry CLIP-L + CLIP-G; the rest (up to 4096) is zero padding."""
 SD3_L_WIDTH = 768
 """Where ComfyUI puts CLIP-G in SD3's CLIP part when CLIP-L is absent (it pads CLIP-G by 768 on the left)."""
-LAYOUTS = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux")
+LAYOUTS = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux", "Qwen-Image", "Z-Image")
 
 _BY_KEYS = {
     frozenset({"l"}): "SD1.x",

@@ -2,8 +2,9 @@
 
 One adapter per family, one module per family (or group of families sharing a network): ``sd_unet.py``
 (SD1.x, SD2.x, SDXL), ``sd3.py`` (SD3 / SD3.5), ``flux.py`` (Flux.1 dev / schnell / Kontext), ``chroma.py``
-(Chroma). Each adapter (``adapter.FamilyAdapter``) states how the family is recognised (ComfyUI's model config
-class and model_base class, never tensor shapes), its latent format, channels and scale, native size, tiny decoder, capture code,
+(Chroma), ``qwen_image.py`` (Qwen-Image / Qwen-Image-Edit), ``z_image.py`` (Z-Image Turbo / base). Each adapter
+(``adapter.FamilyAdapter``) states how the family is recognised (ComfyUI's model config class and model_base
+class, never tensor shapes), its latent format, channels and scale, native size, tiny decoder, capture code,
 default guided layers, text layout, gradient-pass needs and its clear errors. The registry
 (``registry.py``) finds every module of this package that exports ``ADAPTERS``: adding a family means adding
 one module (docs/families.md).
@@ -16,7 +17,8 @@ Supported:
 - flow-matching MM-DiTs (prediction type "flow", 16-channel latents, trained at 1024 px): SD3 / SD3.5
   (``model_base.SD3``, real CFG) and Flux (``model_base.Flux``): Flux-dev-like models (a guidance embedding)
   are guidance-distilled (cfg 1, the guidance value in the conditioning, as FluxGuidance sets it),
-  Flux-schnell-like ones have none (cfg 1 or real CFG);
+  Flux-schnell-like ones have none (cfg 1 or real CFG); Qwen-Image (``model_base.QwenImage``, latents
+  (B, 16, 1, H, W)) and Z-Image (``ZImage`` on ``model_base.Lumina2``);
 - Chroma (``model_base.Chroma``: Flux's blocks with modulations from an approximator, T5 text only, real CFG).
 
 Everything else (Stable Cascade, video models, inpainting / fill / instruct-pix2pix / unCLIP / upscaler

@@ -17,8 +17,10 @@ from ...zerocon_core.text_layout import LAYOUTS
 #: Pixels per latent cell (the VAE's downscale factor): 8 for every family supported today.
 LATENT_SCALE = 8
 #: The capture codes an adapter can name: UNet attn2 / attn1 patches (``comfy_denoiser``) or the MM-DiT block
-#: patches of ``dit_capture`` for Flux's double / single blocks ("flux") or SD3's joint blocks ("mmdit").
-CAPTURE_CODES = ("unet", "flux", "mmdit")
+#: patches of ``dit_capture`` for Flux's double / single blocks ("flux"), SD3's joint blocks ("mmdit") or
+#: Qwen-Image's double-stream blocks ("qwen"), or ``joint_capture``'s single-stream joint attention of Z-Image /
+#: Lumina 2's NextDiT ("lumina").
+CAPTURE_CODES = ("unet", "flux", "mmdit", "qwen", "lumina")
 
 
 def comfy_class(path: str | None) -> type | None:
@@ -98,6 +100,9 @@ class FamilyAdapter:
     - ``recognition``: its ComfyUI classes; ``refused_configs``: config subclasses refused (variants that need
       extra image inputs);
     - ``latent_format`` (exact ``comfy.latent_formats`` class), ``latent_channels``, ``latent_scale``;
+      ``frame_axis``: its image latents are (B, C, 1, H, W) (a video latent format with one frame, as ComfyUI
+      samples Qwen-Image), else (B, C, H, W); ``context_width(base)``: the width of the conditioning its network
+      takes, read from the network (None: not checked);
     - ``native_size``: side in pixels of its training images, ``native_sizes`` where the prediction type
       changes it (SD2.x 768-v); ``tiny_decoder``: ComfyUI's name of its TAESD;
     - ``capture``: the capture code (``CAPTURE_CODES``); ``guided_layers``: its default guided layers;
@@ -122,12 +127,25 @@ class FamilyAdapter:
     native_sizes: tuple[tuple[str, int], ...] = ()
     latent_scale: int = LATENT_SCALE
     gradient: GradientPasses = GradientPasses()
+    frame_axis: bool = False
+    context_width: Callable[[Any], int] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.capture not in CAPTURE_CODES:
             raise ValueError(f"{self.name}: capture must be one of {CAPTURE_CODES}, got {self.capture!r}")
         if self.text_layout not in LAYOUTS:
             raise ValueError(f"{self.name}: text layout must be one of {LAYOUTS}, got {self.text_layout!r}")
+
+    def latent_shape_text(self) -> str:
+        """The image latent's shape as the errors name it: "(B, 16, H, W)", or "(B, 16, 1, H, W)" with a frame axis."""
+        return f"(B, {self.latent_channels}, {'1, ' if self.frame_axis else ''}H, W)"
+
+    def takes_latent_shape(self, shape) -> bool:
+        """Whether a latent of ``shape`` is an image latent of this family (channels, and the frame axis of 1)."""
+        shape = tuple(shape)
+        if self.frame_axis:
+            return len(shape) == 5 and shape[1] == self.latent_channels and shape[2] == 1
+        return len(shape) == 4 and shape[1] == self.latent_channels
 
     @property
     def dit_type(self) -> str | None:

@@ -120,15 +120,16 @@ def detect_family(model) -> ModelFamily:
 
 
 def capture_code(base) -> str | None:
-    """``dit_capture``'s network kind ("flux", "mmdit") for the BaseModel ``base``, None for the UNet capture
-    code: its family adapter's choice; for a network no adapter recognises, its class decides
-    (``dit_capture.dit_type``), as the capture code reads any Flux / MMDiT network."""
+    """The DiT capture code ("flux", "mmdit", "qwen": ``dit_capture``; "lumina": ``joint_capture``) for the
+    BaseModel ``base``, None for the UNet capture code: its family adapter's choice; for a network no adapter
+    recognises, its class decides (``dit_capture.dit_type``, ``joint_capture.is_joint_stream``)."""
     adapter = REGISTRY.claiming(base)
     if adapter is not None:
         return adapter.dit_type
     from ..dit_capture import dit_type
+    from ..joint_capture import is_joint_stream
 
-    return dit_type(base.diffusion_model)
+    return "lumina" if is_joint_stream(base.diffusion_model) else dit_type(base.diffusion_model)
 
 
 def needs_torch_paths(base) -> bool:

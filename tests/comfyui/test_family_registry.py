@@ -17,6 +17,7 @@ import comfy.supported_models
 import comfy.supported_models_base
 import pytest
 import tiny_families as tf
+import tiny_families_lumina_qwen as tq
 import tiny_models as tm
 import torch
 from conftest import REPO, pack_module
@@ -25,12 +26,16 @@ fam = pack_module("nodes.families")
 adapter_mod = pack_module("nodes.families.adapter")
 sd_unet = pack_module("nodes.families.sd_unet")
 dit_capture = pack_module("nodes.dit_capture")
+joint_capture = pack_module("nodes.joint_capture")
 core_den = pack_module("zerocon_core.denoiser")
 text_layout = pack_module("zerocon_core.text_layout")
 
-FAMILIES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux", "Chroma")
-SUPPORTED_TEXT = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux and Chroma"
-LOAD_TEXT = "Load an SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux (dev or schnell) or Chroma checkpoint"
+FAMILIES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux", "Chroma", "Qwen-Image", "Z-Image")
+SUPPORTED_TEXT = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux, Chroma, Qwen-Image and Z-Image"
+LOAD_TEXT = (
+    "Load an SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux (dev or schnell), Chroma, Qwen-Image / Qwen-Image-Edit or Z-Image "
+    "(Turbo or base) checkpoint"
+)
 #: builder -> (family, ComfyUI config class it is built with)
 SUPPORTED_MODELS = {
     tm.sd15: ("SD1.x", comfy.supported_models.SD15),
@@ -42,6 +47,10 @@ SUPPORTED_MODELS = {
 }
 if tf.has_chroma():
     SUPPORTED_MODELS[tf.chroma] = ("Chroma", comfy.supported_models.Chroma)
+if tq.has_qwen_image():  # ComfyUI 0.33's Qwen-Image (feature detection; refused on older ones)
+    SUPPORTED_MODELS[tq.qwen_image] = ("Qwen-Image", comfy.supported_models.QwenImage)
+if tq.has_z_image():  # ComfyUI 0.33's Z-Image
+    SUPPORTED_MODELS[tq.z_image] = ("Z-Image", comfy.supported_models.ZImage)
 
 
 class NotSD15(comfy.supported_models_base.BASE):
@@ -63,7 +72,7 @@ def test_each_family_is_registered_once_in_one_module():
     names = [a.name for a in fam.REGISTRY.adapters()]
     assert names == list(FAMILIES)
     modules = sorted(m.__name__.rpartition(".")[2] for m in fam.REGISTRY.modules)
-    assert modules == ["chroma", "flux", "sd3", "sd_unet"]
+    assert modules == ["chroma", "flux", "qwen_image", "sd3", "sd_unet", "z_image"]
     assert sorted(a.name for m in fam.REGISTRY.modules for a in m.ADAPTERS) == sorted(FAMILIES)
     assert fam.SUPPORTED == SUPPORTED_TEXT
     assert {a.text_layout for a in fam.REGISTRY.adapters()} == set(text_layout.LAYOUTS)
@@ -93,7 +102,10 @@ def test_each_supported_model_is_claimed_by_exactly_one_adapter_by_its_config_cl
     assert family.name == name and family.adapter is adapter
     assert family.latent_channels == adapter.latent_channels and adapter.has_latent_format(base.latent_format)
     # the capture code the adapter names is the one that reads this network
-    assert fam.capture_code(base) == adapter.dit_type == dit_capture.dit_type(base.diffusion_model)
+    reader = (
+        "lumina" if joint_capture.is_joint_stream(base.diffusion_model) else dit_capture.dit_type(base.diffusion_model)
+    )
+    assert fam.capture_code(base) == adapter.dit_type == reader
     assert fam.needs_torch_paths(base) is adapter.gradient.torch_paths is True
 
 
@@ -216,8 +228,11 @@ def test_adding_one_family_module_makes_its_models_detectable():
         assert fam.capture_code(model.model) is None
         with pytest.raises(fam.UnsupportedModelError) as err:
             fam.detect_family(tm.flux_fill())
-        assert "SDXL, SD3/SD3.5, Flux, Chroma and SDXL Refiner models only" in str(err.value)
-        assert "SD3/SD3.5, Flux (dev or schnell), Chroma or SDXL Refiner checkpoint" in str(err.value)
+        assert "SDXL, SD3/SD3.5, Flux, Chroma, Qwen-Image, Z-Image and SDXL Refiner models only" in str(err.value)
+        assert (
+            "SD3/SD3.5, Flux (dev or schnell), Chroma, Qwen-Image / Qwen-Image-Edit, Z-Image (Turbo or base) or SDXL Refiner checkpoint"
+            in str(err.value)
+        )
         assert fam.detect_family(tm.sdxl()).name == "SDXL"  # the others are unchanged
     finally:
         fam.REGISTRY.remove(module)

@@ -99,8 +99,9 @@ def gradient_not_finite(ctx):
 
 TRIGGERS = {
     "ZeroCon BLIP Loader: no BLIP captioning model in ...": blip_missing,
-    "ZeroCon supports SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux and Chroma models only; "
-    "this MODEL is ...": (unsupported_model),
+    "ZeroCon supports SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux, Chroma, Qwen-Image and Z-Image models only; this MODEL is ...": (
+        unsupported_model
+    ),
     "the direction was made with a different CLIP (...): it is 768 wide (SD1.x), but this conditioning is 2048 wide "
     "(SDXL)": direction_width,
     "it is 4096 wide (Flux), but this conditioning is 4096 wide (SD3: CLIP-L + CLIP-G + T5-XXL)": direction_layout,
