@@ -89,7 +89,7 @@ def _listing(labels: list[str], last: str) -> str:
 
 
 def supported_text() -> str:
-    """The registered families as the "supported" sentence names them ("SD1.x, ..., Flux and Chroma")."""
+    """The registered families as the "supported" sentence names them ("SD1.x, ..., Flux, Chroma, Qwen-Image and Z-Image")."""
     return _listing([a.label for a in REGISTRY.adapters()], "and")
 
 
