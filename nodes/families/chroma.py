@@ -12,9 +12,9 @@ cfg is real CFG. Refused: another latent format, the network patched to a discre
 
 from __future__ import annotations
 
-from ...zerocon_core.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
-from .adapter import FamilyAdapter, GradientPasses, GuidedLayers, Recognition
+from .adapter import FamilyAdapter, GradientPasses, Recognition
 from .flow_checks import check_flow_network, unet_config
+from .flux import FLUX_BLOCK_LAYERS
 from .model_family import ModelFamily
 
 
@@ -36,12 +36,7 @@ CHROMA = FamilyAdapter(
     native_size=1024,
     tiny_decoder="taef1",
     capture="flux",
-    guided_layers=GuidedLayers(
-        cross=("double",),
-        features=("double", "single"),
-        cross_count=DIT_DEFAULT_CROSS_BLOCKS,
-        feature_count=DIT_DEFAULT_FEATURE_BLOCKS,
-    ),
+    guided_layers=FLUX_BLOCK_LAYERS,
     text_layout="Flux",
     gradient=GradientPasses(torch_paths=True, rope=True),
     detect=_detect,

@@ -31,6 +31,15 @@ def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
     )
 
 
+#: The default guided layers of a network of Flux's double / single stream blocks (Flux, Chroma): maps from the
+#: double-stream blocks over the second half of that stack; features over the second half of the whole depth.
+FLUX_BLOCK_LAYERS = GuidedLayers(
+    cross=("double",),
+    features=("double", "single"),
+    cross_count=DIT_DEFAULT_CROSS_BLOCKS,
+    feature_count=DIT_DEFAULT_FEATURE_BLOCKS,
+)
+
 FLUX = FamilyAdapter(
     name="Flux",
     rank=50,
@@ -42,14 +51,7 @@ FLUX = FamilyAdapter(
     native_size=1024,
     tiny_decoder="taef1",
     capture="flux",
-    # maps from double-stream blocks over the second half of that stack; features over the second half of the
-    # whole depth (the single-stream blocks)
-    guided_layers=GuidedLayers(
-        cross=("double",),
-        features=("double", "single"),
-        cross_count=DIT_DEFAULT_CROSS_BLOCKS,
-        feature_count=DIT_DEFAULT_FEATURE_BLOCKS,
-    ),
+    guided_layers=FLUX_BLOCK_LAYERS,
     text_layout="Flux",
     gradient=GradientPasses(torch_paths=True, rope=True),
     detect=_detect,
