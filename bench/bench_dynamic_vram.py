@@ -31,18 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser().resolve()
 
 
-def load_pack():
-    """The pack as ComfyUI imports a custom-node folder; returns its sampling and guidance node modules."""
-    name = str(REPO).replace(".", "_x_")
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    import importlib as il
-
-    return il.import_module(f"{name}.nodes.sampling_nodes"), il.import_module(f"{name}.nodes.guidance_nodes")
-
-
 def enable_dynamic_vram() -> bool:
     """Dynamic VRAM on, as ComfyUI's main.py switches it on; False where this ComfyUI or machine has none."""
     import comfy.memory_management
@@ -68,8 +56,6 @@ def write_fp32_unet(path: Path) -> None:
     """A random full-size SD1.5 UNet saved in fp32 under ComfyUI's diffusion-model keys."""
     import comfy.utils
     import torch
-
-    sys.path.insert(0, str(REPO / "bench"))
     from bench_comfyui import build_model
 
     model, _, _ = build_model("sd15", 0, dtype=torch.float32, compute_dtype=None)
@@ -80,10 +66,10 @@ def write_fp32_unet(path: Path) -> None:
 def run(node_cls, **inputs):
     """A V3 node's ``execute`` as ComfyUI calls it (under inference mode); its outputs as a tuple."""
     import torch
+    from bench_comfyui import run_node
 
     with torch.inference_mode():
-        out = node_cls.execute(**inputs)
-    return tuple(out.args) if hasattr(out, "args") else tuple(out)
+        return run_node(node_cls, **inputs)
 
 
 def stage(report: dict, name: str, fn):
@@ -116,6 +102,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(COMFYUI))
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_comfyui import guidance_chain, load_pack
     from comfy.cli_args import args as comfy_args
 
     comfy_args.cpu = args.cpu
@@ -151,19 +139,8 @@ def main(argv=None) -> int:
         return out["samples"].clone()
 
     def chain():
-        (g,) = run(guidance.ZeroConCrossAttentionGuidance, weight=1.0, layers="all", start=0.0, end=1.0)
-        (g,) = run(
-            guidance.ZeroConPatchNCEGuidance,
-            weight=1.0,
-            layers="up",
-            patches=256,
-            tau=0.07,
-            patch_sizes="1,2",
-            start=0.0,
-            end=1.0,
-            previous=g,
-        )
-        return g
+        with torch.inference_mode():
+            return guidance_chain(guidance, 1.0, 1.0)
 
     stock_before = stage(report, "stock_ksampler_before", ksampler)
     terms = stage(report, "guidance_chain", chain)

@@ -61,7 +61,7 @@ from .sampling_nodes import (
     ZeroConGuider,
     ZeroConKSampler,
     _latent_out,
-    check_conditioning,
+    check_conditionings,
     check_latent,
     ddim_grid,
     diagnostics_of,
@@ -506,8 +506,7 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         warning = check_latent(samples, family)
         batch = samples.shape[0]
-        check_conditioning(positive, batch, "positive", model)
-        check_conditioning(negative, batch, "negative", model)
+        check_conditionings({"positive": positive, "negative": negative}, batch, family, model)
         terms = resolve_weights(guidance, family, step_mode)
         check_decoders(terms, model, family)
         if not (strength == AUTO_STRENGTH or 0.0 < strength <= 1.0):

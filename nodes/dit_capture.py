@@ -426,6 +426,18 @@ def _same(t):
     return t
 
 
+def kernel_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(q, k, mask)`` of an attention kernel call ``(q, k, v, heads, [mask], ...)`` as ComfyUI makes it, q and k
+    as (B, H, L, d) (grouped-query keys keep their fewer heads of the same size)."""
+    q, k, heads = args[0], args[1], int(args[3]) if len(args) > 3 else int(kwargs["heads"])
+    if not kwargs.get("skip_reshape", False):
+        b, length, inner = q.shape
+        d = inner // heads
+        q = q.reshape(b, length, heads, d).transpose(1, 2)
+        k = k.reshape(b, k.shape[1], k.shape[-1] // d, d).transpose(1, 2)
+    return q, k, kwargs.get("mask", args[4] if len(args) > 4 else None)
+
+
 def _capture_override(state: _CallState, previous):
     """``optimized_attention_override``: text probabilities in tagged joint attentions, then the usual kernel."""
 
@@ -433,15 +445,9 @@ def _capture_override(state: _CallState, previous):
         to = kwargs.get("transformer_options") or {}
         block = to.get(TAG)
         if block is not None and block.probs_name is not None and not block.done:
-            q, k, heads = args[0], args[1], int(args[3]) if len(args) > 3 else int(kwargs["heads"])
-            if not kwargs.get("skip_reshape", False):
-                b, length, inner = q.shape
-                d = inner // heads  # grouped-query keys have fewer heads of the same size
-                q = q.reshape(b, length, heads, d).transpose(1, 2)
-                k = k.reshape(b, k.shape[1], k.shape[-1] // d, d).transpose(1, 2)
+            q, k, mask = kernel_inputs(args, kwargs)
             if k.shape[-2] == block.total:  # the joint attention (SD3.5's extra image-only attention is not)
                 block.done = True
-                mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
                 probs = text_probabilities(
                     q, k, block.image, block.text, mask, state.chunk, scale=kwargs.get("scale")
                 )  # fmt: skip

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 
 from ..zerocon_core.denoiser import CaptureRequest, LayerInfo
-from .dit_capture import Chunking, patch_grid, text_probabilities
+from .dit_capture import Chunking, kernel_inputs, patch_grid, text_probabilities
 
 #: Key of our DIFFUSION_MODEL wrapper.
 WRAPPER_KEY = "zerocon_joint_capture"
@@ -103,15 +103,9 @@ def _override(state: _CallState, previous):
         to = kwargs.get("transformer_options") or {}
         index = to.get("block_index")
         if to.get("block_type") == "double" and index in state.probs and index not in state.done:
-            q, k, heads = args[0], args[1], int(args[3]) if len(args) > 3 else int(kwargs["heads"])
-            if not kwargs.get("skip_reshape", False):
-                b, length, inner = q.shape
-                d = inner // heads
-                q = q.reshape(b, length, heads, d).transpose(1, 2)
-                k = k.reshape(b, k.shape[1], k.shape[-1] // d, d).transpose(1, 2)
+            q, k, mask = kernel_inputs(args, kwargs)
             if state.total is not None and k.shape[-2] == state.total:  # not a refiner's attention
                 state.done.add(index)
-                mask = kwargs.get("mask", args[4] if len(args) > 4 else None)
                 probs = text_probabilities(q, k, state.image, state.text, mask, state.chunk, kwargs.get("scale"))
                 state.recorder.add_probs(state.probs[index], probs, to)
         if previous is not None:

@@ -114,13 +114,10 @@ def _cond_batches(conditioning) -> set[int]:
     return sizes
 
 
-def check_conditioning(conditioning, batch: int, what: str, model=None) -> None:
-    """A CONDITIONING must hold one row (shared by the batch) or one row per latent in the batch; with ``model``,
-    tokens of the width its family's network takes, where the family's adapter states it (``context_width``)."""
+def check_conditioning(conditioning, batch: int, what: str) -> None:
+    """A CONDITIONING must hold one row (shared by the batch) or one row per latent in the batch."""
     if conditioning is None:
         return
-    if model is not None:
-        _check_context_width(conditioning, model, what)
     if not isinstance(conditioning, list) or not conditioning:
         raise ValueError(f"ZeroCon: the {what} conditioning is empty or not a CONDITIONING")
     bad = sorted(b for b in _cond_batches(conditioning) if b not in (1, batch))
@@ -131,12 +128,20 @@ def check_conditioning(conditioning, batch: int, what: str, model=None) -> None:
         )
 
 
-def _check_context_width(conditioning, model, what: str) -> None:
-    family = detect_family(model)
+def check_conditionings(named: dict[str, Any], batch: int, family: ModelFamily, model) -> None:
+    """Each named CONDITIONING (None: not connected) of a node feeding ``model`` of ``family``: tokens of the width
+    the family's network takes, where its adapter states it (``context_width``), and ``check_conditioning``."""
     reader = family.adapter.context_width
-    if reader is None or not isinstance(conditioning, list):
+    width = reader(model.model) if reader is not None else None
+    for what, conditioning in named.items():
+        if width is not None:
+            _check_context_width(conditioning, width, family, what)
+        check_conditioning(conditioning, batch, what)
+
+
+def _check_context_width(conditioning, width: int, family: ModelFamily, what: str) -> None:
+    if not isinstance(conditioning, list):
         return
-    width = reader(model.model)
     for entry in conditioning:
         if isinstance(entry, (list, tuple)) and entry and isinstance(entry[0], torch.Tensor):
             got = int(entry[0].shape[-1])
@@ -320,9 +325,8 @@ def guided_function(
             f"conditioning and the guidance from it); got {type(guider).__name__}"
         )
     _no_mask(extra_args, "guided sampler")
-    for what, cond in guider.conditionings.items():
-        check_conditioning(cond, x.shape[0], what, guider.model_patcher)
     family = detect_family(guider.model_patcher)
+    check_conditionings(guider.conditionings, x.shape[0], family, guider.model_patcher)
     terms = resolve_weights(guider.guidance, family, settings.step_mode)
     denoiser = _denoiser(guider, extra_args)
     wants = bool(terms) and bool(merged_request(terms, denoiser.layers())[1])  # a reference is needed at all
@@ -623,8 +627,7 @@ class ZeroConDDIMInversion(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         warning = check_latent(samples, family)
         batch = samples.shape[0]
-        check_conditioning(conditioning, batch, "caption", model)
-        check_conditioning(negative, batch, "negative", model)
+        check_conditionings({"caption": conditioning, "negative": negative}, batch, family, model)
         if cfg != 1.0 and negative is None:
             raise ValueError("ZeroCon DDIM Inversion: cfg other than 1 needs a negative conditioning")
         reg = NoiseRegularization(lambda_ac, lambda_kl, int(reg_outer), int(reg_rolls)) if regularize else None
@@ -755,8 +758,8 @@ class ZeroConGuidedSampler(io.ComfyNode):
         check_inversion_latent(inversion, samples)
         check_latent(samples, family)
         source = inversion.source if source is None else source
-        for cond, what in ((edited, "edited"), (source, "source"), (negative, "negative")):
-            check_conditioning(cond, samples.shape[0], what, model)
+        named = {"edited": edited, "source": source, "negative": negative}
+        check_conditionings(named, samples.shape[0], family, model)
 
         guider = ZeroConGuider(model)
         guider.set_zerocon(edited, source, negative, cfg=float(cfg), guidance=guidance, inversion=inversion)
