@@ -189,7 +189,7 @@ def run_node(cls, **kw):
 
 def guidance_chain(guidance, xa: float, nce: float):
     """Cross-attention (all layers) + PatchNCE (up blocks, 256 patches, tau 0.07, sizes 1,2) through the guidance
-    nodes (``guidance``: the pack's ``nodes.guidance_nodes``), as the shipped workflows chain them."""
+    nodes (``guidance``: the pack's ``nodes.classes.guidance_nodes``), as the shipped workflows chain them."""
     (g,) = run_node(guidance.ZeroConCrossAttentionGuidance, weight=xa, layers="all", start=0.0, end=1.0)
     (g,) = run_node(
         guidance.ZeroConPatchNCEGuidance,

@@ -9,7 +9,7 @@ configs), DINO ViT-B/8 (transformers ``ViTModel`` with ``facebook/dino-vitb8``'s
 12 blocks, 12 heads) and TAESD (``AutoencoderTiny`` defaults = ``madebyollin/taesd``'s config). Nothing is
 downloaded. Text conditionings are random (1, 77, 768) embeddings.
 
-A step is one ``zerocon_core.diffuseit.diffuseit_sample`` step from DiffuseIT's start level (sigma ~6 on the
+A step is one ``zerocon_core.diffuseit.guidance.diffuseit_sample`` step from DiffuseIT's start level (sigma ~6 on the
 50-step DDIM grid: the "auto" strength), without resampling (a resampling repeat costs one more guided
 step). The phases run in rounds, one step each, interleaved a, b, c (so that a change of load on a shared
 machine hits them alike): a first, warm-up round (it also computes the source and reference DINO features
@@ -58,13 +58,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_engine import SCHEDULER, PeakRSS, build_inputs, build_models, med, out, rss_mb, trim  # noqa: E402
 
 from tests.core.tiny_vision import tiny_dino_config  # noqa: E402
-from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond  # noqa: E402
-from zerocon_core.diffuseit import diffuseit_guidance, diffuseit_sample  # noqa: E402
-from zerocon_core.diffuseit_start import start_index  # noqa: E402
-from zerocon_core.guidance import StepContext  # noqa: E402
-from zerocon_core.images import encode_latents  # noqa: E402
-from zerocon_core.pipeline import sampling_grid  # noqa: E402
-from zerocon_core.sampler import SamplerSettings  # noqa: E402
+from zerocon_core.common.images import encode_latents  # noqa: E402
+from zerocon_core.diffuseit.guidance import diffuseit_guidance, diffuseit_sample  # noqa: E402
+from zerocon_core.diffuseit.start import start_index  # noqa: E402
+from zerocon_core.diffusers_host.denoiser import DiffusersDenoiser, TextCond  # noqa: E402
+from zerocon_core.diffusers_host.pipeline import sampling_grid  # noqa: E402
+from zerocon_core.method.guidance import StepContext  # noqa: E402
+from zerocon_core.method.sampler import SamplerSettings  # noqa: E402
 
 #: facebook/dino-vitb8's shape (ViT-B/8). Weights are random here.
 DINO_VITB8 = dict(

@@ -225,12 +225,12 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(REPO / "tests" / "comfyui"))
     from conftest import pack_module  # loads the pack from this checkout the way ComfyUI does
 
-    dc = pack_module("nodes.dit_capture")
-    den_mod = pack_module("nodes.comfy_denoiser")
-    guidance = pack_module("zerocon_core.guidance")
-    sampler = pack_module("zerocon_core.sampler")
-    inversion = pack_module("zerocon_core.inversion")
-    replay = pack_module("zerocon_core.replay")
+    dc = pack_module("nodes.glue.dit_capture")
+    den_mod = pack_module("nodes.families.comfy_denoiser")
+    guidance = pack_module("zerocon_core.method.guidance")
+    sampler = pack_module("zerocon_core.method.sampler")
+    inversion = pack_module("zerocon_core.method.inversion")
+    replay = pack_module("zerocon_core.method.replay")
 
     res: dict = {"size": args.size, "double": args.double, "single": args.single, "cfg": args.cfg}
     res["reference"] = args.reference

@@ -48,14 +48,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.core.tiny import sd_scheduler_config, tiny_unet_config, tiny_vae_config  # noqa: E402
-from zerocon_core.denoiser import CaptureRequest  # noqa: E402
-from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond  # noqa: E402
-from zerocon_core.guidance import StepContext  # noqa: E402
-from zerocon_core.images import decode_latents, encode_latents  # noqa: E402
-from zerocon_core.inversion import NoiseRegularization  # noqa: E402
-from zerocon_core.pipeline import Timings, default_guidance, invert_and_edit, sampling_grid  # noqa: E402
-from zerocon_core.replay import REFERENCES  # noqa: E402
-from zerocon_core.sampler import BRANCHES, SamplerSettings, cfg_combine, guided_ddim_sample  # noqa: E402
+from zerocon_core.common.images import decode_latents, encode_latents  # noqa: E402
+from zerocon_core.diffusers_host.denoiser import DiffusersDenoiser, TextCond  # noqa: E402
+from zerocon_core.diffusers_host.pipeline import Timings, default_guidance, invert_and_edit, sampling_grid  # noqa: E402
+from zerocon_core.method.denoiser import CaptureRequest  # noqa: E402
+from zerocon_core.method.guidance import StepContext  # noqa: E402
+from zerocon_core.method.inversion import NoiseRegularization  # noqa: E402
+from zerocon_core.method.replay import REFERENCES  # noqa: E402
+from zerocon_core.method.sampler import BRANCHES, SamplerSettings, cfg_combine, guided_ddim_sample  # noqa: E402
 
 TARGETS = {"time_b_over_c": 0.6, "mem_b_over_c": 0.6, "guided_over_plain_step": 2.0, "guided_over_plain_step_cpu": 2.0}
 

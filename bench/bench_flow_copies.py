@@ -1,7 +1,7 @@
 """What the saved-activation copies cost on Flux: bytes copied per guided forward and the forward + backward time.
 
 ComfyUI's Flux blocks add to their activations in place, so a guided (grad-enabled) forward saves copies of the
-activations autograd keeps (``nodes.comfy_denoiser._saved_tensor_copies``). This script builds a randomly
+activations autograd keeps (``nodes.families.comfy_denoiser._saved_tensor_copies``). This script builds a randomly
 initialised Flux-shaped network from ComfyUI's classes (width, depths and latent size on the command line), and
 in ONE process measures:
 

@@ -32,12 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calibrate_patchnce import build  # noqa: E402
 
-from zerocon_core.denoiser_diffusers import TextCond  # noqa: E402
-from zerocon_core.diagnostics import summarize, summary  # noqa: E402
-from zerocon_core.inversion import ddim_invert  # noqa: E402
-from zerocon_core.pipeline import default_guidance  # noqa: E402
-from zerocon_core.sampler import AUTO_STEP_SIZE, SamplerSettings, guided_ddim_sample  # noqa: E402
-from zerocon_core.schedule import ddim_sigmas, inversion_sigmas  # noqa: E402
+from zerocon_core.diffusers_host.denoiser import TextCond  # noqa: E402
+from zerocon_core.diffusers_host.pipeline import default_guidance  # noqa: E402
+from zerocon_core.method.diagnostics import summarize, summary  # noqa: E402
+from zerocon_core.method.inversion import ddim_invert  # noqa: E402
+from zerocon_core.method.sampler import AUTO_STEP_SIZE, SamplerSettings, guided_ddim_sample  # noqa: E402
+from zerocon_core.method.schedule import ddim_sigmas, inversion_sigmas  # noqa: E402
 
 
 def run(den, inv, sig, src, edit, mode: str, step_size: float) -> dict:

@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond  # noqa: E402
-from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, StepContext  # noqa: E402
-from zerocon_core.inversion import ddim_invert  # noqa: E402
-from zerocon_core.sampler import SamplerSettings, guided_ddim_sample  # noqa: E402
-from zerocon_core.schedule import ddim_sigmas, inversion_sigmas  # noqa: E402
+from zerocon_core.diffusers_host.denoiser import DiffusersDenoiser, TextCond  # noqa: E402
+from zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, StepContext  # noqa: E402
+from zerocon_core.method.inversion import ddim_invert  # noqa: E402
+from zerocon_core.method.sampler import SamplerSettings, guided_ddim_sample  # noqa: E402
+from zerocon_core.method.schedule import ddim_sigmas, inversion_sigmas  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO / "tests" / "comfyui"))
     from conftest import pack_module
 
-    den_mod = pack_module("nodes.comfy_denoiser")
-    guidance = pack_module("zerocon_core.guidance")
-    sampler = pack_module("zerocon_core.sampler")
+    den_mod = pack_module("nodes.families.comfy_denoiser")
+    guidance = pack_module("zerocon_core.method.guidance")
+    sampler = pack_module("zerocon_core.method.sampler")
 
     @dataclass(frozen=True)
     class Probe(guidance.GuidanceTerm):

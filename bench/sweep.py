@@ -7,7 +7,7 @@
 
 For every manifest image, the caption, edit direction, conditionings, VAE latent and DDIM inversion are
 computed **once**; then the guided sampler runs for every ``(xa weight, nce weight)`` of the grid and each
-result is scored with ``zerocon_core.metrics`` against the source image. A ``reconstruction`` row (the
+result is scored with ``zerocon_core.evaluation.metrics`` against the source image. A ``reconstruction`` row (the
 reference branch: plain DDIM reconstruction with the caption, no edit) is scored too, as the no-edit
 anchor of the trade-off (always include an identity row).
 
@@ -21,7 +21,7 @@ Outputs in ``--out-dir``: ``sweep.csv`` (one row per image and setting), ``sweep
 mean of each metric over images, ``n``), ``sweep.png`` (mean structure distance vs mean CLIP score per
 setting, points labelled by setting, PIL only) and ``images/<id>_<setting>.png``.
 
-**PIE-Bench** (``--piebench``, format in ``zerocon_core/piebench.py``): the source image of an entry is
+**PIE-Bench** (``--piebench``, format in ``zerocon_core/evaluation/piebench.py``): the source image of an entry is
 ``--images``/``image_path`` (default folder: ``annotation_images`` next to the JSON); the caption (inversion
 prompt, CFG negative) is ``original_prompt`` and the direction is ``editing_prompt`` minus it (brackets
 removed), as PIE-Bench runs pix2pix-zero with the two prompts. ``blended_word`` is not used: it names the
@@ -49,15 +49,15 @@ from typing import Any, Sequence
 
 import torch
 
-from zerocon_core import metrics as zmetrics
-from zerocon_core import piebench
-from zerocon_core.evaluate import format_piebench_table, load_mask, metric_stats, read_records
-from zerocon_core.images import decode_latents, encode_latents, fit_to_multiple, load_image, resize, save_image
-from zerocon_core.inversion import EVAL_AT, NoiseRegularization, ddim_invert
-from zerocon_core.log import logger
-from zerocon_core.pipeline import EditOptions, default_guidance, sampling_grid
-from zerocon_core.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
-from zerocon_core.schedule import inversion_sigmas, vp_scale
+from zerocon_core.common.images import decode_latents, encode_latents, fit_to_multiple, load_image, resize, save_image
+from zerocon_core.common.log import logger
+from zerocon_core.diffusers_host.pipeline import EditOptions, default_guidance, sampling_grid
+from zerocon_core.evaluation import metrics as zmetrics
+from zerocon_core.evaluation import piebench
+from zerocon_core.evaluation.evaluate import format_piebench_table, load_mask, metric_stats, read_records
+from zerocon_core.method.inversion import EVAL_AT, NoiseRegularization, ddim_invert
+from zerocon_core.method.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
+from zerocon_core.method.schedule import inversion_sigmas, vp_scale
 
 RECON = "reconstruction"
 
@@ -613,25 +613,25 @@ def main(argv: Sequence[str] | None = None, pipe: Any = None) -> int:
         if args.clip:
             zmetrics.check_clip_folder(args.clip)
         if args.dino:
-            from zerocon_core.dino import check_dino_folder
+            from zerocon_core.diffuseit.dino import check_dino_folder
 
             check_dino_folder(args.dino)
         if args.lpips:
-            from zerocon_core.lpips import check_lpips_folder
+            from zerocon_core.evaluation.lpips import check_lpips_folder
 
             check_lpips_folder(args.lpips)
         if pipe is None:
-            from zerocon_core.pipeline import ZeroConPipeline
+            from zerocon_core.diffusers_host.pipeline import ZeroConPipeline
 
             pipe = ZeroConPipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
         clip = zmetrics.load_clip_metric(args.clip, device=pipe.device) if args.clip else None
         dino = lpips = None
         if args.dino:
-            from zerocon_core.dino import load_dino
+            from zerocon_core.diffuseit.dino import load_dino
 
             dino = load_dino(args.dino, device=pipe.device)
         if args.lpips:
-            from zerocon_core.lpips import load_lpips
+            from zerocon_core.evaluation.lpips import load_lpips
 
             lpips = load_lpips(args.lpips, device=pipe.device)
         run_sweep(

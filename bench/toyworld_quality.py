@@ -32,7 +32,7 @@ SWEEP_RATIOS = (0.5, 1.0, 2.0)
 
 
 def load(model: Path):
-    from zerocon_core.pipeline import ZeroConPipeline
+    from zerocon_core.diffusers_host.pipeline import ZeroConPipeline
 
     return ZeroConPipeline.from_folder(model, device="cpu", dtype="float32")
 
@@ -102,7 +102,7 @@ def sweep(args) -> dict:
 
 
 def samples(args) -> dict:
-    from zerocon_core.sd_models import load_folder
+    from zerocon_core.diffusers_host.sd_models import load_folder
     from zerocon_core.toyworld.sampling import SampleSettings, sample_quality
 
     start = time.time()

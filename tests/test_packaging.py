@@ -69,12 +69,22 @@ def test_diffusers_is_only_in_the_cli_extra_and_the_test_extra_includes_it():
     assert f"{PYPROJECT['project']['name']}[cli]" in extras["test"]
 
 
-def _imports(path: Path) -> tuple[set[str], set[str]]:
-    """(top-level absolute imports, zerocon_core modules reached by relative imports) of one file, every
+def _module_files(base: Path, dotted: str, names: list[str]) -> set[Path]:
+    """The .py files a relative ``from <base>.<dotted> import names`` reaches (a package's __init__ and its
+    submodules named in ``names``)."""
+    target = base.joinpath(*dotted.split(".")) if dotted else base
+    files = {target.with_suffix(".py")} if target.with_suffix(".py").is_file() else set()
+    if (target / "__init__.py").is_file():
+        files.add(target / "__init__.py")
+        files |= {target / f"{n}.py" for n in names if (target / f"{n}.py").is_file()}
+    return files
+
+
+def _imports(path: Path) -> tuple[set[str], set[Path]]:
+    """(top-level absolute imports, zerocon_core files reached by relative imports) of one file, every
     import statement included (module level and inside functions)."""
     absolute: set[str] = set()
-    core: set[str] = set()
-    in_core = path.parent.name == "zerocon_core"
+    core: set[Path] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             absolute |= {a.name.split(".")[0] for a in node.names}
@@ -82,33 +92,39 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
             if node.level == 0:
                 absolute.add(node.module.split(".")[0])
                 continue
-            parts = (node.module or "").split(".") if node.module else []
-            if in_core and node.level == 1:  # from .x import y / from . import x
-                core |= {parts[0]} if parts else {a.name for a in node.names}
-            elif not in_core and node.level >= 2 and parts and parts[0] == "zerocon_core":  # from ..zerocon_core...
-                core |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+            base = path.parent.parents[node.level - 2] if node.level > 1 else path.parent
+            reached = _module_files(base, node.module or "", [a.name for a in node.names])
+            core |= {f for f in reached if (ROOT / "zerocon_core") in f.parents}
     return absolute, core
 
 
+def _stem(path: Path) -> str:
+    return path.parent.name if path.name == "__init__.py" else path.stem
+
+
 def node_side_imports() -> tuple[set[str], set[str]]:
-    """(third-party top-level modules, zerocon_core modules) the node side can import, transitively."""
+    """(third-party top-level modules, zerocon_core module names) the node side can import, transitively."""
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
     third: set[str] = set()
-    todo: set[str] = set()
+    todo: set[Path] = set()
     for path in sorted((ROOT / "nodes").rglob("*.py")):  # nodes/families/ too
         absolute, core = _imports(path)
         third |= absolute
         todo |= core
-    seen: set[str] = set()
+    seen: set[Path] = set()
     while todo:
-        name = todo.pop()
-        if name in seen:
+        path = todo.pop()
+        if path in seen:
             continue
-        seen.add(name)
-        absolute, core = _imports(ROOT / "zerocon_core" / f"{name}.py")
+        seen.add(path)
+        for parent in path.parents:  # importing a.b.c runs a/__init__ and a/b/__init__ first
+            if parent == ROOT:
+                break
+            todo |= {parent / "__init__.py"} - seen
+        absolute, core = _imports(path)
         third |= absolute
         todo |= core - seen
-    return {m for m in third - stdlib - COMFYUI_MODULES}, seen
+    return {m for m in third - stdlib - COMFYUI_MODULES}, {_stem(p) for p in seen}
 
 
 def test_the_scan_sees_function_level_imports(tmp_path):
@@ -122,7 +138,7 @@ def test_requirements_list_exactly_what_the_nodes_import():
     third, core = node_side_imports()
     assert {"captioning", "dino", "metrics", "model_folders", "sampler"} <= core, core
     assert "diffusers" not in third, "a module the nodes reach imports diffusers; it is only in the cli extra"
-    assert not {"pipeline", "cli", "denoiser_diffusers", "evaluate"} & core, core
+    assert not {"pipeline", "cli", "diffusers_host", "evaluate"} & core, core
     imported = {DISTRIBUTIONS.get(m, m).lower().replace("_", "-") for m in third}
     declared = {_name(r) for r in PYPROJECT["project"]["dependencies"]}
     assert imported == declared, (

@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser().resolve()
-# The folder_paths keys whose files show up in the pack's menus (nodes/paths.py registers them).
+# The folder_paths keys whose files show up in the pack's menus (nodes/glue/paths.py registers them).
 LOCAL_KEYS = ("blip", "dino", "clip_metric", "edit_directions")
 
 

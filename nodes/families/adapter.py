@@ -12,7 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ...zerocon_core.text_layout import LAYOUTS
+from ...zerocon_core.text.text_layout import LAYOUTS
 
 #: Pixels per latent cell (the VAE's downscale factor): 8 for every family supported today.
 LATENT_SCALE = 8
@@ -64,7 +64,7 @@ class Recognition:
 
 @dataclass(frozen=True)
 class GuidedLayers:
-    """The default guided layers (what the layer spec "auto" selects; the rule is ``zerocon_core.denoiser``'s
+    """The default guided layers (what the layer spec "auto" selects; the rule is ``zerocon_core.method.denoiser``'s
     ``default_layers``): the blocks the cross-attention maps and the PatchNCE features come from and, on an
     MM-DiT, how many blocks are picked, spread over the second half of those blocks (None: all of them)."""
 
@@ -106,7 +106,7 @@ class FamilyAdapter:
     - ``native_size``: side in pixels of its training images, ``native_sizes`` where the prediction type
       changes it (SD2.x 768-v); ``tiny_decoder``: ComfyUI's name of its TAESD;
     - ``capture``: the capture code (``CAPTURE_CODES``); ``guided_layers``: its default guided layers;
-    - ``text_layout``: its ``zerocon_core.text_layout`` layout name; ``gradient``: its gradient-pass needs;
+    - ``text_layout``: its ``zerocon_core.text.text_layout`` layout name; ``gradient``: its gradient-pass needs;
     - ``detect(adapter, model, base)``: the family's checks (its clear errors) and its ``ModelFamily``.
     """
 

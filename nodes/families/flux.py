@@ -11,7 +11,7 @@ inpainting (extra input channels), another latent format, the network patched to
 
 from __future__ import annotations
 
-from ...zerocon_core.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
+from ...zerocon_core.method.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
 from .adapter import FamilyAdapter, GradientPasses, GuidedLayers, Recognition
 from .flow_checks import check_flow_network, unet_config
 from .model_family import ModelFamily

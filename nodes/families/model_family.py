@@ -7,9 +7,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ...zerocon_core import parameterization
-from ...zerocon_core.auto_weights import auto_weight, weight_scale
-from ...zerocon_core.guidance import CrossAttentionGuidance
+from ...zerocon_core.method import parameterization
+from ...zerocon_core.method.auto_weights import auto_weight, weight_scale
+from ...zerocon_core.method.guidance import CrossAttentionGuidance
 
 #: An image with more than this many times the native pixel count (1.5 x the native side, squared) is warned about.
 OVERSIZE_AREA = 2.25
@@ -55,7 +55,7 @@ class ModelFamily:
 
     @property
     def guidance_scale(self) -> float:
-        """Factor on the default ("auto") guidance weights (``zerocon_core.auto_weights``): 1 eps, 0.1 v."""
+        """Factor on the default ("auto") guidance weights (``zerocon_core.method.auto_weights``): 1 eps, 0.1 v."""
         return weight_scale(self.prediction_type)
 
     @property

@@ -12,7 +12,7 @@ a ComfyUI without ``model_management.in_training`` (no text mask; feature detect
 
 from __future__ import annotations
 
-from ...zerocon_core.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
+from ...zerocon_core.method.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
 from .adapter import FamilyAdapter, GradientPasses, GuidedLayers, Recognition
 from .flow_checks import unet_config
 from .model_family import ModelFamily, prediction_type, unsupported

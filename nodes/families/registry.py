@@ -126,8 +126,8 @@ def capture_code(base) -> str | None:
     adapter = REGISTRY.claiming(base)
     if adapter is not None:
         return adapter.dit_type
-    from ..dit_capture import dit_type
-    from ..joint_capture import is_joint_stream
+    from ..glue.dit_capture import dit_type
+    from ..glue.joint_capture import is_joint_stream
 
     return "lumina" if is_joint_stream(base.diffusion_model) else dit_type(base.diffusion_model)
 

@@ -7,7 +7,7 @@ channels, and the network patched to a discrete (eps / v) schedule.
 
 from __future__ import annotations
 
-from ...zerocon_core.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
+from ...zerocon_core.method.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
 from .adapter import FamilyAdapter, GuidedLayers, Recognition
 from .flow_checks import check_flow_network
 from .model_family import ModelFamily

@@ -10,7 +10,7 @@ other config classes whatever their shapes, and a UNet patched to flow-matching 
 
 from __future__ import annotations
 
-from ...zerocon_core.denoiser import BLOCKS
+from ...zerocon_core.method.denoiser import BLOCKS
 from .adapter import FamilyAdapter, GuidedLayers, Recognition, is_instance
 from .model_family import ModelFamily, prediction_type, unsupported
 

@@ -9,7 +9,7 @@ Run (inside ComfyUI's own environment):
   imported (it picks its device at import time).
 - The pack is imported as ComfyUI's ``nodes.load_custom_node`` does: ``spec_from_file_location`` on the
   repository's ``__init__.py`` under the path-derived module name (the path with "." replaced by "_x_"),
-  so every relative import inside the pack is exercised. ``pack_module("nodes.sampling_nodes")`` returns
+  so every relative import inside the pack is exercised. ``pack_module("nodes.classes.sampling_nodes")`` returns
   a submodule of that package.
 - Tiny random models come from ``tiny_models`` (ComfyUI's own classes, built under inference mode).
 """
@@ -77,7 +77,7 @@ def load_pack() -> types.ModuleType:
 
 
 def pack_module(name: str) -> types.ModuleType:
-    """A submodule of the loaded pack, e.g. ``pack_module("nodes.sampling_nodes")``."""
+    """A submodule of the loaded pack, e.g. ``pack_module("nodes.classes.sampling_nodes")``."""
     load_pack()
     return importlib.import_module(f"{PACK_MODULE_NAME}.{name}")
 
@@ -118,11 +118,11 @@ def pack() -> types.ModuleType:
 def zc() -> types.SimpleNamespace:
     """The pack's sampling-side modules."""
     return types.SimpleNamespace(
-        sampling=pack_module("nodes.sampling_nodes"),
-        guidance=pack_module("nodes.guidance_nodes"),
-        denoiser=pack_module("nodes.comfy_denoiser"),
+        sampling=pack_module("nodes.classes.sampling_nodes"),
+        guidance=pack_module("nodes.classes.guidance_nodes"),
+        denoiser=pack_module("nodes.families.comfy_denoiser"),
         families=pack_module("nodes.families"),
-        weights=pack_module("nodes.weights"),
+        weights=pack_module("nodes.glue.weights"),
     )
 
 
@@ -161,7 +161,7 @@ def temporary_model_folders(base: Path, keys):
     "blip" registered first); ComfyUI's folder table and file-list cache are restored afterwards."""
     import folder_paths
 
-    pack_module("nodes.paths")  # registers the pack's keys
+    pack_module("nodes.glue.paths")  # registers the pack's keys
     saved = {k: copy.deepcopy(folder_paths.folder_names_and_paths[k]) for k in keys}
     try:
         for key in keys:

@@ -38,7 +38,7 @@ def test_nodes_and_pipeline_resolve_the_same_weights(zc, run, name, mode):
     import tiny_models
 
     model = getattr(tiny_models, name)()
-    pipeline = pack_module("zerocon_core.pipeline")
+    pipeline = pack_module("zerocon_core.diffusers_host.pipeline")
 
     family = zc.families.detect_family(model)
     nodes = zc.guidance.resolve_weights(_node_terms(zc, run), family, mode)

@@ -12,7 +12,7 @@ from test_graph import build_graph, execute_in_process, executor_env  # noqa: F4
 
 @pytest.fixture(scope="module")
 def pn():
-    return pack_module("nodes.prompt_nodes")
+    return pack_module("nodes.classes.prompt_nodes")
 
 
 def clip_text_encode(clip, text):
@@ -63,7 +63,7 @@ def test_bad_inputs(pn):
 
 
 def test_metrics_take_one_text_per_line(monkeypatch):
-    mn = pack_module("nodes.metrics_nodes")
+    mn = pack_module("nodes.classes.metrics_nodes")
     seen = {}
 
     def fake_edit_metrics(source, edited, source_text, target_text, **kwargs):

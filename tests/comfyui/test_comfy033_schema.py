@@ -17,7 +17,7 @@ EXPERIMENTAL = {"ZeroConDinoStructureGuidance", "ZeroConDinoStyleGuidance", "Zer
 
 def test_every_node_has_search_aliases_where_comfyui_supports_them():
     infos = node_infos()
-    aliases = pack_module("nodes.inputs").SEARCH_ALIASES
+    aliases = pack_module("nodes.glue.inputs").SEARCH_ALIASES
     assert set(aliases) == set(infos)  # one entry per node, none for a node that does not exist
     supported = "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}
     for node_id, info in infos.items():
@@ -28,7 +28,7 @@ def test_every_node_has_search_aliases_where_comfyui_supports_them():
 
 
 def test_schema_keeps_only_the_fields_this_comfyui_knows():
-    schema = pack_module("nodes.inputs").schema
+    schema = pack_module("nodes.glue.inputs").schema
     s = schema(node_id="ZeroConGuidedSampler", display_name="x", category="c", a_field_from_the_future=True)
     assert s.node_id == "ZeroConGuidedSampler" and not hasattr(s, "a_field_from_the_future")
 

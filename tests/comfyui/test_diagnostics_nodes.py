@@ -28,7 +28,7 @@ def _inputs(info) -> dict:
 
 def test_auto_is_the_default_on_every_node():
     infos = node_infos()
-    auto_size = pack_module("zerocon_core.sampler").AUTO_STEP_SIZE
+    auto_size = pack_module("zerocon_core.method.sampler").AUTO_STEP_SIZE
     for node in STEP_NODES:
         spec = _inputs(infos[node])
         assert spec["step_mode"][1]["default"] == "auto", node
@@ -52,7 +52,7 @@ def _execute(node_cls, **inputs):
 def _check_image(img):
     assert img.ndim == 4 and img.shape[0] == 1 and img.shape[-1] == 3 and img.dtype == torch.float32
     assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
-    colours = pack_module("zerocon_core.diagnostics").TERM_COLOURS
+    colours = pack_module("zerocon_core.method.diagnostics").TERM_COLOURS
     pixels = (img[0] * 255).round().to(torch.uint8)
     return [bool((pixels == torch.tensor(c, dtype=torch.uint8)).all(-1).any()) for c in colours[:2]]
 
@@ -140,7 +140,7 @@ def test_skipped_steps_are_said_plainly_on_the_node(zc, run, sd15_model):
     """A term whose gradient is never finite: the output stays finite and the node's summary warns."""
     from dataclasses import dataclass
 
-    base = pack_module("zerocon_core.guidance").GuidanceTerm
+    base = pack_module("zerocon_core.method.guidance").GuidanceTerm
 
     @dataclass(frozen=True)
     class Broken(base):

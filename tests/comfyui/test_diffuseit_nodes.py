@@ -14,12 +14,12 @@ SIZE = 64  # pixels: latent 8 x 8 with the tiny 8x VAE
 
 @pytest.fixture(scope="module")
 def dn():
-    return pack_module("nodes.diffuseit_nodes")
+    return pack_module("nodes.classes.diffuseit_nodes")
 
 
 @pytest.fixture(scope="module")
 def dino_nodes():
-    return pack_module("nodes.dino_nodes")
+    return pack_module("nodes.classes.dino_nodes")
 
 
 @pytest.fixture
@@ -116,7 +116,7 @@ def test_schemas_have_tooltips(dn):
 
 
 def test_guidance_nodes_build_composable_terms(zc, dn, run, sd15_model, vae, dino):
-    core = pack_module("zerocon_core.diffuseit")
+    core = pack_module("zerocon_core.diffuseit.guidance")
     prev = run(zc.guidance.ZeroConCrossAttentionGuidance, weight=-1.0, layers="all", start=0.0, end=1.0)[0]
     terms = structure(dn, run, sd15_model, vae, dino, image(1), previous=prev)
     names = [type(t).__name__ for t in terms]

@@ -13,7 +13,7 @@ from conftest import pack_module
 
 @pytest.fixture(scope="module")
 def dn():
-    return pack_module("nodes.direction_nodes")
+    return pack_module("nodes.classes.direction_nodes")
 
 
 @pytest.fixture

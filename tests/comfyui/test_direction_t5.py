@@ -19,7 +19,7 @@ TGT = "a photo of a dog\na dog sitting in the park\na small dog on the grass"
 
 @pytest.fixture(scope="module")
 def dn():
-    return pack_module("nodes.direction_nodes")
+    return pack_module("nodes.classes.direction_nodes")
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def test_save_load_round_trip_with_layout(dn, sd3, flux, tmp_path):
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_encode_prompts_batches_t5_clips(kind, sd3, flux):
-    pn = pack_module("nodes.prompt_nodes")
+    pn = pack_module("nodes.classes.prompt_nodes")
     clip = sd3 if kind == "sd3" else flux
     short, medium = "a cat", " ".join(["a dog on the grass"] * 10)  # 50 tokens (CLIP and T5): same padded length
     single = pn.encode_prompts(clip, [short])
@@ -247,7 +247,7 @@ def test_encode_prompts_batches_t5_clips(kind, sd3, flux):
 
 @pytest.mark.parametrize("kind", ["sd3", "flux"])
 def test_encode_prompts_pads_t5_to_the_longest_line(kind, sd3, flux, caplog):
-    pn = pack_module("nodes.prompt_nodes")
+    pn = pack_module("nodes.classes.prompt_nodes")
     clip = sd3 if kind == "sd3" else flux
     # "zebra" is one CLIP token but not in the tiny T5 vocabulary (spelled out in letters): 50 CLIP tokens (one
     # chunk), over 256 T5 tokens.
@@ -268,6 +268,6 @@ def test_encode_prompts_pads_t5_to_the_longest_line(kind, sd3, flux, caplog):
 
 
 def test_encode_prompts_sd3_lines_of_different_clip_chunks_is_an_error(sd3):
-    pn = pack_module("nodes.prompt_nodes")
+    pn = pack_module("nodes.classes.prompt_nodes")
     with pytest.raises(ValueError, match=r"line 2 encodes to 255 tokens and line 1 to 178 .*75 CLIP tokens"):
         pn.encode_prompts(sd3, ["a cat", " ".join(["a cat on the grass"] * 20)])

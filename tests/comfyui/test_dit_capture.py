@@ -1,4 +1,4 @@
-"""Captures on MM-DiT joint attention (nodes/dit_capture.py) through ComfyDenoiser on tiny Flux / SD3 models:
+"""Captures on MM-DiT joint attention (nodes/glue/dit_capture.py) through ComfyDenoiser on tiny Flux / SD3 models:
 probabilities against an independent float64 recomputation from the block's weights (RoPE from the token
 positions), chunking, gradients (gradcheck, finite differences through the model), guided steps, the user's
 kernel and block patches, and a model left as it was."""
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from conftest import pack_module
 
-dc = pack_module("nodes.dit_capture")
-core_den = pack_module("zerocon_core.denoiser")
-guidance = pack_module("zerocon_core.guidance")
-sampler = pack_module("zerocon_core.sampler")
+dc = pack_module("nodes.glue.dit_capture")
+core_den = pack_module("zerocon_core.method.denoiser")
+guidance = pack_module("zerocon_core.method.guidance")
+sampler = pack_module("zerocon_core.method.sampler")
 CR = core_den.CaptureRequest
 
 

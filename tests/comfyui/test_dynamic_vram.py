@@ -168,7 +168,7 @@ def test_diffuseit_decodes_where_comfyui_decodes(monkeypatch):
     import tiny_clip
     from conftest import pack_module
 
-    dn = pack_module("nodes.diffuseit_nodes")
+    dn = pack_module("nodes.classes.diffuseit_nodes")
     vae = tiny_clip.vae(0)
     for m in vae.first_stage_model.modules():
         if hasattr(m, "comfy_cast_weights"):

@@ -49,9 +49,9 @@ from test_flow_diffuseit import encode
 from test_flow_families import _stock_guider
 from test_sampling_cleanup import _snapshot
 
-guidance = pack_module("zerocon_core.guidance")
-sampler = pack_module("zerocon_core.sampler")
-core_den = pack_module("zerocon_core.denoiser")
+guidance = pack_module("zerocon_core.method.guidance")
+sampler = pack_module("zerocon_core.method.sampler")
+core_den = pack_module("zerocon_core.method.denoiser")
 
 STEPS = 4
 
@@ -254,7 +254,7 @@ def test_kontext_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc
 def test_kontext_diffuseit_runs(run, dino):  # noqa: F811
     """DiffuseIT on a Kontext conditioning (a tiny 16-channel VAE): the DINO terms move the latent, seeded runs
     repeat, and the MODEL is left as it was."""
-    dn = pack_module("nodes.diffuseit_nodes")
+    dn = pack_module("nodes.classes.diffuseit_nodes")
     model, vae = tm.flux_dev(), tm.flow_vae(0)
     src = image(4)
     lat = encode(vae, src)
@@ -426,7 +426,7 @@ def test_chroma_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc,
 
 @chroma
 def test_chroma_diffuseit_runs(run, dino):  # noqa: F811
-    dn = pack_module("nodes.diffuseit_nodes")
+    dn = pack_module("nodes.classes.diffuseit_nodes")
     model, vae = tf.chroma(), tm.flow_vae(0)
     src = image(4)
     lat = encode(vae, src)
@@ -451,7 +451,7 @@ def test_chroma_diffuseit_runs(run, dino):  # noqa: F811
 def test_text_probabilities_read_masks_as_the_kernels_do(shape):
     """(B, 1, L) key masks, (B, L, L) per-batch-row masks and (L, L) shared ones, B = 2 and 2 heads: the
     probabilities equal a dense softmax under the mask as ComfyUI's attention broadcasts it, in chunks."""
-    dc = pack_module("nodes.dit_capture")
+    dc = pack_module("nodes.glue.dit_capture")
     gen = torch.Generator().manual_seed(3)
     b, heads, length, d = 2, 2, 14, 4
     q, k = torch.randn(2, b, heads, length, d, generator=gen, dtype=torch.float64)
@@ -472,8 +472,8 @@ def test_text_probabilities_read_masks_as_the_kernels_do(shape):
 def test_noise_blend_on_a_flow_model_uses_the_level_t(run, dino, monkeypatch):  # noqa: F811
     """DiffuseIT's noise-blended estimate on Flux decodes ``t x0 + (1 - t) x_t`` (the flow latent's noise level is
     ``t`` and its input scale 1), not the VP ``sigma / sqrt(1 + sigma^2)`` mix."""
-    dn = pack_module("nodes.diffuseit_nodes")
-    diffuseit = pack_module("zerocon_core.diffuseit")
+    dn = pack_module("nodes.classes.diffuseit_nodes")
+    diffuseit = pack_module("zerocon_core.diffuseit.guidance")
     model, vae = tm.flux(), tm.flow_vae(0)
     src = image(4)
     lat = encode(vae, src)

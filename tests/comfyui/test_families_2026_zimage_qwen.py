@@ -24,10 +24,10 @@ from conftest import pack_module
 from test_diffuseit_nodes import dino, dino_nodes  # noqa: F401  (fixtures)
 from test_dit_capture import _den, _inside_sampler, _lin, _qk_norm, _rope_angles, _rotate, _snapshot
 
-dc = pack_module("nodes.dit_capture")
-core_den = pack_module("zerocon_core.denoiser")
-guidance = pack_module("zerocon_core.guidance")
-sampler = pack_module("zerocon_core.sampler")
+dc = pack_module("nodes.glue.dit_capture")
+core_den = pack_module("zerocon_core.method.denoiser")
+guidance = pack_module("zerocon_core.method.guidance")
+sampler = pack_module("zerocon_core.method.sampler")
 CR = core_den.CaptureRequest
 
 needs_qwen = pytest.mark.skipif(
@@ -451,7 +451,7 @@ def test_qwen_wrong_latents_name_the_expected_shape(zc, run):
 
 @pytest.fixture(scope="module")
 def dn():
-    return pack_module("nodes.diffuseit_nodes")
+    return pack_module("nodes.classes.diffuseit_nodes")
 
 
 @needs_qwen
@@ -814,7 +814,7 @@ def test_joint_capture_reads_only_the_main_layers_joint_attention():
     """The override records a wanted main layer's joint attention (all caption + image keys) once per forward, and
     nothing from a refiner's attention (fewer keys), another layer, or outside the main layers, even where ComfyUI's
     ``block_type`` / ``block_index`` are left over from an earlier layer."""
-    jc = pack_module("nodes.joint_capture")
+    jc = pack_module("nodes.glue.joint_capture")
     recorder = _Recorder()
     state = jc._CallState(recorder, (2, 2), dc.Chunking(), {1: "joint.1.img2txt"}, {}, 8)
     state.layout(5)  # caption 5 -> 8 tokens, image 4 -> 8 tokens: 16 keys

@@ -25,10 +25,10 @@ from conftest import REPO, pack_module
 fam = pack_module("nodes.families")
 adapter_mod = pack_module("nodes.families.adapter")
 sd_unet = pack_module("nodes.families.sd_unet")
-dit_capture = pack_module("nodes.dit_capture")
-joint_capture = pack_module("nodes.joint_capture")
-core_den = pack_module("zerocon_core.denoiser")
-text_layout = pack_module("zerocon_core.text_layout")
+dit_capture = pack_module("nodes.glue.dit_capture")
+joint_capture = pack_module("nodes.glue.joint_capture")
+core_den = pack_module("zerocon_core.method.denoiser")
+text_layout = pack_module("zerocon_core.text.text_layout")
 
 FAMILIES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux", "Chroma", "Qwen-Image", "Z-Image")
 SUPPORTED_TEXT = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux, Chroma, Qwen-Image and Z-Image"

@@ -19,7 +19,7 @@ FLOW = {"flux": (tm.flux, 1.0, None), "flux_dev": (tm.flux_dev, 1.0, 3.5), "sd3"
 
 @pytest.fixture(scope="module")
 def dn():
-    return pack_module("nodes.diffuseit_nodes")
+    return pack_module("nodes.classes.diffuseit_nodes")
 
 
 @pytest.fixture(scope="module")

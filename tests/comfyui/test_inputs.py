@@ -1,4 +1,4 @@
-"""The shared input declarations (nodes/inputs.py): every node that has one of these inputs declares it the same
+"""The shared input declarations (nodes/glue/inputs.py): every node that has one of these inputs declares it the same
 way, every node is in the one category, and each call builds fresh input objects."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _inputs(info) -> dict:
 
 
 def test_every_node_is_in_the_shared_category(infos):
-    category = pack_module("nodes.inputs").CATEGORY
+    category = pack_module("nodes.glue.inputs").CATEGORY
     assert category == "image/translation/zerocon"
     assert {info["category"] for info in infos.values()} == {category}
 
@@ -54,7 +54,7 @@ def test_seed_and_step_inputs_keep_their_ranges(infos):
 
 
 def test_each_call_builds_new_inputs():
-    inputs = pack_module("nodes.inputs")
+    inputs = pack_module("nodes.glue.inputs")
     a, b = inputs.window_inputs(), inputs.window_inputs()
     assert [i.id for i in a] == ["start", "end"] and all(x is not y for x, y in zip(a, b))
     assert inputs.seed_input("x") is not inputs.seed_input("x")

@@ -72,8 +72,8 @@ def test_next_is_diffusers_inverse_scheduler(zc, run, model):
 def test_next_equals_the_engine_and_differs_from_current(zc, run, model):
     from conftest import pack_module
 
-    ddim_invert = pack_module("zerocon_core.inversion").ddim_invert
-    inversion_sigmas = pack_module("zerocon_core.schedule").inversion_sigmas
+    ddim_invert = pack_module("zerocon_core.method.inversion").ddim_invert
+    inversion_sigmas = pack_module("zerocon_core.method.schedule").inversion_sigmas
     lat, cap = tm.latent(43), tm.conditioning(44)
     nxt, _, sigmas = _invert(zc, run, model, lat, cap, "next")
     cur, _, cur_sigmas = _invert(zc, run, model, lat, cap, "current")

@@ -1,4 +1,4 @@
-"""nodes/loaders.py: the model-folder logic the BLIP, DINO and CLIP-metric loaders share.
+"""nodes/glue/loaders.py: the model-folder logic the BLIP, DINO and CLIP-metric loaders share.
 
 No network: ``snapshot_download`` is replaced by a fake hub repository that honours ``allow_patterns`` as
 the real one does (fnmatch on each file name), holding the weights in several formats.
@@ -33,15 +33,15 @@ REPO_FILES = (
 
 @pytest.fixture(scope="module")
 def loaders():
-    return pack_module("nodes.loaders")
+    return pack_module("nodes.glue.loaders")
 
 
 @pytest.fixture(scope="module")
 def sources():
     return {
-        "blip": pack_module("nodes.blip_nodes").SOURCE,
-        "dino": pack_module("nodes.dino_nodes").SOURCE,
-        "clip_metric": pack_module("nodes.metrics_nodes").SOURCE,
+        "blip": pack_module("nodes.classes.blip_nodes").SOURCE,
+        "dino": pack_module("nodes.classes.dino_nodes").SOURCE,
+        "clip_metric": pack_module("nodes.classes.metrics_nodes").SOURCE,
     }
 
 
@@ -167,7 +167,7 @@ def test_names_that_are_not_folder_names_are_rejected(loaders, sources, model_di
 def test_every_model_folder_is_registered_by_paths(sources):
     import folder_paths
 
-    paths = pack_module("nodes.paths")
+    paths = pack_module("nodes.glue.paths")
     for key in ("blip", "dino", "clip_metric", "edit_directions"):
         assert paths.default_folder(key) in folder_paths.get_folder_paths(key), key
     assert {s.key for s in sources.values()} == {paths.BLIP, paths.DINO, paths.CLIP_METRIC}

@@ -1,6 +1,6 @@
 """ZeroCon Edit Metrics, CLIP Metric Loader and DINO Loader inside ComfyUI (tiny random models, no hub).
 
-The node must give exactly what ``zerocon_core.metrics.edit_metrics`` gives on the same pixels (batch
+The node must give exactly what ``zerocon_core.evaluation.metrics.edit_metrics`` gives on the same pixels (batch
 means), take ComfyUI's IMAGE / MASK layouts, and its loaders must find, refuse or (fake-)download models
 the way the BLIP loader does.
 """
@@ -30,17 +30,17 @@ def save_tiny_dino(folder: str | os.PathLike, seed: int = 0) -> str:
 
 @pytest.fixture(scope="module")
 def mn():
-    return pack_module("nodes.metrics_nodes")
+    return pack_module("nodes.classes.metrics_nodes")
 
 
 @pytest.fixture(scope="module")
 def vn():
-    return pack_module("nodes.dino_nodes")
+    return pack_module("nodes.classes.dino_nodes")
 
 
 @pytest.fixture(scope="module")
 def zm():
-    return pack_module("zerocon_core.metrics")
+    return pack_module("zerocon_core.evaluation.metrics")
 
 
 @pytest.fixture
@@ -211,7 +211,7 @@ def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monk
         return local_dir
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(pack_module("nodes.loaders"), "hub_offline", lambda: False)
+    monkeypatch.setattr(pack_module("nodes.glue.loaders"), "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
         (dino,) = run_node(
@@ -223,5 +223,5 @@ def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monk
 
 def test_local_model_folders_are_listed(mn, vn, model_dirs):
     save_tiny_dino(model_dirs / "dino" / "my-dino")
-    names = pack_module("nodes.loaders").model_names(vn.SOURCE)
+    names = pack_module("nodes.glue.loaders").model_names(vn.SOURCE)
     assert names[0] == "dino-vitb8" and "my-dino" in names

@@ -33,7 +33,7 @@ def test_local_model_folders_do_not_leak_into_the_reference(tmp_path):
     (tmp_path / "blip" / "my-local-blip" / "config.json").write_text("{}")
     (tmp_path / "edit_directions").mkdir()
     (tmp_path / "edit_directions" / "mine.safetensors").write_bytes(b"")
-    pack_module("nodes.paths")
+    pack_module("nodes.glue.paths")
     saved = {
         k: (list(v[0]), set(v[1]))
         for k, v in folder_paths.folder_names_and_paths.items()

@@ -16,7 +16,7 @@ DIFFUSEIT_NODES = ("ZeroConDinoStructureGuidance", "ZeroConDinoStyleGuidance", "
 
 @pytest.fixture(scope="module")
 def dn():
-    return pack_module("nodes.direction_nodes")
+    return pack_module("nodes.classes.direction_nodes")
 
 
 def _direction(dn):

@@ -57,7 +57,7 @@ def fp32_run():
     from conftest import pack_module, run_node
 
     zc = types.SimpleNamespace(
-        sampling=pack_module("nodes.sampling_nodes"), guidance=pack_module("nodes.guidance_nodes")
+        sampling=pack_module("nodes.classes.sampling_nodes"), guidance=pack_module("nodes.classes.guidance_nodes")
     )
     return _edit(zc, run_node, tm.sd15_as_loaded(torch.float32), h.guidance(zc, run_node))
 

@@ -39,7 +39,7 @@ def _message(fn) -> str:
 
 
 def blip_missing(ctx):
-    blip = pack_module("nodes.blip_nodes")
+    blip = pack_module("nodes.classes.blip_nodes")
     return _message(
         lambda: blip.ZeroConBLIPLoader.execute(
             model="blip-image-captioning-base", precision="fp32", device="cpu", allow_download=True
@@ -52,8 +52,8 @@ def unsupported_model(ctx):
 
 
 def direction_width(ctx):
-    dn = pack_module("nodes.direction_nodes")
-    zdir = pack_module("zerocon_core.direction")
+    dn = pack_module("nodes.classes.direction_nodes")
+    zdir = pack_module("zerocon_core.text.direction")
     sd1 = zdir.EditDirection(deltas={"l": torch.zeros(77, 768)}, source="cat", target="dog")
     sd1.extra["clip"] = "SD1ClipModel"
     sdxl_cond = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
@@ -61,8 +61,8 @@ def direction_width(ctx):
 
 
 def direction_layout(ctx):
-    dn = pack_module("nodes.direction_nodes")
-    zdir = pack_module("zerocon_core.direction")
+    dn = pack_module("nodes.classes.direction_nodes")
+    zdir = pack_module("zerocon_core.text.direction")
     flux = zdir.EditDirection(deltas={"t5xxl": torch.zeros(256, 4096)}, pooled=torch.zeros(768), layout="Flux")
     sd3 = torch.zeros(1, 77 + 77, 4096)
     sd3[:, :77, :2048] = 1.0  # CLIP-L and CLIP-G channels of the CLIP part; zeros from 2048 on
@@ -84,7 +84,7 @@ def batch_mismatch(ctx):
 
 def gradient_not_finite(ctx):
     """A term whose gradient overflows (the state needs half precision in real use; forced here)."""
-    base = pack_module("zerocon_core.guidance").GuidanceTerm
+    base = pack_module("zerocon_core.method.guidance").GuidanceTerm
 
     @dataclasses.dataclass(frozen=True)
     class Overflow(base):

@@ -115,7 +115,8 @@ def test_entry_point_is_v3_only_and_import_is_lazy():
 
 def test_every_node_module_is_collected():
     package = pack_module("nodes")
-    on_disk = sorted(p.stem for p in (REPO / "nodes").glob("*_nodes.py"))
+    on_disk = sorted(p.stem for p in (REPO / "nodes" / "classes").glob("*_nodes.py"))
+    assert len(on_disk) == len(package.NODE_MODULES)
     missing = [m for m in on_disk if m not in package.NODE_MODULES]
     assert not missing, f"nodes/{missing} not listed in nodes.NODE_MODULES"
 
@@ -141,7 +142,7 @@ def test_one_broken_module_costs_only_its_own_nodes(monkeypatch, caplog):
     assert TEXT_NODES <= ids
     assert "broken_nodes.py failed to import" in caplog.text
     assert "missing dependency 'some_dependency'" in caplog.text
-    assert "no module nodes/not_there_nodes.py" in caplog.text
+    assert "no module nodes/classes/not_there_nodes.py" in caplog.text
 
 
 def test_object_info_every_input_and_output_has_a_tooltip(registry):

@@ -15,7 +15,7 @@ XA = 1.0  # large enough on the tiny model for the modes to differ clearly
 
 def _engine(zc, model, inversion, edit, guidance, branches: str) -> torch.Tensor:
     """guided_ddim_sample called directly on a ComfyDenoiser inside CFGGuider.sample (the engine run)."""
-    sampler = pack_module("zerocon_core.sampler")
+    sampler = pack_module("zerocon_core.method.sampler")
     guider = zc.sampling.ZeroConGuider(model)
     guider.set_zerocon(edit, inversion.source, None, cfg=5.0, guidance=guidance)
 

@@ -49,7 +49,7 @@ def test_guided_ddim_sampler_in_sampler_custom_advanced_prints_a_console_bar(zc,
 
 
 def test_diffuseit_sampler_prints_one_bar_through_its_resampled_first_step(run, sd15_model, vae, dino, capsys):  # noqa: F811
-    dn = pack_module("nodes.diffuseit_nodes")
+    dn = pack_module("nodes.classes.diffuseit_nodes")
     src = image(4)
     lat = encode(vae, src)
     guidance = structure(dn, run, sd15_model, vae, dino, src)

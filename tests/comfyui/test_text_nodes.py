@@ -19,17 +19,17 @@ TEMPLATE_N = 6
 
 @pytest.fixture(scope="module")
 def blip_nodes():
-    return pack_module("nodes.blip_nodes")
+    return pack_module("nodes.classes.blip_nodes")
 
 
 @pytest.fixture(scope="module")
 def dn():
-    return pack_module("nodes.direction_nodes")
+    return pack_module("nodes.classes.direction_nodes")
 
 
 @pytest.fixture(scope="module")
 def zdir():
-    return pack_module("zerocon_core.direction")
+    return pack_module("zerocon_core.text.direction")
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_blip_loader_missing_folder_names_folder_and_model_id(blip_nodes, model_
 
 def test_blip_loader_download_switched_off(blip_nodes, model_dirs, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(pack_module("nodes.loaders"), "hub_offline", lambda: False)
+    monkeypatch.setattr(pack_module("nodes.glue.loaders"), "hub_offline", lambda: False)
     with pytest.raises(FileNotFoundError, match="allow_download is off") as err:
         run_node(
             blip_nodes.ZeroConBLIPLoader,
@@ -115,7 +115,7 @@ def test_blip_loader_downloads_once_when_allowed_and_online(blip_nodes, model_di
         return local_dir
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(pack_module("nodes.loaders"), "hub_offline", lambda: False)
+    monkeypatch.setattr(pack_module("nodes.glue.loaders"), "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
         (blip,) = run_node(
@@ -130,7 +130,7 @@ def test_blip_loader_downloads_once_when_allowed_and_online(blip_nodes, model_di
 
 
 def test_blip_loader_incomplete_local_folder_is_never_downloaded(blip_nodes, model_dirs, monkeypatch):
-    monkeypatch.setattr(pack_module("nodes.loaders"), "hub_offline", lambda: False)
+    monkeypatch.setattr(pack_module("nodes.glue.loaders"), "hub_offline", lambda: False)
     (model_dirs / "blip" / "my-blip").mkdir()
     (model_dirs / "blip" / "my-blip" / "config.json").write_text("{}")
     assert "my-blip" in blip_nodes.ZeroConBLIPLoader.INPUT_TYPES()["required"]["model"][1]["options"]

@@ -11,7 +11,7 @@ import sampling_helpers as h
 import torch
 import toyworld_loader as tl
 
-from zerocon_core.sampler import AUTO_STEP_SIZE
+from zerocon_core.method.sampler import AUTO_STEP_SIZE
 from zerocon_core.toyworld import checker, edits
 from zerocon_core.toyworld.world import render
 

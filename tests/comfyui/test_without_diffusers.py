@@ -47,12 +47,12 @@ ids = sorted(k for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("ZeroCon"))
 pack = sys.modules[REPO.replace(".", "_x_")]
 # Run what the nodes run at execution time without a model file: folder checks, the engine modules.
 import importlib
-for name in ("nodes.loaders", "nodes.blip_nodes", "nodes.dino_nodes", "nodes.metrics_nodes", "nodes.sampling_nodes",
-             "nodes.diffuseit_nodes", "nodes.direction_nodes", "zerocon_core.captioning", "zerocon_core.metrics",
-             "zerocon_core.sampler", "zerocon_core.inversion", "zerocon_core.diffuseit", "zerocon_core.direction"):
+for name in ("nodes.glue.loaders", "nodes.classes.blip_nodes", "nodes.classes.dino_nodes", "nodes.classes.metrics_nodes", "nodes.classes.sampling_nodes",
+             "nodes.classes.diffuseit_nodes", "nodes.classes.direction_nodes", "zerocon_core.text.captioning", "zerocon_core.evaluation.metrics",
+             "zerocon_core.method.sampler", "zerocon_core.method.inversion", "zerocon_core.diffuseit.guidance", "zerocon_core.text.direction"):
     importlib.import_module(f"{pack.__name__}.{name}")
 try:
-    pack.nodes.blip_nodes.ZeroConBLIPLoader.execute("no-such-blip", "fp32", "cpu", False)
+    pack.nodes.classes.blip_nodes.ZeroConBLIPLoader.execute("no-such-blip", "fp32", "cpu", False)
 except FileNotFoundError as exc:
     folder_error = str(exc)
 print(json.dumps({"ok": ok, "ids": ids, "asked": asked, "warnings": records, "folder_error": folder_error,

@@ -1,4 +1,4 @@
-"""Step mode "auto" (zerocon_core.sampler): per-term RMS-normalised gradients mixed by unitless ratios, the
+"""Step mode "auto" (zerocon_core.method.sampler): per-term RMS-normalised gradients mixed by unitless ratios, the
 update a fraction of the latent's RMS; the overflow rescale-and-retry; float32 losses and update.
 
 The expected auto update is written out here in float64 from the terms' own gradients (autograd on the VP
@@ -12,17 +12,17 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from zerocon_core.denoiser import CaptureRequest
-from zerocon_core.diagnostics import summarize, summary
-from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, StepContext
-from zerocon_core.sampler import (
+from zerocon_core.method.denoiser import CaptureRequest
+from zerocon_core.method.diagnostics import summarize, summary
+from zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, StepContext
+from zerocon_core.method.sampler import (
     RETRY_SCALE,
     GuidedStep,
     SamplerSettings,
     _guidance_step,
     guided_ddim_sample,
 )
-from zerocon_core.schedule import ddim_sigmas, vp_scale
+from zerocon_core.method.schedule import ddim_sigmas, vp_scale
 
 from .tiny import rel_err, tiny_cond, tiny_latent
 

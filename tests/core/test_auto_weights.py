@@ -1,4 +1,4 @@
-"""The auto guidance-weight rule (``zerocon_core.auto_weights``) and the pipeline's use of it.
+"""The auto guidance-weight rule (``zerocon_core.method.auto_weights``) and the pipeline's use of it.
 
 Expected values are the documented ones, written out here: cross-attention 0.1 / PatchNCE 0.5 on
 eps-prediction models, a tenth of each (0.01 / 0.05) on v-prediction models.
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from zerocon_core import auto_weights as aw
-from zerocon_core.guidance import CrossAttentionGuidance, PatchNCEGuidance
-from zerocon_core.pipeline import default_guidance
+from zerocon_core.diffusers_host.pipeline import default_guidance
+from zerocon_core.method import auto_weights as aw
+from zerocon_core.method.guidance import CrossAttentionGuidance, PatchNCEGuidance
 
 from .tiny import tiny_denoiser
 
@@ -92,7 +92,7 @@ def test_auto_mode_resolves_to_the_default_ratios(ptype):
 
 
 def test_dino_terms_have_their_documented_ratios():
-    from zerocon_core.diffuseit import (
+    from zerocon_core.diffuseit.guidance import (
         DinoStructureGuidance,
         DinoStyleGuidance,
         RangeGuidance,
@@ -111,7 +111,7 @@ def test_unknown_step_mode_is_a_clear_error():
 
 
 def test_edit_options_default_to_auto_except_pix2pix_zero():
-    from zerocon_core.pipeline import EditOptions
+    from zerocon_core.diffusers_host.pipeline import EditOptions
 
     assert EditOptions().sampler_settings().step_mode == "auto"
     assert EditOptions(branches="pix2pix-zero").sampler_settings().step_mode == "raw"

@@ -1,4 +1,4 @@
-"""zerocon_core.captioning with a tiny random BLIP saved by the test (no hub, no downloaded weights)."""
+"""zerocon_core.text.captioning with a tiny random BLIP saved by the test (no hub, no downloaded weights)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from zerocon_core import captioning as C
+from zerocon_core.text import captioning as C
 
 try:
     from .tiny_text import tiny_blip_folder

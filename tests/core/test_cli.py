@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zerocon_core import cli
-from zerocon_core.sampler import AUTO_STEP_SIZE
+from zerocon_core.diffusers_host import cli
+from zerocon_core.method.sampler import AUTO_STEP_SIZE
 
 from .tiny import PNG_H, PNG_W, tiny_sd_folder
 from .tiny_text import tiny_blip_folder

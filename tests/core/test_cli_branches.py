@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from zerocon_core import cli
-from zerocon_core import pipeline as pipeline_module
-from zerocon_core.sampler import BRANCHES
+from zerocon_core.diffusers_host import cli
+from zerocon_core.diffusers_host import pipeline as pipeline_module
+from zerocon_core.method.sampler import BRANCHES
 
 from .tiny import tiny_sd_folder, write_png
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zerocon_core import cli, pipeline, sd_models
-from zerocon_core.inversion import EVAL_AT
+from zerocon_core.diffusers_host import cli, pipeline, sd_models
+from zerocon_core.method.inversion import EVAL_AT
 
 
 def _png(path: Path) -> Path:

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from zerocon_core import cli, sd_models
+from zerocon_core.diffusers_host import cli, sd_models
 
 from .test_cli import _args, _check_png
 from .test_sd_models_single_file import configs_only

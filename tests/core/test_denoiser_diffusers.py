@@ -1,4 +1,4 @@
-"""``DiffusersDenoiser`` (zerocon_core.denoiser_diffusers) on tiny random UNets, against the UNet itself.
+"""``DiffusersDenoiser`` (zerocon_core.diffusers_host.denoiser) on tiny random UNets, against the UNet itself.
 
 The reference side is an untouched deep copy of the UNet (diffusers' attention processors); the engine side
 uses ``DiffusersDenoiser`` (sigma space, our processors). Latents are compared in VP space:
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zerocon_core.denoiser import CaptureRequest, select_layers
-from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond
-from zerocon_core.schedule import vp_scale
+from zerocon_core.diffusers_host.denoiser import DiffusersDenoiser, TextCond
+from zerocon_core.method.denoiser import CaptureRequest, select_layers
+from zerocon_core.method.schedule import vp_scale
 
 from .tiny import (
     rel_err,

@@ -1,4 +1,4 @@
-"""zerocon_core.diagnostics: the summary's numbers and the chart's points are the sampler's own records
+"""zerocon_core.method.diagnostics: the summary's numbers and the chart's points are the sampler's own records
 (checked against ``SampleResult.losses``, which the sampler keeps separately, and against the latents)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from zerocon_core import diagnostics as dg
-from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
-from zerocon_core.sampler import GuidedStep, SamplerSettings, _guidance_step, guided_ddim_sample
-from zerocon_core.schedule import ddim_sigmas, vp_scale
+from zerocon_core.method import diagnostics as dg
+from zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
+from zerocon_core.method.sampler import GuidedStep, SamplerSettings, _guidance_step, guided_ddim_sample
+from zerocon_core.method.schedule import ddim_sigmas, vp_scale
 
 from .tiny import tiny_cond, tiny_latent
 

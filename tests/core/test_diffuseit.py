@@ -1,4 +1,4 @@
-"""DiffuseIT's guidance terms and sampling (zerocon_core.diffuseit): gradients, sharing, batches, the sampler.
+"""DiffuseIT's guidance terms and sampling (zerocon_core.diffuseit.guidance): gradients, sharing, batches, the sampler.
 
 Models are tiny and random: a DINO-layout ViT (``tiny_vision.tiny_dino``, patch 8, 32 wide), a fixed random
 conv + upsampling "decoder" (latent (B, 4, h, w) -> image (B, 3, 4h, 4w)) and the tiny diffusers UNet
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerocon_core.denoiser import Prediction
-from zerocon_core.diffuseit import (
+from zerocon_core.diffuseit.dino import dino_features
+from zerocon_core.diffuseit.guidance import (
     DinoStructureGuidance,
     DinoStyleGuidance,
     RangeGuidance,
@@ -21,7 +21,7 @@ from zerocon_core.diffuseit import (
     diffuseit_sample,
     posterior_step_scale,
 )
-from zerocon_core.diffuseit_losses import (
+from zerocon_core.diffuseit.losses import (
     cls_loss,
     key_contrastive_loss,
     pixel_mse_loss,
@@ -29,11 +29,11 @@ from zerocon_core.diffuseit_losses import (
     self_similarity_loss,
     semantic_divergence_loss,
 )
-from zerocon_core.diffuseit_start import noised_start
-from zerocon_core.dino import dino_features
-from zerocon_core.guidance import StepContext
-from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
-from zerocon_core.schedule import alpha_bar_from_sigma, ddim_sigmas, sd_sigma_table
+from zerocon_core.diffuseit.start import noised_start
+from zerocon_core.method.denoiser import Prediction
+from zerocon_core.method.guidance import StepContext
+from zerocon_core.method.sampler import SamplerSettings, guided_ddim_sample
+from zerocon_core.method.schedule import alpha_bar_from_sigma, ddim_sigmas, sd_sigma_table
 
 from .tiny import rand_image, randn64, tiny_cond, tiny_latent
 from .tiny_vision import tiny_dino

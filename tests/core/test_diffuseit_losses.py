@@ -1,4 +1,4 @@
-"""DiffuseIT's pure losses (zerocon_core.diffuseit_losses) against independent float64 formulas; gradients."""
+"""DiffuseIT's pure losses (zerocon_core.diffuseit.losses) against independent float64 formulas; gradients."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerocon_core.diffuseit_losses import (
+from zerocon_core.diffuseit.losses import (
     cls_loss,
     key_contrastive_loss,
     pixel_mse_loss,

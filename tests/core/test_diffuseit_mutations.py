@@ -1,4 +1,4 @@
-"""DiffuseIT's noise-blended estimate (zerocon_core.diffuseit, ``noise_blend``: its ``--use_noise_aug_all``).
+"""DiffuseIT's noise-blended estimate (zerocon_core.diffuseit.guidance, ``noise_blend``: its ``--use_noise_aug_all``).
 
 With ``a = alpha_bar(sigma)`` and ``f = sqrt(1 - a)``, the DINO losses see the decoded
 ``f * x0_hat + (1 - f) * z_t``, where ``z_t = sqrt(a) * x`` is the VP latent of the current sample ``x``
@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zerocon_core.denoiser import Prediction
-from zerocon_core.diffuseit import DinoStructureGuidance, RangeGuidance
-from zerocon_core.guidance import StepContext
-from zerocon_core.schedule import alpha_bar_from_sigma
+from zerocon_core.diffuseit.guidance import DinoStructureGuidance, RangeGuidance
+from zerocon_core.method.denoiser import Prediction
+from zerocon_core.method.guidance import StepContext
+from zerocon_core.method.schedule import alpha_bar_from_sigma
 
 from .tiny import rand_image, randn64
 from .tiny_vision import tiny_dino

@@ -1,4 +1,4 @@
-"""DiffuseIT's start (zerocon_core.diffuseit_start): the noised start level and the exact re-noise transition."""
+"""DiffuseIT's start (zerocon_core.diffuseit.start): the noised start level and the exact re-noise transition."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from zerocon_core.diffuseit_start import DIFFUSEIT_START_SIGMA, noised_start, renoise, start_index
-from zerocon_core.schedule import ddim_sigmas, sd_sigma_table
+from zerocon_core.diffuseit.start import DIFFUSEIT_START_SIGMA, noised_start, renoise, start_index
+from zerocon_core.method.schedule import ddim_sigmas, sd_sigma_table
 
 from .tiny import tiny_latent
 

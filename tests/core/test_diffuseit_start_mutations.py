@@ -1,4 +1,4 @@
-"""DiffuseIT's noising (zerocon_core.diffuseit_start) against the forward-process formulas in sigma space.
+"""DiffuseIT's noising (zerocon_core.diffuseit.start) against the forward-process formulas in sigma space.
 
 A latent at level ``s`` is ``x = x0 + s * eps``; going up from ``s_a`` to ``s_b`` adds independent noise of
 variance ``s_b^2 - s_a^2`` and leaves the latent itself unscaled (the VP factors ``sqrt(a_b / a_a)`` exist
@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from zerocon_core.diffuseit_start import noised_start, renoise
-from zerocon_core.schedule import alpha_bar_from_sigma, ddim_sigmas, sd_sigma_table
+from zerocon_core.diffuseit.start import noised_start, renoise
+from zerocon_core.method.schedule import alpha_bar_from_sigma, ddim_sigmas, sd_sigma_table
 
 from .tiny import tiny_latent
 

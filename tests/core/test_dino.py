@@ -1,4 +1,4 @@
-"""DINO ViT features (zerocon_core.dino): keys and [CLS] against a manual forward, resizing, gradients, loading.
+"""DINO ViT features (zerocon_core.diffuseit.dino): keys and [CLS] against a manual forward, resizing, gradients, loading.
 
 No weights, no network: DINO is a tiny random ViT built from a config (tests/core/tiny_vision.py).
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zerocon_core import dino
-from zerocon_core.diffuseit_losses import self_similarity_loss
-from zerocon_core.dino import dino_features
+from zerocon_core.diffuseit import dino
+from zerocon_core.diffuseit.dino import dino_features
+from zerocon_core.diffuseit.losses import self_similarity_loss
 
 from .tiny import rand_image
 from .tiny_vision import random_image, tiny_dino, tiny_dino_folder

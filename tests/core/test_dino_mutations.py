@@ -1,4 +1,4 @@
-"""DINO keys (zerocon_core.dino) are the last block's *key* projection of its LayerNorm'd input.
+"""DINO keys (zerocon_core.diffuseit.dino) are the last block's *key* projection of its LayerNorm'd input.
 
 Recomputed from the model's named modules (``k_proj`` in transformers 5, ``attention.key`` in 4), not through
 the module's own lookup helpers, and checked to differ from the query and value projections: a lookup that
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from zerocon_core.dino import dino_features
+from zerocon_core.diffuseit.dino import dino_features
 
 from .tiny_vision import random_image, tiny_dino
 

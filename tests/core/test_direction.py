@@ -1,4 +1,4 @@
-"""zerocon_core.direction: sentence-bank / prompt directions, templates, apply, save/load, CLIP encoders."""
+"""zerocon_core.text.direction: sentence-bank / prompt directions, templates, apply, save/load, CLIP encoders."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import zlib
 import pytest
 import torch
 
-from zerocon_core import direction as D
-from zerocon_core.direction import EditDirection
+from zerocon_core.text import direction as D
+from zerocon_core.text.direction import EditDirection
 
 try:
     from .tiny_text import tiny_clip
@@ -317,7 +317,7 @@ def test_sdxl_clip_encoder_matches_diffusers_recipe(tmp_path):
 
 def test_import_is_cheap():
     code = (
-        "import sys, zerocon_core.direction, zerocon_core.captioning; "
+        "import sys, zerocon_core.text.direction, zerocon_core.text.captioning; "
         "bad = [m for m in ('transformers', 'diffusers', 'safetensors', 'comfy') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -10,9 +10,9 @@ import zlib
 import pytest
 import torch
 
-from zerocon_core import direction as D
-from zerocon_core import text_layout as L
-from zerocon_core.direction import EditDirection
+from zerocon_core.text import direction as D
+from zerocon_core.text import text_layout as L
+from zerocon_core.text.direction import EditDirection
 
 # ------------------------------------------------------------------------------------------------ real-shaped fakes
 

@@ -1,4 +1,4 @@
-"""zerocon_core.direction: progress reports, cancelling, and the per-encoder cache of sentence-bank embeddings."""
+"""zerocon_core.text.direction: progress reports, cancelling, and the per-encoder cache of sentence-bank embeddings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from zerocon_core import direction as D
+from zerocon_core.text import direction as D
 
 
 def _embedding(text: str, width: int, pooled_width: int | None, salt: int = 0):

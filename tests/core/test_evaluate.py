@@ -1,4 +1,4 @@
-"""``python -m zerocon_core.evaluate``: manifest -> per-image CSV + summary; resumable after a real kill."""
+"""``python -m zerocon_core.evaluation.evaluate``: manifest -> per-image CSV + summary; resumable after a real kill."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from zerocon_core import dino, evaluate, metrics
-from zerocon_core.images import load_image
+from zerocon_core.common.images import load_image
+from zerocon_core.diffuseit import dino
+from zerocon_core.evaluation import evaluate, metrics
 
 from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino_folder, write_png
 
@@ -148,7 +149,7 @@ def _cmd(manifest, out, models, *extra):
     return [
         sys.executable,
         "-m",
-        "zerocon_core.evaluate",
+        "zerocon_core.evaluation.evaluate",
         "--manifest",
         str(manifest),
         "--out",
@@ -304,8 +305,8 @@ def test_summary_bootstrap_is_deterministic():
 
 
 def test_cli_eval_subcommand_matches_evaluate_main(tmp_path):
-    """``python -m zerocon_core eval`` (the package CLI) writes the same CSV as ``zerocon_core.evaluate``."""
-    from zerocon_core import cli
+    """``python -m zerocon_core eval`` (the package CLI) writes the same CSV as ``zerocon_core.evaluation.evaluate``."""
+    from zerocon_core.diffusers_host import cli
 
     manifest = _write_set(tmp_path)
     direct, via_cli = tmp_path / "direct.csv", tmp_path / "cli.csv"

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from zerocon_core import cli, evaluate, metrics, piebench
-from zerocon_core.dino import load_dino
-from zerocon_core.images import load_image
-from zerocon_core.lpips import CHANNELS, check_lpips_folder, load_lpips, lpips_distance
+from zerocon_core.common.images import load_image
+from zerocon_core.diffuseit.dino import load_dino
+from zerocon_core.diffusers_host import cli
+from zerocon_core.evaluation import evaluate, metrics, piebench
+from zerocon_core.evaluation.lpips import CHANNELS, check_lpips_folder, load_lpips, lpips_distance
 
 from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino_folder
 

@@ -14,13 +14,13 @@ import math
 import pytest
 import torch
 
-from zerocon_core.denoiser import Prediction, no_session
-from zerocon_core.diffuseit import SemanticDivergenceGuidance, posterior_step_scale
-from zerocon_core.diffuseit_start import DIFFUSEIT_SEM_SIGMA, DIFFUSEIT_START_SIGMA, noised_start, renoise, start_index
-from zerocon_core.guidance import GuidanceTerm, StepContext
-from zerocon_core.inversion import NoiseRegularization, ddim_invert
-from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
-from zerocon_core.schedule import inversion_sigmas
+from zerocon_core.diffuseit.guidance import SemanticDivergenceGuidance, posterior_step_scale
+from zerocon_core.diffuseit.start import DIFFUSEIT_SEM_SIGMA, DIFFUSEIT_START_SIGMA, noised_start, renoise, start_index
+from zerocon_core.method.denoiser import Prediction, no_session
+from zerocon_core.method.guidance import GuidanceTerm, StepContext
+from zerocon_core.method.inversion import NoiseRegularization, ddim_invert
+from zerocon_core.method.sampler import SamplerSettings, guided_ddim_sample
+from zerocon_core.method.schedule import inversion_sigmas
 
 from .tiny import rand_image, randn64
 from .tiny_vision import tiny_dino
@@ -236,7 +236,7 @@ def test_semantic_gate_by_snr():
 
 
 def test_diffuseit_sample_on_flow_and_a_term_built_for_another_prediction_type():
-    from zerocon_core.diffuseit import diffuseit_sample
+    from zerocon_core.diffuseit.guidance import diffuseit_sample
 
     dino = tiny_dino(seed=0).double()
     conv = torch.nn.Conv2d(4, 3, 1).double().requires_grad_(False)

@@ -1,4 +1,4 @@
-"""Guidance terms (zerocon_core.guidance): the step window's end is exclusive and a term's weight is applied
+"""Guidance terms (zerocon_core.method.guidance): the step window's end is exclusive and a term's weight is applied
 exactly once (by the sampler, not also inside the term's loss).
 
 Checked through the sampler against the losses recomputed from the denoiser's captures; each test fails on
@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zerocon_core import losses as L
-from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
-from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
-from zerocon_core.schedule import ddim_sigmas, vp_scale
+from zerocon_core.method import losses as L
+from zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
+from zerocon_core.method.sampler import SamplerSettings, guided_ddim_sample
+from zerocon_core.method.schedule import ddim_sigmas, vp_scale
 
 from .tiny import tiny_cond, tiny_latent
 

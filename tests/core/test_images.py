@@ -1,4 +1,4 @@
-"""Image I/O and VAE latents (zerocon_core.images): sizes to a multiple of 8, PNG round trip, encode/decode."""
+"""Image I/O and VAE latents (zerocon_core.common.images): sizes to a multiple of 8, PNG round trip, encode/decode."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from zerocon_core.images import (
+from zerocon_core.common.images import (
     ImageSizeError,
     decode_latents,
     encode_latents,

@@ -1,4 +1,4 @@
-"""DDIM inversion (zerocon_core.inversion): diffusers' ``DDIMInverseScheduler`` in both query conventions
+"""DDIM inversion (zerocon_core.method.inversion): diffusers' ``DDIMInverseScheduler`` in both query conventions
 (float64, tiny random UNets), the invert-then-sample round trip, and the noise regulariser.
 
 Latents are compared in VP space: ``z = x * vp_scale(sigma)``.
@@ -10,10 +10,10 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler
 
-from zerocon_core import losses as L
-from zerocon_core.inversion import NoiseRegularization, ddim_invert
-from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
-from zerocon_core.schedule import ddim_sigmas, inversion_sigmas, sigma_from_alpha_bar, vp_scale
+from zerocon_core.method import losses as L
+from zerocon_core.method.inversion import NoiseRegularization, ddim_invert
+from zerocon_core.method.sampler import SamplerSettings, guided_ddim_sample
+from zerocon_core.method.schedule import ddim_sigmas, inversion_sigmas, sigma_from_alpha_bar, vp_scale
 
 from .tiny import f64, rel_err, sd_scheduler_config, tiny_cond, tiny_denoiser, tiny_latent
 

@@ -1,4 +1,4 @@
-"""pix2pix-zero's noise regulariser (zerocon_core.inversion.NoiseRegularization) against its update written out.
+"""pix2pix-zero's noise regulariser (zerocon_core.method.inversion.NoiseRegularization) against its update written out.
 
 The auto-correlation loss is re-implemented here (float64, shifts fixed per pyramid level) and its gradient
 taken by autograd; the KL step's gradient is the closed form. These tests fail on a regulariser that drops its
@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zerocon_core.inversion import NoiseRegularization
+from zerocon_core.method.inversion import NoiseRegularization
 
 
 def shift_for(side: int) -> int:

@@ -1,11 +1,11 @@
-"""Layer specs on UNets and MM-DiTs (zerocon_core.denoiser): parsing, selection, per-family defaults."""
+"""Layer specs on UNets and MM-DiTs (zerocon_core.method.denoiser): parsing, selection, per-family defaults."""
 
 from __future__ import annotations
 
 import pytest
 
-from zerocon_core.denoiser import LayerInfo, default_layers, parse_layer_spec, select_layers
-from zerocon_core.guidance import CrossAttentionGuidance, PatchNCEGuidance
+from zerocon_core.method.denoiser import LayerInfo, default_layers, parse_layer_spec, select_layers
+from zerocon_core.method.guidance import CrossAttentionGuidance, PatchNCEGuidance
 
 
 def _dit(stacks: dict[str, int]) -> list[LayerInfo]:

@@ -1,4 +1,4 @@
-"""zerocon_core.losses against independent float64 (numpy) formulas written here, plus gradchecks.
+"""zerocon_core.method.losses against independent float64 (numpy) formulas written here, plus gradchecks.
 
 References: pix2pix-zero ``edit_pipeline.py`` (cross-attention loss), ``ddim_inv.py`` (auto-correlation,
 KL); CUT ``models/patchnce.py`` (PatchNCE). See docs/method.md §3, §5, §6.
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from zerocon_core import losses as L
+from zerocon_core.method import losses as L
 
 TAU = 0.07
 

@@ -8,7 +8,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_variants.pipeline_stable_di
     StableDiffusionPix2PixZeroPipeline as P,
 )
 
-from zerocon_core import losses as L
+from zerocon_core.method import losses as L
 
 D64 = torch.float64
 

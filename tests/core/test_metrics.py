@@ -1,4 +1,4 @@
-"""Edit metrics (zerocon_core.metrics) against independent float64 formulas.
+"""Edit metrics (zerocon_core.evaluation.metrics) against independent float64 formulas.
 
 No weights, no network: DINO and CLIP are tiny random models built from configs (tests/core/tiny_vision.py).
 """
@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zerocon_core import dino, metrics
+from zerocon_core.diffuseit import dino
+from zerocon_core.evaluation import metrics
 
 from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino
 

@@ -1,11 +1,13 @@
-"""zerocon_core.model_folders: the one check every engine loader runs on a local model folder."""
+"""zerocon_core.common.model_folders: the one check every engine loader runs on a local model folder."""
 
 from __future__ import annotations
 
 import pytest
 
-from zerocon_core import captioning, dino, metrics
-from zerocon_core.model_folders import WEIGHTS, ModelFolder, ModelFolderError, check_model_folder, missing_files
+from zerocon_core.common.model_folders import WEIGHTS, ModelFolder, ModelFolderError, check_model_folder, missing_files
+from zerocon_core.diffuseit import dino
+from zerocon_core.evaluation import metrics
+from zerocon_core.text import captioning
 
 SPEC = ModelFolder(
     kind="Test model",

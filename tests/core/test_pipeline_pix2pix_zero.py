@@ -9,10 +9,10 @@ import copy
 import pytest
 import torch
 
-from zerocon_core.denoiser_diffusers import TextCond
-from zerocon_core.guidance import CrossAttentionGuidance
-from zerocon_core.pipeline import invert_and_edit
-from zerocon_core.sampler import SamplerSettings
+from zerocon_core.diffusers_host.denoiser import TextCond
+from zerocon_core.diffusers_host.pipeline import invert_and_edit
+from zerocon_core.method.guidance import CrossAttentionGuidance
+from zerocon_core.method.sampler import SamplerSettings
 
 from .tiny import TEXT_DIM, TOKENS, tiny_cond, tiny_denoiser, tiny_latent
 from .tiny_pix2pix_zero import pipeline_edit, pix2pix_zero_pipeline

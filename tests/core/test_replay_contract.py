@@ -8,12 +8,12 @@ import contextlib
 
 import torch
 
-from zerocon_core.denoiser import LayerInfo, Prediction
-from zerocon_core.guidance import CrossAttentionGuidance, PatchNCEGuidance
-from zerocon_core.inversion import ddim_invert
-from zerocon_core.losses import PatchSamples
-from zerocon_core.replay import RecordSettings
-from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
+from zerocon_core.method.denoiser import LayerInfo, Prediction
+from zerocon_core.method.guidance import CrossAttentionGuidance, PatchNCEGuidance
+from zerocon_core.method.inversion import ddim_invert
+from zerocon_core.method.losses import PatchSamples
+from zerocon_core.method.replay import RecordSettings
+from zerocon_core.method.sampler import SamplerSettings, guided_ddim_sample
 
 from .test_sampler_replay import Pinned
 

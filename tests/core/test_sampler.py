@@ -1,4 +1,4 @@
-"""The guided DDIM sampler (zerocon_core.sampler) on a tiny diffusers UNet: diffusers' ``DDIMScheduler``
+"""The guided DDIM sampler (zerocon_core.method.sampler) on a tiny diffusers UNet: diffusers' ``DDIMScheduler``
 without guidance (float64), guided steps, branches, step windows, non-finite gradients."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from zerocon_core import losses as L
-from zerocon_core.denoiser import CaptureRequest
-from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, StepContext
-from zerocon_core.sampler import GuidedStep, SamplerSettings, _guidance_step, guided_ddim_sample
-from zerocon_core.schedule import ddim_sigmas, sigma_from_alpha_bar, vp_scale
+from zerocon_core.method import losses as L
+from zerocon_core.method.denoiser import CaptureRequest
+from zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, StepContext
+from zerocon_core.method.sampler import GuidedStep, SamplerSettings, _guidance_step, guided_ddim_sample
+from zerocon_core.method.schedule import ddim_sigmas, sigma_from_alpha_bar, vp_scale
 
 from .tiny import f64, rel_err, sd_scheduler_config, tiny_cond, tiny_latent
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zerocon_core.guidance import CrossAttentionGuidance
-from zerocon_core.sampler import GuidedStep, SamplerSettings, _guidance_step
-from zerocon_core.schedule import ddim_sigmas, vp_scale
+from zerocon_core.method.guidance import CrossAttentionGuidance
+from zerocon_core.method.sampler import GuidedStep, SamplerSettings, _guidance_step
+from zerocon_core.method.schedule import ddim_sigmas, vp_scale
 
 from .tiny import tiny_cond, tiny_denoiser, tiny_latent
 

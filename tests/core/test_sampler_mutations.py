@@ -1,4 +1,4 @@
-"""The guided sampler (zerocon_core.sampler) against pix2pix-zero's guided loop written out independently.
+"""The guided sampler (zerocon_core.method.sampler) against pix2pix-zero's guided loop written out independently.
 
 Each test here fails on a plausible mistake that the behaviour tests in test_sampler.py would let through:
 the edit compared with the negative's reference half, the halves of ``branches="both"`` paired crosswise or
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from zerocon_core import losses as L
-from zerocon_core.denoiser import CaptureRequest
-from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, StepContext
-from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
-from zerocon_core.schedule import ddim_sigmas, vp_scale
+from zerocon_core.method import losses as L
+from zerocon_core.method.denoiser import CaptureRequest
+from zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm, StepContext
+from zerocon_core.method.sampler import SamplerSettings, guided_ddim_sample
+from zerocon_core.method.schedule import ddim_sigmas, vp_scale
 
 from .tiny import rel_err, tiny_cond, tiny_latent
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from zerocon_core.denoiser import CaptureRequest
-from zerocon_core.denoiser_diffusers import TextCond
-from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, StepContext
-from zerocon_core.inversion import ddim_invert
-from zerocon_core.sampler import SamplerSettings, cfg_combine, guided_ddim_sample
-from zerocon_core.schedule import ddim_sigmas, inversion_sigmas, vp_scale
+from zerocon_core.diffusers_host.denoiser import TextCond
+from zerocon_core.method.denoiser import CaptureRequest
+from zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm, StepContext
+from zerocon_core.method.inversion import ddim_invert
+from zerocon_core.method.sampler import SamplerSettings, cfg_combine, guided_ddim_sample
+from zerocon_core.method.schedule import ddim_sigmas, inversion_sigmas, vp_scale
 
 from .tiny import TEXT_DIM, TOKENS, tiny_cond, tiny_denoiser, tiny_latent
 from .tiny_pix2pix_zero import pipeline_edit, pix2pix_zero_pipeline

@@ -12,13 +12,13 @@ import logging
 import pytest
 import torch
 
-from zerocon_core.denoiser import CaptureRequest
-from zerocon_core.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
-from zerocon_core.inversion import ddim_invert
-from zerocon_core.losses import PatchSamples, patch_locations
-from zerocon_core.replay import RecordSettings, step_record_bytes
-from zerocon_core.sampler import SamplerSettings, guided_ddim_sample
-from zerocon_core.schedule import ddim_sigmas, inversion_sigmas
+from zerocon_core.method.denoiser import CaptureRequest
+from zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
+from zerocon_core.method.inversion import ddim_invert
+from zerocon_core.method.losses import PatchSamples, patch_locations
+from zerocon_core.method.replay import RecordSettings, step_record_bytes
+from zerocon_core.method.sampler import SamplerSettings, guided_ddim_sample
+from zerocon_core.method.schedule import ddim_sigmas, inversion_sigmas
 
 from .tiny import TOKENS, tiny_cond, tiny_latent
 
@@ -298,7 +298,7 @@ def test_bad_reference_and_record_settings_are_refused():
 
 
 def test_the_command_lines_seed_seeds_patchnce():
-    from zerocon_core.pipeline import default_guidance
+    from zerocon_core.diffusers_host.pipeline import default_guidance
 
     (nce,) = [t for t in default_guidance("eps", nce_seed=5, step_mode="auto") if isinstance(t, PatchNCEGuidance)]
     assert nce.seed == 5 and nce.samples_key == ("PatchNCE", (1, 2), 256, 5)

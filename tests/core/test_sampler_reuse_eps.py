@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zerocon_core.guidance import CrossAttentionGuidance, PatchNCEGuidance
-from zerocon_core.sampler import SamplerSettings, cfg_combine, guided_ddim_sample
-from zerocon_core.schedule import ddim_sigmas, vp_scale
+from zerocon_core.method.guidance import CrossAttentionGuidance, PatchNCEGuidance
+from zerocon_core.method.sampler import SamplerSettings, cfg_combine, guided_ddim_sample
+from zerocon_core.method.schedule import ddim_sigmas, vp_scale
 
 from .tiny import tiny_cond, tiny_latent
 

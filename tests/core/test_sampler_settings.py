@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from zerocon_core.sampler import BRANCHES, STEP_MODES, SamplerSettings
+from zerocon_core.method.sampler import BRANCHES, STEP_MODES, SamplerSettings
 
 
 def test_defaults_and_frozen():

@@ -1,10 +1,10 @@
-"""DDIM grids (zerocon_core.schedule): step-count validation and edges."""
+"""DDIM grids (zerocon_core.method.schedule): step-count validation and edges."""
 
 from __future__ import annotations
 
 import pytest
 
-from zerocon_core.schedule import ddim_sigmas, ddim_timesteps
+from zerocon_core.method.schedule import ddim_sigmas, ddim_timesteps
 
 # -- steps -------------------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from zerocon_core import sd_models
+from zerocon_core.diffusers_host import sd_models
 
 from .tiny import tiny_sd_folder
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zerocon_core import sd_models
+from zerocon_core.diffusers_host import sd_models
 
 from .tiny import tiny_sd_folder
 from .tiny_checkpoint import clip_to_ldm, unet_to_ldm, vae_to_ldm, write_checkpoint

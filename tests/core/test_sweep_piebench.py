@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from zerocon_core import cli, piebench
+from zerocon_core.diffusers_host import cli
+from zerocon_core.evaluation import piebench
 
 from .tiny import tiny_sd_folder
 from .tiny_vision import random_image, tiny_clip_metric_folder, tiny_dino_folder, write_png

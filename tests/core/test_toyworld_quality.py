@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from zerocon_core import sampler
+from zerocon_core.method import sampler
 from zerocon_core.toyworld import edits
 from zerocon_core.toyworld.methods import RunSettings, run_batch
 
@@ -38,7 +38,7 @@ def _cases() -> list[edits.EditCase]:
 
 @pytest.fixture(scope="module")
 def pipe():
-    from zerocon_core.pipeline import ZeroConPipeline
+    from zerocon_core.diffusers_host.pipeline import ZeroConPipeline
 
     p = ZeroConPipeline.from_folder(MODEL, device="cpu", dtype="float32")
     yield p
@@ -84,7 +84,7 @@ _real_auto_update = sampler._auto_update
 @pytest.mark.parametrize("mutation", ["guidance off", "sign flipped"])
 def test_quality_check_fails_when_the_guidance_is_broken(pipe, unguided, monkeypatch, mutation):
     if mutation == "guidance off":
-        monkeypatch.setattr("zerocon_core.pipeline.default_guidance", lambda *a, **k: ())
+        monkeypatch.setattr("zerocon_core.diffusers_host.pipeline.default_guidance", lambda *a, **k: ())
     else:
         monkeypatch.setattr(sampler, "_auto_update", _flipped_auto_update)
     broken = _summary(pipe, "default")

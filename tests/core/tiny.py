@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from zerocon_core.denoiser_diffusers import DiffusersDenoiser, TextCond
+from zerocon_core.diffusers_host.denoiser import DiffusersDenoiser, TextCond
 
 #: Cross-attention width and prompt length of the tiny models (SD: 768 and 77).
 TEXT_DIM = 32

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..pipeline import EditOptions
+from ..diffusers_host.pipeline import EditOptions
 from .edits import EditCase
 from .world import render
 
@@ -93,12 +93,12 @@ _DINO: dict[int, Any] = {}
 
 def run_diffuseit(pipe: Any, case: EditCase, run: RunSettings) -> torch.Tensor:
     """Text-guided DiffuseIT on ``case`` (see the module docstring); returns (1, 3, H, W) in [0, 1]."""
-    from ..denoiser_diffusers import TextCond
-    from ..diffuseit import diffuseit_guidance, diffuseit_sample
-    from ..images import decode_latents, encode_latents
-    from ..pipeline import sampling_grid
-    from ..sampler import SamplerSettings
-    from ..schedule import vp_scale
+    from ..common.images import decode_latents, encode_latents
+    from ..diffuseit.guidance import diffuseit_guidance, diffuseit_sample
+    from ..diffusers_host.denoiser import TextCond
+    from ..diffusers_host.pipeline import sampling_grid
+    from ..method.sampler import SamplerSettings
+    from ..method.schedule import vp_scale
 
     dino = _DINO.setdefault(run.seed, random_dino(run.seed))
     source = source_tensor(case)
@@ -129,10 +129,10 @@ def run_batch(pipe: Any, cases: list[EditCase], method: str, run: RunSettings) -
     guided sampler as ``ZeroConPipeline.edit`` (``pipeline.invert_and_edit``), batched for speed."""
     if method == "diffuseit":
         return np.stack([run_method(pipe, c, method, run) for c in cases])
-    from ..denoiser_diffusers import TextCond
-    from ..images import decode_latents, encode_latents
-    from ..inversion import NoiseRegularization
-    from ..pipeline import default_guidance, invert_and_edit
+    from ..common.images import decode_latents, encode_latents
+    from ..diffusers_host.denoiser import TextCond
+    from ..diffusers_host.pipeline import default_guidance, invert_and_edit
+    from ..method.inversion import NoiseRegularization
 
     opts = edit_options(cases[0], method, run)
     settings = opts.sampler_settings()

@@ -36,8 +36,8 @@ def generate(parts: Any, prompts: list[str], settings: SampleSettings, seed: int
     """Images (N, 3, H, W) in [0, 1] for ``prompts`` from ``parts`` (``sd_models.SDParts``)."""
     from diffusers import DDIMScheduler
 
-    from ..direction import clip_encoder
-    from ..images import decode_latents
+    from ..common.images import decode_latents
+    from ..text.direction import clip_encoder
 
     encode = clip_encoder(parts.tokenizer, parts.text_encoder)
     cond, _ = encode(prompts)

@@ -1,4 +1,4 @@
-"""nodes/compat.py: the pack says clearly (one log line, no stack trace) when ComfyUI is too old.
+"""nodes/glue/compat.py: the pack says clearly (one log line, no stack trace) when ComfyUI is too old.
 
 Unit checks of the version logic, the pin against pyproject's ``requires-comfyui``, and an end-to-end check:
 two older ComfyUI versions taken from the checkout's own git history (``git archive`` into a temp folder;
@@ -57,7 +57,7 @@ def test_min_version_matches_pyproject():
     text = (REPO / "pyproject.toml").read_text()
     m = re.search(r'^requires-comfyui\s*=\s*"\s*>=\s*([0-9.]+)\s*"', text, re.M)
     assert m, 'pyproject.toml has no requires-comfyui = ">=X.Y.Z"'
-    assert _compat().MIN_COMFYUI_TEXT == m.group(1), "nodes/compat.py MIN_COMFYUI differs from requires-comfyui"
+    assert _compat().MIN_COMFYUI_TEXT == m.group(1), "nodes/glue/compat.py MIN_COMFYUI differs from requires-comfyui"
 
 
 def test_log_once_without_traceback(monkeypatch, caplog):

@@ -1,0 +1,3 @@
+"""The text side: edit directions (sentence banks, prompt differences), encoder layouts, prompt lists and
+BLIP captions. Imports only ``common``.
+"""
