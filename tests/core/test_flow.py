@@ -116,7 +116,7 @@ def test_the_regulariser_acts_on_the_implied_noise():
     sign or factor in either conversion."""
     den, mu = FlowToy(), cond(7, 16)
     # from a noised level: near t = 0 the toy's exact field implies a noise of almost zero variance (it cannot
-    # see the noise), where the KL step explodes; a real model's implied noise there is untested (README)
+    # see the noise), where the KL step explodes; a real model's implied noise there is untested (docs/families.md)
     up = torch.tensor([0.3, 0.5, 0.75, 0.9, 1.0], dtype=D64)
     x0 = 0.7 * (mu + S0 * randn64(1, 4, 16, 16, seed=8)) + 0.3 * randn64(1, 4, 16, 16, seed=9)
     reg = NoiseRegularization(lambda_ac=20.0, lambda_kl=20.0, outer=1, rolls=2)

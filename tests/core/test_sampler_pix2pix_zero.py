@@ -1,6 +1,6 @@
 """branches="pix2pix-zero" is pix2pix-zero's own guided update, checked against diffusers'
 ``StableDiffusionPix2PixZeroPipeline.__call__`` in float64 on a tiny random UNet; plus the measured
-difference of the "edit" and "both" modes from it (the figures the README quotes)."""
+difference of the "edit" and "both" modes from it (the figures docs/guide.md quotes)."""
 
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ MEASURED_LENGTH = {"edit": 1.7, "both": 1.7}
 
 @pytest.mark.parametrize("weight", sorted(MEASURED))
 def test_measured_difference_of_the_modes(setup, weight):
-    """The README's figures: "edit" and "both" are structurally different from pix2pix-zero (their edit is
+    """The figures of docs/guide.md: "edit" and "both" are structurally different from pix2pix-zero (their edit is
     about as far from pix2pix-zero's as pix2pix-zero's is from the unguided edit), and each moves the latent
     about 1.7x as far as pix2pix-zero at the same weight, in a similar direction (cosine ~0.9)."""
     expect, unguided = pipeline(setup, weight), pipeline(setup, 0.0)

@@ -73,7 +73,7 @@ def test_steps_without_guidance_run_the_full_cfg_forward(den):
 
 
 def test_the_cost_in_exactness(den):
-    """What README quotes: on the tiny random UNet (4 steps, cfg 5) the opt-in edit is 0.80 x the guidance's own
+    """What docs/benchmarks.md quotes: on the tiny random UNet (4 steps, cfg 5) the opt-in edit is 0.80 x the guidance's own
     effect (exact edit vs unguided edit) away from the exact edit: the edit noise no longer follows the moved
     latent, so the CFG noise's response to the guidance step is (1 - cfg) x the negative's instead of the edit's."""
     exact, *_ = run(den, 4)

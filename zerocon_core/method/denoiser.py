@@ -133,7 +133,7 @@ def default_layers(layers: Sequence[LayerInfo], kind: str) -> list[str]:
     """The family's default layers of ``kind`` (what the spec "auto" selects), in forward order.
 
     UNet: every cross-attention layer (pix2pix-zero's choice) and the up blocks' self-attention (ours, for
-    PatchNCE). MM-DiT (our choice, README "Guidance on Flux and SD3.5 (MM-DiT)"): text-image maps from
+    PatchNCE). MM-DiT (our choice, docs/families.md "Guidance on Flux and SD3.5 (MM-DiT)"): text-image maps from
     ``DIT_DEFAULT_CROSS_BLOCKS`` double-stream / joint blocks spread over the second half of that stack;
     PatchNCE features from ``DIT_DEFAULT_FEATURE_BLOCKS`` blocks spread over the second half of the whole
     model's depth (for Flux: single-stream blocks). Raises ``ValueError`` when there are none.

@@ -112,7 +112,7 @@ class PatchNCEGuidance(GuidanceTerm):
     (``reference_samples``) and the sampler compares the edit there, replayed or not. Default weight 0.5:
     the weight at which its gradient pulls about as hard as the cross-attention term's at 0.1 (median
     gradient-RMS ratio 5.76 over a 10-step edit, random SD1.5 UNet, 256 px: ``bench/calibrate_patchnce.py``;
-    README, "Calibrating PatchNCE"). Our choice: the zeroCon paper gives no weight.
+    docs/guide.md, "Calibrating PatchNCE"). Our choice: the zeroCon paper gives no weight.
     """
 
     weight: float = 0.5

@@ -50,7 +50,7 @@ def check_eval_at(eval_at: str, what: str = "eval_at", prediction_type: str = "e
 class NoiseRegularization:
     """pix2pix-zero's regulariser on predicted noise: ``outer`` rounds of (``rolls`` auto-correlation
     steps of size ``lambda_ac / rolls``, then one KL step of size ``lambda_kl``). Defaults as the paper's
-    code: 20, 20, 5 x 5. Deliberate differences from diffusers' pipeline (README, "The noise regulariser"):
+    code: 20, 20, 5 x 5. Deliberate differences from diffusers' pipeline (docs/method.md §3):
     shifts never 0, one KL per image, the pyramid follows the shorter side (``losses.auto_corr_loss``)."""
 
     lambda_ac: float = 20.0

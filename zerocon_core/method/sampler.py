@@ -35,8 +35,9 @@ if TYPE_CHECKING:
 
 STEP_MODES = ("auto", "raw", "normalized")
 BRANCHES = ("edit", "both", "pix2pix-zero")
-#: Step mode "auto": the default update, as a fraction of the latent's RMS per step. Not calibrated on real weights
-#: (README, "Defaults"): the normalized mode's 0.02; bench/calibrate_auto_step.py measures the raw defaults' step.
+#: Step mode "auto": the default update, as a fraction of the latent's RMS per step. Not calibrated on real weights;
+#: measured on the toy-world model trained here (docs/toyworld.md, docs/guide.md "Defaults"): the normalized mode's
+#: 0.02; bench/calibrate_auto_step.py measures the raw defaults' step.
 AUTO_STEP_SIZE = 0.02
 #: Overflow retry: a gradient that is not finite is recomputed from the loss times this factor, then divided
 #: by it in float32 (float16's largest value 65504 then stands for 4.3e9; what underflows is below 1e-12 of it).
