@@ -425,9 +425,9 @@ def diffuseit_sample(
     ``resample`` = 10, as DiffuseIT); its ``seed`` also draws the start noise. Returns the sampler's
     ``SampleResult``. The DINO terms' ``prediction_type`` must be the model's (else ``ValueError``; docs/sampler.md).
     """
+    reject_unknown("diffuseit_sample", old, DIFFUSEIT_COND_KEYWORDS, HOOK_KEYWORDS)
     conds = from_old_keywords("diffuseit_sample", "conds", conds, Conditionings, old, DIFFUSEIT_COND_KEYWORDS)
     hooks = from_old_keywords("diffuseit_sample", "hooks", hooks, Hooks, old, HOOK_KEYWORDS)
-    reject_unknown("diffuseit_sample", old)
     if conds is None:
         raise TypeError(
             "diffuseit_sample() missing the conditionings: conds=Conditionings(source=negative, edit=target)"

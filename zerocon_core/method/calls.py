@@ -33,15 +33,16 @@ def from_old_keywords(func: str, param: str, given: Any, cls: type, old: dict[st
     """``given``, or (when the caller used the old keywords) a ``cls`` built from them: ``names`` maps each old
     keyword to its field; the keywords found are popped from ``old``. None when neither was passed.
     ``TypeError`` when both ``param`` and old keywords were passed."""
-    picked = {names[k]: old.pop(k) for k in list(old) if k in names}
-    if not picked:
+    used = [k for k in old if k in names]
+    if not used:
         return given
     if given is not None:
-        raise TypeError(f"{func}() got {param}= and the old keywords {sorted(names[k] for k in picked)}: pass one")
-    return cls(**picked)
+        raise TypeError(f"{func}() got {param}= and the old keywords {', '.join(used)}: pass one")
+    return cls(**{names[k]: old.pop(k) for k in used})
 
 
-def reject_unknown(func: str, old: dict[str, Any]) -> None:
-    """``TypeError`` as Python's own for the first keyword left in ``old`` (none of the old keywords)."""
-    if old:
-        raise TypeError(f"{func}() got an unexpected keyword argument {next(iter(old))!r}")
+def reject_unknown(func: str, old: dict[str, Any], *known: dict[str, str]) -> None:
+    """``TypeError`` as Python's own for the first keyword in ``old`` that is none of the ``known`` old keywords."""
+    unknown = [k for k in old if not any(k in names for names in known)]
+    if unknown:
+        raise TypeError(f"{func}() got an unexpected keyword argument {unknown[0]!r}")

@@ -119,9 +119,9 @@ def ddim_invert(
     step, ``check_interrupt()`` before each. The old keywords (``cfg=``, ``eval_at=``, ``regularization=``,
     ``seed=``, ``keep_trajectory=``, ``record=``, ``callback=``, ``check_interrupt=``) are still accepted.
     """
+    reject_unknown("ddim_invert", old, SETTINGS_KEYWORDS, HOOK_KEYWORDS)
     settings = from_old_keywords("ddim_invert", "settings", settings, InversionSettings, old, SETTINGS_KEYWORDS)
     hooks = from_old_keywords("ddim_invert", "hooks", hooks, Hooks, old, HOOK_KEYWORDS)
-    reject_unknown("ddim_invert", old)
     settings, hooks = settings or InversionSettings(), hooks or Hooks()
     ptype = denoiser.prediction_type
     _check_inversion(x, sigmas, negative_cond, settings, ptype)

@@ -253,9 +253,9 @@ def _call_arguments(
 ) -> tuple[Conditionings, Hooks]:
     """The run's conditionings and hooks, from the new arguments or the old keywords (``TypeError`` for
     both, for unknown keywords, or for no conditionings)."""
+    reject_unknown("guided_ddim_sample", old, COND_KEYWORDS, HOOK_KEYWORDS)
     conds = from_old_keywords("guided_ddim_sample", "conds", conds, Conditionings, old, COND_KEYWORDS)
     hooks = from_old_keywords("guided_ddim_sample", "hooks", hooks, Hooks, old, HOOK_KEYWORDS)
-    reject_unknown("guided_ddim_sample", old)
     if conds is None:
         raise TypeError("guided_ddim_sample() missing the conditionings: conds=Conditionings(source, edit)")
     return conds, hooks if hooks is not None else Hooks()
