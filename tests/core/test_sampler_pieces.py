@@ -33,6 +33,7 @@ from zerocon_core.method.sampler import (
     _Reference,
     _term_loss,
     _Terms,
+    _Trace,
     guided_ddim_sample,
 )
 from zerocon_core.method.schedule import ddim_sigmas, inversion_sigmas, vp_scale
@@ -300,6 +301,21 @@ def test_term_loss_averages_over_the_pairs():
     pairs = [(x, Prediction(torch.full_like(x, v), {}, {}), None) for v in (1.0, 4.0)]
     loss = _term_loss(_Constant(weight=1.0), CaptureRequest(), pairs, _step(Fake()))
     assert float(loss) == 2.5 and loss.dtype == torch.float64
+
+
+@dataclass(frozen=True)
+class _NaN(GuidanceTerm):
+    def loss(self, ctx, request):
+        return ctx.eps.sum() * float("nan")
+
+
+def test_trace_keeps_a_finite_guided_latent_and_skips_a_non_finite_one():
+    den, x = Fake(), _x()
+    trace = _Trace()
+    (moved,) = trace.guided(x, _step(den, [(_Capturing(weight=1.0), REQ)], _refs()), SamplerSettings())
+    assert not torch.equal(moved, x) and trace.skipped == [] and len(trace.losses) == len(trace.records) == 1
+    (kept,) = trace.guided(x, _step(den, [(_NaN(weight=1.0), CaptureRequest())]), SamplerSettings())
+    assert kept is x and trace.skipped == [0] and trace.records[-1].skipped and len(trace.losses) == 2
 
 
 # -- the step modes ---------------------------------------------------------------------------------------------

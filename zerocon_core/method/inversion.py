@@ -1,19 +1,10 @@
 """Deterministic DDIM inversion in sigma space, with pix2pix-zero's optional noise regularisation.
 
-Each step goes up the ascending grid from level ``a`` to ``b``: eps is predicted for the latent (under the
-source conditioning, optionally with CFG), optionally regularised, and ``x_b = x_a + (s_b - s_a) * eps``.
-Where the model is queried is a choice:
-
-- ``"current"`` (default): at ``s_a`` with the latent as it is: Euler on flipped sigmas, exactly what
-  ComfyUI's ``FlipSigmas`` + ``ddim`` sampler does;
-- ``"next"``: at ``s_b`` with the same VP latent re-expressed at that level: diffusers'
-  ``DDIMInverseScheduler`` / null-text inversion convention (exact for eps-prediction models). VP models only:
-  a flow-matching model (``prediction_type`` "flow") is a ``ValueError`` (``check_eval_at``).
-
-Flow-matching models (SD3, Flux): ``eps`` is the velocity and the same step is the Euler ODE run backwards, the
-exact analogue of DDIM inversion (ComfyUI's ``FlipSigmas`` + ``euler``). The noise regulariser acts on the
-implied noise ``n = x + (1 - t) v`` and the velocity is recovered from the regularised noise
-(``parameterization.implied_noise``; our choice, docs/method.md §9b).
+Each step goes up the ascending grid from level ``a`` to ``b``: eps predicted under the source conditioning
+(optionally with CFG) at the ``eval_at`` point ("current": ComfyUI's ``FlipSigmas`` + ``ddim``/``euler``;
+"next": diffusers' ``DDIMInverseScheduler``, VP models only), optionally regularised, then ``ddim_step``.
+Flow models (SD3, Flux) run the Euler ODE backwards, the regulariser on the implied noise. Why, step by step:
+docs/sampler.md, "The inversion".
 """
 
 from __future__ import annotations
