@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 
 from ..common.log import logger
+from ..method.calls import HOOK_KEYWORDS, Hooks, from_old_keywords, reject_unknown
 from ..method.guidance import GuidanceTerm, StepContext
 from ..method.parameterization import check_prediction_type, noise_blend, vp_sigma
-from ..method.sampler import SampleResult, SamplerSettings, guided_ddim_sample
+from ..method.sampler import Conditionings, SampleResult, SamplerSettings, guided_ddim_sample
 from .dino import DINO_MAX_SIZE, DINO_SIZE, DinoFeatures, dino_features
 from .losses import (
     TAU,
@@ -350,33 +351,55 @@ class RangeGuidance(_DecodedTerm):
 # -- conveniences -------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DiffuseITObjective:
+    """Which of DiffuseIT's terms ``diffuseit_guidance`` builds, and how strongly: ``weight`` multiplies every
+    term; ``semantic`` adds ``SemanticDivergenceGuidance``, ``range_term`` ``RangeGuidance``; ``lambda_pixel``
+    is the style term's pixel weight (image-guided only)."""
+
+    weight: float = 1.0
+    semantic: bool = True
+    range_term: bool = True
+    lambda_pixel: float = LAMBDA_PIXEL
+
+
+#: ``diffuseit_guidance``'s old keywords, one per ``DiffuseITObjective`` field.
+OBJECTIVE_KEYWORDS = {name: name for name in ("weight", "semantic", "range_term", "lambda_pixel")}
+#: ``diffuseit_sample``'s old keywords of ``Conditionings``' fields: the target prompt is the edit, the negative
+#: the source (the reference branch's and CFG's negative).
+DIFFUSEIT_COND_KEYWORDS = {"cond": "edit", "negative_cond": "source"}
+
+
 def diffuseit_guidance(
     dino: Any,
     decode: Decode,
     source: Tensor,
     reference: Tensor | None = None,
     *,
-    weight: float = 1.0,
-    semantic: bool = True,
-    range_term: bool = True,
-    lambda_pixel: float = LAMBDA_PIXEL,
+    objective: DiffuseITObjective | None = None,
     **common: Any,
 ) -> tuple[GuidanceTerm, ...]:
     """DiffuseIT's full objective as a guidance tuple: structure, + style when ``reference`` is given
-    (image-guided), + semantic divergence, + range. ``common`` goes to every DINO term (``dino_size``,
+    (image-guided), + semantic divergence, + range (``objective``; its old keywords ``weight=``, ``semantic=``,
+    ``range_term=``, ``lambda_pixel=`` still work). ``common`` goes to every DINO term (``dino_size``,
     ``noise_blend``, ``posterior_scale``...)."""
+    objective = from_old_keywords(
+        "diffuseit_guidance", "objective", objective, DiffuseITObjective, common, OBJECTIVE_KEYWORDS
+    )
+    obj = objective if objective is not None else DiffuseITObjective()
+    weight = obj.weight
     terms: list[GuidanceTerm] = [
         DinoStructureGuidance(weight=weight, dino=dino, decode=decode, source=source, **common)
     ]
     if reference is not None:
         terms.append(
             DinoStyleGuidance(
-                weight=weight, dino=dino, decode=decode, reference=reference, lambda_pixel=lambda_pixel, **common
+                weight=weight, dino=dino, decode=decode, reference=reference, lambda_pixel=obj.lambda_pixel, **common
             )
         )
-    if semantic:
+    if obj.semantic:
         terms.append(SemanticDivergenceGuidance(weight=weight, dino=dino, decode=decode, source=source, **common))
-    if range_term:
+    if obj.range_term:
         shared = {k: v for k, v in common.items() if k in ("posterior_scale", "autograd_session", "prediction_type")}
         terms.append(RangeGuidance(weight=weight, decode=decode, **shared))
     return tuple(terms)
@@ -386,25 +409,29 @@ def diffuseit_sample(
     denoiser,
     latent: Tensor,
     sigmas: Tensor,
+    conds: Conditionings | None = None,
     *,
-    cond: Any,
-    negative_cond: Any,
     guidance: Sequence[GuidanceTerm],
     strength: float | None = None,
     settings: SamplerSettings | None = None,
-    callback=None,
-    check_interrupt=None,
+    hooks: Hooks | None = None,
+    **old: Any,
 ) -> SampleResult:
     """DiffuseIT on a latent model: forward-noise the clean ``latent`` (model latent space) to the start level
     (``diffuseit_start.noised_start``: DiffuseIT's SNR when ``strength`` is None), then the guided DDIM loop with
-    first-step resampling, CFG between ``negative_cond`` and ``cond`` (the target prompt; text-guided DiffuseIT).
-    ``sigmas``: the full descending DDIM grid. ``settings``: the sampler's (default: CFG 5 and
+    first-step resampling. ``conds``: ``Conditionings(source=negative, edit=target prompt)`` (CFG between them;
+    the old keywords ``cond=``, ``negative_cond=``, ``callback=``, ``check_interrupt=`` still work).
+    ``sigmas``: the full descending grid (sigma space). ``settings``: the sampler's (default: CFG 5 and
     ``resample`` = 10, as DiffuseIT); its ``seed`` also draws the start noise. Returns the sampler's
-    ``SampleResult``. Flow models (``denoiser.prediction_type`` "flow") start at the level of the same SNR and
-    noise as ``(1 - t) x0 + t eps``; give their DINO terms ``prediction_type="flow"`` too (a mismatch is a
-    ``ValueError``). Capture-based terms (cross-attention, PatchNCE), if added, compare with a reference branch
-    that denoises the same noised start under ``negative_cond``.
+    ``SampleResult``. The DINO terms' ``prediction_type`` must be the model's (else ``ValueError``; docs/sampler.md).
     """
+    reject_unknown("diffuseit_sample", old, DIFFUSEIT_COND_KEYWORDS, HOOK_KEYWORDS)
+    conds = from_old_keywords("diffuseit_sample", "conds", conds, Conditionings, old, DIFFUSEIT_COND_KEYWORDS)
+    hooks = from_old_keywords("diffuseit_sample", "hooks", hooks, Hooks, old, HOOK_KEYWORDS)
+    if conds is None:
+        raise TypeError(
+            "diffuseit_sample() missing the conditionings: conds=Conditionings(source=negative, edit=target)"
+        )
     settings = SamplerSettings(resample=DIFFUSEIT_RESAMPLE) if settings is None else settings
     for term in guidance:
         wanted = getattr(term, "prediction_type", None)
@@ -414,15 +441,4 @@ def diffuseit_sample(
                 f"{denoiser.prediction_type!r}: build the DINO terms with prediction_type={denoiser.prediction_type!r}"
             )
     x, grid = noised_start(latent, sigmas, strength, settings.seed, prediction_type=denoiser.prediction_type)
-    return guided_ddim_sample(
-        denoiser,
-        x,
-        grid,
-        source_cond=negative_cond,
-        edit_cond=cond,
-        negative_cond=None,
-        guidance=guidance,
-        settings=settings,
-        callback=callback,
-        check_interrupt=check_interrupt,
-    )
+    return guided_ddim_sample(denoiser, x, grid, conds, guidance=guidance, settings=settings, hooks=hooks)

@@ -1,35 +1,27 @@
 """Deterministic DDIM inversion in sigma space, with pix2pix-zero's optional noise regularisation.
 
-Each step goes up the ascending grid from level ``a`` to ``b``: eps is predicted for the latent (under the
-source conditioning, optionally with CFG), optionally regularised, and ``x_b = x_a + (s_b - s_a) * eps``.
-Where the model is queried is a choice:
-
-- ``"current"`` (default): at ``s_a`` with the latent as it is: Euler on flipped sigmas, exactly what
-  ComfyUI's ``FlipSigmas`` + ``ddim`` sampler does;
-- ``"next"``: at ``s_b`` with the same VP latent re-expressed at that level: diffusers'
-  ``DDIMInverseScheduler`` / null-text inversion convention (exact for eps-prediction models). VP models only:
-  a flow-matching model (``prediction_type`` "flow") is a ``ValueError`` (``check_eval_at``).
-
-Flow-matching models (SD3, Flux): ``eps`` is the velocity and the same step is the Euler ODE run backwards, the
-exact analogue of DDIM inversion (ComfyUI's ``FlipSigmas`` + ``euler``). The noise regulariser acts on the
-implied noise ``n = x + (1 - t) v`` and the velocity is recovered from the regularised noise
-(``parameterization.implied_noise``; our choice, docs/method.md §9b).
+Each step goes up the ascending grid from level ``a`` to ``b``: eps predicted under the source conditioning
+(optionally with CFG) at the ``eval_at`` point ("current": ComfyUI's ``FlipSigmas`` + ``ddim``/``euler``;
+"next": diffusers' ``DDIMInverseScheduler``, VP models only), optionally regularised, then ``ddim_step``.
+Flow models (SD3, Flux) run the Euler ODE backwards, the regulariser on the implied noise. Why, step by step:
+docs/sampler.md, "The inversion".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..common.log import logger
-from .denoiser import CaptureRequest, Denoiser
+from .calls import HOOK_KEYWORDS, Hooks, from_old_keywords, reject_unknown
+from .denoiser import CaptureRequest, Denoiser, Prediction
 from .losses import auto_corr_loss, kl_loss
 from .parameterization import eps_from_noise, implied_noise, input_scale, is_flow
-from .replay import Recorder, RecordSettings, ReferenceRecord
-from .steps import cfg_combine
+from .replay import Inversion, Recorder, RecordSettings, ReferenceRecord
+from .steps import cfg_combine, ddim_step
 
 EVAL_AT = ("current", "next")
 
@@ -81,16 +73,23 @@ class NoiseRegularization:
         return eps.detach()
 
 
-@dataclass
-class Inversion:
-    """Result of ``ddim_invert``: ``latent`` at ``sigmas[-1]`` (sigma space), the ascending ``sigmas`` and
-    the ``trajectory`` of latents, one per level (``trajectory[k]`` is at ``sigmas[k]``). ``record``: the
-    reference captures recorded for the sampler to replay (``ddim_invert(record=...)``), else None."""
+@dataclass(frozen=True)
+class InversionSettings:
+    """How ``ddim_invert`` runs (docs/sampler.md, "The inversion"): ``cfg`` 1 (pix2pix-zero) uses the source alone;
+    ``eval_at`` "current" or "next" (``EVAL_AT``); ``regularization`` of the predicted noise (None: none);
+    ``seed`` of the regulariser's random shifts; ``keep_trajectory``: keep every level's latent; ``record``: the
+    captures to record for the sampler's "inverted" reference (implies ``keep_trajectory``)."""
 
-    latent: Tensor
-    sigmas: Tensor
-    trajectory: list[Tensor] = field(default_factory=list)
-    record: ReferenceRecord | None = None
+    cfg: float = 1.0
+    eval_at: str = "current"
+    regularization: NoiseRegularization | None = None
+    seed: int = 0
+    keep_trajectory: bool = True
+    record: RecordSettings | None = None
+
+
+#: ``ddim_invert``'s old keywords, one per ``InversionSettings`` field.
+SETTINGS_KEYWORDS = {name: name for name in ("cfg", "eval_at", "regularization", "seed", "keep_trajectory", "record")}
 
 
 def ddim_invert(
@@ -100,79 +99,106 @@ def ddim_invert(
     cond: Any,
     *,
     negative_cond: Any = None,
-    cfg: float = 1.0,
-    eval_at: str = "current",
-    regularization: NoiseRegularization | None = None,
-    seed: int = 0,
-    keep_trajectory: bool = True,
-    record: RecordSettings | None = None,
-    callback: Callable[[int, int, Tensor], None] | None = None,
-    check_interrupt: Callable[[], None] | None = None,
+    settings: InversionSettings | None = None,
+    hooks: Hooks | None = None,
+    **old: Any,
 ) -> Inversion:
-    """Invert the latent ``x`` (sigma space, at level ``sigmas[0]``) up the ascending grid ``sigmas``.
+    """Invert the latent ``x`` (sigma space, at level ``sigmas[0]``) up the ascending grid ``sigmas`` (sigma
+    space, not timesteps); returns the ``Inversion`` (latent at ``sigmas[-1]``, trajectory, record).
 
-    ``cfg`` 1 (default, pix2pix-zero) uses ``cond`` alone; otherwise ``negative_cond`` is required.
-    ``seed`` seeds the regulariser's random shifts. ``callback(i, n, x)`` after each step. Flow models
-    (``denoiser.prediction_type`` "flow"): the backward Euler ODE, regulariser on the implied noise (module doc).
-    ``record``: record the captures ``record.guidance`` requests for the sampler's "inverted" reference
-    (``replay``; implies ``keep_trajectory``). Recorded only for eval_at "current" and cfg 1, where the
-    inversion's forwards are the reference's; otherwise the record is empty and the sampler falls back.
+    ``negative_cond`` is needed when ``settings.cfg`` is not 1. ``hooks``: ``callback(i, n, x)`` after each
+    step, ``check_interrupt()`` before each. The old keywords (``cfg=``, ``eval_at=``, ``regularization=``,
+    ``seed=``, ``keep_trajectory=``, ``record=``, ``callback=``, ``check_interrupt=``) are still accepted.
     """
+    reject_unknown("ddim_invert", old, SETTINGS_KEYWORDS, HOOK_KEYWORDS)
+    settings = from_old_keywords("ddim_invert", "settings", settings, InversionSettings, old, SETTINGS_KEYWORDS)
+    hooks = from_old_keywords("ddim_invert", "hooks", hooks, Hooks, old, HOOK_KEYWORDS)
+    settings, hooks = settings or InversionSettings(), hooks or Hooks()
     ptype = denoiser.prediction_type
-    check_eval_at(eval_at, prediction_type=ptype)
+    _check_inversion(x, sigmas, negative_cond, settings, ptype)
+    gen = torch.Generator().manual_seed(int(settings.seed))
+    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
+    n = len(sigmas) - 1
+    x = x.detach().clone()
+    recorder = _recorder(denoiser, settings, n)
+    keep = settings.keep_trajectory or settings.record is not None
+    trajectory = [x] if keep else []
+    with torch.no_grad():
+        for i in range(n):
+            hooks.interrupt()
+            s_e, x_in = eval_point(x, sigmas[i], sigmas[i + 1], settings.eval_at, ptype)
+            capture = recorder.wants(i) if recorder is not None else None
+            p = _source_prediction(denoiser, x_in, s_e, (cond, negative_cond), settings.cfg, capture)
+            if capture:
+                recorder.add(i, p)
+            eps = p.eps
+            if settings.regularization is not None:  # on the Gaussian noise the prediction implies (VP: eps itself)
+                noise = settings.regularization(implied_noise(x_in, eps, s_e, ptype), gen)
+                eps = eps_from_noise(x_in, noise, s_e, ptype)
+            x = ddim_step(x, eps, sigmas[i], sigmas[i + 1])
+            if keep:
+                trajectory.append(x)
+            hooks.progress(i, n, x)
+    if not torch.isfinite(x).all():
+        logger.error("DDIM inversion produced non-finite values")
+        raise FloatingPointError("DDIM inversion produced NaN/Inf: check the model and the latent")
+    return Inversion(latent=x, sigmas=sigmas, trajectory=trajectory, record=_finished(recorder, settings, n))
+
+
+def _check_inversion(x: Tensor, sigmas: Tensor, negative_cond: Any, settings: InversionSettings, ptype: str) -> None:
+    """``ValueError`` for a bad convention, grid, missing negative or non-finite latent."""
+    check_eval_at(settings.eval_at, prediction_type=ptype)
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid of at least 2 levels, got shape {tuple(sigmas.shape)}")
     if bool((sigmas[1:] <= sigmas[:-1]).any()):
         raise ValueError("inversion sigmas must be strictly ascending")
-    if cfg != 1.0 and negative_cond is None:
+    if settings.cfg != 1.0 and negative_cond is None:
         raise ValueError("inversion with cfg != 1 needs a negative conditioning")
     if not torch.isfinite(x).all():
         raise ValueError("the latent to invert contains NaN or Inf")
-    gen = torch.Generator().manual_seed(int(seed))
-    sigmas = sigmas.to(device=x.device, dtype=x.dtype)
-    n = len(sigmas) - 1
-    x = x.detach().clone()
-    recorder = None
-    if record is not None:
-        keep_trajectory = True
-        if eval_at == "current" and cfg == 1.0:
-            recorder = Recorder(record, denoiser.layers() if record.guidance else [], n, eval_at, cfg)
-        else:
-            logger.info(
-                "reference record: nothing recorded (eval_at %r, cfg %s: not the reference's forwards)", eval_at, cfg
-            )
-    trajectory = [x] if keep_trajectory else []
-    with torch.no_grad():
-        for i in range(n):
-            if check_interrupt is not None:
-                check_interrupt()
-            s_a, s_b = sigmas[i], sigmas[i + 1]
-            if eval_at == "current":
-                s_e, x_in = s_a, x
-            else:
-                s_e = s_b
-                x_in = x * (input_scale(s_a, ptype) / input_scale(s_e, ptype))
-            if cfg == 1.0:
-                capture = recorder.wants(i) if recorder is not None else None
-                (p,) = denoiser.predict(x_in, s_e, [cond], capture)
-                if capture:
-                    recorder.add(i, p)
-                eps = p.eps
-            else:
-                p_neg, p_pos = denoiser.predict(x_in, s_e, [negative_cond, cond])
-                eps = cfg_combine(p_neg.eps, p_pos.eps, cfg)
-            if regularization is not None:  # on the Gaussian noise the prediction implies (VP: eps itself)
-                noise = regularization(implied_noise(x_in, eps, s_e, ptype), gen)
-                eps = eps_from_noise(x_in, noise, s_e, ptype)
-            x = x + (s_b - s_a) * eps
-            if keep_trajectory:
-                trajectory.append(x)
-            if callback is not None:
-                callback(i, n, x)
-    if not torch.isfinite(x).all():
-        logger.error("DDIM inversion produced non-finite values")
-        raise FloatingPointError("DDIM inversion produced NaN/Inf: check the model and the latent")
-    rec = None
-    if record is not None:
-        rec = recorder.finish() if recorder is not None else ReferenceRecord(CaptureRequest(), n, eval_at, cfg)
-    return Inversion(latent=x, sigmas=sigmas, trajectory=trajectory, record=rec)
+
+
+def eval_point(x: Tensor, s_a: Tensor, s_b: Tensor, eval_at: str, prediction_type: str) -> tuple[Tensor, Tensor]:
+    """``(sigma, latent)`` where the model is queried for the step from ``s_a`` up to ``s_b``: "current" at
+    ``s_a`` with ``x`` as it is; "next" at ``s_b`` with the VP latent re-expressed at that level."""
+    if eval_at == "current":
+        return s_a, x
+    return s_b, x * (input_scale(s_a, prediction_type) / input_scale(s_b, prediction_type))
+
+
+def _source_prediction(
+    denoiser: Denoiser, x_in: Tensor, sigma: Tensor, conds: tuple[Any, Any], cfg: float, capture
+) -> Prediction:
+    """The source's prediction at ``sigma`` (with ``capture``'s captures); with ``cfg`` != 1 its ``eps`` is the
+    CFG mix with the negative (``conds`` = (source, negative))."""
+    cond, negative_cond = conds
+    if cfg == 1.0:
+        (p,) = denoiser.predict(x_in, sigma, [cond], capture)
+        return p
+    p_neg, p_pos = denoiser.predict(x_in, sigma, [negative_cond, cond])
+    return p_pos._replace(eps=cfg_combine(p_neg.eps, p_pos.eps, cfg))
+
+
+def _recorder(denoiser: Denoiser, settings: InversionSettings, n: int) -> Recorder | None:
+    """The recorder of the reference captures, when ``settings.record`` asks and the inversion's forwards are
+    the reference's ("current", cfg 1); else None (logged when a record was asked)."""
+    if settings.record is None:
+        return None
+    if settings.eval_at == "current" and settings.cfg == 1.0:
+        record = settings.record
+        return Recorder(record, denoiser.layers() if record.guidance else [], n, settings.eval_at, settings.cfg)
+    logger.info(
+        "reference record: nothing recorded (eval_at %r, cfg %s: not the reference's forwards)",
+        settings.eval_at,
+        settings.cfg,
+    )
+    return None
+
+
+def _finished(recorder: Recorder | None, settings: InversionSettings, n: int) -> ReferenceRecord | None:
+    """The record to return: the recorder's, an empty one where nothing could be recorded, None if none asked."""
+    if settings.record is None:
+        return None
+    if recorder is not None:
+        return recorder.finish()
+    return ReferenceRecord(CaptureRequest(), n, settings.eval_at, settings.cfg)

@@ -176,6 +176,19 @@ def record_gap(record: ReferenceRecord, terms: Sequence[GuidanceTerm], layers) -
     return ""
 
 
+@dataclass
+class Inversion:
+    """Result of ``ddim_invert``: ``latent`` at ``sigmas[-1]`` (sigma space), the ascending ``sigmas`` and
+    the ``trajectory`` of latents, one per level (``trajectory[k]`` is at ``sigmas[k]``). ``record``: the
+    reference captures recorded for the sampler to replay (``ddim_invert(record=...)``), else None. Defined
+    here so that the sampler reads it without importing the inversion."""
+
+    latent: Tensor
+    sigmas: Tensor
+    trajectory: list[Tensor] = field(default_factory=list)
+    record: ReferenceRecord | None = None
+
+
 class Recorder:
     """Used by ``ddim_invert``: decides which levels to record and stores their captures within budget."""
 

@@ -1,37 +1,26 @@
-"""The guided DDIM loop of pix2pix-zero(Con), over any ``Denoiser``.
+"""The guided DDIM loop of pix2pix-zero(Con), over any ``Denoiser`` (docs/sampler.md, step by step).
 
-At every step the *edit* branch first takes one gradient step on its latent to bring its captures (attention
-maps, features) close to the *reference*'s, then a CFG step with the edited conditioning. In ComfyUI's sigma
-space the step ``x + (sigma_next - sigma) * eps`` is DDIM for SD (VP) models and Euler on the velocity for
-flow-matching models (SD3, Flux; ``parameterization``).
-
-Where the reference comes from is ``SamplerSettings.reference``: "inverted" (the default, where exact) pins it
-to the inversion's trajectory (Direct Inversion's source branch) and replays the captures ``ddim_invert``
-recorded (``replay``), saving the reference forward at every step but the first; "resampled" denoises a
-reference branch in lockstep with the source conditioning, its captures used at once and dropped (only one
-step's maps are ever held; pix2pix-zero keeps all steps').
-
-How the guidance step treats the two halves of the CFG batch is ``SamplerSettings.branches``; how the gradient
-becomes a step, ``SamplerSettings.step_mode`` ("auto" by default: ``_auto_update``).
+Each step: the reference's captures (``_Reference``), one gradient step on the edit latent (``_guidance_step``:
+the branches' forwards, the terms' losses, the step mode's update), then a CFG step with the edited conditioning
+(``_cfg_eps``, ``steps.ddim_step``). Sigma space throughout: ``x + (sigma_next - sigma) * eps`` is DDIM for VP
+models and Euler on the velocity for flow-matching models (``parameterization``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from ..common.log import logger
+from .calls import HOOK_KEYWORDS, Hooks, from_old_keywords, reject_unknown
 from .denoiser import CaptureRequest, Denoiser, Prediction
 from .guidance import GuidanceTerm, StepContext
 from .parameterization import input_scale, renoise
-from .replay import REFERENCES, merged_request, record_gap, replayed, resolve_reference
-from .steps import cfg_combine
-
-if TYPE_CHECKING:
-    from .inversion import Inversion
+from .replay import REFERENCES, Inversion, ReferenceRecord, merged_request, record_gap, replayed, resolve_reference
+from .steps import cfg_combine, ddim_step, denoised
 
 STEP_MODES = ("auto", "raw", "normalized")
 BRANCHES = ("edit", "both", "pix2pix-zero")
@@ -61,51 +50,10 @@ def latent_scale(sigma: Tensor, prediction_type: str = "eps") -> Tensor:
 @dataclass(frozen=True)
 class SamplerSettings:
     """How the guided loop runs: everything but the model, the latents, the conditionings and the terms.
-
-    - ``cfg``: classifier-free guidance scale between the negative and the edit. At 1 (no CFG: Flux-dev's
-      distilled guidance) the step's noise is the edit's alone and the negative is not evaluated, as
-      ComfyUI's own CFG skips it at 1 (the reference branch still runs where guidance needs it).
-    - ``step_mode`` (``z``: the model-input latent, ``latent_scale``):
-
-      - "auto": each active term's gradient divided by its own RMS (so a term's pull does not depend on its
-        loss's scale, nor on the model's gradient scale), the unit gradients mixed by the terms' weights, which
-        are unitless ratios (``auto_weights``), and the mix scaled to RMS ``step_size`` x RMS(``z``), per image:
-        ``z <- z - step_size * rms(z) * d / rms(d)``, ``d = sum_k w_k g_k / rms(g_k)``. One backward pass per
-        active term. A term whose gradient is exactly 0 (nothing to correct) adds nothing.
-      - "raw": ``z <- z - grad_z(sum_k w_k L_k)`` (pix2pix-zero; the weights are step sizes).
-      - "normalized": the raw direction rescaled to RMS ``step_size`` (model-input latent units, whole batch).
-      - None (the default): ``default_step_mode(branches)``: "auto", or "raw" for branches "pix2pix-zero".
-
-    - ``step_size``: the update's RMS in "auto" (a fraction of the latent's RMS: 0.02 = 2 %) and "normalized"
-      (model-input latent units); unused by "raw".
-    - ``branches`` (what the guidance step differentiates):
-
-      - "edit": only the edit-conditioned forward of the latent is guided (batch 1, cheapest);
-      - "both": the negative- and the edit-conditioned forwards of the *one* latent, each compared with
-        its own reference half, losses averaged; the single latent gets the summed gradient;
-      - "pix2pix-zero": pix2pix-zero's own update: two copies of the latent (the negative's and the
-        edit's), each moved by its own half of the averaged loss's gradient, the CFG noise recomputed as
-        negative(copy 0) and edit(copy 1), and copy 0 carried on to the DDIM step.
-
-    - ``seed``: seeds ``StepContext.generator`` (the terms' random draws while sampling; PatchNCE's locations
-      come from its own seed, ``PatchNCEGuidance.seed``, so that the inversion can record them) and the
-      resampling noise.
-    - ``resample`` N > 1: DiffuseIT's first-step resampling: the first step (guidance + DDIM step) is
-      done N times, each but the last followed by an exact re-noise from ``sigmas[1]`` back to
-      ``sigmas[0]`` with fresh noise. N = 1: plain sampling.
-    - ``keep_reference``: run the reference branch at every step (to return the reconstruction) even
-      where no active term needs its captures.
-    - ``reference``: "inverted": the reference latent at step ``i`` is the inversion's ``trajectory[n - i]``
-      and its captures are replayed from the inversion's record (a live forward on that latent where
-      nothing was recorded, and always at step 0); the reconstruction is the inversion's start latent.
-      Exact only for the "current" convention, no inversion CFG, the source as the negative and branches
-      other than "pix2pix-zero"; otherwise (or without an inversion) it falls back to "resampled", logged
-      and noted in ``SampleResult.notes``. "resampled": the reference branch is denoised in lockstep.
-    - ``reuse_guidance_eps`` (opt-in, branches "edit" only; not the method): at a guided step the CFG step
-      takes the edit's noise from the guidance forward, i.e. at the latent *before* the gradient step, and
-      runs the negative alone at the moved latent: one batch-1 forward fewer per guided step (a guided step
-      costs about 1.8 plain CFG steps instead of 2.2 on CPU). Inexact: the edit noise lags the guidance
-      update by one gradient step (``cfg * (eps_edit(x) - eps_edit(x - dx))`` in the CFG noise).
+    Field by field in docs/sampler.md ("The settings"): ``cfg`` scale; ``step_mode`` "auto" / "raw" /
+    "normalized" (None: ``default_step_mode(branches)``); ``step_size`` (a fraction of the latent's RMS in
+    "auto"); ``branches`` "edit" / "both" / "pix2pix-zero"; ``seed``; ``resample`` (first-step repeats);
+    ``keep_reference``; ``reference`` "inverted" / "resampled"; ``reuse_guidance_eps`` (opt-in, inexact).
 
     Raises ``ValueError`` on construction for an unknown ``step_mode`` / ``branches``, a negative
     ``step_size`` or a bad ``resample``.
@@ -221,11 +169,6 @@ class StepOutcome:
     record: StepRecord | None = None
 
 
-def ddim_step(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    """DDIM (eta = 0) in sigma space: ``x + (sigma_next - sigma) * eps`` (= x0 when sigma_next is 0)."""
-    return x + (sigma_next - sigma) * eps
-
-
 def _check_sigmas(x: Tensor, sigmas: Tensor) -> None:
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise ValueError(f"sigmas must be a 1-D grid of at least 2 levels, got shape {tuple(sigmas.shape)}")
@@ -233,164 +176,277 @@ def _check_sigmas(x: Tensor, sigmas: Tensor) -> None:
         raise ValueError("the starting latent contains NaN or Inf")
 
 
+@dataclass(frozen=True)
+class Conditionings:
+    """The conditionings of a guided run (opaque here; the ``Denoiser`` reads them). ``source``: the caption,
+    the reference branch's; ``edit``: the edited caption; ``negative``: CFG's negative, None for the source
+    (pix2pix-zero's choice for real images; the reference is then a plain DDIM reconstruction at batch 1)."""
+
+    source: Any
+    edit: Any
+    negative: Any = None
+
+    @property
+    def cfg_negative(self) -> Any:
+        """The negative of the CFG step: ``negative``, or the source when it is None."""
+        return self.source if self.negative is None else self.negative
+
+
+#: ``guided_ddim_sample``'s old keywords of ``Conditionings``' fields.
+COND_KEYWORDS = {"source_cond": "source", "edit_cond": "edit", "negative_cond": "negative"}
+
+
 def guided_ddim_sample(
     denoiser: Denoiser,
     x: Tensor,
     sigmas: Tensor,
+    conds: Conditionings | None = None,
     *,
-    source_cond: Any,
-    edit_cond: Any,
-    negative_cond: Any = None,
     guidance: Sequence[GuidanceTerm] = (),
     settings: SamplerSettings = SamplerSettings(),
-    callback: Callable[[int, int, Tensor, Tensor], None] | None = None,
-    check_interrupt: Callable[[], None] | None = None,
+    hooks: Hooks | None = None,
     inversion: Inversion | None = None,
+    **old: Any,
 ) -> SampleResult:
-    """Run the guided DDIM loop from ``x`` (sigma space, at ``sigmas[0]``) down the descending ``sigmas``.
+    """Run the guided DDIM loop from ``x`` (sigma space, at ``sigmas[0]``) down the descending ``sigmas``
+    (sigma space, not timesteps); returns the edit at ``sigmas[-1]`` and what each step did (``SampleResult``).
 
-    - ``negative_cond`` None means the source (caption) is the negative, pix2pix-zero's choice for real
-      images; then the reference branch is a pure DDIM reconstruction at batch 1.
-    - ``settings``: CFG scale, step mode, branches, seed, resampling (``SamplerSettings``).
-    - A gradient that is not finite is recomputed once from the loss scaled down (``RETRY_SCALE``); a step
-      whose gradient is still not finite is skipped (logged; listed in ``SampleResult.skipped``).
-    - Every term's weight must be resolved (>= 0: ``auto_weights.resolve_weights``), else ``ValueError``.
-    - ``callback(i, n, x, x0)`` after each step; ``check_interrupt()`` before each (it raises to stop).
-    - The reference branch runs only while an active term requests captures (or with ``keep_reference``).
-    - ``inversion``: the ``ddim_invert`` result ``x`` came from (its trajectory and record), for
-      ``settings.reference`` "inverted"; its grid must be ``sigmas`` reversed.
+    Every term's weight must be resolved (>= 0: ``auto_weights.resolve_weights``), else ``ValueError``. A step
+    whose guidance gradient is not finite (after one scaled-down retry) is skipped and listed. ``hooks``:
+    ``callback(i, n, x, x0)`` after each step, ``check_interrupt()`` before each. ``inversion``: the
+    ``ddim_invert`` result ``x`` came from, for the "inverted" reference. The old keywords (``source_cond=``,
+    ``edit_cond=``, ``negative_cond=``, ``callback=``, ``check_interrupt=``) are still accepted.
     """
+    conds, hooks = _call_arguments(conds, hooks, old)
     _check_sigmas(x, sigmas)
-    terms = tuple(guidance)
-    for t in terms:
-        if t.weight < 0:
-            raise ValueError(
-                f"{type(t).__name__} has an unresolved auto weight ({t.weight:g}): resolve it with "
-                "zerocon_core.method.auto_weights.resolve_weights for the model's prediction type and the step mode"
-            )
+    plan = _Terms.of(guidance, denoiser)
     n = len(sigmas) - 1
-    layers = denoiser.layers() if terms else []
-    reqs, merged = merged_request(terms, layers)
-    neg_is_source = negative_cond is None
-    neg = source_cond if neg_is_source else negative_cond
-    cfg = settings.cfg
-    gen = torch.Generator().manual_seed(int(settings.seed))
     sigmas = sigmas.to(device=x.device, dtype=x.dtype)
-
     x = x.detach().clone()
+    ref = _start_reference(denoiser, x, sigmas, conds, settings, inversion, plan)
+    trace, state = _Trace(), {}  # state: the terms' scratch space for the run (StepContext.state)
+    gen = torch.Generator().manual_seed(int(settings.seed))
+    noise_gen = torch.Generator().manual_seed(int(settings.seed) + 1) if settings.resample > 1 else None
+    memo = _GuidanceEps(denoiser, conds.edit) if settings.reuse_guidance_eps else None
+    with denoiser.autograd_session():
+        for i in range(n):
+            hooks.interrupt()
+            s, s_next = sigmas[i], sigmas[i + 1]
+            active = plan.active(i, n)
+            ref_preds = ref.predictions(i, x, s, s_next, active)
+            den = memo if memo is not None else denoiser
+            step = GuidedStep(den, i, n, s, s_next, active, ref_preds, conds.cfg_negative, conds.edit, gen, state)
+            for r in range(settings.resample if i == 0 else 1):
+                if r > 0:
+                    hooks.interrupt()
+                    x = renoise(x, s_next, s, noise_gen, denoiser.prediction_type)
+                copies = trace.guided(x, step, settings) if active else (x,)
+                with torch.no_grad():
+                    eps = _cfg_eps(denoiser, copies, step, settings.cfg, memo.take() if memo is not None else None)
+                    x0, x = denoised(copies[0], eps, s), ddim_step(copies[0], eps, s, s_next)
+            hooks.progress(i, n, x, x0)
+    return trace.result(x, ref, settings)
+
+
+def _call_arguments(
+    conds: Conditionings | None, hooks: Hooks | None, old: dict[str, Any]
+) -> tuple[Conditionings, Hooks]:
+    """The run's conditionings and hooks, from the new arguments or the old keywords (``TypeError`` for
+    both, for unknown keywords, or for no conditionings)."""
+    reject_unknown("guided_ddim_sample", old, COND_KEYWORDS, HOOK_KEYWORDS)
+    conds = from_old_keywords("guided_ddim_sample", "conds", conds, Conditionings, old, COND_KEYWORDS)
+    hooks = from_old_keywords("guided_ddim_sample", "hooks", hooks, Hooks, old, HOOK_KEYWORDS)
+    if conds is None:
+        raise TypeError("guided_ddim_sample() missing the conditionings: conds=Conditionings(source, edit)")
+    return conds, hooks if hooks is not None else Hooks()
+
+
+@dataclass(frozen=True)
+class _Terms:
+    """The run's guidance ``terms``, each one's capture request ``reqs`` over the denoiser's ``layers`` and
+    their union ``merged``."""
+
+    terms: tuple[GuidanceTerm, ...]
+    reqs: list[CaptureRequest]
+    merged: CaptureRequest
+    layers: list
+
+    @classmethod
+    def of(cls, guidance: Sequence[GuidanceTerm], denoiser: Denoiser) -> _Terms:
+        """``ValueError`` for a term whose weight is not resolved (< 0)."""
+        terms = tuple(guidance)
+        for t in terms:
+            if t.weight < 0:
+                raise ValueError(
+                    f"{type(t).__name__} has an unresolved auto weight ({t.weight:g}): resolve it with "
+                    "zerocon_core.method.auto_weights.resolve_weights for the model's prediction type and the "
+                    "step mode"
+                )
+        layers = denoiser.layers() if terms else []
+        reqs, merged = merged_request(terms, layers)
+        return cls(terms, reqs, merged, layers)
+
+    def active(self, i: int, n: int) -> list[tuple[GuidanceTerm, CaptureRequest]]:
+        """The (term, request) pairs active at step ``i`` of ``n``."""
+        return [(t, r) for t, r in zip(self.terms, self.reqs) if t.active(i, n)]
+
+    def reference_steps(self, n: int) -> int:
+        """How many steps the reference must run: up to the last one where a capturing term is active."""
+        return 1 + max((i for i in range(n) for t, r in zip(self.terms, self.reqs) if r and t.active(i, n)), default=-1)
+
+
+@dataclass
+class _Reference:
+    """Where each step's reference captures come from, for steps ``i < until``: ``mode`` "inverted" (the
+    inversion's trajectory ``traj``, its captures replayed from ``record`` or run live on it) or "resampled"
+    (the latent ``x`` denoised in lockstep under the source, or CFG(negative, source))."""
+
+    denoiser: Denoiser
+    conds: Conditionings
+    cfg: float
+    merged: CaptureRequest
+    mode: str
+    n: int
+    until: int
+    traj: list[Tensor] | None = None
+    record: ReferenceRecord | None = None
+    x: Tensor | None = None
+    gap: bool = False
+    replayed: list[int] = field(default_factory=list)
+    live: list[int] = field(default_factory=list)  # "inverted" steps after the first, not in the record
+    notes: list[str] = field(default_factory=list)
+
+    def predictions(self, i: int, x: Tensor, s: Tensor, s_next: Tensor, active) -> list[Prediction] | None:
+        """The (negative, source) reference predictions at step ``i`` (sigma ``s``), detached; None where no
+        reference runs. "resampled" advances its latent to ``s_next``; ``x`` (the edit latent) sets the
+        replayed captures' dtype and device."""
+        if i >= self.until:
+            return None
+        if self.mode == "inverted":
+            return self._inverted(i, x, s) if active and self.merged else None
+        return self._lockstep(s, s_next, active) if self.x is not None else None
+
+    def _inverted(self, i: int, x: Tensor, s: Tensor) -> list[Prediction]:
+        k = self.n - i  # sampling step i is the inversion's level n - i
+        p_src = replayed(self.record, k, self.merged, x) if self.record is not None and i > 0 else None
+        if p_src is None:
+            if i > 0:
+                self.live.append(i)
+            with torch.no_grad():
+                (p_src,) = self.denoiser.predict(self.traj[k], s, [self.conds.source], self.merged)
+        else:
+            self.replayed.append(i)
+        return [p_src, p_src]
+
+    def _lockstep(self, s: Tensor, s_next: Tensor, active) -> list[Prediction]:
+        capture = self.merged if active else None
+        with torch.no_grad():
+            if self.conds.negative is None:
+                (p_src,) = self.denoiser.predict(self.x, s, [self.conds.source], capture)
+                preds, eps = [p_src, p_src], p_src.eps
+            else:
+                p_neg, p_src = self.denoiser.predict(self.x, s, [self.conds.negative, self.conds.source], capture)
+                preds, eps = [p_neg, p_src], cfg_combine(p_neg.eps, p_src.eps, self.cfg)
+            self.x = ddim_step(self.x, eps, s, s_next)
+        return preds
+
+    def finish(self) -> Tensor | None:
+        """The reconstruction (None unless the reference ran at every step); notes the live steps."""
+        if self.live and not self.gap:  # with a gap every step runs it, as its note already says
+            self.notes.append(f"steps {self.live} ran the reference forward on the inverted latent (not in the record)")
+            logger.info("reference: %s", self.notes[-1])
+        if self.until != self.n:
+            return None
+        return self.traj[0] if self.mode == "inverted" else self.x
+
+
+def _start_reference(
+    denoiser: Denoiser,
+    x: Tensor,
+    sigmas: Tensor,
+    conds: Conditionings,
+    settings: SamplerSettings,
+    inversion: Inversion | None,
+    plan: _Terms,
+) -> _Reference:
+    """The run's reference: its mode after fallbacks (``_reference_source``), how many steps it runs (every
+    step with ``keep_reference``), and the record unless it lacks what the terms read (noted, logged)."""
     notes: list[str] = []
-    mode, traj, record = _reference_source(settings, inversion, sigmas, x, neg_is_source, notes)
-    replay_steps: list[int] = []
-    live_steps: list[int] = []  # "inverted" steps after the first whose captures were not in the record
-    # The reference branch must advance at every step up to the last one where a capturing term is active.
-    last_active = max((i for i in range(n) for t, r in zip(terms, reqs) if r and t.active(i, n)), default=-1)
-    ref_until = n if settings.keep_reference else last_active + 1
-    x_ref = x.clone() if ref_until > 0 and mode == "resampled" else None
-    gap = record_gap(record, terms, layers) if record is not None and merged else ""
+    mode, traj, record = _reference_source(settings, inversion, sigmas, x, conds.negative is None, notes)
+    n = len(sigmas) - 1
+    until = n if settings.keep_reference else plan.reference_steps(n)
+    x_ref = x.clone() if until > 0 and mode == "resampled" else None
+    gap = record_gap(record, plan.terms, plan.layers) if record is not None and plan.merged else ""
     if gap:
         notes.append(f"{gap}: the reference forward runs at every step")
         logger.warning("reference record: %s", notes[-1])
         record = None
-    skipped: list[int] = []
-    losses: list[dict[str, float]] = []
-    records: list[StepRecord] = []
-    state: dict = {}  # per-run scratch space of the terms (StepContext.state)
-    noise_gen = torch.Generator().manual_seed(int(settings.seed) + 1) if settings.resample > 1 else None
-    memo = _GuidanceEps(denoiser, edit_cond) if settings.reuse_guidance_eps else None
-
-    with denoiser.autograd_session():
-        for i in range(n):
-            if check_interrupt is not None:
-                check_interrupt()
-            s, s_next = sigmas[i], sigmas[i + 1]
-            active = [(t, r) for t, r in zip(terms, reqs) if t.active(i, n)]
-
-            ref_preds: list[Prediction] | None = None
-            if mode == "inverted" and active and i < ref_until and merged:
-                p_src = replayed(record, n - i, merged, x) if record is not None and i > 0 else None
-                if p_src is None:
-                    if i > 0:
-                        live_steps.append(i)
-                    with torch.no_grad():
-                        (p_src,) = denoiser.predict(traj[n - i], s, [source_cond], merged)
-                else:
-                    replay_steps.append(i)
-                ref_preds = [p_src, p_src]
-            elif x_ref is not None and i < ref_until:
-                with torch.no_grad():
-                    capture = merged if active else None
-                    if neg_is_source:
-                        (p_src,) = denoiser.predict(x_ref, s, [source_cond], capture)
-                        ref_preds = [p_src, p_src]
-                        eps_ref = p_src.eps
-                    else:
-                        p_neg, p_src = denoiser.predict(x_ref, s, [neg, source_cond], capture)
-                        ref_preds = [p_neg, p_src]
-                        eps_ref = cfg_combine(p_neg.eps, p_src.eps, cfg)
-                    x_ref = ddim_step(x_ref, eps_ref, s, s_next)
-
-            repeats = settings.resample if i == 0 else 1
-            for r in range(repeats):
-                if r > 0:
-                    if check_interrupt is not None:
-                        check_interrupt()
-                    x = renoise(x, s_next, s, noise_gen, denoiser.prediction_type)
-                copies: tuple[Tensor, ...] = (x,)
-                if active:
-                    den = memo if memo is not None else denoiser
-                    step = GuidedStep(den, i, n, s, s_next, active, ref_preds, neg, edit_cond, gen, state)
-                    outcome = _guidance_step(x, step, settings)
-                    losses.append(outcome.losses)
-                    records.append(outcome.record)
-                    if outcome.record.retried:
-                        logger.info("step %d: the guidance gradient overflowed; recomputed from a scaled-down loss", i)
-                    if outcome.finite:
-                        copies = outcome.latents
-                    else:
-                        logger.warning("step %d: guidance gradient is not finite; step skipped", i)
-                        skipped.append(i)
-
-                with torch.no_grad():
-                    eps_edit = memo.take() if memo is not None else None
-                    x = copies[0]
-                    if cfg == 1.0 and len(copies) == 1:  # no CFG (Flux-dev's distilled guidance): the edit alone
-                        eps = eps_edit if eps_edit is not None else denoiser.predict(x, s, [edit_cond])[0].eps
-                    else:
-                        if eps_edit is not None:  # reuse_guidance_eps: the edit's noise from the guidance forward
-                            (p_neg,) = denoiser.predict(x, s, [neg])
-                            p_edit = p_neg._replace(eps=eps_edit)
-                        elif len(copies) == 1:
-                            p_neg, p_edit = denoiser.predict(x, s, [neg, edit_cond])
-                        else:  # pix2pix-zero: the negative's noise from copy 0, the edit's from copy 1
-                            (p_neg,) = denoiser.predict(x, s, [neg])
-                            (p_edit,) = denoiser.predict(copies[1], s, [edit_cond])
-                        eps = cfg_combine(p_neg.eps, p_edit.eps, cfg)
-                    x0 = x - s * eps
-                    x = ddim_step(x, eps, s, s_next)
-            if callback is not None:
-                callback(i, n, x, x0)
-
-    if skipped:
-        logger.warning("guidance skipped at %d of %d steps (non-finite gradient): %s", len(skipped), n, skipped)
-    if live_steps and not gap:  # with a gap every step runs it, as its note already says
-        notes.append(f"steps {live_steps} ran the reference forward on the inverted latent (not in the record)")
-        logger.info("reference: %s", notes[-1])
-    if mode == "inverted":
-        reconstruction = traj[0] if ref_until == n else None
-    else:
-        reconstruction = x_ref if ref_until == n else None
-    return SampleResult(
-        latent=x,
-        reference=reconstruction,
-        skipped=skipped,
-        losses=losses,
-        reference_mode=mode,
-        replayed=replay_steps,
-        notes=notes,
-        records=records,
-        num_steps=n,
-        step_mode=settings.step_mode,
+    return _Reference(
+        denoiser, conds, settings.cfg, plan.merged, mode, n, until, traj, record, x_ref, bool(gap), notes=notes
     )
+
+
+@dataclass
+class _Trace:
+    """What the guidance steps did, for the ``SampleResult``: ``skipped`` steps, per-evaluation ``losses`` and
+    ``records``."""
+
+    skipped: list[int] = field(default_factory=list)
+    losses: list[dict[str, float]] = field(default_factory=list)
+    records: list[StepRecord] = field(default_factory=list)
+
+    def guided(self, x: Tensor, step: GuidedStep, settings: SamplerSettings) -> tuple[Tensor, ...]:
+        """The guided latent(s) of ``_guidance_step`` (logged and recorded); ``(x,)`` when it was not finite."""
+        outcome = _guidance_step(x, step, settings)
+        self.losses.append(outcome.losses)
+        self.records.append(outcome.record)
+        if outcome.record.retried:
+            logger.info("step %d: the guidance gradient overflowed; recomputed from a scaled-down loss", step.step)
+        if outcome.finite:
+            return outcome.latents
+        logger.warning("step %d: guidance gradient is not finite; step skipped", step.step)
+        self.skipped.append(step.step)
+        return (x,)
+
+    def result(self, x: Tensor, ref: _Reference, settings: SamplerSettings) -> SampleResult:
+        """The run's ``SampleResult`` with the final latent ``x`` (logs the skipped steps)."""
+        if self.skipped:
+            logger.warning(
+                "guidance skipped at %d of %d steps (non-finite gradient): %s", len(self.skipped), ref.n, self.skipped
+            )
+        reconstruction = ref.finish()
+        return SampleResult(
+            latent=x,
+            reference=reconstruction,
+            skipped=self.skipped,
+            losses=self.losses,
+            reference_mode=ref.mode,
+            replayed=ref.replayed,
+            notes=ref.notes,
+            records=self.records,
+            num_steps=ref.n,
+            step_mode=settings.step_mode,
+        )
+
+
+def _cfg_eps(denoiser: Denoiser, copies: tuple[Tensor, ...], step: GuidedStep, cfg: float, eps_edit) -> Tensor:
+    """The CFG noise at the guided latent ``copies[0]`` (sigma ``step.sigma``): ``cfg_combine(negative, edit)``, or
+    the edit's alone at ``cfg`` 1 (Flux-dev's distilled guidance; one copy). Branches "pix2pix-zero" (two
+    copies): the negative's noise from copy 0, the edit's from copy 1. ``eps_edit`` (``reuse_guidance_eps``):
+    the edit's noise from the guidance forward, so only the negative is run."""
+    x, s = copies[0], step.sigma
+    if cfg == 1.0 and len(copies) == 1:
+        return eps_edit if eps_edit is not None else denoiser.predict(x, s, [step.edit_cond])[0].eps
+    if eps_edit is not None:
+        (p_neg,) = denoiser.predict(x, s, [step.negative_cond])
+    elif len(copies) == 1:
+        p_neg, p_edit = denoiser.predict(x, s, [step.negative_cond, step.edit_cond])
+        eps_edit = p_edit.eps
+    else:
+        (p_neg,) = denoiser.predict(x, s, [step.negative_cond])
+        (p_edit,) = denoiser.predict(copies[1], s, [step.edit_cond])
+        eps_edit = p_edit.eps
+    return cfg_combine(p_neg.eps, eps_edit, cfg)
 
 
 class _GuidanceEps:
@@ -450,84 +506,95 @@ def _reference_source(
 
 
 def _guidance_step(x: Tensor, step: GuidedStep, settings: SamplerSettings) -> StepOutcome:
-    """One gradient step on the edit latent ``x`` (sigma space) for ``settings.branches`` and ``step_mode``.
+    """One gradient step on the edit latent ``x`` (sigma space) for ``settings.branches`` and ``step_mode``:
+    the guided latent (two copies for "pix2pix-zero"), cast to ``x``'s dtype, its losses and record.
 
-    Each term's loss is averaged over the (prediction, reference) pairs the branches mode compares:
-    "edit" one pair (edit forward, source reference); "both" and "pix2pix-zero" two (negative forward with
-    the negative's reference half, edit forward with the source's). In "both" the two forwards share one
-    latent; in "pix2pix-zero" each has its own copy, and each copy takes its own gradient.
-
-    Losses, gradients and the update are float32 (float64 when ``x`` is), whatever the model's dtype; the
-    result is cast back to ``x``'s dtype. "auto" takes one backward pass per active term, the other modes one
-    for the weighted sum. A gradient that is not finite is recomputed once (``_gradient``); still not finite:
-    ``finite`` False and ``x`` unchanged.
+    Losses, gradients and the update are float32 (float64 when ``x`` is), whatever the model's dtype. A
+    gradient that is not finite is recomputed once (``_gradient``); still not finite: ``finite`` False and
+    ``x`` unchanged.
     """
+    names = _term_names(step.active)
+    weights = [float(t.weight) for t, _ in step.active]
+    with torch.enable_grad():
+        leaves, pairs = _branch_forwards(x, step, settings.branches)
+        term_losses = [_term_loss(term, req, pairs, step) for term, req in step.active]
+        logged = {n: w * float(v.detach()) for n, w, v in zip(names, weights, term_losses)}
+        unweighted = {n: float(v.detach()) for n, v in zip(names, term_losses)}
+        if settings.step_mode == "auto":
+            results = [_gradient(v, leaves) for v in term_losses]
+            grads = [g for g, _, _ in results]  # per term, per copy
+            retried, finite = any(r for _, r, _ in results), all(ok for _, _, ok in results)
+        else:
+            grads, retried, finite = _gradient(sum(w * v for w, v in zip(weights, term_losses)), leaves)
+    record = dict(step=step.step, sigma=float(step.sigma), losses=unweighted, weights=dict(zip(names, weights)))
+    if not finite:
+        rec = StepRecord(**record, grad_rms={}, pulls={}, update=0.0, retried=retried, skipped=True)
+        return StepOutcome((x,), logged, finite=False, record=rec)
+    k = latent_scale(_precise(step.sigma.detach()), step.denoiser.prediction_type)
+    x32 = _precise(x.detach())
+    updates, grad_rms, pulls = _latent_updates(x32, k, grads, weights, names, settings)
+    z_rms = _rms(x32 / k)
+    update = _rms(torch.cat([u.flatten() for u in updates])) / float(k) / z_rms if z_rms > 0 else 0.0
+    if len(names) == 1 and settings.step_mode != "auto":  # one term: its share is the whole update
+        pulls = {names[0]: update}
+    rec = StepRecord(**record, grad_rms=grad_rms, pulls=pulls, update=update, retried=retried)
+    return StepOutcome(tuple((x32 - u).to(x.dtype).detach() for u in updates), logged, finite=True, record=rec)
+
+
+def _branch_forwards(x: Tensor, step: GuidedStep, branches: str) -> tuple[tuple[Tensor, ...], list[tuple]]:
+    """``(leaves, pairs)`` for ``branches`` (call with grad enabled): the latent leaves the gradient is taken
+    for, and the (leaf, prediction, reference) pairs each term's loss averages over. "edit": one leaf, the edit
+    forward with the source's reference; "both": one leaf, the negative and the edit forwards with their own
+    reference halves; "pix2pix-zero": one leaf per CFG half (negative's, edit's), each with its own forward."""
     den, s = step.denoiser, step.sigma
     merged = CaptureRequest()
     for _, r in step.active:
         merged = merged | r
     refs = step.ref_preds if step.ref_preds is not None else [None, None]
-    names = _term_names(step.active)
-    weights = [float(t.weight) for t, _ in step.active]
-    with torch.enable_grad():
-        if settings.branches == "edit":
-            leaves = (x.detach().requires_grad_(True),)
-            (p_edit,) = den.predict(leaves[0], s, [step.edit_cond], merged)
-            pairs = [(leaves[0], p_edit, refs[1])]
-        elif settings.branches == "both":
-            leaves = (x.detach().requires_grad_(True),)
-            p_neg, p_edit = den.predict(leaves[0], s, [step.negative_cond, step.edit_cond], merged)
-            pairs = [(leaves[0], p_neg, refs[0]), (leaves[0], p_edit, refs[1])]
-        else:  # pix2pix-zero: one copy of the latent per CFG half
-            leaves = (x.detach().requires_grad_(True), x.detach().clone().requires_grad_(True))
-            (p_neg,) = den.predict(leaves[0], s, [step.negative_cond], merged)
-            (p_edit,) = den.predict(leaves[1], s, [step.edit_cond], merged)
-            pairs = [(leaves[0], p_neg, refs[0]), (leaves[1], p_edit, refs[1])]
-        term_losses: list[Tensor] = []
-        for term, req in step.active:
-            term_loss = None
-            for xg, pred, ref in pairs:
-                ctx = StepContext(
-                    step.step, step.num_steps, s, xg, pred.eps, pred, ref, step.generator, step.sigma_next, step.state
-                )
-                value = _precise(term.loss(ctx, req))
-                term_loss = value if term_loss is None else term_loss + value
-            term_losses.append(term_loss / len(pairs))
-        logged = {n: w * float(v.detach()) for n, w, v in zip(names, weights, term_losses)}
-        unweighted = {n: float(v.detach()) for n, v in zip(names, term_losses)}
-        if settings.step_mode == "auto":
-            results = [_gradient(v, leaves) for v in term_losses]
-            grads_per_term = [g for g, _, _ in results]
-            retried = any(r for _, r, _ in results)
-            finite = all(ok for _, _, ok in results)
-        else:
-            total = sum(w * v for w, v in zip(weights, term_losses))
-            grads, retried, finite = _gradient(total, leaves)
-    record = dict(step=step.step, sigma=float(s), losses=unweighted, weights=dict(zip(names, weights)))
-    if not finite:
-        rec = StepRecord(**record, grad_rms={}, pulls={}, update=0.0, retried=retried, skipped=True)
-        return StepOutcome((x,), logged, finite=False, record=rec)
-    k = latent_scale(_precise(s.detach()), den.prediction_type)
-    x32 = _precise(x.detach())
-    z_rms = _rms(x32 / k)
+    leaf = x.detach().requires_grad_(True)
+    if branches == "edit":
+        (p_edit,) = den.predict(leaf, s, [step.edit_cond], merged)
+        return (leaf,), [(leaf, p_edit, refs[1])]
+    if branches == "both":
+        p_neg, p_edit = den.predict(leaf, s, [step.negative_cond, step.edit_cond], merged)
+        return (leaf,), [(leaf, p_neg, refs[0]), (leaf, p_edit, refs[1])]
+    twin = x.detach().clone().requires_grad_(True)
+    (p_neg,) = den.predict(leaf, s, [step.negative_cond], merged)
+    (p_edit,) = den.predict(twin, s, [step.edit_cond], merged)
+    return (leaf, twin), [(leaf, p_neg, refs[0]), (twin, p_edit, refs[1])]
+
+
+def _term_loss(term: GuidanceTerm, request: CaptureRequest, pairs: list[tuple], step: GuidedStep) -> Tensor:
+    """``term``'s loss (float32 or float64) averaged over the branches' (leaf, prediction, reference) ``pairs``."""
+    total = None
+    for xg, pred, ref in pairs:
+        ctx = StepContext(
+            step.step, step.num_steps, step.sigma, xg, pred.eps, pred, ref, step.generator, step.sigma_next, step.state
+        )
+        value = _precise(term.loss(ctx, request))
+        total = value if total is None else total + value
+    return total / len(pairs)
+
+
+def _latent_updates(
+    x32: Tensor, k: Tensor, grads: list, weights: list[float], names: list[str], settings: SamplerSettings
+) -> tuple[list[Tensor], dict[str, float], dict[str, float]]:
+    """``(updates, grad_rms, pulls)``: each copy's update in sigma space (the step is ``x - update``) for
+    ``settings.step_mode``, from the gradients w.r.t. the sigma-space latent ``x32`` (``k``: ``latent_scale``).
+    "auto": ``grads`` per term (``_auto_update``); "raw": ``z <- z - grad_z``; "normalized": the raw direction
+    at RMS ``step_size`` over all copies together."""
     if settings.step_mode == "auto":
-        updates, grad_rms, pulls = _auto_update(x32 / k, grads_per_term, weights, settings.step_size, names)
-        updates = [u * k for u in updates]  # back to sigma space
-        grad_rms = {n: v * float(k) for n, v in grad_rms.items()}
+        updates, grad_rms, pulls = _auto_update(x32 / k, grads, weights, settings.step_size, names)
+        return [u * k for u in updates], {n: v * float(k) for n, v in grad_rms.items()}, pulls
+    if settings.step_mode == "raw":
+        updates = [g * (k * k) for g in grads]  # dz = -w k dL/dx, dx = k dz
     else:
-        if settings.step_mode == "raw":
-            updates = [g * (k * k) for g in grads]  # dz = -w k dL/dx, dx = k dz
-        else:  # the copies' gradients rescaled together (one RMS over all of them)
-            rms = torch.cat([g.flatten() for g in grads]).pow(2).mean().sqrt().clamp_min(1e-12)
-            updates = [g / rms * settings.step_size * k for g in grads]
-        grad_rms, pulls = {}, {}
-        if len(names) == 1 and weights[0] > 0:  # one term: its share is the whole update
-            grad_rms = {names[0]: _rms(torch.cat([g.flatten() for g in grads])) * float(k) / weights[0]}
-    update = _rms(torch.cat([u.flatten() for u in updates])) / float(k) / z_rms if z_rms > 0 else 0.0
-    if len(names) == 1 and settings.step_mode != "auto":
-        pulls = {names[0]: update}
-    rec = StepRecord(**record, grad_rms=grad_rms, pulls=pulls, update=update, retried=retried)
-    return StepOutcome(tuple((x32 - u).to(x.dtype).detach() for u in updates), logged, finite=True, record=rec)
+        rms = torch.cat([g.flatten() for g in grads]).pow(2).mean().sqrt().clamp_min(1e-12)
+        updates = [g / rms * settings.step_size * k for g in grads]
+    grad_rms = {}
+    if len(names) == 1 and weights[0] > 0:  # one term: its share is the whole update
+        grad_rms = {names[0]: _rms(torch.cat([g.flatten() for g in grads])) * float(k) / weights[0]}
+    return updates, grad_rms, {}
 
 
 def _precise(t: Tensor) -> Tensor:
