@@ -39,9 +39,7 @@ from ...zerocon_core.diffuseit.guidance import (
 from ...zerocon_core.diffuseit.start import DIFFUSEIT_RESAMPLE, start_index
 from ...zerocon_core.method.guidance import chain
 from ...zerocon_core.method.sampler import SamplerSettings
-from ...zerocon_core.method.schedule import check_steps
 from ..families import article, cfg_warning, detect_family
-from ..glue import progress
 from ..glue.inputs import (
     CATEGORY,
     GUIDANCE,
@@ -60,14 +58,14 @@ from .guidance_nodes import AUTO as AUTO_WEIGHT
 from .guidance_nodes import resolve_weights
 from .sampling_nodes import (
     ZeroConGuider,
-    ZeroConKSampler,
-    _latent_out,
-    check_conditionings,
-    check_latent,
+    checked_latent,
     ddim_grid,
     diagnostics_of,
     diagnostics_outputs,
     guided_function,
+    latent_out,
+    run_sampler,
+    sampler_with_sink,
 )
 
 logger = logging.getLogger("zerocon")
@@ -501,48 +499,45 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
     ) -> io.NodeOutput:
         family = detect_family(model)
         cfg_warning(family, float(cfg), "ZeroCon DiffuseIT Sampler")
-        ms = model.get_model_object("model_sampling")
-        check_steps(int(steps), len(ms.sigmas))
-        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        warning = check_latent(samples, family)
-        batch = samples.shape[0]
-        check_conditionings({"positive": positive, "negative": negative}, batch, family, model)
+        named = {"positive": positive, "negative": negative}
+        samples, warning = checked_latent(model, family, latent, int(steps), named)
         terms = resolve_weights(guidance, family, step_mode)
         check_decoders(terms, model, family)
-        if not (strength == AUTO_STRENGTH or 0.0 < strength <= 1.0):
-            raise ValueError(f"ZeroCon DiffuseIT Sampler: strength must be -1 (auto) or in (0, 1], got {strength}")
-
-        full = ddim_grid(ms, int(steps))
-        k = start_index(
-            full, None if strength == AUTO_STRENGTH else float(strength), prediction_type=family.prediction_type
-        )
-        sigmas = full[k:]
+        sigmas = _start_sigmas(model, family, int(steps), strength)
         noise = comfy.sample.prepare_noise(samples, int(seed), latent.get("batch_index"))
-
-        work = model.clone()
-        extra = _extra_models(terms)
-        if extra:  # loaded with the UNet, so that decoding inside the loop does not evict it
-            work.set_additional_models("zerocon_diffuseit", extra)
-        guider = ZeroConGuider(work)  # the negative is the reference branch's "source" (used by capturing terms)
-        guider.set_zerocon(positive, negative, None, cfg=float(cfg), guidance=terms)
+        guider = _diffuseit_guider(model, positive, negative, float(cfg), terms)
         settings = SamplerSettings(
             resample=int(resample), step_mode=step_mode, step_size=float(step_size), seed=int(seed)
         )
-        sink: list = []
-        sampler = ZeroConKSampler(guided_function, extra_options={"settings": settings, "sink": sink})
-        callback = progress.node_callback(work, len(sigmas) - 1)
-        out = guider.sample(
-            noise,
-            samples,
-            sampler,
-            sigmas,
-            callback=callback,
-            disable_pbar=not progress.progress_enabled(),
-            seed=int(seed),
-        )
+        sampler, sink = sampler_with_sink(guided_function, settings)
+        out = run_sampler(guider, sampler, samples, sigmas, int(seed), noise=noise)
         image, text = diagnostics_of(sink)
         shown = ui.PreviewText(f"{warning}\n{text}" if warning else text)
-        return io.NodeOutput(_latent_out(latent, out.to(mm.intermediate_device())), image, text, ui=shown)
+        return io.NodeOutput(latent_out(latent, out), image, text, ui=shown)
+
+
+def _start_sigmas(model, family, steps: int, strength: float) -> torch.Tensor:
+    """The DDIM grid's levels from DiffuseIT's start level down (``strength`` -1: DiffuseIT's noise level, else
+    that fraction of the steps; ``ValueError`` outside (0, 1])."""
+    if not (strength == AUTO_STRENGTH or 0.0 < strength <= 1.0):
+        raise ValueError(f"ZeroCon DiffuseIT Sampler: strength must be -1 (auto) or in (0, 1], got {strength}")
+    full = ddim_grid(model.get_model_object("model_sampling"), steps)
+    k = start_index(
+        full, None if strength == AUTO_STRENGTH else float(strength), prediction_type=family.prediction_type
+    )
+    return full[k:]
+
+
+def _diffuseit_guider(model, positive, negative, cfg: float, terms) -> ZeroConGuider:
+    """A ``ZeroConGuider`` on a clone of ``model`` that also loads the terms' VAE / DINO: CFG between ``negative``
+    (also the reference branch's "source", used by capturing terms) and ``positive``."""
+    work = model.clone()
+    extra = _extra_models(terms)
+    if extra:  # loaded with the UNet, so that decoding inside the loop does not evict it
+        work.set_additional_models("zerocon_diffuseit", extra)
+    guider = ZeroConGuider(work)
+    guider.set_zerocon(positive, negative, None, cfg=cfg, guidance=terms)
+    return guider
 
 
 NODES = [ZeroConDinoStructureGuidance, ZeroConDinoStyleGuidance, ZeroConDiffuseITSampler]
