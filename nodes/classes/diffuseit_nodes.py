@@ -44,12 +44,12 @@ from ..glue.inputs import (
     CATEGORY,
     GUIDANCE,
     cfg_input,
-    previous_input,
+    chain_inputs,
+    guidance_output,
     schema,
     seed_input,
     step_inputs,
     steps_input,
-    window_inputs,
 )
 from ..glue.loaders import ZeroConModel
 from ..glue.weights import autograd_weights
@@ -242,6 +242,12 @@ def _dino_size_input():
     )
 
 
+def _term_inputs(image: io.Input, lambdas: list, extra: tuple = ()) -> list:
+    """A DINO guidance node's inputs, in order: model, vae, dino, its ``image``, weight, its ``lambdas``,
+    dino_size, its ``extra`` ones, then the window and ``previous``."""
+    return [*_shared_inputs(), image, _weight_input(), *lambdas, _dino_size_input(), *extra, *chain_inputs()]
+
+
 # -- nodes ---------------------------------------------------------------------------------------------------
 
 
@@ -258,44 +264,43 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
                 "patch-contrastive loss on DINO keys (200) against the source image, plus the semantic-divergence "
                 "push of the first, noisiest steps (100) and the range loss (200). Weights as DiffuseIT's code."
             ),
-            inputs=[
-                *_shared_inputs(),
+            inputs=_term_inputs(
                 io.Image.Input(
                     "image",
                     tooltip="The source image whose structure is kept (the one you encoded). "
                     "One image for the whole batch, or one per latent.",
                 ),
-                _weight_input(),
-                _lambda_input(
-                    "lambda_ssim", LAMBDA_SSIM, "Weight of the DINO key self-similarity loss (DiffuseIT: 1000)."
+                [
+                    _lambda_input(
+                        "lambda_ssim", LAMBDA_SSIM, "Weight of the DINO key self-similarity loss (DiffuseIT: 1000)."
+                    ),
+                    _lambda_input(
+                        "lambda_contrastive",
+                        LAMBDA_CONT,
+                        "Weight of the patch-contrastive loss on DINO keys, tau 0.07 (DiffuseIT: 200).",
+                    ),
+                    _lambda_input(
+                        "lambda_semantic",
+                        LAMBDA_SEM,
+                        "Weight of the semantic-divergence loss, active while the noise level is above "
+                        "DiffuseIT's gate (sigma 3.54; Flux / SD3: the same SNR, t 0.78) (DiffuseIT: 100; 0 disables).",
+                    ),
+                    _lambda_input(
+                        "lambda_range",
+                        LAMBDA_RANGE,
+                        "Weight of the range loss on decoded pixels outside [0, 1] (DiffuseIT: 200; 0 disables).",
+                    ),
+                ],
+                extra=(
+                    io.Boolean.Input(
+                        "noise_blend",
+                        default=False,
+                        tooltip="Evaluate the DINO losses on DiffuseIT's noise-blended estimate instead of the "
+                        "clean prediction (its --use_noise_aug_all).",
+                    ),
                 ),
-                _lambda_input(
-                    "lambda_contrastive",
-                    LAMBDA_CONT,
-                    "Weight of the patch-contrastive loss on DINO keys, tau 0.07 (DiffuseIT: 200).",
-                ),
-                _lambda_input(
-                    "lambda_semantic",
-                    LAMBDA_SEM,
-                    "Weight of the semantic-divergence loss, active while the noise level is above "
-                    "DiffuseIT's gate (sigma 3.54; Flux / SD3: the same SNR, t 0.78) (DiffuseIT: 100; 0 disables).",
-                ),
-                _lambda_input(
-                    "lambda_range",
-                    LAMBDA_RANGE,
-                    "Weight of the range loss on decoded pixels outside [0, 1] (DiffuseIT: 200; 0 disables).",
-                ),
-                _dino_size_input(),
-                io.Boolean.Input(
-                    "noise_blend",
-                    default=False,
-                    tooltip="Evaluate the DINO losses on DiffuseIT's noise-blended estimate instead of the "
-                    "clean prediction (its --use_noise_aug_all).",
-                ),
-                *window_inputs(),
-                previous_input(),
-            ],
-            outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with these terms added.")],
+            ),
+            outputs=[guidance_output("these terms")],
         )
 
     @classmethod
@@ -321,39 +326,18 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
         source = _images(image, "image", node)
         window = dict(start=float(start), end=float(end))
         dino_kw = dict(dino_size=int(dino_size), noise_blend=bool(noise_blend), **window)
-        out = previous
+        weight = float(weight)
+        terms = []
         if lambda_ssim > 0 or lambda_contrastive > 0:
-            out = chain(
-                out,
-                DinoStructureGuidance(
-                    weight=float(weight),
-                    source=source,
-                    lambda_ssim=float(lambda_ssim),
-                    lambda_cont=float(lambda_contrastive),
-                    **shared,
-                    **dino_kw,
-                ),
-            )
+            lambdas = dict(lambda_ssim=float(lambda_ssim), lambda_cont=float(lambda_contrastive))
+            terms.append(DinoStructureGuidance(weight=weight, source=source, **lambdas, **shared, **dino_kw))
         if lambda_semantic > 0:
-            out = chain(
-                out,
-                SemanticDivergenceGuidance(
-                    weight=float(weight), source=source, lambda_sem=float(lambda_semantic), **shared, **dino_kw
-                ),
-            )
+            lambdas = dict(lambda_sem=float(lambda_semantic))
+            terms.append(SemanticDivergenceGuidance(weight=weight, source=source, **lambdas, **shared, **dino_kw))
         if lambda_range > 0:
-            out = chain(
-                out,
-                RangeGuidance(
-                    weight=float(weight),
-                    lambda_range=float(lambda_range),
-                    decode=shared["decode"],
-                    autograd_session=shared["autograd_session"],
-                    prediction_type=shared["prediction_type"],
-                    **window,
-                ),
-            )
-        return io.NodeOutput(tuple(out or ()))
+            pixels = {k: shared[k] for k in ("decode", "autograd_session", "prediction_type")}
+            terms.append(RangeGuidance(weight=weight, lambda_range=float(lambda_range), **pixels, **window))
+        return io.NodeOutput(tuple(previous or ()) + tuple(terms))
 
 
 class ZeroConDinoStyleGuidance(io.ComfyNode):
@@ -369,27 +353,26 @@ class ZeroConDinoStyleGuidance(io.ComfyNode):
                 "reference image's (weight 2000), plus a weak pixel MSE toward the reference resized to the output "
                 "(3000, mostly global colour). A training-free alternative to IP-Adapter-style references."
             ),
-            inputs=[
-                *_shared_inputs(),
+            inputs=_term_inputs(
                 io.Image.Input(
                     "reference",
                     tooltip="The style/appearance reference image (any size). One image for the "
                     "whole batch, or one per latent.",
                 ),
-                _weight_input(),
-                _lambda_input(
-                    "lambda_cls", LAMBDA_CLS, "Weight of the DINO [CLS] loss toward the reference (DiffuseIT: 2000)."
-                ),
-                _lambda_input(
-                    "lambda_pixel",
-                    LAMBDA_PIXEL,
-                    "Weight of the pixel MSE toward the reference (DiffuseIT: 3000; 0 disables).",
-                ),
-                _dino_size_input(),
-                *window_inputs(),
-                previous_input(),
-            ],
-            outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
+                [
+                    _lambda_input(
+                        "lambda_cls",
+                        LAMBDA_CLS,
+                        "Weight of the DINO [CLS] loss toward the reference (DiffuseIT: 2000).",
+                    ),
+                    _lambda_input(
+                        "lambda_pixel",
+                        LAMBDA_PIXEL,
+                        "Weight of the pixel MSE toward the reference (DiffuseIT: 3000; 0 disables).",
+                    ),
+                ],
+            ),
+            outputs=[guidance_output()],
         )
 
     @classmethod
