@@ -307,6 +307,52 @@ class ComfyClipEncoder:
 # Nodes
 
 
+def _sentence_list_input(side: str) -> io.String.Input:
+    """The optional ``<side>_sentences`` (sentence bank only): the user's sentences replacing the templates."""
+    return io.String.Input(
+        f"{side}_sentences",
+        multiline=True,
+        default="",
+        optional=True,
+        tooltip=f"Sentence bank only, optional: your own {side} sentences, one per line (lines starting with # are "
+        f"ignored). Replaces the templates for the {side} side.",
+    )
+
+
+def _bank_sentences(side: str, word: str, listing: str, count: int) -> list[str]:
+    """One side of a sentence bank: the lines of ``listing``, else ``count`` template sentences about ``word``
+    (``ValueError`` when both are empty)."""
+    sentences = zdir.parse_sentence_list(listing or "")
+    if sentences:
+        return sentences
+    if not word.strip():
+        raise ValueError(f"ZeroCon Edit Direction: give a {side} word or a list of {side} sentences")
+    return zdir.template_sentences(word, count)
+
+
+def _prompt_difference(encode, source: str, target: str, lists: tuple[str, str]):
+    """The direction target prompt minus source prompt (``lists``: the sentence inputs, ignored with a log line)."""
+    if not source.strip() or not target.strip():
+        raise ValueError("ZeroCon Edit Direction: prompt difference needs a non-empty source and target prompt")
+    if any((text or "").strip() for text in lists):
+        logger.info("ZeroCon Edit Direction: sentence lists are ignored in 'prompt difference' mode")
+    return zdir.prompt_difference_direction(encode, source, target, encoders=None)
+
+
+def _sentence_bank(encode, words: tuple[str, str], sentences: tuple[list[str], list[str]], batch_size: int):
+    """The sentence-bank direction from the ``(source, target)`` sentences, with a progress bar and ``BANK_CACHE``."""
+    with progress.WorkProgress("ZeroCon Edit Direction", unit="sentence") as report:
+        return zdir.sentence_bank_direction(
+            encode,
+            *sentences,
+            source=words[0],
+            target=words[1],
+            batch_size=batch_size,
+            progress=report,
+            cache=BANK_CACHE,
+        )
+
+
 class ZeroConEditDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -355,20 +401,8 @@ class ZeroConEditDirection(io.ComfyNode):
                     max=1024,
                     tooltip="Sentences encoded per CLIP call. Lower it if the text encoder runs out of memory.",
                 ),
-                io.String.Input(
-                    "source_sentences",
-                    multiline=True,
-                    default="",
-                    optional=True,
-                    tooltip="Sentence bank only, optional: your own source sentences, one per line (lines starting with # are ignored). Replaces the templates for the source side.",
-                ),
-                io.String.Input(
-                    "target_sentences",
-                    multiline=True,
-                    default="",
-                    optional=True,
-                    tooltip="Sentence bank only, optional: your own target sentences, one per line (lines starting with # are ignored). Replaces the templates for the target side.",
-                ),
+                _sentence_list_input("source"),
+                _sentence_list_input("target"),
             ],
             outputs=[
                 Direction.Output(
@@ -385,33 +419,11 @@ class ZeroConEditDirection(io.ComfyNode):
     ) -> io.NodeOutput:
         encode = ComfyClipEncoder(clip)
         if mode == "prompt difference":
-            if not source.strip() or not target.strip():
-                raise ValueError("ZeroCon Edit Direction: prompt difference needs a non-empty source and target prompt")
-            if (source_sentences or "").strip() or (target_sentences or "").strip():
-                logger.info("ZeroCon Edit Direction: sentence lists are ignored in 'prompt difference' mode")
-            direction = zdir.prompt_difference_direction(encode, source, target, encoders=None)
+            direction = _prompt_difference(encode, source, target, (source_sentences, target_sentences))
         elif mode == "sentence bank":
-            src = zdir.parse_sentence_list(source_sentences or "")
-            tgt = zdir.parse_sentence_list(target_sentences or "")
-            if not src:
-                if not source.strip():
-                    raise ValueError("ZeroCon Edit Direction: give a source word or a list of source sentences")
-                src = zdir.template_sentences(source, num_sentences)
-            if not tgt:
-                if not target.strip():
-                    raise ValueError("ZeroCon Edit Direction: give a target word or a list of target sentences")
-                tgt = zdir.template_sentences(target, num_sentences)
-            with progress.WorkProgress("ZeroCon Edit Direction", unit="sentence") as report:
-                direction = zdir.sentence_bank_direction(
-                    encode,
-                    src,
-                    tgt,
-                    source=source,
-                    target=target,
-                    batch_size=batch_size,
-                    progress=report,
-                    cache=BANK_CACHE,
-                )
+            src = _bank_sentences("source", source, source_sentences, num_sentences)
+            tgt = _bank_sentences("target", target, target_sentences, num_sentences)
+            direction = _sentence_bank(encode, (source, target), (src, tgt), batch_size)
         else:
             raise ValueError(f"ZeroCon Edit Direction: unknown mode {mode!r}; use one of {list(MODES)}")
         encode.finish()
