@@ -251,14 +251,18 @@ def _term_inputs(image: io.Input, lambdas: list, extra: tuple = ()) -> list:
 # -- nodes ---------------------------------------------------------------------------------------------------
 
 
+def _diffuseit_schema(**fields) -> io.Schema:
+    """``schema`` of a DiffuseIT node: listed under ``CATEGORY``, experimental until its defaults are confirmed on
+    real weights."""
+    return schema(is_experimental=True, category=CATEGORY, **fields)
+
+
 class ZeroConDinoStructureGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return schema(
+        return _diffuseit_schema(
             node_id="ZeroConDinoStructureGuidance",
-            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DINO Structure Guidance (DiffuseIT)",
-            category=CATEGORY,
             description=(
                 "DiffuseIT's content losses on the decoded prediction: DINO key self-similarity (weight 1000) and a "
                 "patch-contrastive loss on DINO keys (200) against the source image, plus the semantic-divergence "
@@ -343,11 +347,9 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
 class ZeroConDinoStyleGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return schema(
+        return _diffuseit_schema(
             node_id="ZeroConDinoStyleGuidance",
-            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DINO Style Guidance (DiffuseIT)",
-            category=CATEGORY,
             description=(
                 "DiffuseIT's image-guided style loss: pulls the decoded prediction's DINO [CLS] token toward the "
                 "reference image's (weight 2000), plus a weak pixel MSE toward the reference resized to the output "
@@ -425,11 +427,9 @@ def _extra_models(terms) -> list:
 class ZeroConDiffuseITSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return schema(
+        return _diffuseit_schema(
             node_id="ZeroConDiffuseITSampler",
-            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DiffuseIT Sampler",
-            category=CATEGORY,
             description=(
                 "DiffuseIT on your model: the encoded source is noised to DiffuseIT's noise level (no inversion), the "
                 "first step is repeated with re-noising (resampling), then guided DDIM with CFG on the target prompt. "

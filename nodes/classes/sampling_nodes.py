@@ -733,25 +733,20 @@ def _guided_sampler_inputs() -> list:
             "(pix2pix-zero: 5).",
         ),
         *guided_step_inputs(),
-        io.Conditioning.Input(
-            "source",
-            optional=True,
-            tooltip="The source caption's conditioning; default: the one the inversion used.",
-        ),
-        io.Conditioning.Input(
-            "negative",
-            optional=True,
-            tooltip="Negative conditioning for CFG; default: the source caption (pix2pix-zero for real images).",
-        ),
-        GUIDANCE.Input(
-            "guidance",
-            optional=True,
-            tooltip="Guidance terms (cross-attention, PatchNCE...); none = plain DDIM edit.",
-        ),
-        io.Latent.Input(
-            "latent",
-            optional=True,
-            tooltip="Start from this latent instead of the inversion's x_T (same size as the inversion).",
+        *(
+            kind.Input(name, optional=True, tooltip=tip)
+            for name, (kind, tip) in {
+                "source": (io.Conditioning, "The source caption's conditioning; default: the one the inversion used."),
+                "negative": (
+                    io.Conditioning,
+                    "Negative conditioning for CFG; default: the source caption (pix2pix-zero for real images).",
+                ),
+                "guidance": (GUIDANCE, "Guidance terms (cross-attention, PatchNCE...); none = plain DDIM edit."),
+                "latent": (
+                    io.Latent,
+                    "Start from this latent instead of the inversion's x_T (same size as the inversion).",
+                ),
+            }.items()
         ),
         reference_input(),
     ]
