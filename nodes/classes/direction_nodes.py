@@ -1,34 +1,8 @@
 """Edit-direction nodes: make a CLIP edit direction, save / load it, add it to a CONDITIONING.
 
-The math lives in ``zerocon_core.text.direction``; this module only adapts ComfyUI's CLIP object to the engine's
-encode callable ``encode(texts) -> (embeds (N, 77, D_total), pooled (N, P) | None)``.
-
-How sentences go through the user's CLIP (``ComfyClipEncoder``): each sentence is tokenized with
-``clip.tokenize`` and cut to its first 77-token chunk; the chunks of a whole batch are put one after the
-other in a single token dict (``{"l": [chunk_1, ..., chunk_N]}``, SDXL also ``"g"``), and
-``clip.encode_from_tokens`` encodes them. ComfyUI's ``encode_token_weights`` runs every chunk of a prompt
-through each text encoder as one batch and concatenates the results along the token axis, so one call
-encodes N sentences and returns ``(1, 77*N, D)``, reshaped to ``(N, 77, D)``. This keeps everything
-ComfyUI applies to a CLIP (CLIP Set Last Layer, LoRA weight patches, prompt weights, embeddings, device
-management). ComfyUI returns the pooled output of the first chunk only; for SDXL-style CLIPs (a ``"g"``
-encoder, whose pooled output feeds the UNet's ``y``) the per-sentence pooled outputs come from the same
-token batch run through that encoder's own ``encode`` (the module ComfyUI itself calls), checked against
-ComfyUI's pooled output of the first sentence; if the layout is not recognised or the check fails, the
-pooled outputs are taken one sentence at a time through ``clip.encode_from_tokens`` instead.
-
-SD3 / SD3.5 and Flux CLIPs (token keys ``g``/``l``/``t5xxl`` and ``l``/``t5xxl``): each sentence's T5 tokens
-are padded (T5's pad token) or cut (keeping T5's end token last) to ``L``, the length the CLIP's T5 tokenizer
-pads a short prompt to (77 for SD3, 256 for Flux; at least 77), so the sentences of a batch encode to one
-conditioning each of the same length: SD3 ``[77 CLIP tokens ; L T5 tokens]``, Flux ``[L T5 tokens]``, 4096
-wide, cut back into per-sentence rows. Pooled outputs (SD3: CLIP-L + CLIP-G, zeros for an absent one, as
-ComfyUI; Flux: CLIP-L) come from the same batched modules, checked as above. The encoders present (SD3
-may lack any of its three) and the layout are recorded in the direction.
-
-Progress, Cancel and cache: a sentence bank shows a progress bar on the node and in the console, and Cancel
-stops it between batches. The mean embedding of each sentence list is kept per CLIP (``BANK_CACHE``, the last
-16 lists), so another direction with the same CLIP and sentences (e.g. the same source, another target)
-encodes only what is new. "The same CLIP" (``ComfyClipEncoder.cache_key``): the same text-encoder and
-tokenizer objects, CLIP Set Last Layer, weight patches (LoRA) and tokenizer options.
+The math lives in ``zerocon_core.text.direction``; this module adapts ComfyUI's CLIP object to the engine's encode
+callable ``encode(texts) -> (embeds (N, 77, D_total), pooled (N, P) | None)`` (``ComfyClipEncoder``: batched
+sentences, pooled outputs, SD3 / Flux T5 lengths, the per-CLIP cache; docs/nodes-internals.md).
 """
 
 from __future__ import annotations

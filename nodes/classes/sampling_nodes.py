@@ -200,19 +200,9 @@ def check_inversion_latent(inversion: InversionData, samples: torch.Tensor) -> N
 
 
 class ZeroConKSampler(comfy.samplers.KSAMPLER):
-    """ComfyUI's ``KSAMPLER`` with the one change flow models need to start from or end at an inverted latent.
-
-    ComfyUI scales the latent in (``model_sampling.noise_scaling``) and out (``inverse_noise_scaling``) of every
-    sampler; for VP models both are the identity here (zero noise), and this class *is* ``KSAMPLER``. For flow
-    models (CONST) the scaling assumes a clean latent and sampling down to 0: with zero noise a latent entering at
-    sigma 1 becomes ``(1 - 1) x = 0``, and an inversion ending at sigma 1 is divided by ``1 - 1``. So, for flow:
-
-    - a descending grid with zero noise (DisableNoise; our Guided Sampler): the latent is taken as it is, already
-      at ``sigmas[0]`` (the inverted x_T);
-    - an ascending grid (inversion): scaled in as ComfyUI does (``(1 - s0) x0`` at FlipSigmas' 1e-4, exactly what
-      FlipSigmas + euler start from) and returned unscaled, the latent at the top level;
-    - otherwise (fresh noise, as the DiffuseIT Sampler's start): ComfyUI's scaling, the exact forward noising.
-    """
+    """ComfyUI's ``KSAMPLER``, except for flow models (CONST): a descending grid with zero noise starts from the
+    latent as it is (the inverted x_T, already at ``sigmas[0]``), and an ascending grid (inversion) returns the
+    latent unscaled at its top level (ComfyUI's scaling would zero a latent at sigma 1; docs/nodes-internals.md)."""
 
     def sample(
         self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False
@@ -310,12 +300,9 @@ def guided_function(
 ):
     """KSAMPLER function: the guided DDIM loop, reading conds and guidance from a ZeroConGuider.
 
-    ``settings``: the engine's sampler settings; their ``cfg`` is replaced by the guider's. Returns the edit
-    (sigma space at the last sigma, B images); with ``settings.keep_reference`` the edit and the reference
-    branch's reconstruction concatenated on the batch axis (2B: ComfyUI's latent-out processing, which is
-    per element, then applies to both; ``split_reference`` separates them). The run's diagnostics summary is
-    logged (a warning when more than a few steps were skipped); ``sink``: a list the engine's
-    ``SampleResult`` is appended to (the nodes' diagnostics outputs).
+    ``settings``: the engine's sampler settings (their ``cfg`` replaced by the guider's). Returns the edit in sigma
+    space at the last sigma (B images), or with ``settings.keep_reference`` the edit and the reconstruction
+    concatenated on the batch axis (2B; ``split_reference``). ``sink``: a list the ``SampleResult`` is appended to.
     """
     extra_args = extra_args or {}
     guider = model.inner_model
