@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .adapter import FamilyAdapter
-from .model_family import prediction_type, unsupported
+from .model_family import ModelFamily, prediction_type, unsupported
 
 #: What extra input channels usually are (the end of the extra-channels error).
 FILL_NOTE = " (fill / inpainting)"
@@ -31,3 +31,10 @@ def check_flow_network(adapter: FamilyAdapter, model, base, packed: int = 1, cha
     ptype = prediction_type(model.get_model_object("model_sampling"))
     if ptype != "flow":
         raise unsupported(f"a {name} network sampled as {ptype}-prediction (ZeroCon needs its flow sampling)")
+
+
+def flow_family(adapter: FamilyAdapter, model, base, packed: int = 1, channels_note: str = FILL_NOTE) -> ModelFamily:
+    """The plain flow-matching ``ModelFamily`` of ``adapter`` (real CFG), once ``check_flow_network`` passed: a
+    family module's ``detect`` when it has no checks of its own."""
+    check_flow_network(adapter, model, base, packed=packed, channels_note=channels_note)
+    return ModelFamily(name=adapter.name, prediction_type="flow", latent_channels=adapter.latent_channels)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ...zerocon_core.method.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
 from .adapter import FamilyAdapter, GradientPasses, GuidedLayers, Recognition
-from .flow_checks import check_flow_network, unet_config
+from .flow_checks import flow_family, unet_config
 from .model_family import ModelFamily, unsupported
 
 
@@ -32,8 +32,7 @@ def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
             f"{name} network ignores the text mask; update ComfyUI)"
         )
     patch = int(unet_config(base).get("patch_size", 2))
-    check_flow_network(adapter, model, base, packed=patch * patch, channels_note="")
-    return ModelFamily(name=name, prediction_type="flow", latent_channels=adapter.latent_channels)
+    return flow_family(adapter, model, base, packed=patch * patch, channels_note="")
 
 
 def _context_width(base) -> int:
