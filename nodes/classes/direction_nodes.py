@@ -327,6 +327,48 @@ def _sentence_bank(encode, words: tuple[str, str], sentences: tuple[list[str], l
         )
 
 
+def _edit_direction_inputs() -> list:
+    """Edit Direction's inputs: the CLIP, the two sides, the mode, the sentence-bank settings and lists."""
+    return [
+        io.Clip.Input(
+            "clip",
+            tooltip="The CLIP (text encoder) of the model you edit with; the direction only fits conditionings made by a CLIP of the same kind.",
+        ),
+        io.String.Input(
+            "source",
+            default="cat",
+            tooltip="Sentence bank: the word or phrase to edit away (e.g. 'cat'). Prompt difference: the source prompt, usually the image caption.",
+        ),
+        io.String.Input(
+            "target",
+            default="dog",
+            tooltip="Sentence bank: the word or phrase to edit towards (e.g. 'dog'). Prompt difference: the target prompt (the caption with the edit).",
+        ),
+        io.Combo.Input(
+            "mode",
+            options=list(MODES),
+            default=MODES[0],
+            tooltip="'sentence bank': mean over many sentences per side (pix2pix-zero; less entangled). 'prompt difference': one prompt per side.",
+        ),
+        io.Int.Input(
+            "num_sentences",
+            default=300,
+            min=1,
+            max=5000,
+            tooltip="Sentence bank only: how many built-in template sentences to generate per side when no sentence list is given. pix2pix-zero uses about 1000.",
+        ),
+        io.Int.Input(
+            "batch_size",
+            default=32,
+            min=1,
+            max=1024,
+            tooltip="Sentences encoded per CLIP call. Lower it if the text encoder runs out of memory.",
+        ),
+        _sentence_list_input("source"),
+        _sentence_list_input("target"),
+    ]
+
+
 class ZeroConEditDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -340,44 +382,7 @@ class ZeroConEditDirection(io.ComfyNode):
                 "embedding of a target prompt minus that of the source prompt (prompt difference). Add it to the "
                 "caption's conditioning with ZeroCon Apply Edit Direction."
             ),
-            inputs=[
-                io.Clip.Input(
-                    "clip",
-                    tooltip="The CLIP (text encoder) of the model you edit with; the direction only fits conditionings made by a CLIP of the same kind.",
-                ),
-                io.String.Input(
-                    "source",
-                    default="cat",
-                    tooltip="Sentence bank: the word or phrase to edit away (e.g. 'cat'). Prompt difference: the source prompt, usually the image caption.",
-                ),
-                io.String.Input(
-                    "target",
-                    default="dog",
-                    tooltip="Sentence bank: the word or phrase to edit towards (e.g. 'dog'). Prompt difference: the target prompt (the caption with the edit).",
-                ),
-                io.Combo.Input(
-                    "mode",
-                    options=list(MODES),
-                    default=MODES[0],
-                    tooltip="'sentence bank': mean over many sentences per side (pix2pix-zero; less entangled). 'prompt difference': one prompt per side.",
-                ),
-                io.Int.Input(
-                    "num_sentences",
-                    default=300,
-                    min=1,
-                    max=5000,
-                    tooltip="Sentence bank only: how many built-in template sentences to generate per side when no sentence list is given. pix2pix-zero uses about 1000.",
-                ),
-                io.Int.Input(
-                    "batch_size",
-                    default=32,
-                    min=1,
-                    max=1024,
-                    tooltip="Sentences encoded per CLIP call. Lower it if the text encoder runs out of memory.",
-                ),
-                _sentence_list_input("source"),
-                _sentence_list_input("target"),
-            ],
+            inputs=_edit_direction_inputs(),
             outputs=[
                 Direction.Output(
                     "direction",

@@ -135,6 +135,45 @@ METRIC_OUTPUTS = {
 }
 
 
+def _edit_metrics_inputs() -> list:
+    """Edit Metrics' inputs: the two images, the two texts, then the optional mask, CLIP and DINO."""
+    return [
+        io.Image.Input(
+            "source_image",
+            tooltip="The original image(s), values in [0, 1]. One image is compared with every edited image.",
+        ),
+        io.Image.Input(
+            "edited_image",
+            tooltip="The edited image(s), same batch size as the source (or the source is a single image). Resized to the source's size if they differ.",
+        ),
+        io.String.Input(
+            "source_text",
+            default="",
+            tooltip="Text describing the source (e.g. the caption 'a photo of a cat'); several lines: one per image (BLIP Caption's batch captions). CLIP accuracy counts an edit as applied when the edited image is closer to the target text than to this.",
+        ),
+        io.String.Input(
+            "target_text",
+            default="",
+            tooltip="Text describing the wanted result (e.g. 'a photo of a dog'); several lines: one per image. The CLIP score is the edited image's similarity to this, 100 x cosine.",
+        ),
+        io.Mask.Input(
+            "mask",
+            optional=True,
+            tooltip="Optional edit mask at the source's size: 1 (non-zero) marks the edited region; PSNR / SSIM / MSE are measured where it is 0. Without it they cover the whole image.",
+        ),
+        ClipMetric.Input(
+            "clip_metric",
+            optional=True,
+            tooltip="A CLIP from ZeroCon CLIP Metric Loader. Without it the CLIP score and accuracy are NaN.",
+        ),
+        Dino.Input(
+            "dino",
+            optional=True,
+            tooltip="A DINO ViT from ZeroCon DINO Loader. Without it the structure distance is NaN.",
+        ),
+    ]
+
+
 class ZeroConEditMetrics(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -148,41 +187,7 @@ class ZeroConEditMetrics(io.ComfyNode):
                 "layout kept; PIE-Bench's metric) and PSNR / SSIM / MSE of the background (is the rest unchanged). "
                 "Batches give the mean over images. An edited image of another size is resized to the source's."
             ),
-            inputs=[
-                io.Image.Input(
-                    "source_image",
-                    tooltip="The original image(s), values in [0, 1]. One image is compared with every edited image.",
-                ),
-                io.Image.Input(
-                    "edited_image",
-                    tooltip="The edited image(s), same batch size as the source (or the source is a single image). Resized to the source's size if they differ.",
-                ),
-                io.String.Input(
-                    "source_text",
-                    default="",
-                    tooltip="Text describing the source (e.g. the caption 'a photo of a cat'); several lines: one per image (BLIP Caption's batch captions). CLIP accuracy counts an edit as applied when the edited image is closer to the target text than to this.",
-                ),
-                io.String.Input(
-                    "target_text",
-                    default="",
-                    tooltip="Text describing the wanted result (e.g. 'a photo of a dog'); several lines: one per image. The CLIP score is the edited image's similarity to this, 100 x cosine.",
-                ),
-                io.Mask.Input(
-                    "mask",
-                    optional=True,
-                    tooltip="Optional edit mask at the source's size: 1 (non-zero) marks the edited region; PSNR / SSIM / MSE are measured where it is 0. Without it they cover the whole image.",
-                ),
-                ClipMetric.Input(
-                    "clip_metric",
-                    optional=True,
-                    tooltip="A CLIP from ZeroCon CLIP Metric Loader. Without it the CLIP score and accuracy are NaN.",
-                ),
-                Dino.Input(
-                    "dino",
-                    optional=True,
-                    tooltip="A DINO ViT from ZeroCon DINO Loader. Without it the structure distance is NaN.",
-                ),
-            ],
+            inputs=_edit_metrics_inputs(),
             outputs=[
                 *(io.Float.Output(name, display_name=name, tooltip=tip) for name, tip in METRIC_OUTPUTS.items()),
                 io.String.Output("summary", display_name="summary", tooltip="All metrics as readable text."),

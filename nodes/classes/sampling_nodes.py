@@ -305,12 +305,7 @@ def guided_function(
     concatenated on the batch axis (2B; ``split_reference``). ``sink``: a list the ``SampleResult`` is appended to.
     """
     extra_args = extra_args or {}
-    guider = model.inner_model
-    if not isinstance(guider, ZeroConGuider):
-        raise ValueError(
-            f"ZeroCon Guided DDIM Sampler needs the ZeroCon Guider as its GUIDER (it reads the source "
-            f"conditioning and the guidance from it); got {type(guider).__name__}"
-        )
+    guider = _zerocon_guider(model)
     _no_mask(extra_args, "guided sampler")
     family = detect_family(guider.model_patcher)
     check_conditionings(guider.conditionings, x.shape[0], family, guider.model_patcher)
@@ -333,11 +328,28 @@ def guided_function(
             check_interrupt=progress.check_interrupt,
             inversion=replay_source(guider, sigmas) if settings.reference == "inverted" and wants else None,
         )
+    return _guided_output(result, settings.keep_reference, sink)
+
+
+def _zerocon_guider(model) -> ZeroConGuider:
+    """The ``ZeroConGuider`` a KSAMPLER function's ``model`` wraps (``ValueError`` for any other GUIDER)."""
+    guider = model.inner_model
+    if not isinstance(guider, ZeroConGuider):
+        raise ValueError(
+            f"ZeroCon Guided DDIM Sampler needs the ZeroCon Guider as its GUIDER (it reads the source "
+            f"conditioning and the guidance from it); got {type(guider).__name__}"
+        )
+    return guider
+
+
+def _guided_output(result, keep_reference: bool, sink: list | None) -> torch.Tensor:
+    """Log the run's diagnostics summary (a warning when too many steps were skipped), put ``result`` in
+    ``sink``, and return the edit (B) or, with ``keep_reference``, the edit and the reconstruction (2B)."""
     text = summary(result)
     (logger.warning if too_many_skipped(summarize(result)) else logger.info)("ZeroCon guidance: %s", text)
     if sink is not None:
         sink.append(result)
-    if settings.keep_reference:
+    if keep_reference:
         return torch.cat([result.latent, result.reference])
     return result.latent
 
