@@ -21,7 +21,7 @@ from comfy_api.latest import io, ui
 from ...zerocon_core.text import captioning
 from ...zerocon_core.text.prompts import join_prompts
 from ..glue import loaders, paths
-from ..glue.inputs import CATEGORY, schema
+from ..glue.inputs import CATEGORY, loader_inputs, schema
 
 logger = logging.getLogger("zerocon")
 
@@ -40,6 +40,15 @@ SOURCE = loaders.ModelSource(
 KNOWN_MODELS = SOURCE.known
 PRECISIONS = ("auto", *loaders.DTYPES)
 DEVICES = loaders.DEVICES
+
+
+#: The loader's tooltips by input name.
+LOADER_TIPS = {
+    "model": "Folder under models/blip holding a BLIP captioning model (config.json, weights, tokenizer and processor files). The two Salesforce models are listed even before they are downloaded.",
+    "precision": "Weight precision. auto: fp16 on a GPU that supports it, else fp32. Use fp32 on CPU.",
+    "device": "Where to run BLIP. auto: ComfyUI's text-encoder device; gpu: the main GPU; cpu: always the CPU.",
+    "allow_download": f"If the model folder is missing, download it once from Hugging Face (only '{DEFAULT_MODEL}' and 'blip-image-captioning-large'; never when HF_HUB_OFFLINE=1).",
+}
 
 
 class ZeroConBlip(loaders.ZeroConModel):
@@ -63,31 +72,7 @@ class ZeroConBLIPLoader(io.ComfyNode):
                 f"'{DEFAULT_MODEL}' is downloaded from Hugging Face ({KNOWN_MODELS[DEFAULT_MODEL]}) on first use "
                 "when allowed and online; otherwise the error says which folder to fill."
             ),
-            inputs=[
-                io.Combo.Input(
-                    "model",
-                    options=loaders.model_names(SOURCE),
-                    default=DEFAULT_MODEL,
-                    tooltip="Folder under models/blip holding a BLIP captioning model (config.json, weights, tokenizer and processor files). The two Salesforce models are listed even before they are downloaded.",
-                ),
-                io.Combo.Input(
-                    "precision",
-                    options=list(PRECISIONS),
-                    default="auto",
-                    tooltip="Weight precision. auto: fp16 on a GPU that supports it, else fp32. Use fp32 on CPU.",
-                ),
-                io.Combo.Input(
-                    "device",
-                    options=list(DEVICES),
-                    default="auto",
-                    tooltip="Where to run BLIP. auto: ComfyUI's text-encoder device; gpu: the main GPU; cpu: always the CPU.",
-                ),
-                io.Boolean.Input(
-                    "allow_download",
-                    default=True,
-                    tooltip=f"If the model folder is missing, download it once from Hugging Face (only '{DEFAULT_MODEL}' and 'blip-image-captioning-large'; never when HF_HUB_OFFLINE=1).",
-                ),
-            ],
+            inputs=loader_inputs(SOURCE, DEFAULT_MODEL, LOADER_TIPS, PRECISIONS, "auto"),
             outputs=[
                 Blip.Output("blip", display_name="blip", tooltip="The loaded BLIP captioner, for ZeroCon BLIP Caption.")
             ],

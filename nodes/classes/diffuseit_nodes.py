@@ -39,19 +39,17 @@ from ...zerocon_core.diffuseit.guidance import (
 from ...zerocon_core.diffuseit.start import DIFFUSEIT_RESAMPLE, start_index
 from ...zerocon_core.method.guidance import chain
 from ...zerocon_core.method.sampler import SamplerSettings
-from ...zerocon_core.method.schedule import check_steps
 from ..families import article, cfg_warning, detect_family
-from ..glue import progress
 from ..glue.inputs import (
     CATEGORY,
     GUIDANCE,
     cfg_input,
-    previous_input,
+    chain_inputs,
+    guidance_output,
     schema,
     seed_input,
     step_inputs,
     steps_input,
-    window_inputs,
 )
 from ..glue.loaders import ZeroConModel
 from ..glue.weights import autograd_weights
@@ -60,14 +58,14 @@ from .guidance_nodes import AUTO as AUTO_WEIGHT
 from .guidance_nodes import resolve_weights
 from .sampling_nodes import (
     ZeroConGuider,
-    ZeroConKSampler,
-    _latent_out,
-    check_conditionings,
-    check_latent,
+    checked_latent,
     ddim_grid,
     diagnostics_of,
     diagnostics_outputs,
     guided_function,
+    latent_out,
+    run_sampler,
+    sampler_with_sink,
 )
 
 logger = logging.getLogger("zerocon")
@@ -244,60 +242,69 @@ def _dino_size_input():
     )
 
 
+def _term_inputs(image: io.Input, lambdas: list, extra: tuple = ()) -> list:
+    """A DINO guidance node's inputs, in order: model, vae, dino, its ``image``, weight, its ``lambdas``,
+    dino_size, its ``extra`` ones, then the window and ``previous``."""
+    return [*_shared_inputs(), image, _weight_input(), *lambdas, _dino_size_input(), *extra, *chain_inputs()]
+
+
 # -- nodes ---------------------------------------------------------------------------------------------------
+
+
+def _diffuseit_schema(**fields) -> io.Schema:
+    """``schema`` of a DiffuseIT node: listed under ``CATEGORY``, experimental until its defaults are confirmed on
+    real weights."""
+    return schema(is_experimental=True, category=CATEGORY, **fields)
 
 
 class ZeroConDinoStructureGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return schema(
+        return _diffuseit_schema(
             node_id="ZeroConDinoStructureGuidance",
-            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DINO Structure Guidance (DiffuseIT)",
-            category=CATEGORY,
             description=(
                 "DiffuseIT's content losses on the decoded prediction: DINO key self-similarity (weight 1000) and a "
                 "patch-contrastive loss on DINO keys (200) against the source image, plus the semantic-divergence "
                 "push of the first, noisiest steps (100) and the range loss (200). Weights as DiffuseIT's code."
             ),
-            inputs=[
-                *_shared_inputs(),
+            inputs=_term_inputs(
                 io.Image.Input(
                     "image",
                     tooltip="The source image whose structure is kept (the one you encoded). "
                     "One image for the whole batch, or one per latent.",
                 ),
-                _weight_input(),
-                _lambda_input(
-                    "lambda_ssim", LAMBDA_SSIM, "Weight of the DINO key self-similarity loss (DiffuseIT: 1000)."
+                [
+                    _lambda_input(
+                        "lambda_ssim", LAMBDA_SSIM, "Weight of the DINO key self-similarity loss (DiffuseIT: 1000)."
+                    ),
+                    _lambda_input(
+                        "lambda_contrastive",
+                        LAMBDA_CONT,
+                        "Weight of the patch-contrastive loss on DINO keys, tau 0.07 (DiffuseIT: 200).",
+                    ),
+                    _lambda_input(
+                        "lambda_semantic",
+                        LAMBDA_SEM,
+                        "Weight of the semantic-divergence loss, active while the noise level is above "
+                        "DiffuseIT's gate (sigma 3.54; Flux / SD3: the same SNR, t 0.78) (DiffuseIT: 100; 0 disables).",
+                    ),
+                    _lambda_input(
+                        "lambda_range",
+                        LAMBDA_RANGE,
+                        "Weight of the range loss on decoded pixels outside [0, 1] (DiffuseIT: 200; 0 disables).",
+                    ),
+                ],
+                extra=(
+                    io.Boolean.Input(
+                        "noise_blend",
+                        default=False,
+                        tooltip="Evaluate the DINO losses on DiffuseIT's noise-blended estimate instead of the "
+                        "clean prediction (its --use_noise_aug_all).",
+                    ),
                 ),
-                _lambda_input(
-                    "lambda_contrastive",
-                    LAMBDA_CONT,
-                    "Weight of the patch-contrastive loss on DINO keys, tau 0.07 (DiffuseIT: 200).",
-                ),
-                _lambda_input(
-                    "lambda_semantic",
-                    LAMBDA_SEM,
-                    "Weight of the semantic-divergence loss, active while the noise level is above "
-                    "DiffuseIT's gate (sigma 3.54; Flux / SD3: the same SNR, t 0.78) (DiffuseIT: 100; 0 disables).",
-                ),
-                _lambda_input(
-                    "lambda_range",
-                    LAMBDA_RANGE,
-                    "Weight of the range loss on decoded pixels outside [0, 1] (DiffuseIT: 200; 0 disables).",
-                ),
-                _dino_size_input(),
-                io.Boolean.Input(
-                    "noise_blend",
-                    default=False,
-                    tooltip="Evaluate the DINO losses on DiffuseIT's noise-blended estimate instead of the "
-                    "clean prediction (its --use_noise_aug_all).",
-                ),
-                *window_inputs(),
-                previous_input(),
-            ],
-            outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with these terms added.")],
+            ),
+            outputs=[guidance_output("these terms")],
         )
 
     @classmethod
@@ -323,75 +330,51 @@ class ZeroConDinoStructureGuidance(io.ComfyNode):
         source = _images(image, "image", node)
         window = dict(start=float(start), end=float(end))
         dino_kw = dict(dino_size=int(dino_size), noise_blend=bool(noise_blend), **window)
-        out = previous
+        weight = float(weight)
+        terms = []
         if lambda_ssim > 0 or lambda_contrastive > 0:
-            out = chain(
-                out,
-                DinoStructureGuidance(
-                    weight=float(weight),
-                    source=source,
-                    lambda_ssim=float(lambda_ssim),
-                    lambda_cont=float(lambda_contrastive),
-                    **shared,
-                    **dino_kw,
-                ),
-            )
+            lambdas = dict(lambda_ssim=float(lambda_ssim), lambda_cont=float(lambda_contrastive))
+            terms.append(DinoStructureGuidance(weight=weight, source=source, **lambdas, **shared, **dino_kw))
         if lambda_semantic > 0:
-            out = chain(
-                out,
-                SemanticDivergenceGuidance(
-                    weight=float(weight), source=source, lambda_sem=float(lambda_semantic), **shared, **dino_kw
-                ),
-            )
+            lambdas = dict(lambda_sem=float(lambda_semantic))
+            terms.append(SemanticDivergenceGuidance(weight=weight, source=source, **lambdas, **shared, **dino_kw))
         if lambda_range > 0:
-            out = chain(
-                out,
-                RangeGuidance(
-                    weight=float(weight),
-                    lambda_range=float(lambda_range),
-                    decode=shared["decode"],
-                    autograd_session=shared["autograd_session"],
-                    prediction_type=shared["prediction_type"],
-                    **window,
-                ),
-            )
-        return io.NodeOutput(tuple(out or ()))
+            pixels = {k: shared[k] for k in ("decode", "autograd_session", "prediction_type")}
+            terms.append(RangeGuidance(weight=weight, lambda_range=float(lambda_range), **pixels, **window))
+        return io.NodeOutput(tuple(previous or ()) + tuple(terms))
 
 
 class ZeroConDinoStyleGuidance(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return schema(
+        return _diffuseit_schema(
             node_id="ZeroConDinoStyleGuidance",
-            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DINO Style Guidance (DiffuseIT)",
-            category=CATEGORY,
             description=(
                 "DiffuseIT's image-guided style loss: pulls the decoded prediction's DINO [CLS] token toward the "
                 "reference image's (weight 2000), plus a weak pixel MSE toward the reference resized to the output "
                 "(3000, mostly global colour). A training-free alternative to IP-Adapter-style references."
             ),
-            inputs=[
-                *_shared_inputs(),
+            inputs=_term_inputs(
                 io.Image.Input(
                     "reference",
                     tooltip="The style/appearance reference image (any size). One image for the "
                     "whole batch, or one per latent.",
                 ),
-                _weight_input(),
-                _lambda_input(
-                    "lambda_cls", LAMBDA_CLS, "Weight of the DINO [CLS] loss toward the reference (DiffuseIT: 2000)."
-                ),
-                _lambda_input(
-                    "lambda_pixel",
-                    LAMBDA_PIXEL,
-                    "Weight of the pixel MSE toward the reference (DiffuseIT: 3000; 0 disables).",
-                ),
-                _dino_size_input(),
-                *window_inputs(),
-                previous_input(),
-            ],
-            outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
+                [
+                    _lambda_input(
+                        "lambda_cls",
+                        LAMBDA_CLS,
+                        "Weight of the DINO [CLS] loss toward the reference (DiffuseIT: 2000).",
+                    ),
+                    _lambda_input(
+                        "lambda_pixel",
+                        LAMBDA_PIXEL,
+                        "Weight of the pixel MSE toward the reference (DiffuseIT: 3000; 0 disables).",
+                    ),
+                ],
+            ),
+            outputs=[guidance_output()],
         )
 
     @classmethod
@@ -444,11 +427,9 @@ def _extra_models(terms) -> list:
 class ZeroConDiffuseITSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return schema(
+        return _diffuseit_schema(
             node_id="ZeroConDiffuseITSampler",
-            is_experimental=True,  # until the defaults are confirmed on real weights
             display_name="ZeroCon DiffuseIT Sampler",
-            category=CATEGORY,
             description=(
                 "DiffuseIT on your model: the encoded source is noised to DiffuseIT's noise level (no inversion), the "
                 "first step is repeated with re-noising (resampling), then guided DDIM with CFG on the target prompt. "
@@ -501,48 +482,45 @@ class ZeroConDiffuseITSampler(io.ComfyNode):
     ) -> io.NodeOutput:
         family = detect_family(model)
         cfg_warning(family, float(cfg), "ZeroCon DiffuseIT Sampler")
-        ms = model.get_model_object("model_sampling")
-        check_steps(int(steps), len(ms.sigmas))
-        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        warning = check_latent(samples, family)
-        batch = samples.shape[0]
-        check_conditionings({"positive": positive, "negative": negative}, batch, family, model)
+        named = {"positive": positive, "negative": negative}
+        samples, warning = checked_latent(model, family, latent, int(steps), named)
         terms = resolve_weights(guidance, family, step_mode)
         check_decoders(terms, model, family)
-        if not (strength == AUTO_STRENGTH or 0.0 < strength <= 1.0):
-            raise ValueError(f"ZeroCon DiffuseIT Sampler: strength must be -1 (auto) or in (0, 1], got {strength}")
-
-        full = ddim_grid(ms, int(steps))
-        k = start_index(
-            full, None if strength == AUTO_STRENGTH else float(strength), prediction_type=family.prediction_type
-        )
-        sigmas = full[k:]
+        sigmas = _start_sigmas(model, family, int(steps), strength)
         noise = comfy.sample.prepare_noise(samples, int(seed), latent.get("batch_index"))
-
-        work = model.clone()
-        extra = _extra_models(terms)
-        if extra:  # loaded with the UNet, so that decoding inside the loop does not evict it
-            work.set_additional_models("zerocon_diffuseit", extra)
-        guider = ZeroConGuider(work)  # the negative is the reference branch's "source" (used by capturing terms)
-        guider.set_zerocon(positive, negative, None, cfg=float(cfg), guidance=terms)
+        guider = _diffuseit_guider(model, positive, negative, float(cfg), terms)
         settings = SamplerSettings(
             resample=int(resample), step_mode=step_mode, step_size=float(step_size), seed=int(seed)
         )
-        sink: list = []
-        sampler = ZeroConKSampler(guided_function, extra_options={"settings": settings, "sink": sink})
-        callback = progress.node_callback(work, len(sigmas) - 1)
-        out = guider.sample(
-            noise,
-            samples,
-            sampler,
-            sigmas,
-            callback=callback,
-            disable_pbar=not progress.progress_enabled(),
-            seed=int(seed),
-        )
+        sampler, sink = sampler_with_sink(guided_function, settings)
+        out = run_sampler(guider, sampler, samples, sigmas, int(seed), noise=noise)
         image, text = diagnostics_of(sink)
         shown = ui.PreviewText(f"{warning}\n{text}" if warning else text)
-        return io.NodeOutput(_latent_out(latent, out.to(mm.intermediate_device())), image, text, ui=shown)
+        return io.NodeOutput(latent_out(latent, out), image, text, ui=shown)
+
+
+def _start_sigmas(model, family, steps: int, strength: float) -> torch.Tensor:
+    """The DDIM grid's levels from DiffuseIT's start level down (``strength`` -1: DiffuseIT's noise level, else
+    that fraction of the steps; ``ValueError`` outside (0, 1])."""
+    if not (strength == AUTO_STRENGTH or 0.0 < strength <= 1.0):
+        raise ValueError(f"ZeroCon DiffuseIT Sampler: strength must be -1 (auto) or in (0, 1], got {strength}")
+    full = ddim_grid(model.get_model_object("model_sampling"), steps)
+    k = start_index(
+        full, None if strength == AUTO_STRENGTH else float(strength), prediction_type=family.prediction_type
+    )
+    return full[k:]
+
+
+def _diffuseit_guider(model, positive, negative, cfg: float, terms) -> ZeroConGuider:
+    """A ``ZeroConGuider`` on a clone of ``model`` that also loads the terms' VAE / DINO: CFG between ``negative``
+    (also the reference branch's "source", used by capturing terms) and ``positive``."""
+    work = model.clone()
+    extra = _extra_models(terms)
+    if extra:  # loaded with the UNet, so that decoding inside the loop does not evict it
+        work.set_additional_models("zerocon_diffuseit", extra)
+    guider = ZeroConGuider(work)
+    guider.set_zerocon(positive, negative, None, cfg=cfg, guidance=terms)
+    return guider
 
 
 NODES = [ZeroConDinoStructureGuidance, ZeroConDinoStyleGuidance, ZeroConDiffuseITSampler]

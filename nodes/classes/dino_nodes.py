@@ -12,8 +12,8 @@ from comfy_api.latest import io
 
 from ...zerocon_core.diffuseit import dino
 from ..glue import loaders, paths
-from ..glue.inputs import CATEGORY, schema
-from ..glue.loaders import DEVICES, DTYPES, ZeroConModel, patcher_for
+from ..glue.inputs import CATEGORY, loader_inputs, schema
+from ..glue.loaders import DTYPES, ZeroConModel, patcher_for
 
 Dino = io.Custom("ZEROCON_DINO")
 
@@ -23,6 +23,15 @@ SOURCE = loaders.ModelSource(
 )
 KNOWN_DINO = SOURCE.known
 PRECISIONS = tuple(DTYPES)
+
+
+#: The loader's tooltips by input name.
+LOADER_TIPS = {
+    "model": f"Folder under models/dino holding a DINO ViT (config.json + weights of {dino.DINO_MODEL_ID}). '{DEFAULT_DINO}' is listed even before it is downloaded.",
+    "precision": "Weight precision. fp32 is exact and small enough (ViT-B/8: 86M parameters); fp16/bf16 halve the memory on a GPU.",
+    "device": "Where DINO runs. auto/gpu: ComfyUI's main device (offloaded when idle); cpu: always the CPU.",
+    "allow_download": f"If the folder is missing, download '{DEFAULT_DINO}' once from Hugging Face ({dino.DINO_MODEL_ID}); never when HF_HUB_OFFLINE=1.",
+}
 
 
 class ZeroConDINOLoader(io.ComfyNode):
@@ -37,31 +46,7 @@ class ZeroConDINOLoader(io.ComfyNode):
                 f"features of DiffuseIT and the structure metric of ZeroCon Edit Metrics. '{DEFAULT_DINO}' "
                 f"({dino.DINO_MODEL_ID}) is downloaded on first use when allowed and online."
             ),
-            inputs=[
-                io.Combo.Input(
-                    "model",
-                    options=loaders.model_names(SOURCE),
-                    default=DEFAULT_DINO,
-                    tooltip=f"Folder under models/dino holding a DINO ViT (config.json + weights of {dino.DINO_MODEL_ID}). '{DEFAULT_DINO}' is listed even before it is downloaded.",
-                ),
-                io.Combo.Input(
-                    "precision",
-                    options=list(PRECISIONS),
-                    default="fp32",
-                    tooltip="Weight precision. fp32 is exact and small enough (ViT-B/8: 86M parameters); fp16/bf16 halve the memory on a GPU.",
-                ),
-                io.Combo.Input(
-                    "device",
-                    options=list(DEVICES),
-                    default="auto",
-                    tooltip="Where DINO runs. auto/gpu: ComfyUI's main device (offloaded when idle); cpu: always the CPU.",
-                ),
-                io.Boolean.Input(
-                    "allow_download",
-                    default=True,
-                    tooltip=f"If the folder is missing, download '{DEFAULT_DINO}' once from Hugging Face ({dino.DINO_MODEL_ID}); never when HF_HUB_OFFLINE=1.",
-                ),
-            ],
+            inputs=loader_inputs(SOURCE, DEFAULT_DINO, LOADER_TIPS),
             outputs=[Dino.Output("dino", display_name="dino", tooltip="The loaded DINO ViT.")],
         )
 

@@ -1,34 +1,8 @@
 """Edit-direction nodes: make a CLIP edit direction, save / load it, add it to a CONDITIONING.
 
-The math lives in ``zerocon_core.text.direction``; this module only adapts ComfyUI's CLIP object to the engine's
-encode callable ``encode(texts) -> (embeds (N, 77, D_total), pooled (N, P) | None)``.
-
-How sentences go through the user's CLIP (``ComfyClipEncoder``): each sentence is tokenized with
-``clip.tokenize`` and cut to its first 77-token chunk; the chunks of a whole batch are put one after the
-other in a single token dict (``{"l": [chunk_1, ..., chunk_N]}``, SDXL also ``"g"``), and
-``clip.encode_from_tokens`` encodes them. ComfyUI's ``encode_token_weights`` runs every chunk of a prompt
-through each text encoder as one batch and concatenates the results along the token axis, so one call
-encodes N sentences and returns ``(1, 77*N, D)``, reshaped to ``(N, 77, D)``. This keeps everything
-ComfyUI applies to a CLIP (CLIP Set Last Layer, LoRA weight patches, prompt weights, embeddings, device
-management). ComfyUI returns the pooled output of the first chunk only; for SDXL-style CLIPs (a ``"g"``
-encoder, whose pooled output feeds the UNet's ``y``) the per-sentence pooled outputs come from the same
-token batch run through that encoder's own ``encode`` (the module ComfyUI itself calls), checked against
-ComfyUI's pooled output of the first sentence; if the layout is not recognised or the check fails, the
-pooled outputs are taken one sentence at a time through ``clip.encode_from_tokens`` instead.
-
-SD3 / SD3.5 and Flux CLIPs (token keys ``g``/``l``/``t5xxl`` and ``l``/``t5xxl``): each sentence's T5 tokens
-are padded (T5's pad token) or cut (keeping T5's end token last) to ``L``, the length the CLIP's T5 tokenizer
-pads a short prompt to (77 for SD3, 256 for Flux; at least 77), so the sentences of a batch encode to one
-conditioning each of the same length: SD3 ``[77 CLIP tokens ; L T5 tokens]``, Flux ``[L T5 tokens]``, 4096
-wide, cut back into per-sentence rows. Pooled outputs (SD3: CLIP-L + CLIP-G, zeros for an absent one, as
-ComfyUI; Flux: CLIP-L) come from the same batched modules, checked as above. The encoders present (SD3
-may lack any of its three) and the layout are recorded in the direction.
-
-Progress, Cancel and cache: a sentence bank shows a progress bar on the node and in the console, and Cancel
-stops it between batches. The mean embedding of each sentence list is kept per CLIP (``BANK_CACHE``, the last
-16 lists), so another direction with the same CLIP and sentences (e.g. the same source, another target)
-encodes only what is new. "The same CLIP" (``ComfyClipEncoder.cache_key``): the same text-encoder and
-tokenizer objects, CLIP Set Last Layer, weight patches (LoRA) and tokenizer options.
+The math lives in ``zerocon_core.text.direction``; this module adapts ComfyUI's CLIP object to the engine's encode
+callable ``encode(texts) -> (embeds (N, 77, D_total), pooled (N, P) | None)`` (``ComfyClipEncoder``: batched
+sentences, pooled outputs, SD3 / Flux T5 lengths, the per-CLIP cache; docs/nodes-internals.md).
 """
 
 from __future__ import annotations
@@ -307,6 +281,94 @@ class ComfyClipEncoder:
 # Nodes
 
 
+def _sentence_list_input(side: str) -> io.String.Input:
+    """The optional ``<side>_sentences`` (sentence bank only): the user's sentences replacing the templates."""
+    return io.String.Input(
+        f"{side}_sentences",
+        multiline=True,
+        default="",
+        optional=True,
+        tooltip=f"Sentence bank only, optional: your own {side} sentences, one per line (lines starting with # are "
+        f"ignored). Replaces the templates for the {side} side.",
+    )
+
+
+def _bank_sentences(side: str, word: str, listing: str, count: int) -> list[str]:
+    """One side of a sentence bank: the lines of ``listing``, else ``count`` template sentences about ``word``
+    (``ValueError`` when both are empty)."""
+    sentences = zdir.parse_sentence_list(listing or "")
+    if sentences:
+        return sentences
+    if not word.strip():
+        raise ValueError(f"ZeroCon Edit Direction: give a {side} word or a list of {side} sentences")
+    return zdir.template_sentences(word, count)
+
+
+def _prompt_difference(encode, source: str, target: str, lists: tuple[str, str]):
+    """The direction target prompt minus source prompt (``lists``: the sentence inputs, ignored with a log line)."""
+    if not source.strip() or not target.strip():
+        raise ValueError("ZeroCon Edit Direction: prompt difference needs a non-empty source and target prompt")
+    if any((text or "").strip() for text in lists):
+        logger.info("ZeroCon Edit Direction: sentence lists are ignored in 'prompt difference' mode")
+    return zdir.prompt_difference_direction(encode, source, target, encoders=None)
+
+
+def _sentence_bank(encode, words: tuple[str, str], sentences: tuple[list[str], list[str]], batch_size: int):
+    """The sentence-bank direction from the ``(source, target)`` sentences, with a progress bar and ``BANK_CACHE``."""
+    with progress.WorkProgress("ZeroCon Edit Direction", unit="sentence") as report:
+        return zdir.sentence_bank_direction(
+            encode,
+            *sentences,
+            source=words[0],
+            target=words[1],
+            batch_size=batch_size,
+            progress=report,
+            cache=BANK_CACHE,
+        )
+
+
+def _edit_direction_inputs() -> list:
+    """Edit Direction's inputs: the CLIP, the two sides, the mode, the sentence-bank settings and lists."""
+    return [
+        io.Clip.Input(
+            "clip",
+            tooltip="The CLIP (text encoder) of the model you edit with; the direction only fits conditionings made by a CLIP of the same kind.",
+        ),
+        io.String.Input(
+            "source",
+            default="cat",
+            tooltip="Sentence bank: the word or phrase to edit away (e.g. 'cat'). Prompt difference: the source prompt, usually the image caption.",
+        ),
+        io.String.Input(
+            "target",
+            default="dog",
+            tooltip="Sentence bank: the word or phrase to edit towards (e.g. 'dog'). Prompt difference: the target prompt (the caption with the edit).",
+        ),
+        io.Combo.Input(
+            "mode",
+            options=list(MODES),
+            default=MODES[0],
+            tooltip="'sentence bank': mean over many sentences per side (pix2pix-zero; less entangled). 'prompt difference': one prompt per side.",
+        ),
+        io.Int.Input(
+            "num_sentences",
+            default=300,
+            min=1,
+            max=5000,
+            tooltip="Sentence bank only: how many built-in template sentences to generate per side when no sentence list is given. pix2pix-zero uses about 1000.",
+        ),
+        io.Int.Input(
+            "batch_size",
+            default=32,
+            min=1,
+            max=1024,
+            tooltip="Sentences encoded per CLIP call. Lower it if the text encoder runs out of memory.",
+        ),
+        _sentence_list_input("source"),
+        _sentence_list_input("target"),
+    ]
+
+
 class ZeroConEditDirection(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -320,56 +382,7 @@ class ZeroConEditDirection(io.ComfyNode):
                 "embedding of a target prompt minus that of the source prompt (prompt difference). Add it to the "
                 "caption's conditioning with ZeroCon Apply Edit Direction."
             ),
-            inputs=[
-                io.Clip.Input(
-                    "clip",
-                    tooltip="The CLIP (text encoder) of the model you edit with; the direction only fits conditionings made by a CLIP of the same kind.",
-                ),
-                io.String.Input(
-                    "source",
-                    default="cat",
-                    tooltip="Sentence bank: the word or phrase to edit away (e.g. 'cat'). Prompt difference: the source prompt, usually the image caption.",
-                ),
-                io.String.Input(
-                    "target",
-                    default="dog",
-                    tooltip="Sentence bank: the word or phrase to edit towards (e.g. 'dog'). Prompt difference: the target prompt (the caption with the edit).",
-                ),
-                io.Combo.Input(
-                    "mode",
-                    options=list(MODES),
-                    default=MODES[0],
-                    tooltip="'sentence bank': mean over many sentences per side (pix2pix-zero; less entangled). 'prompt difference': one prompt per side.",
-                ),
-                io.Int.Input(
-                    "num_sentences",
-                    default=300,
-                    min=1,
-                    max=5000,
-                    tooltip="Sentence bank only: how many built-in template sentences to generate per side when no sentence list is given. pix2pix-zero uses about 1000.",
-                ),
-                io.Int.Input(
-                    "batch_size",
-                    default=32,
-                    min=1,
-                    max=1024,
-                    tooltip="Sentences encoded per CLIP call. Lower it if the text encoder runs out of memory.",
-                ),
-                io.String.Input(
-                    "source_sentences",
-                    multiline=True,
-                    default="",
-                    optional=True,
-                    tooltip="Sentence bank only, optional: your own source sentences, one per line (lines starting with # are ignored). Replaces the templates for the source side.",
-                ),
-                io.String.Input(
-                    "target_sentences",
-                    multiline=True,
-                    default="",
-                    optional=True,
-                    tooltip="Sentence bank only, optional: your own target sentences, one per line (lines starting with # are ignored). Replaces the templates for the target side.",
-                ),
-            ],
+            inputs=_edit_direction_inputs(),
             outputs=[
                 Direction.Output(
                     "direction",
@@ -385,33 +398,11 @@ class ZeroConEditDirection(io.ComfyNode):
     ) -> io.NodeOutput:
         encode = ComfyClipEncoder(clip)
         if mode == "prompt difference":
-            if not source.strip() or not target.strip():
-                raise ValueError("ZeroCon Edit Direction: prompt difference needs a non-empty source and target prompt")
-            if (source_sentences or "").strip() or (target_sentences or "").strip():
-                logger.info("ZeroCon Edit Direction: sentence lists are ignored in 'prompt difference' mode")
-            direction = zdir.prompt_difference_direction(encode, source, target, encoders=None)
+            direction = _prompt_difference(encode, source, target, (source_sentences, target_sentences))
         elif mode == "sentence bank":
-            src = zdir.parse_sentence_list(source_sentences or "")
-            tgt = zdir.parse_sentence_list(target_sentences or "")
-            if not src:
-                if not source.strip():
-                    raise ValueError("ZeroCon Edit Direction: give a source word or a list of source sentences")
-                src = zdir.template_sentences(source, num_sentences)
-            if not tgt:
-                if not target.strip():
-                    raise ValueError("ZeroCon Edit Direction: give a target word or a list of target sentences")
-                tgt = zdir.template_sentences(target, num_sentences)
-            with progress.WorkProgress("ZeroCon Edit Direction", unit="sentence") as report:
-                direction = zdir.sentence_bank_direction(
-                    encode,
-                    src,
-                    tgt,
-                    source=source,
-                    target=target,
-                    batch_size=batch_size,
-                    progress=report,
-                    cache=BANK_CACHE,
-                )
+            src = _bank_sentences("source", source, source_sentences, num_sentences)
+            tgt = _bank_sentences("target", target, target_sentences, num_sentences)
+            direction = _sentence_bank(encode, (source, target), (src, tgt), batch_size)
         else:
             raise ValueError(f"ZeroCon Edit Direction: unknown mode {mode!r}; use one of {list(MODES)}")
         encode.finish()

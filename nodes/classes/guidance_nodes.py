@@ -22,7 +22,7 @@ from ...zerocon_core.method import auto_weights
 from ...zerocon_core.method.denoiser import parse_layer_spec
 from ...zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, chain
 from ..families import ModelFamily
-from ..glue.inputs import CATEGORY, GUIDANCE, previous_input, schema, window_inputs
+from ..glue.inputs import CATEGORY, chain_inputs, guidance_output, schema
 
 AUTO = auto_weights.AUTO
 AUTO_TIP = (
@@ -45,8 +45,27 @@ def resolve_weights(terms, family: ModelFamily, step_mode: str) -> tuple[Guidanc
 
 
 def _check_layers(spec: str) -> str:
-    parse_layer_spec(spec)  # raises ValueError with the accepted syntax
+    """``spec`` once it parses as a layer spec (else the ``ValueError`` naming the accepted syntax)."""
+    parse_layer_spec(spec)
     return spec
+
+
+def _weight_input() -> io.Float.Input:
+    """A guidance term's ``weight``: -1 auto (``AUTO_TIP``), 0 off, else as given."""
+    return io.Float.Input("weight", default=AUTO, min=-1.0, max=10.0, step=0.001, round=0.0001, tooltip=AUTO_TIP)
+
+
+def _layers_input(default: str, note: str) -> io.String.Input:
+    """A guidance term's ``layers`` spec (``LAYER_TIP`` and ``note``)."""
+    return io.String.Input("layers", default=default, tooltip=f"{LAYER_TIP} {note}")
+
+
+def _patch_sizes(text: str) -> tuple[int, ...]:
+    """``"1,2"`` -> ``(1, 2)``; ``ValueError`` for anything but integers separated by commas."""
+    try:
+        return tuple(int(p) for p in str(text).replace(" ", "").split(",") if p)
+    except ValueError as exc:
+        raise ValueError(f"patch sizes must be integers separated by commas, like '1,2'; got {text!r}") from exc
 
 
 class ZeroConCrossAttentionGuidance(io.ComfyNode):
@@ -66,12 +85,11 @@ class ZeroConCrossAttentionGuidance(io.ComfyNode):
                 "v-prediction (SD2-768-v)."
             ),
             inputs=[
-                io.Float.Input("weight", default=AUTO, min=-1.0, max=10.0, step=0.001, round=0.0001, tooltip=AUTO_TIP),
-                io.String.Input("layers", default="all", tooltip=LAYER_TIP + " pix2pix-zero uses all."),
-                *window_inputs(),
-                previous_input(),
+                _weight_input(),
+                _layers_input("all", "pix2pix-zero uses all."),
+                *chain_inputs(),
             ],
-            outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
+            outputs=[guidance_output()],
         )
 
     @classmethod
@@ -98,8 +116,8 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
                 "to pull about as hard as the cross-attention term)."
             ),
             inputs=[
-                io.Float.Input("weight", default=AUTO, min=-1.0, max=10.0, step=0.001, round=0.0001, tooltip=AUTO_TIP),
-                io.String.Input("layers", default="up", tooltip=LAYER_TIP + " Default: the up blocks."),
+                _weight_input(),
+                _layers_input("up", "Default: the up blocks."),
                 io.Int.Input(
                     "patches",
                     default=256,
@@ -121,8 +139,7 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
                     tooltip="Patch sizes in feature pixels, comma-separated: each size p average-pools the "
                     "features p x p before sampling.",
                 ),
-                *window_inputs(),
-                previous_input(),
+                *chain_inputs(),
                 io.Int.Input(
                     "location_seed",
                     default=0,
@@ -133,19 +150,14 @@ class ZeroConPatchNCEGuidance(io.ComfyNode):
                     "DDIM Inversion records exactly the ones the sampler compares; change it for other locations).",
                 ),
             ],
-            outputs=[GUIDANCE.Output(display_name="guidance", tooltip="The guidance chain with this term added.")],
+            outputs=[guidance_output()],
         )
 
     @classmethod
     def execute(
         cls, weight, layers, patches, tau, patch_sizes, start, end, previous=None, location_seed=0
     ) -> io.NodeOutput:
-        try:
-            sizes = tuple(int(p) for p in str(patch_sizes).replace(" ", "").split(",") if p)
-        except ValueError as exc:
-            raise ValueError(
-                f"patch sizes must be integers separated by commas, like '1,2'; got {patch_sizes!r}"
-            ) from exc
+        sizes = _patch_sizes(patch_sizes)
         term = PatchNCEGuidance(
             weight=float(weight),
             layers=_check_layers(layers),

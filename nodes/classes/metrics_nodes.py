@@ -18,8 +18,8 @@ from comfy_api.latest import io, ui
 from ...zerocon_core.evaluation import metrics
 from ...zerocon_core.text.prompts import split_prompts
 from ..glue import loaders
-from ..glue.inputs import CATEGORY, schema
-from ..glue.loaders import DEVICES, DTYPES, ZeroConModel, patcher_for, unwrap
+from ..glue.inputs import CATEGORY, loader_inputs, schema
+from ..glue.loaders import DTYPES, ZeroConModel, patcher_for, unwrap
 from ..glue.paths import CLIP_METRIC
 from .dino_nodes import Dino
 
@@ -37,6 +37,15 @@ SOURCE = loaders.ModelSource(
 KNOWN_CLIP = SOURCE.known
 
 
+#: The loader's tooltips by input name.
+LOADER_TIPS = {
+    "model": f"Folder under models/clip_metric holding a transformers CLIPModel with its tokenizer (and preprocessor_config.json). '{DEFAULT_CLIP}' is {metrics.CLIP_MODEL_ID}; the known names are listed even before they are downloaded.",
+    "precision": "Weight precision. fp32 reproduces published CLIP scores; fp16/bf16 halve the memory on a GPU.",
+    "device": "Where CLIP runs. auto/gpu: ComfyUI's main device (offloaded when idle); cpu: always the CPU.",
+    "allow_download": "If the folder is missing, download a known model (the names listed first) once from Hugging Face; never when HF_HUB_OFFLINE=1.",
+}
+
+
 class ZeroConCLIPMetricLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -49,31 +58,7 @@ class ZeroConCLIPMetricLoader(io.ComfyNode):
                 f"to score edits with ZeroCon Edit Metrics. '{DEFAULT_CLIP}' ({metrics.CLIP_MODEL_ID}, PIE-Bench's "
                 "backbone) is downloaded on first use when allowed and online."
             ),
-            inputs=[
-                io.Combo.Input(
-                    "model",
-                    options=loaders.model_names(SOURCE),
-                    default=DEFAULT_CLIP,
-                    tooltip=f"Folder under models/clip_metric holding a transformers CLIPModel with its tokenizer (and preprocessor_config.json). '{DEFAULT_CLIP}' is {metrics.CLIP_MODEL_ID}; the known names are listed even before they are downloaded.",
-                ),
-                io.Combo.Input(
-                    "precision",
-                    options=list(DTYPES),
-                    default="fp32",
-                    tooltip="Weight precision. fp32 reproduces published CLIP scores; fp16/bf16 halve the memory on a GPU.",
-                ),
-                io.Combo.Input(
-                    "device",
-                    options=list(DEVICES),
-                    default="auto",
-                    tooltip="Where CLIP runs. auto/gpu: ComfyUI's main device (offloaded when idle); cpu: always the CPU.",
-                ),
-                io.Boolean.Input(
-                    "allow_download",
-                    default=True,
-                    tooltip="If the folder is missing, download a known model (the names listed first) once from Hugging Face; never when HF_HUB_OFFLINE=1.",
-                ),
-            ],
+            inputs=loader_inputs(SOURCE, DEFAULT_CLIP, LOADER_TIPS),
             outputs=[
                 ClipMetric.Output(
                     "clip_metric", display_name="clip_metric", tooltip="The loaded CLIP, for ZeroCon Edit Metrics."
@@ -138,6 +123,57 @@ def _per_image(text: str) -> str | list[str]:
     return lines if len(lines) > 1 else (text or "")
 
 
+#: The Edit Metrics node's number outputs, in order (each the batch mean of the metric of that name), with their
+#: tooltips.
+METRIC_OUTPUTS = {
+    "clip_score": "Mean CLIP score of the edited images against the target text: 100 x max(cosine, 0). NaN without clip_metric.",
+    "clip_accuracy": "Fraction of edited images closer (CLIP cosine) to the target text than to the source text. NaN without clip_metric.",
+    "structure_distance": "Mean MSE between the DINO key self-similarity matrices of source and edit (PIE-Bench reports it x1000). Lower = structure kept. NaN without dino.",
+    "bg_psnr": "Mean background PSNR in dB (inf when the background is unchanged).",
+    "bg_ssim": "Mean background SSIM (Gaussian window 11, sigma 1.5); 1 = identical.",
+    "bg_mse": "Mean background MSE on [0, 1] pixels.",
+}
+
+
+def _edit_metrics_inputs() -> list:
+    """Edit Metrics' inputs: the two images, the two texts, then the optional mask, CLIP and DINO."""
+    return [
+        io.Image.Input(
+            "source_image",
+            tooltip="The original image(s), values in [0, 1]. One image is compared with every edited image.",
+        ),
+        io.Image.Input(
+            "edited_image",
+            tooltip="The edited image(s), same batch size as the source (or the source is a single image). Resized to the source's size if they differ.",
+        ),
+        io.String.Input(
+            "source_text",
+            default="",
+            tooltip="Text describing the source (e.g. the caption 'a photo of a cat'); several lines: one per image (BLIP Caption's batch captions). CLIP accuracy counts an edit as applied when the edited image is closer to the target text than to this.",
+        ),
+        io.String.Input(
+            "target_text",
+            default="",
+            tooltip="Text describing the wanted result (e.g. 'a photo of a dog'); several lines: one per image. The CLIP score is the edited image's similarity to this, 100 x cosine.",
+        ),
+        io.Mask.Input(
+            "mask",
+            optional=True,
+            tooltip="Optional edit mask at the source's size: 1 (non-zero) marks the edited region; PSNR / SSIM / MSE are measured where it is 0. Without it they cover the whole image.",
+        ),
+        ClipMetric.Input(
+            "clip_metric",
+            optional=True,
+            tooltip="A CLIP from ZeroCon CLIP Metric Loader. Without it the CLIP score and accuracy are NaN.",
+        ),
+        Dino.Input(
+            "dino",
+            optional=True,
+            tooltip="A DINO ViT from ZeroCon DINO Loader. Without it the structure distance is NaN.",
+        ),
+    ]
+
+
 class ZeroConEditMetrics(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -151,68 +187,9 @@ class ZeroConEditMetrics(io.ComfyNode):
                 "layout kept; PIE-Bench's metric) and PSNR / SSIM / MSE of the background (is the rest unchanged). "
                 "Batches give the mean over images. An edited image of another size is resized to the source's."
             ),
-            inputs=[
-                io.Image.Input(
-                    "source_image",
-                    tooltip="The original image(s), values in [0, 1]. One image is compared with every edited image.",
-                ),
-                io.Image.Input(
-                    "edited_image",
-                    tooltip="The edited image(s), same batch size as the source (or the source is a single image). Resized to the source's size if they differ.",
-                ),
-                io.String.Input(
-                    "source_text",
-                    default="",
-                    tooltip="Text describing the source (e.g. the caption 'a photo of a cat'); several lines: one per image (BLIP Caption's batch captions). CLIP accuracy counts an edit as applied when the edited image is closer to the target text than to this.",
-                ),
-                io.String.Input(
-                    "target_text",
-                    default="",
-                    tooltip="Text describing the wanted result (e.g. 'a photo of a dog'); several lines: one per image. The CLIP score is the edited image's similarity to this, 100 x cosine.",
-                ),
-                io.Mask.Input(
-                    "mask",
-                    optional=True,
-                    tooltip="Optional edit mask at the source's size: 1 (non-zero) marks the edited region; PSNR / SSIM / MSE are measured where it is 0. Without it they cover the whole image.",
-                ),
-                ClipMetric.Input(
-                    "clip_metric",
-                    optional=True,
-                    tooltip="A CLIP from ZeroCon CLIP Metric Loader. Without it the CLIP score and accuracy are NaN.",
-                ),
-                Dino.Input(
-                    "dino",
-                    optional=True,
-                    tooltip="A DINO ViT from ZeroCon DINO Loader. Without it the structure distance is NaN.",
-                ),
-            ],
+            inputs=_edit_metrics_inputs(),
             outputs=[
-                io.Float.Output(
-                    "clip_score",
-                    display_name="clip_score",
-                    tooltip="Mean CLIP score of the edited images against the target text: 100 x max(cosine, 0). NaN without clip_metric.",
-                ),
-                io.Float.Output(
-                    "clip_accuracy",
-                    display_name="clip_accuracy",
-                    tooltip="Fraction of edited images closer (CLIP cosine) to the target text than to the source text. NaN without clip_metric.",
-                ),
-                io.Float.Output(
-                    "structure_distance",
-                    display_name="structure_distance",
-                    tooltip="Mean MSE between the DINO key self-similarity matrices of source and edit (PIE-Bench reports it x1000). Lower = structure kept. NaN without dino.",
-                ),
-                io.Float.Output(
-                    "bg_psnr",
-                    display_name="bg_psnr",
-                    tooltip="Mean background PSNR in dB (inf when the background is unchanged).",
-                ),
-                io.Float.Output(
-                    "bg_ssim",
-                    display_name="bg_ssim",
-                    tooltip="Mean background SSIM (Gaussian window 11, sigma 1.5); 1 = identical.",
-                ),
-                io.Float.Output("bg_mse", display_name="bg_mse", tooltip="Mean background MSE on [0, 1] pixels."),
+                *(io.Float.Output(name, display_name=name, tooltip=tip) for name, tip in METRIC_OUTPUTS.items()),
                 io.String.Output("summary", display_name="summary", tooltip="All metrics as readable text."),
             ],
         )
@@ -230,10 +207,7 @@ class ZeroConEditMetrics(io.ComfyNode):
         )
         text = summary_text(values, mask is not None)
         logger.info("%s", text)
-        out = [
-            _mean(values[k])
-            for k in ("clip_score", "clip_accuracy", "structure_distance", "bg_psnr", "bg_ssim", "bg_mse")
-        ]
+        out = [_mean(values[k]) for k in METRIC_OUTPUTS]
         return io.NodeOutput(*out, text, ui=ui.PreviewText(text))
 
 

@@ -200,19 +200,9 @@ def check_inversion_latent(inversion: InversionData, samples: torch.Tensor) -> N
 
 
 class ZeroConKSampler(comfy.samplers.KSAMPLER):
-    """ComfyUI's ``KSAMPLER`` with the one change flow models need to start from or end at an inverted latent.
-
-    ComfyUI scales the latent in (``model_sampling.noise_scaling``) and out (``inverse_noise_scaling``) of every
-    sampler; for VP models both are the identity here (zero noise), and this class *is* ``KSAMPLER``. For flow
-    models (CONST) the scaling assumes a clean latent and sampling down to 0: with zero noise a latent entering at
-    sigma 1 becomes ``(1 - 1) x = 0``, and an inversion ending at sigma 1 is divided by ``1 - 1``. So, for flow:
-
-    - a descending grid with zero noise (DisableNoise; our Guided Sampler): the latent is taken as it is, already
-      at ``sigmas[0]`` (the inverted x_T);
-    - an ascending grid (inversion): scaled in as ComfyUI does (``(1 - s0) x0`` at FlipSigmas' 1e-4, exactly what
-      FlipSigmas + euler start from) and returned unscaled, the latent at the top level;
-    - otherwise (fresh noise, as the DiffuseIT Sampler's start): ComfyUI's scaling, the exact forward noising.
-    """
+    """ComfyUI's ``KSAMPLER``, except for flow models (CONST): a descending grid with zero noise starts from the
+    latent as it is (the inverted x_T, already at ``sigmas[0]``), and an ascending grid (inversion) returns the
+    latent unscaled at its top level (ComfyUI's scaling would zero a latent at sigma 1; docs/nodes-internals.md)."""
 
     def sample(
         self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None, disable_pbar=False
@@ -310,20 +300,12 @@ def guided_function(
 ):
     """KSAMPLER function: the guided DDIM loop, reading conds and guidance from a ZeroConGuider.
 
-    ``settings``: the engine's sampler settings; their ``cfg`` is replaced by the guider's. Returns the edit
-    (sigma space at the last sigma, B images); with ``settings.keep_reference`` the edit and the reference
-    branch's reconstruction concatenated on the batch axis (2B: ComfyUI's latent-out processing, which is
-    per element, then applies to both; ``split_reference`` separates them). The run's diagnostics summary is
-    logged (a warning when more than a few steps were skipped); ``sink``: a list the engine's
-    ``SampleResult`` is appended to (the nodes' diagnostics outputs).
+    ``settings``: the engine's sampler settings (their ``cfg`` replaced by the guider's). Returns the edit in sigma
+    space at the last sigma (B images), or with ``settings.keep_reference`` the edit and the reconstruction
+    concatenated on the batch axis (2B; ``split_reference``). ``sink``: a list the ``SampleResult`` is appended to.
     """
     extra_args = extra_args or {}
-    guider = model.inner_model
-    if not isinstance(guider, ZeroConGuider):
-        raise ValueError(
-            f"ZeroCon Guided DDIM Sampler needs the ZeroCon Guider as its GUIDER (it reads the source "
-            f"conditioning and the guidance from it); got {type(guider).__name__}"
-        )
+    guider = _zerocon_guider(model)
     _no_mask(extra_args, "guided sampler")
     family = detect_family(guider.model_patcher)
     check_conditionings(guider.conditionings, x.shape[0], family, guider.model_patcher)
@@ -346,11 +328,28 @@ def guided_function(
             check_interrupt=progress.check_interrupt,
             inversion=replay_source(guider, sigmas) if settings.reference == "inverted" and wants else None,
         )
+    return _guided_output(result, settings.keep_reference, sink)
+
+
+def _zerocon_guider(model) -> ZeroConGuider:
+    """The ``ZeroConGuider`` a KSAMPLER function's ``model`` wraps (``ValueError`` for any other GUIDER)."""
+    guider = model.inner_model
+    if not isinstance(guider, ZeroConGuider):
+        raise ValueError(
+            f"ZeroCon Guided DDIM Sampler needs the ZeroCon Guider as its GUIDER (it reads the source "
+            f"conditioning and the guidance from it); got {type(guider).__name__}"
+        )
+    return guider
+
+
+def _guided_output(result, keep_reference: bool, sink: list | None) -> torch.Tensor:
+    """Log the run's diagnostics summary (a warning when too many steps were skipped), put ``result`` in
+    ``sink``, and return the edit (B) or, with ``keep_reference``, the edit and the reconstruction (2B)."""
     text = summary(result)
     (logger.warning if too_many_skipped(summarize(result)) else logger.info)("ZeroCon guidance: %s", text)
     if sink is not None:
         sink.append(result)
-    if settings.keep_reference:
+    if keep_reference:
         return torch.cat([result.latent, result.reference])
     return result.latent
 
@@ -436,11 +435,21 @@ class ZeroConGuider(comfy.samplers.CFGGuider):
         self.inversion = inversion
 
 
-def _run(guider, sampler, latent_samples: torch.Tensor, sigmas: torch.Tensor, model, seed: int) -> torch.Tensor:
+def sampler_with_sink(function, settings) -> tuple[ZeroConKSampler, list]:
+    """A ``ZeroConKSampler`` running the KSAMPLER ``function`` with ``settings``, and the list its run result is
+    appended to (``sink``)."""
+    sink: list = []
+    return ZeroConKSampler(function, extra_options={"settings": settings, "sink": sink}), sink
+
+
+def run_sampler(guider, sampler, latent_samples: torch.Tensor, sigmas: torch.Tensor, seed: int, noise=None):
+    """``guider.sample`` of ``latent_samples`` over ``sigmas`` with the node's progress bar (zero noise unless
+    ``noise`` is given); the result on ComfyUI's intermediate device."""
     import comfy.model_management
 
-    callback = progress.node_callback(model, len(sigmas) - 1)
-    noise = torch.zeros(latent_samples.shape, dtype=latent_samples.dtype, device="cpu")
+    callback = progress.node_callback(guider.model_patcher, len(sigmas) - 1)
+    if noise is None:
+        noise = torch.zeros(latent_samples.shape, dtype=latent_samples.dtype, device="cpu")
     out = guider.sample(
         noise,
         latent_samples,
@@ -453,10 +462,23 @@ def _run(guider, sampler, latent_samples: torch.Tensor, sigmas: torch.Tensor, mo
     return out.to(comfy.model_management.intermediate_device())
 
 
-def _latent_out(latent: dict, samples: torch.Tensor) -> dict:
+def latent_out(latent: dict, samples: torch.Tensor) -> dict:
+    """The LATENT ``latent`` with ``samples`` in place of its own and no noise mask."""
     out = {k: v for k, v in latent.items() if k != "noise_mask"}
     out["samples"] = samples
     return out
+
+
+def checked_latent(model, family: ModelFamily, latent: dict, steps: int, conditionings: dict):
+    """``(samples, size warning or None)`` of a LATENT to sample with ``model`` of ``family``, once ``steps``, the
+    latent and the named conditionings (None: not connected) passed their checks (empty channels fixed)."""
+    import comfy.sample
+
+    check_steps(steps, len(model.get_model_object("model_sampling").sigmas))
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    warning = check_latent(samples, family)
+    check_conditionings(conditionings, samples.shape[0], family, model)
+    return samples, warning
 
 
 # -- the DDIM grid -----------------------------------------------------------------------------------
@@ -501,6 +523,98 @@ def ddim_grid(model_sampling, steps: int, convention: str = "current") -> torch.
 # -- nodes -------------------------------------------------------------------------------------------
 
 
+def _inversion_inputs() -> list:
+    """DDIM Inversion's required inputs up to ``cfg``: what is inverted, with which model and caption, in how many
+    steps."""
+    return [
+        io.Model.Input(
+            "model", tooltip="The model to invert with (SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux dev/schnell)."
+        ),
+        io.Latent.Input("latent", tooltip="The image latent to invert (VAE Encode of the source image)."),
+        io.Conditioning.Input(
+            "conditioning",
+            tooltip="The source caption's conditioning (e.g. a BLIP caption through CLIP Text Encode).",
+        ),
+        steps_input("DDIM steps (pix2pix-zero: 50). Sample with the same steps."),
+        cfg_input(
+            1.0,
+            "Classifier-free guidance during inversion. 1 = the caption alone (pix2pix-zero); other values "
+            "need a negative.",
+        ),
+    ]
+
+
+def _regularization_inputs() -> list:
+    """``regularize`` and the settings of pix2pix-zero's noise regulariser (``NoiseRegularization``)."""
+    weight = dict(default=20.0, min=0.0, max=1000.0, step=0.5)
+    rounds = "Regularisation rounds per step (each: auto-correlation steps, then one KL step)."
+    return [
+        io.Boolean.Input(
+            "regularize",
+            default=True,
+            tooltip="pix2pix-zero's noise regularisation (auto-correlation + KL) of each predicted noise.",
+        ),
+        io.Float.Input("lambda_ac", **weight, tooltip="Weight of the auto-correlation regulariser."),
+        io.Float.Input("lambda_kl", **weight, tooltip="Weight of the KL (unit Gaussian) regulariser."),
+        io.Int.Input("reg_outer", default=5, min=0, max=100, tooltip=rounds),
+        io.Int.Input(
+            "reg_rolls", default=5, min=1, max=100, tooltip="Auto-correlation gradient steps per round (random shifts)."
+        ),
+    ]
+
+
+def _inversion_optional_inputs() -> list:
+    """DDIM Inversion's optional inputs: ``negative``, ``convention`` and the ``guidance`` to record for."""
+    return [
+        io.Conditioning.Input("negative", optional=True, tooltip="Negative conditioning, used only when cfg is not 1."),
+        io.Combo.Input(
+            "convention",
+            options=list(CONVENTIONS),
+            default="current",
+            optional=True,
+            tooltip="Where each inversion step queries the model. current: at the level the step starts "
+            "from, exactly ComfyUI's FlipSigmas + ddim sampler. next: at the level it goes to, with the "
+            "clean latent at the model's first training level, as diffusers' DDIMInverseScheduler "
+            "(pix2pix-zero's diffusers pipeline); the SIGMAS output then ends at that level, not 0.",
+        ),
+        GUIDANCE.Input(
+            "guidance",
+            optional=True,
+            tooltip="The guidance the sampler will use: its reference maps are recorded during the inversion "
+            "and replayed by the Guided Sampler / Guider (reference 'inverted'). Not connected: nothing is "
+            "recorded and the sampler runs its reference branch.",
+        ),
+    ]
+
+
+def _inversion_outputs() -> list:
+    """DDIM Inversion's outputs: x_T, the inversion data and the sigmas to sample back with."""
+    return [
+        io.Latent.Output(display_name="latent", tooltip="x_T, the inverted latent (start of sampling)."),
+        INVERSION.Output(display_name="inversion", tooltip="Inversion data for the ZeroCon Guided Sampler."),
+        io.Sigmas.Output(
+            display_name="sigmas",
+            tooltip="The DDIM sigmas to sample back with (for SamplerCustom / SamplerCustomAdvanced).",
+        ),
+    ]
+
+
+def _cpu_replay(sink: list) -> Inversion | None:
+    """A CPU copy of the last recorded inversion in ``sink`` (latent, sigmas, trajectory, record), or None."""
+    if not sink:
+        return None
+    inv = sink[-1]
+    return Inversion(inv.latent.cpu(), inv.sigmas.cpu(), [t.cpu() for t in inv.trajectory], inv.record)
+
+
+def _invert(guider, settings: InversionSettings, samples: torch.Tensor, grid: torch.Tensor):
+    """``(x_T, replay)``: ``samples`` inverted up the flipped ``grid`` by ``guider``; ``replay`` is the recorded
+    inversion on the CPU when ``settings.record`` asks for one, else None."""
+    sampler, sink = sampler_with_sink(inversion_function, settings)
+    x_t = run_sampler(guider, sampler, samples, inversion_sigmas(grid), settings.seed)
+    return x_t, _cpu_replay(sink) if settings.record is not None else None
+
+
 class ZeroConDDIMInversion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -518,87 +632,12 @@ class ZeroConDDIMInversion(io.ComfyNode):
                 "DDIMInverseScheduler (pix2pix-zero's diffusers pipeline; SD models only)."
             ),
             inputs=[
-                io.Model.Input(
-                    "model", tooltip="The model to invert with (SD1.x, SD2.x, SDXL, SD3/SD3.5 or Flux dev/schnell)."
-                ),
-                io.Latent.Input("latent", tooltip="The image latent to invert (VAE Encode of the source image)."),
-                io.Conditioning.Input(
-                    "conditioning",
-                    tooltip="The source caption's conditioning (e.g. a BLIP caption through CLIP Text Encode).",
-                ),
-                steps_input("DDIM steps (pix2pix-zero: 50). Sample with the same steps."),
-                cfg_input(
-                    1.0,
-                    "Classifier-free guidance during inversion. 1 = the caption alone (pix2pix-zero); other values "
-                    "need a negative.",
-                ),
-                io.Boolean.Input(
-                    "regularize",
-                    default=True,
-                    tooltip="pix2pix-zero's noise regularisation (auto-correlation + KL) of each predicted noise.",
-                ),
-                io.Float.Input(
-                    "lambda_ac",
-                    default=20.0,
-                    min=0.0,
-                    max=1000.0,
-                    step=0.5,
-                    tooltip="Weight of the auto-correlation regulariser.",
-                ),
-                io.Float.Input(
-                    "lambda_kl",
-                    default=20.0,
-                    min=0.0,
-                    max=1000.0,
-                    step=0.5,
-                    tooltip="Weight of the KL (unit Gaussian) regulariser.",
-                ),
-                io.Int.Input(
-                    "reg_outer",
-                    default=5,
-                    min=0,
-                    max=100,
-                    tooltip="Regularisation rounds per step (each: auto-correlation steps, then one KL step).",
-                ),
-                io.Int.Input(
-                    "reg_rolls",
-                    default=5,
-                    min=1,
-                    max=100,
-                    tooltip="Auto-correlation gradient steps per round (random shifts).",
-                ),
+                *_inversion_inputs(),
+                *_regularization_inputs(),
                 seed_input("Seeds the regulariser's random shifts (the inversion itself is deterministic)."),
-                io.Conditioning.Input(
-                    "negative",
-                    optional=True,
-                    tooltip="Negative conditioning, used only when cfg is not 1.",
-                ),
-                io.Combo.Input(
-                    "convention",
-                    options=list(CONVENTIONS),
-                    default="current",
-                    optional=True,
-                    tooltip="Where each inversion step queries the model. current: at the level the step starts "
-                    "from, exactly ComfyUI's FlipSigmas + ddim sampler. next: at the level it goes to, with the "
-                    "clean latent at the model's first training level, as diffusers' DDIMInverseScheduler "
-                    "(pix2pix-zero's diffusers pipeline); the SIGMAS output then ends at that level, not 0.",
-                ),
-                GUIDANCE.Input(
-                    "guidance",
-                    optional=True,
-                    tooltip="The guidance the sampler will use: its reference maps are recorded during the inversion "
-                    "and replayed by the Guided Sampler / Guider (reference 'inverted'). Not connected: nothing is "
-                    "recorded and the sampler runs its reference branch.",
-                ),
+                *_inversion_optional_inputs(),
             ],
-            outputs=[
-                io.Latent.Output(display_name="latent", tooltip="x_T, the inverted latent (start of sampling)."),
-                INVERSION.Output(display_name="inversion", tooltip="Inversion data for the ZeroCon Guided Sampler."),
-                io.Sigmas.Output(
-                    display_name="sigmas",
-                    tooltip="The DDIM sigmas to sample back with (for SamplerCustom / SamplerCustomAdvanced).",
-                ),
-            ],
+            outputs=_inversion_outputs(),
         )
 
     @classmethod
@@ -619,21 +658,14 @@ class ZeroConDDIMInversion(io.ComfyNode):
         convention="current",
         guidance=None,
     ) -> io.NodeOutput:
-        import comfy.sample
-
         check_convention(convention)
         family = detect_family(model)
-        check_steps(int(steps), len(model.get_model_object("model_sampling").sigmas))
-        samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
-        warning = check_latent(samples, family)
-        batch = samples.shape[0]
-        check_conditionings({"caption": conditioning, "negative": negative}, batch, family, model)
+        named = {"caption": conditioning, "negative": negative}
+        samples, warning = checked_latent(model, family, latent, int(steps), named)
         if cfg != 1.0 and negative is None:
             raise ValueError("ZeroCon DDIM Inversion: cfg other than 1 needs a negative conditioning")
         reg = NoiseRegularization(lambda_ac, lambda_kl, int(reg_outer), int(reg_rolls)) if regularize else None
-
-        ms = model.get_model_object("model_sampling")
-        sampling = ddim_grid(ms, int(steps), convention)
+        sampling = ddim_grid(model.get_model_object("model_sampling"), int(steps), convention)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(conditioning, negative if negative is not None else conditioning)
         guider.set_cfg(cfg)
@@ -642,14 +674,7 @@ class ZeroConDDIMInversion(io.ComfyNode):
         settings = InversionSettings(
             cfg=float(cfg), regularization=reg, seed=int(seed), eval_at=convention, record=record
         )
-        sink: list[Inversion] = []
-        sampler = ZeroConKSampler(inversion_function, extra_options={"settings": settings, "sink": sink})
-        x_t = _run(guider, sampler, samples, inversion_sigmas(sampling), model, int(seed))
-        replay = None
-        if record is not None and sink:
-            inv = sink[-1]
-            replay = Inversion(inv.latent.cpu(), inv.sigmas.cpu(), [t.cpu() for t in inv.trajectory], inv.record)
-
+        x_t, replay = _invert(guider, settings, samples, sampling)
         data = InversionData(
             latent=x_t,
             sigmas=sampling,
@@ -662,7 +687,77 @@ class ZeroConDDIMInversion(io.ComfyNode):
             recorded_for=terms,
         )
         shown = ui.PreviewText(warning) if warning else None
-        return io.NodeOutput(_latent_out(latent, x_t), data, sampling.clone(), ui=shown)
+        return io.NodeOutput(latent_out(latent, x_t), data, sampling.clone(), ui=shown)
+
+
+def guided_settings(step_mode, step_size, branches, seed, reference, keep_reference: bool = False) -> SamplerSettings:
+    """The engine's sampler settings from the guided samplers' widgets (``guided_step_inputs``, ``reference``)."""
+    return SamplerSettings(
+        step_mode=step_mode,
+        step_size=float(step_size),
+        branches=branches,
+        seed=int(seed),
+        keep_reference=keep_reference,
+        reference=reference,
+    )
+
+
+def guided_step_inputs() -> list:
+    """The guided samplers' ``step_mode``, ``step_size``, ``branches`` and ``seed``."""
+    return [
+        *step_inputs(),
+        io.Combo.Input("branches", options=list(BRANCHES), default="edit", tooltip=BRANCHES_TOOLTIP),
+        seed_input(GUIDED_SEED),
+    ]
+
+
+def reference_input() -> io.Input:
+    """The guided samplers' optional ``reference`` (where the reference maps come from)."""
+    return io.Combo.Input(
+        "reference", options=list(REFERENCES), default="inverted", optional=True, tooltip=REFERENCE_TOOLTIP
+    )
+
+
+def _guided_sampler_inputs() -> list:
+    """The Guided Sampler's inputs: model, inversion, edit, cfg, the guided steps, then the optional ones."""
+    return [
+        io.Model.Input("model", tooltip="The model used for the inversion (LoRAs and patches apply)."),
+        INVERSION.Input("inversion", tooltip="The output of ZeroCon DDIM Inversion."),
+        io.Conditioning.Input(
+            "edited", tooltip="The edited conditioning (e.g. the caption moved by an edit direction)."
+        ),
+        cfg_input(
+            5.0,
+            "Classifier-free guidance between the negative (default: the source caption) and the edit "
+            "(pix2pix-zero: 5).",
+        ),
+        *guided_step_inputs(),
+        *(
+            kind.Input(name, optional=True, tooltip=tip)
+            for name, (kind, tip) in {
+                "source": (io.Conditioning, "The source caption's conditioning; default: the one the inversion used."),
+                "negative": (
+                    io.Conditioning,
+                    "Negative conditioning for CFG; default: the source caption (pix2pix-zero for real images).",
+                ),
+                "guidance": (GUIDANCE, "Guidance terms (cross-attention, PatchNCE...); none = plain DDIM edit."),
+                "latent": (
+                    io.Latent,
+                    "Start from this latent instead of the inversion's x_T (same size as the inversion).",
+                ),
+            }.items()
+        ),
+        reference_input(),
+    ]
+
+
+def _checked_inversion(model, inversion, cfg: float):
+    """The MODEL's family once ``inversion`` is DDIM Inversion's data made with that family (cfg warned about)."""
+    if not isinstance(inversion, InversionData):
+        raise ValueError("ZeroCon Guided Sampler: 'inversion' must come from ZeroCon DDIM Inversion")
+    family = check_family(model, inversion)
+    cfg_warning(family, cfg, "ZeroCon Guided Sampler")
+    return family
 
 
 class ZeroConGuidedSampler(io.ComfyNode):
@@ -678,49 +773,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
                 "at each step, takes one gradient step on its latent so that its attention maps / features stay close "
                 "to the reference's (the guidance chain)."
             ),
-            inputs=[
-                io.Model.Input("model", tooltip="The model used for the inversion (LoRAs and patches apply)."),
-                INVERSION.Input("inversion", tooltip="The output of ZeroCon DDIM Inversion."),
-                io.Conditioning.Input(
-                    "edited", tooltip="The edited conditioning (e.g. the caption moved by an edit direction)."
-                ),
-                cfg_input(
-                    5.0,
-                    "Classifier-free guidance between the negative (default: the source caption) and the edit "
-                    "(pix2pix-zero: 5).",
-                ),
-                *step_inputs(),
-                io.Combo.Input(
-                    "branches",
-                    options=list(BRANCHES),
-                    default="edit",
-                    tooltip=BRANCHES_TOOLTIP,
-                ),
-                seed_input(GUIDED_SEED),
-                io.Conditioning.Input(
-                    "source",
-                    optional=True,
-                    tooltip="The source caption's conditioning; default: the one the inversion used.",
-                ),
-                io.Conditioning.Input(
-                    "negative",
-                    optional=True,
-                    tooltip="Negative conditioning for CFG; default: the source caption (pix2pix-zero for real images).",
-                ),
-                GUIDANCE.Input(
-                    "guidance",
-                    optional=True,
-                    tooltip="Guidance terms (cross-attention, PatchNCE...); none = plain DDIM edit.",
-                ),
-                io.Latent.Input(
-                    "latent",
-                    optional=True,
-                    tooltip="Start from this latent instead of the inversion's x_T (same size as the inversion).",
-                ),
-                io.Combo.Input(
-                    "reference", options=list(REFERENCES), default="inverted", optional=True, tooltip=REFERENCE_TOOLTIP
-                ),
-            ],
+            inputs=_guided_sampler_inputs(),
             outputs=[
                 io.Latent.Output(display_name="edit", tooltip="The edited latent."),
                 io.Latent.Output(
@@ -749,10 +802,7 @@ class ZeroConGuidedSampler(io.ComfyNode):
         latent=None,
         reference="inverted",
     ) -> io.NodeOutput:
-        if not isinstance(inversion, InversionData):
-            raise ValueError("ZeroCon Guided Sampler: 'inversion' must come from ZeroCon DDIM Inversion")
-        family = check_family(model, inversion)
-        cfg_warning(family, float(cfg), "ZeroCon Guided Sampler")
+        family = _checked_inversion(model, inversion, float(cfg))
         base = latent if latent is not None else {"samples": inversion.latent}
         samples = base["samples"]
         check_inversion_latent(inversion, samples)
@@ -763,19 +813,11 @@ class ZeroConGuidedSampler(io.ComfyNode):
 
         guider = ZeroConGuider(model)
         guider.set_zerocon(edited, source, negative, cfg=float(cfg), guidance=guidance, inversion=inversion)
-        settings = SamplerSettings(
-            step_mode=step_mode,
-            step_size=float(step_size),
-            branches=branches,
-            seed=int(seed),
-            keep_reference=True,
-            reference=reference,
-        )
-        sink: list = []
-        sampler = ZeroConKSampler(guided_function, extra_options={"settings": settings, "sink": sink})
-        edit, ref = split_reference(_run(guider, sampler, samples, inversion.sigmas, model, int(seed)))
+        settings = guided_settings(step_mode, step_size, branches, seed, reference, keep_reference=True)
+        sampler, sink = sampler_with_sink(guided_function, settings)
+        edit, ref = split_reference(run_sampler(guider, sampler, samples, inversion.sigmas, int(seed)))
         image, text = diagnostics_of(sink)
-        return io.NodeOutput(_latent_out(base, edit), _latent_out(base, ref), image, text, ui=ui.PreviewText(text))
+        return io.NodeOutput(latent_out(base, edit), latent_out(base, ref), image, text, ui=ui.PreviewText(text))
 
 
 class ZeroConGuiderNode(io.ComfyNode):
@@ -831,19 +873,7 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
                 "Guider; use DisableNoise and the inversion's SIGMAS. A SAMPLER has no outputs of its own: the "
                 "guidance summary (steps applied, update size) goes to the console log."
             ),
-            inputs=[
-                *step_inputs(),
-                io.Combo.Input(
-                    "branches",
-                    options=list(BRANCHES),
-                    default="edit",
-                    tooltip=BRANCHES_TOOLTIP,
-                ),
-                seed_input(GUIDED_SEED),
-                io.Combo.Input(
-                    "reference", options=list(REFERENCES), default="inverted", optional=True, tooltip=REFERENCE_TOOLTIP
-                ),
-            ],
+            inputs=[*guided_step_inputs(), reference_input()],
             outputs=[
                 io.Sampler.Output(
                     display_name="sampler", tooltip="Use with the ZeroCon Guider in SamplerCustomAdvanced."
@@ -853,9 +883,7 @@ class ZeroConGuidedDDIMSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, step_mode, step_size, branches, seed, reference="inverted") -> io.NodeOutput:
-        settings = SamplerSettings(
-            step_mode=step_mode, step_size=float(step_size), branches=branches, seed=int(seed), reference=reference
-        )
+        settings = guided_settings(step_mode, step_size, branches, seed, reference)
         return io.NodeOutput(ZeroConKSampler(guided_function, extra_options={"settings": settings}))
 
 

@@ -12,33 +12,24 @@ cfg is real CFG. Refused: another latent format, the network patched to a discre
 
 from __future__ import annotations
 
-from .adapter import FamilyAdapter, GradientPasses, Recognition
-from .flow_checks import check_flow_network, unet_config
-from .flux import FLUX_BLOCK_LAYERS
+from .adapter import FamilyAdapter, Recognition
+from .flow_checks import flow_family, unet_config
+from .flux import flux_block_adapter
 from .model_family import ModelFamily
 
 
 def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
     """The flow checks; Chroma's config counts the input channels of a whole patch (``patch_size`` squared cells)."""
     patch = int(unet_config(base).get("patch_size", 2))
-    check_flow_network(adapter, model, base, packed=patch * patch)
-    return ModelFamily(name=adapter.name, prediction_type="flow", latent_channels=adapter.latent_channels)
+    return flow_family(adapter, model, base, packed=patch * patch)
 
 
-CHROMA = FamilyAdapter(
+CHROMA = flux_block_adapter(
     name="Chroma",
     rank=55,
     label="Chroma",
     load_label="Chroma",
     recognition=Recognition(config="comfy.supported_models.Chroma", model_base="comfy.model_base.Chroma"),
-    latent_format="comfy.latent_formats.Flux",
-    latent_channels=16,
-    native_size=1024,
-    tiny_decoder="taef1",
-    capture="flux",
-    guided_layers=FLUX_BLOCK_LAYERS,
-    text_layout="Flux",
-    gradient=GradientPasses(torch_paths=True, rope=True),
     detect=_detect,
 )
 

@@ -1,9 +1,12 @@
-"""The checks every flow-matching MM-DiT family (SD3, Flux, Chroma) runs before naming its ``ModelFamily``."""
+"""The checks every flow-matching MM-DiT family (SD3, Flux, Chroma, Qwen-Image) runs before naming its ``ModelFamily``."""
 
 from __future__ import annotations
 
 from .adapter import FamilyAdapter
-from .model_family import prediction_type, unsupported
+from .model_family import ModelFamily, prediction_type, unsupported
+
+#: What extra input channels usually are (the end of the extra-channels error).
+FILL_NOTE = " (fill / inpainting)"
 
 
 def unet_config(base) -> dict:
@@ -11,19 +14,27 @@ def unet_config(base) -> dict:
     return dict(getattr(getattr(base, "model_config", None), "unet_config", {}) or {})
 
 
-def check_flow_network(adapter: FamilyAdapter, model, base, packed: int = 1) -> None:
+def check_flow_network(adapter: FamilyAdapter, model, base, packed: int = 1, channels_note: str = FILL_NOTE) -> None:
     """``UnsupportedModelError`` for a variant of the family ZeroCon cannot run, in order: extra input channels
     (fill / inpainting), another latent format, sampling other than flow matching.
 
     ``packed``: latent cells per input of the network's config (Chroma's ``in_channels`` count the channels of a
-    2 x 2 patch: 4), so its ``in_channels`` must be ``packed`` x the family's latent channels."""
+    2 x 2 patch: 4), so its ``in_channels`` must be ``packed`` x the family's latent channels; ``channels_note``
+    ends the extra-channels error."""
     name = adapter.name
     channels = adapter.latent_channels * packed
     config = unet_config(base)
     if config.get("in_channels", channels) != channels:
-        raise unsupported(f"a {name} variant with {config.get('in_channels')} input channels (fill / inpainting)")
+        raise unsupported(f"a {name} variant with {config.get('in_channels')} input channels{channels_note}")
     if not adapter.has_latent_format(base.latent_format):
         raise unsupported(f"a {name} network with the {type(base.latent_format).__name__} latent format")
     ptype = prediction_type(model.get_model_object("model_sampling"))
     if ptype != "flow":
         raise unsupported(f"a {name} network sampled as {ptype}-prediction (ZeroCon needs its flow sampling)")
+
+
+def flow_family(adapter: FamilyAdapter, model, base, packed: int = 1, channels_note: str = FILL_NOTE) -> ModelFamily:
+    """The plain flow-matching ``ModelFamily`` of ``adapter`` (real CFG), once ``check_flow_network`` passed: a
+    family module's ``detect`` when it has no checks of its own."""
+    check_flow_network(adapter, model, base, packed=packed, channels_note=channels_note)
+    return ModelFamily(name=adapter.name, prediction_type="flow", latent_channels=adapter.latent_channels)

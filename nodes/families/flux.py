@@ -40,20 +40,30 @@ FLUX_BLOCK_LAYERS = GuidedLayers(
     feature_count=DIT_DEFAULT_FEATURE_BLOCKS,
 )
 
-FLUX = FamilyAdapter(
+
+def flux_block_adapter(**family) -> FamilyAdapter:
+    """The ``FamilyAdapter`` of a network of Flux's double / single blocks on Flux's 16-channel latents (Flux,
+    Chroma): 1024 px, taef1, the "flux" capture code and its RoPE; ``family`` gives the rest (name, rank, labels,
+    recognition, detect)."""
+    return FamilyAdapter(
+        latent_format="comfy.latent_formats.Flux",
+        latent_channels=16,
+        native_size=1024,
+        tiny_decoder="taef1",
+        capture="flux",
+        guided_layers=FLUX_BLOCK_LAYERS,
+        text_layout="Flux",
+        gradient=GradientPasses(torch_paths=True, rope=True),
+        **family,
+    )
+
+
+FLUX = flux_block_adapter(
     name="Flux",
     rank=50,
     label="Flux",
     load_label="Flux (dev or schnell)",
     recognition=Recognition(config="comfy.supported_models.Flux", model_base="comfy.model_base.Flux"),
-    latent_format="comfy.latent_formats.Flux",
-    latent_channels=16,
-    native_size=1024,
-    tiny_decoder="taef1",
-    capture="flux",
-    guided_layers=FLUX_BLOCK_LAYERS,
-    text_layout="Flux",
-    gradient=GradientPasses(torch_paths=True, rope=True),
     detect=_detect,
 )
 

@@ -1,6 +1,6 @@
 """What the nodes know of a MODEL once its family is detected (``ModelFamily``), and the rules every family shares:
-the "unsupported" error naming the supported families, the prediction type of a sampling object, the
-training-size warning and the distilled-guidance cfg warning."""
+the prediction type of a sampling object, the training-size warning and the distilled-guidance cfg warning. The
+"unsupported" error naming the supported families is the registry's (``registry.unsupported``, re-exported)."""
 
 from __future__ import annotations
 
@@ -10,23 +10,12 @@ from dataclasses import dataclass
 from ...zerocon_core.method import parameterization
 from ...zerocon_core.method.auto_weights import auto_weight, weight_scale
 from ...zerocon_core.method.guidance import CrossAttentionGuidance
+from .registry import UnsupportedModelError as UnsupportedModelError
+from .registry import adapter_named, unsupported
+from .registry import article as article
 
 #: An image with more than this many times the native pixel count (1.5 x the native side, squared) is warned about.
 OVERSIZE_AREA = 2.25
-
-
-class UnsupportedModelError(ValueError):
-    """The MODEL is not one the ZeroCon samplers can run."""
-
-
-def unsupported(what: str) -> UnsupportedModelError:
-    """The error for a MODEL that is ``what``, naming every registered family (``registry.supported_text``)."""
-    from .registry import load_text, supported_text
-
-    return UnsupportedModelError(
-        f"ZeroCon supports {supported_text()} models only; this MODEL is {what}. "
-        f"Load {load_text()} checkpoint (LoRAs and other model patches are fine)."
-    )
 
 
 @dataclass(frozen=True)
@@ -44,8 +33,6 @@ class ModelFamily:
     @property
     def adapter(self):
         """The registered ``FamilyAdapter`` of this family (``KeyError`` for a name none has)."""
-        from .registry import adapter_named
-
         return adapter_named(self.name)
 
     @property
@@ -104,11 +91,6 @@ def size_warning(family: ModelFamily, latent_shape) -> str | None:
         f"subjects and loses the layout, so the inversion, the edit and the reconstruction degrade. Edit at about "
         f"{side} px (scale the image down first, upscale the result)."
     )
-
-
-def article(name: str) -> str:
-    """ "an" before a family name read letter by letter (an SD1.x, an SDXL), else "a" (a Flux)."""
-    return "an" if name.startswith("SD") else "a"
 
 
 def cfg_warning(family: ModelFamily, cfg: float, node: str) -> str | None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from ...zerocon_core.method.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
 from .adapter import FamilyAdapter, GradientPasses, GuidedLayers, Recognition
-from .flow_checks import unet_config
-from .model_family import ModelFamily, prediction_type, unsupported
+from .flow_checks import flow_family, unet_config
+from .model_family import ModelFamily, unsupported
 
 
 def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
@@ -31,17 +31,8 @@ def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
             f"the {name} of a ComfyUI without the torch-path switch model_management.in_training (its older "
             f"{name} network ignores the text mask; update ComfyUI)"
         )
-    config = unet_config(base)
-    patch = int(config.get("patch_size", 2))
-    expected = adapter.latent_channels * patch * patch
-    if int(config.get("in_channels", expected)) != expected:
-        raise unsupported(f"a {name} variant with {config.get('in_channels')} input channels")
-    if not adapter.has_latent_format(base.latent_format):
-        raise unsupported(f"a {name} network with the {type(base.latent_format).__name__} latent format")
-    ptype = prediction_type(model.get_model_object("model_sampling"))
-    if ptype != "flow":
-        raise unsupported(f"a {name} network sampled as {ptype}-prediction (ZeroCon needs its flow sampling)")
-    return ModelFamily(name=name, prediction_type="flow", latent_channels=adapter.latent_channels)
+    patch = int(unet_config(base).get("patch_size", 2))
+    return flow_family(adapter, model, base, packed=patch * patch, channels_note="")
 
 
 def _context_width(base) -> int:

@@ -4,7 +4,8 @@ Adding a family means adding one module: ``FamilyRegistry`` finds it (``pkgutil`
 its adapters by rank with the others', and from then on ``detect_family`` recognises its models, the
 "unsupported" error names it, and ``ModelFamily`` reads its settings. A family module may also export
 ``refuse_unclaimed(base)``: the refusals, with their own wording, for networks of its kind that no adapter
-claims (a video UNet, an unrecognised UNet).
+claims (a video UNet, an unrecognised UNet). The family modules are found on the registry's first use, so this
+module imports none of them (they import it, through ``model_family``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import importlib
 import pkgutil
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .adapter import FamilyAdapter
-from .model_family import ModelFamily, article, unsupported
 
 
 def _discover() -> list[ModuleType]:
@@ -31,20 +31,33 @@ def _discover() -> list[ModuleType]:
 
 
 class FamilyRegistry:
-    """The family modules in use and their adapters, ordered by ``FamilyAdapter.rank``."""
+    """The family modules in use and their adapters, ordered by ``FamilyAdapter.rank``.
 
-    def __init__(self, modules: Iterable[ModuleType]) -> None:
+    ``discover``: called once, on first use, for more modules to register (after ``modules``)."""
+
+    def __init__(
+        self, modules: Iterable[ModuleType] = (), discover: Callable[[], Iterable[ModuleType]] | None = None
+    ) -> None:
         self._modules: list[ModuleType] = []
+        self._discover = discover
         for module in modules:
             self.add(module)
 
+    def _loaded(self) -> list[ModuleType]:
+        """The registered modules, the discovered ones added on the first call."""
+        if self._discover is not None:
+            discover, self._discover = self._discover, None
+            for module in discover():
+                self.add(module)
+        return self._modules
+
     @property
     def modules(self) -> tuple[ModuleType, ...]:
-        return tuple(self._modules)
+        return tuple(self._loaded())
 
     def adapters(self) -> tuple[FamilyAdapter, ...]:
         """Every registered adapter, by rank."""
-        found = [a for module in self._modules for a in module.ADAPTERS]
+        found = [a for module in self._loaded() for a in module.ADAPTERS]
         return tuple(sorted(found, key=lambda a: (a.rank, a.name)))
 
     def add(self, module: ModuleType) -> None:
@@ -53,11 +66,11 @@ class FamilyRegistry:
         clash = sorted(taken & {a.name for a in module.ADAPTERS})
         if clash:
             raise ValueError(f"ZeroCon: model families {clash} are registered twice")
-        self._modules.append(module)
+        self._loaded().append(module)
 
     def remove(self, module: ModuleType) -> None:
         """Unregister a family module added with ``add``."""
-        self._modules.remove(module)
+        self._loaded().remove(module)
 
     def claiming(self, base: Any) -> FamilyAdapter | None:
         """The adapter that recognises the BaseModel ``base`` by its classes, or None."""
@@ -75,13 +88,30 @@ class FamilyRegistry:
 
     def refuse_unclaimed(self, base: Any) -> None:
         """Run the family modules' refusals for a network no adapter claims (each may raise)."""
-        for module in self._modules:
+        for module in self._loaded():
             refuse = getattr(module, "refuse_unclaimed", None)
             if refuse is not None:
                 refuse(base)
 
 
-REGISTRY = FamilyRegistry(_discover())
+REGISTRY = FamilyRegistry(discover=_discover)
+
+
+class UnsupportedModelError(ValueError):
+    """The MODEL is not one the ZeroCon samplers can run."""
+
+
+def unsupported(what: str) -> UnsupportedModelError:
+    """The error for a MODEL that is ``what``, naming every registered family (``supported_text``)."""
+    return UnsupportedModelError(
+        f"ZeroCon supports {supported_text()} models only; this MODEL is {what}. "
+        f"Load {load_text()} checkpoint (LoRAs and other model patches are fine)."
+    )
+
+
+def article(name: str) -> str:
+    """ "an" before a family name read letter by letter (an SD1.x, an SDXL), else "a" (a Flux)."""
+    return "an" if name.startswith("SD") else "a"
 
 
 def _listing(labels: list[str], last: str) -> str:
@@ -104,8 +134,8 @@ def adapter_named(name: str) -> FamilyAdapter:
     return REGISTRY.named(name)
 
 
-def detect_family(model) -> ModelFamily:
-    """The ``ModelFamily`` of a MODEL (ModelPatcher), or ``UnsupportedModelError`` naming what is supported.
+def detect_family(model) -> Any:
+    """The ``ModelFamily`` (``model_family``) of a MODEL (ModelPatcher), or ``UnsupportedModelError`` naming what is supported.
 
     The adapter that recognises the model's classes runs its family's checks; a model no adapter recognises
     gets the family modules' refusals for its kind of network, else the general one."""

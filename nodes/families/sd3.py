@@ -9,14 +9,7 @@ from __future__ import annotations
 
 from ...zerocon_core.method.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
 from .adapter import FamilyAdapter, GuidedLayers, Recognition
-from .flow_checks import check_flow_network
-from .model_family import ModelFamily
-
-
-def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
-    check_flow_network(adapter, model, base)
-    return ModelFamily(name=adapter.name, prediction_type="flow", latent_channels=adapter.latent_channels)
-
+from .flow_checks import flow_family
 
 SD3 = FamilyAdapter(
     name="SD3",
@@ -37,7 +30,7 @@ SD3 = FamilyAdapter(
         feature_count=DIT_DEFAULT_FEATURE_BLOCKS,
     ),
     text_layout="SD3",
-    detect=_detect,
+    detect=flow_family,
 )
 
 ADAPTERS = (SD3,)

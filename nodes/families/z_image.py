@@ -14,13 +14,7 @@ from __future__ import annotations
 
 from ...zerocon_core.method.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
 from .adapter import FamilyAdapter, GradientPasses, GuidedLayers, Recognition
-from .flow_checks import check_flow_network
-from .model_family import ModelFamily
-
-
-def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
-    check_flow_network(adapter, model, base)
-    return ModelFamily(name=adapter.name, prediction_type="flow", latent_channels=adapter.latent_channels)
+from .flow_checks import flow_family
 
 
 def _context_width(base) -> int:
@@ -53,7 +47,7 @@ Z_IMAGE = FamilyAdapter(
     text_layout="Z-Image",
     context_width=_context_width,
     gradient=GradientPasses(torch_paths=True, rope=True),
-    detect=_detect,
+    detect=flow_family,
 )
 
 ADAPTERS = (Z_IMAGE,)

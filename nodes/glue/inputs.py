@@ -10,6 +10,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ...zerocon_core.method.sampler import AUTO_STEP_SIZE, STEP_MODES
+from .loaders import DEVICES, DTYPES, ModelSource, model_names
 
 #: The menu every ZeroCon node is listed under.
 CATEGORY = "image/translation/zerocon"
@@ -65,23 +66,13 @@ def step_inputs(method: str = "pix2pix-zero") -> list:
 
 def window_inputs() -> list:
     """``start`` and ``end``: the fraction of the steps a guidance term is active in, ``start <= i/N < end``."""
+    bounds = {
+        "start": (0.0, "First step (as a fraction of the steps) at which this guidance is active."),
+        "end": (1.0, "Guidance stops before this fraction of the steps (1 = until the last step)."),
+    }
     return [
-        io.Float.Input(
-            "start",
-            default=0.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="First step (as a fraction of the steps) at which this guidance is active.",
-        ),
-        io.Float.Input(
-            "end",
-            default=1.0,
-            min=0.0,
-            max=1.0,
-            step=0.01,
-            tooltip="Guidance stops before this fraction of the steps (1 = until the last step).",
-        ),
+        io.Float.Input(name, default=default, min=0.0, max=1.0, step=0.01, tooltip=tooltip)
+        for name, (default, tooltip) in bounds.items()
     ]
 
 
@@ -92,6 +83,28 @@ def previous_input() -> io.Input:
         optional=True,
         tooltip="Guidance terms to add to (chain several guidance nodes); none = start a new chain.",
     )
+
+
+def chain_inputs() -> list:
+    """The last inputs of every guidance term node: its window (``window_inputs``) and ``previous``."""
+    return [*window_inputs(), previous_input()]
+
+
+def guidance_output(what: str = "this term") -> io.Output:
+    """A guidance term node's output: the chain with ``what`` ("this term", "these terms") added."""
+    return GUIDANCE.Output(display_name="guidance", tooltip=f"The guidance chain with {what} added.")
+
+
+def loader_inputs(source: ModelSource, default: str, tips: dict[str, str], precisions=tuple(DTYPES), precision="fp32"):
+    """A model loader's widgets, in order: ``model`` (the folders of ``source``, ``default`` selected),
+    ``precision`` (``precisions``, ``precision`` selected), ``device`` and ``allow_download``; ``tips``: their
+    tooltips by input name."""
+    return [
+        io.Combo.Input("model", options=model_names(source), default=default, tooltip=tips["model"]),
+        io.Combo.Input("precision", options=list(precisions), default=precision, tooltip=tips["precision"]),
+        io.Combo.Input("device", options=list(DEVICES), default="auto", tooltip=tips["device"]),
+        io.Boolean.Input("allow_download", default=True, tooltip=tips["allow_download"]),
+    ]
 
 
 #: Words users type in the node search (ComfyUI 0.33's ``search_aliases``) besides the display name.
