@@ -39,6 +39,60 @@ def ksampler(model, positive, negative, latent: dict, steps: int = 3, cfg: float
     return out["samples"].clone()
 
 
+def stock_guider(model, positive, negative, cfg: float):
+    """ComfyUI's CFGGuider on ``positive`` / ``negative`` at ``cfg``."""
+    import comfy.samplers
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    return guider
+
+
+def stock_euler(model, positive, negative, cfg: float, noise, latent_image, sigmas) -> torch.Tensor:
+    """Stock KSAMPLER "euler" through ``stock_guider`` from ``noise`` on ``latent_image`` (both tensors)."""
+    import comfy.samplers
+
+    with torch.inference_mode():
+        guider = stock_guider(model, positive, negative, cfg)
+        return guider.sample(noise, latent_image, comfy.samplers.sampler_object("euler"), sigmas)
+
+
+def stock_euler_from_inversion(model, edit, source, cfg: float, inversion, sigmas) -> torch.Tensor:
+    """Stock euler down from the inversion's x_T, given as the guider's noise on a zero latent (at sigma 1 ComfyUI's
+    flow scaling keeps the noise only), cfg between the source (the negative) and the edit."""
+    with torch.inference_mode():
+        x_t = model.model.latent_format.process_in(inversion.latent)
+        return stock_euler(model, edit, source, cfg, x_t, torch.zeros_like(x_t), sigmas)
+
+
+def stock_euler_last(model, cond, latent: dict, sigmas) -> torch.Tensor:
+    """Stock ``sample_euler``'s own last result on ``sigmas`` (zero noise, cfg 1 on ``cond``), before ComfyUI's
+    scaling out (which divides by 1 - sigma_last)."""
+    import comfy.samplers
+    from comfy.k_diffusion.sampling import sample_euler
+
+    captured = []
+
+    def euler(m, x, s, **kw):
+        out = sample_euler(m, x, s, **kw)
+        captured.append(out.clone())
+        return out
+
+    zeros = torch.zeros_like(latent["samples"])
+    with torch.inference_mode():
+        stock_guider(model, cond, cond, 1.0).sample(zeros, latent["samples"], comfy.samplers.KSAMPLER(euler), sigmas)
+    return captured[-1]
+
+
+def inversion_latent(zc, model, cond, lat: dict, up) -> torch.Tensor:
+    """Our inversion KSAMPLER function on the grid ``up`` (through ``ZeroConKSampler``, as the node runs it)."""
+    guider = stock_guider(model, cond, cond, 1.0)
+    sampler = zc.sampling.ZeroConKSampler(zc.sampling.inversion_function, extra_options={})
+    with torch.inference_mode():
+        return guider.sample(torch.zeros_like(lat["samples"]), lat["samples"], sampler, up)
+
+
 # -- the pack's nodes ---------------------------------------------------------------------------------
 
 STEPS = 4

@@ -10,18 +10,18 @@ import dataclasses
 import math
 
 import comfy.model_management
-import comfy.samplers
+import dit_helpers as dh
 import pytest
 import sampling_helpers as h
 import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from conftest import pack_module
+from dit_helpers import _den, _inside_sampler, _sigmas
 
 dc = pack_module("nodes.glue.dit_capture")
 core_den = pack_module("zerocon_core.method.denoiser")
 guidance = pack_module("zerocon_core.method.guidance")
-sampler = pack_module("zerocon_core.method.sampler")
 CR = core_den.CaptureRequest
 
 
@@ -78,36 +78,6 @@ def sd3(seed=5, depth=2):
         pe = model.model.diffusion_model.pos_embed
         pe.copy_(0.1 * torch.randn(pe.shape, generator=torch.Generator().manual_seed(seed)))
     return model
-
-
-def _sigmas(model, steps=3):
-    with torch.inference_mode():
-        return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).float()
-
-
-def _inside_sampler(model, conds: dict, body, latent=None, sigmas=None, noise_seed=None):
-    """Run ``body(guider, x, sigmas, extra_args)`` as a KSAMPLER function inside CFGGuider.sample (zero noise
-    unless ``noise_seed``)."""
-    results = {}
-
-    def function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        results["value"] = body(model_k.inner_model, x, sigmas, extra_args)
-        return x
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.inner_set_conds(conds)
-    latent = tm.flow_latent(70) if latent is None else latent
-    sigmas = _sigmas(model) if sigmas is None else sigmas
-    noise = torch.zeros_like(latent["samples"])
-    if noise_seed is not None:
-        noise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(noise_seed))
-    with torch.inference_mode():
-        guider.sample(noise, latent["samples"], comfy.samplers.KSAMPLER(function), sigmas)
-    return results["value"]
-
-
-def _den(zc, guider, extra_args):
-    return zc.denoiser.ComfyDenoiser(guider.inner_model, extra_args["model_options"])
 
 
 def _all(layers, kind):
@@ -437,33 +407,6 @@ def test_gradient_agrees_with_finite_differences(zc, build):
         assert analytic == pytest.approx(numeric, rel=1e-2), what
 
 
-def _one_step(zc, build, term):
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        src, edit = guider.conds["positive"], guider.conds["negative"]
-        req = term.request(den.layers())
-        with torch.inference_mode(False), torch.no_grad():
-            x, s = x.clone(), sigmas[1].clone()
-            (ref,) = den.predict(x, s, [src], req)
-
-            def loss(xx):
-                with torch.no_grad():
-                    (p,) = den.predict(xx, s, [edit], req)
-                ctx = guidance.StepContext(0, 10, s, xx, p.eps, p, ref, torch.Generator().manual_seed(0))
-                return float(term.loss(ctx, req))
-
-            step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
-            with den.autograd_session():
-                outcome = sampler._guidance_step(
-                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-2)
-                )
-            (x_new,) = outcome.latents
-            return loss(x), loss(x_new), outcome.finite
-
-    conds = {"positive": tm.flow_conditioning(7), "negative": tm.flow_conditioning(8)}
-    return _inside_sampler(build(), conds, body)
-
-
 @pytest.mark.parametrize("build", [flux, flux_dev, sd3], ids=["flux", "flux-dev", "sd3"])
 @pytest.mark.parametrize(
     "term",
@@ -471,7 +414,8 @@ def _one_step(zc, build, term):
     ids=["xattn", "patchnce"],
 )
 def test_one_guided_step_lowers_each_loss(zc, build, term):
-    before, after, finite = _one_step(zc, build, term)
+    conds = {"positive": tm.flow_conditioning(7), "negative": tm.flow_conditioning(8)}
+    before, after, finite = dh.one_step_losses(zc, build(), term, conds)
     assert finite and before > 0
     assert after < before, (before, after)
 
@@ -550,25 +494,7 @@ def test_guided_and_interrupted_runs_leave_the_model_as_it_was(zc, build):
 
     def run(stop_at):
         term = _Watching(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at)
-        term2 = guidance.PatchNCEGuidance(weight=1.0, num_patches=8)
-
-        def body(guider, x, sigmas, extra_args):
-            den = _den(zc, guider, extra_args)
-            with torch.inference_mode(False):
-                out = sampler.guided_ddim_sample(
-                    den,
-                    x.clone(),
-                    sigmas.clone(),
-                    source_cond=guider.conds["positive"],
-                    edit_cond=guider.conds["negative"],
-                    guidance=(term, term2),
-                    settings=sampler.SamplerSettings(cfg=1.0, step_mode="normalized", reference="resampled"),
-                )
-            return out.latent
-
-        conds = {"positive": pos, "negative": neg}
-        out = _inside_sampler(model, conds, body, latent=lat, sigmas=_sigmas(model, 3), noise_seed=13)
-        return out, term.seen
+        return dh.guided_run(zc, model, term, pos, neg, lat, sigmas=_sigmas(model, 3)), term.seen
 
     out, seen = run(-1)
     assert torch.isfinite(out).all() and seen == [False, False, False]

@@ -24,19 +24,18 @@ import inspect
 import math
 
 import comfy.model_management
-import comfy.samplers
+import dit_helpers as dh
 import pytest
 import sampling_helpers as h
 import tiny_families as tf
 import tiny_models as tm
 import torch
 from conftest import pack_module
+from dit_helpers import _den, _inside_sampler
 from test_diffuseit_nodes import dino, dino_nodes, image, structure, style  # noqa: F401  (fixtures)
 from test_dit_capture import (
-    _den,
     _flux_qk,
     _heads,
-    _inside_sampler,
     _lin,
     _ln,
     _recording_patch,
@@ -46,11 +45,9 @@ from test_dit_capture import (
     _sharp,
 )
 from test_flow_diffuseit import encode
-from test_flow_families import _stock_guider
 from test_sampling_cleanup import _snapshot
 
 guidance = pack_module("zerocon_core.method.guidance")
-sampler = pack_module("zerocon_core.method.sampler")
 core_den = pack_module("zerocon_core.method.denoiser")
 
 STEPS = 4
@@ -88,14 +85,8 @@ def test_kontext_inversion_equals_stock_euler_and_reads_the_reference(zc, run):
     x_t, _, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
     up = h.flip(sigmas)
     fmt = model.model.latent_format
-    guider = _stock_guider(model, source, source, 1.0)
-    ours = zc.sampling.ZeroConKSampler(zc.sampling.inversion_function, extra_options={})
-    with torch.inference_mode():
-        zeros = torch.zeros_like(lat["samples"])
-        ours_short = guider.sample(zeros, lat["samples"], ours, up[:-1])
-        stock = _stock_guider(model, source, source, 1.0).sample(
-            zeros, lat["samples"], comfy.samplers.sampler_object("euler"), up[:-1]
-        )
+    ours_short = h.inversion_latent(zc, model, source, lat, up[:-1])
+    stock = h.stock_euler(model, source, source, 1.0, torch.zeros_like(lat["samples"]), lat["samples"], up[:-1])
     torch.testing.assert_close(
         fmt.process_in(ours_short), fmt.process_in(stock) * (1 - float(up[-2])), rtol=0, atol=1e-5
     )
@@ -111,12 +102,7 @@ def test_kontext_guided_sampler_without_guidance_equals_stock_euler(zc, run):
     source, edit = _kontext_conds()
     _, inversion, sigmas = h.invert(zc, run, model, tm.flow_latent(4, size=8), source, steps=STEPS)
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=1.0)
-    fmt = model.model.latent_format
-    with torch.inference_mode():
-        x_t = fmt.process_in(inversion.latent)
-        stock = _stock_guider(model, edit, source, 1.0).sample(
-            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
-        )
+    stock = h.stock_euler_from_inversion(model, edit, source, 1.0, inversion, sigmas)
     torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
     plain, _ = h.guided(zc, run, model, inversion, tm.flow_conditioning(2, guidance=3.5), cfg=1.0)
     assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4  # the edit's reference was used
@@ -166,31 +152,6 @@ def test_kontext_probabilities_have_the_image_rows_only(zc):
         assert torch.equal(pred.features[f"{name}.0.img"], img.transpose(1, 2).reshape(1, -1, grid, grid))
 
 
-def _one_step(zc, model, term, conds):
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        src, edit = guider.conds["positive"], guider.conds["negative"]
-        req = term.request(den.layers())
-        with torch.inference_mode(False), torch.no_grad():
-            x, s = x.clone(), sigmas[1].clone()
-            (ref,) = den.predict(x, s, [src], req)
-
-            def loss(xx):
-                (p,) = den.predict(xx, s, [edit], req)
-                ctx = guidance.StepContext(0, 10, s, xx, p.eps, p, ref, torch.Generator().manual_seed(0))
-                return float(term.loss(ctx, req))
-
-            step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
-            with den.autograd_session():
-                outcome = sampler._guidance_step(
-                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-2)
-                )
-            (x_new,) = outcome.latents
-            return loss(x), loss(x_new), outcome.finite
-
-    return _inside_sampler(model, conds, body)
-
-
 @kontext
 @pytest.mark.parametrize(
     "term",
@@ -199,7 +160,7 @@ def _one_step(zc, model, term, conds):
 )
 def test_kontext_one_guided_step_lowers_each_loss(zc, term):
     conds = {"positive": tf.kontext_conditioning(7), "negative": tf.kontext_conditioning(8)}
-    before, after, finite = _one_step(zc, _sharp(tm.flux_dev()), term, conds)
+    before, after, finite = dh.one_step_losses(zc, _sharp(tm.flux_dev()), term, conds)
     assert finite and before > 0
     assert after < before, (before, after)
 
@@ -228,26 +189,31 @@ def _assert_untouched(model, before, reference, pos, neg, lat, cfg=1.0):
     assert torch.equal(h.ksampler(model, pos, neg, lat, cfg=cfg), reference)
 
 
+def _assert_guided_runs_leave_the_model_as_it_was(zc, run, model, source, edit, lat, cfg):
+    """A guided run (it moves the latent), an interrupted one and a failing one leave the MODEL untouched."""
+    _, inversion, _ = h.invert(zc, run, model, lat, source, steps=3)
+    reference = h.ksampler(model, edit, source, lat, cfg=cfg)
+    before = _snapshot(model)
+    terms = (_Stopping(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8))
+    out, _ = h.guided(zc, run, model, inversion, edit, cfg=cfg, guidance=terms)
+    plain, _ = h.guided(zc, run, model, inversion, edit, cfg=cfg)
+    assert torch.isfinite(out["samples"]).all()
+    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
+    _assert_untouched(model, before, reference, edit, source, lat, cfg=cfg)
+    for error in (comfy.model_management.InterruptProcessingException, RuntimeError):
+        with pytest.raises(error, match="stop"):
+            h.guided(
+                zc, run, model, inversion, edit, cfg=cfg, guidance=(_Stopping(weight=1.0, stop_at=1, error=error),)
+            )
+        _assert_untouched(model, before, reference, edit, source, lat, cfg=cfg)
+
+
 @kontext
 def test_kontext_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc, run):
     model = tm.flux_dev()
     source, edit = _kontext_conds()
     lat = tm.flow_latent(7, size=8)
-    _, inversion, _ = h.invert(zc, run, model, lat, source, steps=3)
-    reference = h.ksampler(model, edit, source, lat, cfg=1.0)
-    before = _snapshot(model)
-    terms = (_Stopping(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8))
-    out, _ = h.guided(zc, run, model, inversion, edit, cfg=1.0, guidance=terms)
-    plain, _ = h.guided(zc, run, model, inversion, edit, cfg=1.0)
-    assert torch.isfinite(out["samples"]).all()
-    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
-    _assert_untouched(model, before, reference, edit, source, lat)
-    for error in (comfy.model_management.InterruptProcessingException, RuntimeError):
-        with pytest.raises(error, match="stop"):
-            h.guided(
-                zc, run, model, inversion, edit, cfg=1.0, guidance=(_Stopping(weight=1.0, stop_at=1, error=error),)
-            )
-        _assert_untouched(model, before, reference, edit, source, lat)
+    _assert_guided_runs_leave_the_model_as_it_was(zc, run, model, source, edit, lat, cfg=1.0)
 
 
 @kontext
@@ -311,22 +277,13 @@ def test_chroma_inversion_and_sampler_equal_stock_euler(zc, run, pad):
     _, inversion, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
     up = h.flip(sigmas)
     fmt = model.model.latent_format
-    ours = zc.sampling.ZeroConKSampler(zc.sampling.inversion_function, extra_options={})
-    with torch.inference_mode():
-        zeros = torch.zeros_like(lat["samples"])
-        ours_short = _stock_guider(model, source, source, 1.0).sample(zeros, lat["samples"], ours, up[:-1])
-        stock = _stock_guider(model, source, source, 1.0).sample(
-            zeros, lat["samples"], comfy.samplers.sampler_object("euler"), up[:-1]
-        )
+    ours_short = h.inversion_latent(zc, model, source, lat, up[:-1])
+    stock = h.stock_euler(model, source, source, 1.0, torch.zeros_like(lat["samples"]), lat["samples"], up[:-1])
     torch.testing.assert_close(
         fmt.process_in(ours_short), fmt.process_in(stock) * (1 - float(up[-2])), rtol=0, atol=1e-5
     )
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=2.0)
-    with torch.inference_mode():
-        x_t = fmt.process_in(inversion.latent)
-        stock = _stock_guider(model, edit, source, 2.0).sample(
-            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
-        )
+    stock = h.stock_euler_from_inversion(model, edit, source, 2.0, inversion, sigmas)
     torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
     assert float((out["samples"] - inversion.latent).abs().max()) > 0.1
 
@@ -397,7 +354,7 @@ def test_chroma_probabilities_equal_a_float64_recomputation_with_rope_and_mask(z
 )
 def test_chroma_one_guided_step_lowers_each_loss(zc, term):
     conds = {"positive": tf.t5_conditioning(7, pad=3), "negative": tf.t5_conditioning(8, pad=3)}
-    before, after, finite = _one_step(zc, _sharp(tf.chroma()), term, conds)
+    before, after, finite = dh.one_step_losses(zc, _sharp(tf.chroma()), term, conds)
     assert finite and before > 0
     assert after < before, (before, after)
 
@@ -407,21 +364,7 @@ def test_chroma_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc,
     model = tf.chroma()
     source, edit = _chroma_conds(pad=3)
     lat = tm.flow_latent(7, size=16)
-    _, inversion, _ = h.invert(zc, run, model, lat, source, steps=3)
-    reference = h.ksampler(model, edit, source, lat, cfg=2.0)
-    before = _snapshot(model)
-    terms = (_Stopping(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8))
-    out, _ = h.guided(zc, run, model, inversion, edit, cfg=2.0, guidance=terms)
-    plain, _ = h.guided(zc, run, model, inversion, edit, cfg=2.0)
-    assert torch.isfinite(out["samples"]).all()
-    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
-    _assert_untouched(model, before, reference, edit, source, lat, cfg=2.0)
-    for error in (comfy.model_management.InterruptProcessingException, RuntimeError):
-        with pytest.raises(error, match="stop"):
-            h.guided(
-                zc, run, model, inversion, edit, cfg=2.0, guidance=(_Stopping(weight=1.0, stop_at=1, error=error),)
-            )
-        _assert_untouched(model, before, reference, edit, source, lat, cfg=2.0)
+    _assert_guided_runs_leave_the_model_as_it_was(zc, run, model, source, edit, lat, cfg=2.0)
 
 
 @chroma

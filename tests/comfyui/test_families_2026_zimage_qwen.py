@@ -16,18 +16,19 @@ import math
 
 import comfy.model_management
 import comfy.samplers
+import dit_helpers as dh
 import pytest
 import tiny_families_lumina_qwen as tq
 import torch
 import torch.nn.functional as F
 from conftest import pack_module
+from dit_helpers import _den, _inside_sampler
 from test_diffuseit_nodes import dino, dino_nodes  # noqa: F401  (fixtures)
-from test_dit_capture import _den, _inside_sampler, _lin, _qk_norm, _rope_angles, _rotate, _snapshot
+from test_dit_capture import _lin, _qk_norm, _rope_angles, _rotate, _snapshot
 
 dc = pack_module("nodes.glue.dit_capture")
 core_den = pack_module("zerocon_core.method.denoiser")
 guidance = pack_module("zerocon_core.method.guidance")
-sampler = pack_module("zerocon_core.method.sampler")
 CR = core_den.CaptureRequest
 
 needs_qwen = pytest.mark.skipif(
@@ -246,30 +247,9 @@ def test_qwen_probabilities_equal_a_float64_recomputation_with_rope_and_mask(zc,
 )
 def test_qwen_one_guided_step_lowers_each_loss(zc, term):
     """A gradient step through the whole network (RoPE on ComfyUI's torch path) lowers the loss."""
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        src, edit = guider.conds["positive"], guider.conds["negative"]
-        req = term.request(den.layers())
-        with torch.inference_mode(False), torch.no_grad():
-            x, s = x.clone(), sigmas[1].clone()
-            (ref,) = den.predict(x, s, [src], req)
-
-            def loss(xx):
-                (p,) = den.predict(xx, s, [edit], req)
-                ctx = guidance.StepContext(0, 10, s, xx, p.eps, p, ref, torch.Generator().manual_seed(0))
-                return float(term.loss(ctx, req))
-
-            step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
-            with den.autograd_session():  # a small step: these random tiny DiTs are curved at 1e-2
-                outcome = sampler._guidance_step(
-                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-3)
-                )
-            (x_new,) = outcome.latents
-            return loss(x), loss(x_new), outcome.finite
-
     conds = {"positive": tq.qwen_conditioning(7, padded=2), "negative": tq.qwen_conditioning(8, padded=2)}
-    before, after, finite = _inside_sampler(_qwen(), conds, body, latent=tq.qwen_latent(2))
+    # a small step: these random tiny DiTs are curved at 1e-2
+    before, after, finite = dh.one_step_losses(zc, _qwen(), term, conds, latent=tq.qwen_latent(2), step_size=1e-3)
     assert finite and before > 0
     assert after < before, (before, after)
 
@@ -300,33 +280,15 @@ class _Stopping(guidance.CrossAttentionGuidance):
         return super().loss(ctx, request)
 
 
-@needs_qwen
-def test_qwen_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
-    model = _qwen()
-    pos, neg, lat = tq.qwen_conditioning(10, padded=2), tq.qwen_conditioning(11), tq.qwen_latent(12)
+def _assert_guided_runs_leave_the_model_as_it_was(zc, model, pos, neg, lat):
+    """A guided run (no weight requires grad during the loss), an interrupted one and a failing one: the weights are
+    the very same inference tensors with the same flags, the options the same, and stock sampling bit-identical."""
     reference = _stock(model, pos, neg, lat["samples"])
     tensors, flags, options = _snapshot(model)
 
     def run(stop_at, error=comfy.model_management.InterruptProcessingException):
         term = _Stopping(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at, error=error)
-        term2 = guidance.PatchNCEGuidance(weight=1.0, num_patches=8)
-
-        def body(guider, x, sigmas, extra_args):
-            den = _den(zc, guider, extra_args)
-            with torch.inference_mode(False):
-                out = sampler.guided_ddim_sample(
-                    den,
-                    x.clone(),
-                    sigmas.clone(),
-                    source_cond=guider.conds["positive"],
-                    edit_cond=guider.conds["negative"],
-                    guidance=(term, term2),
-                    settings=sampler.SamplerSettings(cfg=1.0, step_mode="normalized", reference="resampled"),
-                )
-            return out.latent
-
-        out = _inside_sampler(model, {"positive": pos, "negative": neg}, body, latent=lat, noise_seed=13)
-        return out, term.seen
+        return dh.guided_run(zc, model, term, pos, neg, lat), term.seen
 
     out, seen = run(-1)
     assert torch.isfinite(out).all() and seen and not any(seen)
@@ -341,16 +303,16 @@ def test_qwen_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
     assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
 
 
+@needs_qwen
+def test_qwen_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
+    model = _qwen()
+    pos, neg, lat = tq.qwen_conditioning(10, padded=2), tq.qwen_conditioning(11), tq.qwen_latent(12)
+    _assert_guided_runs_leave_the_model_as_it_was(zc, model, pos, neg, lat)
+
+
 # -- Qwen-Image as a family: detection, inversion and sampling against stock euler ---------------------------------
 
 STEPS = 4
-
-
-def _stock_guider(model, positive, negative, cfg):
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    return guider
 
 
 @needs_qwen
@@ -376,7 +338,6 @@ def test_qwen_image_is_recognised_by_its_config_class(zc):
 @needs_qwen
 def test_qwen_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
     import sampling_helpers as h
-    from comfy.k_diffusion.sampling import sample_euler
 
     model = _qwen()
     source = tq.qwen_conditioning(1, padded=2)
@@ -385,17 +346,8 @@ def test_qwen_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
     assert x_t["samples"].shape == lat["samples"].shape
     up = h.flip(sigmas)
     fmt = model.model.latent_format
-    zeros = torch.zeros_like(lat["samples"])
-    captured = []
-
-    def euler(m, x, s, **kw):
-        out = sample_euler(m, x, s, **kw)
-        captured.append(out.clone())
-        return out
-
-    with torch.inference_mode():
-        _stock_guider(model, source, source, 1.0).sample(zeros, lat["samples"], comfy.samplers.KSAMPLER(euler), up)
-    torch.testing.assert_close(x_t["samples"], fmt.process_out(captured[-1]), rtol=0, atol=1e-5)
+    last = h.stock_euler_last(model, source, lat, up)
+    torch.testing.assert_close(x_t["samples"], fmt.process_out(last), rtol=0, atol=1e-5)
 
 
 @needs_qwen
@@ -411,12 +363,7 @@ def test_qwen_guided_sampler_without_guidance_equals_stock_euler(zc, run, refere
     edit = tq.qwen_conditioning(2, reference=ref)
     _, inversion, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0)
-    fmt = model.model.latent_format
-    with torch.inference_mode():
-        x_t = fmt.process_in(inversion.latent)
-        stock = _stock_guider(model, edit, source, 4.0).sample(
-            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
-        )
+    stock = h.stock_euler_from_inversion(model, edit, source, 4.0, inversion, sigmas)
     torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
     assert float((out["samples"] - inversion.latent).abs().max()) > 0.1  # it did sample
 
@@ -633,30 +580,10 @@ def test_z_image_probabilities_equal_a_float64_recomputation_with_rope(zc):
 )
 def test_z_image_one_guided_step_lowers_each_loss(zc, term):
     """A gradient step through the whole network (fused QK-norm + RoPE on ComfyUI's torch path) lowers the loss."""
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        src, edit = guider.conds["positive"], guider.conds["negative"]
-        req = term.request(den.layers())
-        with torch.inference_mode(False), torch.no_grad():
-            x, s = x.clone(), sigmas[1].clone()
-            (ref,) = den.predict(x, s, [src], req)
-
-            def loss(xx):
-                (p,) = den.predict(xx, s, [edit], req)
-                ctx = guidance.StepContext(0, 10, s, xx, p.eps, p, ref, torch.Generator().manual_seed(0))
-                return float(term.loss(ctx, req))
-
-            step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
-            with den.autograd_session():  # a small step: these random tiny DiTs are curved at 1e-2
-                outcome = sampler._guidance_step(
-                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-3)
-                )
-            (x_new,) = outcome.latents
-            return loss(x), loss(x_new), outcome.finite
-
     conds = {"positive": tq.z_image_conditioning(7), "negative": tq.z_image_conditioning(8)}
-    before, after, finite = _inside_sampler(_z(), conds, body, latent=_z_latent(2, size=8))
+    # a small step: these random tiny DiTs are curved at 1e-2
+    latent = _z_latent(2, size=8)
+    before, after, finite = dh.one_step_losses(zc, _z(), term, conds, latent=latent, step_size=1e-3)
     assert finite and before > 0
     assert after < before, (before, after)
 
@@ -665,47 +592,12 @@ def test_z_image_one_guided_step_lowers_each_loss(zc, term):
 def test_z_image_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
     model = _z()
     pos, neg, lat = tq.z_image_conditioning(10), tq.z_image_conditioning(11), _z_latent(12, size=8)
-    reference = _stock(model, pos, neg, lat["samples"])
-    tensors, flags, options = _snapshot(model)
-
-    def run(stop_at, error=comfy.model_management.InterruptProcessingException):
-        term = _Stopping(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at, error=error)
-        term2 = guidance.PatchNCEGuidance(weight=1.0, num_patches=8)
-
-        def body(guider, x, sigmas, extra_args):
-            den = _den(zc, guider, extra_args)
-            with torch.inference_mode(False):
-                out = sampler.guided_ddim_sample(
-                    den,
-                    x.clone(),
-                    sigmas.clone(),
-                    source_cond=guider.conds["positive"],
-                    edit_cond=guider.conds["negative"],
-                    guidance=(term, term2),
-                    settings=sampler.SamplerSettings(cfg=1.0, step_mode="normalized", reference="resampled"),
-                )
-            return out.latent
-
-        out = _inside_sampler(model, {"positive": pos, "negative": neg}, body, latent=lat, noise_seed=13)
-        return out, term.seen
-
-    out, seen = run(-1)
-    assert torch.isfinite(out).all() and seen and not any(seen)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        run(1)
-    with pytest.raises(RuntimeError):
-        run(0, RuntimeError)
-    after, after_flags, after_options = _snapshot(model)
-    assert after.keys() == tensors.keys() and all(after[n] is tensors[n] for n in tensors)
-    assert after_flags == flags and all(t.is_inference() for t in after.values())
-    assert after_options == options
-    assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
+    _assert_guided_runs_leave_the_model_as_it_was(zc, model, pos, neg, lat)
 
 
 @needs_zimage
 def test_z_image_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
     import sampling_helpers as h
-    from comfy.k_diffusion.sampling import sample_euler
 
     model = _z()
     source = tq.z_image_conditioning(1)
@@ -713,18 +605,8 @@ def test_z_image_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
     x_t, _, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
     up = h.flip(sigmas)
     fmt = model.model.latent_format
-    captured = []
-
-    def euler(m, x, s, **kw):
-        out = sample_euler(m, x, s, **kw)
-        captured.append(out.clone())
-        return out
-
-    with torch.inference_mode():
-        _stock_guider(model, source, source, 1.0).sample(
-            torch.zeros_like(lat["samples"]), lat["samples"], comfy.samplers.KSAMPLER(euler), up
-        )
-    torch.testing.assert_close(x_t["samples"], fmt.process_out(captured[-1]), rtol=0, atol=1e-5)
+    last = h.stock_euler_last(model, source, lat, up)
+    torch.testing.assert_close(x_t["samples"], fmt.process_out(last), rtol=0, atol=1e-5)
 
 
 @needs_zimage
@@ -735,12 +617,7 @@ def test_z_image_guided_sampler_without_guidance_equals_stock_euler(zc, run):
     source, edit = tq.z_image_conditioning(1), tq.z_image_conditioning(2)
     _, inversion, sigmas = h.invert(zc, run, model, _z_latent(4, size=8), source, steps=STEPS)
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0)
-    fmt = model.model.latent_format
-    with torch.inference_mode():
-        x_t = fmt.process_in(inversion.latent)
-        stock = _stock_guider(model, edit, source, 4.0).sample(
-            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
-        )
+    stock = h.stock_euler_from_inversion(model, edit, source, 4.0, inversion, sigmas)
     # 1e-5 of the output's scale (about 10 on this model): ours combines CFG on velocities, the stock guider on
     # denoised latents, the same sum in another float32 rounding
     scale = max(1.0, float(stock.abs().max()))

@@ -14,12 +14,10 @@ from __future__ import annotations
 import dataclasses
 
 import comfy.model_management
-import comfy.samplers
 import pytest
 import sampling_helpers as h
 import tiny_models as tm
 import torch
-from comfy.k_diffusion.sampling import sample_euler
 from test_sampling_cleanup import _snapshot
 
 STEPS = 4
@@ -115,13 +113,6 @@ def test_next_convention_is_refused_on_flow(zc, run):
 # -- guidance off equals ComfyUI's stock euler ------------------------------------------------------------------
 
 
-def _stock_guider(model, positive, negative, cfg):
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    return guider
-
-
 @pytest.mark.parametrize("kind", sorted(FLOW))
 def test_inversion_equals_stock_euler_on_flipped_sigmas(zc, run, kind):
     model = FLOW[kind][0]()
@@ -132,34 +123,15 @@ def test_inversion_equals_stock_euler_on_flipped_sigmas(zc, run, kind):
     fmt = model.model.latent_format
     zeros = torch.zeros_like(lat["samples"])
     # (1) stock KSAMPLER "euler" short of sigma 1 (ComfyUI then divides by 1 - sigma_last, which we undo)
-    ours_short = _inversion_latent(zc, model, source, lat, up[:-1])
-    with torch.inference_mode():
-        stock = _stock_guider(model, source, source, 1.0).sample(
-            zeros, lat["samples"], comfy.samplers.sampler_object("euler"), up[:-1]
-        )
+    ours_short = h.inversion_latent(zc, model, source, lat, up[:-1])
+    stock = h.stock_euler(model, source, source, 1.0, zeros, lat["samples"], up[:-1])
     a = float(up[-2])
     torch.testing.assert_close(
         fmt.process_in(ours_short), fmt.process_in(stock) * (1 - a), rtol=0, atol=1e-5
     )  # fmt: skip
     # (2) the whole grid: stock sample_euler's own result (ComfyUI's scaling out divides it by 1 - 1)
-    captured = []
-
-    def euler(m, x, s, **kw):
-        out = sample_euler(m, x, s, **kw)
-        captured.append(out.clone())
-        return out
-
-    with torch.inference_mode():
-        _stock_guider(model, source, source, 1.0).sample(zeros, lat["samples"], comfy.samplers.KSAMPLER(euler), up)
-    torch.testing.assert_close(x_t["samples"], fmt.process_out(captured[-1]), rtol=0, atol=1e-5)
-
-
-def _inversion_latent(zc, model, cond, lat, up):
-    """Our inversion KSAMPLER function on the grid ``up`` (through ``ZeroConKSampler``, as the node runs it)."""
-    guider = _stock_guider(model, cond, cond, 1.0)
-    sampler = zc.sampling.ZeroConKSampler(zc.sampling.inversion_function, extra_options={})
-    with torch.inference_mode():
-        return guider.sample(torch.zeros_like(lat["samples"]), lat["samples"], sampler, up)
+    last = h.stock_euler_last(model, source, lat, up)
+    torch.testing.assert_close(x_t["samples"], fmt.process_out(last), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", sorted(FLOW))
@@ -171,12 +143,7 @@ def test_guided_sampler_without_guidance_equals_stock_euler(zc, run, kind):
     source, edit = _conds(kind)
     _, inversion, sigmas = h.invert(zc, run, model, tm.flow_latent(4, size=8), source, steps=STEPS)
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=cfg)
-    fmt = model.model.latent_format
-    with torch.inference_mode():
-        x_t = fmt.process_in(inversion.latent)
-        stock = _stock_guider(model, edit, source, cfg).sample(
-            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
-        )
+    stock = h.stock_euler_from_inversion(model, edit, source, cfg, inversion, sigmas)
     torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
     assert float((out["samples"] - inversion.latent).abs().max()) > 0.1  # it did sample
 
