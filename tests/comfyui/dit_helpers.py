@@ -9,6 +9,7 @@ import tiny_models as tm
 import torch
 from conftest import pack_module
 
+core_den = pack_module("zerocon_core.method.denoiser")
 guidance = pack_module("zerocon_core.method.guidance")
 sampler = pack_module("zerocon_core.method.sampler")
 
@@ -41,6 +42,36 @@ def _inside_sampler(model, conds: dict, body, latent=None, sigmas=None, noise_se
 
 def _den(zc, guider, extra_args):
     return zc.denoiser.ComfyDenoiser(guider.inner_model, extra_args["model_options"])
+
+
+def _recording_patch(store, key):
+    """A DiT block patch that records the block's arguments, and its image output as ``"out"``, in ``store[key]``."""
+
+    def patch(args, extra):
+        store[key] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+        out = extra["original_block"](args)
+        store[key]["out"] = out["img"].detach().clone()
+        return out
+
+    return patch
+
+
+def first_blocks_captured(zc, model, cond, features=None):
+    """(prediction, records) of one prediction on ``cond`` at the first sigma with the text maps of the first
+    double and single blocks captured, and as features the two blocks' image outputs (or ``features(layers)``);
+    ``records["double"]`` / ``records["single"]``: those blocks' arguments and outputs (``_recording_patch``)."""
+    seen = {}
+    model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
+    model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
+
+    def body(guider, x, sigmas, extra_args):
+        den = _den(zc, guider, extra_args)
+        names = frozenset({"double.0.img2txt", "single.0.img2txt"})
+        wanted = frozenset({"double.0.img", "single.0.img"}) if features is None else features(den.layers())
+        req = core_den.CaptureRequest(probs=names, features=wanted)
+        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
+
+    return _inside_sampler(model, {"positive": cond}, body), seen
 
 
 def one_step_losses(zc, model, term, conds: dict, latent=None, step_size=1e-2):

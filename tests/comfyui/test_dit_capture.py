@@ -17,7 +17,7 @@ import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from conftest import pack_module
-from dit_helpers import _den, _inside_sampler, _sigmas
+from dit_helpers import _den, _inside_sampler, _recording_patch, _sigmas
 
 dc = pack_module("nodes.glue.dit_capture")
 core_den = pack_module("zerocon_core.method.denoiser")
@@ -69,6 +69,14 @@ _SD3_CONFIG = {
     },
     "dtype": torch.float32,
 }
+
+
+def flux_dev_two_singles():
+    """A Flux-dev-like model (a clone) with two single blocks: the second adds to the first one's output in place."""
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux({**tm._flux_config(True), "depth_single_blocks": 2})
+    return _sharp(tm._dit_patcher(config, 4)).clone()
 
 
 def sd3(seed=5, depth=2):
@@ -170,36 +178,14 @@ def _flux_qk(block, args, single: bool):
     return torch.cat((out[0][0], out[1][0]), 2), torch.cat((out[0][1], out[1][1]), 2)
 
 
-def _recording_patch(store, key):
-    def patch(args, extra):
-        store[key] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-        out = extra["original_block"](args)
-        store[key]["out"] = out["img"].detach().clone()
-        return out
-
-    return patch
-
-
 def test_flux_probabilities_equal_a_float64_recomputation_with_rope(zc):
     """Captured double- and single-block maps = softmax over all keys of (RoPE q)(RoPE k)^T, recomputed in
     float64 from the blocks' weights and the token positions; image rows x text columns; rows sum < 1."""
-    import comfy.supported_models
-
-    # Flux-dev-like with two single blocks: the second adds to the first one's output in place
-    config = comfy.supported_models.Flux({**tm._flux_config(True), "depth_single_blocks": 2})
-    model = _sharp(tm._dit_patcher(config, 4)).clone()
-    seen = {}
-    model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
-    model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
+    model = flux_dev_two_singles()
     dm = model.model.diffusion_model
     tokens = 12
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        req = CR(probs=frozenset({"double.0.img2txt", "single.0.img2txt"}), features=_all(den.layers(), "self"))
-        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
-
-    pred = _inside_sampler(model, {"positive": tm.flow_conditioning(2, tokens=tokens, guidance=3.5)}, body)
+    cond = tm.flow_conditioning(2, tokens=tokens, guidance=3.5)
+    pred, seen = dh.first_blocks_captured(zc, model, cond, features=lambda layers: _all(layers, "self"))
     grid = 8  # 16 x 16 latent, 2 x 2 patches
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     ids = torch.cat(

@@ -31,24 +31,22 @@ import tiny_families as tf
 import tiny_models as tm
 import torch
 from conftest import pack_module
-from dit_helpers import _den, _inside_sampler
 from test_diffuseit_nodes import dino, dino_nodes, image, structure, style  # noqa: F401  (fixtures)
 from test_dit_capture import (
     _flux_qk,
     _heads,
     _lin,
     _ln,
-    _recording_patch,
     _rms,
     _rope_angles,
     _rotate,
     _sharp,
+    flux_dev_two_singles,
 )
 from test_flow_diffuseit import encode
 from test_sampling_cleanup import _snapshot
 
 guidance = pack_module("zerocon_core.method.guidance")
-core_den = pack_module("zerocon_core.method.denoiser")
 
 STEPS = 4
 
@@ -113,24 +111,11 @@ def test_kontext_probabilities_have_the_image_rows_only(zc):
     """Double and single blocks: (B, H, image tokens, text tokens), the softmax over text + image + reference keys,
     equal to a float64 recomputation with RoPE on Kontext's positions (reference tokens at index 1); the features
     are the image tokens' outputs, not the reference's."""
-    import comfy.supported_models
-
-    config = comfy.supported_models.Flux({**tm._flux_config(True), "depth_single_blocks": 2})
-    model = _sharp(tm._dit_patcher(config, 4)).clone()
-    seen = {}
-    model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
-    model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
+    model = flux_dev_two_singles()
     dm = model.model.diffusion_model
     tokens, ref = 12, tf.reference_latent(42, 12, 16)  # image: 16 x 16 latent (8 x 8 tokens); reference 6 x 8
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        names = frozenset({"double.0.img2txt", "single.0.img2txt"})
-        req = core_den.CaptureRequest(probs=names, features=frozenset({"double.0.img", "single.0.img"}))
-        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
-
     cond = tf.kontext_conditioning(2, reference=ref, tokens=tokens)
-    pred = _inside_sampler(model, {"positive": cond}, body)
+    pred, seen = dh.first_blocks_captured(zc, model, cond)
     grid, n = 8, 64
 
     def positions(index, rows, cols):
@@ -313,20 +298,9 @@ def test_chroma_probabilities_equal_a_float64_recomputation_with_rope_and_mask(z
     """Double and single blocks: softmax over all keys of (RoPE q)(RoPE k)^T + the conditioning's key mask,
     recomputed in float64 from the blocks' weights and modulations; the padded text columns get exactly 0."""
     model = _sharp(tf.chroma()).clone()
-    seen = {}
-    model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
-    model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
     dm = model.model.diffusion_model
     tokens, grid, n = 12, 8, 64
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        names = frozenset({"double.0.img2txt", "single.0.img2txt"})
-        req = core_den.CaptureRequest(probs=names, features=frozenset({"double.0.img", "single.0.img"}))
-        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
-
-    cond = tf.t5_conditioning(2, tokens=tokens, pad=pad)
-    pred = _inside_sampler(model, {"positive": cond}, body)
+    pred, seen = dh.first_blocks_captured(zc, model, tf.t5_conditioning(2, tokens=tokens, pad=pad))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     ids = torch.cat((torch.zeros(tokens, 3), torch.stack((torch.zeros(n), rows.flatten(), cols.flatten()), -1)))
     angles = _rope_angles(ids, dm.params.axes_dim, dm.params.theta)

@@ -18,13 +18,14 @@ import comfy.model_management
 import comfy.samplers
 import dit_helpers as dh
 import pytest
+import sampling_helpers as h
 import tiny_families_lumina_qwen as tq
 import torch
 import torch.nn.functional as F
 from conftest import pack_module
 from dit_helpers import _den, _inside_sampler
 from test_diffuseit_nodes import dino, dino_nodes  # noqa: F401  (fixtures)
-from test_dit_capture import _lin, _qk_norm, _rope_angles, _rotate, _snapshot
+from test_dit_capture import _lin, _ln, _recording_patch, _rms, _rope_angles, _rotate, _snapshot
 
 dc = pack_module("nodes.glue.dit_capture")
 core_den = pack_module("zerocon_core.method.denoiser")
@@ -144,25 +145,6 @@ def test_qwen_layer_table(zc):
     ]
 
 
-def _recording_patch(store, key):
-    def patch(args, extra):
-        store[key] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-        out = extra["original_block"](args)
-        store[key]["out"] = out["img"].detach().clone()
-        return out
-
-    return patch
-
-
-def _ln(x):
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
-def _rms(x, norm):
-    scale, eps = _qk_norm(norm)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale.double()
-
-
 def _qwen_qk(block, args):
     """q, k (B, H, L, d) of a Qwen-Image block ([txt; img]) in float64 from its weights, before RoPE."""
     vec = F.silu(args["vec"].double())
@@ -255,13 +237,9 @@ def test_qwen_one_guided_step_lowers_each_loss(zc, term):
 
 
 def _stock(model, pos, neg, lat):
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(pos, neg)
-    guider.set_cfg(2.0)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 3)
     noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        return guider.sample(noise, lat, comfy.samplers.sampler_object("euler"), sigmas)
+    return h.stock_euler(model, pos, neg, 2.0, noise, lat, sigmas)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +315,6 @@ def test_qwen_image_is_recognised_by_its_config_class(zc):
 
 @needs_qwen
 def test_qwen_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
-    import sampling_helpers as h
 
     model = _qwen()
     source = tq.qwen_conditioning(1, padded=2)
@@ -354,7 +331,6 @@ def test_qwen_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
 @pytest.mark.parametrize("reference", [False, True], ids=["qwen-image", "qwen-image-edit"])
 def test_qwen_guided_sampler_without_guidance_equals_stock_euler(zc, run, reference):
     """Qwen-Image, and Qwen-Image-Edit (the source image's latent as the reference in both conditionings)."""
-    import sampling_helpers as h
 
     model = _qwen()
     lat = tq.qwen_latent(4)
@@ -370,7 +346,6 @@ def test_qwen_guided_sampler_without_guidance_equals_stock_euler(zc, run, refere
 
 @needs_qwen
 def test_qwen_guided_sampler_with_both_terms_runs(zc, run):
-    import sampling_helpers as h
 
     model = _qwen()
     source, edit = tq.qwen_conditioning(1, padded=2), tq.qwen_conditioning(2)
@@ -384,7 +359,6 @@ def test_qwen_guided_sampler_with_both_terms_runs(zc, run):
 
 @needs_qwen
 def test_qwen_wrong_latents_name_the_expected_shape(zc, run):
-    import sampling_helpers as h
     import tiny_models as tm
 
     with pytest.raises(ValueError, match=r"Qwen-Image needs a 16-channel image latent \(B, 16, 1, H, W\); got shape"):
@@ -401,20 +375,15 @@ def dn():
     return pack_module("nodes.classes.diffuseit_nodes")
 
 
-@needs_qwen
-def test_qwen_diffuseit_runs_with_the_wan_vae_and_leaves_everything_as_it_was(dn, run, dino):  # noqa: F811
+def _assert_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino, model, vae, src, lat, conds):  # noqa: F811
+    """DiffuseIT with structure + style terms on ``lat`` (the VAE's encoding of ``src``): the DINO terms move the
+    latent, and the VAE's, DINO's and the MODEL's weights, and a stock sampling, are left as they were."""
     from test_diffuseit_nodes import image, structure, style
 
-    model, vae = _qwen(), tq.wan21_vae(0)
-    assert vae.latent_dim == 3 and vae.latent_channels == 16
-    src = image(4)
-    with torch.inference_mode():
-        lat = {"samples": vae.encode(src)}
-    assert lat["samples"].shape[:3] == (1, 16, 1)
+    pos, neg = conds
     guidance = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
     modules = (vae.first_stage_model, dino.model, model.model)
     before = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
-    pos, neg = tq.qwen_conditioning(1, padded=2), tq.qwen_conditioning(2)
     reference = _stock(model, pos, neg, lat["samples"])
 
     def sample(terms):
@@ -429,6 +398,20 @@ def test_qwen_diffuseit_runs_with_the_wan_vae_and_leaves_everything_as_it_was(dn
     after = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
     assert after == before
     assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
+
+
+@needs_qwen
+def test_qwen_diffuseit_runs_with_the_wan_vae_and_leaves_everything_as_it_was(dn, run, dino):  # noqa: F811
+    from test_diffuseit_nodes import image
+
+    model, vae = _qwen(), tq.wan21_vae(0)
+    assert vae.latent_dim == 3 and vae.latent_channels == 16
+    src = image(4)
+    with torch.inference_mode():
+        lat = {"samples": vae.encode(src)}
+    assert lat["samples"].shape[:3] == (1, 16, 1)
+    pos, neg = tq.qwen_conditioning(1, padded=2), tq.qwen_conditioning(2)
+    _assert_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino, model, vae, src, lat, (pos, neg))
 
 
 @needs_qwen
@@ -597,7 +580,6 @@ def test_z_image_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc
 
 @needs_zimage
 def test_z_image_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
-    import sampling_helpers as h
 
     model = _z()
     source = tq.z_image_conditioning(1)
@@ -611,7 +593,6 @@ def test_z_image_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
 
 @needs_zimage
 def test_z_image_guided_sampler_without_guidance_equals_stock_euler(zc, run):
-    import sampling_helpers as h
 
     model = _z()
     source, edit = tq.z_image_conditioning(1), tq.z_image_conditioning(2)
@@ -632,36 +613,19 @@ def test_z_image_guided_sampler_without_guidance_equals_stock_euler(zc, run):
 @needs_zimage
 def test_z_image_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino):  # noqa: F811
     import tiny_models as tm
-    from test_diffuseit_nodes import image, structure, style
+    from test_diffuseit_nodes import image
 
     model, vae = _z(), tm.flow_vae(0)
     src = image(4)
     with torch.inference_mode():
         lat = {"samples": vae.encode(src)}
-    guidance_ = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
-    modules = (vae.first_stage_model, dino.model, model.model)
-    before = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
     pos, neg = tq.z_image_conditioning(1), tq.z_image_conditioning(2)
-    reference = _stock(model, pos, neg, lat["samples"])
-
-    def sample(terms):
-        kw = dict(model=model, positive=pos, negative=neg, latent=lat, guidance=terms, steps=6, cfg=3.0,
-                  strength=0.5, resample=2, seed=3, step_mode="raw", step_size=0.02)  # fmt: skip
-        return run(dn.ZeroConDiffuseITSampler, **kw)[0]
-
-    plain = sample(structure(dn, run, model, vae, dino, src, weight=0.0))
-    out = sample(guidance_)
-    assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
-    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4, "DINO guidance did not move the latent"
-    after = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
-    assert after == before
-    assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
+    _assert_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino, model, vae, src, lat, (pos, neg))
 
 
 @needs_zimage
 @needs_qwen
 def test_qwen_image_latent_or_conditioning_on_z_image_names_what_is_expected(zc, run, dn, dino):  # noqa: F811
-    import sampling_helpers as h
     import tiny_models as tm
     from test_diffuseit_nodes import image, structure
 
@@ -717,7 +681,6 @@ def test_joint_capture_reads_only_the_main_layers_joint_attention():
 @needs_zimage
 def test_z_image_reference_latents_are_a_clear_error_when_captured(zc, run):
     """Z-Image Omni's reference tokens change the joint layout the captures read: refused, not misread."""
-    import sampling_helpers as h
 
     model, lat = _z(), _z_latent(5, size=8)
     cond = tq.z_image_conditioning(1)
