@@ -88,7 +88,8 @@ def style(dn, run, model, vae, dino, ref, **over):
     return run(dn.ZeroConDinoStyleGuidance, **kw)[0]
 
 
-def sample(dn, run, model, latent, guidance, **over):
+def sampler_inputs(model, latent, guidance, **over) -> dict:
+    """The DiffuseIT sampler's inputs these tests use (SD1.5 conditionings), with ``over`` replacing any."""
     kw = dict(
         model=model,
         positive=tm.conditioning(1),
@@ -104,7 +105,11 @@ def sample(dn, run, model, latent, guidance, **over):
         step_size=0.02,
     )
     kw.update(over)
-    return run(dn.ZeroConDiffuseITSampler, **kw)[0]
+    return kw
+
+
+def sample(dn, run, model, latent, guidance, **over):
+    return run(dn.ZeroConDiffuseITSampler, **sampler_inputs(model, latent, guidance, **over))[0]
 
 
 def test_schemas_have_tooltips(dn):
