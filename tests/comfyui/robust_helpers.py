@@ -50,13 +50,19 @@ def _describe(functions) -> list | None:
     return [(type(f).__qualname__, getattr(f, "__qualname__", None), getattr(f, "key", None)) for f in functions]
 
 
-def snapshot(model) -> dict:
+def model_tensors(model) -> dict:
+    """Every parameter and buffer of the MODEL's network, by qualified name (the tensor objects themselves)."""
     tensors = {}
     for mod_name, mod in model.model.named_modules():
         for store in (mod._parameters, mod._buffers):
             for name, t in store.items():
                 if t is not None:
                     tensors[f"{mod_name}.{name}"] = t
+    return tensors
+
+
+def snapshot(model) -> dict:
+    tensors = model_tensors(model)
     return {
         "tensors": tensors,
         "requires_grad": {name: t.requires_grad for name, t in tensors.items()},

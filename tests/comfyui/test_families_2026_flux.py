@@ -44,6 +44,7 @@ from test_dit_capture import (
     flux_dev_two_singles,
 )
 from test_flow_diffuseit import encode
+from test_flow_families import _assert_untouched as _assert_flow_untouched
 from test_sampling_cleanup import _snapshot
 
 guidance = pack_module("zerocon_core.method.guidance")
@@ -165,13 +166,8 @@ class _Stopping(guidance.CrossAttentionGuidance):
 
 def _assert_untouched(model, before, reference, pos, neg, lat, cfg=1.0):
     after = _snapshot(model)
-    assert after["tensors"].keys() == before["tensors"].keys()
-    for name, t in after["tensors"].items():
-        assert t is before["tensors"][name] and t.is_inference(), name
-        assert t.requires_grad == before["requires_grad"][name], name
-    assert after["options"] == before["options"] and after["object_patches"] == before["object_patches"]
     assert after["wrappers"] == before["wrappers"] and after["callbacks"] == before["callbacks"]
-    assert torch.equal(h.ksampler(model, pos, neg, lat, cfg=cfg), reference)
+    _assert_flow_untouched(model, before, reference, pos, neg, lat, cfg=cfg)
 
 
 def _assert_guided_runs_leave_the_model_as_it_was(zc, run, model, source, edit, lat, cfg):

@@ -182,14 +182,16 @@ def _x0_energy(zc):
     return X0Energy(weight=0.5)
 
 
-def _assert_untouched(model, before, reference, pos, neg, lat):
+def _assert_untouched(model, before, reference, pos, neg, lat, **sampling):
+    """The MODEL's tensors are the very same inference tensors with the same flags, its options and object patches
+    the same, and the stock KSampler (``sampling``: its cfg...) gives ``reference`` again."""
     after = _snapshot(model)
     assert after["tensors"].keys() == before["tensors"].keys()
     for name, t in after["tensors"].items():
         assert t is before["tensors"][name] and t.is_inference(), name
         assert t.requires_grad == before["requires_grad"][name], name
     assert after["options"] == before["options"] and after["object_patches"] == before["object_patches"]
-    assert torch.equal(h.ksampler(model, pos, neg, lat), reference)
+    assert torch.equal(h.ksampler(model, pos, neg, lat, **sampling), reference)
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])

@@ -10,19 +10,14 @@ import dataclasses
 
 import comfy.model_management
 import pytest
+import robust_helpers as rh
 import sampling_helpers as h
 import tiny_models as tm
 import torch
 
 
 def _snapshot(model):
-    tensors = {}
-    for root in (model.model,):
-        for mod_name, mod in root.named_modules():
-            for store in (mod._parameters, mod._buffers):
-                for name, t in store.items():
-                    if t is not None:
-                        tensors[f"{mod_name}.{name}"] = t
+    tensors = rh.model_tensors(model)
     return {
         "tensors": tensors,
         "requires_grad": {name: t.requires_grad for name, t in tensors.items()},
