@@ -93,6 +93,22 @@ TINY_FOLDERS = {
 }
 
 
+def _vae_ddconfig(z_channels: int) -> dict:
+    """The SD VAE's ``ddconfig`` (fixed by ComfyUI's VAE loader) with ``z_channels`` latent channels."""
+    return {
+        "double_z": True,
+        "z_channels": z_channels,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+
+
 def _common(cfg: dict) -> dict:
     out = {
         "use_checkpoint": False,
@@ -164,18 +180,7 @@ def build(kind: str, path: str, seed: int = 0) -> dict:
             target = cfg.clip_target()
         clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float16})
         _init_(clip.cond_stage_model, seed + 1)
-        ddconfig = {
-            "double_z": True,
-            "z_channels": 16 if kind == "sd3" else 4,
-            "resolution": 256,
-            "in_channels": 3,
-            "out_ch": 3,
-            "ch": 128,
-            "ch_mult": [1, 2, 4, 4],
-            "num_res_blocks": 2,
-            "attn_resolutions": [],
-            "dropout": 0.0,
-        }
+        ddconfig = _vae_ddconfig(16 if kind == "sd3" else 4)
         vae_model = AutoencoderKL(ddconfig=ddconfig, embed_dim=ddconfig["z_channels"])
         _init_(vae_model, seed + 2)
         sd = _state_dict_for_saving(base, clip.get_sd(), dict(vae_model.state_dict()))
@@ -304,18 +309,7 @@ def build_flux(out: str, seed: int = 0) -> dict:
             _random_state_dict(dit, seed, torch.float16), os.path.join(out, "flux1-dev.safetensors")
         )
         del dit
-        ddconfig = {
-            "double_z": True,
-            "z_channels": 16,
-            "resolution": 256,
-            "in_channels": 3,
-            "out_ch": 3,
-            "ch": 128,
-            "ch_mult": [1, 2, 4, 4],
-            "num_res_blocks": 2,
-            "attn_resolutions": [],
-            "dropout": 0.0,
-        }
+        ddconfig = _vae_ddconfig(16)
         vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=16)
         _init_(vae, seed + 2)
         vae_sd = {k: v.detach().to(torch.float16).contiguous() for k, v in vae.state_dict().items()}
