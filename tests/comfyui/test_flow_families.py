@@ -15,6 +15,7 @@ import dataclasses
 
 import comfy.model_management
 import pytest
+import robust_helpers as rh
 import sampling_helpers as h
 import tiny_models as tm
 import torch
@@ -229,19 +230,7 @@ def test_guided_and_interrupted_runs_leave_the_model_as_it_was(zc, run, kind, mo
     assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4  # the gradient step moved the latent
     _assert_untouched(model, before, reference, edit, source, lat)
 
-    real = zc.sampling.progress.node_callback
-
-    def interrupting(m, steps, x0_output=None):
-        cb = real(m, steps, x0_output)
-
-        def callback(step, x0, x, total):
-            if step == 1:
-                comfy.model_management.interrupt_current_processing(True)
-            return cb(step, x0, x, total)
-
-        return callback
-
-    monkeypatch.setattr(zc.sampling.progress, "node_callback", interrupting)
+    rh.interrupt_at_step(monkeypatch, zc, 1)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         h.guided(zc, run, model, inversion, edit, cfg=cfg, guidance=(term,))
     monkeypatch.undo()

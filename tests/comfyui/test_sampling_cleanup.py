@@ -68,21 +68,7 @@ def test_interrupt_mid_run_cleans_up(zc, run, sd15_model, monkeypatch):
     """Cancel pressed after step 1: ComfyUI's interrupt flag, honoured by the sampler before the next step."""
     lat, cap, edit, inversion, guidance, reference = _setup(zc, run, sd15_model)
     before = _snapshot(sd15_model)
-    steps_seen = []
-    real = zc.sampling.progress.node_callback
-
-    def interrupting(model, steps, x0_output=None):
-        cb = real(model, steps, x0_output)
-
-        def callback(step, x0, x, total):
-            steps_seen.append(step)
-            if step == 1:
-                comfy.model_management.interrupt_current_processing(True)
-            return cb(step, x0, x, total)
-
-        return callback
-
-    monkeypatch.setattr(zc.sampling.progress, "node_callback", interrupting)
+    steps_seen = rh.interrupt_at_step(monkeypatch, zc, 1)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         h.guided(zc, run, sd15_model, inversion, edit, guidance=guidance)
     assert steps_seen == [0, 1]
