@@ -5,6 +5,7 @@ gradient step on a term, and a guided run through ``guided_ddim_sample``."""
 from __future__ import annotations
 
 import comfy.samplers
+import pytest
 import tiny_models as tm
 import torch
 from conftest import pack_module
@@ -74,9 +75,25 @@ def first_blocks_captured(zc, model, cond, features=None):
     return _inside_sampler(model, {"positive": cond}, body), seen
 
 
-def one_step_losses(zc, model, term, conds: dict, latent=None, step_size=1e-2):
-    """(loss before, loss after, finite) of one normalized guidance step of ``term`` at ``sigmas[1]``: the source
-    (``conds["positive"]``) gives the reference, the edit (``conds["negative"]``) the prediction."""
+def each_term(num_patches: int):
+    """Parametrize a test over ``term``: cross-attention guidance, and PatchNCE on ``num_patches`` patches."""
+    terms = [
+        guidance.CrossAttentionGuidance(weight=1.0),
+        guidance.PatchNCEGuidance(weight=1.0, num_patches=num_patches),
+    ]
+    return pytest.mark.parametrize("term", terms, ids=["xattn", "patchnce"])
+
+
+def assert_one_step_lowers_the_loss(zc, model, term, conds: dict, latent=None, step_size=1e-2):
+    """One normalized guidance step of ``term`` at ``sigmas[1]`` is finite and lowers the (positive) loss: the
+    source (``conds["positive"]``) gives the reference, the edit (``conds["negative"]``) the prediction."""
+    before, after, finite = _one_step_losses(zc, model, term, conds, latent, step_size)
+    assert finite and before > 0
+    assert after < before, (before, after)
+
+
+def _one_step_losses(zc, model, term, conds: dict, latent, step_size):
+    """(loss before, loss after, finite) of that step."""
 
     def body(guider, x, sigmas, extra_args):
         den = _den(zc, guider, extra_args)
