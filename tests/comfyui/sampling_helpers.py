@@ -93,6 +93,17 @@ def inversion_latent(zc, model, cond, lat: dict, up) -> torch.Tensor:
         return guider.sample(torch.zeros_like(lat["samples"]), lat["samples"], sampler, up)
 
 
+def assert_inversion_equals_stock_euler_short_of_1(zc, model, cond, lat: dict, up) -> None:
+    """Our inversion equals stock KSAMPLER "euler" on the flipped grid ``up`` short of its last level (sigma 1,
+    where ComfyUI's flow scaling divides by 1 - sigma_last, which is undone here), within 1e-5."""
+    fmt = model.model.latent_format
+    ours_short = inversion_latent(zc, model, cond, lat, up[:-1])
+    stock = stock_euler(model, cond, cond, 1.0, torch.zeros_like(lat["samples"]), lat["samples"], up[:-1])
+    torch.testing.assert_close(
+        fmt.process_in(ours_short), fmt.process_in(stock) * (1 - float(up[-2])), rtol=0, atol=1e-5
+    )
+
+
 # -- the pack's nodes ---------------------------------------------------------------------------------
 
 STEPS = 4

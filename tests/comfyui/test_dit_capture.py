@@ -178,6 +178,19 @@ def _flux_qk(block, args, single: bool):
     return torch.cat((out[0][0], out[1][0]), 2), torch.cat((out[0][1], out[1][1]), 2)
 
 
+def _first_blocks_probabilities(dm, seen, angles, qk=_flux_qk, mask=None):
+    """(name, single, probabilities) of the first double and single block: the float64 softmax over all keys of
+    (RoPE q)(RoPE k)^T (+ ``mask``), q and k from ``qk(block, recorded arguments, single)``."""
+    out = []
+    for name, single in (("double", False), ("single", True)):
+        block = (dm.single_blocks if single else dm.double_blocks)[0]
+        q, k = qk(block, seen[name], single)
+        q, k = _rotate(q, angles), _rotate(k, angles)
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        out.append((name, single, (s if mask is None else s + mask).softmax(-1)))
+    return out
+
+
 def test_flux_probabilities_equal_a_float64_recomputation_with_rope(zc):
     """Captured double- and single-block maps = softmax over all keys of (RoPE q)(RoPE k)^T, recomputed in
     float64 from the blocks' weights and the token positions; image rows x text columns; rows sum < 1."""
@@ -192,11 +205,7 @@ def test_flux_probabilities_equal_a_float64_recomputation_with_rope(zc):
         (torch.zeros(tokens, 3), torch.stack((torch.zeros(grid * grid), rows.flatten(), cols.flatten()), -1))
     )
     angles = _rope_angles(ids, dm.params.axes_dim, dm.params.theta)
-    for name, single in (("double", False), ("single", True)):
-        block = (dm.single_blocks if single else dm.double_blocks)[0]
-        q, k = _flux_qk(block, seen[name], single)
-        q, k = _rotate(q, angles), _rotate(k, angles)
-        p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    for name, single, p in _first_blocks_probabilities(dm, seen, angles):
         expect = p[:, :, tokens:, :tokens]
         got = pred.probs[f"{name}.0.img2txt"]
         assert got.shape == (1, dm.num_heads, grid * grid, tokens) and got.dtype == torch.float32

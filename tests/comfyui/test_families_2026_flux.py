@@ -33,13 +33,12 @@ import torch
 from conftest import pack_module
 from test_diffuseit_nodes import dino, dino_nodes, image, structure, style  # noqa: F401  (fixtures)
 from test_dit_capture import (
-    _flux_qk,
+    _first_blocks_probabilities,
     _heads,
     _lin,
     _ln,
     _rms,
     _rope_angles,
-    _rotate,
     _sharp,
     flux_dev_two_singles,
 )
@@ -82,13 +81,7 @@ def test_kontext_inversion_equals_stock_euler_and_reads_the_reference(zc, run):
     source, _ = _kontext_conds()
     lat = tm.flow_latent(3, size=8)
     x_t, _, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
-    up = h.flip(sigmas)
-    fmt = model.model.latent_format
-    ours_short = h.inversion_latent(zc, model, source, lat, up[:-1])
-    stock = h.stock_euler(model, source, source, 1.0, torch.zeros_like(lat["samples"]), lat["samples"], up[:-1])
-    torch.testing.assert_close(
-        fmt.process_in(ours_short), fmt.process_in(stock) * (1 - float(up[-2])), rtol=0, atol=1e-5
-    )
+    h.assert_inversion_equals_stock_euler_short_of_1(zc, model, source, lat, h.flip(sigmas))
     # the reference reaches the network: another reference, another x_T
     other = tf.kontext_conditioning(1, reference=tf.reference_latent(41))
     x_t2, _, _ = h.invert(zc, run, model, lat, other, steps=STEPS)
@@ -126,11 +119,7 @@ def test_kontext_probabilities_have_the_image_rows_only(zc):
     ids = torch.cat((torch.zeros(tokens, 3), positions(0, grid, grid), positions(1, 6, 8)))
     assert seen["double"]["img"].shape[1] == n + 48  # the reference tokens follow the image's
     angles = _rope_angles(ids, dm.params.axes_dim, dm.params.theta)
-    for name, single in (("double", False), ("single", True)):
-        block = (dm.single_blocks if single else dm.double_blocks)[0]
-        q, k = _flux_qk(block, seen[name], single)
-        q, k = _rotate(q, angles), _rotate(k, angles)
-        p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    for name, single, p in _first_blocks_probabilities(dm, seen, angles):
         got = pred.probs[f"{name}.0.img2txt"]
         assert got.shape == (1, dm.num_heads, n, tokens)
         torch.testing.assert_close(got.double(), p[:, :, tokens : tokens + n, :tokens], rtol=1e-4, atol=1e-6)
@@ -250,13 +239,7 @@ def test_chroma_inversion_and_sampler_equal_stock_euler(zc, run, pad):
     source, edit = _chroma_conds(pad)
     lat = tm.flow_latent(3, size=16)
     _, inversion, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
-    up = h.flip(sigmas)
-    fmt = model.model.latent_format
-    ours_short = h.inversion_latent(zc, model, source, lat, up[:-1])
-    stock = h.stock_euler(model, source, source, 1.0, torch.zeros_like(lat["samples"]), lat["samples"], up[:-1])
-    torch.testing.assert_close(
-        fmt.process_in(ours_short), fmt.process_in(stock) * (1 - float(up[-2])), rtol=0, atol=1e-5
-    )
+    h.assert_inversion_equals_stock_euler_short_of_1(zc, model, source, lat, h.flip(sigmas))
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=2.0)
     stock = h.stock_euler_from_inversion(model, edit, source, 2.0, inversion, sigmas)
     torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
@@ -296,11 +279,7 @@ def test_chroma_probabilities_equal_a_float64_recomputation_with_rope_and_mask(z
     angles = _rope_angles(ids, dm.params.axes_dim, dm.params.theta)
     mask = torch.zeros(tokens + n, dtype=torch.float64)
     mask[tokens - pad : tokens] = float("-inf") if pad else 0.0
-    for name, single in (("double", False), ("single", True)):
-        block = (dm.single_blocks if single else dm.double_blocks)[0]
-        q, k = _chroma_qk(block, seen[name], single)
-        q, k = _rotate(q, angles), _rotate(k, angles)
-        p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask).softmax(-1)
+    for name, single, p in _first_blocks_probabilities(dm, seen, angles, _chroma_qk, mask):
         got = pred.probs[f"{name}.0.img2txt"]
         assert got.shape == (1, dm.num_heads, n, tokens)
         torch.testing.assert_close(got.double(), p[:, :, tokens:, :tokens], rtol=1e-4, atol=1e-6)

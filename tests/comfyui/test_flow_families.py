@@ -122,14 +122,8 @@ def test_inversion_equals_stock_euler_on_flipped_sigmas(zc, run, kind):
     x_t, _, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
     up = h.flip(sigmas)
     fmt = model.model.latent_format
-    zeros = torch.zeros_like(lat["samples"])
     # (1) stock KSAMPLER "euler" short of sigma 1 (ComfyUI then divides by 1 - sigma_last, which we undo)
-    ours_short = h.inversion_latent(zc, model, source, lat, up[:-1])
-    stock = h.stock_euler(model, source, source, 1.0, zeros, lat["samples"], up[:-1])
-    a = float(up[-2])
-    torch.testing.assert_close(
-        fmt.process_in(ours_short), fmt.process_in(stock) * (1 - a), rtol=0, atol=1e-5
-    )  # fmt: skip
+    h.assert_inversion_equals_stock_euler_short_of_1(zc, model, source, lat, up)
     # (2) the whole grid: stock sample_euler's own result (ComfyUI's scaling out divides it by 1 - 1)
     last = h.stock_euler_last(model, source, lat, up)
     torch.testing.assert_close(x_t["samples"], fmt.process_out(last), rtol=0, atol=1e-5)
