@@ -104,6 +104,14 @@ def assert_inversion_equals_stock_euler_short_of_1(zc, model, cond, lat: dict, u
     )
 
 
+def sample_custom_advanced(guider, sampler, sigmas, latent: dict):
+    """The stock SamplerCustomAdvanced node with DisableNoise, under inference mode: (output, denoised output)."""
+    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
+
+    with torch.inference_mode():
+        return SamplerCustomAdvanced().sample(DisableNoise().get_noise()[0], guider, sampler, sigmas, latent)
+
+
 # -- the pack's nodes ---------------------------------------------------------------------------------
 
 STEPS = 4
@@ -154,6 +162,14 @@ def guided_outputs(zc, run, model, inversion, edited, **over):
     kw = dict(model=model, inversion=inversion, edited=edited, cfg=5.0, branches="edit", seed=0)
     kw.update(over)
     return run(zc.sampling.ZeroConGuidedSampler, **kw)
+
+
+def ddim_sampler_node(zc, run, step_mode: str = "raw", branches: str = "edit"):
+    """The Guided DDIM Sampler node's SAMPLER (step size 0.02, seed 0)."""
+    (sampler,) = run(
+        zc.sampling.ZeroConGuidedDDIMSampler, step_mode=step_mode, step_size=0.02, branches=branches, seed=0
+    )
+    return sampler
 
 
 def guidance(zc, run, xa=0.1, nce=0.05, patches=16, seed=0):

@@ -99,11 +99,9 @@ def test_ddim_sampler_logs_the_summary(zc, run, sd15_model, caplog):
         guidance=h.guidance(zc, run, xa=-1.0, nce=-1.0),
         inversion=inversion,
     )
-    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="auto", step_size=0.02, branches="edit", seed=0)
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
-    with caplog.at_level(logging.INFO, logger="zerocon"), torch.inference_mode():
-        SamplerCustomAdvanced().sample(DisableNoise().get_noise()[0], guider, sampler, sigmas, lat)
+    sampler = h.ddim_sampler_node(zc, run, step_mode="auto")
+    with caplog.at_level(logging.INFO, logger="zerocon"):
+        h.sample_custom_advanced(guider, sampler, sigmas, lat)
     assert f"ZeroCon guidance: guidance applied at {h.STEPS}/{h.STEPS} steps (step mode auto)" in caplog.text
 
 

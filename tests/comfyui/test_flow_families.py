@@ -256,18 +256,13 @@ def test_wrong_latent_channels_name_the_expected_ones(zc, run):
 def test_guider_and_guided_ddim_sampler_in_sampler_custom_advanced(zc, run):
     """The GUIDER + SAMPLER pair with DisableNoise and the inversion's SIGMAS gives the Guided Sampler's edit: the
     inverted latent enters at sigma 1 as it is (ComfyUI's flow scaling would have zeroed it)."""
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
     model = tm.sd3()
     source, edit = _conds("sd3")
     x_t, inversion, sigmas = h.invert(zc, run, model, tm.flow_latent(10, size=8), source, steps=STEPS)
     node_edit, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0, reference="resampled")
     (guider,) = run(zc.sampling.ZeroConGuiderNode, model=model, edited=edit, source=source, cfg=4.0)
-    (sampler,) = run(
-        zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0
-    )  # fmt: skip
-    with torch.inference_mode():
-        out, _ = SamplerCustomAdvanced().sample(DisableNoise().get_noise()[0], guider, sampler, sigmas, x_t)
+    sampler = h.ddim_sampler_node(zc, run)
+    out, _ = h.sample_custom_advanced(guider, sampler, sigmas, x_t)
     torch.testing.assert_close(out["samples"], node_edit["samples"], rtol=0, atol=1e-6)
 
 

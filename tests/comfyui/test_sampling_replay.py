@@ -89,14 +89,9 @@ def test_the_guider_replays_through_sampler_custom_advanced_nodes(zc, run, sd15_
     _, inversion, sigmas = h.invert(zc, run, sd15_model, lat, cap, guidance=g)
     (guider,) = run(zc.sampling.ZeroConGuiderNode, model=sd15_model, edited=edit, source=cap, cfg=5.0, guidance=g,
                     inversion=inversion)  # fmt: skip
-    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0)
+    sampler = h.ddim_sampler_node(zc, run)
     results = _spy(zc, monkeypatch)
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
-    x_t = {"samples": inversion.latent}
-    with torch.inference_mode():
-        noise = DisableNoise().get_noise()[0]
-        SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, x_t)
+    h.sample_custom_advanced(guider, sampler, sigmas, {"samples": inversion.latent})
     assert results[0].reference_mode == "inverted" and results[0].replayed == list(range(1, h.STEPS))
 
 
@@ -115,15 +110,11 @@ def test_other_steps_through_the_guider_are_not_replayed(zc, run, sd15_model, mo
     _, inversion, _ = h.invert(zc, run, sd15_model, lat, cap, guidance=g)
     (guider,) = run(zc.sampling.ZeroConGuiderNode, model=sd15_model, edited=edit, source=cap, cfg=5.0, guidance=g,
                     inversion=inversion)  # fmt: skip
-    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0)
+    sampler = h.ddim_sampler_node(zc, run)
     results = _spy(zc, monkeypatch)
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
     other = h.ddim_sigmas(sd15_model, h.STEPS - 1)
-    with caplog.at_level(logging.WARNING, logger="zerocon"), torch.inference_mode():
-        SamplerCustomAdvanced().sample(
-            DisableNoise().get_noise()[0], guider, sampler, other, {"samples": inversion.latent}
-        )
+    with caplog.at_level(logging.WARNING, logger="zerocon"):
+        h.sample_custom_advanced(guider, sampler, other, {"samples": inversion.latent})
     assert f"the inversion has {h.STEPS} steps, the sampler {h.STEPS - 1}" in caplog.text
     assert results[0].reference_mode == "resampled"
 
