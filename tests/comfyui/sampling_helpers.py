@@ -157,6 +157,18 @@ def guided(zc, run, model, inversion, edited, **over):
     return run(zc.sampling.ZeroConGuidedSampler, **kw)[:2]  # (edit, reconstruction); diagnostics: guided_outputs
 
 
+def resampled_edit(zc, run, model, with_guidance: bool = True, steps: int = STEPS) -> torch.Tensor:
+    """The Guided Sampler's edit latent (reference "resampled") of tiny latent 30, caption conditioning 31 -> edit
+    32, inverted in ``steps`` steps; with the default guidance chain, or none (``with_guidance=False``)."""
+    import tiny_models as tm
+
+    lat, cap, edit = tm.latent(30), tm.conditioning(31), tm.conditioning(32)
+    g = guidance(zc, run) if with_guidance else None
+    _, inversion, _ = invert(zc, run, model, lat, cap, steps=steps, guidance=g)
+    out, _ = guided(zc, run, model, inversion, edit, guidance=g, reference="resampled")
+    return out["samples"]
+
+
 def guided_outputs(zc, run, model, inversion, edited, **over):
     """All the Guided Sampler's outputs: (edit, reconstruction, diagnostics IMAGE, summary STRING)."""
     kw = dict(model=model, inversion=inversion, edited=edited, cfg=5.0, branches="edit", seed=0)
