@@ -180,28 +180,35 @@ def test_kontext_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc
     _assert_guided_runs_leave_the_model_as_it_was(zc, run, model, source, edit, lat, cfg=1.0)
 
 
-@kontext
-def test_kontext_diffuseit_runs(run, dino):  # noqa: F811
-    """DiffuseIT on a Kontext conditioning (a tiny 16-channel VAE): the DINO terms move the latent, seeded runs
-    repeat, and the MODEL is left as it was."""
+def _assert_diffuseit_runs(run, dino, model, conds, cfg, repeat=False):  # noqa: F811
+    """DiffuseIT with structure + style terms (a tiny 16-channel VAE, 4 steps at ``cfg``): the DINO terms move the
+    latent, a seeded run repeats (``repeat``), and a stock KSampler on the MODEL gives what it gave before."""
     dn = pack_module("nodes.classes.diffuseit_nodes")
-    model, vae = tm.flux_dev(), tm.flow_vae(0)
+    vae = tm.flow_vae(0)
     src = image(4)
     lat = encode(vae, src)
-    pos, neg = _kontext_conds()
-    reference = h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=1.0)
+    pos, neg = conds
+    reference = h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=cfg)
     kw = dict(
-        model=model, positive=pos, negative=neg, latent=lat, steps=4, cfg=1.0, strength=0.5, resample=1, seed=3,
+        model=model, positive=pos, negative=neg, latent=lat, steps=4, cfg=cfg, strength=0.5, resample=1, seed=3,
         step_mode="raw", step_size=0.02,
     )  # fmt: skip
     terms = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
     out = run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)[0]
-    again = run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)[0]
+    again = run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)[0] if repeat else None
     plain = run(dn.ZeroConDiffuseITSampler, guidance=structure(dn, run, model, vae, dino, src, weight=0.0), **kw)[0]
     assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
-    assert torch.equal(out["samples"], again["samples"])
+    if repeat:
+        assert torch.equal(out["samples"], again["samples"])
     assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
-    assert torch.equal(h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=1.0), reference)
+    assert torch.equal(h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=cfg), reference)
+
+
+@kontext
+def test_kontext_diffuseit_runs(run, dino):  # noqa: F811
+    """DiffuseIT on a Kontext conditioning (a tiny 16-channel VAE): the DINO terms move the latent, seeded runs
+    repeat, and the MODEL is left as it was."""
+    _assert_diffuseit_runs(run, dino, tm.flux_dev(), _kontext_conds(), cfg=1.0, repeat=True)
 
 
 # -- Chroma ---------------------------------------------------------------------------------------------------------
@@ -306,22 +313,7 @@ def test_chroma_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc,
 
 @chroma
 def test_chroma_diffuseit_runs(run, dino):  # noqa: F811
-    dn = pack_module("nodes.classes.diffuseit_nodes")
-    model, vae = tf.chroma(), tm.flow_vae(0)
-    src = image(4)
-    lat = encode(vae, src)
-    pos, neg = tf.t5_conditioning(1), tf.t5_conditioning(2)
-    reference = h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=2.0)
-    kw = dict(
-        model=model, positive=pos, negative=neg, latent=lat, steps=4, cfg=2.0, strength=0.5, resample=1, seed=3,
-        step_mode="raw", step_size=0.02,
-    )  # fmt: skip
-    terms = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
-    out = run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)[0]
-    plain = run(dn.ZeroConDiffuseITSampler, guidance=structure(dn, run, model, vae, dino, src, weight=0.0), **kw)[0]
-    assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
-    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
-    assert torch.equal(h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=2.0), reference)
+    _assert_diffuseit_runs(run, dino, tf.chroma(), (tf.t5_conditioning(1), tf.t5_conditioning(2)), cfg=2.0)
 
 
 # -- the mask as ComfyUI's kernels read it ----------------------------------------------------------------------
