@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_diffuseit_graph import DINO_NAME, graph_env  # noqa: F401  (fixture: both packs, a tiny DINO, PNGs)
+from test_diffuseit_graph import DINO_NAME, _structure, graph_env  # noqa: F401  (fixture: both packs, a tiny DINO, PNGs)
 from test_graph import execute_in_process
 
 SIZE = 64  # pixels; latent 8 x 8 x 16
@@ -81,24 +81,7 @@ def diffuseit_graph(kind: str, weight: float = 1.0) -> dict:
         "class_type": "ZeroConDINOLoader",
         "inputs": {"model": DINO_NAME, "precision": "fp32", "device": "cpu", "allow_download": False},
     }
-    g["structure"] = {
-        "class_type": "ZeroConDinoStructureGuidance",
-        "inputs": {
-            "model": ["ckpt", 0],
-            "vae": ["ckpt", 1],
-            "dino": ["dino", 0],
-            "image": ["image", 0],
-            "weight": weight,
-            "lambda_ssim": 1000.0,
-            "lambda_contrastive": 200.0,
-            "lambda_semantic": 100.0,
-            "lambda_range": 200.0,
-            "dino_size": 32,
-            "noise_blend": False,
-            "start": 0.0,
-            "end": 1.0,
-        },
-    }
+    g["structure"] = _structure("image", weight=weight, vae=["ckpt", 1])
     g["sample"] = {
         "class_type": "ZeroConDiffuseITSampler",
         "inputs": {
