@@ -98,6 +98,14 @@ def core_helper(name: str) -> types.ModuleType:
     return importlib.import_module(f"{CORE_HELPERS}.{name}")
 
 
+def module_from_file(name: str, path: Path) -> types.ModuleType:
+    """The file ``path`` executed as a fresh module ``name`` (not registered in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def node_infos() -> dict:
     """``{node id: GET_NODE_INFO_V1()}`` of every node the pack registers (what ``/object_info`` serves)."""
     package = pack_module("nodes")
