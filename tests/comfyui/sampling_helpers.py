@@ -124,10 +124,10 @@ def models():
     return {"sd15": (tm.sd15, False), "sd2v": (tm.sd2v, False), "sdxl": (tm.sdxl, True)}
 
 
-def invert(zc, run, model, latent, cond, steps=STEPS, regularize=False, **over):
+def inversion_inputs(model, cond, steps=STEPS, regularize=False, **over) -> dict:
+    """The DDIM Inversion node's inputs but the latent (cfg 1, the regulariser's defaults, seed 0)."""
     kw = dict(
         model=model,
-        latent=latent,
         conditioning=cond,
         steps=steps,
         cfg=1.0,
@@ -139,7 +139,13 @@ def invert(zc, run, model, latent, cond, steps=STEPS, regularize=False, **over):
         seed=0,
     )
     kw.update(over)
-    return run(zc.sampling.ZeroConDDIMInversion, **kw)
+    return kw
+
+
+def invert(zc, run, model, latent, cond, steps=STEPS, regularize=False, **over):
+    return run(
+        zc.sampling.ZeroConDDIMInversion, latent=latent, **inversion_inputs(model, cond, steps, regularize, **over)
+    )
 
 
 def guided(zc, run, model, inversion, edited, **over):

@@ -51,41 +51,30 @@ def encode(vae, img) -> dict:
         return {"samples": vae.encode(img)}
 
 
+def _dino_term(run, node, links: tuple, inputs: dict, over: dict):
+    """The GUIDANCE of a DINO term node on (model, vae, dino) = ``links``, weight 1, DINO at 32 px, the whole run;
+    ``inputs``: the node's own, ``over``: any input replaced."""
+    model, vae, dino = links
+    kw = dict(model=model, vae=vae, dino=dino, weight=1.0, dino_size=32, start=0.0, end=1.0, **inputs)
+    kw.update(over)
+    return run(node, **kw)[0]
+
+
 def structure(dn, run, model, vae, dino, img, **over):
-    kw = dict(
-        model=model,
-        vae=vae,
-        dino=dino,
+    own = dict(
         image=img,
-        weight=1.0,
         lambda_ssim=1000.0,
         lambda_contrastive=200.0,
         lambda_semantic=100.0,
         lambda_range=200.0,
-        dino_size=32,
         noise_blend=False,
-        start=0.0,
-        end=1.0,
     )
-    kw.update(over)
-    return run(dn.ZeroConDinoStructureGuidance, **kw)[0]
+    return _dino_term(run, dn.ZeroConDinoStructureGuidance, (model, vae, dino), own, over)
 
 
 def style(dn, run, model, vae, dino, ref, **over):
-    kw = dict(
-        model=model,
-        vae=vae,
-        dino=dino,
-        reference=ref,
-        weight=1.0,
-        lambda_cls=2000.0,
-        lambda_pixel=3000.0,
-        dino_size=32,
-        start=0.0,
-        end=1.0,
-    )
-    kw.update(over)
-    return run(dn.ZeroConDinoStyleGuidance, **kw)[0]
+    own = dict(reference=ref, lambda_cls=2000.0, lambda_pixel=3000.0)
+    return _dino_term(run, dn.ZeroConDinoStyleGuidance, (model, vae, dino), own, over)
 
 
 def sampler_inputs(model, latent, guidance, **over) -> dict:
