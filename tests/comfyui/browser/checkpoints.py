@@ -125,18 +125,16 @@ def _common(cfg: dict) -> dict:
 
 
 def _init_(module, seed: int) -> None:
+    """tiny_models' seeded random parameters (the tests' own rule), and the position ids a CLIP's buffers need."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/comfyui
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from tiny_models import _init_ as init_parameters
+
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
-            elif name.endswith("weight"):  # norms
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        init_parameters(module, seed)
         for name, b in module.named_buffers():
             if name.endswith("position_ids"):
                 b.copy_(torch.arange(b.shape[-1]).expand_as(b))
