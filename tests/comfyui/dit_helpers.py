@@ -4,6 +4,9 @@ gradient step on a term, and a guided run through ``guided_ddim_sample``."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import comfy.model_management
 import comfy.samplers
 import pytest
 import tiny_models as tm
@@ -139,3 +142,20 @@ def guided_run(zc, model, term, pos, neg, lat, sigmas=None):
         return out.latent
 
     return _inside_sampler(model, {"positive": pos, "negative": neg}, body, latent=lat, sigmas=sigmas, noise_seed=13)
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchingTerm(guidance.CrossAttentionGuidance):
+    """Cross-attention guidance that notes in ``seen``, at each loss, whether a weight of ``model`` required grad,
+    and raises ``error`` at step ``stop_at``."""
+
+    model: object = None
+    stop_at: int = -1
+    error: type = comfy.model_management.InterruptProcessingException
+    seen: list = dataclasses.field(default_factory=list, compare=False)
+
+    def loss(self, ctx, request):
+        self.seen.append(any(p.requires_grad for p in self.model.parameters()))
+        if ctx.step == self.stop_at:
+            raise self.error()
+        return super().loss(ctx, request)

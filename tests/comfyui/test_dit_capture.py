@@ -6,7 +6,6 @@ kernel and block patches, and a model left as it was."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import comfy.model_management
@@ -459,21 +458,6 @@ def _stock(model, pos, neg, lat):
     return h.ksampler(model, pos, neg, lat, steps=3, cfg=2.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Watching(guidance.CrossAttentionGuidance):
-    """Cross-attention guidance that notes whether any model weight required grad during the loss, and can stop."""
-
-    model: object = None
-    stop_at: int = -1
-    seen: list = dataclasses.field(default_factory=list, compare=False)
-
-    def loss(self, ctx, request):
-        self.seen.append(any(p.requires_grad for p in self.model.parameters()))
-        if ctx.step == self.stop_at:
-            raise comfy.model_management.InterruptProcessingException()
-        return super().loss(ctx, request)
-
-
 @pytest.mark.parametrize("build", [flux_dev, sd3], ids=["flux-dev", "sd3"])
 def test_guided_and_interrupted_runs_leave_the_model_as_it_was(zc, build):
     model = build()
@@ -482,7 +466,7 @@ def test_guided_and_interrupted_runs_leave_the_model_as_it_was(zc, build):
     tensors, flags, options = _snapshot(model)
 
     def run(stop_at):
-        term = _Watching(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at)
+        term = dh.WatchingTerm(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at)
         return dh.guided_run(zc, model, term, pos, neg, lat, sigmas=_sigmas(model, 3)), term.seen
 
     out, seen = run(-1)

@@ -11,7 +11,6 @@ with the reason, on a ComfyUI without the family (feature detection).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import comfy.model_management
@@ -236,22 +235,6 @@ def _stock(model, pos, neg, lat):
     return h.stock_euler(model, pos, neg, 2.0, noise, lat, sigmas)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Stopping(guidance.CrossAttentionGuidance):
-    """Cross-attention guidance that notes whether a model weight required grad, and can interrupt or fail."""
-
-    model: object = None
-    stop_at: int = -1
-    error: type = comfy.model_management.InterruptProcessingException
-    seen: list = dataclasses.field(default_factory=list, compare=False)
-
-    def loss(self, ctx, request):
-        self.seen.append(any(p.requires_grad for p in self.model.parameters()))
-        if ctx.step == self.stop_at:
-            raise self.error()
-        return super().loss(ctx, request)
-
-
 def _assert_guided_runs_leave_the_model_as_it_was(zc, model, pos, neg, lat):
     """A guided run (no weight requires grad during the loss), an interrupted one and a failing one: the weights are
     the very same inference tensors with the same flags, the options the same, and stock sampling bit-identical."""
@@ -259,7 +242,7 @@ def _assert_guided_runs_leave_the_model_as_it_was(zc, model, pos, neg, lat):
     tensors, flags, options = _snapshot(model)
 
     def run(stop_at, error=comfy.model_management.InterruptProcessingException):
-        term = _Stopping(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at, error=error)
+        term = dh.WatchingTerm(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at, error=error)
         return dh.guided_run(zc, model, term, pos, neg, lat), term.seen
 
     out, seen = run(-1)
