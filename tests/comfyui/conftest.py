@@ -82,6 +82,15 @@ def pack_module(name: str) -> types.ModuleType:
     return importlib.import_module(f"{PACK_MODULE_NAME}.{name}")
 
 
+def pack_fixture(name: str):
+    """A module-scoped fixture giving ``pack_module(name)``, named by what it is bound to: ``dn = pack_fixture(...)``."""
+
+    def module():
+        return pack_module(name)
+
+    return pytest.fixture(scope="module")(module)
+
+
 CORE_HELPERS = "zerocon_core_test_helpers"  # tests/core imported under this name (ComfyUI has its own "tests")
 
 

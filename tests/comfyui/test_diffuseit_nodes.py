@@ -7,19 +7,13 @@ import pytest
 import tiny_clip
 import tiny_models as tm
 import torch
-from conftest import core_helper, pack_module
+from conftest import core_helper, pack_fixture, pack_module
 
 SIZE = 64  # pixels: latent 8 x 8 with the tiny 8x VAE
 
 
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.diffuseit_nodes")
-
-
-@pytest.fixture(scope="module")
-def dino_nodes():
-    return pack_module("nodes.classes.dino_nodes")
+dn = pack_fixture("nodes.classes.diffuseit_nodes")
+dino_nodes = pack_fixture("nodes.classes.dino_nodes")
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import sampling_helpers as h
 import tiny_families_lumina_qwen as tq
 import torch
 import torch.nn.functional as F
-from conftest import pack_module
+from conftest import pack_fixture, pack_module
 from dit_helpers import _den, _inside_sampler
 from test_diffuseit_nodes import dino, dino_nodes  # noqa: F401  (fixtures)
 from test_dit_capture import _lin, _ln, _recording_patch, _rms, _rope_angles, _rotate, _snapshot
@@ -347,9 +347,7 @@ def test_qwen_wrong_latents_name_the_expected_shape(zc, run):
 # -- DiffuseIT on Qwen-Image -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.diffuseit_nodes")
+dn = pack_fixture("nodes.classes.diffuseit_nodes")
 
 
 def _assert_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino, model, vae, src, lat, conds):  # noqa: F811

@@ -11,15 +11,13 @@ import pytest
 import sampling_helpers as h
 import tiny_models as tm
 import torch
-from conftest import pack_module
+from conftest import pack_fixture
 from test_diffuseit_nodes import dino, dino_nodes, encode, image, sampler_inputs, structure, style  # noqa: F401  (fixtures)
 
 FLOW = {"flux": (tm.flux, 1.0, None), "flux_dev": (tm.flux_dev, 1.0, 3.5), "sd3": (tm.sd3, 3.0, None)}
 
 
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.diffuseit_nodes")
+dn = pack_fixture("nodes.classes.diffuseit_nodes")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import os
 
 import pytest
 import torch
-from conftest import core_helper, forbid_downloads, pack_module, run_node, temporary_model_folders
+from conftest import core_helper, forbid_downloads, pack_fixture, pack_module, run_node, temporary_model_folders
 
 
 def save_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> str:
@@ -28,19 +28,9 @@ def save_tiny_dino(folder: str | os.PathLike, seed: int = 0) -> str:
         return str(core_helper("tiny_vision").tiny_dino_folder(folder, seed))
 
 
-@pytest.fixture(scope="module")
-def mn():
-    return pack_module("nodes.classes.metrics_nodes")
-
-
-@pytest.fixture(scope="module")
-def vn():
-    return pack_module("nodes.classes.dino_nodes")
-
-
-@pytest.fixture(scope="module")
-def zm():
-    return pack_module("zerocon_core.evaluation.metrics")
+mn = pack_fixture("nodes.classes.metrics_nodes")
+vn = pack_fixture("nodes.classes.dino_nodes")
+zm = pack_fixture("zerocon_core.evaluation.metrics")
 
 
 @pytest.fixture

@@ -12,24 +12,14 @@ import os
 import pytest
 import tiny_clip
 import torch
-from conftest import forbid_downloads, pack_module, run_node, temporary_model_folders
+from conftest import forbid_downloads, pack_fixture, pack_module, run_node, temporary_model_folders
 
 TEMPLATE_N = 6
 
 
-@pytest.fixture(scope="module")
-def blip_nodes():
-    return pack_module("nodes.classes.blip_nodes")
-
-
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.direction_nodes")
-
-
-@pytest.fixture(scope="module")
-def zdir():
-    return pack_module("zerocon_core.text.direction")
+blip_nodes = pack_fixture("nodes.classes.blip_nodes")
+dn = pack_fixture("nodes.classes.direction_nodes")
+zdir = pack_fixture("zerocon_core.text.direction")
 
 
 @pytest.fixture
