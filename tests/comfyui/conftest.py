@@ -207,6 +207,11 @@ def run_node(node_cls, **inputs):
     return tuple(out.args) if hasattr(out, "args") else tuple(out)
 
 
+def load_on_cpu(loader, model: str, allow_download: bool = False) -> tuple:
+    """A model loader node's outputs (BLIP, DINO, CLIP metric loaders) for ``model`` in fp32 on the CPU."""
+    return run_node(loader, model=model, precision="fp32", device="cpu", allow_download=allow_download)
+
+
 @pytest.fixture
 def run():
     """``run(NodeClass, **inputs)``: see ``run_node``."""

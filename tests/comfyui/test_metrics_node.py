@@ -13,7 +13,15 @@ import os
 
 import pytest
 import torch
-from conftest import core_helper, forbid_downloads, pack_fixture, pack_module, run_node, temporary_model_folders
+from conftest import (
+    core_helper,
+    forbid_downloads,
+    load_on_cpu,
+    pack_fixture,
+    pack_module,
+    run_node,
+    temporary_model_folders,
+)
 
 
 def save_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> str:
@@ -46,10 +54,8 @@ def model_dirs(tmp_path, monkeypatch, mn):
 def loaded(model_dirs, mn, vn):
     save_tiny_clip(model_dirs / mn.CLIP_METRIC / "tiny-clip")
     save_tiny_dino(model_dirs / "dino" / "tiny-dino")
-    (clip,) = run_node(
-        mn.ZeroConCLIPMetricLoader, model="tiny-clip", precision="fp32", device="cpu", allow_download=False
-    )
-    (dino,) = run_node(vn.ZeroConDINOLoader, model="tiny-dino", precision="fp32", device="cpu", allow_download=False)
+    (clip,) = load_on_cpu(mn.ZeroConCLIPMetricLoader, "tiny-clip")
+    (dino,) = load_on_cpu(vn.ZeroConDINOLoader, "tiny-dino")
     return clip, dino
 
 
@@ -139,22 +145,16 @@ def test_bad_inputs(mn, caplog):
 
 def test_loaders_missing_folder_name_folder_and_model_id(mn, vn, model_dirs):
     with pytest.raises(FileNotFoundError) as err:
-        run_node(vn.ZeroConDINOLoader, model="dino-vitb8", precision="fp32", device="cpu", allow_download=True)
+        load_on_cpu(vn.ZeroConDINOLoader, "dino-vitb8", allow_download=True)
     msg = str(err.value)
     assert str(model_dirs / "dino" / "dino-vitb8") in msg and "facebook/dino-vitb8" in msg and "HF_HUB_OFFLINE" in msg
     with pytest.raises(FileNotFoundError) as err:
-        run_node(
-            mn.ZeroConCLIPMetricLoader,
-            model="clip-vit-large-patch14",
-            precision="fp32",
-            device="cpu",
-            allow_download=False,
-        )
+        load_on_cpu(mn.ZeroConCLIPMetricLoader, "clip-vit-large-patch14")
     msg = str(err.value)
     assert str(model_dirs / "clip_metric" / "clip-vit-large-patch14") in msg
     assert "openai/clip-vit-large-patch14" in msg and "allow_download is off" in msg
     with pytest.raises(ValueError, match="not a folder name"):
-        run_node(vn.ZeroConDINOLoader, model="../x", precision="fp32", device="cpu", allow_download=False)
+        load_on_cpu(vn.ZeroConDINOLoader, "../x")
 
 
 def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monkeypatch):
@@ -171,9 +171,7 @@ def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monk
     monkeypatch.setattr(pack_module("nodes.glue.loaders"), "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
-        (dino,) = run_node(
-            vn.ZeroConDINOLoader, model="dino-vitb8", precision="fp32", device="cpu", allow_download=True
-        )
+        (dino,) = load_on_cpu(vn.ZeroConDINOLoader, "dino-vitb8", allow_download=True)
     assert calls == [("facebook/dino-vitb8", str(model_dirs / "dino" / "dino-vitb8"))]
     assert dino.name == "dino-vitb8"
 
