@@ -82,6 +82,15 @@ def pack_module(name: str) -> types.ModuleType:
     return importlib.import_module(f"{PACK_MODULE_NAME}.{name}")
 
 
+def pack_fixture(name: str):
+    """A module-scoped fixture giving ``pack_module(name)``, named by what it is bound to: ``dn = pack_fixture(...)``."""
+
+    def module():
+        return pack_module(name)
+
+    return pytest.fixture(scope="module")(module)
+
+
 CORE_HELPERS = "zerocon_core_test_helpers"  # tests/core imported under this name (ComfyUI has its own "tests")
 
 
@@ -96,6 +105,14 @@ def core_helper(name: str) -> types.ModuleType:
         sys.modules[CORE_HELPERS] = module
         spec.loader.exec_module(module)
     return importlib.import_module(f"{CORE_HELPERS}.{name}")
+
+
+def module_from_file(name: str, path: Path) -> types.ModuleType:
+    """The file ``path`` executed as a fresh module ``name`` (not registered in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def node_infos() -> dict:
@@ -188,6 +205,11 @@ def run_node(node_cls, **inputs):
     with torch.inference_mode():
         out = node_cls.execute(**inputs)
     return tuple(out.args) if hasattr(out, "args") else tuple(out)
+
+
+def load_on_cpu(loader, model: str, allow_download: bool = False) -> tuple:
+    """A model loader node's outputs (BLIP, DINO, CLIP metric loaders) for ``model`` in fp32 on the CPU."""
+    return run_node(loader, model=model, precision="fp32", device="cpu", allow_download=allow_download)
 
 
 @pytest.fixture

@@ -50,13 +50,19 @@ def _describe(functions) -> list | None:
     return [(type(f).__qualname__, getattr(f, "__qualname__", None), getattr(f, "key", None)) for f in functions]
 
 
-def snapshot(model) -> dict:
+def model_tensors(model) -> dict:
+    """Every parameter and buffer of the MODEL's network, by qualified name (the tensor objects themselves)."""
     tensors = {}
     for mod_name, mod in model.model.named_modules():
         for store in (mod._parameters, mod._buffers):
             for name, t in store.items():
                 if t is not None:
                     tensors[f"{mod_name}.{name}"] = t
+    return tensors
+
+
+def snapshot(model) -> dict:
+    tensors = model_tensors(model)
     return {
         "tensors": tensors,
         "requires_grad": {name: t.requires_grad for name, t in tensors.items()},
@@ -194,3 +200,26 @@ def load_lora(tmp_path, model, lora: dict, strength: float):
             lora_model, clip = comfy_nodes.LoraLoader().load_lora(model, None, "tiny_lora.safetensors", strength, 0.0)
     assert clip is None
     return lora_model
+
+
+def interrupt_at_step(monkeypatch, zc, stop: int = 1) -> list:
+    """Press Cancel at step ``stop``: the pack's progress callback sets ComfyUI's interrupt flag there (the sampler
+    honours it before the next step). Returns the steps the callback saw."""
+    import comfy.model_management
+
+    steps_seen = []
+    real = zc.sampling.progress.node_callback
+
+    def interrupting(model, steps, x0_output=None):
+        cb = real(model, steps, x0_output)
+
+        def callback(step, x0, x, total):
+            steps_seen.append(step)
+            if step == stop:
+                comfy.model_management.interrupt_current_processing(True)
+            return cb(step, x0, x, total)
+
+        return callback
+
+    monkeypatch.setattr(zc.sampling.progress, "node_callback", interrupting)
+    return steps_seen

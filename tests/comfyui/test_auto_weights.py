@@ -10,26 +10,15 @@ PatchNCE 0.05 on v-prediction, 0.1 / 0.5 on eps; in step mode "auto" the ratios 
 from __future__ import annotations
 
 import pytest
+import sampling_helpers as h
 from conftest import pack_module
 
 DOCUMENTED = {"sd2v": (0.01, 0.05), "sd15": (0.1, 0.5), "sdxl": (0.1, 0.5)}
 
 
 def _node_terms(zc, run):
-    g = zc.guidance
-    (xa,) = run(g.ZeroConCrossAttentionGuidance, weight=g.AUTO, layers="all", start=0.0, end=1.0)
-    (both,) = run(
-        g.ZeroConPatchNCEGuidance,
-        weight=g.AUTO,
-        layers="up",
-        patches=256,
-        tau=0.07,
-        patch_sizes="1,2",
-        start=0.0,
-        end=1.0,
-        previous=xa,
-    )
-    return both
+    """The cross-attention + PatchNCE node chain with their default (auto) weights, 256 patches."""
+    return h.guidance(zc, run, xa=zc.guidance.AUTO, nce=zc.guidance.AUTO, patches=256)
 
 
 @pytest.mark.parametrize("mode", ["raw", "auto"])

@@ -187,21 +187,26 @@ def test_missing_checkpoint_names_file_and_folder(session):
         fe.reload()
 
 
-@needs_browser
-def test_missing_blip_folder_error_names_folder_and_model(session):
-    """A missing BLIP folder (offline): the run fails with a message naming the folder and the model to put there."""
-    path = harness.WORKFLOWS / "text_edit_sd15.json"
+def _run_with_a_missing_folder(session, workflow: str, loader: str, models_dir: str, name: str):
+    """Load ``workflow``, point ``loader``'s model at ``name`` (absent), queue it: (the run's errors, the folder
+    models/<models_dir>/<name>)."""
+    path = harness.WORKFLOWS / f"{workflow}.json"
     wf = json.loads(path.read_text())
     harness.check_loaded(session, wf, path.stem)
     harness.apply_speed_overrides(session)
-    session.frontend.set_widgets(
-        [{"type": "ZeroConBLIPLoader", "name": "model", "value": "blip-image-captioning-large"}]
-    )
+    session.frontend.set_widgets([{"type": loader, "name": "model", "value": name}])
     res = session.frontend.queue()
     assert res["ok"] and not res["response"].get("node_errors"), res
     entry = session.server.wait_history(res["response"]["prompt_id"], timeout=600)
-    errors = "\n".join(harness.history_errors(entry))
-    folder = session.base / "models" / "blip" / "blip-image-captioning-large"
+    return "\n".join(harness.history_errors(entry)), session.base / "models" / models_dir / name
+
+
+@needs_browser
+def test_missing_blip_folder_error_names_folder_and_model(session):
+    """A missing BLIP folder (offline): the run fails with a message naming the folder and the model to put there."""
+    errors, folder = _run_with_a_missing_folder(
+        session, "text_edit_sd15", "ZeroConBLIPLoader", "blip", "blip-image-captioning-large"
+    )
     assert str(folder) in errors and "Salesforce/blip-image-captioning-large" in errors, errors
     _results["missing BLIP folder"] = "error names the folder and the model"
 
@@ -209,17 +214,8 @@ def test_missing_blip_folder_error_names_folder_and_model(session):
 @needs_browser
 def test_missing_clip_metric_folder_names_the_right_model(session):
     """A missing CLIP-metric folder: the error names the folder and the model that belongs in it."""
-    path = harness.WORKFLOWS / "compare_and_measure.json"
-    wf = json.loads(path.read_text())
-    harness.check_loaded(session, wf, path.stem)
-    harness.apply_speed_overrides(session)
-    session.frontend.set_widgets(
-        [{"type": "ZeroConCLIPMetricLoader", "name": "model", "value": "clip-vit-base-patch16"}]
+    errors, folder = _run_with_a_missing_folder(
+        session, "compare_and_measure", "ZeroConCLIPMetricLoader", "clip_metric", "clip-vit-base-patch16"
     )
-    res = session.frontend.queue()
-    assert res["ok"] and not res["response"].get("node_errors"), res
-    entry = session.server.wait_history(res["response"]["prompt_id"], timeout=600)
-    errors = "\n".join(harness.history_errors(entry))
-    folder = session.base / "models" / "clip_metric" / "clip-vit-base-patch16"
     assert str(folder) in errors, errors
     assert "openai/clip-vit-base-patch16" in errors and "clip-vit-large-patch14" not in errors, errors

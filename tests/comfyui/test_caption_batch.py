@@ -6,13 +6,10 @@ from __future__ import annotations
 import pytest
 import tiny_clip
 import torch
-from conftest import pack_module, run_node
+from conftest import pack_fixture, pack_module, run_node
 from test_graph import build_graph, execute_in_process, executor_env  # noqa: F401  (fixture + helpers)
 
-
-@pytest.fixture(scope="module")
-def pn():
-    return pack_module("nodes.classes.prompt_nodes")
+pn = pack_fixture("nodes.classes.prompt_nodes")
 
 
 def clip_text_encode(clip, text):

@@ -11,7 +11,7 @@ import sampling_helpers as h
 import tiny_models as tm
 import torch
 from conftest import node_infos, pack_module
-from test_diffuseit_nodes import dino, dino_nodes, dn, encode, image, structure, vae  # noqa: F401 (fixtures)
+from test_diffuseit_nodes import dino, dino_nodes, dn, encode, image, sampler_inputs, structure, vae  # noqa: F401 (fixtures)
 
 STEP_NODES = ("ZeroConGuidedSampler", "ZeroConGuidedDDIMSampler", "ZeroConDiffuseITSampler")
 WEIGHT_NODES = (
@@ -99,11 +99,9 @@ def test_ddim_sampler_logs_the_summary(zc, run, sd15_model, caplog):
         guidance=h.guidance(zc, run, xa=-1.0, nce=-1.0),
         inversion=inversion,
     )
-    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="auto", step_size=0.02, branches="edit", seed=0)
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
-    with caplog.at_level(logging.INFO, logger="zerocon"), torch.inference_mode():
-        SamplerCustomAdvanced().sample(DisableNoise().get_noise()[0], guider, sampler, sigmas, lat)
+    sampler = h.ddim_sampler_node(zc, run, step_mode="auto")
+    with caplog.at_level(logging.INFO, logger="zerocon"):
+        h.sample_custom_advanced(guider, sampler, sigmas, lat)
     assert f"ZeroCon guidance: guidance applied at {h.STEPS}/{h.STEPS} steps (step mode auto)" in caplog.text
 
 
@@ -111,20 +109,7 @@ def test_diffuseit_sampler_outputs_diagnostics(dn, run, sd15_model, vae, dino): 
     src = image(4)
     lat = encode(vae, src)
     guidance = structure(dn, run, sd15_model, vae, dino, src, weight=-1.0)
-    kw = dict(
-        model=sd15_model,
-        positive=tm.conditioning(1),
-        negative=tm.conditioning(2),
-        latent=lat,
-        guidance=guidance,
-        steps=6,
-        cfg=3.0,
-        strength=0.5,
-        resample=2,
-        seed=3,
-        step_mode="auto",
-        step_size=0.02,
-    )
+    kw = sampler_inputs(sd15_model, lat, guidance, step_mode="auto")
     (out, img, text), shown = _execute(dn.ZeroConDiffuseITSampler, **kw)
     assert torch.isfinite(out["samples"]).all()
     _check_image(img)

@@ -122,6 +122,13 @@ def _sampler(latent, guidance, steps: int = 6, strength: float = 0.5, resample: 
     }
 
 
+def _chained(class_type: str, inputs: dict, previous: str | None) -> dict:
+    """A guidance-term node of ``class_type`` on ``inputs``, after the term node ``previous`` (if any)."""
+    if previous:
+        inputs["previous"] = [previous, 0]
+    return {"class_type": class_type, "inputs": inputs}
+
+
 def _structure(
     image: str, weight: float = 1.0, dino_size: int = 32, previous: str | None = None, vae: list | None = None
 ) -> dict:
@@ -140,9 +147,7 @@ def _structure(
         "start": 0.0,
         "end": 1.0,
     }
-    if previous:
-        inputs["previous"] = [previous, 0]
-    return {"class_type": "ZeroConDinoStructureGuidance", "inputs": inputs}
+    return _chained("ZeroConDinoStructureGuidance", inputs, previous)
 
 
 def _style(reference: str, weight: float = 1.0, dino_size: int = 32, previous: str | None = None) -> dict:
@@ -158,9 +163,7 @@ def _style(reference: str, weight: float = 1.0, dino_size: int = 32, previous: s
         "start": 0.0,
         "end": 1.0,
     }
-    if previous:
-        inputs["previous"] = [previous, 0]
-    return {"class_type": "ZeroConDinoStyleGuidance", "inputs": inputs}
+    return _chained("ZeroConDinoStyleGuidance", inputs, previous)
 
 
 def _base(positive: str, negative: str = "") -> dict:

@@ -7,19 +7,13 @@ import pytest
 import tiny_clip
 import tiny_models as tm
 import torch
-from conftest import core_helper, pack_module
+from conftest import core_helper, pack_fixture, pack_module
 
 SIZE = 64  # pixels: latent 8 x 8 with the tiny 8x VAE
 
 
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.diffuseit_nodes")
-
-
-@pytest.fixture(scope="module")
-def dino_nodes():
-    return pack_module("nodes.classes.dino_nodes")
+dn = pack_fixture("nodes.classes.diffuseit_nodes")
+dino_nodes = pack_fixture("nodes.classes.dino_nodes")
 
 
 @pytest.fixture
@@ -51,44 +45,34 @@ def encode(vae, img) -> dict:
         return {"samples": vae.encode(img)}
 
 
+def _dino_term(run, node, links: tuple, inputs: dict, over: dict):
+    """The GUIDANCE of a DINO term node on (model, vae, dino) = ``links``, weight 1, DINO at 32 px, the whole run;
+    ``inputs``: the node's own, ``over``: any input replaced."""
+    model, vae, dino = links
+    kw = dict(model=model, vae=vae, dino=dino, weight=1.0, dino_size=32, start=0.0, end=1.0, **inputs)
+    kw.update(over)
+    return run(node, **kw)[0]
+
+
 def structure(dn, run, model, vae, dino, img, **over):
-    kw = dict(
-        model=model,
-        vae=vae,
-        dino=dino,
+    own = dict(
         image=img,
-        weight=1.0,
         lambda_ssim=1000.0,
         lambda_contrastive=200.0,
         lambda_semantic=100.0,
         lambda_range=200.0,
-        dino_size=32,
         noise_blend=False,
-        start=0.0,
-        end=1.0,
     )
-    kw.update(over)
-    return run(dn.ZeroConDinoStructureGuidance, **kw)[0]
+    return _dino_term(run, dn.ZeroConDinoStructureGuidance, (model, vae, dino), own, over)
 
 
 def style(dn, run, model, vae, dino, ref, **over):
-    kw = dict(
-        model=model,
-        vae=vae,
-        dino=dino,
-        reference=ref,
-        weight=1.0,
-        lambda_cls=2000.0,
-        lambda_pixel=3000.0,
-        dino_size=32,
-        start=0.0,
-        end=1.0,
-    )
-    kw.update(over)
-    return run(dn.ZeroConDinoStyleGuidance, **kw)[0]
+    own = dict(reference=ref, lambda_cls=2000.0, lambda_pixel=3000.0)
+    return _dino_term(run, dn.ZeroConDinoStyleGuidance, (model, vae, dino), own, over)
 
 
-def sample(dn, run, model, latent, guidance, **over):
+def sampler_inputs(model, latent, guidance, **over) -> dict:
+    """The DiffuseIT sampler's inputs these tests use (SD1.5 conditionings), with ``over`` replacing any."""
     kw = dict(
         model=model,
         positive=tm.conditioning(1),
@@ -104,7 +88,11 @@ def sample(dn, run, model, latent, guidance, **over):
         step_size=0.02,
     )
     kw.update(over)
-    return run(dn.ZeroConDiffuseITSampler, **kw)[0]
+    return kw
+
+
+def sample(dn, run, model, latent, guidance, **over):
+    return run(dn.ZeroConDiffuseITSampler, **sampler_inputs(model, latent, guidance, **over))[0]
 
 
 def test_schemas_have_tooltips(dn):

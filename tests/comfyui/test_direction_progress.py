@@ -8,12 +8,9 @@ import comfy.utils
 import pytest
 import tiny_clip
 import torch
-from conftest import pack_module
+from conftest import pack_fixture
 
-
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.direction_nodes")
+dn = pack_fixture("nodes.classes.direction_nodes")
 
 
 @pytest.fixture

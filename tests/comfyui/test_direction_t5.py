@@ -10,16 +10,14 @@ import logging
 import pytest
 import tiny_clip
 import torch
-from conftest import pack_module, run_node, temporary_model_folders
+from conftest import pack_fixture, pack_module, run_node, temporary_model_folders
 
 W_L, W_G = tiny_clip.SDXL_L_WIDTH, tiny_clip.SDXL_G_WIDTH  # tiny CLIP-L / CLIP-G widths (SD3 puts G after L)
 SRC = "a photo of a cat\na cat sitting in the park\na small cat on the grass\nthere is a cute cat in the garden"
 TGT = "a photo of a dog\na dog sitting in the park\na small dog on the grass"
 
 
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.direction_nodes")
+dn = pack_fixture("nodes.classes.direction_nodes")
 
 
 @pytest.fixture(scope="module")

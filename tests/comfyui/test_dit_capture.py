@@ -6,22 +6,21 @@ kernel and block patches, and a model left as it was."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import comfy.model_management
-import comfy.samplers
+import dit_helpers as dh
 import pytest
 import sampling_helpers as h
 import tiny_models as tm
 import torch
 import torch.nn.functional as F
 from conftest import pack_module
+from dit_helpers import _den, _inside_sampler, _recording_patch, _sigmas
 
 dc = pack_module("nodes.glue.dit_capture")
 core_den = pack_module("zerocon_core.method.denoiser")
 guidance = pack_module("zerocon_core.method.guidance")
-sampler = pack_module("zerocon_core.method.sampler")
 CR = core_den.CaptureRequest
 
 
@@ -71,6 +70,14 @@ _SD3_CONFIG = {
 }
 
 
+def flux_dev_two_singles():
+    """A Flux-dev-like model (a clone) with two single blocks: the second adds to the first one's output in place."""
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux({**tm._flux_config(True), "depth_single_blocks": 2})
+    return _sharp(tm._dit_patcher(config, 4)).clone()
+
+
 def sd3(seed=5, depth=2):
     """tiny_models.sd3 with its ``pos_embed`` buffer filled (it is left uninitialised: NaNs now and then)."""
     model = tm.sd3(seed, depth)
@@ -78,36 +85,6 @@ def sd3(seed=5, depth=2):
         pe = model.model.diffusion_model.pos_embed
         pe.copy_(0.1 * torch.randn(pe.shape, generator=torch.Generator().manual_seed(seed)))
     return model
-
-
-def _sigmas(model, steps=3):
-    with torch.inference_mode():
-        return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).float()
-
-
-def _inside_sampler(model, conds: dict, body, latent=None, sigmas=None, noise_seed=None):
-    """Run ``body(guider, x, sigmas, extra_args)`` as a KSAMPLER function inside CFGGuider.sample (zero noise
-    unless ``noise_seed``)."""
-    results = {}
-
-    def function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        results["value"] = body(model_k.inner_model, x, sigmas, extra_args)
-        return x
-
-    guider = comfy.samplers.CFGGuider(model)
-    guider.inner_set_conds(conds)
-    latent = tm.flow_latent(70) if latent is None else latent
-    sigmas = _sigmas(model) if sigmas is None else sigmas
-    noise = torch.zeros_like(latent["samples"])
-    if noise_seed is not None:
-        noise = torch.randn(noise.shape, generator=torch.Generator().manual_seed(noise_seed))
-    with torch.inference_mode():
-        guider.sample(noise, latent["samples"], comfy.samplers.KSAMPLER(function), sigmas)
-    return results["value"]
-
-
-def _den(zc, guider, extra_args):
-    return zc.denoiser.ComfyDenoiser(guider.inner_model, extra_args["model_options"])
 
 
 def _all(layers, kind):
@@ -200,47 +177,34 @@ def _flux_qk(block, args, single: bool):
     return torch.cat((out[0][0], out[1][0]), 2), torch.cat((out[0][1], out[1][1]), 2)
 
 
-def _recording_patch(store, key):
-    def patch(args, extra):
-        store[key] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-        out = extra["original_block"](args)
-        store[key]["out"] = out["img"].detach().clone()
-        return out
-
-    return patch
+def _first_blocks_probabilities(dm, seen, angles, qk=_flux_qk, mask=None):
+    """(name, single, probabilities) of the first double and single block: the float64 softmax over all keys of
+    (RoPE q)(RoPE k)^T (+ ``mask``), q and k from ``qk(block, recorded arguments, single)``."""
+    out = []
+    for name, single in (("double", False), ("single", True)):
+        block = (dm.single_blocks if single else dm.double_blocks)[0]
+        q, k = qk(block, seen[name], single)
+        q, k = _rotate(q, angles), _rotate(k, angles)
+        s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        out.append((name, single, (s if mask is None else s + mask).softmax(-1)))
+    return out
 
 
 def test_flux_probabilities_equal_a_float64_recomputation_with_rope(zc):
     """Captured double- and single-block maps = softmax over all keys of (RoPE q)(RoPE k)^T, recomputed in
     float64 from the blocks' weights and the token positions; image rows x text columns; rows sum < 1."""
-    import comfy.supported_models
-
-    # Flux-dev-like with two single blocks: the second adds to the first one's output in place
-    config = comfy.supported_models.Flux({**tm._flux_config(True), "depth_single_blocks": 2})
-    model = _sharp(tm._dit_patcher(config, 4)).clone()
-    seen = {}
-    model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
-    model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
+    model = flux_dev_two_singles()
     dm = model.model.diffusion_model
     tokens = 12
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        req = CR(probs=frozenset({"double.0.img2txt", "single.0.img2txt"}), features=_all(den.layers(), "self"))
-        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
-
-    pred = _inside_sampler(model, {"positive": tm.flow_conditioning(2, tokens=tokens, guidance=3.5)}, body)
+    cond = tm.flow_conditioning(2, tokens=tokens, guidance=3.5)
+    pred, seen = dh.first_blocks_captured(zc, model, cond, features=lambda layers: _all(layers, "self"))
     grid = 8  # 16 x 16 latent, 2 x 2 patches
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     ids = torch.cat(
         (torch.zeros(tokens, 3), torch.stack((torch.zeros(grid * grid), rows.flatten(), cols.flatten()), -1))
     )
     angles = _rope_angles(ids, dm.params.axes_dim, dm.params.theta)
-    for name, single in (("double", False), ("single", True)):
-        block = (dm.single_blocks if single else dm.double_blocks)[0]
-        q, k = _flux_qk(block, seen[name], single)
-        q, k = _rotate(q, angles), _rotate(k, angles)
-        p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    for name, single, p in _first_blocks_probabilities(dm, seen, angles):
         expect = p[:, :, tokens:, :tokens]
         got = pred.probs[f"{name}.0.img2txt"]
         assert got.shape == (1, dm.num_heads, grid * grid, tokens) and got.dtype == torch.float32
@@ -437,43 +401,11 @@ def test_gradient_agrees_with_finite_differences(zc, build):
         assert analytic == pytest.approx(numeric, rel=1e-2), what
 
 
-def _one_step(zc, build, term):
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        src, edit = guider.conds["positive"], guider.conds["negative"]
-        req = term.request(den.layers())
-        with torch.inference_mode(False), torch.no_grad():
-            x, s = x.clone(), sigmas[1].clone()
-            (ref,) = den.predict(x, s, [src], req)
-
-            def loss(xx):
-                with torch.no_grad():
-                    (p,) = den.predict(xx, s, [edit], req)
-                ctx = guidance.StepContext(0, 10, s, xx, p.eps, p, ref, torch.Generator().manual_seed(0))
-                return float(term.loss(ctx, req))
-
-            step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
-            with den.autograd_session():
-                outcome = sampler._guidance_step(
-                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-2)
-                )
-            (x_new,) = outcome.latents
-            return loss(x), loss(x_new), outcome.finite
-
-    conds = {"positive": tm.flow_conditioning(7), "negative": tm.flow_conditioning(8)}
-    return _inside_sampler(build(), conds, body)
-
-
 @pytest.mark.parametrize("build", [flux, flux_dev, sd3], ids=["flux", "flux-dev", "sd3"])
-@pytest.mark.parametrize(
-    "term",
-    [guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=16)],
-    ids=["xattn", "patchnce"],
-)
+@dh.each_term(16)
 def test_one_guided_step_lowers_each_loss(zc, build, term):
-    before, after, finite = _one_step(zc, build, term)
-    assert finite and before > 0
-    assert after < before, (before, after)
+    conds = {"positive": tm.flow_conditioning(7), "negative": tm.flow_conditioning(8)}
+    dh.assert_one_step_lowers_the_loss(zc, build(), term, conds)
 
 
 # -- the user's kernel and patches ------------------------------------------------------------------------------
@@ -526,21 +458,6 @@ def _stock(model, pos, neg, lat):
     return h.ksampler(model, pos, neg, lat, steps=3, cfg=2.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Watching(guidance.CrossAttentionGuidance):
-    """Cross-attention guidance that notes whether any model weight required grad during the loss, and can stop."""
-
-    model: object = None
-    stop_at: int = -1
-    seen: list = dataclasses.field(default_factory=list, compare=False)
-
-    def loss(self, ctx, request):
-        self.seen.append(any(p.requires_grad for p in self.model.parameters()))
-        if ctx.step == self.stop_at:
-            raise comfy.model_management.InterruptProcessingException()
-        return super().loss(ctx, request)
-
-
 @pytest.mark.parametrize("build", [flux_dev, sd3], ids=["flux-dev", "sd3"])
 def test_guided_and_interrupted_runs_leave_the_model_as_it_was(zc, build):
     model = build()
@@ -549,26 +466,8 @@ def test_guided_and_interrupted_runs_leave_the_model_as_it_was(zc, build):
     tensors, flags, options = _snapshot(model)
 
     def run(stop_at):
-        term = _Watching(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at)
-        term2 = guidance.PatchNCEGuidance(weight=1.0, num_patches=8)
-
-        def body(guider, x, sigmas, extra_args):
-            den = _den(zc, guider, extra_args)
-            with torch.inference_mode(False):
-                out = sampler.guided_ddim_sample(
-                    den,
-                    x.clone(),
-                    sigmas.clone(),
-                    source_cond=guider.conds["positive"],
-                    edit_cond=guider.conds["negative"],
-                    guidance=(term, term2),
-                    settings=sampler.SamplerSettings(cfg=1.0, step_mode="normalized", reference="resampled"),
-                )
-            return out.latent
-
-        conds = {"positive": pos, "negative": neg}
-        out = _inside_sampler(model, conds, body, latent=lat, sigmas=_sigmas(model, 3), noise_seed=13)
-        return out, term.seen
+        term = dh.WatchingTerm(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at)
+        return dh.guided_run(zc, model, term, pos, neg, lat, sigmas=_sigmas(model, 3)), term.seen
 
     out, seen = run(-1)
     assert torch.isfinite(out).all() and seen == [False, False, False]

@@ -54,14 +54,6 @@ def _geometry_dtype(weight: torch.Tensor):
     return cmm.tensors_to_geometries([weight])[0].dtype
 
 
-def _edit(zc, run, model, guidance=True):
-    lat, cap, edit = tm.latent(30), tm.conditioning(31), tm.conditioning(32)
-    g = h.guidance(zc, run) if guidance else None
-    _, inversion, _ = h.invert(zc, run, model, lat, cap, steps=3, guidance=g)
-    out, _ = h.guided(zc, run, model, inversion, edit, guidance=g, reference="resampled")
-    return out["samples"]
-
-
 def test_weight_markers_survive_the_gradient_pass(zc, run, monkeypatch):
     model = tm.sd15_as_loaded(torch.float32)
     _mark_as_dynamic(model)
@@ -76,7 +68,7 @@ def test_weight_markers_survive_the_gradient_pass(zc, run, monkeypatch):
         return n
 
     model.set_model_attn1_output_patch(patch)
-    _edit(zc, run, model)
+    h.resampled_edit(zc, run, model, steps=3)
     assert seen and set(seen) == {MODEL_DTYPE}  # not the file dtype: a cast would overrun its model-dtype slot
     model.model_options["transformer_options"]["patches"].pop("attn1_output_patch")
     before["options"]["transformer_options"].setdefault("patches", {})
@@ -115,8 +107,8 @@ def _dequantized_copy(model, names: list[str]):
 def test_quantized_weights_are_not_copied(zc, run, monkeypatch):
     model = tm.sd15_as_loaded(torch.float32)
     names = _quantize(model)
-    reference = _edit(zc, run, _dequantized_copy(model, names))
-    unguided = _edit(zc, run, _dequantized_copy(model, names), guidance=False)
+    reference = h.resampled_edit(zc, run, _dequantized_copy(model, names), steps=3)
+    unguided = h.resampled_edit(zc, run, _dequantized_copy(model, names), with_guidance=False, steps=3)
     lat, cap, edit = tm.latent(30), tm.conditioning(31), tm.conditioning(32)
     stock_before = h.ksampler(model, edit, cap, lat)
     before = rh.snapshot(model)
@@ -128,7 +120,7 @@ def test_quantized_weights_are_not_copied(zc, run, monkeypatch):
         return real(t)
 
     monkeypatch.setattr(zc.weights, "_normal_view", normal_view)
-    out = _edit(zc, run, model)
+    out = h.resampled_edit(zc, run, model, steps=3)
     assert "QuantizedTensor" not in copied and copied  # the plain weights are aliased, the quantized left alone
     assert rh.rel(out, reference) < 1e-2 * rh.rel(reference, unguided)  # the dequantized weights' edit
     monkeypatch.undo()
@@ -156,7 +148,7 @@ def test_backward_recasts_are_released(zc, run, monkeypatch):
 
     monkeypatch.setattr(comfy.ops, "cast_bias_weight", cast)
     monkeypatch.setattr(comfy.ops, "uncast_bias_weight", uncast)
-    _edit(zc, run, model)
+    h.resampled_edit(zc, run, model, steps=3)
     assert rh.cast_modules(model)[0] > 0  # the partial load left modules cast per layer
     assert casts and all(c is not None and c in released for c in casts)  # every recast in a backward was released
 

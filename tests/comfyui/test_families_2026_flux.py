@@ -24,7 +24,7 @@ import inspect
 import math
 
 import comfy.model_management
-import comfy.samplers
+import dit_helpers as dh
 import pytest
 import sampling_helpers as h
 import tiny_families as tf
@@ -33,25 +33,20 @@ import torch
 from conftest import pack_module
 from test_diffuseit_nodes import dino, dino_nodes, image, structure, style  # noqa: F401  (fixtures)
 from test_dit_capture import (
-    _den,
-    _flux_qk,
+    _first_blocks_probabilities,
     _heads,
-    _inside_sampler,
     _lin,
     _ln,
-    _recording_patch,
     _rms,
     _rope_angles,
-    _rotate,
     _sharp,
+    flux_dev_two_singles,
 )
 from test_flow_diffuseit import encode
-from test_flow_families import _stock_guider
+from test_flow_families import _assert_untouched as _assert_flow_untouched
 from test_sampling_cleanup import _snapshot
 
 guidance = pack_module("zerocon_core.method.guidance")
-sampler = pack_module("zerocon_core.method.sampler")
-core_den = pack_module("zerocon_core.method.denoiser")
 
 STEPS = 4
 
@@ -86,19 +81,7 @@ def test_kontext_inversion_equals_stock_euler_and_reads_the_reference(zc, run):
     source, _ = _kontext_conds()
     lat = tm.flow_latent(3, size=8)
     x_t, _, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
-    up = h.flip(sigmas)
-    fmt = model.model.latent_format
-    guider = _stock_guider(model, source, source, 1.0)
-    ours = zc.sampling.ZeroConKSampler(zc.sampling.inversion_function, extra_options={})
-    with torch.inference_mode():
-        zeros = torch.zeros_like(lat["samples"])
-        ours_short = guider.sample(zeros, lat["samples"], ours, up[:-1])
-        stock = _stock_guider(model, source, source, 1.0).sample(
-            zeros, lat["samples"], comfy.samplers.sampler_object("euler"), up[:-1]
-        )
-    torch.testing.assert_close(
-        fmt.process_in(ours_short), fmt.process_in(stock) * (1 - float(up[-2])), rtol=0, atol=1e-5
-    )
+    h.assert_inversion_equals_stock_euler_short_of_1(zc, model, source, lat, h.flip(sigmas))
     # the reference reaches the network: another reference, another x_T
     other = tf.kontext_conditioning(1, reference=tf.reference_latent(41))
     x_t2, _, _ = h.invert(zc, run, model, lat, other, steps=STEPS)
@@ -111,12 +94,7 @@ def test_kontext_guided_sampler_without_guidance_equals_stock_euler(zc, run):
     source, edit = _kontext_conds()
     _, inversion, sigmas = h.invert(zc, run, model, tm.flow_latent(4, size=8), source, steps=STEPS)
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=1.0)
-    fmt = model.model.latent_format
-    with torch.inference_mode():
-        x_t = fmt.process_in(inversion.latent)
-        stock = _stock_guider(model, edit, source, 1.0).sample(
-            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
-        )
+    stock = h.stock_euler_from_inversion(model, edit, source, 1.0, inversion, sigmas)
     torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
     plain, _ = h.guided(zc, run, model, inversion, tm.flow_conditioning(2, guidance=3.5), cfg=1.0)
     assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4  # the edit's reference was used
@@ -127,24 +105,11 @@ def test_kontext_probabilities_have_the_image_rows_only(zc):
     """Double and single blocks: (B, H, image tokens, text tokens), the softmax over text + image + reference keys,
     equal to a float64 recomputation with RoPE on Kontext's positions (reference tokens at index 1); the features
     are the image tokens' outputs, not the reference's."""
-    import comfy.supported_models
-
-    config = comfy.supported_models.Flux({**tm._flux_config(True), "depth_single_blocks": 2})
-    model = _sharp(tm._dit_patcher(config, 4)).clone()
-    seen = {}
-    model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
-    model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
+    model = flux_dev_two_singles()
     dm = model.model.diffusion_model
     tokens, ref = 12, tf.reference_latent(42, 12, 16)  # image: 16 x 16 latent (8 x 8 tokens); reference 6 x 8
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        names = frozenset({"double.0.img2txt", "single.0.img2txt"})
-        req = core_den.CaptureRequest(probs=names, features=frozenset({"double.0.img", "single.0.img"}))
-        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
-
     cond = tf.kontext_conditioning(2, reference=ref, tokens=tokens)
-    pred = _inside_sampler(model, {"positive": cond}, body)
+    pred, seen = dh.first_blocks_captured(zc, model, cond)
     grid, n = 8, 64
 
     def positions(index, rows, cols):
@@ -154,11 +119,7 @@ def test_kontext_probabilities_have_the_image_rows_only(zc):
     ids = torch.cat((torch.zeros(tokens, 3), positions(0, grid, grid), positions(1, 6, 8)))
     assert seen["double"]["img"].shape[1] == n + 48  # the reference tokens follow the image's
     angles = _rope_angles(ids, dm.params.axes_dim, dm.params.theta)
-    for name, single in (("double", False), ("single", True)):
-        block = (dm.single_blocks if single else dm.double_blocks)[0]
-        q, k = _flux_qk(block, seen[name], single)
-        q, k = _rotate(q, angles), _rotate(k, angles)
-        p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    for name, single, p in _first_blocks_probabilities(dm, seen, angles):
         got = pred.probs[f"{name}.0.img2txt"]
         assert got.shape == (1, dm.num_heads, n, tokens)
         torch.testing.assert_close(got.double(), p[:, :, tokens : tokens + n, :tokens], rtol=1e-4, atol=1e-6)
@@ -166,42 +127,11 @@ def test_kontext_probabilities_have_the_image_rows_only(zc):
         assert torch.equal(pred.features[f"{name}.0.img"], img.transpose(1, 2).reshape(1, -1, grid, grid))
 
 
-def _one_step(zc, model, term, conds):
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        src, edit = guider.conds["positive"], guider.conds["negative"]
-        req = term.request(den.layers())
-        with torch.inference_mode(False), torch.no_grad():
-            x, s = x.clone(), sigmas[1].clone()
-            (ref,) = den.predict(x, s, [src], req)
-
-            def loss(xx):
-                (p,) = den.predict(xx, s, [edit], req)
-                ctx = guidance.StepContext(0, 10, s, xx, p.eps, p, ref, torch.Generator().manual_seed(0))
-                return float(term.loss(ctx, req))
-
-            step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
-            with den.autograd_session():
-                outcome = sampler._guidance_step(
-                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-2)
-                )
-            (x_new,) = outcome.latents
-            return loss(x), loss(x_new), outcome.finite
-
-    return _inside_sampler(model, conds, body)
-
-
 @kontext
-@pytest.mark.parametrize(
-    "term",
-    [guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=16)],
-    ids=["xattn", "patchnce"],
-)
+@dh.each_term(16)
 def test_kontext_one_guided_step_lowers_each_loss(zc, term):
     conds = {"positive": tf.kontext_conditioning(7), "negative": tf.kontext_conditioning(8)}
-    before, after, finite = _one_step(zc, _sharp(tm.flux_dev()), term, conds)
-    assert finite and before > 0
-    assert after < before, (before, after)
+    dh.assert_one_step_lowers_the_loss(zc, _sharp(tm.flux_dev()), term, conds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,13 +149,27 @@ class _Stopping(guidance.CrossAttentionGuidance):
 
 def _assert_untouched(model, before, reference, pos, neg, lat, cfg=1.0):
     after = _snapshot(model)
-    assert after["tensors"].keys() == before["tensors"].keys()
-    for name, t in after["tensors"].items():
-        assert t is before["tensors"][name] and t.is_inference(), name
-        assert t.requires_grad == before["requires_grad"][name], name
-    assert after["options"] == before["options"] and after["object_patches"] == before["object_patches"]
     assert after["wrappers"] == before["wrappers"] and after["callbacks"] == before["callbacks"]
-    assert torch.equal(h.ksampler(model, pos, neg, lat, cfg=cfg), reference)
+    _assert_flow_untouched(model, before, reference, pos, neg, lat, cfg=cfg)
+
+
+def _assert_guided_runs_leave_the_model_as_it_was(zc, run, model, source, edit, lat, cfg):
+    """A guided run (it moves the latent), an interrupted one and a failing one leave the MODEL untouched."""
+    _, inversion, _ = h.invert(zc, run, model, lat, source, steps=3)
+    reference = h.ksampler(model, edit, source, lat, cfg=cfg)
+    before = _snapshot(model)
+    terms = (_Stopping(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8))
+    out, _ = h.guided(zc, run, model, inversion, edit, cfg=cfg, guidance=terms)
+    plain, _ = h.guided(zc, run, model, inversion, edit, cfg=cfg)
+    assert torch.isfinite(out["samples"]).all()
+    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
+    _assert_untouched(model, before, reference, edit, source, lat, cfg=cfg)
+    for error in (comfy.model_management.InterruptProcessingException, RuntimeError):
+        with pytest.raises(error, match="stop"):
+            h.guided(
+                zc, run, model, inversion, edit, cfg=cfg, guidance=(_Stopping(weight=1.0, stop_at=1, error=error),)
+            )
+        _assert_untouched(model, before, reference, edit, source, lat, cfg=cfg)
 
 
 @kontext
@@ -233,45 +177,38 @@ def test_kontext_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc
     model = tm.flux_dev()
     source, edit = _kontext_conds()
     lat = tm.flow_latent(7, size=8)
-    _, inversion, _ = h.invert(zc, run, model, lat, source, steps=3)
-    reference = h.ksampler(model, edit, source, lat, cfg=1.0)
-    before = _snapshot(model)
-    terms = (_Stopping(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8))
-    out, _ = h.guided(zc, run, model, inversion, edit, cfg=1.0, guidance=terms)
-    plain, _ = h.guided(zc, run, model, inversion, edit, cfg=1.0)
-    assert torch.isfinite(out["samples"]).all()
+    _assert_guided_runs_leave_the_model_as_it_was(zc, run, model, source, edit, lat, cfg=1.0)
+
+
+def _assert_diffuseit_runs(run, dino, model, conds, cfg, repeat=False):  # noqa: F811
+    """DiffuseIT with structure + style terms (a tiny 16-channel VAE, 4 steps at ``cfg``): the DINO terms move the
+    latent, a seeded run repeats (``repeat``), and a stock KSampler on the MODEL gives what it gave before."""
+    dn = pack_module("nodes.classes.diffuseit_nodes")
+    vae = tm.flow_vae(0)
+    src = image(4)
+    lat = encode(vae, src)
+    pos, neg = conds
+    reference = h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=cfg)
+    kw = dict(
+        model=model, positive=pos, negative=neg, latent=lat, steps=4, cfg=cfg, strength=0.5, resample=1, seed=3,
+        step_mode="raw", step_size=0.02,
+    )  # fmt: skip
+    terms = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
+    out = run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)[0]
+    again = run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)[0] if repeat else None
+    plain = run(dn.ZeroConDiffuseITSampler, guidance=structure(dn, run, model, vae, dino, src, weight=0.0), **kw)[0]
+    assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
+    if repeat:
+        assert torch.equal(out["samples"], again["samples"])
     assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
-    _assert_untouched(model, before, reference, edit, source, lat)
-    for error in (comfy.model_management.InterruptProcessingException, RuntimeError):
-        with pytest.raises(error, match="stop"):
-            h.guided(
-                zc, run, model, inversion, edit, cfg=1.0, guidance=(_Stopping(weight=1.0, stop_at=1, error=error),)
-            )
-        _assert_untouched(model, before, reference, edit, source, lat)
+    assert torch.equal(h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=cfg), reference)
 
 
 @kontext
 def test_kontext_diffuseit_runs(run, dino):  # noqa: F811
     """DiffuseIT on a Kontext conditioning (a tiny 16-channel VAE): the DINO terms move the latent, seeded runs
     repeat, and the MODEL is left as it was."""
-    dn = pack_module("nodes.classes.diffuseit_nodes")
-    model, vae = tm.flux_dev(), tm.flow_vae(0)
-    src = image(4)
-    lat = encode(vae, src)
-    pos, neg = _kontext_conds()
-    reference = h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=1.0)
-    kw = dict(
-        model=model, positive=pos, negative=neg, latent=lat, steps=4, cfg=1.0, strength=0.5, resample=1, seed=3,
-        step_mode="raw", step_size=0.02,
-    )  # fmt: skip
-    terms = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
-    out = run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)[0]
-    again = run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)[0]
-    plain = run(dn.ZeroConDiffuseITSampler, guidance=structure(dn, run, model, vae, dino, src, weight=0.0), **kw)[0]
-    assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
-    assert torch.equal(out["samples"], again["samples"])
-    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
-    assert torch.equal(h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=1.0), reference)
+    _assert_diffuseit_runs(run, dino, tm.flux_dev(), _kontext_conds(), cfg=1.0, repeat=True)
 
 
 # -- Chroma ---------------------------------------------------------------------------------------------------------
@@ -309,24 +246,9 @@ def test_chroma_inversion_and_sampler_equal_stock_euler(zc, run, pad):
     source, edit = _chroma_conds(pad)
     lat = tm.flow_latent(3, size=16)
     _, inversion, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
-    up = h.flip(sigmas)
-    fmt = model.model.latent_format
-    ours = zc.sampling.ZeroConKSampler(zc.sampling.inversion_function, extra_options={})
-    with torch.inference_mode():
-        zeros = torch.zeros_like(lat["samples"])
-        ours_short = _stock_guider(model, source, source, 1.0).sample(zeros, lat["samples"], ours, up[:-1])
-        stock = _stock_guider(model, source, source, 1.0).sample(
-            zeros, lat["samples"], comfy.samplers.sampler_object("euler"), up[:-1]
-        )
-    torch.testing.assert_close(
-        fmt.process_in(ours_short), fmt.process_in(stock) * (1 - float(up[-2])), rtol=0, atol=1e-5
-    )
+    h.assert_inversion_equals_stock_euler_short_of_1(zc, model, source, lat, h.flip(sigmas))
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=2.0)
-    with torch.inference_mode():
-        x_t = fmt.process_in(inversion.latent)
-        stock = _stock_guider(model, edit, source, 2.0).sample(
-            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
-        )
+    stock = h.stock_euler_from_inversion(model, edit, source, 2.0, inversion, sigmas)
     torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
     assert float((out["samples"] - inversion.latent).abs().max()) > 0.1
 
@@ -356,30 +278,15 @@ def test_chroma_probabilities_equal_a_float64_recomputation_with_rope_and_mask(z
     """Double and single blocks: softmax over all keys of (RoPE q)(RoPE k)^T + the conditioning's key mask,
     recomputed in float64 from the blocks' weights and modulations; the padded text columns get exactly 0."""
     model = _sharp(tf.chroma()).clone()
-    seen = {}
-    model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
-    model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
     dm = model.model.diffusion_model
     tokens, grid, n = 12, 8, 64
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        names = frozenset({"double.0.img2txt", "single.0.img2txt"})
-        req = core_den.CaptureRequest(probs=names, features=frozenset({"double.0.img", "single.0.img"}))
-        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
-
-    cond = tf.t5_conditioning(2, tokens=tokens, pad=pad)
-    pred = _inside_sampler(model, {"positive": cond}, body)
+    pred, seen = dh.first_blocks_captured(zc, model, tf.t5_conditioning(2, tokens=tokens, pad=pad))
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     ids = torch.cat((torch.zeros(tokens, 3), torch.stack((torch.zeros(n), rows.flatten(), cols.flatten()), -1)))
     angles = _rope_angles(ids, dm.params.axes_dim, dm.params.theta)
     mask = torch.zeros(tokens + n, dtype=torch.float64)
     mask[tokens - pad : tokens] = float("-inf") if pad else 0.0
-    for name, single in (("double", False), ("single", True)):
-        block = (dm.single_blocks if single else dm.double_blocks)[0]
-        q, k = _chroma_qk(block, seen[name], single)
-        q, k = _rotate(q, angles), _rotate(k, angles)
-        p = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask).softmax(-1)
+    for name, single, p in _first_blocks_probabilities(dm, seen, angles, _chroma_qk, mask):
         got = pred.probs[f"{name}.0.img2txt"]
         assert got.shape == (1, dm.num_heads, n, tokens)
         torch.testing.assert_close(got.double(), p[:, :, tokens:, :tokens], rtol=1e-4, atol=1e-6)
@@ -390,16 +297,10 @@ def test_chroma_probabilities_equal_a_float64_recomputation_with_rope_and_mask(z
 
 
 @chroma
-@pytest.mark.parametrize(
-    "term",
-    [guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=16)],
-    ids=["xattn", "patchnce"],
-)
+@dh.each_term(16)
 def test_chroma_one_guided_step_lowers_each_loss(zc, term):
     conds = {"positive": tf.t5_conditioning(7, pad=3), "negative": tf.t5_conditioning(8, pad=3)}
-    before, after, finite = _one_step(zc, _sharp(tf.chroma()), term, conds)
-    assert finite and before > 0
-    assert after < before, (before, after)
+    dh.assert_one_step_lowers_the_loss(zc, _sharp(tf.chroma()), term, conds)
 
 
 @chroma
@@ -407,41 +308,12 @@ def test_chroma_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc,
     model = tf.chroma()
     source, edit = _chroma_conds(pad=3)
     lat = tm.flow_latent(7, size=16)
-    _, inversion, _ = h.invert(zc, run, model, lat, source, steps=3)
-    reference = h.ksampler(model, edit, source, lat, cfg=2.0)
-    before = _snapshot(model)
-    terms = (_Stopping(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8))
-    out, _ = h.guided(zc, run, model, inversion, edit, cfg=2.0, guidance=terms)
-    plain, _ = h.guided(zc, run, model, inversion, edit, cfg=2.0)
-    assert torch.isfinite(out["samples"]).all()
-    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
-    _assert_untouched(model, before, reference, edit, source, lat, cfg=2.0)
-    for error in (comfy.model_management.InterruptProcessingException, RuntimeError):
-        with pytest.raises(error, match="stop"):
-            h.guided(
-                zc, run, model, inversion, edit, cfg=2.0, guidance=(_Stopping(weight=1.0, stop_at=1, error=error),)
-            )
-        _assert_untouched(model, before, reference, edit, source, lat, cfg=2.0)
+    _assert_guided_runs_leave_the_model_as_it_was(zc, run, model, source, edit, lat, cfg=2.0)
 
 
 @chroma
 def test_chroma_diffuseit_runs(run, dino):  # noqa: F811
-    dn = pack_module("nodes.classes.diffuseit_nodes")
-    model, vae = tf.chroma(), tm.flow_vae(0)
-    src = image(4)
-    lat = encode(vae, src)
-    pos, neg = tf.t5_conditioning(1), tf.t5_conditioning(2)
-    reference = h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=2.0)
-    kw = dict(
-        model=model, positive=pos, negative=neg, latent=lat, steps=4, cfg=2.0, strength=0.5, resample=1, seed=3,
-        step_mode="raw", step_size=0.02,
-    )  # fmt: skip
-    terms = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
-    out = run(dn.ZeroConDiffuseITSampler, guidance=terms, **kw)[0]
-    plain = run(dn.ZeroConDiffuseITSampler, guidance=structure(dn, run, model, vae, dino, src, weight=0.0), **kw)[0]
-    assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
-    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4
-    assert torch.equal(h.ksampler(model, pos, neg, tm.flow_latent(0, size=8), cfg=2.0), reference)
+    _assert_diffuseit_runs(run, dino, tf.chroma(), (tf.t5_conditioning(1), tf.t5_conditioning(2)), cfg=2.0)
 
 
 # -- the mask as ComfyUI's kernels read it ----------------------------------------------------------------------

@@ -11,23 +11,24 @@ with the reason, on a ComfyUI without the family (feature detection).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import comfy.model_management
 import comfy.samplers
+import dit_helpers as dh
 import pytest
+import sampling_helpers as h
 import tiny_families_lumina_qwen as tq
 import torch
 import torch.nn.functional as F
-from conftest import pack_module
+from conftest import pack_fixture, pack_module
+from dit_helpers import _den, _inside_sampler
 from test_diffuseit_nodes import dino, dino_nodes  # noqa: F401  (fixtures)
-from test_dit_capture import _den, _inside_sampler, _lin, _qk_norm, _rope_angles, _rotate, _snapshot
+from test_dit_capture import _lin, _ln, _recording_patch, _rms, _rope_angles, _rotate, _snapshot
 
 dc = pack_module("nodes.glue.dit_capture")
 core_den = pack_module("zerocon_core.method.denoiser")
 guidance = pack_module("zerocon_core.method.guidance")
-sampler = pack_module("zerocon_core.method.sampler")
 CR = core_den.CaptureRequest
 
 needs_qwen = pytest.mark.skipif(
@@ -143,25 +144,6 @@ def test_qwen_layer_table(zc):
     ]
 
 
-def _recording_patch(store, key):
-    def patch(args, extra):
-        store[key] = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-        out = extra["original_block"](args)
-        store[key]["out"] = out["img"].detach().clone()
-        return out
-
-    return patch
-
-
-def _ln(x):
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
-
-
-def _rms(x, norm):
-    scale, eps = _qk_norm(norm)
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale.double()
-
-
 def _qwen_qk(block, args):
     """q, k (B, H, L, d) of a Qwen-Image block ([txt; img]) in float64 from its weights, before RoPE."""
     vec = F.silu(args["vec"].double())
@@ -239,94 +221,29 @@ def test_qwen_probabilities_equal_a_float64_recomputation_with_rope_and_mask(zc,
 
 
 @needs_qwen
-@pytest.mark.parametrize(
-    "term",
-    [guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8)],
-    ids=["xattn", "patchnce"],
-)
+@dh.each_term(8)
 def test_qwen_one_guided_step_lowers_each_loss(zc, term):
     """A gradient step through the whole network (RoPE on ComfyUI's torch path) lowers the loss."""
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        src, edit = guider.conds["positive"], guider.conds["negative"]
-        req = term.request(den.layers())
-        with torch.inference_mode(False), torch.no_grad():
-            x, s = x.clone(), sigmas[1].clone()
-            (ref,) = den.predict(x, s, [src], req)
-
-            def loss(xx):
-                (p,) = den.predict(xx, s, [edit], req)
-                ctx = guidance.StepContext(0, 10, s, xx, p.eps, p, ref, torch.Generator().manual_seed(0))
-                return float(term.loss(ctx, req))
-
-            step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
-            with den.autograd_session():  # a small step: these random tiny DiTs are curved at 1e-2
-                outcome = sampler._guidance_step(
-                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-3)
-                )
-            (x_new,) = outcome.latents
-            return loss(x), loss(x_new), outcome.finite
-
     conds = {"positive": tq.qwen_conditioning(7, padded=2), "negative": tq.qwen_conditioning(8, padded=2)}
-    before, after, finite = _inside_sampler(_qwen(), conds, body, latent=tq.qwen_latent(2))
-    assert finite and before > 0
-    assert after < before, (before, after)
+    # a small step: these random tiny DiTs are curved at 1e-2
+    dh.assert_one_step_lowers_the_loss(zc, _qwen(), term, conds, latent=tq.qwen_latent(2), step_size=1e-3)
 
 
 def _stock(model, pos, neg, lat):
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(pos, neg)
-    guider.set_cfg(2.0)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 3)
     noise = torch.randn(lat.shape, generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        return guider.sample(noise, lat, comfy.samplers.sampler_object("euler"), sigmas)
+    return h.stock_euler(model, pos, neg, 2.0, noise, lat, sigmas)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Stopping(guidance.CrossAttentionGuidance):
-    """Cross-attention guidance that notes whether a model weight required grad, and can interrupt or fail."""
-
-    model: object = None
-    stop_at: int = -1
-    error: type = comfy.model_management.InterruptProcessingException
-    seen: list = dataclasses.field(default_factory=list, compare=False)
-
-    def loss(self, ctx, request):
-        self.seen.append(any(p.requires_grad for p in self.model.parameters()))
-        if ctx.step == self.stop_at:
-            raise self.error()
-        return super().loss(ctx, request)
-
-
-@needs_qwen
-def test_qwen_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
-    model = _qwen()
-    pos, neg, lat = tq.qwen_conditioning(10, padded=2), tq.qwen_conditioning(11), tq.qwen_latent(12)
+def _assert_guided_runs_leave_the_model_as_it_was(zc, model, pos, neg, lat):
+    """A guided run (no weight requires grad during the loss), an interrupted one and a failing one: the weights are
+    the very same inference tensors with the same flags, the options the same, and stock sampling bit-identical."""
     reference = _stock(model, pos, neg, lat["samples"])
     tensors, flags, options = _snapshot(model)
 
     def run(stop_at, error=comfy.model_management.InterruptProcessingException):
-        term = _Stopping(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at, error=error)
-        term2 = guidance.PatchNCEGuidance(weight=1.0, num_patches=8)
-
-        def body(guider, x, sigmas, extra_args):
-            den = _den(zc, guider, extra_args)
-            with torch.inference_mode(False):
-                out = sampler.guided_ddim_sample(
-                    den,
-                    x.clone(),
-                    sigmas.clone(),
-                    source_cond=guider.conds["positive"],
-                    edit_cond=guider.conds["negative"],
-                    guidance=(term, term2),
-                    settings=sampler.SamplerSettings(cfg=1.0, step_mode="normalized", reference="resampled"),
-                )
-            return out.latent
-
-        out = _inside_sampler(model, {"positive": pos, "negative": neg}, body, latent=lat, noise_seed=13)
-        return out, term.seen
+        term = dh.WatchingTerm(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at, error=error)
+        return dh.guided_run(zc, model, term, pos, neg, lat), term.seen
 
     out, seen = run(-1)
     assert torch.isfinite(out).all() and seen and not any(seen)
@@ -341,16 +258,16 @@ def test_qwen_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
     assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
 
 
+@needs_qwen
+def test_qwen_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
+    model = _qwen()
+    pos, neg, lat = tq.qwen_conditioning(10, padded=2), tq.qwen_conditioning(11), tq.qwen_latent(12)
+    _assert_guided_runs_leave_the_model_as_it_was(zc, model, pos, neg, lat)
+
+
 # -- Qwen-Image as a family: detection, inversion and sampling against stock euler ---------------------------------
 
 STEPS = 4
-
-
-def _stock_guider(model, positive, negative, cfg):
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    return guider
 
 
 @needs_qwen
@@ -375,8 +292,6 @@ def test_qwen_image_is_recognised_by_its_config_class(zc):
 
 @needs_qwen
 def test_qwen_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
-    import sampling_helpers as h
-    from comfy.k_diffusion.sampling import sample_euler
 
     model = _qwen()
     source = tq.qwen_conditioning(1, padded=2)
@@ -385,24 +300,14 @@ def test_qwen_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
     assert x_t["samples"].shape == lat["samples"].shape
     up = h.flip(sigmas)
     fmt = model.model.latent_format
-    zeros = torch.zeros_like(lat["samples"])
-    captured = []
-
-    def euler(m, x, s, **kw):
-        out = sample_euler(m, x, s, **kw)
-        captured.append(out.clone())
-        return out
-
-    with torch.inference_mode():
-        _stock_guider(model, source, source, 1.0).sample(zeros, lat["samples"], comfy.samplers.KSAMPLER(euler), up)
-    torch.testing.assert_close(x_t["samples"], fmt.process_out(captured[-1]), rtol=0, atol=1e-5)
+    last = h.stock_euler_last(model, source, lat, up)
+    torch.testing.assert_close(x_t["samples"], fmt.process_out(last), rtol=0, atol=1e-5)
 
 
 @needs_qwen
 @pytest.mark.parametrize("reference", [False, True], ids=["qwen-image", "qwen-image-edit"])
 def test_qwen_guided_sampler_without_guidance_equals_stock_euler(zc, run, reference):
     """Qwen-Image, and Qwen-Image-Edit (the source image's latent as the reference in both conditionings)."""
-    import sampling_helpers as h
 
     model = _qwen()
     lat = tq.qwen_latent(4)
@@ -411,19 +316,13 @@ def test_qwen_guided_sampler_without_guidance_equals_stock_euler(zc, run, refere
     edit = tq.qwen_conditioning(2, reference=ref)
     _, inversion, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0)
-    fmt = model.model.latent_format
-    with torch.inference_mode():
-        x_t = fmt.process_in(inversion.latent)
-        stock = _stock_guider(model, edit, source, 4.0).sample(
-            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
-        )
+    stock = h.stock_euler_from_inversion(model, edit, source, 4.0, inversion, sigmas)
     torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
     assert float((out["samples"] - inversion.latent).abs().max()) > 0.1  # it did sample
 
 
 @needs_qwen
 def test_qwen_guided_sampler_with_both_terms_runs(zc, run):
-    import sampling_helpers as h
 
     model = _qwen()
     source, edit = tq.qwen_conditioning(1, padded=2), tq.qwen_conditioning(2)
@@ -437,7 +336,6 @@ def test_qwen_guided_sampler_with_both_terms_runs(zc, run):
 
 @needs_qwen
 def test_qwen_wrong_latents_name_the_expected_shape(zc, run):
-    import sampling_helpers as h
     import tiny_models as tm
 
     with pytest.raises(ValueError, match=r"Qwen-Image needs a 16-channel image latent \(B, 16, 1, H, W\); got shape"):
@@ -449,25 +347,18 @@ def test_qwen_wrong_latents_name_the_expected_shape(zc, run):
 # -- DiffuseIT on Qwen-Image -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.diffuseit_nodes")
+dn = pack_fixture("nodes.classes.diffuseit_nodes")
 
 
-@needs_qwen
-def test_qwen_diffuseit_runs_with_the_wan_vae_and_leaves_everything_as_it_was(dn, run, dino):  # noqa: F811
+def _assert_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino, model, vae, src, lat, conds):  # noqa: F811
+    """DiffuseIT with structure + style terms on ``lat`` (the VAE's encoding of ``src``): the DINO terms move the
+    latent, and the VAE's, DINO's and the MODEL's weights, and a stock sampling, are left as they were."""
     from test_diffuseit_nodes import image, structure, style
 
-    model, vae = _qwen(), tq.wan21_vae(0)
-    assert vae.latent_dim == 3 and vae.latent_channels == 16
-    src = image(4)
-    with torch.inference_mode():
-        lat = {"samples": vae.encode(src)}
-    assert lat["samples"].shape[:3] == (1, 16, 1)
+    pos, neg = conds
     guidance = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
     modules = (vae.first_stage_model, dino.model, model.model)
     before = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
-    pos, neg = tq.qwen_conditioning(1, padded=2), tq.qwen_conditioning(2)
     reference = _stock(model, pos, neg, lat["samples"])
 
     def sample(terms):
@@ -482,6 +373,20 @@ def test_qwen_diffuseit_runs_with_the_wan_vae_and_leaves_everything_as_it_was(dn
     after = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
     assert after == before
     assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
+
+
+@needs_qwen
+def test_qwen_diffuseit_runs_with_the_wan_vae_and_leaves_everything_as_it_was(dn, run, dino):  # noqa: F811
+    from test_diffuseit_nodes import image
+
+    model, vae = _qwen(), tq.wan21_vae(0)
+    assert vae.latent_dim == 3 and vae.latent_channels == 16
+    src = image(4)
+    with torch.inference_mode():
+        lat = {"samples": vae.encode(src)}
+    assert lat["samples"].shape[:3] == (1, 16, 1)
+    pos, neg = tq.qwen_conditioning(1, padded=2), tq.qwen_conditioning(2)
+    _assert_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino, model, vae, src, lat, (pos, neg))
 
 
 @needs_qwen
@@ -626,86 +531,24 @@ def test_z_image_probabilities_equal_a_float64_recomputation_with_rope(zc):
 
 
 @needs_zimage
-@pytest.mark.parametrize(
-    "term",
-    [guidance.CrossAttentionGuidance(weight=1.0), guidance.PatchNCEGuidance(weight=1.0, num_patches=8)],
-    ids=["xattn", "patchnce"],
-)
+@dh.each_term(8)
 def test_z_image_one_guided_step_lowers_each_loss(zc, term):
     """A gradient step through the whole network (fused QK-norm + RoPE on ComfyUI's torch path) lowers the loss."""
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        src, edit = guider.conds["positive"], guider.conds["negative"]
-        req = term.request(den.layers())
-        with torch.inference_mode(False), torch.no_grad():
-            x, s = x.clone(), sigmas[1].clone()
-            (ref,) = den.predict(x, s, [src], req)
-
-            def loss(xx):
-                (p,) = den.predict(xx, s, [edit], req)
-                ctx = guidance.StepContext(0, 10, s, xx, p.eps, p, ref, torch.Generator().manual_seed(0))
-                return float(term.loss(ctx, req))
-
-            step = sampler.GuidedStep(den, 0, 10, s, None, [(term, req)], [ref, ref], src, edit, torch.Generator())
-            with den.autograd_session():  # a small step: these random tiny DiTs are curved at 1e-2
-                outcome = sampler._guidance_step(
-                    x, step, sampler.SamplerSettings(step_mode="normalized", step_size=1e-3)
-                )
-            (x_new,) = outcome.latents
-            return loss(x), loss(x_new), outcome.finite
-
     conds = {"positive": tq.z_image_conditioning(7), "negative": tq.z_image_conditioning(8)}
-    before, after, finite = _inside_sampler(_z(), conds, body, latent=_z_latent(2, size=8))
-    assert finite and before > 0
-    assert after < before, (before, after)
+    # a small step: these random tiny DiTs are curved at 1e-2
+    latent = _z_latent(2, size=8)
+    dh.assert_one_step_lowers_the_loss(zc, _z(), term, conds, latent=latent, step_size=1e-3)
 
 
 @needs_zimage
 def test_z_image_guided_interrupted_and_failed_runs_leave_the_model_as_it_was(zc):
     model = _z()
     pos, neg, lat = tq.z_image_conditioning(10), tq.z_image_conditioning(11), _z_latent(12, size=8)
-    reference = _stock(model, pos, neg, lat["samples"])
-    tensors, flags, options = _snapshot(model)
-
-    def run(stop_at, error=comfy.model_management.InterruptProcessingException):
-        term = _Stopping(weight=1.0, model=model.model.diffusion_model, stop_at=stop_at, error=error)
-        term2 = guidance.PatchNCEGuidance(weight=1.0, num_patches=8)
-
-        def body(guider, x, sigmas, extra_args):
-            den = _den(zc, guider, extra_args)
-            with torch.inference_mode(False):
-                out = sampler.guided_ddim_sample(
-                    den,
-                    x.clone(),
-                    sigmas.clone(),
-                    source_cond=guider.conds["positive"],
-                    edit_cond=guider.conds["negative"],
-                    guidance=(term, term2),
-                    settings=sampler.SamplerSettings(cfg=1.0, step_mode="normalized", reference="resampled"),
-                )
-            return out.latent
-
-        out = _inside_sampler(model, {"positive": pos, "negative": neg}, body, latent=lat, noise_seed=13)
-        return out, term.seen
-
-    out, seen = run(-1)
-    assert torch.isfinite(out).all() and seen and not any(seen)
-    with pytest.raises(comfy.model_management.InterruptProcessingException):
-        run(1)
-    with pytest.raises(RuntimeError):
-        run(0, RuntimeError)
-    after, after_flags, after_options = _snapshot(model)
-    assert after.keys() == tensors.keys() and all(after[n] is tensors[n] for n in tensors)
-    assert after_flags == flags and all(t.is_inference() for t in after.values())
-    assert after_options == options
-    assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
+    _assert_guided_runs_leave_the_model_as_it_was(zc, model, pos, neg, lat)
 
 
 @needs_zimage
 def test_z_image_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
-    import sampling_helpers as h
-    from comfy.k_diffusion.sampling import sample_euler
 
     model = _z()
     source = tq.z_image_conditioning(1)
@@ -713,34 +556,18 @@ def test_z_image_inversion_equals_stock_euler_on_flipped_sigmas(zc, run):
     x_t, _, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
     up = h.flip(sigmas)
     fmt = model.model.latent_format
-    captured = []
-
-    def euler(m, x, s, **kw):
-        out = sample_euler(m, x, s, **kw)
-        captured.append(out.clone())
-        return out
-
-    with torch.inference_mode():
-        _stock_guider(model, source, source, 1.0).sample(
-            torch.zeros_like(lat["samples"]), lat["samples"], comfy.samplers.KSAMPLER(euler), up
-        )
-    torch.testing.assert_close(x_t["samples"], fmt.process_out(captured[-1]), rtol=0, atol=1e-5)
+    last = h.stock_euler_last(model, source, lat, up)
+    torch.testing.assert_close(x_t["samples"], fmt.process_out(last), rtol=0, atol=1e-5)
 
 
 @needs_zimage
 def test_z_image_guided_sampler_without_guidance_equals_stock_euler(zc, run):
-    import sampling_helpers as h
 
     model = _z()
     source, edit = tq.z_image_conditioning(1), tq.z_image_conditioning(2)
     _, inversion, sigmas = h.invert(zc, run, model, _z_latent(4, size=8), source, steps=STEPS)
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0)
-    fmt = model.model.latent_format
-    with torch.inference_mode():
-        x_t = fmt.process_in(inversion.latent)
-        stock = _stock_guider(model, edit, source, 4.0).sample(
-            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
-        )
+    stock = h.stock_euler_from_inversion(model, edit, source, 4.0, inversion, sigmas)
     # 1e-5 of the output's scale (about 10 on this model): ours combines CFG on velocities, the stock guider on
     # denoised latents, the same sum in another float32 rounding
     scale = max(1.0, float(stock.abs().max()))
@@ -755,36 +582,19 @@ def test_z_image_guided_sampler_without_guidance_equals_stock_euler(zc, run):
 @needs_zimage
 def test_z_image_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino):  # noqa: F811
     import tiny_models as tm
-    from test_diffuseit_nodes import image, structure, style
+    from test_diffuseit_nodes import image
 
     model, vae = _z(), tm.flow_vae(0)
     src = image(4)
     with torch.inference_mode():
         lat = {"samples": vae.encode(src)}
-    guidance_ = style(dn, run, model, vae, dino, image(5), previous=structure(dn, run, model, vae, dino, src))
-    modules = (vae.first_stage_model, dino.model, model.model)
-    before = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
     pos, neg = tq.z_image_conditioning(1), tq.z_image_conditioning(2)
-    reference = _stock(model, pos, neg, lat["samples"])
-
-    def sample(terms):
-        kw = dict(model=model, positive=pos, negative=neg, latent=lat, guidance=terms, steps=6, cfg=3.0,
-                  strength=0.5, resample=2, seed=3, step_mode="raw", step_size=0.02)  # fmt: skip
-        return run(dn.ZeroConDiffuseITSampler, **kw)[0]
-
-    plain = sample(structure(dn, run, model, vae, dino, src, weight=0.0))
-    out = sample(guidance_)
-    assert out["samples"].shape == lat["samples"].shape and torch.isfinite(out["samples"]).all()
-    assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4, "DINO guidance did not move the latent"
-    after = [[(id(p), p.is_inference(), p.requires_grad) for p in m.parameters()] for m in modules]
-    assert after == before
-    assert torch.equal(_stock(model, pos, neg, lat["samples"]), reference)
+    _assert_diffuseit_runs_and_leaves_everything_as_it_was(dn, run, dino, model, vae, src, lat, (pos, neg))
 
 
 @needs_zimage
 @needs_qwen
 def test_qwen_image_latent_or_conditioning_on_z_image_names_what_is_expected(zc, run, dn, dino):  # noqa: F811
-    import sampling_helpers as h
     import tiny_models as tm
     from test_diffuseit_nodes import image, structure
 
@@ -840,7 +650,6 @@ def test_joint_capture_reads_only_the_main_layers_joint_attention():
 @needs_zimage
 def test_z_image_reference_latents_are_a_clear_error_when_captured(zc, run):
     """Z-Image Omni's reference tokens change the joint layout the captures read: refused, not misread."""
-    import sampling_helpers as h
 
     model, lat = _z(), _z_latent(5, size=8)
     cond = tq.z_image_conditioning(1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import sampling_helpers as h
 import tiny_models as tm
 import torch
 
@@ -47,18 +48,7 @@ def test_size_warning_threshold(zc, name, pred, pixels, warned):
 
 def test_inversion_warns_about_1024px_on_sd15_in_log_and_on_the_node(zc, sd15_model, caplog):
     node = zc.sampling.ZeroConDDIMInversion
-    kw = dict(
-        model=sd15_model,
-        conditioning=tm.conditioning(1),
-        steps=2,
-        cfg=1.0,
-        regularize=False,
-        lambda_ac=20.0,
-        lambda_kl=20.0,
-        reg_outer=1,
-        reg_rolls=2,
-        seed=0,
-    )
+    kw = h.inversion_inputs(sd15_model, tm.conditioning(1), steps=2)
     with caplog.at_level(logging.WARNING, logger="zerocon"), torch.inference_mode():
         big = node.execute(latent=tm.latent(2, size=128), **kw)
     warnings = [r.getMessage() for r in caplog.records if "trained at" in r.getMessage()]

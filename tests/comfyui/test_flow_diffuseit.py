@@ -11,15 +11,13 @@ import pytest
 import sampling_helpers as h
 import tiny_models as tm
 import torch
-from conftest import pack_module
-from test_diffuseit_nodes import dino, dino_nodes, image, structure, style  # noqa: F401  (fixtures)
+from conftest import pack_fixture
+from test_diffuseit_nodes import dino, dino_nodes, encode, image, sampler_inputs, structure, style  # noqa: F401  (fixtures)
 
 FLOW = {"flux": (tm.flux, 1.0, None), "flux_dev": (tm.flux_dev, 1.0, 3.5), "sd3": (tm.sd3, 3.0, None)}
 
 
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.diffuseit_nodes")
+dn = pack_fixture("nodes.classes.diffuseit_nodes")
 
 
 @pytest.fixture(scope="module")
@@ -46,29 +44,10 @@ def tiny_taesd16(name: str, seed: int = 0):
         return comfy.sd.VAE(sd=sd)
 
 
-def encode(vae, img) -> dict:
-    with torch.inference_mode():
-        return {"samples": vae.encode(img)}
-
-
 def sample(dn, run, kind, model, latent, guidance, **over):
     _, cfg, g = FLOW[kind]
-    kw = dict(
-        model=model,
-        positive=tm.flow_conditioning(1, guidance=g),
-        negative=tm.flow_conditioning(2, guidance=g),
-        latent=latent,
-        guidance=guidance,
-        steps=6,
-        cfg=cfg,
-        strength=0.5,
-        resample=2,
-        seed=3,
-        step_mode="raw",
-        step_size=0.02,
-    )
-    kw.update(over)
-    return run(dn.ZeroConDiffuseITSampler, **kw)[0]
+    conds = dict(positive=tm.flow_conditioning(1, guidance=g), negative=tm.flow_conditioning(2, guidance=g), cfg=cfg)
+    return run(dn.ZeroConDiffuseITSampler, **sampler_inputs(model, latent, guidance, **{**conds, **over}))[0]
 
 
 @pytest.mark.parametrize("kind", sorted(FLOW))

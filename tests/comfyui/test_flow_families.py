@@ -14,12 +14,11 @@ from __future__ import annotations
 import dataclasses
 
 import comfy.model_management
-import comfy.samplers
 import pytest
+import robust_helpers as rh
 import sampling_helpers as h
 import tiny_models as tm
 import torch
-from comfy.k_diffusion.sampling import sample_euler
 from test_sampling_cleanup import _snapshot
 
 STEPS = 4
@@ -115,13 +114,6 @@ def test_next_convention_is_refused_on_flow(zc, run):
 # -- guidance off equals ComfyUI's stock euler ------------------------------------------------------------------
 
 
-def _stock_guider(model, positive, negative, cfg):
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    return guider
-
-
 @pytest.mark.parametrize("kind", sorted(FLOW))
 def test_inversion_equals_stock_euler_on_flipped_sigmas(zc, run, kind):
     model = FLOW[kind][0]()
@@ -130,36 +122,11 @@ def test_inversion_equals_stock_euler_on_flipped_sigmas(zc, run, kind):
     x_t, _, sigmas = h.invert(zc, run, model, lat, source, steps=STEPS)
     up = h.flip(sigmas)
     fmt = model.model.latent_format
-    zeros = torch.zeros_like(lat["samples"])
     # (1) stock KSAMPLER "euler" short of sigma 1 (ComfyUI then divides by 1 - sigma_last, which we undo)
-    ours_short = _inversion_latent(zc, model, source, lat, up[:-1])
-    with torch.inference_mode():
-        stock = _stock_guider(model, source, source, 1.0).sample(
-            zeros, lat["samples"], comfy.samplers.sampler_object("euler"), up[:-1]
-        )
-    a = float(up[-2])
-    torch.testing.assert_close(
-        fmt.process_in(ours_short), fmt.process_in(stock) * (1 - a), rtol=0, atol=1e-5
-    )  # fmt: skip
+    h.assert_inversion_equals_stock_euler_short_of_1(zc, model, source, lat, up)
     # (2) the whole grid: stock sample_euler's own result (ComfyUI's scaling out divides it by 1 - 1)
-    captured = []
-
-    def euler(m, x, s, **kw):
-        out = sample_euler(m, x, s, **kw)
-        captured.append(out.clone())
-        return out
-
-    with torch.inference_mode():
-        _stock_guider(model, source, source, 1.0).sample(zeros, lat["samples"], comfy.samplers.KSAMPLER(euler), up)
-    torch.testing.assert_close(x_t["samples"], fmt.process_out(captured[-1]), rtol=0, atol=1e-5)
-
-
-def _inversion_latent(zc, model, cond, lat, up):
-    """Our inversion KSAMPLER function on the grid ``up`` (through ``ZeroConKSampler``, as the node runs it)."""
-    guider = _stock_guider(model, cond, cond, 1.0)
-    sampler = zc.sampling.ZeroConKSampler(zc.sampling.inversion_function, extra_options={})
-    with torch.inference_mode():
-        return guider.sample(torch.zeros_like(lat["samples"]), lat["samples"], sampler, up)
+    last = h.stock_euler_last(model, source, lat, up)
+    torch.testing.assert_close(x_t["samples"], fmt.process_out(last), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", sorted(FLOW))
@@ -171,12 +138,7 @@ def test_guided_sampler_without_guidance_equals_stock_euler(zc, run, kind):
     source, edit = _conds(kind)
     _, inversion, sigmas = h.invert(zc, run, model, tm.flow_latent(4, size=8), source, steps=STEPS)
     out, _ = h.guided(zc, run, model, inversion, edit, cfg=cfg)
-    fmt = model.model.latent_format
-    with torch.inference_mode():
-        x_t = fmt.process_in(inversion.latent)
-        stock = _stock_guider(model, edit, source, cfg).sample(
-            x_t, torch.zeros_like(x_t), comfy.samplers.sampler_object("euler"), sigmas
-        )
+    stock = h.stock_euler_from_inversion(model, edit, source, cfg, inversion, sigmas)
     torch.testing.assert_close(out["samples"], stock, rtol=0, atol=1e-5)
     assert float((out["samples"] - inversion.latent).abs().max()) > 0.1  # it did sample
 
@@ -215,14 +177,16 @@ def _x0_energy(zc):
     return X0Energy(weight=0.5)
 
 
-def _assert_untouched(model, before, reference, pos, neg, lat):
+def _assert_untouched(model, before, reference, pos, neg, lat, **sampling):
+    """The MODEL's tensors are the very same inference tensors with the same flags, its options and object patches
+    the same, and the stock KSampler (``sampling``: its cfg...) gives ``reference`` again."""
     after = _snapshot(model)
     assert after["tensors"].keys() == before["tensors"].keys()
     for name, t in after["tensors"].items():
         assert t is before["tensors"][name] and t.is_inference(), name
         assert t.requires_grad == before["requires_grad"][name], name
     assert after["options"] == before["options"] and after["object_patches"] == before["object_patches"]
-    assert torch.equal(h.ksampler(model, pos, neg, lat), reference)
+    assert torch.equal(h.ksampler(model, pos, neg, lat, **sampling), reference)
 
 
 @pytest.mark.parametrize("kind", ["flux", "sd3"])
@@ -260,19 +224,7 @@ def test_guided_and_interrupted_runs_leave_the_model_as_it_was(zc, run, kind, mo
     assert float((out["samples"] - plain["samples"]).abs().max()) > 1e-4  # the gradient step moved the latent
     _assert_untouched(model, before, reference, edit, source, lat)
 
-    real = zc.sampling.progress.node_callback
-
-    def interrupting(m, steps, x0_output=None):
-        cb = real(m, steps, x0_output)
-
-        def callback(step, x0, x, total):
-            if step == 1:
-                comfy.model_management.interrupt_current_processing(True)
-            return cb(step, x0, x, total)
-
-        return callback
-
-    monkeypatch.setattr(zc.sampling.progress, "node_callback", interrupting)
+    rh.interrupt_at_step(monkeypatch, zc, 1)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         h.guided(zc, run, model, inversion, edit, cfg=cfg, guidance=(term,))
     monkeypatch.undo()
@@ -304,18 +256,13 @@ def test_wrong_latent_channels_name_the_expected_ones(zc, run):
 def test_guider_and_guided_ddim_sampler_in_sampler_custom_advanced(zc, run):
     """The GUIDER + SAMPLER pair with DisableNoise and the inversion's SIGMAS gives the Guided Sampler's edit: the
     inverted latent enters at sigma 1 as it is (ComfyUI's flow scaling would have zeroed it)."""
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
     model = tm.sd3()
     source, edit = _conds("sd3")
     x_t, inversion, sigmas = h.invert(zc, run, model, tm.flow_latent(10, size=8), source, steps=STEPS)
     node_edit, _ = h.guided(zc, run, model, inversion, edit, cfg=4.0, reference="resampled")
     (guider,) = run(zc.sampling.ZeroConGuiderNode, model=model, edited=edit, source=source, cfg=4.0)
-    (sampler,) = run(
-        zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0
-    )  # fmt: skip
-    with torch.inference_mode():
-        out, _ = SamplerCustomAdvanced().sample(DisableNoise().get_noise()[0], guider, sampler, sigmas, x_t)
+    sampler = h.ddim_sampler_node(zc, run)
+    out, _ = h.sample_custom_advanced(guider, sampler, sigmas, x_t)
     torch.testing.assert_close(out["samples"], node_edit["samples"], rtol=0, atol=1e-6)
 
 

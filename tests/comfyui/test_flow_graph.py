@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_diffuseit_graph import DINO_NAME, graph_env  # noqa: F401  (fixture: both packs, a tiny DINO, PNGs)
-from test_graph import execute_in_process
+from test_diffuseit_graph import DINO_NAME, _structure, graph_env  # noqa: F401  (fixture: both packs, a tiny DINO, PNGs)
+from test_graph import execute_in_process, guided_sampler_node, inversion_node
 
 SIZE = 64  # pixels; latent 8 x 8 x 16
 GUIDANCE = {"flux": 0.0, "flux_dev": 3.5, "sd3": 0.0}
@@ -40,35 +40,9 @@ def _capture(graph: dict, node: str, output: int, key: str) -> None:
 
 def inversion_graph(kind: str) -> dict:
     g = _base(kind)
-    g["invert"] = {
-        "class_type": "ZeroConDDIMInversion",
-        "inputs": {
-            "model": ["ckpt", 0],
-            "latent": ["latent", 0],
-            "conditioning": ["source", 0],
-            "steps": 3,
-            "cfg": 1.0,
-            "regularize": False,  # on 8 x 8 latents the regulariser's steps are far larger than at real sizes
-            "lambda_ac": 20.0,
-            "lambda_kl": 20.0,
-            "reg_outer": 1,
-            "reg_rolls": 1,
-            "seed": 0,
-        },
-    }
-    g["sample"] = {
-        "class_type": "ZeroConGuidedSampler",
-        "inputs": {
-            "model": ["ckpt", 0],
-            "inversion": ["invert", 1],
-            "edited": ["edited", 0],
-            "cfg": CFG[kind],
-            "step_mode": "raw",
-            "step_size": 0.02,
-            "branches": "edit",
-            "seed": 0,
-        },
-    }
+    # no regulariser: on 8 x 8 latents its steps are far larger than at real sizes
+    g["invert"] = inversion_node(3, regularize=False)
+    g["sample"] = guided_sampler_node(CFG[kind])
     _capture(g, "sample", 0, "edit")
     _capture(g, "sample", 1, "reconstruction")
     g["cap_x_t"] = {"class_type": "ZeroConTest_Capture", "inputs": {"value": ["invert", 0], "key": "x_t"}}
@@ -81,24 +55,7 @@ def diffuseit_graph(kind: str, weight: float = 1.0) -> dict:
         "class_type": "ZeroConDINOLoader",
         "inputs": {"model": DINO_NAME, "precision": "fp32", "device": "cpu", "allow_download": False},
     }
-    g["structure"] = {
-        "class_type": "ZeroConDinoStructureGuidance",
-        "inputs": {
-            "model": ["ckpt", 0],
-            "vae": ["ckpt", 1],
-            "dino": ["dino", 0],
-            "image": ["image", 0],
-            "weight": weight,
-            "lambda_ssim": 1000.0,
-            "lambda_contrastive": 200.0,
-            "lambda_semantic": 100.0,
-            "lambda_range": 200.0,
-            "dino_size": 32,
-            "noise_blend": False,
-            "start": 0.0,
-            "end": 1.0,
-        },
-    }
+    g["structure"] = _structure("image", weight=weight, vae=["ckpt", 1])
     g["sample"] = {
         "class_type": "ZeroConDiffuseITSampler",
         "inputs": {

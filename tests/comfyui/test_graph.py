@@ -38,6 +38,41 @@ STEPS = 3
 SIZE = 64  # pixels; latent 8 x 8
 
 
+def inversion_node(steps: int, regularize: bool) -> dict:
+    """A DDIM Inversion node on ckpt's MODEL, the "latent" node's LATENT and the "source" conditioning."""
+    inputs = {
+        "model": ["ckpt", 0],
+        "latent": ["latent", 0],
+        "conditioning": ["source", 0],
+        "steps": steps,
+        "cfg": 1.0,
+        "regularize": regularize,
+        "lambda_ac": 20.0,
+        "lambda_kl": 20.0,
+        "reg_outer": 1,
+        "reg_rolls": 1,
+        "seed": 0,
+    }
+    return {"class_type": "ZeroConDDIMInversion", "inputs": inputs}
+
+
+def guided_sampler_node(cfg: float, **links) -> dict:
+    """A Guided Sampler node on ckpt's MODEL, the "invert" node's inversion and the "edited" conditioning (raw
+    steps of 0.02, branches "edit"); ``links``: further inputs (guidance)."""
+    inputs = {
+        "model": ["ckpt", 0],
+        "inversion": ["invert", 1],
+        "edited": ["edited", 0],
+        "cfg": cfg,
+        "step_mode": "raw",
+        "step_size": 0.02,
+        "branches": "edit",
+        "seed": 0,
+        **links,
+    }
+    return {"class_type": "ZeroConGuidedSampler", "inputs": inputs}
+
+
 def build_graph(kind: str = "sd15", blip: str = "tiny-blip") -> dict:
     """The API-format prompt (what the UI POSTs to /prompt)."""
     return {
@@ -80,22 +115,7 @@ def build_graph(kind: str = "sd15", blip: str = "tiny-blip") -> dict:
             "inputs": {"conditioning": ["source", 0], "direction": ["direction", 0], "strength": 1.0},
         },
         "latent": {"class_type": "VAEEncode", "inputs": {"pixels": ["image", 0], "vae": ["ckpt", 2]}},
-        "invert": {
-            "class_type": "ZeroConDDIMInversion",
-            "inputs": {
-                "model": ["ckpt", 0],
-                "latent": ["latent", 0],
-                "conditioning": ["source", 0],
-                "steps": STEPS,
-                "cfg": 1.0,
-                "regularize": True,
-                "lambda_ac": 20.0,
-                "lambda_kl": 20.0,
-                "reg_outer": 1,
-                "reg_rolls": 1,
-                "seed": 0,
-            },
-        },
+        "invert": inversion_node(STEPS, regularize=True),
         "xattn": {
             "class_type": "ZeroConCrossAttentionGuidance",
             "inputs": {"weight": -1.0, "layers": "all", "start": 0.0, "end": 1.0},
@@ -113,20 +133,7 @@ def build_graph(kind: str = "sd15", blip: str = "tiny-blip") -> dict:
                 "previous": ["xattn", 0],
             },
         },
-        "sample": {
-            "class_type": "ZeroConGuidedSampler",
-            "inputs": {
-                "model": ["ckpt", 0],
-                "inversion": ["invert", 1],
-                "edited": ["edited", 0],
-                "cfg": 5.0,
-                "step_mode": "raw",
-                "step_size": 0.02,
-                "branches": "edit",
-                "seed": 0,
-                "guidance": ["nce", 0],
-            },
-        },
+        "sample": guided_sampler_node(5.0, guidance=["nce", 0]),
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
         "decode_ref": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 1], "vae": ["ckpt", 2]}},
         "cap_edit": {"class_type": "ZeroConTest_Capture", "inputs": {"value": ["decode", 0], "key": "edit"}},

@@ -146,14 +146,6 @@ def test_switch_restored_after_interrupted_and_failed_runs(zc, run, monkeypatch,
 # -- attention overrides and ops without a backward ---------------------------------------------------------------
 
 
-def _sd_edit(zc, run, model, guided=True):
-    lat, cap, edit = tm.latent(30), tm.conditioning(31), tm.conditioning(32)
-    g = h.guidance(zc, run) if guided else None
-    _, inversion, _ = h.invert(zc, run, model, lat, cap, steps=4, guidance=g)
-    out, _ = h.guided(zc, run, model, inversion, edit, guidance=g, reference="resampled")
-    return out["samples"]
-
-
 def test_override_that_ignores_its_kernel_and_returns_a_custom_op_output(zc, run, monkeypatch, caplog):
     """As ComfyUI 0.33's ModelAttentionBackend "comfy kitchen attention": its output requires grad, its backward
     raises. Gradient passes bypass it; every other pass keeps it."""
@@ -165,8 +157,8 @@ def test_override_that_ignores_its_kernel_and_returns_a_custom_op_output(zc, run
         calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
         return op(q, k, v, heads)
 
-    reference = _sd_edit(zc, run, tm.sd15())
-    unguided = _sd_edit(zc, run, tm.sd15(), guided=False)
+    reference = h.resampled_edit(zc, run, tm.sd15(), steps=4)
+    unguided = h.resampled_edit(zc, run, tm.sd15(), with_guidance=False, steps=4)
     model = tm.sd15()
     model.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = kitchen_override
     lat, cap, edit = tm.latent(30), tm.conditioning(31), tm.conditioning(32)
@@ -175,7 +167,7 @@ def test_override_that_ignores_its_kernel_and_returns_a_custom_op_output(zc, run
     results = rh.spy_engine(monkeypatch, zc)
     calls.update(grad=0, no_grad=0)
     with caplog.at_level(logging.WARNING, logger="zerocon"):
-        out = _sd_edit(zc, run, model)
+        out = h.resampled_edit(zc, run, model, steps=4)
     assert calls["no_grad"] > 0 and calls["grad"] == 1  # detected at its first gradient call, then bypassed
     assert all(not r.skipped for r in results)
     # the same edit as the stock kernel's, far closer than the guidance's own effect (not an unguided edit)

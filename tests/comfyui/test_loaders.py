@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from conftest import forbid_downloads, pack_module, temporary_model_folders
+from conftest import forbid_downloads, pack_fixture, pack_module, temporary_model_folders
 
 # What a typical transformers hub repository holds: the same weights in four formats.
 REPO_FILES = (
@@ -31,9 +31,7 @@ REPO_FILES = (
 )
 
 
-@pytest.fixture(scope="module")
-def loaders():
-    return pack_module("nodes.glue.loaders")
+loaders = pack_fixture("nodes.glue.loaders")
 
 
 @pytest.fixture(scope="module")

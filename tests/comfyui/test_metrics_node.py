@@ -13,7 +13,15 @@ import os
 
 import pytest
 import torch
-from conftest import core_helper, forbid_downloads, pack_module, run_node, temporary_model_folders
+from conftest import (
+    core_helper,
+    forbid_downloads,
+    load_on_cpu,
+    pack_fixture,
+    pack_module,
+    run_node,
+    temporary_model_folders,
+)
 
 
 def save_tiny_clip(folder: str | os.PathLike, seed: int = 0) -> str:
@@ -28,19 +36,9 @@ def save_tiny_dino(folder: str | os.PathLike, seed: int = 0) -> str:
         return str(core_helper("tiny_vision").tiny_dino_folder(folder, seed))
 
 
-@pytest.fixture(scope="module")
-def mn():
-    return pack_module("nodes.classes.metrics_nodes")
-
-
-@pytest.fixture(scope="module")
-def vn():
-    return pack_module("nodes.classes.dino_nodes")
-
-
-@pytest.fixture(scope="module")
-def zm():
-    return pack_module("zerocon_core.evaluation.metrics")
+mn = pack_fixture("nodes.classes.metrics_nodes")
+vn = pack_fixture("nodes.classes.dino_nodes")
+zm = pack_fixture("zerocon_core.evaluation.metrics")
 
 
 @pytest.fixture
@@ -56,10 +54,8 @@ def model_dirs(tmp_path, monkeypatch, mn):
 def loaded(model_dirs, mn, vn):
     save_tiny_clip(model_dirs / mn.CLIP_METRIC / "tiny-clip")
     save_tiny_dino(model_dirs / "dino" / "tiny-dino")
-    (clip,) = run_node(
-        mn.ZeroConCLIPMetricLoader, model="tiny-clip", precision="fp32", device="cpu", allow_download=False
-    )
-    (dino,) = run_node(vn.ZeroConDINOLoader, model="tiny-dino", precision="fp32", device="cpu", allow_download=False)
+    (clip,) = load_on_cpu(mn.ZeroConCLIPMetricLoader, "tiny-clip")
+    (dino,) = load_on_cpu(vn.ZeroConDINOLoader, "tiny-dino")
     return clip, dino
 
 
@@ -84,18 +80,22 @@ def test_schemas_have_tooltips_prefixed_ids_and_category(mn, vn):
     assert ids == {"ZeroConEditMetrics", "ZeroConCLIPMetricLoader", "ZeroConDINOLoader"}
 
 
+def _edit_metrics(mn, source, edited, source_text="", target_text="", **optional):
+    """The Edit Metrics node's outputs on these images and texts (``optional``: mask, clip_metric, dino)."""
+    return run_node(
+        mn.ZeroConEditMetrics,
+        source_image=source,
+        edited_image=edited,
+        source_text=source_text,
+        target_text=target_text,
+        **optional,
+    )
+
+
 def test_metrics_node_matches_core(loaded, mn, zm):
     clip, dino = loaded
     src, edt = comfy_image(0, 2), comfy_image(1, 2)
-    out = run_node(
-        mn.ZeroConEditMetrics,
-        source_image=src,
-        edited_image=edt,
-        source_text="a photo of a cat",
-        target_text="a photo of a dog",
-        clip_metric=clip,
-        dino=dino,
-    )
+    out = _edit_metrics(mn, src, edt, "a photo of a cat", "a photo of a dog", clip_metric=clip, dino=dino)
     assert len(out) == 7 and isinstance(out[-1], str)
     want = zm.edit_metrics(
         src.permute(0, 3, 1, 2),
@@ -119,33 +119,15 @@ def test_identical_images_and_mask(loaded, mn):
     mask = torch.zeros(1, 32, 32)
     mask[:, 8:24, 8:24] = 1.0
     edt[:, 8:24, 8:24, :] = 1.0 - edt[:, 8:24, 8:24, :]  # the edit stays inside the mask
-    _, _, sd, psnr, ssim, mse, text = run_node(
-        mn.ZeroConEditMetrics,
-        source_image=src,
-        edited_image=edt,
-        source_text="a",
-        target_text="b",
-        mask=mask,
-        dino=dino,
-    )
+    _, _, sd, psnr, ssim, mse, text = _edit_metrics(mn, src, edt, "a", "b", mask=mask, dino=dino)
     assert psnr == math.inf and mse == 0.0 and 0.0 < ssim < 1.0 and sd > 0
     assert "background (mask == 0)" in text
-    same = run_node(
-        mn.ZeroConEditMetrics,
-        source_image=src,
-        edited_image=src,
-        source_text="a",
-        target_text="b",
-        clip_metric=clip,
-        dino=dino,
-    )
+    same = _edit_metrics(mn, src, src, "a", "b", clip_metric=clip, dino=dino)
     assert same[2] == 0.0 and same[3] == math.inf and same[4] == pytest.approx(1.0) and same[5] == 0.0
 
 
 def test_without_models_clip_and_structure_are_nan(mn):
-    out = run_node(
-        mn.ZeroConEditMetrics, source_image=comfy_image(0), edited_image=comfy_image(1), source_text="", target_text=""
-    )
+    out = _edit_metrics(mn, comfy_image(0), comfy_image(1))
     assert math.isnan(out[0]) and math.isnan(out[1]) and math.isnan(out[2])
     assert math.isfinite(out[3]) and math.isfinite(out[4])
     assert "n/a (connect a ZeroCon CLIP Metric Loader)" in out[-1] and "n/a (connect a ZeroCon DINO Loader)" in out[-1]
@@ -153,51 +135,26 @@ def test_without_models_clip_and_structure_are_nan(mn):
 
 def test_bad_inputs(mn, caplog):
     with pytest.raises(ValueError, match="mask is 16x16 but the source image is 32x32"):
-        run_node(
-            mn.ZeroConEditMetrics,
-            source_image=comfy_image(0),
-            edited_image=comfy_image(1),
-            source_text="",
-            target_text="",
-            mask=torch.zeros(1, 16, 16),
-        )
+        _edit_metrics(mn, comfy_image(0), comfy_image(1), mask=torch.zeros(1, 16, 16))
     with caplog.at_level(logging.WARNING, logger="zerocon"):
-        out = run_node(
-            mn.ZeroConEditMetrics,
-            source_image=comfy_image(0),
-            edited_image=comfy_image(1, h=64, w=64),
-            source_text="",
-            target_text="",
-        )
+        out = _edit_metrics(mn, comfy_image(0), comfy_image(1, h=64, w=64))
     assert "resizing the edited image" in caplog.text and math.isfinite(out[3])
     with pytest.raises(ValueError, match="batch sizes differ"):
-        run_node(
-            mn.ZeroConEditMetrics,
-            source_image=comfy_image(0, 2),
-            edited_image=comfy_image(1, 3),
-            source_text="",
-            target_text="",
-        )
+        _edit_metrics(mn, comfy_image(0, 2), comfy_image(1, 3))
 
 
 def test_loaders_missing_folder_name_folder_and_model_id(mn, vn, model_dirs):
     with pytest.raises(FileNotFoundError) as err:
-        run_node(vn.ZeroConDINOLoader, model="dino-vitb8", precision="fp32", device="cpu", allow_download=True)
+        load_on_cpu(vn.ZeroConDINOLoader, "dino-vitb8", allow_download=True)
     msg = str(err.value)
     assert str(model_dirs / "dino" / "dino-vitb8") in msg and "facebook/dino-vitb8" in msg and "HF_HUB_OFFLINE" in msg
     with pytest.raises(FileNotFoundError) as err:
-        run_node(
-            mn.ZeroConCLIPMetricLoader,
-            model="clip-vit-large-patch14",
-            precision="fp32",
-            device="cpu",
-            allow_download=False,
-        )
+        load_on_cpu(mn.ZeroConCLIPMetricLoader, "clip-vit-large-patch14")
     msg = str(err.value)
     assert str(model_dirs / "clip_metric" / "clip-vit-large-patch14") in msg
     assert "openai/clip-vit-large-patch14" in msg and "allow_download is off" in msg
     with pytest.raises(ValueError, match="not a folder name"):
-        run_node(vn.ZeroConDINOLoader, model="../x", precision="fp32", device="cpu", allow_download=False)
+        load_on_cpu(vn.ZeroConDINOLoader, "../x")
 
 
 def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monkeypatch):
@@ -214,9 +171,7 @@ def test_dino_loader_downloads_once_when_allowed_and_online(vn, model_dirs, monk
     monkeypatch.setattr(pack_module("nodes.glue.loaders"), "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
-        (dino,) = run_node(
-            vn.ZeroConDINOLoader, model="dino-vitb8", precision="fp32", device="cpu", allow_download=True
-        )
+        (dino,) = load_on_cpu(vn.ZeroConDINOLoader, "dino-vitb8", allow_download=True)
     assert calls == [("facebook/dino-vitb8", str(model_dirs / "dino" / "dino-vitb8"))]
     assert dino.name == "dino-vitb8"
 

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import difflib
-import importlib.util
 
-from conftest import REPO, pack_module
+from conftest import REPO, module_from_file, pack_module
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("zerocon_node_reference", REPO / "tools" / "node_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("zerocon_node_reference", REPO / "tools" / "node_reference.py")
 
 
 def test_docs_nodes_md_matches_the_schemas():

@@ -8,15 +8,13 @@ import asyncio
 import pytest
 import tiny_clip
 import torch
-from conftest import REPO, pack_module
+from conftest import REPO, pack_fixture
 from test_text_nodes import model_dirs  # noqa: F401  (fixture: temporary models/edit_directions)
 
 DIFFUSEIT_NODES = ("ZeroConDinoStructureGuidance", "ZeroConDinoStyleGuidance", "ZeroConDiffuseITSampler")
 
 
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.direction_nodes")
+dn = pack_fixture("nodes.classes.direction_nodes")
 
 
 def _direction(dn):

@@ -97,17 +97,14 @@ def test_batch_of_two_with_shared_conditioning(zc, run, sd15_model):
 
 
 def test_sampler_custom_advanced_runs_the_method(zc, run, sd15_model):
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
     lat, cap, edit = tm.latent(15), tm.conditioning(16), tm.conditioning(17)
     x_t, inversion, sigmas = _invert(zc, run, sd15_model, lat, cap)
     guidance = _guidance(zc, run)
     (guider,) = run(
         zc.sampling.ZeroConGuiderNode, model=sd15_model, edited=edit, source=cap, cfg=5.0, guidance=guidance
     )
-    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0)
-    with torch.inference_mode():
-        out, _ = SamplerCustomAdvanced().sample(DisableNoise().get_noise()[0], guider, sampler, sigmas, x_t)
+    sampler = h.ddim_sampler_node(zc, run)
+    out, _ = h.sample_custom_advanced(guider, sampler, sigmas, x_t)
     node_out, _ = _guided(zc, run, sd15_model, inversion, edit, guidance=guidance)
     assert torch.isfinite(out["samples"]).all()
     torch.testing.assert_close(out["samples"], node_out["samples"], rtol=1e-5, atol=1e-5)
@@ -115,15 +112,12 @@ def test_sampler_custom_advanced_runs_the_method(zc, run, sd15_model):
 
 def test_guider_alone_is_plain_cfg_with_stock_samplers(zc, run, sd15_model):
     """With a stock sampler the ZeroCon Guider is ordinary CFG (edit vs negative = source)."""
-    from comfy_extras.nodes_custom_sampler import DisableNoise, KSamplerSelect, SamplerCustomAdvanced
+    from comfy_extras.nodes_custom_sampler import KSamplerSelect
 
     lat, cap, edit = tm.latent(18), tm.conditioning(19), tm.conditioning(20)
     sig = h.ddim_sigmas(sd15_model, STEPS)
     (guider,) = run(zc.sampling.ZeroConGuiderNode, model=sd15_model, edited=edit, source=cap, cfg=5.0)
-    with torch.inference_mode():
-        ours, _ = SamplerCustomAdvanced().sample(
-            DisableNoise().get_noise()[0], guider, KSamplerSelect().get_sampler("ddim")[0], sig, lat
-        )
+    ours, _ = h.sample_custom_advanced(guider, KSamplerSelect().get_sampler("ddim")[0], sig, lat)
     ref = h.sampler_custom(sd15_model, edit, cap, lat, sig, cfg=5.0)
     assert torch.equal(ours["samples"], ref["samples"])
 

@@ -10,19 +10,14 @@ import dataclasses
 
 import comfy.model_management
 import pytest
+import robust_helpers as rh
 import sampling_helpers as h
 import tiny_models as tm
 import torch
 
 
 def _snapshot(model):
-    tensors = {}
-    for root in (model.model,):
-        for mod_name, mod in root.named_modules():
-            for store in (mod._parameters, mod._buffers):
-                for name, t in store.items():
-                    if t is not None:
-                        tensors[f"{mod_name}.{name}"] = t
+    tensors = rh.model_tensors(model)
     return {
         "tensors": tensors,
         "requires_grad": {name: t.requires_grad for name, t in tensors.items()},
@@ -73,21 +68,7 @@ def test_interrupt_mid_run_cleans_up(zc, run, sd15_model, monkeypatch):
     """Cancel pressed after step 1: ComfyUI's interrupt flag, honoured by the sampler before the next step."""
     lat, cap, edit, inversion, guidance, reference = _setup(zc, run, sd15_model)
     before = _snapshot(sd15_model)
-    steps_seen = []
-    real = zc.sampling.progress.node_callback
-
-    def interrupting(model, steps, x0_output=None):
-        cb = real(model, steps, x0_output)
-
-        def callback(step, x0, x, total):
-            steps_seen.append(step)
-            if step == 1:
-                comfy.model_management.interrupt_current_processing(True)
-            return cb(step, x0, x, total)
-
-        return callback
-
-    monkeypatch.setattr(zc.sampling.progress, "node_callback", interrupting)
+    steps_seen = rh.interrupt_at_step(monkeypatch, zc, 1)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         h.guided(zc, run, sd15_model, inversion, edit, guidance=guidance)
     assert steps_seen == [0, 1]

@@ -33,8 +33,6 @@ def test_batch_mismatch_latent_vs_conditioning_in_guided_sampler(zc, run, sd15_m
 
 
 def test_batch_mismatch_in_sampler_custom_advanced(zc, run, sd15_model):
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
     (guider,) = run(
         zc.sampling.ZeroConGuiderNode,
         model=sd15_model,
@@ -42,12 +40,9 @@ def test_batch_mismatch_in_sampler_custom_advanced(zc, run, sd15_model):
         source=tm.conditioning(63, batch=2),
         cfg=5.0,
     )
-    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0)
+    sampler = h.ddim_sampler_node(zc, run)
     with pytest.raises(ValueError, match=r"latent batch has 3 image\(s\) but the source conditioning has batch 2"):
-        with torch.inference_mode():
-            SamplerCustomAdvanced().sample(
-                DisableNoise().get_noise()[0], guider, sampler, h.ddim_sigmas(sd15_model, 3), tm.latent(64, batch=3)
-            )
+        h.sample_custom_advanced(guider, sampler, h.ddim_sigmas(sd15_model, 3), tm.latent(64, batch=3))
 
 
 def test_unsupported_model_family(zc, run):
@@ -90,15 +85,11 @@ def test_inversion_cfg_needs_a_negative(zc, run, sd15_model):
 
 
 def test_guided_sampler_needs_the_zerocon_guider(zc, run, sd15_model):
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
-    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0)
+    sampler = h.ddim_sampler_node(zc, run)
     guider = comfy.samplers.CFGGuider(sd15_model)
     guider.set_conds(tm.conditioning(58), tm.conditioning(59))
-    with pytest.raises(ValueError, match="needs the ZeroCon Guider as its GUIDER"), torch.inference_mode():
-        SamplerCustomAdvanced().sample(
-            DisableNoise().get_noise()[0], guider, sampler, h.ddim_sigmas(sd15_model, 3), tm.latent(60)
-        )
+    with pytest.raises(ValueError, match="needs the ZeroCon Guider as its GUIDER"):
+        h.sample_custom_advanced(guider, sampler, h.ddim_sigmas(sd15_model, 3), tm.latent(60))
 
 
 def test_bad_guidance_settings(zc, run):

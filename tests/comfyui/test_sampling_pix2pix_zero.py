@@ -63,19 +63,14 @@ def test_guided_sampler_pix2pix_zero_is_the_engine_and_differs_from_edit(zc, run
 
 
 def test_guider_and_sampler_pair_runs_pix2pix_zero(zc, run, sd15_model):
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
     lat, cap, edit = tm.latent(33), tm.conditioning(34), tm.conditioning(35)
     x_t, inversion, sigmas = h.invert(zc, run, sd15_model, lat, cap)
     (guidance,) = run(zc.guidance.ZeroConCrossAttentionGuidance, weight=XA, layers="all", start=0.0, end=1.0)
     (guider,) = run(
         zc.sampling.ZeroConGuiderNode, model=sd15_model, edited=edit, source=cap, cfg=5.0, guidance=guidance
     )
-    (sampler,) = run(
-        zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="pix2pix-zero", seed=0
-    )
-    with torch.inference_mode():
-        pair, _ = SamplerCustomAdvanced().sample(DisableNoise().get_noise()[0], guider, sampler, sigmas, x_t)
+    sampler = h.ddim_sampler_node(zc, run, branches="pix2pix-zero")
+    pair, _ = h.sample_custom_advanced(guider, sampler, sigmas, x_t)
     node, _ = h.guided(zc, run, sd15_model, inversion, edit, guidance=guidance, branches="pix2pix-zero")
     torch.testing.assert_close(pair["samples"], node["samples"], rtol=1e-5, atol=1e-5)
 

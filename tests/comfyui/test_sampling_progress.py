@@ -9,7 +9,6 @@ import re
 import comfy.utils
 import sampling_helpers as h
 import tiny_models as tm
-import torch
 from conftest import pack_module
 from test_diffuseit_nodes import dino, dino_nodes, encode, image, sample, structure, vae  # noqa: F401  (fixtures + helpers)
 
@@ -29,8 +28,6 @@ def test_inversion_and_guided_sampler_print_a_console_bar(zc, run, sd15_model, c
 
 
 def test_guided_ddim_sampler_in_sampler_custom_advanced_prints_a_console_bar(zc, run, sd15_model, capsys):
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
     (guider,) = run(
         zc.sampling.ZeroConGuiderNode,
         model=sd15_model,
@@ -38,12 +35,9 @@ def test_guided_ddim_sampler_in_sampler_custom_advanced_prints_a_console_bar(zc,
         source=tm.conditioning(5),
         cfg=5.0,
     )
-    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0)
+    sampler = h.ddim_sampler_node(zc, run)
     capsys.readouterr()
-    with torch.inference_mode():
-        SamplerCustomAdvanced().sample(
-            DisableNoise().get_noise()[0], guider, sampler, h.ddim_sigmas(sd15_model, 3), tm.latent(6)
-        )
+    h.sample_custom_advanced(guider, sampler, h.ddim_sigmas(sd15_model, 3), tm.latent(6))
     bars = _bars(capsys.readouterr().err, "ZeroCon sampling")
     assert bars and bars[-1] == (3, 3)
 

@@ -83,20 +83,21 @@ def test_another_source_conditioning_is_not_replayed(zc, run, sd15_model, monkey
     assert results[0].reference_mode == "resampled"
 
 
-def test_the_guider_replays_through_sampler_custom_advanced_nodes(zc, run, sd15_model, monkeypatch):
-    lat, cap, edit = tm.latent(46), tm.conditioning(47), tm.conditioning(48)
+def _guider_nodes(zc, run, model, seed: int):
+    """A guided inversion of latent ``seed`` (caption ``seed + 1``) and the Guider (edit ``seed + 2``, that
+    inversion) and Guided DDIM Sampler nodes: (guider, sampler, inversion, sigmas)."""
+    lat, cap, edit = tm.latent(seed), tm.conditioning(seed + 1), tm.conditioning(seed + 2)
     g = h.guidance(zc, run)
-    _, inversion, sigmas = h.invert(zc, run, sd15_model, lat, cap, guidance=g)
-    (guider,) = run(zc.sampling.ZeroConGuiderNode, model=sd15_model, edited=edit, source=cap, cfg=5.0, guidance=g,
+    _, inversion, sigmas = h.invert(zc, run, model, lat, cap, guidance=g)
+    (guider,) = run(zc.sampling.ZeroConGuiderNode, model=model, edited=edit, source=cap, cfg=5.0, guidance=g,
                     inversion=inversion)  # fmt: skip
-    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0)
-    results = _spy(zc, monkeypatch)
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
+    return guider, h.ddim_sampler_node(zc, run), inversion, sigmas
 
-    x_t = {"samples": inversion.latent}
-    with torch.inference_mode():
-        noise = DisableNoise().get_noise()[0]
-        SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, x_t)
+
+def test_the_guider_replays_through_sampler_custom_advanced_nodes(zc, run, sd15_model, monkeypatch):
+    guider, sampler, inversion, sigmas = _guider_nodes(zc, run, sd15_model, 46)
+    results = _spy(zc, monkeypatch)
+    h.sample_custom_advanced(guider, sampler, sigmas, {"samples": inversion.latent})
     assert results[0].reference_mode == "inverted" and results[0].replayed == list(range(1, h.STEPS))
 
 
@@ -110,20 +111,11 @@ def test_stock_ksampler_is_bit_identical_after_a_replayed_run(zc, run, sd15_mode
 
 
 def test_other_steps_through_the_guider_are_not_replayed(zc, run, sd15_model, monkeypatch, caplog):
-    lat, cap, edit = tm.latent(56), tm.conditioning(57), tm.conditioning(58)
-    g = h.guidance(zc, run)
-    _, inversion, _ = h.invert(zc, run, sd15_model, lat, cap, guidance=g)
-    (guider,) = run(zc.sampling.ZeroConGuiderNode, model=sd15_model, edited=edit, source=cap, cfg=5.0, guidance=g,
-                    inversion=inversion)  # fmt: skip
-    (sampler,) = run(zc.sampling.ZeroConGuidedDDIMSampler, step_mode="raw", step_size=0.02, branches="edit", seed=0)
+    guider, sampler, inversion, _ = _guider_nodes(zc, run, sd15_model, 56)
     results = _spy(zc, monkeypatch)
-    from comfy_extras.nodes_custom_sampler import DisableNoise, SamplerCustomAdvanced
-
     other = h.ddim_sigmas(sd15_model, h.STEPS - 1)
-    with caplog.at_level(logging.WARNING, logger="zerocon"), torch.inference_mode():
-        SamplerCustomAdvanced().sample(
-            DisableNoise().get_noise()[0], guider, sampler, other, {"samples": inversion.latent}
-        )
+    with caplog.at_level(logging.WARNING, logger="zerocon"):
+        h.sample_custom_advanced(guider, sampler, other, {"samples": inversion.latent})
     assert f"the inversion has {h.STEPS} steps, the sampler {h.STEPS - 1}" in caplog.text
     assert results[0].reference_mode == "resampled"
 

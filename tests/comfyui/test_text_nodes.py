@@ -12,24 +12,14 @@ import os
 import pytest
 import tiny_clip
 import torch
-from conftest import forbid_downloads, pack_module, run_node, temporary_model_folders
+from conftest import forbid_downloads, load_on_cpu, pack_fixture, pack_module, run_node, temporary_model_folders
 
 TEMPLATE_N = 6
 
 
-@pytest.fixture(scope="module")
-def blip_nodes():
-    return pack_module("nodes.classes.blip_nodes")
-
-
-@pytest.fixture(scope="module")
-def dn():
-    return pack_module("nodes.classes.direction_nodes")
-
-
-@pytest.fixture(scope="module")
-def zdir():
-    return pack_module("zerocon_core.text.direction")
+blip_nodes = pack_fixture("nodes.classes.blip_nodes")
+dn = pack_fixture("nodes.classes.direction_nodes")
+zdir = pack_fixture("zerocon_core.text.direction")
 
 
 @pytest.fixture
@@ -76,13 +66,7 @@ def make_direction(dn, clip, **over):
 
 def test_blip_loader_missing_folder_names_folder_and_model_id(blip_nodes, model_dirs):
     with pytest.raises(FileNotFoundError) as err:
-        run_node(
-            blip_nodes.ZeroConBLIPLoader,
-            model="blip-image-captioning-base",
-            precision="fp32",
-            device="cpu",
-            allow_download=True,
-        )
+        load_on_cpu(blip_nodes.ZeroConBLIPLoader, "blip-image-captioning-base", allow_download=True)
     msg = str(err.value)
     assert str(model_dirs / "blip" / "blip-image-captioning-base") in msg
     assert "Salesforce/blip-image-captioning-base" in msg
@@ -93,13 +77,7 @@ def test_blip_loader_download_switched_off(blip_nodes, model_dirs, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(pack_module("nodes.glue.loaders"), "hub_offline", lambda: False)
     with pytest.raises(FileNotFoundError, match="allow_download is off") as err:
-        run_node(
-            blip_nodes.ZeroConBLIPLoader,
-            model="blip-image-captioning-base",
-            precision="fp32",
-            device="cpu",
-            allow_download=False,
-        )
+        load_on_cpu(blip_nodes.ZeroConBLIPLoader, "blip-image-captioning-base")
     assert "Salesforce/blip-image-captioning-base" in str(err.value)
 
 
@@ -118,13 +96,7 @@ def test_blip_loader_downloads_once_when_allowed_and_online(blip_nodes, model_di
     monkeypatch.setattr(pack_module("nodes.glue.loaders"), "hub_offline", lambda: False)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     for _ in range(2):
-        (blip,) = run_node(
-            blip_nodes.ZeroConBLIPLoader,
-            model="blip-image-captioning-base",
-            precision="fp32",
-            device="cpu",
-            allow_download=True,
-        )
+        (blip,) = load_on_cpu(blip_nodes.ZeroConBLIPLoader, "blip-image-captioning-base", allow_download=True)
     assert calls == [("Salesforce/blip-image-captioning-base", str(model_dirs / "blip" / "blip-image-captioning-base"))]
     assert blip.blip.folder == str(model_dirs / "blip" / "blip-image-captioning-base")
 
@@ -135,13 +107,13 @@ def test_blip_loader_incomplete_local_folder_is_never_downloaded(blip_nodes, mod
     (model_dirs / "blip" / "my-blip" / "config.json").write_text("{}")
     assert "my-blip" in blip_nodes.ZeroConBLIPLoader.INPUT_TYPES()["required"]["model"][1]["options"]
     with pytest.raises(FileNotFoundError, match=r"the folder is incomplete\)") as err:
-        run_node(blip_nodes.ZeroConBLIPLoader, model="my-blip", precision="fp32", device="cpu", allow_download=True)
+        load_on_cpu(blip_nodes.ZeroConBLIPLoader, "my-blip", allow_download=True)
     assert str(model_dirs / "blip" / "my-blip") in str(err.value)
 
 
 def test_blip_loader_rejects_paths(blip_nodes, model_dirs):
     with pytest.raises(ValueError, match="not a folder name"):
-        run_node(blip_nodes.ZeroConBLIPLoader, model="../secret", precision="fp32", device="cpu", allow_download=False)
+        load_on_cpu(blip_nodes.ZeroConBLIPLoader, "../secret")
 
 
 def test_blip_caption_one_per_image(blip_nodes, model_dirs):
@@ -175,9 +147,7 @@ def test_blip_caption_one_per_image(blip_nodes, model_dirs):
 
 def test_blip_caption_empty_is_an_error(blip_nodes, model_dirs):
     tiny_clip.save_blip(model_dirs / "blip" / "tiny-empty", mode="empty")
-    (blip,) = run_node(
-        blip_nodes.ZeroConBLIPLoader, model="tiny-empty", precision="fp32", device="cpu", allow_download=False
-    )
+    (blip,) = load_on_cpu(blip_nodes.ZeroConBLIPLoader, "tiny-empty")
     with pytest.raises(ValueError, match=r"empty caption for image 0 of 1.*min_new_tokens"):
         run_node(
             blip_nodes.ZeroConBLIPCaption,

@@ -131,14 +131,11 @@ def flux_params_compat(cfg: dict) -> dict:
     return cfg
 
 
-def _flux_config(guidance_embed: bool, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM) -> dict:
-    cfg = {
-        "image_model": "flux",
-        "in_channels": 16,
+def flux_blocks() -> dict:
+    """The blocks of every tiny Flux-like ``unet_config`` (Flux, Chroma): 1 double + 1 single block, width 32,
+    2 heads, 2 x 2 patches, RoPE axes 4/6/6."""
+    return {
         "patch_size": 2,
-        "out_channels": 16,
-        "vec_in_dim": pooled_dim,
-        "context_in_dim": context_dim,
         "hidden_size": 32,
         "mlp_ratio": 2.0,
         "num_heads": 2,
@@ -147,6 +144,17 @@ def _flux_config(guidance_embed: bool, context_dim: int = CONTEXT_DIM, pooled_di
         "axes_dim": [4, 6, 6],
         "theta": 10000,
         "qkv_bias": True,
+    }
+
+
+def _flux_config(guidance_embed: bool, context_dim: int = CONTEXT_DIM, pooled_dim: int = POOLED_DIM) -> dict:
+    cfg = {
+        "image_model": "flux",
+        "in_channels": 16,
+        "out_channels": 16,
+        "vec_in_dim": pooled_dim,
+        "context_in_dim": context_dim,
+        **flux_blocks(),
         "guidance_embed": guidance_embed,
     }
     return flux_params_compat(cfg)

@@ -37,15 +37,16 @@ def vpred_dir(tmp_path_factory) -> Path:
     return tiny_sd_folder(tmp_path_factory.mktemp("models") / "sd-tiny-v", "v_prediction")
 
 
+def _edit(model: Path, image: Path, out: Path, *rest: str) -> list[str]:
+    """``zerocon edit`` on ``image`` with ``model``, writing ``out``, then ``rest``."""
+    return ["edit", "--image", str(image), "--model", str(model), "--out", str(out), *rest]
+
+
 def _args(model: Path, image: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "edit",
-        "--image",
-        str(image),
-        "--model",
-        str(model),
-        "--out",
-        str(out),
+    return _edit(
+        model,
+        image,
+        out,
         "--source",
         "cat",
         "--target",
@@ -57,7 +58,7 @@ def _args(model: Path, image: Path, out: Path, *extra: str) -> list[str]:
         "--device",
         "cpu",
         *extra,
-    ]
+    )
 
 
 def _check_png(path: Path) -> np.ndarray:
@@ -124,14 +125,10 @@ def test_cli_saved_direction_and_target_prompt(model_dir, png, tmp_path, capsys)
     # prompt difference, no regularisation, both CFG halves guided
     assert (
         cli.main(
-            [
-                "edit",
-                "--image",
-                str(png),
-                "--model",
-                str(model_dir),
-                "--out",
-                str(tmp_path / "c.png"),
+            _edit(
+                model_dir,
+                png,
+                tmp_path / "c.png",
                 "--caption",
                 "a cat",
                 "--target-prompt",
@@ -143,7 +140,7 @@ def test_cli_saved_direction_and_target_prompt(model_dir, png, tmp_path, capsys)
                 "both",
                 "--device",
                 "cpu",
-            ]
+            )
         )
         == 0
     )
@@ -158,14 +155,10 @@ def test_cli_sentence_files_and_blip(model_dir, png, tmp_path, capsys):
     blip = tiny_blip_folder(tmp_path / "blip")
     out = tmp_path / "out.jpg"
     code = cli.main(
-        [
-            "edit",
-            "--image",
-            str(png),
-            "--model",
-            str(model_dir),
-            "--out",
-            str(out),
+        _edit(
+            model_dir,
+            png,
+            out,
             "--source-sentences",
             str(src),
             "--target-sentences",
@@ -178,7 +171,7 @@ def test_cli_sentence_files_and_blip(model_dir, png, tmp_path, capsys):
             "2",
             "--device",
             "cpu",
-        ]
+        )
     )
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -283,19 +276,15 @@ def test_other_user_errors(model_dir, png, tmp_path, capsys):
     )
     assert "source sentences file not found" in err
     err = _run_error(
-        [
-            "edit",
-            "--image",
-            str(png),
-            "--model",
-            str(model_dir),
-            "--out",
-            str(tmp_path / "o.png"),
+        _edit(
+            model_dir,
+            png,
+            tmp_path / "o.png",
             "--caption",
             "a cat",
             "--source",
             "cat",
-        ],
+        ),
         capsys,
     )
     assert "no edit direction" in err

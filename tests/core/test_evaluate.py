@@ -86,21 +86,7 @@ def test_eval_in_process(tmp_path, models, caplog):
     manifest = _write_set(tmp_path)
     out = tmp_path / "scores.csv"
     with caplog.at_level(logging.WARNING, logger="zerocon"):
-        code = evaluate.main(
-            [
-                "--manifest",
-                str(manifest),
-                "--out",
-                str(out),
-                "--clip",
-                str(clip_dir),
-                "--dino",
-                str(dino_dir),
-                "--no-progress",
-                "--device",
-                "cpu",
-            ]
-        )
+        code = evaluate.main([*_inputs(manifest, out, models), "--no-progress", "--device", "cpu"])
     assert code == 0
     rows = _rows(out)
     assert [r["id"] for r in rows] == ["img0", "img1", "gone", "img2", "img3"]
@@ -144,20 +130,18 @@ def test_eval_in_process(tmp_path, models, caplog):
     assert out.read_text() == before
 
 
-def _cmd(manifest, out, models, *extra):
+def _inputs(manifest, out, models) -> list[str]:
+    """The evaluation's manifest, output and model arguments."""
     clip_dir, dino_dir = models
+    return ["--manifest", str(manifest), "--out", str(out), "--clip", str(clip_dir), "--dino", str(dino_dir)]
+
+
+def _cmd(manifest, out, models, *extra):
     return [
         sys.executable,
         "-m",
         "zerocon_core.evaluation.evaluate",
-        "--manifest",
-        str(manifest),
-        "--out",
-        str(out),
-        "--clip",
-        str(clip_dir),
-        "--dino",
-        str(dino_dir),
+        *_inputs(manifest, out, models),
         "--device",
         "cpu",
         "--no-progress",

@@ -20,6 +20,8 @@ import torch  # noqa: E402
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 _CLIP_CHARS = string.ascii_lowercase + string.digits + ".,!'-"
+#: the sizes of every tiny transformer tower here and in tiny_vision (BLIP and CLIP text / vision)
+TINY_TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
 
 
 def write_clip_tokenizer(folder: str | os.PathLike, pad_token: str = CLIP_EOS, max_length: int = 77) -> Path:
@@ -124,11 +126,8 @@ def tiny_blip_folder(folder: str | os.PathLike, image_size: int = 32, seed: int 
 
     text_cfg = BlipTextConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
         encoder_hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_TOWER,
         max_position_embeddings=64,
         bos_token_id=vocab.index("[DEC]"),
         eos_token_id=vocab.index("[SEP]"),
@@ -136,10 +135,7 @@ def tiny_blip_folder(folder: str | os.PathLike, image_size: int = 32, seed: int 
         pad_token_id=vocab.index("[PAD]"),
     )
     vision_cfg = BlipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_TOWER,
         image_size=image_size,
         patch_size=8,
     )

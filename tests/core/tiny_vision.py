@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .tiny_text import load_clip_tokenizer, write_clip_tokenizer
+from .tiny_text import TINY_TOWER, load_clip_tokenizer, write_clip_tokenizer
 
 
 def tiny_dino_config(image_size: int = 224, hidden: int = 32, heads: int = 4, layers: int = 2) -> dict:
@@ -55,20 +55,14 @@ def tiny_clip_metric(folder: str | os.PathLike, seed: int = 0, image_size: int =
     tok = load_clip_tokenizer(write_clip_tokenizer(folder))
     text = dict(
         vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_TOWER,
         max_position_embeddings=77,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     vision = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_TOWER,
         image_size=image_size,
         patch_size=8,
     )

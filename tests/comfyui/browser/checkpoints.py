@@ -93,6 +93,22 @@ TINY_FOLDERS = {
 }
 
 
+def _vae_ddconfig(z_channels: int) -> dict:
+    """The SD VAE's ``ddconfig`` (fixed by ComfyUI's VAE loader) with ``z_channels`` latent channels."""
+    return {
+        "double_z": True,
+        "z_channels": z_channels,
+        "resolution": 256,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 128,
+        "ch_mult": [1, 2, 4, 4],
+        "num_res_blocks": 2,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+
+
 def _common(cfg: dict) -> dict:
     out = {
         "use_checkpoint": False,
@@ -109,18 +125,16 @@ def _common(cfg: dict) -> dict:
 
 
 def _init_(module, seed: int) -> None:
+    """tiny_models' seeded random parameters (the tests' own rule), and the position ids a CLIP's buffers need."""
     import torch
 
-    gen = torch.Generator().manual_seed(seed)
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/comfyui
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from tiny_models import _init_ as init_parameters
+
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.ndim >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
-            elif name.endswith("weight"):  # norms
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=gen))
+        init_parameters(module, seed)
         for name, b in module.named_buffers():
             if name.endswith("position_ids"):
                 b.copy_(torch.arange(b.shape[-1]).expand_as(b))
@@ -164,18 +178,7 @@ def build(kind: str, path: str, seed: int = 0) -> dict:
             target = cfg.clip_target()
         clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float16})
         _init_(clip.cond_stage_model, seed + 1)
-        ddconfig = {
-            "double_z": True,
-            "z_channels": 16 if kind == "sd3" else 4,
-            "resolution": 256,
-            "in_channels": 3,
-            "out_ch": 3,
-            "ch": 128,
-            "ch_mult": [1, 2, 4, 4],
-            "num_res_blocks": 2,
-            "attn_resolutions": [],
-            "dropout": 0.0,
-        }
+        ddconfig = _vae_ddconfig(16 if kind == "sd3" else 4)
         vae_model = AutoencoderKL(ddconfig=ddconfig, embed_dim=ddconfig["z_channels"])
         _init_(vae_model, seed + 2)
         sd = _state_dict_for_saving(base, clip.get_sd(), dict(vae_model.state_dict()))
@@ -304,18 +307,7 @@ def build_flux(out: str, seed: int = 0) -> dict:
             _random_state_dict(dit, seed, torch.float16), os.path.join(out, "flux1-dev.safetensors")
         )
         del dit
-        ddconfig = {
-            "double_z": True,
-            "z_channels": 16,
-            "resolution": 256,
-            "in_channels": 3,
-            "out_ch": 3,
-            "ch": 128,
-            "ch_mult": [1, 2, 4, 4],
-            "num_res_blocks": 2,
-            "attn_resolutions": [],
-            "dropout": 0.0,
-        }
+        ddconfig = _vae_ddconfig(16)
         vae = AutoencoderKL(ddconfig=ddconfig, embed_dim=16)
         _init_(vae, seed + 2)
         vae_sd = {k: v.detach().to(torch.float16).contiguous() for k, v in vae.state_dict().items()}

@@ -9,7 +9,6 @@ from the package import) and one V3 version older than the pin (the entry point 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 import subprocess
@@ -18,14 +17,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import COMFYUI, REPO
+from conftest import COMFYUI, REPO, module_from_file
 
 
 def _compat():
-    spec = importlib.util.spec_from_file_location("zerocon_compat_under_test", REPO / "nodes" / "compat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file("zerocon_compat_under_test", REPO / "nodes" / "compat.py")
 
 
 def test_parse_version():

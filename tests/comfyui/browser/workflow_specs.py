@@ -693,8 +693,10 @@ validation). The notes in each group say what to click.
     reuse_note = _note("note_reuse", 3, REUSE_NOTE, 260)
     nodes = [readme, _ckpt(SD15_CKPT, SD15_URL), *save_nodes, reuse_note, load, *nodes]
     links = [["ckpt", "CLIP", "direction", "clip"], ["direction", "direction", "save", "direction"], *links]
-    muted = {
+    # group 2's nodes, muted at first
+    reuse = [
         "load",
+        "encode",
         "apply",
         "vae_encode",
         "invert",
@@ -705,8 +707,8 @@ validation). The notes in each group say what to click.
         "save_edit",
         "decode_rec",
         "preview_rec",
-        "encode",
-    }
+    ]
+    muted = set(reuse)
     for n in nodes:
         if n["key"] in muted:
             n["mode"] = 2
@@ -720,21 +722,7 @@ validation). The notes in each group say what to click.
         {"title": "1. Save (run once)", "keys": ["direction", "save", "note_save"], "color": GROUP_COLORS["direction"]},
         {
             "title": "2. Reuse the saved file (muted at first)",
-            "keys": [
-                "note_reuse",
-                "load",
-                "encode",
-                "apply",
-                "vae_encode",
-                "invert",
-                "xattn",
-                "nce",
-                "sampler",
-                "decode_edit",
-                "save_edit",
-                "decode_rec",
-                "preview_rec",
-            ],
+            "keys": ["note_reuse", *reuse],
             "color": GROUP_COLORS["reuse"],
         },
     ]

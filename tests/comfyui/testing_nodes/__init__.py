@@ -44,13 +44,19 @@ def _sibling(name: str):
 _CACHE: dict[tuple, tuple] = {}
 
 
+def _schema(name: str, title: str, **fields) -> io.Schema:
+    """The schema of the test node ``ZeroConTest_<name>`` ("ZeroCon Test <title>", category testing/zerocon)."""
+    return io.Schema(
+        node_id=f"ZeroConTest_{name}", display_name=f"ZeroCon Test {title}", category="testing/zerocon", **fields
+    )
+
+
 class TinyCheckpoint(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="ZeroConTest_TinyCheckpoint",
-            display_name="ZeroCon Test Tiny Checkpoint",
-            category="testing/zerocon",
+        return _schema(
+            "TinyCheckpoint",
+            "Tiny Checkpoint",
             inputs=[
                 io.Combo.Input(
                     "kind", options=["sd15", "sdxl", "sd3", "flux_dev"], default="sd15", tooltip="Model family shape."
@@ -82,10 +88,9 @@ class TinyCheckpoint(io.ComfyNode):
 class TinyFlowCheckpoint(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="ZeroConTest_TinyFlowCheckpoint",
-            display_name="ZeroCon Test Tiny Flow Checkpoint",
-            category="testing/zerocon",
+        return _schema(
+            "TinyFlowCheckpoint",
+            "Tiny Flow Checkpoint",
             inputs=[
                 io.Combo.Input("kind", options=["flux", "flux_dev", "sd3"], default="flux", tooltip="Model family."),
                 io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Seed of the random weights."),
@@ -106,10 +111,9 @@ class TinyFlowCheckpoint(io.ComfyNode):
 class FlowConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="ZeroConTest_FlowConditioning",
-            display_name="ZeroCon Test Flow Conditioning",
-            category="testing/zerocon",
+        return _schema(
+            "FlowConditioning",
+            "Flow Conditioning",
             inputs=[
                 io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Seed."),
                 io.Float.Input("guidance", default=0.0, min=0.0, max=100.0, tooltip="Flux-dev guidance; 0 = none."),
@@ -126,10 +130,9 @@ class FlowConditioning(io.ComfyNode):
 class TestImage(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="ZeroConTest_Image",
-            display_name="ZeroCon Test Image",
-            category="testing/zerocon",
+        return _schema(
+            "Image",
+            "Image",
             inputs=[
                 io.Int.Input("width", default=64, min=8, max=1024, tooltip="Width."),
                 io.Int.Input("height", default=64, min=8, max=1024, tooltip="Height."),
@@ -150,10 +153,9 @@ class TestImage(io.ComfyNode):
 class Capture(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
-            node_id="ZeroConTest_Capture",
-            display_name="ZeroCon Test Capture",
-            category="testing/zerocon",
+        return _schema(
+            "Capture",
+            "Capture",
             is_output_node=True,
             is_input_list=True,
             inputs=[
