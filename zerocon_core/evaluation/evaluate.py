@@ -41,7 +41,6 @@ import argparse
 import csv
 import io
 import json
-import logging
 import math
 import os
 import sys
@@ -52,14 +51,29 @@ from typing import Any, Sequence
 
 import torch
 
+from ..common.legacy_args import merge_settings
 from ..common.log import logger
 from . import piebench
+from .command_line import EXIT_USAGE as EXIT_USAGE  # re-exported: the old names
+from .command_line import USER_ERRORS as USER_ERRORS
+from .command_line import (
+    add_piebench_selection,
+    check_metric_folders,
+    check_piebench_only,
+    load_metric_models,
+    log_level,
+    log_to_stderr,
+    parse_or_exit_code,
+    piebench_image_folder,
+    report_errors,
+)
 from .metrics import METRIC_NAMES, edit_metrics
 
 __all__ = [
     "COLUMNS",
     "PIE_COLUMNS",
     "ManifestRow",
+    "PieBenchRun",
     "check_piebench_inputs",
     "evaluate_manifest",
     "evaluate_piebench",
@@ -81,8 +95,6 @@ COLUMNS = ("id", "source", "edited", "mask", "source_text", "target_text", "stat
 SUMMARY_COLUMNS = ("metric", "n", "n_nonfinite", "mean", "std", "ci95_low", "ci95_high")
 REQUIRED = ("source", "edited", "source_text", "target_text")
 BOOTSTRAP_SAMPLES = 2000
-EXIT_USAGE = 2
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -449,9 +461,7 @@ def check_piebench_inputs(
     and the source image folder (default: ``annotation_images`` next to ``mapping``, PIE-Bench's layout)."""
     mapping = Path(mapping)
     rows = piebench.read_mapping(mapping, categories)
-    images = Path(images) if images is not None else mapping.parent / "annotation_images"
-    if not images.is_dir():
-        raise FileNotFoundError(f"PIE-Bench source image folder not found: {images} (give --images)")
+    images = piebench_image_folder(mapping, images)
     for name, folder in methods.items():
         if not folder.is_dir():
             raise FileNotFoundError(f"edited image folder of method {name!r} not found: {folder}")
@@ -460,27 +470,40 @@ def check_piebench_inputs(
     return rows, images
 
 
+@dataclass
+class PieBenchRun:
+    """Options of ``evaluate_piebench``: the source ``images`` folder (None: ``annotation_images`` next to the
+    mapping), the ``categories`` (``editing_type_id`` values) to keep, the metric models (None: their columns are
+    NaN) and the progress bar."""
+
+    images: str | os.PathLike | None = None
+    categories: Sequence[str] | None = None
+    clip: Any = None
+    dino: Any = None
+    lpips: Any = None
+    progress: bool = True
+
+
 def evaluate_piebench(
     mapping: str | os.PathLike,
     methods: dict[str, Path],
     out: str | os.PathLike,
-    images: str | os.PathLike | None = None,
-    categories: Sequence[str] | None = None,
-    clip: Any = None,
-    dino: Any = None,
-    lpips: Any = None,
-    progress: bool = True,
+    *args: Any,
+    run: PieBenchRun | None = None,
+    **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Score every (method, entry) not yet in ``out`` (appending, one flushed row at a time), then write
-    ``<out>_summary.csv`` and return its rows (per method and metric, over the entries selected now)."""
+    ``<out>_summary.csv`` and return its rows (per method and metric, over the entries selected now).
+    ``run``: see ``PieBenchRun``; its fields are also accepted as the old keywords / positions after ``out``."""
+    opt = merge_settings(PieBenchRun, run, args, kwargs, "evaluate_piebench")
     out = Path(out)
-    rows, images = check_piebench_inputs(mapping, methods, out, images, categories)
+    rows, images = check_piebench_inputs(mapping, methods, out, opt.images, opt.categories)
     done = _read_existing(out, PIE_COLUMNS, ("method", "key"))
     todo = [(m, r) for m in methods for r in rows if (m, r.key) not in done]
     total = len(rows) * len(methods)
     if done:
         logger.info("%s: %d of %d edits already scored, %d to go", out, total - len(todo), total, len(todo))
-    for what, model in (("CLIP", clip), ("DINO", dino), ("LPIPS", lpips)):
+    for what, model in (("CLIP", opt.clip), ("DINO", opt.dino), ("LPIPS", opt.lpips)):
         if model is None:
             logger.info("no %s model given: its PIE-Bench column(s) are NaN", what)
     from tqdm.auto import tqdm
@@ -489,7 +512,7 @@ def evaluate_piebench(
     with (
         open(out, "a", encoding="utf-8", newline="") as f,
         tqdm(
-            total=total, initial=total - len(todo), desc="pie-bench", unit="img", disable=None if progress else True
+            total=total, initial=total - len(todo), desc="pie-bench", unit="img", disable=None if opt.progress else True
         ) as bar,
     ):
         writer = csv.DictWriter(f, fieldnames=PIE_COLUMNS, lineterminator="\n")
@@ -497,7 +520,7 @@ def evaluate_piebench(
             writer.writeheader()
             f.flush()
         for method, row in todo:
-            writer.writerow(evaluate_piebench_row(row, images, method, methods[method], clip, dino, lpips))
+            writer.writerow(evaluate_piebench_row(row, images, method, methods[method], opt.clip, opt.dino, opt.lpips))
             f.flush()
             bar.update(1)
     summary = summarize_piebench(out, list(methods), [r.key for r in rows])
@@ -562,12 +585,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="[NAME=]DIR",
         help="one folder of edits per method, each edit at its entry's image_path (or that path with .png)",
     )
-    pie.add_argument(
-        "--images", default=None, metavar="DIR", help="source images (default: annotation_images next to the JSON)"
-    )
-    pie.add_argument(
-        "--categories", nargs="+", default=None, metavar="ID", help="only these editing_type_id values (0 ... 9)"
-    )
+    add_piebench_selection(pie)
     pie.add_argument(
         "--lpips",
         default=None,
@@ -601,53 +619,43 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def run(args: argparse.Namespace) -> int:
-    """The ``eval`` subcommand. Checks the annotations, folders and model folders before loading anything."""
-    from ..diffuseit.dino import check_dino_folder, load_dino
-    from .metrics import check_clip_folder, load_clip_metric
-
-    # a Namespace built by hand (the library route) may lack the PIE-Bench options
-    pie = {k: getattr(args, k, None) for k in ("piebench", "edited", "images", "categories", "lpips")}
-    if pie["piebench"]:
-        if not pie["edited"]:
+def _check_run_inputs(args: argparse.Namespace) -> dict[str, Path] | None:
+    """Check the annotations / manifest and every folder before anything loads; the PIE-Bench methods (or None)."""
+    methods = None
+    if getattr(args, "piebench", None):
+        if not getattr(args, "edited", None):
             raise ValueError("--piebench needs --edited: the folder(s) of edited images to score")
-        methods = parse_methods(pie["edited"])
-        check_piebench_inputs(pie["piebench"], methods, args.out, pie["images"], pie["categories"])
+        methods = parse_methods(args.edited)
+        check_piebench_inputs(
+            args.piebench, methods, args.out, getattr(args, "images", None), getattr(args, "categories", None)
+        )
     else:
-        given = [f"--{k}" for k in ("edited", "images", "categories", "lpips") if pie[k]]
-        if given:
-            raise ValueError(f"{', '.join(given)} only go with --piebench")
+        check_piebench_only(args, ("edited", "images", "categories", "lpips"))
         read_manifest(args.manifest)
-    if args.clip:
-        check_clip_folder(args.clip)
-    if args.dino:
-        check_dino_folder(args.dino)
-    if pie["lpips"]:
-        from .lpips import check_lpips_folder
+    check_metric_folders(args.clip, args.dino, getattr(args, "lpips", None))
+    return methods
 
-        check_lpips_folder(pie["lpips"])
+
+def run(args: argparse.Namespace) -> int:
+    """The ``eval`` subcommand. Checks the annotations, folders and model folders before loading anything.
+    A Namespace built by hand (the library route) may lack the PIE-Bench options."""
+    methods = _check_run_inputs(args)
     device = _device(args.device)
-    clip = load_clip_metric(args.clip, device=device) if args.clip else None
-    dino = load_dino(args.dino, device=device) if args.dino else None
-    if not pie["piebench"]:
+    clip, dino, lpips = load_metric_models(args.clip, args.dino, getattr(args, "lpips", None), device)
+    if methods is None:
         evaluate_manifest(
             args.manifest, args.out, clip=clip, dino=dino, progress=not args.no_progress, row_delay=args.row_delay
         )
         return 0
-    from .lpips import load_lpips
-
-    lpips = load_lpips(pie["lpips"], device=device) if pie["lpips"] else None
-    summary = evaluate_piebench(
-        pie["piebench"],
-        methods,
-        args.out,
-        images=pie["images"],
-        categories=pie["categories"],
-        clip=clip,
-        dino=dino,
-        lpips=lpips,
+    pie = PieBenchRun(
+        getattr(args, "images", None),
+        getattr(args, "categories", None),
+        clip,
+        dino,
+        lpips,
         progress=not args.no_progress,
     )
+    summary = evaluate_piebench(args.piebench, methods, args.out, run=pie)
     sys.stdout.write(format_piebench_table(summary) + "\n")
     sys.stdout.flush()
     return 0
@@ -660,27 +668,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s zerocon: %(message)s"))
-    previous = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return run(args)
-    except USER_ERRORS as exc:
-        sys.stderr.write(f"{parser.prog}: error: {exc}\n")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{parser.prog}: interrupted\n")
-        return 130
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
+    args = parse_or_exit_code(parser, argv)
+    if isinstance(args, int):
+        return args
+    with log_to_stderr(log_level(quiet=args.quiet)):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return report_errors(lambda: run(args), parser.prog)
 
 
 if __name__ == "__main__":
