@@ -59,6 +59,7 @@ from zerocon_core.evaluation.command_line import (
     add_piebench_selection,
     check_metric_folders,
     check_piebench_only,
+    from_args,
     load_metric_models,
     log_to_stderr,
     piebench_image_folder,
@@ -710,19 +711,13 @@ def run(args: argparse.Namespace, pipe: Any = None) -> int:
 
         pipe = ZeroConPipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
     clip, dino, lpips = load_metric_models(args.clip, args.dino, args.lpips, pipe.device)
-    config = SweepConfig(
+    config = from_args(
+        SweepConfig,
+        args,
         clip=clip,
         dino=dino,
         lpips=lpips,
-        steps=args.steps,
-        cfg=args.cfg,
-        seed=args.seed,
-        num_sentences=args.num_sentences,
         regularization=not args.no_regularization,
-        branches=args.branches,
-        eval_at=args.eval_at,
-        x_metric=args.x_metric,
-        y_metric=args.y_metric,
         items=items,
         pie=bool(args.piebench),
     )

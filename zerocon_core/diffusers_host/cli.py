@@ -15,7 +15,7 @@ from typing import Any, Sequence
 from ..common.log import logger
 from ..evaluation.command_line import EXIT_USAGE as EXIT_USAGE  # re-exported: the old names
 from ..evaluation.command_line import USER_ERRORS as USER_ERRORS
-from ..evaluation.command_line import log_level, log_to_stderr, parse_or_exit_code, report_errors
+from ..evaluation.command_line import from_args, log_level, log_to_stderr, parse_or_exit_code, report_errors
 from ..method.inversion import EVAL_AT
 from .sd_models import DEFAULT_MODEL
 
@@ -230,28 +230,14 @@ def _edit_options(args: argparse.Namespace) -> Any:
     from .pipeline import EditOptions
 
     direction = load_direction(args.direction) if args.direction else None
-    return EditOptions(
-        source=args.source,
-        target=args.target,
-        target_prompt=args.target_prompt,
-        caption=args.caption,
+    return from_args(
+        EditOptions,
+        args,
         source_sentences=_read_sentences(args.source_sentences, "source sentences"),
         target_sentences=_read_sentences(args.target_sentences, "target sentences"),
         direction=direction,
-        num_sentences=args.num_sentences,
-        strength=args.strength,
-        steps=args.steps,
-        cfg=args.cfg,
-        seed=args.seed,
-        xa_weight=args.xa_weight,
-        nce_weight=args.nce_weight,
-        branches=args.branches,
-        step_mode=args.step_mode,
-        step_size=args.step_size,
         regularization=not args.no_regularization,
         eval_at=args.inversion,
-        posterior=args.posterior,
-        strict_size=args.strict_size,
         blip_min_tokens=args.caption_min_tokens,
     )
 

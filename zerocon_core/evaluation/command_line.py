@@ -10,8 +10,9 @@ import argparse
 import contextlib
 import logging
 import sys
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -21,6 +22,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
 LOG_FORMAT = "%(levelname)s zerocon: %(message)s"
+T = TypeVar("T")
 
 
 def log_level(verbose: int = 0, quiet: bool = False) -> int:
@@ -74,6 +76,13 @@ def report_errors(
             raise
         sys.stderr.write(f"{prog}: interrupted\n")
         return EXIT_INTERRUPTED
+
+
+def from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """A ``cls`` settings dataclass from parsed options: every field named like an option takes its value,
+    then ``values`` (options whose name or meaning differs: files to read, negated flags) replace those."""
+    named = {f.name: getattr(args, f.name) for f in fields(cls) if f.init and hasattr(args, f.name)}
+    return cls(**{**named, **values})
 
 
 # ---------------------------------------------------------------------------------------------------------
