@@ -48,11 +48,11 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def write_json(path: str | os.PathLike, result: Any, **dump: Any) -> Path:
+def write_json(path: str | os.PathLike, result: Any, indent: int = 2, **dump: Any) -> Path:
     """Write ``result`` as indented JSON to ``path`` (its folder made); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, **dump))
+    path.write_text(json.dumps(result, indent=indent, **dump))
     return path
 
 
