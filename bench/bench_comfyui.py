@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import statistics
 import sys
 import threading
@@ -24,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 from common import COMFYUI, REPO, write_json  # noqa: E402, F401  (REPO, COMFYUI: used by the other benches)
 
 
@@ -186,14 +186,8 @@ def build_model(family: str, seed: int, dtype=None, compute_dtype="auto"):
 
 
 def load_pack():
-    name = str(REPO).replace(".", "_x_")
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    import importlib as il
-
-    return il.import_module(f"{name}.nodes.sampling_nodes"), il.import_module(f"{name}.nodes.guidance_nodes")
+    """The pack's sampling and guidance node modules, loaded as ComfyUI loads the pack."""
+    return common.load_pack("nodes.sampling_nodes", "nodes.guidance_nodes")
 
 
 def run_node(cls, **kw):

@@ -8,6 +8,8 @@ ComfyUI are imported inside the functions that need them, so ComfyUI's options c
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -152,3 +154,14 @@ def pack_loader() -> Callable[[str], Any]:
     from conftest import pack_module
 
     return pack_module
+
+
+def load_pack(*modules: str) -> tuple:
+    """Load this checkout's pack the way ComfyUI loads a custom node folder (a package named after its path,
+    dots replaced) and import ``modules``, dotted names inside it."""
+    name = str(REPO).replace(".", "_x_")
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return tuple(importlib.import_module(f"{name}.{m}") for m in modules)
