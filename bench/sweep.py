@@ -1,37 +1,10 @@
 """Structure-vs-edit trade-off sweep over guidance weights (cross-attention x PatchNCE).
 
-    python bench/sweep.py --manifest edits.csv --model SD_FOLDER --out-dir bench/out/sweep \
-        --xa 0,0.05,0.1,0.2 --nce 0,0.05,0.1 --clip CLIP_DIR --dino DINO_DIR [--steps 50]
-    python bench/sweep.py --piebench PIE/mapping_file.json --model SD_FOLDER --out-dir bench/out/pie \
-        --xa 0.1 --nce 0,0.5 --clip CLIP_DIR --dino DINO_DIR [--lpips LPIPS_DIR] [--branches both]
-
-For every manifest image, the caption, edit direction, conditionings, VAE latent and DDIM inversion are
-computed **once**; then the guided sampler runs for every ``(xa weight, nce weight)`` of the grid and each
-result is scored with ``zerocon_core.evaluation.metrics`` against the source image. A ``reconstruction`` row (the
-reference branch: plain DDIM reconstruction with the caption, no edit) is scored too, as the no-edit
-anchor of the trade-off (always include an identity row).
-
-Manifest (CSV or JSONL, paths relative to it): ``source`` (image), ``source_text`` (the caption used for
-inversion, and the CLIP source text), ``target_text``; optional ``id``, ``mask`` (edited region > 0;
-background metrics use ``mask == 0``), ``source_word`` + ``target_word`` (then the direction is
-pix2pix-zero's sentence-bank direction from ``--num-sentences`` template sentences per word; otherwise it
-is the target prompt minus the caption).
-
-Outputs in ``--out-dir``: ``sweep.csv`` (one row per image and setting), ``sweep_summary.csv`` (per setting:
-mean of each metric over images, ``n``), ``sweep.png`` (mean structure distance vs mean CLIP score per
-setting, points labelled by setting, PIL only) and ``images/<id>_<setting>.png``.
-
-**PIE-Bench** (``--piebench``, format in ``zerocon_core/evaluation/piebench.py``): the source image of an entry is
-``--images``/``image_path`` (default folder: ``annotation_images`` next to the JSON); the caption (inversion
-prompt, CFG negative) is ``original_prompt`` and the direction is ``editing_prompt`` minus it (brackets
-removed), as PIE-Bench runs pix2pix-zero with the two prompts. ``blended_word`` is not used: it names the
-edited object in each prompt (often the same word twice, "bicycle bicycle" for "make it rusty"), so a word
-direction from it would be empty, and our methods do no local blending. The mask only scores. Every result
-is scored on its 8-bit image with PIE-Bench's metrics (``piebench.METRICS``: the CSV columns, in its
-units), saved as ``images/<setting>/<image_path>.png`` (so ``python -m zerocon_core eval --piebench ...
---edited images/<setting>`` reads the same files and gives the same numbers), and PIE-Bench's table, one
-row per setting, is printed and written to ``piebench_table.md``. ``--categories`` / ``--limit`` select
-entries; ``--branches`` and ``--eval-at`` pick the mode (they apply in manifest mode too).
+For every image the caption, direction, conditionings, VAE latent and DDIM inversion are computed once; the
+guided sampler then runs for every ``(xa weight, nce weight)`` of the grid, plus a ``reconstruction`` row (the
+no-edit anchor), and each result is scored. Outputs in ``--out-dir``: ``sweep.csv``, ``sweep_summary.csv``,
+``sweep.png``, ``images/`` (and ``piebench_table.md`` with ``--piebench``). Manifest fields, PIE-Bench mode and
+the file layout: docs/host-internals.md, "The guidance-weight sweep".
 """
 
 from __future__ import annotations

@@ -1,38 +1,10 @@
 """Score a set of edits: ``python -m zerocon_core eval --manifest FILE --out CSV [--clip DIR] [--dino DIR]``,
 or PIE-Bench: ``python -m zerocon_core eval --piebench mapping_file.json --edited [NAME=]DIR ... --out CSV``.
 
-**Manifest**: CSV (with a header) or JSONL (one object per line; chosen by the ``.jsonl``/``.ndjson``
-extension, or by a first character ``{``). Fields: ``source``, ``edited`` (image files), ``source_text``,
-``target_text``, and optional ``mask`` (an image whose non-zero pixels mark the edited region; the
-background is where it is 0) and ``id`` (default: the row number, from 0). Relative paths are relative to
-the manifest's folder.
-
-**Output**: one CSV row per manifest row, columns ``COLUMNS`` (the metrics of ``metrics.METRIC_NAMES``; NaN
-for CLIP metrics without ``--clip`` and for the structure distance without ``--dino``). Rows are appended
-and flushed one at a time, so a run killed halfway loses nothing; a rerun skips every id already in the
-output (delete a row to recompute it). A row whose files are missing or unusable is logged, written with
-``status`` "missing" / "error" and a ``message``, and the run goes on.
-
-**Summary**: ``<out>_summary.csv`` next to the output (and logged): per metric, over the rows with status
-"ok" and a finite value, the count, mean, standard deviation and a 95% percentile-bootstrap interval of
-the mean (2000 resamples, seed 0: deterministic). Non-finite values (PSNR of an identical background is
-``inf``) are counted in ``n_nonfinite`` and left out of the statistics.
-
-**PIE-Bench** (``--piebench``): the annotation file is the benchmark's own ``mapping_file.json`` (format,
-mask decoding and metric definitions in ``piebench.py``); the source images are read from ``--images``
-(default: ``annotation_images`` next to the JSON, the benchmark's layout). Each ``--edited [NAME=]DIR`` is
-one method (name: ``NAME``, else the folder's name, or its parent's for PnPInversion's
-``output/<method>/annotation_images``): the edit of an entry is ``DIR/<image_path>`` or the same path with
-a ``.png`` suffix (``bench/sweep.py --piebench`` writes ``<out-dir>/images/<setting>/...png``, so its
-folders go straight in); a non-square file is PnPInversion's side-by-side strip and its bottom-right block
-is the edit. ``--categories 0 1 ...`` keeps only those ``editing_type_id`` values. The CSV has one row per
-(method, entry), columns ``PIE_COLUMNS``, in PIE-Bench's units, resumable in the same way;
-``<out>_summary.csv`` has the statistics per method and metric; and the table is printed to stdout as
-Markdown, one row per method: Structure distance x1e3, PSNR, LPIPS x1e3, MSE x1e4, SSIM x1e2 (background
-only), CLIP Whole and CLIP Edited. LPIPS needs ``--lpips DIR`` (torchvision's SqueezeNet 1.1 weights and
-LPIPS' ``squeeze.pth``, see ``lpips.py``); without it, and without ``--clip`` / ``--dino``, those columns
-print "-". Means are over the entries scored "ok" with a finite value (an identical background's infinite
-PSNR is left out, where PIE-Bench's average would be infinite).
+Manifest rows (CSV or JSONL: ``source``, ``edited``, ``source_text``, ``target_text``[, ``mask``, ``id``]) or
+PIE-Bench entries x methods are scored into a per-image CSV (columns ``COLUMNS`` / ``PIE_COLUMNS``; appended row
+by row, so a rerun resumes) and ``<out>_summary.csv`` (per metric: n, mean, std, 95% bootstrap interval).
+Formats, units and the resume rules: docs/host-internals.md, "Scoring edits".
 """
 
 from __future__ import annotations
