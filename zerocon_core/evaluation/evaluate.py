@@ -10,6 +10,7 @@ Formats, units and the resume rules: docs/host-internals.md, "Scoring edits".
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -19,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -239,6 +240,33 @@ def _read_existing(out: Path, columns: Sequence[str] = COLUMNS, key: Sequence[st
     return {tuple(r[k] for k in key) for r in reader}
 
 
+@contextlib.contextmanager
+def _appender(
+    out: Path, columns: Sequence[str], counts: tuple[int, int], desc: str, progress: bool
+) -> Iterator[Callable[[dict[str, str]], None]]:
+    """Yields ``write(row)``: appends one CSV row to ``out`` (the header first in a new file), flushed at once,
+    and ticks a progress bar of ``counts = (total, already done)``."""
+    from tqdm.auto import tqdm
+
+    new_file = not out.is_file() or out.stat().st_size == 0
+    total, done = counts
+    with (
+        open(out, "a", encoding="utf-8", newline="") as f,
+        tqdm(total=total, initial=done, desc=desc, unit="img", disable=None if progress else True) as bar,
+    ):
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        if new_file:
+            writer.writeheader()
+            f.flush()
+
+        def write(row: dict[str, str]) -> None:
+            writer.writerow(row)
+            f.flush()
+            bar.update(1)
+
+        yield write
+
+
 def evaluate_manifest(
     manifest: str | os.PathLike,
     out: str | os.PathLike,
@@ -262,24 +290,10 @@ def evaluate_manifest(
         logger.info("no CLIP model given: clip_score / clip_accuracy are NaN")
     if dino is None:
         logger.info("no DINO model given: structure_distance is NaN")
-    from tqdm.auto import tqdm
-
     base = manifest.parent
-    new_file = not out.is_file() or out.stat().st_size == 0
-    with (
-        open(out, "a", encoding="utf-8", newline="") as f,
-        tqdm(
-            total=len(rows), initial=len(rows) - len(todo), desc="eval", unit="img", disable=None if progress else True
-        ) as bar,
-    ):
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-        if new_file:
-            writer.writeheader()
-            f.flush()
+    with _appender(out, COLUMNS, (len(rows), len(rows) - len(todo)), "eval", progress) as write:
         for row in todo:
-            writer.writerow(evaluate_row(row, base, clip, dino))
-            f.flush()
-            bar.update(1)
+            write(evaluate_row(row, base, clip, dino))
             if row_delay > 0:
                 time.sleep(row_delay)
     summary = summarize(out)
@@ -478,23 +492,9 @@ def evaluate_piebench(
     for what, model in (("CLIP", opt.clip), ("DINO", opt.dino), ("LPIPS", opt.lpips)):
         if model is None:
             logger.info("no %s model given: its PIE-Bench column(s) are NaN", what)
-    from tqdm.auto import tqdm
-
-    new_file = not out.is_file() or out.stat().st_size == 0
-    with (
-        open(out, "a", encoding="utf-8", newline="") as f,
-        tqdm(
-            total=total, initial=total - len(todo), desc="pie-bench", unit="img", disable=None if opt.progress else True
-        ) as bar,
-    ):
-        writer = csv.DictWriter(f, fieldnames=PIE_COLUMNS, lineterminator="\n")
-        if new_file:
-            writer.writeheader()
-            f.flush()
+    with _appender(out, PIE_COLUMNS, (total, total - len(todo)), "pie-bench", opt.progress) as write:
         for method, row in todo:
-            writer.writerow(evaluate_piebench_row(row, images, method, methods[method], opt.clip, opt.dino, opt.lpips))
-            f.flush()
-            bar.update(1)
+            write(evaluate_piebench_row(row, images, method, methods[method], opt.clip, opt.dino, opt.lpips))
     summary = summarize_piebench(out, list(methods), [r.key for r in rows])
     write_summary(summary, summary_path(out), PIE_SUMMARY_COLUMNS)
     logger.info("PIE-Bench summary written to %s", summary_path(out))
