@@ -29,6 +29,7 @@ from zerocon_core.diffusers_host.pipeline import EditOptions, default_guidance, 
 from zerocon_core.evaluation import metrics as zmetrics
 from zerocon_core.evaluation import piebench
 from zerocon_core.evaluation.command_line import (
+    add_input_choice,
     add_piebench_selection,
     check_metric_folders,
     check_piebench_only,
@@ -620,17 +621,10 @@ def plot_tradeoff(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/sweep.py", description=__doc__.split("\n\n")[0])
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--manifest",
-        default=None,
-        help="CSV/JSONL: source, source_text, target_text[, id, mask, source_word, target_word]",
-    )
-    what.add_argument(
-        "--piebench",
-        default=None,
-        metavar="MAPPING_JSON",
-        help="PIE-Bench's mapping_file.json: sweep its entries, score and print PIE-Bench's table per setting",
+    add_input_choice(
+        p,
+        "CSV/JSONL: source, source_text, target_text[, id, mask, source_word, target_word]",
+        "PIE-Bench's mapping_file.json: sweep its entries, score and print PIE-Bench's table per setting",
     )
     p.add_argument("--model", required=True, help="local Stable Diffusion folder (diffusers layout)")
     p.add_argument("--out-dir", required=True, help="folder for sweep.csv, sweep_summary.csv, sweep.png, images/")

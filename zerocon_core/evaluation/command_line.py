@@ -89,6 +89,13 @@ def from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
 # PIE-Bench inputs and metric models
 
 
+def add_input_choice(parser: argparse.ArgumentParser, manifest_help: str, piebench_help: str) -> None:
+    """The required choice between ``--manifest FILE`` and ``--piebench MAPPING_JSON``."""
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--manifest", default=None, help=manifest_help)
+    what.add_argument("--piebench", default=None, metavar="MAPPING_JSON", help=piebench_help)
+
+
 def add_piebench_selection(group: Any) -> None:
     """``--images`` and ``--categories``: where PIE-Bench's source images are, which editing types to keep."""
     group.add_argument(

@@ -30,6 +30,7 @@ from . import piebench
 from .command_line import EXIT_USAGE as EXIT_USAGE  # re-exported: the old names
 from .command_line import USER_ERRORS as USER_ERRORS
 from .command_line import (
+    add_input_choice,
     add_piebench_selection,
     check_metric_folders,
     check_piebench_only,
@@ -534,15 +535,10 @@ def format_piebench_table(summary: Sequence[dict[str, Any]], digits: int = 2) ->
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--manifest", default=None, help="CSV or JSONL: source, edited, source_text, target_text[, mask, id]"
-    )
-    what.add_argument(
-        "--piebench",
-        default=None,
-        metavar="MAPPING_JSON",
-        help="PIE-Bench's mapping_file.json: score --edited folders and print PIE-Bench's table",
+    add_input_choice(
+        p,
+        "CSV or JSONL: source, edited, source_text, target_text[, mask, id]",
+        "PIE-Bench's mapping_file.json: score --edited folders and print PIE-Bench's table",
     )
     p.add_argument("--out", required=True, help="per-image metrics CSV (appended to / resumed if it exists)")
     p.add_argument(
