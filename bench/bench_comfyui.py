@@ -14,17 +14,17 @@ the post-load baseline on CPU (sampled every 5 ms), peak allocated VRAM on GPU. 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
+import copy
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser().resolve()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import COMFYUI, REPO, write_json  # noqa: E402, F401  (REPO, COMFYUI: used by the other benches)
 
 
 def _rss_mb() -> float:
@@ -92,19 +92,10 @@ class StepClock:
         return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(ts, ts[1:])]
 
 
-def build_model(family: str, seed: int, dtype=None, compute_dtype="auto"):
-    """A random full-size ``family`` UNet as ComfyUI's checkpoint loader builds it: ``(ModelPatcher, context
-    width, pooled width)``. ``dtype``: the weights' dtype (default: ComfyUI's ``unet_dtype()``, i.e. its
-    ``--fp16-unet`` / ``--bf16-unet`` flags); ``compute_dtype``: the per-layer cast dtype (``comfy.ops``
-    manual cast), None for none, "auto" for ComfyUI's choice on its device. The same seed gives the same
-    weights, rounded to ``dtype``."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    import torch
-
-    if family == "sd15":
-        cfg = {
+#: Full-size UNet configs as ComfyUI's checkpoint loader reads them, with the context and pooled widths.
+UNETS = {
+    "sd15": (
+        {
             "use_checkpoint": False,
             "image_size": 32,
             "out_channels": 4,
@@ -123,11 +114,12 @@ def build_model(family: str, seed: int, dtype=None, compute_dtype="auto"):
             "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
             "use_temporal_attention": False,
             "use_temporal_resblock": False,
-        }
-        config = comfy.supported_models.SD15(cfg)
-        ctx, pooled = 768, None
-    else:
-        cfg = {
+        },
+        768,
+        None,
+    ),
+    "sdxl": (
+        {
             "use_checkpoint": False,
             "image_size": 32,
             "out_channels": 4,
@@ -147,23 +139,45 @@ def build_model(family: str, seed: int, dtype=None, compute_dtype="auto"):
             "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
             "use_temporal_attention": False,
             "use_temporal_resblock": False,
-        }
-        config = comfy.supported_models.SDXL(cfg)
-        ctx, pooled = 2048, 1280
+        },
+        2048,
+        1280,
+    ),
+}
+
+
+def randomize(module, seed: int) -> None:
+    """Seeded random weights: matrices ~ N(0, 1 / fan-in), vectors 1 (weights) or 0 (biases) + N(0, 0.02^2)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        if p.ndim >= 2:
+            p.copy_((torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5).to(p.dtype))
+        else:
+            p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
+
+
+def build_model(family: str, seed: int, dtype=None, compute_dtype="auto"):
+    """A random full-size ``family`` UNet as ComfyUI's checkpoint loader builds it: ``(ModelPatcher, context
+    width, pooled width)``. ``dtype``: the weights' dtype (default: ComfyUI's ``unet_dtype()``, i.e. its
+    ``--fp16-unet`` / ``--bf16-unet`` flags); ``compute_dtype``: the per-layer cast dtype (``comfy.ops``
+    manual cast), None for none, "auto" for ComfyUI's choice on its device. The same seed gives the same
+    weights, rounded to ``dtype``."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+
+    cfg, ctx, pooled = UNETS["sd15" if family == "sd15" else "sdxl"]
+    config = (comfy.supported_models.SD15 if family == "sd15" else comfy.supported_models.SDXL)(copy.deepcopy(cfg))
     dtype = mm.unet_dtype() if dtype is None else dtype
     if compute_dtype == "auto":
         compute_dtype = mm.unet_manual_cast(dtype, mm.get_torch_device())
     config.set_inference_dtype(dtype, compute_dtype)
     with torch.inference_mode():
         base = config.get_model({})
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in base.diffusion_model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_((torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5).to(p.dtype))
-            else:
-                p.copy_(
-                    (1.0 if name.endswith("weight") else 0.0) + 0.02 * torch.randn(p.shape, generator=gen).to(p.dtype)
-                )
+        randomize(base.diffusion_model, seed)
         base.eval()
         patcher = comfy.model_patcher.ModelPatcher(
             base, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
@@ -172,14 +186,8 @@ def build_model(family: str, seed: int, dtype=None, compute_dtype="auto"):
 
 
 def load_pack():
-    name = str(REPO).replace(".", "_x_")
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    import importlib as il
-
-    return il.import_module(f"{name}.nodes.sampling_nodes"), il.import_module(f"{name}.nodes.guidance_nodes")
+    """The pack's sampling and guidance node modules, loaded as ComfyUI loads the pack."""
+    return common.load_pack("nodes.sampling_nodes", "nodes.guidance_nodes")
 
 
 def run_node(cls, **kw):
@@ -205,6 +213,139 @@ def guidance_chain(guidance, xa: float, nce: float):
     return g
 
 
+def random_conds(ctx: int, pooled: int | None, seeds=(1, 2, 3)) -> list:
+    """One random 77-token conditioning per seed, ``ctx`` wide (with a pooled output when ``pooled``)."""
+    import torch
+
+    conds = []
+    for seed in seeds:
+        g = torch.Generator().manual_seed(seed)
+        extra = {"pooled_output": torch.randn(1, pooled, generator=g)} if pooled else {}
+        conds.append([[torch.randn(1, 77, ctx, generator=g), extra]])
+    return conds
+
+
+def timed(clock: StepClock, cuda: bool, fn):
+    """``(fn(), total seconds, per-step (wall, CPU) seconds, Peak)``."""
+    clock.stamps.clear()
+    with Peak(cuda) as pk:
+        start = StepClock.now()
+        out = fn()
+        total = time.perf_counter() - start[0]
+    return out, total, clock.per_step(start), pk
+
+
+def inversion_node(sampling, model, latent, source, steps: int):
+    """The pack's regularised DDIM inversion node, as the shipped workflows set it."""
+    return run_node(
+        sampling.ZeroConDDIMInversion,
+        model=model,
+        latent=latent,
+        conditioning=source,
+        steps=steps,
+        cfg=1.0,
+        regularize=True,
+        lambda_ac=20.0,
+        lambda_kl=20.0,
+        reg_outer=5,
+        reg_rolls=5,
+        seed=0,
+    )
+
+
+def guided_node(sampling, model, inversion, edited, cfg: float, guidance):
+    """The pack's guided sampler node (raw step mode, edit branch)."""
+    return run_node(
+        sampling.ZeroConGuidedSampler,
+        model=model,
+        inversion=inversion,
+        edited=edited,
+        cfg=cfg,
+        step_mode="raw",
+        step_size=0.02,
+        branches="edit",
+        seed=0,
+        guidance=guidance,
+    )
+
+
+def run_three(args: argparse.Namespace, model, conds: list, latent: dict, cuda: bool, pack: tuple) -> dict:
+    """A stock KSampler run, our inversion and our guided sampler (``pack``: the pack's sampling and guidance
+    node modules), each timed: ``{name: (total, per-step seconds, Peak)}``."""
+    import comfy.utils
+    import torch
+
+    import nodes as comfy_nodes
+
+    sampling, guidance = pack
+    source, edited, negative = conds
+    clock = StepClock()
+    comfy.utils.set_progress_bar_global_hook(clock.hook)
+    with torch.inference_mode():
+        # warm-up: loads the model onto the device, so loading is not timed
+        comfy_nodes.common_ksampler(model, 0, 1, args.cfg, "ddim", "ddim_uniform", edited, negative, latent)
+        stock = timed(
+            clock,
+            cuda,
+            lambda: comfy_nodes.common_ksampler(
+                model, 0, args.steps, args.cfg, "ddim", "ddim_uniform", edited, negative, latent
+            ),
+        )
+        inv = timed(clock, cuda, lambda: inversion_node(sampling, model, latent, source, args.steps))
+        g = guidance_chain(guidance, args.xa, args.nce)
+        inversion = inv[0][1]
+        guided = timed(clock, cuda, lambda: guided_node(sampling, model, inversion, edited, args.cfg, g))
+    return {"stock": stock[1:], "inversion": inv[1:], "guided": guided[1:]}
+
+
+def summarise(res: dict, runs: dict) -> dict:
+    """Add the totals, median steps (the first step left out), peaks and the guided / stock ratios to ``res``."""
+    med = statistics.median
+    (t_stock, steps_stock, pk_stock), (t_inv, _, pk_inv) = runs["stock"], runs["inversion"]
+    t_guided, steps_guided, pk_guided = runs["guided"]
+    res.update(
+        {
+            "stock_total_s": t_stock,
+            "stock_step_s": med(w for w, _ in steps_stock[1:] or steps_stock),
+            "stock_step_cpu_s": med(c for _, c in steps_stock[1:] or steps_stock),
+            "inversion_total_s": t_inv,
+            "guided_total_s": t_guided,
+            "guided_step_s": med(w for w, _ in steps_guided[1:] or steps_guided),
+            "guided_step_cpu_s": med(c for _, c in steps_guided[1:] or steps_guided),
+            "edit_total_s": t_inv + t_guided,
+            "stock_peak_added_mb": pk_stock.added,
+            "inversion_peak_added_mb": pk_inv.added,
+            "guided_peak_added_mb": pk_guided.added,
+            "guided_peak_mb": pk_guided.peak,
+            "guidance_added_mb": pk_guided.added - pk_stock.added,
+        }
+    )
+    res["guided_over_stock_step"] = res["guided_step_s"] / res["stock_step_s"]
+    res["guided_over_stock_step_cpu"] = res["guided_step_cpu_s"] / res["stock_step_cpu_s"]
+    return res
+
+
+def report(args: argparse.Namespace, res: dict, cuda: bool, path: Path) -> str:
+    unit = "VRAM allocated" if cuda else "RSS"
+    lines = [
+        f"ComfyUI {args.family} {args.size}px, {args.steps} steps, {res['device']} {res['dtype']}, {args.threads} threads",
+        f"stock KSampler (ddim, cfg {args.cfg}): {res['stock_total_s']:.2f} s, {res['stock_step_s']:.3f} s/step "
+        f"({res['stock_step_cpu_s']:.3f} s CPU), "
+        f"peak {unit} +{res['stock_peak_added_mb']:.0f} MB",
+        f"ZeroCon inversion (regularised):      {res['inversion_total_s']:.2f} s, "
+        f"peak +{res['inversion_peak_added_mb']:.0f} MB",
+        f"ZeroCon guided sampler (xa+PatchNCE): {res['guided_total_s']:.2f} s, {res['guided_step_s']:.3f} s/step "
+        f"({res['guided_step_cpu_s']:.3f} s CPU), "
+        f"peak {unit} +{res['guided_peak_added_mb']:.0f} MB",
+        f"whole edit (inversion + guided): {res['edit_total_s']:.2f} s",
+        f"guided step / stock step = {res['guided_over_stock_step']:.2f} x wall, "
+        f"{res['guided_over_stock_step_cpu']:.2f} x CPU (target <= 2.5); "
+        f"memory added by guidance = {res['guidance_added_mb']:.0f} MB",
+        f"wrote {path}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", choices=["sd15", "sdxl"], default="sd15")
@@ -226,27 +367,17 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     import comfy.model_management as mm
-    import comfy.utils
+    import comfy.utils  # noqa: F401  (ComfyUI's modules first, then the pack, as ComfyUI loads them)
 
-    import nodes as comfy_nodes
+    import nodes  # noqa: F401
 
-    sampling, guidance = load_pack()
+    pack = load_pack()
     t0 = time.perf_counter()
     model, ctx, pooled = build_model(args.family, 0)
     build_s = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(1)
-    h = args.size // 8
-
-    def cond(seed):
-        g = torch.Generator().manual_seed(seed)
-        extra = {"pooled_output": torch.randn(1, pooled, generator=g)} if pooled else {}
-        return [[torch.randn(1, 77, ctx, generator=g), extra]]
-
-    source, edited, negative = cond(1), cond(2), cond(3)
-    latent = {"samples": torch.randn(1, 4, h, h, generator=gen)}
+    latent = {"samples": torch.randn(1, 4, args.size // 8, args.size // 8, generator=gen)}
     cuda = args.gpu and torch.cuda.is_available()
-    clock = StepClock()
-    comfy.utils.set_progress_bar_global_hook(clock.hook)
     res: dict = {
         "family": args.family,
         "size": args.size,
@@ -256,95 +387,9 @@ def main(argv=None) -> int:
         "threads": args.threads,
         "build_s": build_s,
     }
-
-    def timed(fn):
-        clock.stamps.clear()
-        with Peak(cuda) as pk:
-            start = StepClock.now()
-            out = fn()
-            total = time.perf_counter() - start[0]
-        return out, total, clock.per_step(start), pk
-
-    with torch.inference_mode():
-        # warm-up: loads the model onto the device, so loading is not timed
-        comfy_nodes.common_ksampler(model, 0, 1, args.cfg, "ddim", "ddim_uniform", edited, negative, latent)
-        _, t_stock, steps_stock, pk_stock = timed(
-            lambda: comfy_nodes.common_ksampler(
-                model, 0, args.steps, args.cfg, "ddim", "ddim_uniform", edited, negative, latent
-            )
-        )
-        (x_t, inversion, _sig), t_inv, _, pk_inv = timed(
-            lambda: run_node(
-                sampling.ZeroConDDIMInversion,
-                model=model,
-                latent=latent,
-                conditioning=source,
-                steps=args.steps,
-                cfg=1.0,
-                regularize=True,
-                lambda_ac=20.0,
-                lambda_kl=20.0,
-                reg_outer=5,
-                reg_rolls=5,
-                seed=0,
-            )
-        )
-        g = guidance_chain(guidance, args.xa, args.nce)
-        _, t_guided, steps_guided, pk_guided = timed(
-            lambda: run_node(
-                sampling.ZeroConGuidedSampler,
-                model=model,
-                inversion=inversion,
-                edited=edited,
-                cfg=args.cfg,
-                step_mode="raw",
-                step_size=0.02,
-                branches="edit",
-                seed=0,
-                guidance=g,
-            )
-        )
-
-    med = statistics.median
-    res.update(
-        {
-            "stock_total_s": t_stock,
-            "stock_step_s": med(w for w, _ in steps_stock[1:] or steps_stock),
-            "stock_step_cpu_s": med(c for _, c in steps_stock[1:] or steps_stock),
-            "inversion_total_s": t_inv,
-            "guided_total_s": t_guided,
-            "guided_step_s": med(w for w, _ in steps_guided[1:] or steps_guided),
-            "guided_step_cpu_s": med(c for _, c in steps_guided[1:] or steps_guided),
-            "edit_total_s": t_inv + t_guided,
-            "stock_peak_added_mb": pk_stock.added,
-            "inversion_peak_added_mb": pk_inv.added,
-            "guided_peak_added_mb": pk_guided.added,
-            "guided_peak_mb": pk_guided.peak,
-            "guidance_added_mb": pk_guided.added - pk_stock.added,
-        }
-    )
-    res["guided_over_stock_step"] = res["guided_step_s"] / res["stock_step_s"]
-    res["guided_over_stock_step_cpu"] = res["guided_step_cpu_s"] / res["stock_step_cpu_s"]
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"bench_comfyui_{args.family}_{args.size}_{'gpu' if cuda else 'cpu'}.json"
-    path.write_text(json.dumps(res, indent=2))
-    unit = "VRAM allocated" if cuda else "RSS"
-    lines = [
-        f"ComfyUI {args.family} {args.size}px, {args.steps} steps, {res['device']} {res['dtype']}, {args.threads} threads",
-        f"stock KSampler (ddim, cfg {args.cfg}): {t_stock:.2f} s, {res['stock_step_s']:.3f} s/step "
-        f"({res['stock_step_cpu_s']:.3f} s CPU), "
-        f"peak {unit} +{pk_stock.added:.0f} MB",
-        f"ZeroCon inversion (regularised):      {t_inv:.2f} s, peak +{pk_inv.added:.0f} MB",
-        f"ZeroCon guided sampler (xa+PatchNCE): {t_guided:.2f} s, {res['guided_step_s']:.3f} s/step "
-        f"({res['guided_step_cpu_s']:.3f} s CPU), "
-        f"peak {unit} +{pk_guided.added:.0f} MB",
-        f"whole edit (inversion + guided): {res['edit_total_s']:.2f} s",
-        f"guided step / stock step = {res['guided_over_stock_step']:.2f} x wall, "
-        f"{res['guided_over_stock_step_cpu']:.2f} x CPU (target <= 2.5); "
-        f"memory added by guidance = {res['guidance_added_mb']:.0f} MB",
-        f"wrote {path}",
-    ]
-    sys.stdout.write("\n".join(lines) + "\n")
+    summarise(res, run_three(args, model, random_conds(ctx, pooled), latent, cuda, pack))
+    path = write_json(Path(args.out) / f"bench_comfyui_{args.family}_{args.size}_{'gpu' if cuda else 'cpu'}.json", res)
+    sys.stdout.write(report(args, res, cuda, path))
     return 0
 
 

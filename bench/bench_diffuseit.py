@@ -37,9 +37,7 @@ Results: JSON under bench/out/ (gitignored) and a table on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -55,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_engine import SCHEDULER, PeakRSS, build_inputs, build_models, med, out, rss_mb, trim  # noqa: E402
+from bench_engine import SCHEDULER, PeakRSS, build_inputs, build_models, med, rss_mb, trim  # noqa: E402
+from common import environment, out, write_result  # noqa: E402
 
 from tests.core.tiny_vision import tiny_dino_config  # noqa: E402
 from zerocon_core.common.images import encode_latents  # noqa: E402
@@ -230,22 +229,43 @@ class ForwardTimer:
 # phases
 
 
-def sampler_step(den, z0, grid, neg, pos, cfg: float, terms, seed: int, dev: Dev) -> dict[str, Any]:
-    """One ``diffuseit_sample`` step from DiffuseIT's start (``grid`` = the DDIM grid cut one level below the
-    start), no resampling: its time and its peak memory above the memory before it."""
-    with peak_memory(dev) as mem:
-        t0 = dev.now()
-        res = diffuseit_sample(
-            den,
-            z0,
+@dataclass
+class StepInputs:
+    """What every timed step shares: the denoiser, the clean latent ``z0``, the negative and target prompts,
+    CFG, the seed and the device."""
+
+    den: Any
+    z0: torch.Tensor
+    neg: Any
+    pos: Any
+    cfg: float
+    seed: int
+    dev: Dev
+
+    def settings(self) -> SamplerSettings:
+        """One guided DDIM step without resampling."""
+        return SamplerSettings(cfg=self.cfg, resample=1, seed=self.seed)
+
+    def sample(self, grid: torch.Tensor, terms) -> Any:
+        return diffuseit_sample(
+            self.den,
+            self.z0,
             grid,
-            cond=pos,
-            negative_cond=neg,
+            cond=self.pos,
+            negative_cond=self.neg,
             guidance=terms,
             strength=None,
-            settings=SamplerSettings(cfg=cfg, resample=1, seed=seed),
+            settings=self.settings(),
         )
-        took = dev.now() - t0
+
+
+def sampler_step(inp: StepInputs, grid: torch.Tensor, terms) -> dict[str, Any]:
+    """One ``diffuseit_sample`` step from DiffuseIT's start (``grid`` = the DDIM grid cut one level below the
+    start), no resampling: its time and its peak memory above the memory before it."""
+    with peak_memory(inp.dev) as mem:
+        t0 = inp.dev.now()
+        res = inp.sample(grid, terms)
+        took = inp.dev.now() - t0
     return {
         "time": took,
         "finite": bool(torch.isfinite(res.latent).all()),
@@ -274,85 +294,86 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+PART_KEYS = ("unet_fwd_grad", "decode_fwd", "dino_fwd", "losses", "dino_bwd", "decode_bwd", "unet_bwd", "cfg_fwd")
+
+
+def _grad_pass(inp: StepInputs, x: torch.Tensor, sigmas: tuple, terms, decoder: Decoder, gen) -> list[Clock]:
+    """Time the guidance's gradient pass at ``sigmas = (sigma, sigma_next)`` stage by stage: UNet forward,
+    losses (decoder and DINO inside), backward to the image, to the latent x0, to x."""
+    dev, (sigma, sigma_next) = inp.dev, sigmas
+    state: dict = {}
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        t = dev.now()
+        (p,) = inp.den.predict(xg, sigma, [inp.pos])
+        t_unet = dev.now() - t
+        t = dev.now()
+        ctx = StepContext(0, 1, sigma, xg, p.eps, p, None, gen, sigma_next, state)
+        total = sum(term.weight * term.loss(ctx, term.request([])) for term in terms)
+        t_loss = dev.now() - t
+        image, x0 = decoder.last, decoder.last_latent
+        t = dev.now()
+        (g_img,) = torch.autograd.grad(total, image)
+        t_dino_b = dev.now() - t
+        t = dev.now()
+        (g_x0,) = torch.autograd.grad(image, x0, grad_outputs=g_img)
+        t_dec_b = dev.now() - t
+        t = dev.now()
+        (g_x,) = torch.autograd.grad(x0, xg, grad_outputs=g_x0)
+        t_unet_b = dev.now() - t
+    assert torch.isfinite(g_x).all()
+    decoder.last = decoder.last_latent = None
+    return [t_unet, t_loss, t_dino_b, t_dec_b, t_unet_b]
+
+
 def step_parts(
-    den,
+    inp: StepInputs,
     x: torch.Tensor,
-    sigma,
-    sigma_next,
-    neg,
-    pos,
+    sigmas: tuple,
     terms,
-    decoder: Decoder,
-    dino_timer: ForwardTimer,
-    dev: Dev,
+    timers: tuple[Decoder, ForwardTimer],
     repeats: int,
     warmup: bool,
 ) -> dict[str, list[Clock]]:
-    """The parts of one guided step at ``sigma``, ``repeats`` times (with ``warmup``, one untimed evaluation first,
-    which also caches the source / reference DINO features on the terms as the sampler's first step does):
+    """The parts of one guided step at ``sigmas = (sigma, sigma_next)``, ``repeats`` times (with ``warmup``, one
+    untimed evaluation first, which also caches the source / reference DINO features on the terms as the
+    sampler's first step does); ``timers``: the decoder and the DINO forward timer.
 
     unet_fwd_grad (batch 1, autograd), decode_fwd, dino_fwd, losses (the rest of the terms' loss code),
     dino_bwd (loss -> decoded image: losses, DINO and its resize), decode_bwd (image -> latent x0),
     unet_bwd (x0 -> x), cfg_fwd (batch 2, no grad: the DDIM step's forward = a plain step)."""
-    keys = ("unet_fwd_grad", "decode_fwd", "dino_fwd", "losses", "dino_bwd", "decode_bwd", "unet_bwd", "cfg_fwd")
-    parts: dict[str, list[Clock]] = {k: [] for k in keys}
+    decoder, dino_timer = timers
+    parts: dict[str, list[Clock]] = {k: [] for k in PART_KEYS}
     gen = torch.Generator().manual_seed(0)
     for r in range(repeats + int(warmup)):
         timed = r >= int(warmup)
         decoder.record, dino_timer.on = True, timed
         decoder.seconds.clear()
         dino_timer.seconds.clear()
-        state: dict = {}
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            t = dev.now()
-            (p,) = den.predict(xg, sigma, [pos])
-            t_unet = dev.now() - t
-            t = dev.now()
-            ctx = StepContext(0, 1, sigma, xg, p.eps, p, None, gen, sigma_next, state)
-            total = sum(term.weight * term.loss(ctx, term.request([])) for term in terms)
-            t_loss = dev.now() - t
-            image, x0 = decoder.last, decoder.last_latent
-            t = dev.now()
-            (g_img,) = torch.autograd.grad(total, image)
-            t_dino_b = dev.now() - t
-            t = dev.now()
-            (g_x0,) = torch.autograd.grad(image, x0, grad_outputs=g_img)
-            t_dec_b = dev.now() - t
-            t = dev.now()
-            (g_x,) = torch.autograd.grad(x0, xg, grad_outputs=g_x0)
-            t_unet_b = dev.now() - t
-        assert torch.isfinite(g_x).all()
-        del p, ctx, total, image, x0, g_img, g_x0, g_x, xg, state
-        decoder.last = decoder.last_latent = None
-        t = dev.now()
+        t_unet, t_loss, t_dino_b, t_dec_b, t_unet_b = _grad_pass(inp, x, sigmas, terms, decoder, gen)
+        t = inp.dev.now()
         with torch.no_grad():
-            den.predict(x, sigma, [neg, pos])
-        t_cfg = dev.now() - t
+            inp.den.predict(x, sigmas[0], [inp.neg, inp.pos])
+        t_cfg = inp.dev.now() - t
         if not timed:
             continue
         dec_f, dino_f = sum(decoder.seconds, Clock()), sum(dino_timer.seconds, Clock())
-        for k, v in zip(keys, (t_unet, dec_f, dino_f, t_loss - dec_f - dino_f, t_dino_b, t_dec_b, t_unet_b, t_cfg)):
+        values = (t_unet, dec_f, dino_f, t_loss - dec_f - dino_f, t_dino_b, t_dec_b, t_unet_b, t_cfg)
+        for k, v in zip(PART_KEYS, values):
             parts[k].append(v)
     decoder.record = dino_timer.on = False
     return parts
 
 
-def profile_step(den, z0, grid, neg, pos, cfg: float, terms, seed: int, rows: int = 25) -> str:
+def profile_step(inp: StepInputs, grid: torch.Tensor, terms, rows: int = 25) -> str:
     """torch.profiler over one guided step (after the source features are cached); top ops by self time."""
     from torch.profiler import ProfilerActivity, profile
 
-    kw = dict(
-        cond=pos,
-        negative_cond=neg,
-        guidance=terms,
-        strength=None,
-        settings=SamplerSettings(cfg=cfg, resample=1, seed=seed),
-    )
-    diffuseit_sample(den, z0, grid[: start_index(grid) + 2], **kw)  # warm-up
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() and z0.is_cuda else [])
+    one = grid[: start_index(grid) + 2]
+    inp.sample(one, terms)  # warm-up
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() and inp.z0.is_cuda else [])
     with profile(activities=acts) as prof:
-        diffuseit_sample(den, z0, grid[: start_index(grid) + 2], **kw)
+        inp.sample(one, terms)
     sort = "self_device_time_total" if len(acts) > 1 else "self_cpu_time_total"
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
@@ -360,7 +381,8 @@ def profile_step(den, z0, grid, neg, pos, cfg: float, terms, seed: int, rows: in
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The options; ``size`` filled in (256, tiny: 64), ``phases`` made a set, ``kind`` / ``where`` added."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny random models (checks that everything runs)")
     ap.add_argument("--gpu", action="store_true", help="run on CUDA (memory: peak CUDA allocation)")
@@ -389,170 +411,176 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON path (default bench/out/bench_diffuseit-<kind>-<device>-<size>-<mode>-<time>.json)",
     )
     args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    size = args.size or (64 if args.tiny else 256)
-    if size % 8:
+    args.size = args.size or (64 if args.tiny else 256)
+    if args.size % 8:
         ap.error("--size must be a multiple of 8")
     if args.steps < 1:
         ap.error("--steps must be >= 1")
-    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
-    if not phases <= set(PHASES):
+    args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    if not args.phases <= set(PHASES):
         ap.error("--phases takes a subset of a,b,c")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    dev = Dev(args.gpu, dtype)
-    kind = "tiny" if args.tiny else "sd15"
-    where = "cuda" if args.gpu else "cpu"
+    args.kind, args.where = ("tiny" if args.tiny else "sd15"), ("cuda" if args.gpu else "cpu")
+    return args
 
-    out(
-        f"bench_diffuseit: {kind} models, {size}x{size}, {args.mode}-guided, {args.steps} steps/phase, "
-        f"{where} {args.dtype}, {args.threads} threads, torch {torch.__version__}, load {os.getloadavg()[0]:.2f}"
-    )
-    t = time.perf_counter()
-    rss0 = rss_mb()
+
+def build(args: argparse.Namespace, dev: Dev) -> tuple[dict[str, Any], dict[str, int]]:
+    """The random models (UNet, VAE, DINO, TAESD) on ``dev`` and their (decoder) parameter counts."""
     unet, vae = build_models(args.tiny, args.seed)
-    dino = build_dino(args.tiny, args.seed + 1)
-    taesd = build_taesd(args.tiny, args.seed + 2)
-    if dev.gpu or dtype != torch.float32:
-        for m in (unet, vae, dino, taesd):
-            m.to(device=dev.device, dtype=dtype)
+    models = {"unet": unet, "vae": vae, "dino": build_dino(args.tiny, args.seed + 1)}
+    models["taesd"] = build_taesd(args.tiny, args.seed + 2)
+    if dev.gpu or dev.dtype != torch.float32:
+        for m in models.values():
+            m.to(device=dev.device, dtype=dev.dtype)
     n_params = {
         "unet": sum(p.numel() for p in unet.parameters()),
         "vae_decoder": sum(p.numel() for p in vae.decoder.parameters())
         + sum(p.numel() for p in vae.post_quant_conv.parameters()),
-        "taesd_decoder": sum(p.numel() for p in taesd.decoder.parameters()),
-        "dino": sum(p.numel() for p in dino.parameters()),
+        "taesd_decoder": sum(p.numel() for p in models["taesd"].decoder.parameters()),
+        "dino": sum(p.numel() for p in models["dino"].parameters()),
     }
-    inputs = build_inputs(size, unet.config.cross_attention_dim, args.seed)
+    return models, n_params
+
+
+@dataclass
+class Bench:
+    """The built benchmark: step inputs, models, source / reference images, the DDIM grid and DiffuseIT's
+    start index on it, one decoder per guided phase and the DINO forward timer."""
+
+    inp: StepInputs
+    models: dict[str, Any]
+    source: torch.Tensor
+    reference: torch.Tensor
+    grid: torch.Tensor
+    k: int
+    decoders: dict[str, Decoder]
+    dino_timer: ForwardTimer
+
+    def terms(self, ph: str, args: argparse.Namespace) -> tuple:
+        """DiffuseIT's guidance terms decoding with phase ``ph``'s decoder (no style reference in text mode)."""
+        ref = self.reference if args.mode == "image" else None
+        return diffuseit_guidance(self.models["dino"], self.decoders[ph], self.source, ref, dino_size=args.dino_size)
+
+
+def setup(args: argparse.Namespace, dev: Dev) -> tuple[Bench, dict[str, int]]:
+    """Build the models and inputs (logged); the bench and the parameter counts."""
+    t = time.perf_counter()
+    rss0 = rss_mb()
+    models, n_params = build(args, dev)
+    inputs = build_inputs(args.size, models["unet"].config.cross_attention_dim, args.seed)
     source = inputs["image"].to(dev.device)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, args.size), torch.linspace(0, 1, args.size), indexing="ij")
     reference = torch.stack([0.5 + 0.5 * torch.cos(9 * xx), yy, 1 - xx])[None].to(dev.device)
     neg = TextCond(inputs["caption"].to(dev.device))
     pos = TextCond((inputs["caption"] + inputs["delta"]).to(dev.device))
-    den = DiffusersDenoiser(unet, scheduler_config=SCHEDULER)
-    z0 = encode_latents(vae, source).to(dev.device)
-    full_grid = sampling_grid(den, GRID_STEPS).to(dev.device)
-    k = start_index(full_grid)
+    den = DiffusersDenoiser(models["unet"], scheduler_config=SCHEDULER)
+    z0 = encode_latents(models["vae"], source).to(dev.device)
+    grid = sampling_grid(den, GRID_STEPS).to(dev.device)
+    k = start_index(grid)
     trim()
     out(
         f"built models in {time.perf_counter() - t:.1f}s: "
         + ", ".join(f"{n} {v / 1e6:.1f}M" for n, v in n_params.items())
-        + f" params; RSS {rss0:.0f} -> {rss_mb():.0f} MB; start sigma {float(full_grid[k]):.3f} "
+        + f" params; RSS {rss0:.0f} -> {rss_mb():.0f} MB; start sigma {float(grid[k]):.3f} "
         f"(grid index {k} of {GRID_STEPS}: a full run = {GRID_STEPS - k} steps + 9 resampling repeats)"
     )
+    inp = StepInputs(den, z0, neg, pos, args.cfg, args.seed, dev)
+    decoders = {"b": Decoder(models["vae"], dev), "c": Decoder(models["taesd"], dev)}
+    bench = Bench(inp, models, source, reference, grid, k, decoders, ForwardTimer(models["dino"], dev))
+    return bench, n_params
 
-    decoders = {"b": Decoder(vae, dev), "c": Decoder(taesd, dev)}
-    dino_timer = ForwardTimer(dino, dev)
 
-    def terms_for(decoder: Decoder) -> tuple:
-        ref = reference if args.mode == "image" else None
-        return diffuseit_guidance(dino, decoder, source, ref, dino_size=args.dino_size)
-
-    res: dict[str, Any] = {
-        "config": {
-            "kind": kind,
-            "size": size,
-            "steps": args.steps,
-            "repeats": args.repeats,
-            "mode": args.mode,
-            "cfg": args.cfg,
-            "dino_size": args.dino_size,
-            "threads": args.threads,
-            "seed": args.seed,
-            "device": where,
-            "dtype": args.dtype,
-            "grid_steps": GRID_STEPS,
-            "start_index": k,
-            "start_sigma": float(full_grid[k]),
-            "params": n_params,
-        },
-        "env": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "loadavg_start": os.getloadavg(),
-        },
-        "phases": {},
-        "parts_s": {},
-    }
+def result_skeleton(args: argparse.Namespace, bench: Bench, n_params: dict[str, int]) -> dict[str, Any]:
+    """The result's configuration and environment, with empty phases and parts."""
+    keys = ("size", "steps", "repeats", "mode", "cfg", "dino_size", "threads", "seed")
+    config = {"kind": args.kind, **{k: getattr(args, k) for k in keys}, "device": args.where, "dtype": args.dtype}
+    config.update(grid_steps=GRID_STEPS, start_index=bench.k, start_sigma=float(bench.grid[bench.k]), params=n_params)
+    env = environment()
+    env.pop("diffusers", None)
     try:
         import diffusers
         import transformers
 
-        res["env"].update(diffusers=diffusers.__version__, transformers=transformers.__version__)
+        env.update(diffusers=diffusers.__version__, transformers=transformers.__version__)
         if args.gpu:
-            res["env"]["gpu"] = torch.cuda.get_device_name()
+            env["gpu"] = torch.cuda.get_device_name()
     except Exception:  # noqa: BLE001
         pass
+    return {"config": config, "env": env, "phases": {}, "parts_s": {}}
 
-    # Rounds of one step per phase, interleaved a, b, c: a change of load on a shared machine hits all phases
-    # alike. Each step starts from the same noised latent; the terms (and their cached source features) are
-    # kept across rounds, as across the steps of one run.
-    which = [ph for ph in ("a", "b", "c") if ph in phases]
-    terms = {ph: () if ph == "a" else terms_for(decoders[ph]) for ph in which}
-    one = full_grid[: k + 2]  # diffuseit_sample starts at index k: exactly one step
+
+def run_rounds(args: argparse.Namespace, bench: Bench, res: dict[str, Any]) -> None:
+    """Rounds of one step per phase, interleaved a, b, c: a change of load on a shared machine hits all phases
+    alike. Each step starts from the same noised latent; the terms (and their cached source features) are
+    kept across rounds, as across the steps of one run."""
+    which = [ph for ph in ("a", "b", "c") if ph in args.phases]
+    terms = {ph: () if ph == "a" else bench.terms(ph, args) for ph in which}
+    one = bench.grid[: bench.k + 2]  # diffuseit_sample starts at index k: exactly one step
     runs: dict[str, list[dict[str, Any]]] = {ph: [] for ph in which}
     loads = [os.getloadavg()[0]]
     for r in range(args.steps + 1):
         for ph in which:
             out(f"{PHASES[ph]}, {'first step (warm-up)' if r == 0 else f'step {r} of {args.steps}'} ...")
-            runs[ph].append(sampler_step(den, z0, one, neg, pos, args.cfg, terms[ph], args.seed, dev))
+            runs[ph].append(sampler_step(bench.inp, one, terms[ph]))
         loads.append(os.getloadavg()[0])
     for ph in which:
         res["phases"][ph] = {**summarise(runs[ph]), "loadavg": [min(loads), max(loads)]}
-    del terms, runs
+
+
+def run_breakdown(args: argparse.Namespace, bench: Bench, res: dict[str, Any]) -> None:
+    """The parts of one guided step per decoder, repeats interleaved so that a change of load hits both alike."""
+    z0, k = bench.inp.z0, bench.k
+    s, s_next = bench.grid[k], bench.grid[k + 1]
+    g = torch.Generator().manual_seed(args.seed)
+    x = z0 + s * torch.randn(z0.shape, generator=g).to(z0)
+    which = [ph for ph in ("b", "c") if ph in args.phases]
+    terms = {ph: bench.terms(ph, args) for ph in which}
+    raw: dict[str, dict[str, list[Clock]]] = {ph: {} for ph in which}
+    load0 = os.getloadavg()[0]
+    for r in range(args.repeats):
+        for ph in which:
+            out(f"breakdown {PHASES[ph]}, repeat {r + 1} of {args.repeats} ...")
+            timers = (bench.decoders[ph], bench.dino_timer)
+            got = step_parts(bench.inp, x, (s, s_next), terms[ph], timers, 1, r == 0)
+            for key, v in got.items():
+                raw[ph].setdefault(key, []).extend(v)
+    res["parts_s"] = {ph: {key: med_clock(v) for key, v in raw[ph].items()} for ph in which}
+    res["parts_loadavg"] = [load0, os.getloadavg()[0]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dev = Dev(args.gpu, dtype)
+    out(
+        f"bench_diffuseit: {args.kind} models, {args.size}x{args.size}, {args.mode}-guided, {args.steps} steps/phase, "
+        f"{args.where} {args.dtype}, {args.threads} threads, torch {torch.__version__}, "
+        f"load {os.getloadavg()[0]:.2f}"
+    )
+    bench, n_params = setup(args, dev)
+    res = result_skeleton(args, bench, n_params)
+    run_rounds(args, bench, res)
     if not args.no_breakdown:
-        s, s_next = full_grid[k], full_grid[k + 1]
-        g = torch.Generator().manual_seed(args.seed)
-        x = z0 + s * torch.randn(z0.shape, generator=g).to(z0)
-        which = [ph for ph in ("b", "c") if ph in phases]
-        terms = {ph: terms_for(decoders[ph]) for ph in which}
-        raw: dict[str, dict[str, list[Clock]]] = {ph: {} for ph in which}
-        load0 = os.getloadavg()[0]
-        for r in range(args.repeats):  # interleaved, so that a change of load hits both decoders alike
-            for ph in which:
-                out(f"breakdown {PHASES[ph]}, repeat {r + 1} of {args.repeats} ...")
-                got = step_parts(den, x, s, s_next, neg, pos, terms[ph], decoders[ph], dino_timer, dev, 1, r == 0)
-                for key, v in got.items():
-                    raw[ph].setdefault(key, []).extend(v)
-        res["parts_s"] = {ph: {key: med_clock(v) for key, v in raw[ph].items()} for ph in which}
-        res["parts_loadavg"] = [load0, os.getloadavg()[0]]
-        del terms
+        run_breakdown(args, bench, res)
     if args.profile:
         res["profile_top_ops"] = {}
         for ph in ("b", "c"):
-            if ph in phases:
+            if ph in args.phases:
                 out(f"profiling {PHASES[ph]} ...")
-                res["profile_top_ops"][ph] = profile_step(
-                    den, z0, full_grid, neg, pos, args.cfg, terms_for(decoders[ph]), args.seed
-                )
-    dino_timer.close()
-    den.close()
+                res["profile_top_ops"][ph] = profile_step(bench.inp, bench.grid, bench.terms(ph, args))
+    bench.dino_timer.close()
+    bench.inp.den.close()
     res["env"]["loadavg_end"] = os.getloadavg()
-
     report(res)
     for ph, table in res.get("profile_top_ops", {}).items():
         out(f"\ntorch.profiler, one guided step, {PHASES[ph]}:")
         out(table)
-    tag = f"{kind}-{where}-{size}-{args.mode}"
-    path = (
-        Path(args.out)
-        if args.out
-        else ROOT / "bench" / "out" / f"bench_diffuseit-{tag}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=2, default=float))
-    out(f"\nwrote {path}")
+    write_result(res, args.out, f"bench_diffuseit-{args.kind}-{args.where}-{args.size}-{args.mode}")
     return 0
 
 
-def report(res: dict[str, Any]) -> None:
-    """Print the tables; adds ``ratios`` and ``parts_grouped`` to ``res``. Shares and multiples use CPU seconds
-    on the CPU (robust to other processes on a shared machine) and wall seconds on CUDA."""
-    ph = res["phases"]
-    gpu = res["config"]["device"] == "cuda"
-    key = "wall" if gpu else "cpu"
+def phase_table(ph: dict[str, Any], gpu: bool) -> None:
+    """One row per phase: median wall / CPU seconds per step, the first step, peak memory, added memory, load."""
     mem_col = "peak CUDA MB" if gpu else "peak RSS MB"
     out(
         f"\nphase                          wall s/step  CPU s/step  first step wall s  {mem_col:>12}  peak added MB  load"
@@ -567,28 +595,34 @@ def report(res: dict[str, Any]) -> None:
             f"{name:<30} {p['step_median_s']:>11.3f} {p['step_median_cpu_s']:>11.3f} {p['first_step_s']:>18.3f}  "
             f"{peak:>12.0f}  {p['peak_added_mb']:>13.0f}  {p['loadavg'][0]:.1f}-{p['loadavg'][1]:.1f}{flag}"
         )
+
+
+RATIO_PAIRS = [("b", "a"), ("c", "a"), ("c", "b")]
+
+
+def phase_ratios(ph: dict[str, Any]) -> dict[str, float]:
+    """Step time (wall, CPU) and peak added memory of (b) and (c) over (a), and of (c) over (b)."""
     ratios: dict[str, float] = {}
-    pairs = [(k, "a") for k in ("b", "c")] + [("c", "b")]
-    for num, den in pairs:
+    for num, den in RATIO_PAIRS:
         if num in ph and den in ph:
             ratios[f"time_{num}_over_{den}_wall"] = ph[num]["step_median_s"] / ph[den]["step_median_s"]
             ratios[f"time_{num}_over_{den}_cpu"] = ph[num]["step_median_cpu_s"] / max(
                 ph[den]["step_median_cpu_s"], 1e-9
             )
             ratios[f"mem_{num}_over_{den}"] = ph[num]["peak_added_mb"] / max(ph[den]["peak_added_mb"], 1e-9)
-    res["ratios"] = ratios
     if ratios:
         out("\nratio per step                 wall time   CPU time   peak added memory")
-        for num, den in pairs:
+        for num, den in RATIO_PAIRS:
             if f"mem_{num}_over_{den}" in ratios:
                 out(
                     f"  ({num}) / ({den})                    {ratios[f'time_{num}_over_{den}_wall']:>7.2f}    "
                     f"{ratios[f'time_{num}_over_{den}_cpu']:>7.2f}    {ratios[f'mem_{num}_over_{den}']:>7.2f}"
                 )
-    parts = res.get("parts_s", {})
-    if not parts:
-        return
-    plain = ph.get("a", {}).get("step_median_s" if gpu else "step_median_cpu_s")
+    return ratios
+
+
+def parts_table(parts: dict[str, Any], plain: float | None, key: str) -> dict[str, dict[str, float]]:
+    """Each part's wall / CPU seconds, share of the step and multiple of the plain step; the per-decoder totals."""
     cols = [c for c in ("b", "c") if c in parts]
     out(
         f"\none guided step, part by part (median); share and 'x plain' ({key} time) = multiple of the plain step (a)"
@@ -607,15 +641,35 @@ def report(res: dict[str, Any]) -> None:
                 f"{v[key] / plain:>10.2f}x" if plain else " " * 11
             )
         out(row)
-    groups = {
-        "UNet fwd+bwd (grad pass)": ("unet_fwd_grad", "unet_bwd"),
-        "decoder fwd+bwd": ("decode_fwd", "decode_bwd"),
-        "DINO fwd+bwd + losses": ("dino_fwd", "dino_bwd", "losses"),
-        "CFG fwd (the DDIM step)": ("cfg_fwd",),
-    }
+    return totals
+
+
+PART_GROUPS = {
+    "UNet fwd+bwd (grad pass)": ("unet_fwd_grad", "unet_bwd"),
+    "decoder fwd+bwd": ("decode_fwd", "decode_bwd"),
+    "DINO fwd+bwd + losses": ("dino_fwd", "dino_bwd", "losses"),
+    "CFG fwd (the DDIM step)": ("cfg_fwd",),
+}
+
+
+def report(res: dict[str, Any]) -> None:
+    """Print the tables; adds ``ratios`` and ``parts_grouped`` to ``res``. Shares and multiples use CPU seconds
+    on the CPU (robust to other processes on a shared machine) and wall seconds on CUDA."""
+    ph = res["phases"]
+    gpu = res["config"]["device"] == "cuda"
+    key = "wall" if gpu else "cpu"
+    phase_table(ph, gpu)
+    res["ratios"] = phase_ratios(ph)
+    parts = res.get("parts_s", {})
+    if not parts:
+        return
+    plain = ph.get("a", {}).get("step_median_s" if gpu else "step_median_cpu_s")
+    totals = parts_table(parts, plain, key)
     res["parts_grouped"] = {}
-    for c in cols:
-        got = {g: {t: sum(parts[c][n][t] for n in members) for t in ("wall", "cpu")} for g, members in groups.items()}
+    for c in totals:
+        got = {
+            g: {t: sum(parts[c][n][t] for n in members) for t in ("wall", "cpu")} for g, members in PART_GROUPS.items()
+        }
         res["parts_grouped"][c] = got
         out(
             f"  {PHASES[c]} ({key} time): "

@@ -11,26 +11,19 @@ Prints wall and CPU seconds per side and their ratios. No weights are downloaded
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser().resolve()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import COMFYUI, REPO  # noqa: E402, F401
 
 
 def load_pack():
-    name = str(REPO).replace(".", "_x_")
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return importlib.import_module(f"{name}.nodes.direction_nodes"), importlib.import_module(
-        f"{name}.zerocon_core.direction"
-    )
+    """The pack's direction nodes and core direction module, loaded as ComfyUI loads the pack."""
+    return common.load_pack("nodes.direction_nodes", "zerocon_core.direction")
 
 
 def timed(fn):

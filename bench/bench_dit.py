@@ -26,16 +26,14 @@ Writes bench/out/bench_dit_<size>_<reference>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser().resolve()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, pack_loader, start_comfyui, write_json  # noqa: E402
 
 HIDDEN, HEADS, CONTEXT, POOLED, TEXT_TOKENS = 3072, 24, 4096, 768, 512
 
@@ -192,7 +190,7 @@ def capture_memory(dc, size: int, chunk) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=512, help="image side in pixels")
     ap.add_argument("--double", type=int, default=1, help="double-stream blocks")
@@ -207,99 +205,127 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "bench" / "out"))
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    sys.path.insert(0, str(COMFYUI))
-    from comfy.cli_args import args as cargs
 
-    cargs.cpu = True
+def load_modules() -> dict:
+    """ComfyUI's sampler modules, then the pack's modules this bench drives (loaded from this checkout)."""
+    import comfy.samplers  # noqa: F401
+    import comfy.utils  # noqa: F401
+    from bench_comfyui import Peak  # noqa: F401
+
+    import nodes  # noqa: F401
+
+    pack_module = pack_loader()
+    names = {
+        "dc": "nodes.glue.dit_capture",
+        "den_mod": "nodes.families.comfy_denoiser",
+        "guidance": "zerocon_core.method.guidance",
+        "sampler": "zerocon_core.method.sampler",
+        "inversion": "zerocon_core.method.inversion",
+        "replay": "zerocon_core.method.replay",
+    }
+    return {k: pack_module(v) for k, v in names.items()}
+
+
+def random_conds() -> list:
+    """Flux-style ``source``, ``edited``, ``negative`` conditionings: random T5 tokens, pooled, guidance 3.5."""
     import torch
 
-    torch.set_num_threads(args.threads)
-    import comfy.samplers
+    conds = []
+    for seed in (2, 3, 4):
+        g = torch.Generator().manual_seed(seed)
+        extra = {"pooled_output": torch.randn(1, POOLED, generator=g), "guidance": 3.5}
+        conds.append([[torch.randn(1, TEXT_TOKENS, CONTEXT, generator=g), extra]])
+    return conds
+
+
+def time_stock(args: argparse.Namespace, model, conds: list, latent: dict) -> dict:
+    """ComfyUI's KSampler, euler, 3 steps; the steps after the first are timed."""
     import comfy.utils
+    import torch
     from bench_comfyui import Peak
 
     import nodes as comfy_nodes
 
-    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
-    from conftest import pack_module  # loads the pack from this checkout the way ComfyUI does
-
-    dc = pack_module("nodes.glue.dit_capture")
-    den_mod = pack_module("nodes.families.comfy_denoiser")
-    guidance = pack_module("zerocon_core.method.guidance")
-    sampler = pack_module("zerocon_core.method.sampler")
-    inversion = pack_module("zerocon_core.method.inversion")
-    replay = pack_module("zerocon_core.method.replay")
-
-    res: dict = {"size": args.size, "double": args.double, "single": args.single, "cfg": args.cfg}
-    res["reference"] = args.reference
-    res["threads"] = args.threads
-    start = Clock.now()
-    model = build_model(args.double, args.single, 0)
-    res["build_s"] = Clock.since(start)[0]
-    gen = torch.Generator().manual_seed(1)
-
-    def cond(seed):
-        g = torch.Generator().manual_seed(seed)
-        extra = {"pooled_output": torch.randn(1, POOLED, generator=g), "guidance": 3.5}
-        return [[torch.randn(1, TEXT_TOKENS, CONTEXT, generator=g), extra]]
-
-    source, edited, negative = cond(2), cond(3), cond(4)
-    h = args.size // 8
-    latent = {"samples": torch.randn(1, 16, h, h, generator=gen)}
+    _, edited, negative = conds
     clock = StepClock()
     comfy.utils.set_progress_bar_global_hook(clock.hook)
-
-    with torch.inference_mode():  # stock: KSampler euler, 3 steps; the steps after the first are timed
+    with torch.inference_mode():
         clock.stamps.clear()
         with Peak(False) as pk_stock:
             t0 = Clock.now()
             comfy_nodes.common_ksampler(model, 0, 3, args.cfg, "euler", "simple", edited, negative, latent)
         stock_steps = clock.per_step(t0)[1:]
-    res["stock_step_wall_s"] = statistics.median(s[0] for s in stock_steps)
-    res["stock_step_cpu_s"] = statistics.median(s[1] for s in stock_steps)
-    res["stock_peak_rss_added_mb"] = pk_stock.added
+    return {
+        "stock_step_wall_s": statistics.median(s[0] for s in stock_steps),
+        "stock_step_cpu_s": statistics.median(s[1] for s in stock_steps),
+        "stock_peak_rss_added_mb": pk_stock.added,
+    }
 
-    terms = (guidance.CrossAttentionGuidance(layers="auto"), guidance.PatchNCEGuidance(layers="auto"))
+
+def _guided_inverted(m: dict, den, x, sigmas, run: tuple) -> dict:
+    """Invert 2 steps with a record, sample 2 steps; the second step's time, forwards and peak."""
+    from bench_comfyui import Peak
+
+    src, edit, terms, settings = run
+    inv = m["inversion"].ddim_invert(
+        den, x.clone(), sigmas.flip(0).clone(), src, record=m["replay"].RecordSettings(guidance=terms)
+    )
+    stamps = []
+    den.calls.clear()
+    with Peak(False) as pk:
+        m["sampler"].guided_ddim_sample(
+            den, inv.latent, sigmas.clone(), source_cond=src, edit_cond=edit, guidance=terms,
+            settings=settings, inversion=inv,
+            callback=lambda *a: stamps.append((*Clock.now(), len(den.calls))),
+        )  # fmt: skip
+    return {
+        "total": (stamps[1][0] - stamps[0][0], stamps[1][1] - stamps[0][1]),
+        "calls": den.calls[stamps[0][2] : stamps[1][2]],  # the second step's calls
+        "peak": pk.added,
+    }
+
+
+def _guided_resampled(m: dict, den, x, sigmas, run: tuple) -> dict:
+    """One guided step with the live reference, twice: the first warms up (allocator, autograd), the second
+    is timed."""
+    from bench_comfyui import Peak
+
+    src, edit, terms, settings = run
+    for _ in range(2):
+        den.calls.clear()
+        t0 = Clock.now()
+        with Peak(False) as pk:
+            m["sampler"].guided_ddim_sample(
+                den, x.clone(), sigmas[:2].clone(), source_cond=src, edit_cond=edit, guidance=terms,
+                settings=settings,
+            )  # fmt: skip
+        total = Clock.since(t0)
+    return {"total": total, "calls": list(den.calls), "peak": pk.added}
+
+
+def time_guided(args: argparse.Namespace, model, m: dict, conds: list, latent: dict, gen) -> dict:
+    """One guided step through ``ComfyDenoiser`` inside ComfyUI's sampler (a KSAMPLER function); ``gen``
+    draws the noise."""
+    import comfy.samplers
+    import torch
+
+    terms = (m["guidance"].CrossAttentionGuidance(layers="auto"), m["guidance"].PatchNCEGuidance(layers="auto"))
     found = {}
 
     def function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         guider = model_k.inner_model
-        den = TimedDenoiser(den_mod.ComfyDenoiser(guider.inner_model, extra_args["model_options"]))
+        den = TimedDenoiser(m["den_mod"].ComfyDenoiser(guider.inner_model, extra_args["model_options"]))
         found["layers"] = sorted(terms[0].request(den.layers()).probs | terms[1].request(den.layers()).features)
-        settings = sampler.SamplerSettings(cfg=args.cfg, step_mode="normalized", reference=args.reference)
-        src, edit = guider.conds["positive"], guider.conds["negative"]
+        settings = m["sampler"].SamplerSettings(cfg=args.cfg, step_mode="normalized", reference=args.reference)
+        run = (guider.conds["positive"], guider.conds["negative"], terms, settings)
         with torch.inference_mode(False):
-            if args.reference == "inverted":  # invert 2 steps with a record, sample 2 steps; time the 2nd
-                inv = inversion.ddim_invert(
-                    den, x.clone(), sigmas.flip(0).clone(), src, record=replay.RecordSettings(guidance=terms)
-                )
-                stamps = []
-                den.calls.clear()
-                t0 = Clock.now()
-                with Peak(False) as pk:
-                    sampler.guided_ddim_sample(
-                        den, inv.latent, sigmas.clone(), source_cond=src, edit_cond=edit, guidance=terms,
-                        settings=settings, inversion=inv,
-                        callback=lambda *a: stamps.append((*Clock.now(), len(den.calls))),
-                    )  # fmt: skip
-                found["total"] = (stamps[1][0] - stamps[0][0], stamps[1][1] - stamps[0][1])
-                found["calls"] = den.calls[stamps[0][2] : stamps[1][2]]  # the second step's calls
-            else:
-                for _ in range(2):  # the first run warms up (allocator, autograd); the second is timed
-                    den.calls.clear()
-                    t0 = Clock.now()
-                    with Peak(False) as pk:
-                        sampler.guided_ddim_sample(
-                            den, x.clone(), sigmas[:2].clone(), source_cond=src, edit_cond=edit, guidance=terms,
-                            settings=settings,
-                        )  # fmt: skip
-                    found["total"] = Clock.since(t0)
-                found["calls"] = list(den.calls)
-        found["peak"] = pk.added
+            step = _guided_inverted if args.reference == "inverted" else _guided_resampled
+            found.update(step(m, den, x, sigmas, run))
         return x
 
+    source, edited, _ = conds
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": source, "negative": edited})
     levels = 3 if args.reference == "inverted" else 2
@@ -307,29 +333,35 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         guider.sample(torch.randn(latent["samples"].shape, generator=gen), latent["samples"],
                       comfy.samplers.KSAMPLER(function), sigmas)  # fmt: skip
-    res["guided_layers"] = found["layers"]
-    res["guided_step_wall_s"], res["guided_step_cpu_s"] = found["total"]
-    res["guided_forwards"] = [{"what": w, "wall_s": a, "cpu_s": b} for w, a, b in found["calls"]]
-    res["guided_peak_rss_added_mb"] = found["peak"]
-    res["guided_over_stock_wall"] = res["guided_step_wall_s"] / res["stock_step_wall_s"]
-    res["guided_over_stock_cpu"] = res["guided_step_cpu_s"] / res["stock_step_cpu_s"]
-
-    chunk = dc.Chunking()
-    res["chunk"] = [chunk.queries, chunk.keys]
-    res["capture_memory"] = capture_memory(dc, args.size, chunk)
-    n1024 = (1024 // 16) ** 2
-    res["capture_memory_1024_formula_mb"] = {
-        "forward": dc.capture_bytes(1, HEADS, n1024, TEXT_TOKENS, n1024 + TEXT_TOKENS, chunk) / 2**20,
-        "backward": dc.capture_bytes(
-            1, HEADS, n1024, TEXT_TOKENS, n1024 + TEXT_TOKENS, chunk, backward=True, head_dim=HIDDEN // HEADS
-        )
-        / 2**20,
-        "dense_softmax_all_keys": 4 * HEADS * (n1024 + TEXT_TOKENS) ** 2 / 2**20,
+    wall, cpu = found["total"]
+    return {
+        "guided_layers": found["layers"],
+        "guided_step_wall_s": wall,
+        "guided_step_cpu_s": cpu,
+        "guided_forwards": [{"what": w, "wall_s": a, "cpu_s": b} for w, a, b in found["calls"]],
+        "guided_peak_rss_added_mb": found["peak"],
     }
 
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"bench_dit_{args.size}_{args.reference}.json"
-    path.write_text(json.dumps(res, indent=2))
+
+def capture_figures(dc, size: int) -> dict:
+    """Measured capture memory at ``size`` and the formula's at 1024 px."""
+    chunk = dc.Chunking()
+    n1024 = (1024 // 16) ** 2
+    return {
+        "chunk": [chunk.queries, chunk.keys],
+        "capture_memory": capture_memory(dc, size, chunk),
+        "capture_memory_1024_formula_mb": {
+            "forward": dc.capture_bytes(1, HEADS, n1024, TEXT_TOKENS, n1024 + TEXT_TOKENS, chunk) / 2**20,
+            "backward": dc.capture_bytes(
+                1, HEADS, n1024, TEXT_TOKENS, n1024 + TEXT_TOKENS, chunk, backward=True, head_dim=HIDDEN // HEADS
+            )
+            / 2**20,
+            "dense_softmax_all_keys": 4 * HEADS * (n1024 + TEXT_TOKENS) ** 2 / 2**20,
+        },
+    }
+
+
+def report(args: argparse.Namespace, res: dict, path: Path) -> str:
     cm, c1024 = res["capture_memory"], res["capture_memory_1024_formula_mb"]
     lines = [
         f"Flux-shaped DiT ({args.double} double + {args.single} single blocks, width {HIDDEN}, {HEADS} heads), "
@@ -351,7 +383,32 @@ def main(argv=None) -> int:
         f"(a dense joint-attention matrix alone: {c1024['dense_softmax_all_keys']:.0f} MB)",
         f"wrote {path}",
     ]
-    sys.stdout.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    start_comfyui(args.threads)
+    import torch
+
+    m = load_modules()
+    res: dict = {"size": args.size, "double": args.double, "single": args.single, "cfg": args.cfg}
+    res["reference"] = args.reference
+    res["threads"] = args.threads
+    start = Clock.now()
+    model = build_model(args.double, args.single, 0)
+    res["build_s"] = Clock.since(start)[0]
+    conds = random_conds()
+    h = args.size // 8
+    gen = torch.Generator().manual_seed(1)
+    latent = {"samples": torch.randn(1, 16, h, h, generator=gen)}
+    res.update(time_stock(args, model, conds, latent))
+    res.update(time_guided(args, model, m, conds, latent, gen))
+    res["guided_over_stock_wall"] = res["guided_step_wall_s"] / res["stock_step_wall_s"]
+    res["guided_over_stock_cpu"] = res["guided_step_cpu_s"] / res["stock_step_cpu_s"]
+    res.update(capture_figures(m["dc"], args.size))
+    path = write_json(Path(args.out) / f"bench_dit_{args.size}_{args.reference}.json", res)
+    sys.stdout.write(report(args, res, path))
     return 0
 
 

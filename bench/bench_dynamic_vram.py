@@ -21,14 +21,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser().resolve()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import COMFYUI, REPO, write_json  # noqa: E402
 
 
 def enable_dynamic_vram() -> bool:
@@ -92,45 +92,51 @@ def stage(report: dict, name: str, fn):
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=512, help="image side in pixels")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--no-dynamic", action="store_true", help="keep ComfyUI's legacy ModelPatcher")
-    ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (no Dynamic VRAM there)")
-    ap.add_argument("--out", default=str(REPO / "bench" / "out"))
-    args = ap.parse_args(argv)
-
-    sys.path.insert(0, str(COMFYUI))
-    sys.path.insert(0, str(REPO / "bench"))
-    from bench_comfyui import guidance_chain, load_pack
-    from comfy.cli_args import args as comfy_args
-
-    comfy_args.cpu = args.cpu
+def vae_gradient(report: dict) -> None:
+    """A gradient through a dynamically loaded VAE's decode (DiffuseIT's decoder); notes where it decoded."""
     import torch
 
-    if not args.cpu and not torch.cuda.is_available():
-        sys.stderr.write("no CUDA device: Dynamic VRAM exists only on a GPU (--cpu for a dry run)\n")
-        return 2
-    import comfy.model_management as mm
+    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
+    import tiny_clip  # a small SD-layout VAE from ComfyUI's own classes
+
+    from_pack = sys.modules[str(REPO).replace(".", "_x_")]
+    dn = importlib.import_module(f"{from_pack.__name__}.nodes.diffuseit_nodes")
+    import comfy.latent_formats
+
+    vae = tiny_clip.vae(0)
+    decoder = dn.VAEDecoder(vae, comfy.latent_formats.SD15(), "SD1.5")
+    seen = []
+    real = vae.first_stage_model.decode
+    vae.first_stage_model.decode = lambda z, *a, **k: (seen.append(str(z.device)), real(z, *a, **k))[1]
+    session = dn.make_session(decoder, None)
+    with session(), torch.enable_grad():
+        z = torch.randn(1, 4, 16, 16, device=vae.device).requires_grad_(True)
+        (grad,) = torch.autograd.grad(decoder(z).mean(), z)
+    report["vae_decode_device"], report["vae_device"] = seen[-1], str(vae.device)
+    assert torch.isfinite(grad).all()
+
+
+def load_fp16_model():
+    """The random fp32 SD1.5 UNet written to a file and loaded by ComfyUI's loader computing in fp16."""
     import comfy.sd
+    import torch
 
-    import nodes as comfy_nodes
-
-    report: dict = {"comfyui": str(COMFYUI), "size": args.size, "steps": args.steps}
-    report["dynamic_vram"] = False if args.no_dynamic or args.cpu else enable_dynamic_vram()
-    sampling, guidance = load_pack()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sd15_fp32.safetensors"
         write_fp32_unet(path)
-        model = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float16})
-    report["patcher"] = type(model).__name__
+        return comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.float16})
+
+
+def run_stages(args: argparse.Namespace, model, pack: tuple, report: dict) -> None:
+    """Stock KSampler, guidance chain, inversion, guided sampler, stock KSampler again, VAE gradient."""
+    import torch
+    from bench_comfyui import guidance_chain
+
+    import nodes as comfy_nodes
+
+    sampling, guidance = pack
     gen = torch.Generator().manual_seed(1)
-
-    def cond(seed):
-        return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
-
-    source, edited = cond(1), cond(2)
+    source, edited = ([[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(s)), {}]] for s in (1, 2))
     latent = {"samples": torch.randn(1, 4, args.size // 8, args.size // 8, generator=gen)}
     stock = comfy_nodes.KSampler()
 
@@ -168,34 +174,43 @@ def main(argv=None) -> int:
     report["guided_over_stock_time"] = round(guided_s / max(stock_s, 1e-9), 2)
     if stock_before is not None and stock_after is not None:
         report["stock_bit_identical_after"] = bool(torch.equal(stock_before, stock_after))
+    stage(report, "vae_decode_gradient", lambda: vae_gradient(report))
 
-    def vae_gradient():
-        sys.path.insert(0, str(REPO / "tests" / "comfyui"))
-        import tiny_clip  # a small SD-layout VAE from ComfyUI's own classes
 
-        from_pack = sys.modules[str(REPO).replace(".", "_x_")]
-        dn = importlib.import_module(f"{from_pack.__name__}.nodes.diffuseit_nodes")
-        import comfy.latent_formats
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=512, help="image side in pixels")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--no-dynamic", action="store_true", help="keep ComfyUI's legacy ModelPatcher")
+    ap.add_argument("--cpu", action="store_true", help="dry run on the CPU (no Dynamic VRAM there)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "out"))
+    args = ap.parse_args(argv)
 
-        vae = tiny_clip.vae(0)
-        decoder = dn.VAEDecoder(vae, comfy.latent_formats.SD15(), "SD1.5")
-        seen = []
-        real = vae.first_stage_model.decode
-        vae.first_stage_model.decode = lambda z, *a, **k: (seen.append(str(z.device)), real(z, *a, **k))[1]
-        session = dn.make_session(decoder, None)
-        with session(), torch.enable_grad():
-            z = torch.randn(1, 4, 16, 16, device=vae.device).requires_grad_(True)
-            (grad,) = torch.autograd.grad(decoder(z).mean(), z)
-        report["vae_decode_device"], report["vae_device"] = seen[-1], str(vae.device)
-        assert torch.isfinite(grad).all()
+    sys.path.insert(0, str(COMFYUI))
+    from bench_comfyui import load_pack
+    from comfy.cli_args import args as comfy_args
 
-    stage(report, "vae_decode_gradient", vae_gradient)
+    comfy_args.cpu = args.cpu
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        sys.stderr.write("no CUDA device: Dynamic VRAM exists only on a GPU (--cpu for a dry run)\n")
+        return 2
+    import comfy.model_management as mm
+    import comfy.sd  # noqa: F401
+
+    import nodes  # noqa: F401
+
+    report: dict = {"comfyui": str(COMFYUI), "size": args.size, "steps": args.steps}
+    report["dynamic_vram"] = False if args.no_dynamic or args.cpu else enable_dynamic_vram()
+    pack = load_pack()
+    model = load_fp16_model()
+    report["patcher"] = type(model).__name__
+    run_stages(args, model, pack, report)
     mm.unload_all_models()
     if torch.cuda.is_available():
         report["vram_after_unload_mb"] = round(torch.cuda.memory_allocated() / 2**20, 1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dynamic_vram.json").write_text(json.dumps(report, indent=2))
+    write_json(Path(args.out) / "dynamic_vram.json", report)
     sys.stdout.write(json.dumps(report, indent=2) + "\n")
     stages = [v for v in report.values() if isinstance(v, dict)]
     return 0 if all(s["ok"] for s in stages) and report.get("stock_bit_identical_after", False) else 1

@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,11 +45,21 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, out, write_result  # noqa: E402
 
 from tests.core.tiny import sd_scheduler_config, tiny_unet_config, tiny_vae_config  # noqa: E402
 from zerocon_core.common.images import decode_latents, encode_latents  # noqa: E402
 from zerocon_core.diffusers_host.denoiser import DiffusersDenoiser, TextCond  # noqa: E402
-from zerocon_core.diffusers_host.pipeline import Timings, default_guidance, invert_and_edit, sampling_grid  # noqa: E402
+from zerocon_core.diffusers_host.pipeline import (  # noqa: E402
+    EditRun,
+    Timings,
+    default_guidance,
+    invert_and_edit,
+    sampling_grid,
+)
+from zerocon_core.evaluation.command_line import from_args  # noqa: E402
 from zerocon_core.method.denoiser import CaptureRequest  # noqa: E402
 from zerocon_core.method.guidance import StepContext  # noqa: E402
 from zerocon_core.method.inversion import NoiseRegularization  # noqa: E402
@@ -95,11 +104,6 @@ SD15_VAE = dict(
 TINY_UNET = tiny_unet_config()  # the core tests' tiny UNet (tests/core/tiny.py)
 TINY_VAE = tiny_vae_config()  # the core tests' tiny VAE
 SCHEDULER = sd_scheduler_config()  # SD1.x's DDIM schedule, epsilon
-
-
-def out(text: str = "") -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,30 +291,49 @@ def phase_plain(unet, inputs, steps: int, cfg: float, latent_hw: int, seed: int)
     }
 
 
-def phase_ours(
-    den: DiffusersDenoiser,
-    vae,
-    inputs,
-    steps: int,
-    cfg: float,
-    seed: int,
-    branches: str,
-    xa: float,
-    nce: float | None,
-    reference: str = "inverted",
-    reuse_guidance_eps: bool = False,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EngineRun:
+    """The edit every phase runs: DDIM ``steps``, CFG, seed, our guided ``branches``, guidance weights
+    (``nce_weight`` None: the engine default), our reference mode and the opt-in ``reuse_guidance_eps``."""
+
+    steps: int = 10
+    cfg: float = 5.0
+    seed: int = 0
+    branches: str = "edit"
+    xa_weight: float = 0.1
+    nce_weight: float | None = None
+    reference: str = "inverted"
+    reuse_guidance_eps: bool = False
+
+    def sampler_settings(self) -> SamplerSettings:
+        return SamplerSettings(
+            cfg=self.cfg,
+            branches=self.branches,
+            seed=self.seed,
+            reference=self.reference,
+            reuse_guidance_eps=self.reuse_guidance_eps,
+            step_mode="raw",
+        )
+
+
+class StepStamps:
+    """Wall and CPU time stamps after every inversion / sampling step (``invert_and_edit``'s step callback)."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, list[float]] = {"inversion": [], "sampling": []}
+        self.cpu: dict[str, list[float]] = {"inversion": [], "sampling": []}
+
+    def __call__(self, phase: str, i: int, n: int) -> None:
+        self.wall[phase].append(time.perf_counter())
+        self.cpu[phase].append(time.process_time())
+
+
+def phase_ours(den: DiffusersDenoiser, vae, inputs, run: EngineRun) -> dict[str, Any]:
     """(b) our edit through the pipeline's core (VAE encode + invert_and_edit + VAE decode)."""
     src = TextCond(inputs["caption"])
     edit = TextCond(inputs["caption"] + inputs["delta"])
-    guidance = default_guidance("eps", xa, nce, step_mode="raw")
-    stamps: dict[str, list[float]] = {"inversion": [], "sampling": []}
-    cpu_stamps: dict[str, list[float]] = {"inversion": [], "sampling": []}
-
-    def stamp(phase: str, i: int, n: int) -> None:
-        stamps[phase].append(time.perf_counter())
-        cpu_stamps[phase].append(time.process_time())
-
+    guidance = default_guidance("eps", run.xa_weight, run.nce_weight, step_mode="raw")
+    stamps = StepStamps()
     timings = Timings()
     with PeakRSS() as mem, VAETimer(vae) as vt:
         t0 = time.perf_counter()
@@ -321,27 +344,22 @@ def phase_ours(
             z0,
             src,
             edit,
-            steps=steps,
             guidance=guidance,
-            settings=SamplerSettings(
-                cfg=cfg,
-                branches=branches,
-                seed=seed,
-                reference=reference,
-                reuse_guidance_eps=reuse_guidance_eps,
-                step_mode="raw",
+            settings=run.sampler_settings(),
+            run=EditRun(
+                steps=run.steps,
+                regularization=NoiseRegularization(),
+                timings=timings,
+                progress=False,
+                step_callback=stamps,
             ),
-            regularization=NoiseRegularization(),
-            timings=timings,
-            progress=False,
-            step_callback=stamp,
         )
         with timings.stage("decode"):
             img = decode_latents(vae, z)
         wall = time.perf_counter() - t0
-    inv_steps = step_durations(stamps["inversion"], t0 + timings["encode"])
-    smp_steps = step_durations(stamps["sampling"], stamps["inversion"][-1])
-    smp_cpu = step_durations(cpu_stamps["sampling"], cpu_stamps["inversion"][-1])
+    inv_steps = step_durations(stamps.wall["inversion"], t0 + timings["encode"])
+    smp_steps = step_durations(stamps.wall["sampling"], stamps.wall["inversion"][-1])
+    smp_cpu = step_durations(stamps.cpu["sampling"], stamps.cpu["inversion"][-1])
     return {
         "finite": bool(torch.isfinite(img).all()),
         "skipped_guidance_steps": res.skipped,
@@ -354,10 +372,10 @@ def phase_ours(
         "guided_step_median_s": med(smp_steps),
         "sampling_step_cpu_s": smp_cpu,
         "guided_step_cpu_median_s": med(smp_cpu),
-        "reuse_guidance_eps": reuse_guidance_eps,
+        "reuse_guidance_eps": run.reuse_guidance_eps,
         "inversion_step_median_s": med(inv_steps[1:]),
         "guidance": [f"{type(t).__name__}(weight={t.weight:g}, layers={t.layers})" for t in guidance],
-        "branches": branches,
+        "branches": run.branches,
         "reference": res.reference_mode,
         "replayed_steps": res.replayed,
         "record_mb": (inv.record.nbytes / 2**20) if inv.record is not None else 0.0,
@@ -366,13 +384,12 @@ def phase_ours(
     }
 
 
-def phase_diffusers(unet, vae, inputs, steps: int, cfg: float, seed: int, xa: float, size: int) -> dict[str, Any]:
-    """(c) diffusers' StableDiffusionPix2PixZeroPipeline: invert() then __call__ on the same UNet and VAE."""
+def diffusers_pipeline(unet, vae):
+    """diffusers' ``StableDiffusionPix2PixZeroPipeline`` on ``unet`` / ``vae`` (no text encoder or captioner)."""
     from diffusers import DDIMInverseScheduler, DDIMScheduler
     from diffusers.pipelines.deprecated.stable_diffusion_variants.pipeline_stable_diffusion_pix2pix_zero import (
         StableDiffusionPix2PixZeroPipeline,
     )
-    from PIL import Image
 
     pipe = StableDiffusionPix2PixZeroPipeline(
         vae=vae,
@@ -388,8 +405,11 @@ def phase_diffusers(unet, vae, inputs, steps: int, cfg: float, seed: int, xa: fl
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    arr = (inputs["image"][0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    pil = Image.fromarray(arr)
+    return pipe
+
+
+def stamp_scheduler_steps(pipe) -> list[float]:
+    """Wrap both schedulers' ``step`` to stamp the wall time after each; returns the (growing) stamp list."""
     stamps: list[float] = []
     for sch in (pipe.scheduler, pipe.inverse_scheduler):
         orig = sch.step
@@ -400,6 +420,17 @@ def phase_diffusers(unet, vae, inputs, steps: int, cfg: float, seed: int, xa: fl
             return r
 
         sch.step = timed
+    return stamps
+
+
+def phase_diffusers(unet, vae, inputs, steps: int, cfg: float, seed: int, xa: float, size: int) -> dict[str, Any]:
+    """(c) diffusers' StableDiffusionPix2PixZeroPipeline: invert() then __call__ on the same UNet and VAE."""
+    from PIL import Image
+
+    pipe = diffusers_pipeline(unet, vae)
+    arr = (inputs["image"][0].permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    pil = Image.fromarray(arr)
+    stamps = stamp_scheduler_steps(pipe)
     with PeakRSS() as mem, VAETimer(vae) as vt:
         t0 = time.perf_counter()
         g = torch.Generator().manual_seed(seed)
@@ -554,7 +585,8 @@ def profile_guided_step(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The options; ``size`` filled in (256, tiny: 64) and ``phases`` made a set, both checked."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny random UNet/VAE (checks that everything runs)")
     ap.add_argument("--size", type=int, default=None, help="image side in pixels (default 256; tiny: 64)")
@@ -579,131 +611,95 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="torch.profiler over one guided step: top ops")
     ap.add_argument("--out", default=None, help="JSON path (default bench/out/bench_engine-<mode>-<time>.json)")
     args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
-    size = args.size or (64 if args.tiny else 256)
-    if size % 8:
+    args.size = args.size or (64 if args.tiny else 256)
+    if args.size % 8:
         ap.error("--size must be a multiple of 8")
-    latent_hw = size // 8
-    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
-    if not phases <= {"a", "b", "c"}:
+    args.phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    if not args.phases <= {"a", "b", "c"}:
         ap.error("--phases takes a subset of a,b,c")
-    mode = "tiny" if args.tiny else "sd15"
+    args.mode = "tiny" if args.tiny else "sd15"
+    return args
 
+
+def setup(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], dict[str, Any]]:
+    """``(unet, vae, inputs, result skeleton)``: the random models, the inputs and the run's configuration."""
     out(
-        f"bench_engine: {mode} UNet, {size}x{size}, {args.steps} steps, cfg {args.cfg}, xa {args.xa_weight}, "
-        f"{args.threads} threads, torch {torch.__version__}"
+        f"bench_engine: {args.mode} UNet, {args.size}x{args.size}, {args.steps} steps, cfg {args.cfg}, "
+        f"xa {args.xa_weight}, {args.threads} threads, torch {torch.__version__}"
     )
     t = time.perf_counter()
     rss0 = rss_mb()
     unet, vae = build_models(args.tiny, args.seed)
     n_params = sum(p.numel() for p in unet.parameters())
-    dim = unet.config.cross_attention_dim
-    inputs = build_inputs(size, dim, args.seed)
+    inputs = build_inputs(args.size, unet.config.cross_attention_dim, args.seed)
     trim()
     out(
         f"built models in {time.perf_counter() - t:.1f}s: UNet {n_params / 1e6:.0f}M params; RSS {rss0:.0f} -> "
         f"{rss_mb():.0f} MB"
     )
+    keys = ("size", "steps", "cfg", "xa_weight", "nce_weight", "branches", "reference", "reuse_guidance_eps")
+    config = {"mode": args.mode, **{k: getattr(args, k) for k in keys}}
+    config.update(threads=args.threads, seed=args.seed, unet_params=n_params)
+    return unet, vae, inputs, {"config": config, "env": environment(), "phases": {}}
+
+
+def run_phases(args: argparse.Namespace, unet, vae, inputs, res: dict[str, Any]) -> str | None:
+    """Run the chosen phases, the step breakdown and the profile into ``res``; returns the profile table."""
+    latent_hw = args.size // 8
+    run = from_args(EngineRun, args)
     original_procs = dict(unet.attn_processors)
-
-    res: dict[str, Any] = {
-        "config": {
-            "mode": mode,
-            "size": size,
-            "steps": args.steps,
-            "cfg": args.cfg,
-            "xa_weight": args.xa_weight,
-            "nce_weight": args.nce_weight,
-            "branches": args.branches,
-            "reference": args.reference,
-            "reuse_guidance_eps": args.reuse_guidance_eps,
-            "threads": args.threads,
-            "seed": args.seed,
-            "unet_params": n_params,
-        },
-        "env": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-            "cpus": os.cpu_count(),
-            "loadavg_start": os.getloadavg(),
-        },
-        "phases": {},
-    }
-    try:
-        import diffusers
-
-        res["env"]["diffusers"] = diffusers.__version__
-    except Exception:  # noqa: BLE001
-        pass
-
-    if "a" in phases:
+    if "a" in args.phases:
         out("(a) plain DDIM + CFG ...")
         res["phases"]["a"] = phase_plain(unet, inputs, args.steps, args.cfg, latent_hw, args.seed)
     den = DiffusersDenoiser(unet, scheduler_config=SCHEDULER)
-    if "b" in phases:
+    if "b" in args.phases:
         out("(b) ours: inversion + guided sampling ...")
-        res["phases"]["b"] = phase_ours(
-            den,
-            vae,
-            inputs,
-            args.steps,
-            args.cfg,
-            args.seed,
-            args.branches,
-            args.xa_weight,
-            args.nce_weight,
-            args.reference,
-            args.reuse_guidance_eps,
-        )
+        res["phases"]["b"] = phase_ours(den, vae, inputs, run)
+    weights = (args.xa_weight, args.nce_weight)
     if not args.no_breakdown:
         out("one guided step, part by part ...")
-        res["guided_step_parts_s"] = guided_step_parts(
-            den, inputs, args.steps, args.cfg, args.xa_weight, args.nce_weight, latent_hw
-        )
+        res["guided_step_parts_s"] = guided_step_parts(den, inputs, args.steps, args.cfg, *weights, latent_hw)
     den.close()
-    if "c" in phases:
+    if "c" in args.phases:
         out("(c) diffusers StableDiffusionPix2PixZeroPipeline: invert + __call__ ...")
         try:
             res["phases"]["c"] = phase_diffusers(
-                unet, vae, inputs, args.steps, args.cfg, args.seed, args.xa_weight, size
+                unet, vae, inputs, args.steps, args.cfg, args.seed, args.xa_weight, args.size
             )
         finally:
             restore_unet(unet, original_procs)
-    profile_table = None
-    if args.profile:
-        out("profiling one guided step ...")
-        den = DiffusersDenoiser(unet, scheduler_config=SCHEDULER)
-        profile_table = profile_guided_step(
-            den, inputs, args.steps, args.cfg, args.xa_weight, args.nce_weight, latent_hw
-        )
-        den.close()
-        res["profile_top_ops"] = profile_table
-    res["env"]["loadavg_end"] = os.getloadavg()
+    if not args.profile:
+        return None
+    out("profiling one guided step ...")
+    den = DiffusersDenoiser(unet, scheduler_config=SCHEDULER)
+    res["profile_top_ops"] = profile_guided_step(den, inputs, args.steps, args.cfg, *weights, latent_hw)
+    den.close()
+    return res["profile_top_ops"]
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    unet, vae, inputs, res = setup(args)
+    profile_table = run_phases(args, unet, vae, inputs, res)
+    res["env"]["loadavg_end"] = os.getloadavg()
     report(res)
     if profile_table:
         out("\ntorch.profiler, one guided step (self CPU time):")
         out(profile_table)
-    path = (
-        Path(args.out)
-        if args.out
-        else ROOT / "bench" / "out" / f"bench_engine-{mode}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(res, indent=2, default=float))
-    out(f"\nwrote {path}")
+    write_result(res, args.out, f"bench_engine-{args.mode}")
     return 0
 
 
-def report(res: dict[str, Any]) -> None:
-    ph = res["phases"]
+PHASE_NAMES = {"a": "(a) plain DDIM+CFG", "b": "(b) ours: invert + guided", "c": "(c) diffusers pix2pix-zero"}
+
+
+def phase_table(ph: dict[str, Any]) -> None:
+    """One row per phase: wall, wall without the VAE, CPU, peak RSS, peak added, median step, load."""
     out(
         "\nphase                                  wall s   w/o VAE s    CPU s   peak RSS MB   peak added MB   step s (median)"
         "   load"
     )
-    names = {"a": "(a) plain DDIM+CFG", "b": "(b) ours: invert + guided", "c": "(c) diffusers pix2pix-zero"}
     for k in ("a", "b", "c"):
         if k not in ph:
             continue
@@ -711,10 +707,14 @@ def report(res: dict[str, Any]) -> None:
         step = p.get("step_median_s", p.get("guided_step_median_s"))
         flag = "" if p.get("finite", True) else "  (NaN/Inf output!)"
         out(
-            f"{names[k]:<36} {p['wall_s']:>8.2f}   {p.get('wall_without_vae_s', p['wall_s']):>9.2f}   "
+            f"{PHASE_NAMES[k]:<36} {p['wall_s']:>8.2f}   {p.get('wall_without_vae_s', p['wall_s']):>9.2f}   "
             f"{p['process_cpu_s']:>6.1f}   {p['peak_rss_mb']:>11.0f}   {p['peak_added_mb']:>13.0f}   {step:>15.3f}"
             f"   {p['loadavg_1min_at_start']:>4.1f}{flag}"
         )
+
+
+def phase_ratios(ph: dict[str, Any]) -> dict[str, float]:
+    """(b) against (c) in time and memory, and our guided step against the plain CFG step."""
     ratios: dict[str, float] = {}
     if "b" in ph and "c" in ph:
         b, c = ph["b"], ph["c"]
@@ -727,16 +727,11 @@ def report(res: dict[str, Any]) -> None:
     if "a" in ph and "b" in ph:
         ratios["guided_over_plain_step"] = ph["b"]["guided_step_median_s"] / ph["a"]["step_median_s"]
         ratios["guided_over_plain_step_cpu"] = ph["b"]["guided_step_cpu_median_s"] / ph["a"]["step_cpu_median_s"]
-    res["ratios"] = ratios
-    res["targets"] = {
-        k: {"target": v, "value": ratios.get(k), "met": (ratios[k] <= v) if k in ratios else None}
-        for k, v in TARGETS.items()
-    }
-    out("\nratio                              value   target")
-    for k, v in ratios.items():
-        tgt = TARGETS.get(k)
-        verdict = "" if tgt is None else ("  <= %.2f  met" % tgt if v <= tgt else "  <= %.2f  MISSED" % tgt)
-        out(f"{k:<32} {v:>7.3f}{verdict}")
+    return ratios
+
+
+def phase_details(ph: dict[str, Any]) -> None:
+    """(b)'s reference, replayed steps, step medians and stages; (c)'s invert / call split and step medians."""
     if "b" in ph:
         b = ph["b"]
         out(f"\n(b) reference {b['reference']}: replayed steps {b['replayed_steps']}, record {b['record_mb']:.1f} MiB")
@@ -755,26 +750,49 @@ def report(res: dict[str, Any]) -> None:
             f"median steps: inversion {c['inversion_step_median_s']:.3f}, reference {c['reference_step_median_s']:.3f}, "
             f"guided {c['guided_step_median_s']:.3f}"
         )
+
+
+def parts_report(res: dict[str, Any]) -> None:
+    """The guided step's parts against our plain CFG forward; adds ``guided_step_from_parts`` to ``res``."""
+    parts = res["guided_step_parts_s"]
+    out("\none guided step, part by part (median wall s / CPU s), ratios to our plain CFG forward (batch 2)")
+    plain = parts["plain_cfg_fwd_ours"]
+    for k, v in parts.items():
+        out(
+            f"  {k:<22} {v['wall_s']:>8.3f} {v['cpu_s']:>8.3f}   {v['wall_s'] / plain['wall_s']:5.2f} x / "
+            f"{v['cpu_s'] / plain['cpu_s']:5.2f} x"
+        )
+    steps = {
+        "guided step (reference replayed)": ("grad_fwd_and_losses", "backward", "cfg_fwd"),
+        "guided step, reuse_guidance_eps": ("grad_fwd_and_losses", "backward", "negative_fwd"),
+        "guided step (reference live)": ("reference_fwd", "grad_fwd_and_losses", "backward", "cfg_fwd"),
+    }
+    res["guided_step_from_parts"] = {}
+    for label, keys in steps.items():
+        w = sum(parts[k]["wall_s"] for k in keys) / plain["wall_s"]
+        c = sum(parts[k]["cpu_s"] for k in keys) / plain["cpu_s"]
+        res["guided_step_from_parts"][label] = {"wall_x": w, "cpu_x": c}
+        out(f"  {label:<34} {w:5.2f} x plain (wall) {c:5.2f} x plain (CPU)")
+
+
+def report(res: dict[str, Any]) -> None:
+    """Print the tables; adds ``ratios``, ``targets`` and ``guided_step_from_parts`` to ``res``."""
+    ph = res["phases"]
+    phase_table(ph)
+    ratios = phase_ratios(ph)
+    res["ratios"] = ratios
+    res["targets"] = {
+        k: {"target": v, "value": ratios.get(k), "met": (ratios[k] <= v) if k in ratios else None}
+        for k, v in TARGETS.items()
+    }
+    out("\nratio                              value   target")
+    for k, v in ratios.items():
+        tgt = TARGETS.get(k)
+        verdict = "" if tgt is None else ("  <= %.2f  met" % tgt if v <= tgt else "  <= %.2f  MISSED" % tgt)
+        out(f"{k:<32} {v:>7.3f}{verdict}")
+    phase_details(ph)
     if "guided_step_parts_s" in res:
-        parts = res["guided_step_parts_s"]
-        out("\none guided step, part by part (median wall s / CPU s), ratios to our plain CFG forward (batch 2)")
-        plain = parts["plain_cfg_fwd_ours"]
-        for k, v in parts.items():
-            out(
-                f"  {k:<22} {v['wall_s']:>8.3f} {v['cpu_s']:>8.3f}   {v['wall_s'] / plain['wall_s']:5.2f} x / "
-                f"{v['cpu_s'] / plain['cpu_s']:5.2f} x"
-            )
-        steps = {
-            "guided step (reference replayed)": ("grad_fwd_and_losses", "backward", "cfg_fwd"),
-            "guided step, reuse_guidance_eps": ("grad_fwd_and_losses", "backward", "negative_fwd"),
-            "guided step (reference live)": ("reference_fwd", "grad_fwd_and_losses", "backward", "cfg_fwd"),
-        }
-        res["guided_step_from_parts"] = {}
-        for label, keys in steps.items():
-            w = sum(parts[k]["wall_s"] for k in keys) / plain["wall_s"]
-            c = sum(parts[k]["cpu_s"] for k in keys) / plain["cpu_s"]
-            res["guided_step_from_parts"][label] = {"wall_x": w, "cpu_x": c}
-            out(f"  {label:<34} {w:5.2f} x plain (wall) {c:5.2f} x plain (CPU)")
+        parts_report(res)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser().resolve()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import OUT_DIR, REPO, start_comfyui, write_json  # noqa: E402
 
 
-def main() -> None:
+def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
@@ -36,16 +36,14 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=32, help="latent side (16 channels); pixels = 8 x this")
     ap.add_argument("--tokens", type=int, default=64, help="text tokens")
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    sys.path.insert(0, str(COMFYUI))
-    from comfy.cli_args import args as comfy_args
 
-    comfy_args.cpu = True
-    import torch
-
-    torch.set_num_threads(1)
+def build_net(args: argparse.Namespace):
+    """The random Flux-shaped network (the test builder's weight init), with plain (non-inference) copies of
+    the weights, as the autograd session provides them."""
     import comfy.supported_models
+    import torch
 
     sys.path.insert(0, str(REPO / "tests" / "comfyui"))
     import tiny_models  # noqa: E402  (the test builder's weight init)
@@ -73,73 +71,92 @@ def main() -> None:
         base = comfy.supported_models.Flux(tiny_models.flux_params_compat(cfg)).get_model({})
         tiny_models._init_(base.diffusion_model, 0)
     net = base.diffusion_model
-    # plain (non-inference) copies of the weights, as the autograd session provides them
     with torch.no_grad():
         for mod in net.modules():
             for name, p in list(mod._parameters.items()):
                 if p is not None:
                     mod._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+    return net
 
+
+def median_times(fn, repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of ``repeats`` calls of ``fn``."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return statistics.median(walls), statistics.median(cpus)
+
+
+class SavedBytes:
+    """A ``saved_tensors_hooks`` pack function: counts the bytes autograd saves, copies those requiring grad."""
+
+    def __init__(self) -> None:
+        self.counts = {"all": 0, "copied": 0}
+
+    def __call__(self, tensor):
+        n = tensor.numel() * tensor.element_size()
+        self.counts["all"] += n
+        if tensor.requires_grad:
+            self.counts["copied"] += n
+            return tensor.clone()
+        return tensor
+
+
+def guided_pass(net, inputs: tuple, pack: SavedBytes) -> None:
+    """Forward with grad (saved tensors through ``pack``) and backward to the latent, as the pack's guided
+    passes run (nodes/grad_paths.torch_paths): where ComfyUI has the switch, its model code takes the torch
+    paths (newer versions' comfy-kitchen RoPE has no backward)."""
+    import comfy.model_management as mm
+    import torch
+
+    x, t, ctx, y = inputs
+    training = getattr(mm, "in_training", None)
+    if training is not None:
+        mm.in_training = True
+    try:
+        xg = x.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+            out = net(xg, t, ctx, y)
+        torch.autograd.grad(out.pow(2).sum(), xg)
+    finally:
+        if training is not None:
+            mm.in_training = training
+
+
+def main() -> None:
+    args = parse()
+    start_comfyui(1)
+    import torch
+
+    net = build_net(args)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 16, args.latent, args.latent, generator=gen)
     ctx = torch.randn(1, args.tokens, 128, generator=gen)
     y = torch.randn(1, 64, generator=gen)
-    t = torch.tensor([0.6])
-
-    def timed(fn):
-        walls, cpus = [], []
-        for _ in range(args.repeats):
-            w, c = time.perf_counter(), time.process_time()
-            fn()
-            walls.append(time.perf_counter() - w)
-            cpus.append(time.process_time() - c)
-        return statistics.median(walls), statistics.median(cpus)
+    inputs = (x, torch.tensor([0.6]), ctx, y)
 
     def plain():
         with torch.no_grad():
-            net(x, t, ctx, y)
+            net(*inputs)
 
-    saved = {"all": 0, "copied": 0}
-
-    def pack(tensor):
-        n = tensor.numel() * tensor.element_size()
-        saved["all"] += n
-        if tensor.requires_grad:
-            saved["copied"] += n
-            return tensor.clone()
-        return tensor
-
-    import comfy.model_management as mm
-
-    def guided():
-        # as the pack's guided passes run (nodes/grad_paths.torch_paths): where ComfyUI has the switch, its model
-        # code takes the torch paths (newer versions' comfy-kitchen RoPE has no backward)
-        training = getattr(mm, "in_training", None)
-        if training is not None:
-            mm.in_training = True
-        try:
-            xg = x.clone().requires_grad_(True)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
-                out = net(xg, t, ctx, y)
-            torch.autograd.grad(out.pow(2).sum(), xg)
-        finally:
-            if training is not None:
-                mm.in_training = training
-
-    guided()  # warm-up, and one forward's byte counts
-    per_forward = dict(saved)
+    pack = SavedBytes()
+    guided_pass(net, inputs, pack)  # warm-up, and one forward's byte counts
+    per_forward = dict(pack.counts)
     result = {
         "config": vars(args),
         "saved_bytes_per_forward_MiB": per_forward["all"] / 2**20,
         "copied_bytes_per_forward_MiB": per_forward["copied"] / 2**20,
         "copied_fraction": per_forward["copied"] / max(per_forward["all"], 1),
-        "plain_forward_s": dict(zip(("wall", "cpu"), timed(plain))),
-        "guided_forward_backward_s": dict(zip(("wall", "cpu"), timed(guided))),
+        "plain_forward_s": dict(zip(("wall", "cpu"), median_times(plain, args.repeats))),
+        "guided_forward_backward_s": dict(
+            zip(("wall", "cpu"), median_times(lambda: guided_pass(net, inputs, pack), args.repeats))
+        ),
     }
     result["guided_over_plain_wall"] = result["guided_forward_backward_s"]["wall"] / result["plain_forward_s"]["wall"]
-    out = REPO / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "flow_copies.json").write_text(json.dumps(result, indent=1))
+    write_json(OUT_DIR / "flow_copies.json", result, indent=1)
     sys.stdout.write(json.dumps(result, indent=1) + "\n")
 
 

@@ -18,7 +18,6 @@ weights on a GPU before trusting the shipped default.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calibrate_patchnce import build  # noqa: E402
+from common import calibration_parser, random_edit, write_json  # noqa: E402
 
-from zerocon_core.diffusers_host.denoiser import TextCond  # noqa: E402
 from zerocon_core.diffusers_host.pipeline import default_guidance  # noqa: E402
 from zerocon_core.method.diagnostics import summarize, summary  # noqa: E402
 from zerocon_core.method.inversion import ddim_invert  # noqa: E402
@@ -60,26 +59,20 @@ def run(den, inv, sig, src, edit, mode: str, step_size: float) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = calibration_parser(__doc__, 10, "calibrate_auto_step.json")
     ap.add_argument("--model", help="diffusers SD folder (default: random full-size SD1.5 UNet)")
-    ap.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size/8)")
-    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step-size", type=float, default=AUTO_STEP_SIZE, help="auto run's step size")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="raw,auto", help="runs, comma-separated (raw alone gives the calibration)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "calibrate_auto_step.json"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    return ap.parse_args(argv)
+
+
+def run_modes(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
+    """Invert one random latent, then sample it once per mode of ``--modes``."""
     den = build(args.model, args.device, dtype, args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    h = args.size // 8
-    latent = torch.randn(1, 4, h, h, generator=g).to(args.device)
-    src = TextCond(torch.randn(1, 77, 768, generator=g).to(args.device))
-    edit = TextCond(src.embeds + 0.3 * torch.randn(1, 77, 768, generator=g).to(args.device))
+    latent, src, edit = random_edit(args.seed, args.size, args.device)
     sig = ddim_sigmas(den.sigma_table, args.steps, final="zero")
     inv = ddim_invert(den, latent, inversion_sigmas(sig), src, keep_trajectory=False)
     sig = sig.to(latent.device)
@@ -89,19 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         r = runs[-1]
         sys.stdout.write(f"{mode}: median update {100 * r['median_update']:.3f}% ({r['wall_s']:.0f} s)\n")
         sys.stdout.flush()
-    result = {
-        "model": args.model or "random SD1.5 UNet (diffusers config)",
-        "size": args.size,
-        "steps": args.steps,
-        "device": args.device,
-        "dtype": str(dtype),
-        "runs": runs,
-    }
-    if len(runs) == 2:
-        result["second_over_first_wall"] = runs[1]["wall_s"] / runs[0]["wall_s"]
-        result["second_over_first_cpu"] = runs[1]["cpu_s"] / runs[0]["cpu_s"]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    return runs
+
+
+def report(result: dict, runs: list[dict], out_path: str) -> str:
+    """The per-run table (update per step, pulls, sampling time) and the time ratio of two runs."""
     lines = []
     for r in runs:
         lines.append(
@@ -118,8 +103,28 @@ def main(argv: list[str] | None = None) -> int:
             f"{runs[1]['mode']}/{runs[0]['mode']} sampling time: {result['second_over_first_wall']:.2f} wall, "
             f"{result['second_over_first_cpu']:.2f} CPU"
         )
-    lines.append(f"wrote {args.out}")
-    sys.stdout.write("\n".join(lines) + "\n")
+    lines.append(f"wrote {out_path}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    runs = run_modes(args, dtype)
+    result = {
+        "model": args.model or "random SD1.5 UNet (diffusers config)",
+        "size": args.size,
+        "steps": args.steps,
+        "device": args.device,
+        "dtype": str(dtype),
+        "runs": runs,
+    }
+    if len(runs) == 2:
+        result["second_over_first_wall"] = runs[1]["wall_s"] / runs[0]["wall_s"]
+        result["second_over_first_cpu"] = runs[1]["cpu_s"] / runs[0]["cpu_s"]
+    write_json(args.out, result)
+    sys.stdout.write(report(result, runs, args.out))
     return 0
 
 

@@ -15,8 +15,6 @@ weights on a GPU before changing the shipped default.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zerocon_core.diffusers_host.denoiser import DiffusersDenoiser, TextCond  # noqa: E402
+from common import calibration_parser, equal_pull, grad_record, probe_lines, random_edit, write_json  # noqa: E402
+
+from zerocon_core.diffusers_host.denoiser import DiffusersDenoiser  # noqa: E402
 from zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance, StepContext  # noqa: E402
 from zerocon_core.method.inversion import ddim_invert  # noqa: E402
 from zerocon_core.method.sampler import SamplerSettings, guided_ddim_sample  # noqa: E402
@@ -49,19 +49,8 @@ class Probe(GuidanceTerm):
     def loss(self, ctx: StepContext, request):
         l_xa = self.xa.loss(ctx, self.xa_req)
         l_nce = self.nce.loss(ctx, self.nce_req)
-        g_xa, g_nce = (torch.autograd.grad(v, ctx.x, retain_graph=True)[0] for v in (l_xa, l_nce))
         scale = float(1 + ctx.sigma**2) ** 0.5  # d/dz = sqrt(1 + sigma^2) d/dx
-        rms = [float(g.pow(2).mean().sqrt()) * scale for g in (g_xa, g_nce)]
-        self.records.append(
-            {
-                "step": ctx.step,
-                "sigma": float(ctx.sigma),
-                "loss_xa": float(l_xa),
-                "loss_nce": float(l_nce),
-                "rms_grad_xa": rms[0],
-                "rms_grad_nce": rms[1],
-            }
-        )
+        self.records.append(grad_record(ctx, (l_xa, l_nce), scale))
         return self.xa.weight * l_xa + self.nce.weight * l_nce
 
 
@@ -83,26 +72,9 @@ def build(model: str | None, device: str, dtype: torch.dtype, seed: int):
     return den
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="diffusers SD folder (default: random full-size SD1.5 UNet)")
-    ap.add_argument("--size", type=int, default=256, help="image side in pixels (latent = size/8)")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "out" / "calibrate_patchnce.json"))
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    t0 = time.perf_counter()
-    den = build(args.model, args.device, dtype, args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    h = args.size // 8
-    latent = torch.randn(1, 4, h, h, generator=g).to(args.device)
-    src = TextCond(torch.randn(1, 77, 768, generator=g).to(args.device))
-    edit = TextCond(src.embeds + 0.3 * torch.randn(1, 77, 768, generator=g).to(args.device))
-
+def probe_edit(den, args: argparse.Namespace) -> Probe:
+    """Run one guided edit of a random latent with the probe; returns it with its per-step records."""
+    latent, src, edit = random_edit(args.seed, args.size, args.device)
     sig = ddim_sigmas(den.sigma_table, args.steps, final="zero")
     inv = ddim_invert(den, latent, inversion_sigmas(sig), src, keep_trajectory=False)
     probe = Probe()
@@ -118,9 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         guidance=[probe],
         settings=SamplerSettings(step_mode="raw"),  # the raw defaults, as when the figure was measured
     )
+    return probe
 
-    ratios = [r["rms_grad_xa"] / max(r["rms_grad_nce"], 1e-30) for r in probe.records]
-    w_nce = probe.xa.weight * statistics.median(ratios)
+
+def main(argv: list[str] | None = None) -> int:
+    ap = calibration_parser(__doc__, 10, "calibrate_patchnce.json")
+    ap.add_argument("--model", help="diffusers SD folder (default: random full-size SD1.5 UNet)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    t0 = time.perf_counter()
+    probe = probe_edit(build(args.model, args.device, dtype, args.seed), args)
+    ratio, w_nce = equal_pull(probe.records, probe.xa.weight)
     result = {
         "model": args.model or "random SD1.5 UNet (diffusers config)",
         "size": args.size,
@@ -130,24 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         "xa_weight": probe.xa.weight,
         "current_nce_default": PatchNCEGuidance().weight,
         "per_step": probe.records,
-        "median_ratio_xa_over_nce": statistics.median(ratios),
+        "median_ratio_xa_over_nce": ratio,
         "equal_pull_nce_weight": w_nce,
         "seconds": time.perf_counter() - t0,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    lines = [f"{'step':>4} {'sigma':>8} {'L_xa':>10} {'L_nce':>8} {'rms dL_xa':>10} {'rms dL_nce':>10}"]
-    for r in probe.records:
-        lines.append(
-            f"{r['step']:>4} {r['sigma']:8.3f} {r['loss_xa']:10.4g} {r['loss_nce']:8.4f} "
-            f"{r['rms_grad_xa']:10.3g} {r['rms_grad_nce']:10.3g}"
-        )
-    lines.append(
-        f"median rms ratio xa/nce = {result['median_ratio_xa_over_nce']:.4g}; PatchNCE weight for equal "
-        f"pull with xa weight {probe.xa.weight}: {w_nce:.4g} (shipped default {result['current_nce_default']})"
-    )
-    lines.append(f"wrote {args.out} in {result['seconds']:.0f} s")
-    sys.stdout.write("\n".join(lines) + "\n")
+    write_json(args.out, result)
+    sys.stdout.write("\n".join(probe_lines(result, args.out)) + "\n")
     return 0
 
 

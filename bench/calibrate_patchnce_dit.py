@@ -18,51 +18,30 @@ changing a shipped default.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", str(Path.home() / "ComfyUI"))).expanduser().resolve()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import (  # noqa: E402
+    calibration_parser,
+    equal_pull,
+    grad_record,
+    pack_loader,
+    probe_lines,
+    start_comfyui,
+    write_json,
+)
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=256, help="image side in pixels")
-    ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--double", type=int, default=1)
-    ap.add_argument("--single", type=int, default=1)
-    ap.add_argument("--tokens", type=int, default=512, help="text tokens (Flux-dev: 512 T5 tokens)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(REPO / "bench" / "out" / "calibrate_patchnce_dit.json"))
-    args = ap.parse_args(argv)
 
-    sys.path.insert(0, str(COMFYUI))
-    from comfy.cli_args import args as cargs
-
-    cargs.cpu = True
-    import torch
-
-    torch.set_num_threads(args.threads)
-    import comfy.samplers
-    from bench_dit import CONTEXT, POOLED, build_model
-
-    sys.path.insert(0, str(REPO / "tests" / "comfyui"))
-    from conftest import pack_module
-
-    den_mod = pack_module("nodes.families.comfy_denoiser")
-    guidance = pack_module("zerocon_core.method.guidance")
-    sampler = pack_module("zerocon_core.method.sampler")
+def probe_class(guidance):
+    """A guidance term (of the pack loaded through ComfyUI) that guides with ``xa`` + ``nce`` and records,
+    per step, the gradient RMS of each loss at weight 1."""
 
     @dataclass(frozen=True)
     class Probe(guidance.GuidanceTerm):
-        """Guides with ``xa`` + ``nce`` and records, per step, the gradient RMS of each loss at weight 1."""
-
         xa: object = field(default_factory=lambda: guidance.CrossAttentionGuidance(layers="auto"))
         nce: object = field(default_factory=lambda: guidance.PatchNCEGuidance(layers="auto"))
         records: list = field(default_factory=list, compare=False)
@@ -73,37 +52,34 @@ def main(argv: list[str] | None = None) -> int:
         def loss(self, ctx, request):
             l_xa = self.xa.loss(ctx, self.xa_req)
             l_nce = self.nce.loss(ctx, self.nce_req)
-            g_xa, g_nce = (torch.autograd.grad(v, ctx.x, retain_graph=True)[0] for v in (l_xa, l_nce))
-            rms = [float(g.pow(2).mean().sqrt()) for g in (g_xa, g_nce)]
-            self.records.append(
-                {
-                    "step": ctx.step,
-                    "sigma": float(ctx.sigma),
-                    "loss_xa": float(l_xa.detach()),
-                    "loss_nce": float(l_nce.detach()),
-                    "rms_grad_xa": rms[0],
-                    "rms_grad_nce": rms[1],
-                }
-            )
+            self.records.append(grad_record(ctx, (l_xa, l_nce)))
             return self.xa.weight * l_xa + self.nce.weight * l_nce
 
-    t0 = time.perf_counter()
-    model = build_model(args.double, args.single, 0)
-    gen = torch.Generator().manual_seed(1)
+    return Probe
+
+
+def random_conds(tokens: int):
+    """Flux-style ``(source, edited)`` conditionings: random text tokens, the edit partly changed."""
+    import torch
+    from bench_dit import CONTEXT, POOLED
 
     def cond(seed, base=None):
         g = torch.Generator().manual_seed(seed)
-        c = torch.randn(1, args.tokens, CONTEXT, generator=g)
+        c = torch.randn(1, tokens, CONTEXT, generator=g)
         if base is not None:  # the edit: the source's prompt, partly changed
             c = base + 0.3 * c
         return [[c, {"pooled_output": torch.randn(1, POOLED, generator=g), "guidance": 3.5}]]
 
     source = cond(2)
-    edited = cond(3, source[0][0])
-    h = args.size // 8
-    latent = torch.randn(1, 16, h, h, generator=gen)
-    probe = Probe()
-    found = {}
+    return source, cond(3, source[0][0])
+
+
+def probe_sampler(pack_module, probe, found: dict):
+    """A KSAMPLER function that runs our guided sampler with ``probe`` through ``ComfyDenoiser``."""
+    import torch
+
+    den_mod = pack_module("nodes.families.comfy_denoiser")
+    sampler = pack_module("zerocon_core.method.sampler")
 
     def function(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         guider = model_k.inner_model
@@ -125,43 +101,61 @@ def main(argv: list[str] | None = None) -> int:
             )
         return x
 
+    return function
+
+
+def run_probe(args: argparse.Namespace, pack_module):
+    """One guided edit of a random latent on the random Flux-shaped model; ``(probe, layers)``."""
+    import comfy.samplers
+    import torch
+    from bench_dit import build_model
+
+    probe = probe_class(pack_module("zerocon_core.method.guidance"))()
+    model = build_model(args.double, args.single, 0)
+    gen = torch.Generator().manual_seed(1)
+    source, edited = random_conds(args.tokens)
+    h = args.size // 8
+    latent = torch.randn(1, 16, h, h, generator=gen)
+    found: dict = {}
     guider = comfy.samplers.CFGGuider(model)
     guider.inner_set_conds({"positive": source, "negative": edited})
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", args.steps)
     with torch.inference_mode():
         noise = torch.randn(latent.shape, generator=gen)
-        guider.sample(noise, latent, comfy.samplers.KSAMPLER(function), sigmas)
+        guider.sample(noise, latent, comfy.samplers.KSAMPLER(probe_sampler(pack_module, probe, found)), sigmas)
+    return probe, found["layers"]
 
-    ratios = [r["rms_grad_xa"] / max(r["rms_grad_nce"], 1e-30) for r in probe.records]
-    w_nce = probe.xa.weight * statistics.median(ratios)
+
+def main(argv: list[str] | None = None) -> int:
+    ap = calibration_parser(__doc__, 6, "calibrate_patchnce_dit.json")
+    ap.add_argument("--double", type=int, default=1)
+    ap.add_argument("--single", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=512, help="text tokens (Flux-dev: 512 T5 tokens)")
+    args = ap.parse_args(argv)
+    start_comfyui(args.threads)
+    import bench_dit  # noqa: F401
+    import comfy.samplers  # noqa: F401  (imported before the clock starts, as the whole setup)
+
+    pack_module = pack_loader()
+    t0 = time.perf_counter()
+    probe, layers = run_probe(args, pack_module)
+    ratio, w_nce = equal_pull(probe.records, probe.xa.weight)
     result = {
         "model": f"random Flux-shaped DiT, {args.double} double + {args.single} single blocks, width 3072",
-        "layers": found["layers"],
+        "layers": layers,
         "size": args.size,
         "steps": args.steps,
         "text_tokens": args.tokens,
         "xa_weight": probe.xa.weight,
         "current_nce_default": probe.nce.weight,
         "per_step": probe.records,
-        "median_ratio_xa_over_nce": statistics.median(ratios),
+        "median_ratio_xa_over_nce": ratio,
         "equal_pull_nce_weight": w_nce,
         "seconds": time.perf_counter() - t0,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    lines = [f"{result['model']}, {args.size}px, {args.steps} steps; layers {found['layers']}"]
-    lines.append(f"{'step':>4} {'sigma':>8} {'L_xa':>10} {'L_nce':>8} {'rms dL_xa':>10} {'rms dL_nce':>10}")
-    for r in probe.records:
-        lines.append(
-            f"{r['step']:>4} {r['sigma']:8.3f} {r['loss_xa']:10.4g} {r['loss_nce']:8.4f} "
-            f"{r['rms_grad_xa']:10.3g} {r['rms_grad_nce']:10.3g}"
-        )
-    lines.append(
-        f"median rms ratio xa/nce = {result['median_ratio_xa_over_nce']:.4g}; PatchNCE weight for equal "
-        f"pull with xa weight {probe.xa.weight}: {w_nce:.4g} (shipped default {result['current_nce_default']})"
-    )
-    lines.append(f"wrote {args.out} in {result['seconds']:.0f} s")
-    sys.stdout.write("\n".join(lines) + "\n")
+    write_json(args.out, result)
+    lines = [f"{result['model']}, {args.size}px, {args.steps} steps; layers {layers}"]
+    sys.stdout.write("\n".join(lines + probe_lines(result, args.out)) + "\n")
     return 0
 
 

@@ -1,37 +1,10 @@
 """Structure-vs-edit trade-off sweep over guidance weights (cross-attention x PatchNCE).
 
-    python bench/sweep.py --manifest edits.csv --model SD_FOLDER --out-dir bench/out/sweep \
-        --xa 0,0.05,0.1,0.2 --nce 0,0.05,0.1 --clip CLIP_DIR --dino DINO_DIR [--steps 50]
-    python bench/sweep.py --piebench PIE/mapping_file.json --model SD_FOLDER --out-dir bench/out/pie \
-        --xa 0.1 --nce 0,0.5 --clip CLIP_DIR --dino DINO_DIR [--lpips LPIPS_DIR] [--branches both]
-
-For every manifest image, the caption, edit direction, conditionings, VAE latent and DDIM inversion are
-computed **once**; then the guided sampler runs for every ``(xa weight, nce weight)`` of the grid and each
-result is scored with ``zerocon_core.evaluation.metrics`` against the source image. A ``reconstruction`` row (the
-reference branch: plain DDIM reconstruction with the caption, no edit) is scored too, as the no-edit
-anchor of the trade-off (always include an identity row).
-
-Manifest (CSV or JSONL, paths relative to it): ``source`` (image), ``source_text`` (the caption used for
-inversion, and the CLIP source text), ``target_text``; optional ``id``, ``mask`` (edited region > 0;
-background metrics use ``mask == 0``), ``source_word`` + ``target_word`` (then the direction is
-pix2pix-zero's sentence-bank direction from ``--num-sentences`` template sentences per word; otherwise it
-is the target prompt minus the caption).
-
-Outputs in ``--out-dir``: ``sweep.csv`` (one row per image and setting), ``sweep_summary.csv`` (per setting:
-mean of each metric over images, ``n``), ``sweep.png`` (mean structure distance vs mean CLIP score per
-setting, points labelled by setting, PIL only) and ``images/<id>_<setting>.png``.
-
-**PIE-Bench** (``--piebench``, format in ``zerocon_core/evaluation/piebench.py``): the source image of an entry is
-``--images``/``image_path`` (default folder: ``annotation_images`` next to the JSON); the caption (inversion
-prompt, CFG negative) is ``original_prompt`` and the direction is ``editing_prompt`` minus it (brackets
-removed), as PIE-Bench runs pix2pix-zero with the two prompts. ``blended_word`` is not used: it names the
-edited object in each prompt (often the same word twice, "bicycle bicycle" for "make it rusty"), so a word
-direction from it would be empty, and our methods do no local blending. The mask only scores. Every result
-is scored on its 8-bit image with PIE-Bench's metrics (``piebench.METRICS``: the CSV columns, in its
-units), saved as ``images/<setting>/<image_path>.png`` (so ``python -m zerocon_core eval --piebench ...
---edited images/<setting>`` reads the same files and gives the same numbers), and PIE-Bench's table, one
-row per setting, is printed and written to ``piebench_table.md``. ``--categories`` / ``--limit`` select
-entries; ``--branches`` and ``--eval-at`` pick the mode (they apply in manifest mode too).
+For every image the caption, direction, conditionings, VAE latent and DDIM inversion are computed once; the
+guided sampler then runs for every ``(xa weight, nce weight)`` of the grid, plus a ``reconstruction`` row (the
+no-edit anchor), and each result is scored. Outputs in ``--out-dir``: ``sweep.csv``, ``sweep_summary.csv``,
+``sweep.png``, ``images/`` (and ``piebench_table.md`` with ``--piebench``). Manifest fields, PIE-Bench mode and
+the file layout: docs/host-internals.md, "The guidance-weight sweep".
 """
 
 from __future__ import annotations
@@ -45,15 +18,27 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 from zerocon_core.common.images import decode_latents, encode_latents, fit_to_multiple, load_image, resize, save_image
+from zerocon_core.common.legacy_args import merge_settings
 from zerocon_core.common.log import logger
 from zerocon_core.diffusers_host.pipeline import EditOptions, default_guidance, sampling_grid
 from zerocon_core.evaluation import metrics as zmetrics
 from zerocon_core.evaluation import piebench
+from zerocon_core.evaluation.command_line import (
+    add_input_choice,
+    add_piebench_selection,
+    check_metric_folders,
+    check_piebench_only,
+    from_args,
+    load_metric_models,
+    log_to_stderr,
+    piebench_image_folder,
+    report_errors,
+)
 from zerocon_core.evaluation.evaluate import format_piebench_table, load_mask, metric_stats, read_records
 from zerocon_core.method.inversion import EVAL_AT, NoiseRegularization, ddim_invert
 from zerocon_core.method.sampler import BRANCHES, SamplerSettings, guided_ddim_sample
@@ -112,18 +97,21 @@ def _fmt(v: Any) -> str:
 # Running
 
 
-def sweep_image(
-    pipe: Any,
-    image: torch.Tensor,
-    options: EditOptions,
-    settings: Sequence[Setting],
-    progress: bool = False,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Invert ``image`` (1, 3, H, W) once and sample it under every setting.
+@dataclass
+class Inverted:
+    """What every setting of one image shares: the DDIM grid, the inversion, the two conditionings, the
+    input's (H, W) and the seconds it took."""
 
-    Returns ``(images, seconds)`` keyed by setting name plus ``RECON`` (the DDIM reconstruction); images are
-    (1, 3, H, W) float32 in [0, 1] at the input's size.
-    """
+    sigmas: torch.Tensor
+    inversion: Any
+    source_cond: Any
+    edit_cond: Any
+    input_size: tuple[int, int]
+    seconds: float
+
+
+def invert_once(pipe: Any, image: torch.Tensor, options: EditOptions) -> Inverted:
+    """Caption conditionings, edit direction, VAE latent and DDIM inversion of ``image`` (1, 3, H, W)."""
     work, input_size = fit_to_multiple(image, 8)
     work_size = (int(work.shape[-2]), int(work.shape[-1]))
     caption = options.caption
@@ -148,42 +136,58 @@ def sweep_image(
         eval_at=options.eval_at,
         keep_trajectory=False,
     )
-    shared = time.perf_counter() - t0
+    return Inverted(sigmas, inv, src_cond, edit_cond, input_size, time.perf_counter() - t0)
 
+
+def sample_setting(pipe: Any, inv: Inverted, options: EditOptions, s: Setting, keep_reference: bool) -> Any:
+    """The guided sampler's result for setting ``s`` ("raw" step mode) from the shared inversion."""
+    guidance = default_guidance(
+        pipe.prediction_type,
+        s.xa,
+        s.nce,
+        options.xa_layers,
+        options.nce_layers,
+        nce_seed=options.seed,
+        step_mode="raw",
+    )
+    settings = SamplerSettings(
+        cfg=options.cfg, branches=options.branches, seed=options.seed, keep_reference=keep_reference, step_mode="raw"
+    )
+    return guided_ddim_sample(
+        pipe.denoiser,
+        inv.inversion.latent,
+        inv.sigmas,
+        source_cond=inv.source_cond,
+        edit_cond=inv.edit_cond,
+        guidance=guidance,
+        settings=settings,
+    )
+
+
+def sweep_image(
+    pipe: Any,
+    image: torch.Tensor,
+    options: EditOptions,
+    settings: Sequence[Setting],
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Invert ``image`` (1, 3, H, W) once and sample it under every setting.
+
+    Returns ``(images, seconds)`` keyed by setting name plus ``RECON`` (the DDIM reconstruction); images are
+    (1, 3, H, W) float32 in [0, 1] at the input's size.
+    """
+    inv = invert_once(pipe, image, options)
+    scale = vp_scale(inv.sigmas[-1])
     images: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
     for k, s in enumerate(settings):
         t1 = time.perf_counter()
-        guidance = default_guidance(
-            pipe.prediction_type,
-            s.xa,
-            s.nce,
-            options.xa_layers,
-            options.nce_layers,
-            nce_seed=options.seed,
-            step_mode="raw",
-        )
-        res = guided_ddim_sample(
-            pipe.denoiser,
-            inv.latent,
-            sigmas,
-            source_cond=src_cond,
-            edit_cond=edit_cond,
-            guidance=guidance,
-            settings=SamplerSettings(
-                cfg=options.cfg,
-                branches=options.branches,
-                seed=options.seed,
-                keep_reference=(k == 0),
-                step_mode="raw",
-            ),
-        )
-        z = res.latent * vp_scale(sigmas[-1])
-        images[s.name] = resize(decode_latents(pipe.vae, z), input_size)
-        seconds[s.name] = time.perf_counter() - t1 + shared
+        res = sample_setting(pipe, inv, options, s, keep_reference=(k == 0))
+        images[s.name] = resize(decode_latents(pipe.vae, res.latent * scale), inv.input_size)
+        seconds[s.name] = time.perf_counter() - t1 + inv.seconds
         if k == 0 and res.reference is not None:
-            images[RECON] = resize(decode_latents(pipe.vae, res.reference * vp_scale(sigmas[-1])), input_size)
-            seconds[RECON] = shared
+            images[RECON] = resize(decode_latents(pipe.vae, res.reference * scale), inv.input_size)
+            seconds[RECON] = inv.seconds
         if progress:
             logger.info("  %s: %.2fs", s.name, seconds[s.name])
     return images, seconds
@@ -249,6 +253,105 @@ def _quantize(image: torch.Tensor) -> torch.Tensor:
     return (image.clamp(0, 1) * 255).round() / 255
 
 
+@dataclass
+class SweepConfig:
+    """Settings of ``run_sweep`` besides the grid: metric models (None: their columns are NaN), the edit's
+    steps / CFG / seed / sentences per word / regulariser / branches / inversion convention, the plot's axes
+    (None: structure distance and CLIP score of the mode), the ``items`` to sweep (None: the manifest's) and
+    ``pie`` (PIE-Bench items, scored with PIE-Bench's metrics)."""
+
+    clip: Any = None
+    dino: Any = None
+    lpips: Any = None
+    steps: int = 50
+    cfg: float = 5.0
+    seed: int = 0
+    num_sentences: int = 300
+    regularization: bool = True
+    branches: str = "edit"
+    eval_at: str = "current"
+    x_metric: str | None = None
+    y_metric: str | None = None
+    items: Sequence[SweepItem] | None = None
+    pie: bool = False
+
+    def metric_names(self) -> tuple[str, ...]:
+        """The scored metric columns of this mode."""
+        return piebench.METRICS if self.pie else zmetrics.METRIC_NAMES
+
+    def plot_axes(self) -> tuple[str, str]:
+        """``(x_metric, y_metric)`` of the plot; ``ValueError`` when one is not scored in this mode."""
+        x = self.x_metric or ("structure_distance_x1e3" if self.pie else "structure_distance")
+        y = self.y_metric or ("clip_whole" if self.pie else "clip_score")
+        for m in (x, y):
+            if m not in self.metric_names():
+                raise ValueError(f"metric {m!r} is not scored in this mode; choose from {list(self.metric_names())}")
+        return x, y
+
+
+def item_options(item: SweepItem, config: SweepConfig) -> EditOptions:
+    """The (validated) edit options of ``item``: a word direction with both words, else the target prompt."""
+    words = item.source_word and item.target_word
+    options = EditOptions(
+        caption=item.source_text,
+        source=item.source_word if words else None,
+        target=item.target_word if words else None,
+        target_prompt=None if words else item.target_text,
+        num_sentences=config.num_sentences,
+        steps=config.steps,
+        cfg=config.cfg,
+        seed=config.seed,
+        regularization=config.regularization,
+        branches=config.branches,
+        eval_at=config.eval_at,
+    )
+    options.validate()
+    return options
+
+
+def score_image(item: SweepItem, source: torch.Tensor, img: torch.Tensor, mask: Any, config: SweepConfig) -> dict:
+    """The metric values of one result ``img`` against ``source`` (PIE-Bench's on the 8-bit image with ``pie``)."""
+    if config.pie:
+        return piebench.score_pair(
+            source, _quantize(img), mask, item.target_text, clip=config.clip, dino=config.dino, lpips=config.lpips
+        )
+    metrics = zmetrics.edit_metrics(
+        source, img, item.source_text, item.target_text, mask=mask, clip=config.clip, dino=config.dino
+    )
+    return {k: float(metrics[k][0]) for k in config.metric_names()}
+
+
+def prepare_item(item: SweepItem, config: SweepConfig) -> tuple[torch.Tensor, Any, EditOptions]:
+    """``(source image, mask, edit options)`` of ``item`` (PIE-Bench's mask decoded at the image's size)."""
+    source = load_image(item.source)
+    mask = piebench.decode_mask(item.mask, *source.shape[-2:]) if config.pie else item.mask
+    return source, mask, item_options(item, config)
+
+
+def item_rows(
+    item: SweepItem, prepared: tuple, pipe: Any, settings: Sequence[Setting], out_dir: Path, config: SweepConfig
+):
+    """Sweep one prepared item: save each result image and yield its ``sweep.csv`` row."""
+    source, mask, options = prepared
+    images, seconds = sweep_image(pipe, source, options, settings)
+    for name, img in images.items():
+        setting = next((s for s in settings if s.name == name), None)
+        file = Path("images") / (f"{name}/{item.name}.png" if config.pie else f"{item.id}_{name}.png")
+        (out_dir / file).parent.mkdir(parents=True, exist_ok=True)
+        save_image(img, out_dir / file)
+        vals = score_image(item, source, img, mask, config)
+        row = {
+            "id": item.id,
+            "setting": name,
+            "xa_weight": _fmt(setting.xa) if setting else "",
+            "nce_weight": _fmt(setting.nce) if setting else "",
+            "image": file.as_posix(),
+            "seconds": f"{seconds[name]:.3f}",
+        }
+        row.update({k: _fmt(float(vals[k])) for k in config.metric_names()})
+        yield row
+
+
 def run_sweep(
     pipe: Any,
     manifest: str | os.PathLike | None,
@@ -256,33 +359,17 @@ def run_sweep(
     xa: Sequence[float],
     nce: Sequence[float],
     *,
-    clip: Any = None,
-    dino: Any = None,
-    lpips: Any = None,
-    steps: int = 50,
-    cfg: float = 5.0,
-    seed: int = 0,
-    num_sentences: int = 300,
-    regularization: bool = True,
-    branches: str = "edit",
-    eval_at: str = "current",
-    x_metric: str | None = None,
-    y_metric: str | None = None,
-    items: Sequence[SweepItem] | None = None,
-    pie: bool = False,
+    config: SweepConfig | None = None,
+    **kwargs: Any,
 ) -> dict[str, Path]:
-    """Run the grid over every manifest row (or ``items``; ``pie``: PIE-Bench items, scored with PIE-Bench's
-    metrics), score, and write the CSVs and the plot. Returns their paths."""
+    """Run the grid over every manifest row (or ``config.items``), score, and write the CSVs and the plot.
+    Returns their paths. ``config``: see ``SweepConfig``; its fields are also accepted as the old keywords."""
+    config = merge_settings(SweepConfig, config, (), kwargs, "run_sweep")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    if items is None:
-        items = manifest_items(Path(manifest))
-    names = piebench.METRICS if pie else zmetrics.METRIC_NAMES
-    x_metric = x_metric or ("structure_distance_x1e3" if pie else "structure_distance")
-    y_metric = y_metric or ("clip_whole" if pie else "clip_score")
-    for m in (x_metric, y_metric):
-        if m not in names:
-            raise ValueError(f"metric {m!r} is not scored in this mode; choose from {list(names)}")
+    items = config.items if config.items is not None else manifest_items(Path(manifest))
+    names = config.metric_names()
+    x_metric, y_metric = config.plot_axes()
     settings = [Setting(a, b) for b in nce for a in xa]
     csv_path = out_dir / "sweep.csv"
     rows: list[dict[str, str]] = []
@@ -293,54 +380,31 @@ def run_sweep(
             if not item.source.is_file():
                 logger.warning("row %s skipped: source image not found: %s", item.id, item.source)
                 continue
-            source = load_image(item.source)
-            mask = item.mask
-            if pie:
-                mask = piebench.decode_mask(item.mask, *source.shape[-2:])
-            words = item.source_word and item.target_word
-            options = EditOptions(
-                caption=item.source_text,
-                source=item.source_word if words else None,
-                target=item.target_word if words else None,
-                target_prompt=None if words else item.target_text,
-                num_sentences=num_sentences,
-                steps=steps,
-                cfg=cfg,
-                seed=seed,
-                regularization=regularization,
-                branches=branches,
-                eval_at=eval_at,
-            )
-            options.validate()
+            prepared = prepare_item(item, config)
             logger.info("sweep %s (%d/%d): %d settings", item.id, i + 1, len(items), len(settings))
-            images, seconds = sweep_image(pipe, source, options, settings)
-            for name, img in images.items():
-                setting = next((s for s in settings if s.name == name), None)
-                file = Path("images") / (f"{name}/{item.name}.png" if pie else f"{item.id}_{name}.png")
-                (out_dir / file).parent.mkdir(parents=True, exist_ok=True)
-                save_image(img, out_dir / file)
-                if pie:
-                    vals = piebench.score_pair(
-                        source, _quantize(img), mask, item.target_text, clip=clip, dino=dino, lpips=lpips
-                    )
-                else:
-                    metrics = zmetrics.edit_metrics(
-                        source, img, options.caption, item.target_text, mask=mask, clip=clip, dino=dino
-                    )
-                    vals = {k: float(metrics[k][0]) for k in names}
-                row = {
-                    "id": item.id,
-                    "setting": name,
-                    "xa_weight": _fmt(setting.xa) if setting else "",
-                    "nce_weight": _fmt(setting.nce) if setting else "",
-                    "image": file.as_posix(),
-                    "seconds": f"{seconds[name]:.3f}",
-                }
-                row.update({k: _fmt(float(vals[k])) for k in names})
+            for row in item_rows(item, prepared, pipe, settings, out_dir, config):
                 writer.writerow(row)
                 f.flush()
                 rows.append(row)
+    paths = {"csv": csv_path, **write_summaries(rows, settings, out_dir, names, (x_metric, y_metric))}
+    if config.pie:
+        table = piebench_table(rows, settings)
+        paths["table"] = out_dir / "piebench_table.md"
+        paths["table"].write_text(table + "\n", encoding="utf-8")
+        sys.stdout.write(table + "\n")
+        sys.stdout.flush()
+    logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return paths
 
+
+def write_summaries(
+    rows: Sequence[dict[str, str]],
+    settings: Sequence[Setting],
+    out_dir: Path,
+    names: Sequence[str],
+    axes: tuple[str, str],
+) -> dict[str, Path]:
+    """Write ``sweep_summary.csv`` and the plot ``sweep.png`` (``axes``: its x and y metrics); their paths."""
     summary = summarize(rows, settings, names)
     summary_path = out_dir / "sweep_summary.csv"
     with open(summary_path, "w", encoding="utf-8", newline="") as f:
@@ -349,16 +413,8 @@ def run_sweep(
         for s in summary:
             writer.writerow({k: _fmt(v) for k, v in s.items()})
     plot_path = out_dir / "sweep.png"
-    plot_tradeoff(summary, plot_path, x_metric, y_metric)
-    paths = {"csv": csv_path, "summary": summary_path, "plot": plot_path}
-    if pie:
-        table = piebench_table(rows, settings)
-        paths["table"] = out_dir / "piebench_table.md"
-        paths["table"].write_text(table + "\n", encoding="utf-8")
-        sys.stdout.write(table + "\n")
-        sys.stdout.flush()
-    logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-    return paths
+    plot_tradeoff(summary, plot_path, *axes)
+    return {"summary": summary_path, "plot": plot_path}
 
 
 def piebench_table(rows: Sequence[dict[str, str]], settings: Sequence[Setting]) -> str:
@@ -445,6 +501,80 @@ PALETTE = [
 ]
 
 
+Box = tuple[int, int, int, int]  # the plot area: x0, y0, x1, y1 in pixels
+
+
+def _draw_axes(draw: Any, font: Any, good: Sequence[tuple], box: Box) -> Callable[[float, float], tuple]:
+    """Ticks, grid lines and tick labels around the finite points ``good``; returns data -> pixel."""
+    x0, y0, x1, y1 = box
+    xs, ys = [p[1] for p in good], [p[2] for p in good]
+    xpad, ypad = 0.05 * (max(xs) - min(xs)), 0.05 * (max(ys) - min(ys))
+    xt, yt = _nice_ticks(min(xs) - xpad, max(xs) + xpad), _nice_ticks(min(ys) - ypad, max(ys) + ypad)
+    xlo, xhi, ylo, yhi = xt[0], xt[-1], yt[0], yt[-1]
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
+
+    for t in xt:
+        X, _ = px(t, ylo)
+        draw.line([X, y1, X, y1 + 5], fill="black")
+        draw.line([X, y0, X, y1], fill=(230, 230, 230))
+        lab = _tick_label(t)
+        tw = draw.textlength(lab, font=font)
+        draw.text((X - tw / 2, y1 + 8), lab, fill="black", font=font)
+    for t in yt:
+        _, Y = px(xlo, t)
+        draw.line([x0 - 5, Y, x0, Y], fill="black")
+        draw.line([x0, Y, x1, Y], fill=(230, 230, 230))
+        lab = _tick_label(t)
+        tw = draw.textlength(lab, font=font)
+        draw.text((x0 - 8 - tw, Y - 6), lab, fill="black", font=font)
+    draw.rectangle([x0, y0, x1, y1], outline="black")
+    return px
+
+
+def _draw_points(draw: Any, font: Any, good: Sequence[tuple], px: Callable, box: Box, width: int) -> None:
+    """One colour per PatchNCE weight, lines along increasing cross-attention weights, labelled points
+    (the reconstruction a black square) and the colour legend."""
+    x0, y0, x1, y1 = box
+    nces = sorted({s["nce_weight"] for s, _, _ in good if s["nce_weight"] != ""})
+    colour = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(nces)}
+    for v in nces:
+        line = sorted(((s["xa_weight"], x, y) for s, x, y in good if s["nce_weight"] == v), key=lambda t: t[0])
+        if len(line) > 1:
+            draw.line([px(x, y) for _, x, y in line], fill=colour[v], width=2)
+    for s, x, y in good:
+        X, Y = px(x, y)
+        if s["setting"] == RECON:
+            draw.rectangle([X - 5, Y - 5, X + 5, Y + 5], fill="black")
+            label = "reconstruction"
+        else:
+            draw.ellipse([X - 5, Y - 5, X + 5, Y + 5], fill=colour[s["nce_weight"]], outline="black")
+            label = f"xa={s['xa_weight']:g} nce={s['nce_weight']:g}"
+        tw = draw.textlength(label, font=font)
+        draw.text((X + 7 if X + 7 + tw < width - 4 else X - 7 - tw, Y - 12), label, fill="black", font=font)
+    ly = y0 + 8
+    for v in nces:
+        draw.line([x1 - 150, ly + 6, x1 - 130, ly + 6], fill=colour[v], width=3)
+        draw.text((x1 - 125, ly), f"nce weight {v:g}", fill="black", font=font)
+        ly += 16
+
+
+def _axis_titles(img: Any, draw: Any, font: Any, box: Box, metrics: tuple[str, str]) -> None:
+    """The x title under the plot and the y title rotated along its left side (``LABELS``)."""
+    from PIL import Image, ImageDraw
+
+    x0, y0, x1, y1 = box
+    xl = LABELS.get(metrics[0], metrics[0])
+    draw.text(((x0 + x1 - draw.textlength(xl, font=font)) / 2, y1 + 30), xl, fill="black", font=font)
+    yl = LABELS.get(metrics[1], metrics[1])
+    tw = int(draw.textlength(yl, font=font)) + 4
+    label = Image.new("RGB", (tw, 16), "white")
+    ImageDraw.Draw(label).text((2, 1), yl, fill="black", font=font)
+    label = label.rotate(90, expand=True)
+    img.paste(label, (12, int((y0 + y1 - label.size[1]) / 2)))
+
+
 def plot_tradeoff(
     summary: Sequence[dict[str, Any]],
     path: str | os.PathLike,
@@ -458,78 +588,28 @@ def plot_tradeoff(
     from PIL import Image, ImageDraw, ImageFont
 
     w, h = size
-    left, right, top, bottom = 90, 30, 50, 80
+    box = (90, 50, w - 30, h - 80)  # margins: left 90, top 50, right 30, bottom 80
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
     pts = [(s, float(s[x_metric]), float(s[y_metric])) for s in summary]
     good = [(s, x, y) for s, x, y in pts if math.isfinite(x) and math.isfinite(y)]
     bad = [s["setting"] for s, x, y in pts if not (math.isfinite(x) and math.isfinite(y))]
-    draw.text((left, 15), f"Trade-off: {y_metric} vs {x_metric} (mean over images)", fill="black", font=font)
-
-    x0, x1, y0, y1 = left, w - right, top, h - bottom
-    draw.rectangle([x0, y0, x1, y1], outline="black")
+    draw.text((box[0], 15), f"Trade-off: {y_metric} vs {x_metric} (mean over images)", fill="black", font=font)
+    draw.rectangle(list(box), outline="black")
     if good:
-        xs, ys = [p[1] for p in good], [p[2] for p in good]
-        xpad, ypad = 0.05 * (max(xs) - min(xs)), 0.05 * (max(ys) - min(ys))
-        xt, yt = _nice_ticks(min(xs) - xpad, max(xs) + xpad), _nice_ticks(min(ys) - ypad, max(ys) + ypad)
-        xlo, xhi, ylo, yhi = xt[0], xt[-1], yt[0], yt[-1]
-
-        def px(x: float, y: float) -> tuple[float, float]:
-            return (x0 + (x - xlo) / (xhi - xlo) * (x1 - x0), y1 - (y - ylo) / (yhi - ylo) * (y1 - y0))
-
-        for t in xt:
-            X, _ = px(t, ylo)
-            draw.line([X, y1, X, y1 + 5], fill="black")
-            draw.line([X, y0, X, y1], fill=(230, 230, 230))
-            lab = _tick_label(t)
-            tw = draw.textlength(lab, font=font)
-            draw.text((X - tw / 2, y1 + 8), lab, fill="black", font=font)
-        for t in yt:
-            _, Y = px(xlo, t)
-            draw.line([x0 - 5, Y, x0, Y], fill="black")
-            draw.line([x0, Y, x1, Y], fill=(230, 230, 230))
-            lab = _tick_label(t)
-            tw = draw.textlength(lab, font=font)
-            draw.text((x0 - 8 - tw, Y - 6), lab, fill="black", font=font)
-        draw.rectangle([x0, y0, x1, y1], outline="black")
-
-        nces = sorted({s["nce_weight"] for s, _, _ in good if s["nce_weight"] != ""})
-        colour = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(nces)}
-        for v in nces:
-            line = sorted(((s["xa_weight"], x, y) for s, x, y in good if s["nce_weight"] == v), key=lambda t: t[0])
-            if len(line) > 1:
-                draw.line([px(x, y) for _, x, y in line], fill=colour[v], width=2)
-        for s, x, y in good:
-            X, Y = px(x, y)
-            if s["setting"] == RECON:
-                draw.rectangle([X - 5, Y - 5, X + 5, Y + 5], fill="black")
-                label = "reconstruction"
-            else:
-                draw.ellipse([X - 5, Y - 5, X + 5, Y + 5], fill=colour[s["nce_weight"]], outline="black")
-                label = f"xa={s['xa_weight']:g} nce={s['nce_weight']:g}"
-            tw = draw.textlength(label, font=font)
-            draw.text((X + 7 if X + 7 + tw < w - 4 else X - 7 - tw, Y - 12), label, fill="black", font=font)
-        ly = y0 + 8
-        for v in nces:
-            draw.line([x1 - 150, ly + 6, x1 - 130, ly + 6], fill=colour[v], width=3)
-            draw.text((x1 - 125, ly), f"nce weight {v:g}", fill="black", font=font)
-            ly += 16
+        px = _draw_axes(draw, font, good, box)
+        _draw_points(draw, font, good, px, box, w)
     else:
         draw.text(
-            (x0 + 20, (y0 + y1) // 2), "no data (give --clip and --dino for these metrics)", fill="black", font=font
+            (box[0] + 20, (box[1] + box[3]) // 2),
+            "no data (give --clip and --dino for these metrics)",
+            fill="black",
+            font=font,
         )
     if bad:
-        draw.text((x0, h - 22), "no data for: " + ", ".join(bad), fill=(160, 0, 0), font=font)
-
-    xl = LABELS.get(x_metric, x_metric)
-    draw.text(((x0 + x1 - draw.textlength(xl, font=font)) / 2, y1 + 30), xl, fill="black", font=font)
-    yl = LABELS.get(y_metric, y_metric)
-    tw = int(draw.textlength(yl, font=font)) + 4
-    label = Image.new("RGB", (tw, 16), "white")
-    ImageDraw.Draw(label).text((2, 1), yl, fill="black", font=font)
-    label = label.rotate(90, expand=True)
-    img.paste(label, (12, int((y0 + y1 - label.size[1]) / 2)))
+        draw.text((box[0], h - 22), "no data for: " + ", ".join(bad), fill=(160, 0, 0), font=font)
+    _axis_titles(img, draw, font, box, (x_metric, y_metric))
     path = Path(path)
     img.save(path)
     return path
@@ -541,17 +621,10 @@ def plot_tradeoff(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python bench/sweep.py", description=__doc__.split("\n\n")[0])
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--manifest",
-        default=None,
-        help="CSV/JSONL: source, source_text, target_text[, id, mask, source_word, target_word]",
-    )
-    what.add_argument(
-        "--piebench",
-        default=None,
-        metavar="MAPPING_JSON",
-        help="PIE-Bench's mapping_file.json: sweep its entries, score and print PIE-Bench's table per setting",
+    add_input_choice(
+        p,
+        "CSV/JSONL: source, source_text, target_text[, id, mask, source_word, target_word]",
+        "PIE-Bench's mapping_file.json: sweep its entries, score and print PIE-Bench's table per setting",
     )
     p.add_argument("--model", required=True, help="local Stable Diffusion folder (diffusers layout)")
     p.add_argument("--out-dir", required=True, help="folder for sweep.csv, sweep_summary.csv, sweep.png, images/")
@@ -562,12 +635,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dino", default=None, help="local DINO folder for the structure distance (facebook/dino-vitb8)")
     pie = p.add_argument_group("PIE-Bench (with --piebench)")
-    pie.add_argument(
-        "--images", default=None, metavar="DIR", help="source images (default: annotation_images next to the JSON)"
-    )
-    pie.add_argument(
-        "--categories", nargs="+", default=None, metavar="ID", help="only these editing_type_id values (0 ... 9)"
-    )
+    add_piebench_selection(pie)
     pie.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N entries")
     pie.add_argument(
         "--lpips", default=None, metavar="DIR", help="folder with squeezenet1_1-b8a52dc0.pth and LPIPS' squeeze.pth"
@@ -589,79 +657,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_inputs(args: argparse.Namespace) -> tuple[list[float], list[float], list[SweepItem] | None]:
+    """``(xa weights, nce weights, PIE-Bench items or None)`` after checking the options and every folder."""
+    xa, nce = parse_grid(args.xa), parse_grid(args.nce)
+    check_piebench_only(args, ("images", "categories", "limit", "lpips"))
+    items = None
+    if args.piebench:
+        mapping = Path(args.piebench)
+        items = piebench_items(mapping, Path(args.images) if args.images else None, args.categories, args.limit)
+        piebench_image_folder(mapping, args.images or None)
+    check_metric_folders(args.clip, args.dino, args.lpips)
+    return xa, nce, items
+
+
+def run(args: argparse.Namespace, pipe: Any = None) -> int:
+    """Check, load the models (``pipe`` overrides ``--model``) and run the sweep of ``args``."""
+    xa, nce, items = check_inputs(args)
+    if pipe is None:
+        from zerocon_core.diffusers_host.pipeline import ZeroConPipeline
+
+        pipe = ZeroConPipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
+    clip, dino, lpips = load_metric_models(args.clip, args.dino, args.lpips, pipe.device)
+    config = from_args(
+        SweepConfig,
+        args,
+        clip=clip,
+        dino=dino,
+        lpips=lpips,
+        regularization=not args.no_regularization,
+        items=items,
+        pie=bool(args.piebench),
+    )
+    run_sweep(pipe, args.manifest, args.out_dir, xa, nce, config=config)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, pipe: Any = None) -> int:
     """Run the sweep; ``pipe`` (a ``ZeroConPipeline``) overrides ``--model`` loading (tests)."""
     args = build_parser().parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s zerocon: %(message)s"))
-    logger.addHandler(handler)
-    previous = logger.level
-    logger.setLevel(logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        xa, nce = parse_grid(args.xa), parse_grid(args.nce)
-        given = [f"--{k}" for k in ("images", "categories", "limit", "lpips") if getattr(args, k) is not None]
-        if args.manifest and given:
-            raise ValueError(f"{', '.join(given)} only go with --piebench")
-        items = None
-        if args.piebench:
-            mapping = Path(args.piebench)
-            images = Path(args.images) if args.images else mapping.parent / "annotation_images"
-            items = piebench_items(mapping, images, args.categories, args.limit)
-            if not images.is_dir():
-                raise FileNotFoundError(f"PIE-Bench source image folder not found: {images} (give --images)")
-        if args.clip:
-            zmetrics.check_clip_folder(args.clip)
-        if args.dino:
-            from zerocon_core.diffuseit.dino import check_dino_folder
-
-            check_dino_folder(args.dino)
-        if args.lpips:
-            from zerocon_core.evaluation.lpips import check_lpips_folder
-
-            check_lpips_folder(args.lpips)
-        if pipe is None:
-            from zerocon_core.diffusers_host.pipeline import ZeroConPipeline
-
-            pipe = ZeroConPipeline.from_folder(args.model, device=args.device, dtype=args.dtype)
-        clip = zmetrics.load_clip_metric(args.clip, device=pipe.device) if args.clip else None
-        dino = lpips = None
-        if args.dino:
-            from zerocon_core.diffuseit.dino import load_dino
-
-            dino = load_dino(args.dino, device=pipe.device)
-        if args.lpips:
-            from zerocon_core.evaluation.lpips import load_lpips
-
-            lpips = load_lpips(args.lpips, device=pipe.device)
-        run_sweep(
-            pipe,
-            args.manifest,
-            args.out_dir,
-            xa,
-            nce,
-            clip=clip,
-            dino=dino,
-            lpips=lpips,
-            steps=args.steps,
-            cfg=args.cfg,
-            seed=args.seed,
-            num_sentences=args.num_sentences,
-            regularization=not args.no_regularization,
-            branches=args.branches,
-            eval_at=args.eval_at,
-            x_metric=args.x_metric,
-            y_metric=args.y_metric,
-            items=items,
-            pie=bool(args.piebench),
-        )
-        return 0
-    except (FileNotFoundError, ValueError) as exc:
-        sys.stderr.write(f"sweep: error: {exc}\n")
-        return 2
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
+    with log_to_stderr(logging.INFO):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return report_errors(lambda: run(args, pipe), "sweep", errors=(FileNotFoundError, ValueError), interrupt=False)
 
 
 if __name__ == "__main__":

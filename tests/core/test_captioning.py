@@ -94,3 +94,15 @@ def test_incomplete_folder_error(tmp_path, blip_folder):
         C.load_blip(partial)
     msg = str(e.value)
     assert str(partial) in msg and "model.safetensors" in msg and C.BLIP_MODEL_ID in msg
+
+
+def test_caption_settings_object_and_old_keywords_agree(blip):
+    images = _images()
+    kw = dict(max_new_tokens=6, min_new_tokens=1, num_beams=2)
+    old = C.caption(blip, images, prefix="a photography of", **kw)
+    assert C.caption(blip, images, settings=C.CaptionSettings(**kw)) == old
+    assert C.caption(blip, images, "a photography of", 6, 2, min_new_tokens=1) == old  # the old positions
+    with pytest.raises(TypeError, match="unexpected keyword argument 'beams'"):
+        C.caption(blip, images, beams=2)
+    with pytest.raises(TypeError, match="multiple values for argument 'prefix'"):
+        C.caption(blip, images, "a", prefix="b")

@@ -322,3 +322,16 @@ def test_import_is_cheap():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sentence_bank_settings_object_and_old_keywords_agree():
+    old = D.sentence_bank_direction(FakeEncoder(768), SRC, TGT, "cat", "dog", batch_size=2)
+    enc = FakeEncoder(768)
+    new = D.sentence_bank_direction(enc, SRC, TGT, "cat", "dog", bank=D.BankSettings(batch_size=2))
+    assert enc.batches == [2, 2, 2, 2, 1]
+    assert new.source == "cat" and new.target == "dog"
+    assert all(torch.equal(new.deltas[k], old.deltas[k]) for k in old.deltas)
+    positional = D.sentence_bank_direction(FakeEncoder(768), SRC, TGT, "cat", "dog", 2)
+    assert all(torch.equal(positional.deltas[k], old.deltas[k]) for k in old.deltas)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'batch'"):
+        D.sentence_bank_direction(FakeEncoder(768), SRC, TGT, batch=2)

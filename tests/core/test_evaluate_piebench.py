@@ -416,6 +416,18 @@ def test_unreadable_source_and_mask_of_another_size(tmp_path):
     assert rows["big"]["status"] == "error"
     assert "mask run 0 starts at pixel 360000, past the last pixel of a 64x64 image (4095)" in rows["big"]["message"]
     assert rows["bad"]["status"] == "error" and "cannot read" in rows["bad"]["message"]
+    # the settings object and the old positions give the same file
+    for i, call in enumerate(
+        (
+            dict(run=evaluate.PieBenchRun(images=images, progress=False)),
+            dict(args=(images, None, None, None, None, False)),
+        )
+    ):
+        again = tmp_path / f"again{i}.csv"
+        evaluate.evaluate_piebench(p, {"m": edits}, again, *call.get("args", ()), run=call.get("run"))
+        assert again.read_text() == out.read_text()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'image_folder'"):
+        evaluate.evaluate_piebench(p, {"m": edits}, out, image_folder=images)
 
 
 def test_parse_methods():

@@ -8,17 +8,16 @@ adds the traceback. The human summary (caption, timing table) goes to stdout; lo
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from ..common.log import logger
+from ..evaluation.command_line import EXIT_USAGE as EXIT_USAGE  # re-exported: the old names
+from ..evaluation.command_line import USER_ERRORS as USER_ERRORS
+from ..evaluation.command_line import from_args, log_level, log_to_stderr, parse_or_exit_code, report_errors
 from ..method.inversion import EVAL_AT
 from .sd_models import DEFAULT_MODEL
-
-EXIT_USAGE = 2
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
 
 
 def _positive_int(text: str) -> int:
@@ -42,8 +41,7 @@ def _non_negative(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..method.sampler import AUTO_STEP_SIZE, BRANCHES, STEP_MODES
-
+    """The ``python -m zerocon_core`` parser: ``edit`` (here) and ``eval`` (``evaluation.evaluate``)."""
     parser = argparse.ArgumentParser(
         prog="python -m zerocon_core", description="ZeroCon: training-free image translation."
     )
@@ -60,7 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Caption -> edit direction -> DDIM inversion -> guided DDIM sampling -> output "
         "image of the input's size.",
     )
-    io = p.add_argument_group("input / output")
+    _add_io_options(p.add_argument_group("input / output"))
+    _add_direction_options(p.add_argument_group("edit direction"))
+    s = p.add_argument_group("sampling")
+    _add_guidance_options(s)
+    _add_run_options(s)
+    p.set_defaults(func=cmd_edit)
+    from ..evaluation.evaluate import register as register_eval
+
+    register_eval(sub, parents=[common])
+    return parser
+
+
+def _add_io_options(io: Any) -> None:
     io.add_argument("--image", required=True, metavar="FILE", help="input image file")
     io.add_argument(
         "--model",
@@ -94,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-direction", default=None, metavar="FILE", help="also save the edit direction (.safetensors)"
     )
 
-    d = p.add_argument_group("edit direction")
+
+def _add_direction_options(d: Any) -> None:
     d.add_argument("--source", default=None, metavar="WORD", help="source concept word, e.g. cat")
     d.add_argument("--target", default=None, metavar="WORD", help="target concept word, e.g. dog")
     d.add_argument("--target-prompt", default=None, metavar="TEXT", help="direction = target prompt minus the caption")
@@ -114,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--strength", type=float, default=1.0, metavar="X", help="edit direction multiplier (default 1)")
 
-    s = p.add_argument_group("sampling")
+
+def _add_guidance_options(s: Any) -> None:
+    from ..method.sampler import AUTO_STEP_SIZE, BRANCHES, STEP_MODES
+
     s.add_argument(
         "--steps", type=_positive_int, default=50, metavar="N", help="DDIM steps, inversion and sampling (default 50)"
     )
@@ -163,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="edit: guide the edited forward only (default); both: both CFG halves of one latent; "
         "pix2pix-zero: pix2pix-zero's own two-copy update",
     )
+
+
+def _add_run_options(s: Any) -> None:
     s.add_argument("--no-regularization", action="store_true", help="plain DDIM inversion (no noise regulariser)")
     s.add_argument(
         "--inversion",
@@ -180,20 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="auto", help="auto (default: float16 on GPU, float32 on CPU), float32, float16, bfloat16"
     )
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_edit)
-    from ..evaluation.evaluate import register as register_eval
-
-    register_eval(sub, parents=[common])
-    return parser
-
-
-def _setup_logging(verbose: int, quiet: bool) -> logging.Handler:
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose >= 2 else logging.INFO)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s zerocon: %(message)s"))
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    return handler
 
 
 def _read_sentences(path: str | None, what: str) -> list[str] | None:
@@ -221,15 +224,30 @@ def _check_out(path: str) -> Path:
     return out
 
 
-def cmd_edit(args: argparse.Namespace) -> int:
-    """The ``edit`` subcommand. Validates every path before loading a model; raises USER_ERRORS for fixable input."""
-    from ..common.images import load_image, save_image
-    from ..method.diagnostics import summary
-    from ..text.direction import load_direction, save_direction
-    from .pipeline import EditOptions, Timings, ZeroConPipeline
+def _edit_options(args: argparse.Namespace) -> Any:
+    """The ``EditOptions`` of the ``edit`` arguments (sentence and direction files read, nothing validated)."""
+    from ..text.direction import load_direction
+    from .pipeline import EditOptions
+
+    direction = load_direction(args.direction) if args.direction else None
+    return from_args(
+        EditOptions,
+        args,
+        source_sentences=_read_sentences(args.source_sentences, "source sentences"),
+        target_sentences=_read_sentences(args.target_sentences, "target sentences"),
+        direction=direction,
+        regularization=not args.no_regularization,
+        eval_at=args.inversion,
+        blip_min_tokens=args.caption_min_tokens,
+    )
+
+
+def _check_edit_inputs(args: argparse.Namespace) -> tuple[Path, Any, Any]:
+    """``(out, image, options)`` after every cheap check of the ``edit`` arguments (paths, values, sizes):
+    nothing is loaded or written until they all pass."""
+    from ..common.images import load_image
     from .sd_models import model_source
 
-    # Cheap checks first: nothing is loaded or written until they all pass.
     out = _check_out(args.out)
     image = load_image(args.image)
     model_source(args.model)
@@ -239,31 +257,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         from ..text.captioning import check_blip_folder
 
         check_blip_folder(args.blip)
-    direction = load_direction(args.direction) if args.direction else None
-    options = EditOptions(
-        source=args.source,
-        target=args.target,
-        target_prompt=args.target_prompt,
-        caption=args.caption,
-        source_sentences=_read_sentences(args.source_sentences, "source sentences"),
-        target_sentences=_read_sentences(args.target_sentences, "target sentences"),
-        direction=direction,
-        num_sentences=args.num_sentences,
-        strength=args.strength,
-        steps=args.steps,
-        cfg=args.cfg,
-        seed=args.seed,
-        xa_weight=args.xa_weight,
-        nce_weight=args.nce_weight,
-        branches=args.branches,
-        step_mode=args.step_mode,
-        step_size=args.step_size,
-        regularization=not args.no_regularization,
-        eval_at=args.inversion,
-        posterior=args.posterior,
-        strict_size=args.strict_size,
-        blip_min_tokens=args.caption_min_tokens,
-    )
+    options = _edit_options(args)
     options.validate()
     if args.save_direction is not None and not Path(args.save_direction).parent.is_dir():
         raise FileNotFoundError(f"folder for --save-direction does not exist: {Path(args.save_direction).parent}")
@@ -271,7 +265,34 @@ def cmd_edit(args: argparse.Namespace) -> int:
         from ..common.images import fit_to_multiple
 
         fit_to_multiple(image, 8, strict=True)
+    return out, image, options
 
+
+def _summary(result: Any, out: Path) -> str:
+    """The human summary of an edit on stdout: caption, direction, output, guidance, timing table."""
+    from ..method.diagnostics import summary
+
+    h, w = result.input_size
+    lines = [
+        f"caption:   {result.caption}",
+        f"direction: {result.direction.describe()}",
+        f"output:    {out} ({w}x{h})",
+        f"guidance:  {summary(result.sample)}" if result.sample is not None else "guidance:  none",
+        "",
+        "where the time went:",
+        result.timings.table(),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    """The ``edit`` subcommand. Validates every path before loading a model; raises USER_ERRORS for fixable input."""
+    from ..common.images import save_image
+    from ..text.direction import save_direction
+    from .pipeline import Timings, ZeroConPipeline
+
+    out, image, options = _check_edit_inputs(args)
     timings = Timings()
     with timings.stage("load"):
         pipe = ZeroConPipeline.from_model(
@@ -288,18 +309,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     save_image(result.image, out)
     if args.save_direction is not None:
         save_direction(args.save_direction, result.direction)
-    h, w = result.input_size
-    lines = [
-        f"caption:   {result.caption}",
-        f"direction: {result.direction.describe()}",
-        f"output:    {out} ({w}x{h})",
-        f"guidance:  {summary(result.sample)}" if result.sample is not None else "guidance:  none",
-        "",
-        "where the time went:",
-        result.timings.table(),
-        "",
-    ]
-    sys.stdout.write("\n".join(lines))
+    sys.stdout.write(_summary(result, out))
     sys.stdout.flush()
     logger.info("wrote %s", out)
     return 0
@@ -308,27 +318,12 @@ def cmd_edit(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit code (0 ok, 2 usage/user error, 130 interrupted)."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)  # argparse prints the usage error itself
-    except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
-    previous_level = logger.level
-    handler = _setup_logging(args.verbose, args.quiet)
-    try:
-        return int(args.func(args) or 0)
-    except USER_ERRORS as exc:
-        if args.verbose:
-            import traceback
-
-            traceback.print_exc(file=sys.stderr)
-        sys.stderr.write(f"{parser.prog} {args.command}: error: {exc}\n")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{parser.prog} {args.command}: interrupted\n")
-        return 130
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous_level)
+    args = parse_or_exit_code(parser, argv)
+    if isinstance(args, int):
+        return args
+    with log_to_stderr(log_level(args.verbose, args.quiet)):
+        prog = f"{parser.prog} {args.command}"
+        return report_errors(lambda: args.func(args), prog, traceback=bool(args.verbose))
 
 
 if __name__ == "__main__":

@@ -96,16 +96,12 @@ class _ZeroConAttnProcessor:
         temb: Tensor | None = None,
         **kwargs: Any,
     ) -> Tensor:
-        st = self.state
-        want_probs = self.name is not None and self.name in st.probs_names
-        want_feat = self.name is not None and self.name in st.feature_names
-
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            b4, c4, h4, w4 = hidden_states.shape
+        shape4 = hidden_states.shape if hidden_states.ndim == 4 else None
+        if shape4 is not None:
+            b4, c4, h4, w4 = shape4
             hidden_states = hidden_states.view(b4, c4, h4 * w4).transpose(1, 2)
         batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         if attention_mask is not None:
@@ -114,49 +110,65 @@ class _ZeroConAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, HW, d)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # (B, heads, T, d)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        if want_probs:
-            cd = torch.float64 if query.dtype == torch.float64 else torch.float32
-            scores = (query.to(cd) @ key.to(cd).transpose(-1, -2)) * attn.scale
-            if attention_mask is not None:
-                scores = scores + attention_mask.to(cd)
-            probs = scores.softmax(dim=-1)  # (B, heads, HW, T)
-            st.probs[self.name] = probs
-            out = (probs @ value.to(cd)).to(query.dtype)
-        else:
-            out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=attn.scale
-            )
-
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        query, key, value = _heads(attn, hidden_states, encoder_hidden_states, batch)
+        out = self._attend(attn, query, key, value, attention_mask)
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * query.shape[-1]).to(query.dtype)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(b4, c4, h4, w4)
+        out = self._keep_features(out, shape4, batch)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _attend(self, attn, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
+        """Attention (B, heads, HW, d); in float32 (float64 for float64 inputs) with the probabilities
+        (B, heads, HW, T) kept in the state when this layer's are wanted, else SDPA."""
+        st = self.state
+        if not (self.name is not None and self.name in st.probs_names):
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=attn.scale
+            )
+        cd = torch.float64 if query.dtype == torch.float64 else torch.float32
+        scores = (query.to(cd) @ key.to(cd).transpose(-1, -2)) * attn.scale
+        if mask is not None:
+            scores = scores + mask.to(cd)
+        probs = scores.softmax(dim=-1)  # (B, heads, HW, T)
+        st.probs[self.name] = probs
+        return (probs @ value.to(cd)).to(query.dtype)
+
+    def _keep_features(self, out: Tensor, shape4: torch.Size | None, batch: int) -> Tensor:
+        """The output back in its input's layout; kept as (B, C, h, w) in the state when this layer's are wanted."""
+        st = self.state
+        want_feat = self.name is not None and self.name in st.feature_names
+        if shape4 is not None:
+            out = out.transpose(-1, -2).reshape(shape4)
             if want_feat:
                 st.features[self.name] = out
         elif want_feat:
             h, w = st.spatial(self.level, out.shape[1])
             st.features[self.name] = out.transpose(1, 2).reshape(batch, out.shape[-1], h, w)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return out
+
+
+def _heads(attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None, batch: int):
+    """Query (B, heads, HW, d), key and value (B, heads, T, d) of a diffusers ``Attention`` (self-attention
+    when ``encoder_hidden_states`` is None), with its q / k norms applied."""
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
 
 
 def _alphas_from_config(config: Any) -> tuple[Tensor, str | None]:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..common.images import decode_latents, encode_latents, fit_to_multiple, load_image, resize
+from ..common.legacy_args import merge_settings
 from ..common.log import logger
 from ..method.auto_weights import AUTO, resolve_weights
 from ..method.guidance import CrossAttentionGuidance, GuidanceTerm, PatchNCEGuidance
@@ -41,7 +42,7 @@ from ..text.direction import (
     sentence_bank_direction,
     template_sentences,
 )
-from .sd_models import check_sd_folder
+from .sd_models import SDParts, check_sd_folder
 
 #: Timing stages, in report order.
 STAGES = ("load", "caption", "direction", "encode", "inversion", "sampling", "decode")
@@ -215,63 +216,76 @@ def sampling_grid(denoiser: Any, steps: int, set_alpha_to_one: bool = False, ste
     )
 
 
+@dataclass
+class EditRun:
+    """Everything of an ``invert_and_edit`` run besides the sampler's settings: ``steps`` DDIM steps on the
+    model's grid (``set_alpha_to_one`` / ``steps_offset`` as in its scheduler config), the inversion's
+    ``regularization`` (None: plain DDIM) and ``eval_at`` convention (``ddim_invert``), ``timings`` to add the
+    "inversion" / "sampling" stages to, tqdm bars with ``progress``, ``step_callback(phase, i, n)`` after
+    every step."""
+
+    steps: int = 50
+    regularization: NoiseRegularization | None = NoiseRegularization()
+    eval_at: str = "current"
+    set_alpha_to_one: bool = False
+    steps_offset: int = 1
+    timings: Timings | None = None
+    progress: bool = True
+    step_callback: Callable[[str, int, int], None] | None = None
+
+
+@contextlib.contextmanager
+def _phase(run: EditRun, timings: Timings, phase: str) -> Iterator[Callable[..., None]]:
+    """Time ``phase`` into ``timings`` under a progress bar; yields the per-step callback ``(i, n, *_)``."""
+    with timings.stage(phase), _bar(run.steps, phase, run.progress) as bar:
+
+        def tick(i: int, n: int, *_: Tensor) -> None:
+            bar.update(1)
+            if run.step_callback is not None:
+                run.step_callback(phase, i, n)
+
+        yield tick
+
+
 def invert_and_edit(
     denoiser: Any,
     z0: Tensor,
     source_cond: Any,
     edit_cond: Any,
     *,
-    steps: int = 50,
     guidance: Sequence[GuidanceTerm] = (),
     settings: SamplerSettings = SamplerSettings(),
-    regularization: NoiseRegularization | None = NoiseRegularization(),
-    eval_at: str = "current",
-    set_alpha_to_one: bool = False,
-    steps_offset: int = 1,
-    timings: Timings | None = None,
-    progress: bool = True,
-    step_callback: Callable[[str, int, int], None] | None = None,
+    run: EditRun | None = None,
+    **kwargs: Any,
 ) -> tuple[Tensor, Inversion, SampleResult]:
     """DDIM-invert the scaled VP latent ``z0`` (B, C, h, w) under ``source_cond`` (no CFG), then run the guided
     sampler with the caption as negative (pix2pix-zero, real images). Returns ``(z, inversion, sample)`` with
     ``z`` the edited scaled VP latent, ready for the VAE (not checked for NaN/Inf here).
     ``settings``: the sampler's (CFG, branches...); its ``seed`` also seeds the inversion's regulariser.
-    ``eval_at``: the inversion convention (``ddim_invert``). ``step_callback(phase, i, n)`` after every step.
-    With ``settings.reference`` "inverted" the inversion records the guidance's reference captures and the
-    sampler replays them (``replay``; it falls back to "resampled" where that is not exact).
+    ``run``: steps, inversion convention, timings, progress (``EditRun``; its fields are also accepted as the
+    old keywords ``steps=...``). With ``settings.reference`` "inverted" the inversion records the guidance's
+    reference captures and the sampler replays them (``replay``; "resampled" where that is not exact).
     """
-    timings = timings if timings is not None else Timings()
-    sigmas = sampling_grid(denoiser, steps, set_alpha_to_one, steps_offset)
+    run = merge_settings(EditRun, run, (), kwargs, "invert_and_edit")
+    timings = run.timings if run.timings is not None else Timings()
+    sigmas = sampling_grid(denoiser, run.steps, run.set_alpha_to_one, run.steps_offset)
     inv_sigmas = inversion_sigmas(sigmas)
     x = z0.float() / vp_scale(inv_sigmas[0])
-
-    with timings.stage("inversion"), _bar(steps, "inversion", progress) as bar:
-
-        def inv_cb(i: int, n: int, _x: Tensor) -> None:
-            bar.update(1)
-            if step_callback is not None:
-                step_callback("inversion", i, n)
-
+    record = RecordSettings(guidance=tuple(guidance)) if settings.reference == "inverted" else None
+    with _phase(run, timings, "inversion") as tick:
         inv = ddim_invert(
             denoiser,
             x,
             inv_sigmas,
             source_cond,
-            regularization=regularization,
+            regularization=run.regularization,
             seed=settings.seed,
-            eval_at=eval_at,
+            eval_at=run.eval_at,
             keep_trajectory=False,
-            record=RecordSettings(guidance=tuple(guidance)) if settings.reference == "inverted" else None,
-            callback=inv_cb,
+            record=record,
+            callback=tick,
         )
-
-    with timings.stage("sampling"), _bar(steps, "sampling", progress) as bar:
-
-        def smp_cb(i: int, n: int, _x: Tensor, _x0: Tensor) -> None:
-            bar.update(1)
-            if step_callback is not None:
-                step_callback("sampling", i, n)
-
+    with _phase(run, timings, "sampling") as tick:
         res = guided_ddim_sample(
             denoiser,
             inv.latent,
@@ -280,7 +294,7 @@ def invert_and_edit(
             edit_cond=edit_cond,
             guidance=guidance,
             settings=settings,
-            callback=smp_cb,
+            callback=tick,
             inversion=inv,
         )
     return res.latent * vp_scale(sigmas[-1]), inv, res
@@ -316,6 +330,22 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
         raise ValueError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(sorted(set(DTYPES)))}") from None
 
 
+_REQUIRED_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler_config")
+
+
+def _model_parts(parts: Sequence[Any], named: dict[str, Any]) -> SDParts:
+    """``ZeroConPipeline``'s components as ``SDParts``: one ``SDParts`` as it is, else the old call's
+    positional / named components (``TypeError`` for a missing, unknown or repeated one)."""
+    if len(parts) == 1 and isinstance(parts[0], SDParts) and not named:
+        return parts[0]
+    empty = SDParts(*(None,) * len(_REQUIRED_PARTS))
+    p = merge_settings(SDParts, empty, parts, named, "ZeroConPipeline")
+    missing = [k for k in _REQUIRED_PARTS if getattr(p, k) is None]
+    if missing:
+        raise TypeError(f"ZeroConPipeline() missing required argument(s): {', '.join(map(repr, missing))}")
+    return p
+
+
 class ZeroConPipeline:
     """The text-guided edit over diffusers components (SD1.x, SD2.x incl. v-prediction, SDXL).
 
@@ -324,36 +354,29 @@ class ZeroConPipeline:
     ``captioning.Blip``. ``close()`` restores the UNet's attention processors.
     """
 
-    def __init__(
-        self,
-        unet: Any,
-        vae: Any,
-        text_encoder: Any,
-        tokenizer: Any,
-        scheduler_config: dict,
-        *,
-        text_encoder_2: Any = None,
-        tokenizer_2: Any = None,
-        blip: Any = None,
-        device: torch.device | str = "cpu",
-    ) -> None:
+    def __init__(self, *parts: Any, blip: Any = None, device: torch.device | str = "cpu", **named: Any) -> None:
+        """``parts``: one ``sd_models.SDParts``, or the old positional ``unet, vae, text_encoder, tokenizer,
+        scheduler_config`` (also accepted by name, with ``text_encoder_2`` / ``tokenizer_2`` for SDXL)."""
         from .denoiser import DiffusersDenoiser
 
+        p = _model_parts(parts, named)
         self.device = torch.device(device)
-        self.unet, self.vae = unet, vae
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self.unet, self.vae = p.unet, p.vae
+        self.text_encoder, self.tokenizer = p.text_encoder, p.tokenizer
+        self.text_encoder_2, self.tokenizer_2 = p.text_encoder_2, p.tokenizer_2
         self.blip = blip
-        self.scheduler_config = dict(scheduler_config)
-        self.is_sdxl = text_encoder_2 is not None
-        for m in (unet, vae, text_encoder, text_encoder_2):
+        self.scheduler_config = dict(p.scheduler_config)
+        self.is_sdxl = p.text_encoder_2 is not None
+        for m in (p.unet, p.vae, p.text_encoder, p.text_encoder_2):
             if m is not None:
                 m.eval().requires_grad_(False)
-        self.denoiser = DiffusersDenoiser(unet, scheduler_config=self.scheduler_config)
+        self.denoiser = DiffusersDenoiser(p.unet, scheduler_config=self.scheduler_config)
         if self.is_sdxl:
-            self.encode = sdxl_clip_encoder(tokenizer, text_encoder, tokenizer_2, text_encoder_2, device=self.device)
+            self.encode = sdxl_clip_encoder(
+                p.tokenizer, p.text_encoder, p.tokenizer_2, p.text_encoder_2, device=self.device
+            )
         else:
-            self.encode = clip_encoder(tokenizer, text_encoder, device=self.device)
+            self.encode = clip_encoder(p.tokenizer, p.text_encoder, device=self.device)
 
     @property
     def prediction_type(self) -> str:
@@ -391,17 +414,7 @@ class ZeroConPipeline:
             from ..text.captioning import load_blip
 
             blip = load_blip(blip_folder, device=dev, dtype=torch.float32 if dev.type == "cpu" else dt)
-        pipe = cls(
-            parts.unet,
-            parts.vae,
-            parts.text_encoder,
-            parts.tokenizer,
-            parts.scheduler_config,
-            text_encoder_2=parts.text_encoder_2,
-            tokenizer_2=parts.tokenizer_2,
-            blip=blip,
-            device=dev,
-        )
+        pipe = cls(parts, blip=blip, device=dev)
         logger.info(
             "loaded %s model from %s (%s, %s, %s-prediction)",
             parts.family,
@@ -493,34 +506,8 @@ class ZeroConPipeline:
             TextCond(edit_embeds, {"text_embeds": edit_pooled, "time_ids": time_ids}),
         )
 
-    def edit(
-        self,
-        image: Tensor | str | os.PathLike,
-        options: EditOptions,
-        *,
-        progress: bool = True,
-        timings: Timings | None = None,
-    ) -> EditResult:
-        """Run the whole edit on ``image`` (a path, or (1, 3, H, W) in [0, 1]); see the module docstring."""
-        options.validate()
-        timings = timings if timings is not None else Timings(self._sync)
-        timings._sync = self._sync
-        img = load_image(image) if isinstance(image, (str, os.PathLike)) else image.float()
-        if img.ndim != 4 or img.shape[0] != 1 or img.shape[1] != 3:
-            raise ValueError(f"edit takes one RGB image (1, 3, H, W), got {tuple(img.shape)}")
-        work, input_size = fit_to_multiple(img, 8, strict=options.strict_size)
-        work_size = (int(work.shape[-2]), int(work.shape[-1]))
-
-        with timings.stage("caption"):
-            caption = self.caption_image(img, options)
-        logger.info("caption: %s", caption)
-        with timings.stage("direction"):
-            direction = self.make_direction(options, caption)
-        with timings.stage("encode"):
-            src_cond, edit_cond = self.conditionings(caption, direction, options.strength, work_size, input_size)
-            z0 = encode_latents(self.vae, work, options.posterior, options.seed)
-
-        settings = options.sampler_settings()
+    def guidance_terms(self, options: EditOptions, settings: SamplerSettings) -> tuple[GuidanceTerm, ...]:
+        """The guidance terms of ``options`` for ``settings.step_mode`` (``default_guidance``), logged."""
         guidance = default_guidance(
             self.prediction_type,
             options.xa_weight,
@@ -535,20 +522,53 @@ class ZeroConPipeline:
             settings.step_mode,
             ", ".join(f"{type(t).__name__}(weight={t.weight:g})" for t in guidance) or "none",
         )
-        z, inv, res = invert_and_edit(
-            self.denoiser,
-            z0.to(self.device),
-            src_cond,
-            edit_cond,
+        return guidance
+
+    def edit_run(self, options: EditOptions, timings: Timings, progress: bool) -> EditRun:
+        """``invert_and_edit``'s run settings for ``options`` on this model's scheduler grid."""
+        return EditRun(
             steps=options.steps,
-            guidance=guidance,
-            settings=settings,
             regularization=NoiseRegularization() if options.regularization else None,
             eval_at=options.eval_at,
             set_alpha_to_one=bool(self.scheduler_config.get("set_alpha_to_one", False)),
             steps_offset=int(self.scheduler_config.get("steps_offset", 1) or 0),
             timings=timings,
             progress=progress,
+        )
+
+    def edit(
+        self,
+        image: Tensor | str | os.PathLike,
+        options: EditOptions,
+        *,
+        progress: bool = True,
+        timings: Timings | None = None,
+    ) -> EditResult:
+        """Run the whole edit on ``image`` (a path, or (1, 3, H, W) in [0, 1]); see the module docstring."""
+        options.validate()
+        timings = timings if timings is not None else Timings(self._sync)
+        timings._sync = self._sync
+        img, work, input_size = _edit_input(image, options.strict_size)
+        work_size = (int(work.shape[-2]), int(work.shape[-1]))
+
+        with timings.stage("caption"):
+            caption = self.caption_image(img, options)
+        logger.info("caption: %s", caption)
+        with timings.stage("direction"):
+            direction = self.make_direction(options, caption)
+        with timings.stage("encode"):
+            src_cond, edit_cond = self.conditionings(caption, direction, options.strength, work_size, input_size)
+            z0 = encode_latents(self.vae, work, options.posterior, options.seed)
+
+        settings = options.sampler_settings()
+        z, inv, res = invert_and_edit(
+            self.denoiser,
+            z0.to(self.device),
+            src_cond,
+            edit_cond,
+            guidance=self.guidance_terms(options, settings),
+            settings=settings,
+            run=self.edit_run(options, timings, progress),
         )
         if not torch.isfinite(z).all():
             raise FloatingPointError("guided sampling produced NaN/Inf (try a lower --xa-weight / --nce-weight)")
@@ -559,3 +579,12 @@ class ZeroConPipeline:
             raise FloatingPointError("the decoded image contains NaN/Inf")
         logger.info("timings (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
         return EditResult(out, caption, direction, timings, input_size, work_size, sample=res, inversion=inv)
+
+
+def _edit_input(image: Tensor | str | os.PathLike, strict_size: bool) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """``(image, work, input_size)``: the (1, 3, H, W) float image, its copy at multiples of 8 and (H, W)."""
+    img = load_image(image) if isinstance(image, (str, os.PathLike)) else image.float()
+    if img.ndim != 4 or img.shape[0] != 1 or img.shape[1] != 3:
+        raise ValueError(f"edit takes one RGB image (1, 3, H, W), got {tuple(img.shape)}")
+    work, input_size = fit_to_multiple(img, 8, strict=strict_size)
+    return img, work, input_size

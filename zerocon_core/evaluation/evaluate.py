@@ -1,65 +1,53 @@
 """Score a set of edits: ``python -m zerocon_core eval --manifest FILE --out CSV [--clip DIR] [--dino DIR]``,
 or PIE-Bench: ``python -m zerocon_core eval --piebench mapping_file.json --edited [NAME=]DIR ... --out CSV``.
 
-**Manifest**: CSV (with a header) or JSONL (one object per line; chosen by the ``.jsonl``/``.ndjson``
-extension, or by a first character ``{``). Fields: ``source``, ``edited`` (image files), ``source_text``,
-``target_text``, and optional ``mask`` (an image whose non-zero pixels mark the edited region; the
-background is where it is 0) and ``id`` (default: the row number, from 0). Relative paths are relative to
-the manifest's folder.
-
-**Output**: one CSV row per manifest row, columns ``COLUMNS`` (the metrics of ``metrics.METRIC_NAMES``; NaN
-for CLIP metrics without ``--clip`` and for the structure distance without ``--dino``). Rows are appended
-and flushed one at a time, so a run killed halfway loses nothing; a rerun skips every id already in the
-output (delete a row to recompute it). A row whose files are missing or unusable is logged, written with
-``status`` "missing" / "error" and a ``message``, and the run goes on.
-
-**Summary**: ``<out>_summary.csv`` next to the output (and logged): per metric, over the rows with status
-"ok" and a finite value, the count, mean, standard deviation and a 95% percentile-bootstrap interval of
-the mean (2000 resamples, seed 0: deterministic). Non-finite values (PSNR of an identical background is
-``inf``) are counted in ``n_nonfinite`` and left out of the statistics.
-
-**PIE-Bench** (``--piebench``): the annotation file is the benchmark's own ``mapping_file.json`` (format,
-mask decoding and metric definitions in ``piebench.py``); the source images are read from ``--images``
-(default: ``annotation_images`` next to the JSON, the benchmark's layout). Each ``--edited [NAME=]DIR`` is
-one method (name: ``NAME``, else the folder's name, or its parent's for PnPInversion's
-``output/<method>/annotation_images``): the edit of an entry is ``DIR/<image_path>`` or the same path with
-a ``.png`` suffix (``bench/sweep.py --piebench`` writes ``<out-dir>/images/<setting>/...png``, so its
-folders go straight in); a non-square file is PnPInversion's side-by-side strip and its bottom-right block
-is the edit. ``--categories 0 1 ...`` keeps only those ``editing_type_id`` values. The CSV has one row per
-(method, entry), columns ``PIE_COLUMNS``, in PIE-Bench's units, resumable in the same way;
-``<out>_summary.csv`` has the statistics per method and metric; and the table is printed to stdout as
-Markdown, one row per method: Structure distance x1e3, PSNR, LPIPS x1e3, MSE x1e4, SSIM x1e2 (background
-only), CLIP Whole and CLIP Edited. LPIPS needs ``--lpips DIR`` (torchvision's SqueezeNet 1.1 weights and
-LPIPS' ``squeeze.pth``, see ``lpips.py``); without it, and without ``--clip`` / ``--dino``, those columns
-print "-". Means are over the entries scored "ok" with a finite value (an identical background's infinite
-PSNR is left out, where PIE-Bench's average would be infinite).
+Manifest rows (CSV or JSONL: ``source``, ``edited``, ``source_text``, ``target_text``[, ``mask``, ``id``]) or
+PIE-Bench entries x methods are scored into a per-image CSV (columns ``COLUMNS`` / ``PIE_COLUMNS``; appended row
+by row, so a rerun resumes) and ``<out>_summary.csv`` (per metric: n, mean, std, 95% bootstrap interval).
+Formats, units and the resume rules: docs/host-internals.md, "Scoring edits".
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
-import logging
 import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from ..common.legacy_args import merge_settings
 from ..common.log import logger
 from . import piebench
+from .command_line import EXIT_USAGE as EXIT_USAGE  # re-exported: the old names
+from .command_line import USER_ERRORS as USER_ERRORS
+from .command_line import (
+    add_input_choice,
+    add_piebench_selection,
+    check_metric_folders,
+    check_piebench_only,
+    load_metric_models,
+    log_level,
+    log_to_stderr,
+    parse_or_exit_code,
+    piebench_image_folder,
+    report_errors,
+)
 from .metrics import METRIC_NAMES, edit_metrics
 
 __all__ = [
     "COLUMNS",
     "PIE_COLUMNS",
     "ManifestRow",
+    "PieBenchRun",
     "check_piebench_inputs",
     "evaluate_manifest",
     "evaluate_piebench",
@@ -81,8 +69,6 @@ COLUMNS = ("id", "source", "edited", "mask", "source_text", "target_text", "stat
 SUMMARY_COLUMNS = ("metric", "n", "n_nonfinite", "mean", "std", "ci95_low", "ci95_high")
 REQUIRED = ("source", "edited", "source_text", "target_text")
 BOOTSTRAP_SAMPLES = 2000
-EXIT_USAGE = 2
-USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
 
 
 @dataclass(frozen=True)
@@ -255,6 +241,33 @@ def _read_existing(out: Path, columns: Sequence[str] = COLUMNS, key: Sequence[st
     return {tuple(r[k] for k in key) for r in reader}
 
 
+@contextlib.contextmanager
+def _appender(
+    out: Path, columns: Sequence[str], counts: tuple[int, int], desc: str, progress: bool
+) -> Iterator[Callable[[dict[str, str]], None]]:
+    """Yields ``write(row)``: appends one CSV row to ``out`` (the header first in a new file), flushed at once,
+    and ticks a progress bar of ``counts = (total, already done)``."""
+    from tqdm.auto import tqdm
+
+    new_file = not out.is_file() or out.stat().st_size == 0
+    total, done = counts
+    with (
+        open(out, "a", encoding="utf-8", newline="") as f,
+        tqdm(total=total, initial=done, desc=desc, unit="img", disable=None if progress else True) as bar,
+    ):
+        writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+        if new_file:
+            writer.writeheader()
+            f.flush()
+
+        def write(row: dict[str, str]) -> None:
+            writer.writerow(row)
+            f.flush()
+            bar.update(1)
+
+        yield write
+
+
 def evaluate_manifest(
     manifest: str | os.PathLike,
     out: str | os.PathLike,
@@ -278,24 +291,10 @@ def evaluate_manifest(
         logger.info("no CLIP model given: clip_score / clip_accuracy are NaN")
     if dino is None:
         logger.info("no DINO model given: structure_distance is NaN")
-    from tqdm.auto import tqdm
-
     base = manifest.parent
-    new_file = not out.is_file() or out.stat().st_size == 0
-    with (
-        open(out, "a", encoding="utf-8", newline="") as f,
-        tqdm(
-            total=len(rows), initial=len(rows) - len(todo), desc="eval", unit="img", disable=None if progress else True
-        ) as bar,
-    ):
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
-        if new_file:
-            writer.writeheader()
-            f.flush()
+    with _appender(out, COLUMNS, (len(rows), len(rows) - len(todo)), "eval", progress) as write:
         for row in todo:
-            writer.writerow(evaluate_row(row, base, clip, dino))
-            f.flush()
-            bar.update(1)
+            write(evaluate_row(row, base, clip, dino))
             if row_delay > 0:
                 time.sleep(row_delay)
     summary = summarize(out)
@@ -449,9 +448,7 @@ def check_piebench_inputs(
     and the source image folder (default: ``annotation_images`` next to ``mapping``, PIE-Bench's layout)."""
     mapping = Path(mapping)
     rows = piebench.read_mapping(mapping, categories)
-    images = Path(images) if images is not None else mapping.parent / "annotation_images"
-    if not images.is_dir():
-        raise FileNotFoundError(f"PIE-Bench source image folder not found: {images} (give --images)")
+    images = piebench_image_folder(mapping, images)
     for name, folder in methods.items():
         if not folder.is_dir():
             raise FileNotFoundError(f"edited image folder of method {name!r} not found: {folder}")
@@ -460,46 +457,45 @@ def check_piebench_inputs(
     return rows, images
 
 
+@dataclass
+class PieBenchRun:
+    """Options of ``evaluate_piebench``: the source ``images`` folder (None: ``annotation_images`` next to the
+    mapping), the ``categories`` (``editing_type_id`` values) to keep, the metric models (None: their columns are
+    NaN) and the progress bar."""
+
+    images: str | os.PathLike | None = None
+    categories: Sequence[str] | None = None
+    clip: Any = None
+    dino: Any = None
+    lpips: Any = None
+    progress: bool = True
+
+
 def evaluate_piebench(
     mapping: str | os.PathLike,
     methods: dict[str, Path],
     out: str | os.PathLike,
-    images: str | os.PathLike | None = None,
-    categories: Sequence[str] | None = None,
-    clip: Any = None,
-    dino: Any = None,
-    lpips: Any = None,
-    progress: bool = True,
+    *args: Any,
+    run: PieBenchRun | None = None,
+    **kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Score every (method, entry) not yet in ``out`` (appending, one flushed row at a time), then write
-    ``<out>_summary.csv`` and return its rows (per method and metric, over the entries selected now)."""
+    ``<out>_summary.csv`` and return its rows (per method and metric, over the entries selected now).
+    ``run``: see ``PieBenchRun``; its fields are also accepted as the old keywords / positions after ``out``."""
+    opt = merge_settings(PieBenchRun, run, args, kwargs, "evaluate_piebench")
     out = Path(out)
-    rows, images = check_piebench_inputs(mapping, methods, out, images, categories)
+    rows, images = check_piebench_inputs(mapping, methods, out, opt.images, opt.categories)
     done = _read_existing(out, PIE_COLUMNS, ("method", "key"))
     todo = [(m, r) for m in methods for r in rows if (m, r.key) not in done]
     total = len(rows) * len(methods)
     if done:
         logger.info("%s: %d of %d edits already scored, %d to go", out, total - len(todo), total, len(todo))
-    for what, model in (("CLIP", clip), ("DINO", dino), ("LPIPS", lpips)):
+    for what, model in (("CLIP", opt.clip), ("DINO", opt.dino), ("LPIPS", opt.lpips)):
         if model is None:
             logger.info("no %s model given: its PIE-Bench column(s) are NaN", what)
-    from tqdm.auto import tqdm
-
-    new_file = not out.is_file() or out.stat().st_size == 0
-    with (
-        open(out, "a", encoding="utf-8", newline="") as f,
-        tqdm(
-            total=total, initial=total - len(todo), desc="pie-bench", unit="img", disable=None if progress else True
-        ) as bar,
-    ):
-        writer = csv.DictWriter(f, fieldnames=PIE_COLUMNS, lineterminator="\n")
-        if new_file:
-            writer.writeheader()
-            f.flush()
+    with _appender(out, PIE_COLUMNS, (total, total - len(todo)), "pie-bench", opt.progress) as write:
         for method, row in todo:
-            writer.writerow(evaluate_piebench_row(row, images, method, methods[method], clip, dino, lpips))
-            f.flush()
-            bar.update(1)
+            write(evaluate_piebench_row(row, images, method, methods[method], opt.clip, opt.dino, opt.lpips))
     summary = summarize_piebench(out, list(methods), [r.key for r in rows])
     write_summary(summary, summary_path(out), PIE_SUMMARY_COLUMNS)
     logger.info("PIE-Bench summary written to %s", summary_path(out))
@@ -539,15 +535,10 @@ def format_piebench_table(summary: Sequence[dict[str, Any]], digits: int = 2) ->
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument(
-        "--manifest", default=None, help="CSV or JSONL: source, edited, source_text, target_text[, mask, id]"
-    )
-    what.add_argument(
-        "--piebench",
-        default=None,
-        metavar="MAPPING_JSON",
-        help="PIE-Bench's mapping_file.json: score --edited folders and print PIE-Bench's table",
+    add_input_choice(
+        p,
+        "CSV or JSONL: source, edited, source_text, target_text[, mask, id]",
+        "PIE-Bench's mapping_file.json: score --edited folders and print PIE-Bench's table",
     )
     p.add_argument("--out", required=True, help="per-image metrics CSV (appended to / resumed if it exists)")
     p.add_argument(
@@ -562,12 +553,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="[NAME=]DIR",
         help="one folder of edits per method, each edit at its entry's image_path (or that path with .png)",
     )
-    pie.add_argument(
-        "--images", default=None, metavar="DIR", help="source images (default: annotation_images next to the JSON)"
-    )
-    pie.add_argument(
-        "--categories", nargs="+", default=None, metavar="ID", help="only these editing_type_id values (0 ... 9)"
-    )
+    add_piebench_selection(pie)
     pie.add_argument(
         "--lpips",
         default=None,
@@ -601,53 +587,43 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def run(args: argparse.Namespace) -> int:
-    """The ``eval`` subcommand. Checks the annotations, folders and model folders before loading anything."""
-    from ..diffuseit.dino import check_dino_folder, load_dino
-    from .metrics import check_clip_folder, load_clip_metric
-
-    # a Namespace built by hand (the library route) may lack the PIE-Bench options
-    pie = {k: getattr(args, k, None) for k in ("piebench", "edited", "images", "categories", "lpips")}
-    if pie["piebench"]:
-        if not pie["edited"]:
+def _check_run_inputs(args: argparse.Namespace) -> dict[str, Path] | None:
+    """Check the annotations / manifest and every folder before anything loads; the PIE-Bench methods (or None)."""
+    methods = None
+    if getattr(args, "piebench", None):
+        if not getattr(args, "edited", None):
             raise ValueError("--piebench needs --edited: the folder(s) of edited images to score")
-        methods = parse_methods(pie["edited"])
-        check_piebench_inputs(pie["piebench"], methods, args.out, pie["images"], pie["categories"])
+        methods = parse_methods(args.edited)
+        check_piebench_inputs(
+            args.piebench, methods, args.out, getattr(args, "images", None), getattr(args, "categories", None)
+        )
     else:
-        given = [f"--{k}" for k in ("edited", "images", "categories", "lpips") if pie[k]]
-        if given:
-            raise ValueError(f"{', '.join(given)} only go with --piebench")
+        check_piebench_only(args, ("edited", "images", "categories", "lpips"))
         read_manifest(args.manifest)
-    if args.clip:
-        check_clip_folder(args.clip)
-    if args.dino:
-        check_dino_folder(args.dino)
-    if pie["lpips"]:
-        from .lpips import check_lpips_folder
+    check_metric_folders(args.clip, args.dino, getattr(args, "lpips", None))
+    return methods
 
-        check_lpips_folder(pie["lpips"])
+
+def run(args: argparse.Namespace) -> int:
+    """The ``eval`` subcommand. Checks the annotations, folders and model folders before loading anything.
+    A Namespace built by hand (the library route) may lack the PIE-Bench options."""
+    methods = _check_run_inputs(args)
     device = _device(args.device)
-    clip = load_clip_metric(args.clip, device=device) if args.clip else None
-    dino = load_dino(args.dino, device=device) if args.dino else None
-    if not pie["piebench"]:
+    clip, dino, lpips = load_metric_models(args.clip, args.dino, getattr(args, "lpips", None), device)
+    if methods is None:
         evaluate_manifest(
             args.manifest, args.out, clip=clip, dino=dino, progress=not args.no_progress, row_delay=args.row_delay
         )
         return 0
-    from .lpips import load_lpips
-
-    lpips = load_lpips(pie["lpips"], device=device) if pie["lpips"] else None
-    summary = evaluate_piebench(
-        pie["piebench"],
-        methods,
-        args.out,
-        images=pie["images"],
-        categories=pie["categories"],
-        clip=clip,
-        dino=dino,
-        lpips=lpips,
+    pie = PieBenchRun(
+        getattr(args, "images", None),
+        getattr(args, "categories", None),
+        clip,
+        dino,
+        lpips,
         progress=not args.no_progress,
     )
+    summary = evaluate_piebench(args.piebench, methods, args.out, run=pie)
     sys.stdout.write(format_piebench_table(summary) + "\n")
     sys.stdout.flush()
     return 0
@@ -660,27 +636,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
     add_arguments(parser)
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s zerocon: %(message)s"))
-    previous = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if args.quiet else logging.INFO)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return run(args)
-    except USER_ERRORS as exc:
-        sys.stderr.write(f"{parser.prog}: error: {exc}\n")
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        sys.stderr.write(f"{parser.prog}: interrupted\n")
-        return 130
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
+    args = parse_or_exit_code(parser, argv)
+    if isinstance(args, int):
+        return args
+    with log_to_stderr(log_level(quiet=args.quiet)):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return report_errors(lambda: run(args), parser.prog)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..common.legacy_args import merge_settings
 from ..common.log import logger
 from ..common.model_folders import WEIGHTS, ModelFolder, check_model_folder
 
-__all__ = ["BLIP_FOLDER", "BLIP_MODEL_ID", "Blip", "caption", "check_blip_folder", "load_blip"]
+__all__ = ["BLIP_FOLDER", "BLIP_MODEL_ID", "Blip", "CaptionSettings", "caption", "check_blip_folder", "load_blip"]
 
 BLIP_MODEL_ID = "Salesforce/blip-image-captioning-base"
 
@@ -104,54 +105,67 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def caption(
-    blip: Blip,
-    images: Tensor | Sequence,
-    prefix: str = "a photography of",
-    max_new_tokens: int = 30,
-    num_beams: int = 3,
-    strip_prefix: bool = True,
-    batch_size: int = 8,
-    min_new_tokens: int = 0,
-    allow_empty: bool = False,
-) -> list[str]:
-    """Caption each image; returns one string per image, in order.
+@dataclass(frozen=True)
+class CaptionSettings:
+    """How BLIP decodes: conditioned on ``prefix`` (empty = unconditional; removed from the result with
+    ``strip_prefix``), beam search with ``num_beams``, between ``min_new_tokens`` and ``max_new_tokens`` new
+    tokens, ``batch_size`` images per ``generate`` call; ``allow_empty`` lets an empty caption through."""
 
-    ``images``: list of PIL images, or a ``(B, H, W, 3)`` tensor in [0, 1]. Generation is conditioned on
-    ``prefix`` (empty = unconditional); with ``strip_prefix`` the prefix is removed from the result.
-    Raises ``ValueError`` naming the images whose caption came out empty, unless ``allow_empty``.
-    """
-    pil = _to_pil(images)
-    if not pil:
-        raise ValueError("caption() got no images")
-    prefix = " ".join(prefix.split())
+    prefix: str = "a photography of"
+    max_new_tokens: int = 30
+    num_beams: int = 3
+    strip_prefix: bool = True
+    batch_size: int = 8
+    min_new_tokens: int = 0
+    allow_empty: bool = False
+
+
+def _generate(blip: Blip, pil: list, prefix: str, s: CaptionSettings) -> list[str]:
+    """Raw decoded BLIP outputs for ``pil``, ``s.batch_size`` images at a time."""
     model, processor = blip.model, blip.processor
-    device, dtype = blip.device, blip.dtype
     out: list[str] = []
-    for i in range(0, len(pil), batch_size):
-        chunk = pil[i : i + batch_size]
+    for i in range(0, len(pil), s.batch_size):
+        chunk = pil[i : i + s.batch_size]
         if prefix:
             inputs = processor(images=chunk, text=[prefix] * len(chunk), return_tensors="pt")
         else:
             inputs = processor(images=chunk, return_tensors="pt")
-        kwargs = {"pixel_values": inputs["pixel_values"].to(device=device, dtype=dtype)}
+        kwargs = {"pixel_values": inputs["pixel_values"].to(device=blip.device, dtype=blip.dtype)}
         if prefix:
-            kwargs["input_ids"] = inputs["input_ids"].to(device)
-            kwargs["attention_mask"] = inputs["attention_mask"].to(device)
+            kwargs["input_ids"] = inputs["input_ids"].to(blip.device)
+            kwargs["attention_mask"] = inputs["attention_mask"].to(blip.device)
         with torch.no_grad():
             ids = model.generate(
-                **kwargs, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams
+                **kwargs, max_new_tokens=s.max_new_tokens, min_new_tokens=s.min_new_tokens, num_beams=s.num_beams
             )
         out.extend(processor.batch_decode(ids, skip_special_tokens=True))
+    return out
+
+
+def caption(
+    blip: Blip, images: Tensor | Sequence, *args: Any, settings: CaptionSettings | None = None, **kwargs: Any
+) -> list[str]:
+    """Caption each image; returns one string per image, in order.
+
+    ``images``: list of PIL images, or a ``(B, H, W, 3)`` tensor in [0, 1]. ``settings``: see
+    ``CaptionSettings``; its fields are also accepted as the old keywords (``prefix=...``) or positionally.
+    Raises ``ValueError`` naming the images whose caption came out empty, unless ``allow_empty``.
+    """
+    s = merge_settings(CaptionSettings, settings, args, kwargs, "caption")
+    pil = _to_pil(images)
+    if not pil:
+        raise ValueError("caption() got no images")
+    prefix = " ".join(s.prefix.split())
+    out = _generate(blip, pil, prefix, s)
     norm_prefix = _norm(prefix)
     captions = []
     for text in out:
         text = " ".join(text.split())
-        if strip_prefix and norm_prefix and _norm(text).startswith(norm_prefix):
+        if s.strip_prefix and norm_prefix and _norm(text).startswith(norm_prefix):
             text = text[len(norm_prefix) :].strip()
         captions.append(text)
     empty = [i for i, c in enumerate(captions) if not c]
-    if empty and not allow_empty:
+    if empty and not s.allow_empty:
         raise ValueError(
             f"BLIP returned an empty caption for image(s) {empty} (prefix {prefix!r}): type the source prompt "
             "by hand, change the prefix, or raise the minimum caption length"

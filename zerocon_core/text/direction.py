@@ -47,11 +47,12 @@ import random
 import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Iterable, Sequence, overload
+from typing import Any, Callable, Hashable, Iterable, Sequence, overload
 
 import torch
 from torch import Tensor
 
+from ..common.legacy_args import merge_settings
 from ..common.log import logger
 from .text_layout import (
     CHUNK,
@@ -398,48 +399,66 @@ def _split(delta: Tensor, encoders: tuple[tuple[str, int], ...], layout: str) ->
     return out
 
 
+@dataclass
+class BankSettings:
+    """How ``sentence_bank_direction`` encodes: at most ``batch_size`` texts per ``encode`` call; ``encoders``
+    (name, width) pairs naming the embedding's blocks (None: from ``encode`` or the width);
+    ``progress(done, total)`` over the sentences to encode; ``cache`` (an ``EmbeddingCache``) keeps mean
+    embeddings when ``encode`` has a ``cache_key``."""
+
+    batch_size: int = 32
+    encoders: Sequence[tuple[str, int]] | None = None
+    progress: ProgressFn | None = None
+    cache: EmbeddingCache | None = None
+
+
+def _bank_means(encode: EncodeFn, sides: list, bank: BankSettings) -> list[MeanEmbedding]:
+    """The mean embedding of each ``(texts, what)`` side, from ``bank.cache`` where it has it."""
+    cache = bank.cache
+    keys = [_cache_key(encode, texts) if cache is not None else None for texts, _ in sides]
+    means: list[MeanEmbedding | None] = [cache.get(k) if k is not None else None for k in keys]
+    counter = _Counter(bank.progress, sum(len(texts) for (texts, _), m in zip(sides, means) if m is None))
+    counter.report()
+    for i, ((texts, what), key) in enumerate(zip(sides, keys)):
+        if means[i] is None:
+            means[i] = _mean_embedding(encode, texts, bank.batch_size, what, counter)
+            if key is not None:
+                cache.put(key, means[i])
+    total = sum(len(texts) for texts, _ in sides)
+    if total - counter.total:
+        logger.info("edit direction: %d of %d sentence embeddings taken from the cache", total - counter.total, total)
+    return means
+
+
 def sentence_bank_direction(
     encode: EncodeFn,
     source_sentences: Sequence[str],
     target_sentences: Sequence[str],
     source: str = "",
     target: str = "",
-    batch_size: int = 32,
-    encoders: Sequence[tuple[str, int]] | None = None,
-    progress: ProgressFn | None = None,
-    cache: EmbeddingCache | None = None,
+    *args: Any,
+    bank: BankSettings | None = None,
+    **kwargs: Any,
 ) -> EditDirection:
     """pix2pix-zero's sentence-bank direction: ``mean(encode(target)) - mean(encode(source))``, token-wise.
 
     Embeddings ``(N, 77, D)`` are averaged over sentences (float64 accumulation) at every position; the
-    pooled delta is kept when ``encode`` returns pooled outputs. ``encode`` is called with at most
-    ``batch_size`` texts at a time. ``progress(done, total)`` counts the sentences to encode (those not in
-    ``cache``); ``cache`` is used when ``encode`` has a ``cache_key``. Raises ``ValueError`` for an empty
-    sentence list.
+    pooled delta is kept when ``encode`` returns pooled outputs. ``bank``: see ``BankSettings``; its fields
+    are also accepted as the old keywords (``batch_size=...``) or positionally after ``target``. Raises
+    ``ValueError`` for an empty sentence list.
     """
+    bank = merge_settings(BankSettings, bank, args, kwargs, "sentence_bank_direction")
     src = _check_texts(source_sentences, "source sentence list")
     tgt = _check_texts(target_sentences, "target sentence list")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sides = [(src, "source sentences"), (tgt, "target sentences")]
-    keys = [_cache_key(encode, texts) if cache is not None else None for texts, _ in sides]
-    means: list[MeanEmbedding | None] = [cache.get(k) if k is not None else None for k in keys]
-    counter = _Counter(progress, sum(len(texts) for (texts, _), m in zip(sides, means) if m is None))
-    counter.report()
-    for i, ((texts, what), key) in enumerate(zip(sides, keys)):
-        if means[i] is None:
-            means[i] = _mean_embedding(encode, texts, batch_size, what, counter)
-            if key is not None:
-                cache.put(key, means[i])
-    cached = len(src) + len(tgt) - counter.total
-    if cached:
-        logger.info("edit direction: %d of %d sentence embeddings taken from the cache", cached, len(src) + len(tgt))
-    mean_src, mean_tgt = means
+    if bank.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {bank.batch_size}")
+    mean_src, mean_tgt = _bank_means(encode, [(src, "source sentences"), (tgt, "target sentences")], bank)
     if mean_src.embeds.shape != mean_tgt.embeds.shape:
         raise ValueError(
             f"source and target embeddings differ in shape: {tuple(mean_src.embeds.shape)} vs "
             f"{tuple(mean_tgt.embeds.shape)}"
         )
+    encoders = bank.encoders
     if encoders is None and getattr(encode, "encoders", None) is None:
         encoders = mean_src.encoders or mean_tgt.encoders
     width = int(mean_src.embeds.shape[-1])
