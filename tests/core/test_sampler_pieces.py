@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from zerocon_core.common.legacy_args import from_old_keywords, reject_unknown
 from zerocon_core.diffuseit.guidance import DiffuseITObjective, diffuseit_guidance, diffuseit_sample
-from zerocon_core.method.calls import Hooks, from_old_keywords, reject_unknown
+from zerocon_core.method.calls import Hooks
 from zerocon_core.method.denoiser import CaptureRequest, Prediction
 from zerocon_core.method.guidance import CrossAttentionGuidance, GuidanceTerm
 from zerocon_core.method.inversion import (

@@ -30,8 +30,9 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 from torch import Tensor
 
+from ..common.legacy_args import from_old_keywords, reject_unknown
 from ..common.log import logger
-from ..method.calls import HOOK_KEYWORDS, Hooks, from_old_keywords, reject_unknown
+from ..method.calls import HOOK_KEYWORDS, Hooks
 from ..method.guidance import GuidanceTerm, StepContext
 from ..method.parameterization import check_prediction_type, noise_blend, vp_sigma
 from ..method.sampler import Conditionings, SampleResult, SamplerSettings, guided_ddim_sample

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..common.legacy_args import from_old_keywords, reject_unknown
 from ..common.log import logger
-from .calls import HOOK_KEYWORDS, Hooks, from_old_keywords, reject_unknown
+from .calls import HOOK_KEYWORDS, Hooks
 from .denoiser import CaptureRequest, Denoiser, Prediction
 from .losses import auto_corr_loss, kl_loss
 from .parameterization import eps_from_noise, implied_noise, input_scale, is_flow

@@ -14,8 +14,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from ..common.legacy_args import from_old_keywords, reject_unknown
 from ..common.log import logger
-from .calls import HOOK_KEYWORDS, Hooks, from_old_keywords, reject_unknown
+from .calls import HOOK_KEYWORDS, Hooks
 from .denoiser import CaptureRequest, Denoiser, Prediction
 from .guidance import GuidanceTerm, StepContext
 from .parameterization import input_scale, renoise

@@ -21,7 +21,7 @@ from conftest import COMFYUI, REPO, module_from_file
 
 
 def _compat():
-    return module_from_file("zerocon_compat_under_test", REPO / "nodes" / "compat.py")
+    return module_from_file("zerocon_compat_under_test", REPO / "nodes" / "glue" / "compat.py")
 
 
 def test_parse_version():
