@@ -1,7 +1,7 @@
 """Flux.1 (dev, schnell, Krea, and Kontext): flow matching, 16-channel latents, trained at 1024 px.
 
 Recognised by ComfyUI's ``Flux`` model config class (``Flux``, ``FluxSchnell``) on exactly ``model_base.Flux``:
-its subclasses (Chroma, its own adapter in ``chroma.py``; Flux.2, LongCat-Image) are other models. Flux-dev-like networks (a guidance embedding)
+its subclasses (Chroma, its own adapter in ``chroma.py``; Flux.2 in ``flux2.py``; LongCat-Image) are other models. Flux-dev-like networks (a guidance embedding)
 are guidance-distilled (cfg 1, the guidance value in the conditioning, as FluxGuidance sets it); Flux-schnell-like
 ones have none (cfg 1 or real CFG). Flux.1 Kontext is the same class with reference latents in the conditioning:
 their tokens follow the image's and are extra keys for the captures. Captured on the double / single blocks
@@ -17,8 +17,9 @@ from .flow_checks import check_flow_network, unet_config
 from .model_family import ModelFamily
 
 
-def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
-    """The flow checks, then dev (a guidance embedding: distilled guidance) or schnell."""
+def detect_flux_network(adapter: FamilyAdapter, model, base, variants: tuple[str, str]) -> ModelFamily:
+    """The flow checks, then the variant of a network of Flux's blocks: ``variants[0]`` with a guidance embedding
+    (guidance-distilled: cfg 1, the guidance in the conditioning), ``variants[1]`` without (real CFG)."""
     check_flow_network(adapter, model, base)
     params = getattr(base.diffusion_model, "params", None)
     distilled = bool(getattr(params, "guidance_embed", unet_config(base).get("guidance_embed", False)))
@@ -27,8 +28,13 @@ def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
         prediction_type="flow",
         latent_channels=adapter.latent_channels,
         cfg_style="distilled" if distilled else "cfg",
-        variant="dev" if distilled else "schnell",
+        variant=variants[0] if distilled else variants[1],
     )
+
+
+def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
+    """Flux.1-dev (a guidance embedding) or schnell."""
+    return detect_flux_network(adapter, model, base, ("dev", "schnell"))
 
 
 #: The default guided layers of a network of Flux's double / single stream blocks (Flux, Chroma): maps from the

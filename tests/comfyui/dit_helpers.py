@@ -87,15 +87,16 @@ def each_term(num_patches: int):
     return pytest.mark.parametrize("term", terms, ids=["xattn", "patchnce"])
 
 
-def assert_one_step_lowers_the_loss(zc, model, term, conds: dict, latent=None, step_size=1e-2):
+def assert_one_step_lowers_the_loss(zc, model, term, conds: dict, latent=None, step_size=1e-2, noise_seed=None):
     """One normalized guidance step of ``term`` at ``sigmas[1]`` is finite and lowers the (positive) loss: the
-    source (``conds["positive"]``) gives the reference, the edit (``conds["negative"]``) the prediction."""
-    before, after, finite = _one_step_losses(zc, model, term, conds, latent, step_size)
+    source (``conds["positive"]``) gives the reference, the edit (``conds["negative"]``) the prediction; from the
+    latent noised with ``noise_seed`` (None: zero noise)."""
+    before, after, finite = _one_step_losses(zc, model, term, conds, latent, step_size, noise_seed)
     assert finite and before > 0
     assert after < before, (before, after)
 
 
-def _one_step_losses(zc, model, term, conds: dict, latent, step_size):
+def _one_step_losses(zc, model, term, conds: dict, latent, step_size, noise_seed=None):
     """(loss before, loss after, finite) of that step."""
 
     def body(guider, x, sigmas, extra_args):
@@ -119,7 +120,7 @@ def _one_step_losses(zc, model, term, conds: dict, latent, step_size):
             (x_new,) = outcome.latents
             return loss(x), loss(x_new), outcome.finite
 
-    return _inside_sampler(model, conds, body, latent=latent)
+    return _inside_sampler(model, conds, body, latent=latent, noise_seed=noise_seed)
 
 
 def guided_run(zc, model, term, pos, neg, lat, sigmas=None):

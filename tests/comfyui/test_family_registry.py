@@ -30,10 +30,10 @@ joint_capture = pack_module("nodes.glue.joint_capture")
 core_den = pack_module("zerocon_core.method.denoiser")
 text_layout = pack_module("zerocon_core.text.text_layout")
 
-FAMILIES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux", "Chroma", "Qwen-Image", "Z-Image")
-SUPPORTED_TEXT = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux, Chroma, Qwen-Image and Z-Image"
+FAMILIES = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux", "Flux.2", "Chroma", "Qwen-Image", "Z-Image")
+SUPPORTED_TEXT = "SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux, Flux.2, Chroma, Qwen-Image and Z-Image"
 LOAD_TEXT = (
-    "Load an SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux (dev or schnell), Chroma, Qwen-Image / Qwen-Image-Edit or Z-Image "
+    "Load an SD1.x, SD2.x, SDXL, SD3/SD3.5, Flux (dev or schnell), Flux.2 (dev or Klein), Chroma, Qwen-Image / Qwen-Image-Edit or Z-Image "
     "(Turbo or base) checkpoint"
 )
 #: builder -> (family, ComfyUI config class it is built with)
@@ -72,14 +72,14 @@ def test_each_family_is_registered_once_in_one_module():
     names = [a.name for a in fam.REGISTRY.adapters()]
     assert names == list(FAMILIES)
     modules = sorted(m.__name__.rpartition(".")[2] for m in fam.REGISTRY.modules)
-    assert modules == ["chroma", "flux", "qwen_image", "sd3", "sd_unet", "z_image"]
+    assert modules == ["chroma", "flux", "flux2", "qwen_image", "sd3", "sd_unet", "z_image"]
     assert sorted(a.name for m in fam.REGISTRY.modules for a in m.ADAPTERS) == sorted(FAMILIES)
     assert fam.SUPPORTED == SUPPORTED_TEXT
     assert {a.text_layout for a in fam.REGISTRY.adapters()} == set(text_layout.LAYOUTS)
     for name in FAMILIES:
         assert fam.adapter_named(name).name == name
     with pytest.raises(KeyError):
-        fam.adapter_named("Flux.2")
+        fam.adapter_named("HiDream")
 
 
 def test_a_family_cannot_be_registered_twice():
@@ -228,9 +228,11 @@ def test_adding_one_family_module_makes_its_models_detectable():
         assert fam.capture_code(model.model) is None
         with pytest.raises(fam.UnsupportedModelError) as err:
             fam.detect_family(tm.flux_fill())
-        assert "SDXL, SD3/SD3.5, Flux, Chroma, Qwen-Image, Z-Image and SDXL Refiner models only" in str(err.value)
+        assert "SDXL, SD3/SD3.5, Flux, Flux.2, Chroma, Qwen-Image, Z-Image and SDXL Refiner models only" in str(
+            err.value
+        )
         assert (
-            "SD3/SD3.5, Flux (dev or schnell), Chroma, Qwen-Image / Qwen-Image-Edit, Z-Image (Turbo or base) or SDXL Refiner checkpoint"
+            "SD3/SD3.5, Flux (dev or schnell), Flux.2 (dev or Klein), Chroma, Qwen-Image / Qwen-Image-Edit, Z-Image (Turbo or base) or SDXL Refiner checkpoint"
             in str(err.value)
         )
         assert fam.detect_family(tm.sdxl()).name == "SDXL"  # the others are unchanged

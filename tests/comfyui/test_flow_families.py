@@ -61,7 +61,7 @@ def test_other_variants_keep_the_clear_error(zc, build, what):
         zc.families.detect_family(build())
     msg = str(err.value)
     assert (
-        "ZeroCon supports SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux, Chroma, Qwen-Image and Z-Image models only"
+        "ZeroCon supports SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux, Flux.2, Chroma, Qwen-Image and Z-Image models only"
         in msg
     )
     assert what in msg

@@ -1,5 +1,5 @@
-"""Whole graphs on tiny Flux (schnell- and dev-like) and SD3 models through ComfyUI's own executor, in-process
-(as ``test_graph.py``): image -> VAE Encode (16-channel) -> ZeroCon DDIM Inversion -> ZeroCon Guided Sampler ->
+"""Whole graphs on tiny Flux (schnell- and dev-like), SD3 and Flux.2 Klein models through ComfyUI's own executor, in-process
+(as ``test_graph.py``): image -> VAE Encode (16-channel; Flux.2's 128-channel) -> ZeroCon DDIM Inversion -> ZeroCon Guided Sampler ->
 VAE Decode, and image -> VAE Encode -> DINO Structure Guidance -> ZeroCon DiffuseIT Sampler -> VAE Decode.
 
 The models and their conditionings enter through the TEST-ONLY pack (``ZeroConTest_TinyFlowCheckpoint``,
@@ -15,8 +15,19 @@ from test_diffuseit_graph import DINO_NAME, _structure, graph_env  # noqa: F401 
 from test_graph import execute_in_process, guided_sampler_node, inversion_node
 
 SIZE = 64  # pixels; latent 8 x 8 x 16
-GUIDANCE = {"flux": 0.0, "flux_dev": 3.5, "sd3": 0.0}
-CFG = {"flux": 1.0, "flux_dev": 1.0, "sd3": 4.0}
+GUIDANCE = {"flux": 0.0, "flux_dev": 3.5, "sd3": 0.0, "flux2": 0.0}
+CFG = {"flux": 1.0, "flux_dev": 1.0, "sd3": 4.0, "flux2": 2.0}
+#: Latent channels and pixels per latent cell of each kind's VAE (Flux.2: 128 at 16x).
+LATENT = {"flux": (16, 8), "flux_dev": (16, 8), "sd3": (16, 8), "flux2": (128, 16)}
+
+
+def _has_flux2() -> bool:
+    import tiny_families
+
+    return tiny_families.has_flux2()
+
+
+FLUX2 = pytest.param("flux2", marks=pytest.mark.skipif(not _has_flux2(), reason="this ComfyUI has no Flux.2"))
 
 
 def _base(kind: str) -> dict:
@@ -77,7 +88,7 @@ def diffuseit_graph(kind: str, weight: float = 1.0) -> dict:
     return g
 
 
-@pytest.mark.parametrize("kind", ["flux", "flux_dev", "sd3"])
+@pytest.mark.parametrize("kind", ["flux", "flux_dev", "sd3", FLUX2])
 def test_inversion_and_guided_sampler_graph(graph_env, kind):  # noqa: F811
     captured = graph_env
     captured.clear()
@@ -86,12 +97,13 @@ def test_inversion_and_guided_sampler_graph(graph_env, kind):  # noqa: F811
     assert edit.shape == recon.shape == (1, SIZE, SIZE, 3)
     assert torch.isfinite(edit).all() and edit.min() >= 0 and edit.max() <= 1
     x_t = captured["x_t"]["samples"]
-    assert x_t.shape == (1, 16, SIZE // 8, SIZE // 8) and torch.isfinite(x_t).all()
+    channels, scale = LATENT[kind]
+    assert x_t.shape == (1, channels, SIZE // scale, SIZE // scale) and torch.isfinite(x_t).all()
     z, z_ref = captured["edit_latent"]["samples"], captured["reconstruction_latent"]["samples"]
     assert float((z - z_ref).abs().max()) > 1e-3  # the edited conditioning changed something
 
 
-@pytest.mark.parametrize("kind", ["flux", "sd3"])
+@pytest.mark.parametrize("kind", ["flux", "sd3", FLUX2])
 def test_diffuseit_graph(graph_env, kind):  # noqa: F811
     captured = graph_env
     captured.clear()
@@ -100,5 +112,6 @@ def test_diffuseit_graph(graph_env, kind):  # noqa: F811
     execute_in_process(diffuseit_graph(kind, weight=0.0))
     z0 = captured["edit_latent"]["samples"]
     assert edit.shape == (1, SIZE, SIZE, 3) and torch.isfinite(edit).all()
-    assert z.shape == z0.shape == (1, 16, SIZE // 8, SIZE // 8)
+    channels, scale = LATENT[kind]
+    assert z.shape == z0.shape == (1, channels, SIZE // scale, SIZE // scale)
     assert float((z - z0).abs().max()) > 1e-4, "DINO guidance did not move the latent"

@@ -99,7 +99,7 @@ def gradient_not_finite(ctx):
 
 TRIGGERS = {
     "ZeroCon BLIP Loader: no BLIP captioning model in ...": blip_missing,
-    "ZeroCon supports SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux, Chroma, Qwen-Image and Z-Image models only; this MODEL is ...": (
+    "ZeroCon supports SD1.x, SD2.x (eps or v-prediction), SDXL, SD3/SD3.5, Flux, Flux.2, Chroma, Qwen-Image and Z-Image models only; this MODEL is ...": (
         unsupported_model
     ),
     "the direction was made with a different CLIP (...): it is 768 wide (SD1.x), but this conditioning is 2048 wide "

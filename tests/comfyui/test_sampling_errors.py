@@ -50,7 +50,7 @@ def test_unsupported_model_family(zc, run):
     latent = {"samples": torch.zeros(1, 16, 8, 8)}
     with pytest.raises(
         ValueError,
-        match=r"ZeroCon supports SD1\.x, SD2\.x \(eps or v-prediction\), SDXL, SD3/SD3\.5, Flux, Chroma, Qwen-Image and Z-Image models only; "
+        match=r"ZeroCon supports SD1\.x, SD2\.x \(eps or v-prediction\), SDXL, SD3/SD3\.5, Flux, Flux\.2, Chroma, Qwen-Image and Z-Image models only; "
         r"this MODEL is a Flux variant with 96 input channels",
     ):
         h.invert(zc, run, fill, latent, tm.conditioning(49))

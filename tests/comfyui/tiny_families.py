@@ -91,7 +91,7 @@ def t5_conditioning(seed: int, tokens: int = 16, batch: int = 1, pad: int = 0, g
     return [[cond, extra]]
 
 
-# -- Flux.2 (refused for now) ----------------------------------------------------------------------------------------
+# -- Flux.2 ----------------------------------------------------------------------------------------------------------
 
 
 def has_flux2() -> bool:
@@ -102,9 +102,10 @@ def has_flux2() -> bool:
     return hasattr(comfy.supported_models, "Flux2") and hasattr(comfy.model_base, "Flux2")
 
 
-def flux2(seed: int = 30):
+def flux2(seed: int = 30, klein: bool = False):
     """A tiny Flux.2 model as ComfyUI's detection configures one (128-channel latent, patch size 1, global
-    modulation, SiLU-gated MLPs, no biases, 4-axis RoPE with the text position on axis 3), width 32, 2 heads."""
+    modulation, SiLU-gated MLPs, no biases, 4-axis RoPE with the text position on axis 3), width 32, 2 heads:
+    dev (a guidance embedding) or, with ``klein``, Klein (none: real CFG)."""
     import comfy.supported_models
 
     cfg = {
@@ -130,4 +131,47 @@ def flux2(seed: int = 30):
         "default_ref_method": "index",
         "ref_index_scale": 10.0,
     }
+    if klein:
+        cfg["guidance_embed"] = False
     return tm._dit_patcher(comfy.supported_models.Flux2(cfg), seed)
+
+
+def flux2_latent(seed: int = 0, size: int = 8, channels: int = 128) -> dict:
+    """A Flux.2 LATENT dict: 128 channels (the VAE's 32 packed 2 x 2), one cell per 16 pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"samples": torch.randn(1, channels, size, size, generator=gen)}
+
+
+def flux2_conditioning(seed: int, tokens: int = 16, guidance: float | None = 4.0, reference=None):
+    """A Flux.2 CONDITIONING: LLM-like hidden states (no pooled output), dev's ``guidance`` when given, and
+    ``reference`` (a 128-channel latent) in ``reference_latents`` as ReferenceLatent sets it (Klein's edit mode)."""
+    gen = torch.Generator().manual_seed(seed)
+    extra = {"pooled_output": None}
+    if guidance is not None:
+        extra["guidance"] = guidance
+    if reference is not None:
+        extra["reference_latents"] = [reference]
+    return [[torch.randn(1, tokens, tm.CONTEXT_DIM, generator=gen), extra]]
+
+
+def flux2_vae(seed: int = 0):
+    """A tiny Flux.2 ``comfy.sd.VAE``: ComfyUI's AutoencoderKL with its latent batch norm (32 channels packed 2 x 2
+    into 128 and normalised, one cell per 16 pixels), built from ``tiny_models.FLOW_VAE_CONFIG`` at 32 channels.
+    ComfyUI's config path assumes 4 channels and 8x, so channels and ratios are set afterwards, as its own
+    detection sets them for a state dict with ``bn.running_mean``."""
+    import copy
+
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    config = copy.deepcopy(tm.FLOW_VAE_CONFIG)
+    config["params"]["embed_dim"] = 32
+    config["params"]["ddconfig"].update(z_channels=32, batch_norm_latent=True)
+    with torch.inference_mode():
+        model = AutoencoderKL(**config["params"])
+        tm._init_(model, seed)
+        sd = {k: v.clone() for k, v in model.state_dict().items()}
+        vae = comfy.sd.VAE(sd=sd, config=config)
+    vae.latent_channels = 128
+    vae.downscale_ratio = vae.upscale_ratio = 16
+    return vae

@@ -17,6 +17,8 @@ Flux      T5-XXL tokens x 4096 (padded to at least 256)                         
 Qwen-     Qwen2.5-VL 7B hidden states x 3584 (the chat template's tokens dropped),  none
 Image     with an ``attention_mask`` when padded; not told from a conditioning
 Z-Image   Qwen3-4B hidden states x 2560; not told from a conditioning             none
+Flux.2    LLM hidden states of three layers side by side (Mistral 3 for dev: 15360;  none
+          Qwen3 for Klein: 7680 / 12288), 512 tokens; not told from a conditioning
 ========  ========================================================================  ===============
 
 Any of SD3's three encoders may be absent (CLIPLoader "sd3" with one or two files): its channels (CLIP) or
@@ -55,7 +57,7 @@ SD3_CLIP_WIDTH = 2048
 """Channels of SD3's CLIP part that carry CLIP-L + CLIP-G; the rest (up to 4096) is zero padding."""
 SD3_L_WIDTH = 768
 """Where ComfyUI puts CLIP-G in SD3's CLIP part when CLIP-L is absent (it pads CLIP-G by 768 on the left)."""
-LAYOUTS = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux", "Qwen-Image", "Z-Image")
+LAYOUTS = ("SD1.x", "SD2.x", "SDXL", "SD3", "Flux", "Flux.2", "Qwen-Image", "Z-Image")
 
 _BY_KEYS = {
     frozenset({"l"}): "SD1.x",

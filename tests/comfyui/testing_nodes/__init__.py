@@ -6,7 +6,7 @@ installed). The tiny builders come from the sibling test modules ``tiny_models.p
 
 - ``ZeroConTest_TinyCheckpoint``: MODEL, CLIP, VAE of a tiny SD1.5-, SDXL-, SD3- or Flux-dev-shaped model with its
   text encoders (like a checkpoint loader).
-- ``ZeroConTest_TinyFlowCheckpoint``: MODEL and 16-channel VAE of a tiny Flux (schnell- or dev-like) or SD3 model.
+- ``ZeroConTest_TinyFlowCheckpoint``: MODEL and VAE of a tiny Flux (schnell- or dev-like), SD3 or Flux.2 Klein model.
 - ``ZeroConTest_FlowConditioning``: a seeded fake Flux / SD3 CONDITIONING (optionally with Flux-dev's guidance).
 - ``ZeroConTest_Image``: a seeded smooth random IMAGE batch.
 - ``ZeroConTest_Capture``: an output node that stores whatever reaches it in ``CAPTURED[key]`` (in-process
@@ -92,7 +92,9 @@ class TinyFlowCheckpoint(io.ComfyNode):
             "TinyFlowCheckpoint",
             "Tiny Flow Checkpoint",
             inputs=[
-                io.Combo.Input("kind", options=["flux", "flux_dev", "sd3"], default="flux", tooltip="Model family."),
+                io.Combo.Input(
+                    "kind", options=["flux", "flux_dev", "sd3", "flux2"], default="flux", tooltip="Model family."
+                ),
                 io.Int.Input("seed", default=0, min=0, max=2**31, tooltip="Seed of the random weights."),
             ],
             outputs=[io.Model.Output("model_out"), io.Vae.Output("vae_out")],
@@ -103,6 +105,10 @@ class TinyFlowCheckpoint(io.ComfyNode):
         key = ("flow", kind, seed)
         if key not in _CACHE:
             tiny_models = _sibling("tiny_models")
+            if kind == "flux2":  # Flux.2 Klein: 128-channel latents at 16x, its own VAE
+                families = _sibling("tiny_families")
+                _CACHE[key] = (families.flux2(seed, klein=True), families.flux2_vae(seed))
+                return io.NodeOutput(*_CACHE[key])
             build = {"flux": tiny_models.flux, "flux_dev": tiny_models.flux_dev, "sd3": tiny_models.sd3}[kind]
             _CACHE[key] = (build(seed), tiny_models.flow_vae(seed))
         return io.NodeOutput(*_CACHE[key])
