@@ -2,7 +2,8 @@
 
 ``install(package, moved)`` adds a finder to ``sys.meta_path``: importing ``<package>.<old>`` imports
 ``<package>.<new>`` and registers the same module object under the old name, so attributes set through either
-name (a monkeypatch in a test, say) are seen by both. Nothing is imported until an old name is asked for.
+name (a monkeypatch in a test, say) are seen by both; ``python -m <old name>`` runs the moved module. Nothing is
+imported until an old name is asked for.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ class _Alias(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         """The target module already ran; nothing to do."""
+
+    def get_code(self, fullname: str):
+        """What ``python -m <old name>`` runs: the moved module as ``__main__``."""
+        source = f"import runpy\nrunpy.run_module({self.target!r}, run_name='__main__', alter_sys=True)\n"
+        return compile(source, f"<{fullname}: moved to {self.target}>", "exec")
 
 
 class _MovedFinder(importlib.abc.MetaPathFinder):
