@@ -346,6 +346,19 @@ def _model_parts(parts: Sequence[Any], named: dict[str, Any]) -> SDParts:
     return p
 
 
+def options_guidance(prediction_type: str, options: EditOptions, settings: SamplerSettings) -> tuple[GuidanceTerm, ...]:
+    """``default_guidance`` with the weights, layers and seed of ``options``, for ``settings.step_mode``."""
+    return default_guidance(
+        prediction_type,
+        options.xa_weight,
+        options.nce_weight,
+        options.xa_layers,
+        options.nce_layers,
+        nce_seed=options.seed,
+        step_mode=settings.step_mode,
+    )
+
+
 class ZeroConPipeline:
     """The text-guided edit over diffusers components (SD1.x, SD2.x incl. v-prediction, SDXL).
 
@@ -507,16 +520,8 @@ class ZeroConPipeline:
         )
 
     def guidance_terms(self, options: EditOptions, settings: SamplerSettings) -> tuple[GuidanceTerm, ...]:
-        """The guidance terms of ``options`` for ``settings.step_mode`` (``default_guidance``), logged."""
-        guidance = default_guidance(
-            self.prediction_type,
-            options.xa_weight,
-            options.nce_weight,
-            options.xa_layers,
-            options.nce_layers,
-            nce_seed=options.seed,
-            step_mode=settings.step_mode,
-        )
+        """The guidance terms of ``options`` for ``settings.step_mode`` (``options_guidance``), logged."""
+        guidance = options_guidance(self.prediction_type, options, settings)
         logger.info(
             "guidance (step mode %s): %s",
             settings.step_mode,

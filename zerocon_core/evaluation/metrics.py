@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..common.loaded_model import OnModelDevice
 from ..common.log import logger
 from ..common.model_folders import WEIGHTS, ModelFolder, check_model_folder
 from ..diffuseit.dino import dino_features, key_self_similarity
@@ -306,7 +307,7 @@ def structure_distance(dino: Any, source: Tensor, edited: Tensor, pixel_scale: f
 
 
 @dataclass
-class ClipMetric:
+class ClipMetric(OnModelDevice):
     """A loaded CLIP for scoring: ``CLIPModel``, its tokenizer, and the image preprocessing settings
     (``resize``: short side in px, ``crop``: centre crop (h, w), ``mean``/``std``: per-channel)."""
 
@@ -317,14 +318,6 @@ class ClipMetric:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     folder: str = ""
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
 
 def check_clip_folder(folder: str | os.PathLike, model_id: str | None = None) -> None:

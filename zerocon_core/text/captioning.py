@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..common.legacy_args import merge_settings
+from ..common.loaded_model import OnModelDevice
 from ..common.log import logger
 from ..common.model_folders import WEIGHTS, ModelFolder, check_model_folder
 
@@ -41,20 +42,12 @@ BLIP_FOLDER = ModelFolder(
 
 
 @dataclass
-class Blip:
+class Blip(OnModelDevice):
     """A loaded BLIP captioner: ``BlipForConditionalGeneration`` + ``BlipProcessor`` and where they came from."""
 
     model: Any
     processor: Any
     folder: str
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
 
 
 def check_blip_folder(folder: str | os.PathLike, model_id: str | None = None) -> None:

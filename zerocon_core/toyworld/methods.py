@@ -131,20 +131,12 @@ def run_batch(pipe: Any, cases: list[EditCase], method: str, run: RunSettings) -
         return np.stack([run_method(pipe, c, method, run) for c in cases])
     from ..common.images import decode_latents, encode_latents
     from ..diffusers_host.denoiser import TextCond
-    from ..diffusers_host.pipeline import default_guidance, invert_and_edit
+    from ..diffusers_host.pipeline import invert_and_edit, options_guidance
     from ..method.inversion import NoiseRegularization
 
     opts = edit_options(cases[0], method, run)
     settings = opts.sampler_settings()
-    guidance = default_guidance(
-        pipe.prediction_type,
-        opts.xa_weight,
-        opts.nce_weight,
-        opts.xa_layers,
-        opts.nce_layers,
-        nce_seed=opts.seed,
-        step_mode=settings.step_mode,
-    )
+    guidance = options_guidance(pipe.prediction_type, opts, settings)
     z0 = encode_latents(pipe.vae, torch.cat([source_tensor(c) for c in cases]))
     src, _ = pipe.encode([c.source.caption for c in cases])
     tgt, _ = pipe.encode([c.target.caption for c in cases])
