@@ -1,13 +1,15 @@
-"""ComfyUI benchmark on a Flux-shaped MM-DiT: one guided step vs one stock step, and capture memory per block.
+"""ComfyUI benchmark on an MM-DiT family: one guided step vs one stock step, and capture memory per block.
 
-Runs inside ComfyUI's environment, in ONE process, on CPU: a Flux-dev-shaped model built from ComfyUI's own
-classes at full width (hidden 3072, 24 heads of 128, T5 context 4096 wide, 512 text tokens, RoPE axes
-16/56/56) with few blocks (default 1 double + 1 single), random weights (under inference mode, as a loader
-builds it), 512 px (a 64 x 64 latent, 32 x 32 = 1024 image tokens).
+Runs inside ComfyUI's environment, in ONE process, on CPU: a model of ``--family`` (``dit_families.py``: Flux.1-dev
+by default, Chroma, Flux.2 Klein 4B, Qwen-Image, Z-Image) built from ComfyUI's own classes at full width
+(Flux.1: hidden 3072, 24 heads of 128, T5 context 4096 wide, 512 text tokens, RoPE axes 16/56/56) with few
+blocks (default 1 + 1), random weights (under inference mode, as a loader builds it), 512 px (Flux.1: a 64 x 64
+latent, 32 x 32 = 1024 image tokens).
 
     COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_dit.py                 # 512 px, cfg 1, 2 threads
     COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_dit.py --cfg 3.5 --double 2 --single 2
     COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_dit.py --cfg 3.5 --reference inverted  # replayed reference
+    COMFYUI_PATH=~/ComfyUI <comfy-python> bench/bench_dit.py --family flux2 --size 1024     # Flux.2 Klein at 1024 px
 
 Measured (wall and process CPU time, one process, the same model and latent):
 
@@ -20,7 +22,7 @@ Measured (wall and process CPU time, one process, the same model and latent):
   shapes, peak bytes allocated (PyTorch profiler memory events, CPU) at this size, next to the formula
   ``dit_capture.capture_bytes`` at this size and at 1024 px, and next to a dense softmax over all keys.
 
-Writes bench/out/bench_dit_<size>_<reference>.json.
+Writes bench/out/bench_dit_<size>_<reference>.json (Flux.1) or bench_dit_<family>_<size>_<reference>.json.
 """
 
 from __future__ import annotations
@@ -34,42 +36,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, pack_loader, start_comfyui, write_json  # noqa: E402
-
-HIDDEN, HEADS, CONTEXT, POOLED, TEXT_TOKENS = 3072, 24, 4096, 768, 512
-
-
-def flux_config(double: int, single: int) -> dict:
-    from comfy.ldm.flux.model import FluxParams
-
-    cfg = {
-        "image_model": "flux",
-        "in_channels": 16,
-        "patch_size": 2,
-        "out_channels": 16,
-        "vec_in_dim": POOLED,
-        "context_in_dim": CONTEXT,
-        "hidden_size": HIDDEN,
-        "mlp_ratio": 4.0,
-        "num_heads": HEADS,
-        "depth": double,
-        "depth_single_blocks": single,
-        "axes_dim": [16, 56, 56],
-        "theta": 10000,
-        "qkv_bias": True,
-        "guidance_embed": True,
-    }
-    if "txt_ids_dims" in FluxParams.__dataclass_fields__:  # newer ComfyUI requires it (Flux-1: no text axes)
-        cfg["txt_ids_dims"] = []
-    return cfg
+from dit_families import FAMILIES, DitFamily  # noqa: E402
 
 
-def build_model(double: int, single: int, seed: int):
+def build_model(family: DitFamily, blocks: tuple[int, int], seed: int):
+    """``family``'s MODEL with ``blocks``, seeded random weights (matrices ~ 1/sqrt(fan-in), norms ~ 1)."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
     import torch
 
-    config = comfy.supported_models.Flux(flux_config(double, single))
+    config = getattr(comfy.supported_models, family.config_class)(family.config(blocks))
     config.set_inference_dtype(torch.float32, None)
     with torch.inference_mode():
         base = config.get_model({})
@@ -148,16 +125,16 @@ def peak_allocated(fn) -> int:
     return peak
 
 
-def capture_memory(dc, size: int, chunk) -> dict:
+def capture_memory(dc, fam: DitFamily, size: int, chunk) -> dict:
     """Measured peak of one block's probability capture (forward; backward) at ``size`` px vs the formulas."""
     import torch
 
-    n = (size // 16) ** 2
-    total = n + TEXT_TOKENS
+    n, heads, tokens = (size // fam.px_per_token) ** 2, fam.heads, fam.text_tokens
+    total = n + tokens
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, HEADS, total, HIDDEN // HEADS, generator=gen).requires_grad_(True)
-    k = torch.randn(1, HEADS, total, HIDDEN // HEADS, generator=gen).requires_grad_(True)
-    image, text = slice(TEXT_TOKENS, total), slice(0, TEXT_TOKENS)
+    q = torch.randn(1, heads, total, fam.head_dim, generator=gen).requires_grad_(True)
+    k = torch.randn(1, heads, total, fam.head_dim, generator=gen).requires_grad_(True)
+    image, text = slice(tokens, total), slice(0, tokens)
     held = {}
 
     def forward():
@@ -173,18 +150,18 @@ def capture_memory(dc, size: int, chunk) -> dict:
     held.clear()
 
     def dense():
-        s = (q @ k.transpose(-1, -2) / (HIDDEN // HEADS) ** 0.5).softmax(-1)
+        s = (q @ k.transpose(-1, -2) / fam.head_dim**0.5).softmax(-1)
         held["p"] = s[:, :, image, text]
 
     dense_fwd = peak_allocated(dense)
     held.clear()
     return {
         "image_tokens": n,
-        "text_tokens": TEXT_TOKENS,
+        "text_tokens": tokens,
         "measured_forward_mb": fwd / 2**20,
         "measured_backward_mb": bwd / 2**20,
-        "formula_forward_mb": dc.capture_bytes(1, HEADS, n, TEXT_TOKENS, total, chunk) / 2**20,
-        "formula_backward_mb": dc.capture_bytes(1, HEADS, n, TEXT_TOKENS, total, chunk, backward=True, head_dim=128)
+        "formula_forward_mb": dc.capture_bytes(1, heads, n, tokens, total, chunk) / 2**20,
+        "formula_backward_mb": dc.capture_bytes(1, heads, n, tokens, total, chunk, backward=True, head_dim=fam.head_dim)
         / 2**20,
         "dense_softmax_forward_mb": dense_fwd / 2**20,
     }
@@ -192,10 +169,13 @@ def capture_memory(dc, size: int, chunk) -> dict:
 
 def parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="flux", help="the network (dit_families.py)")
     ap.add_argument("--size", type=int, default=512, help="image side in pixels")
-    ap.add_argument("--double", type=int, default=1, help="double-stream blocks")
-    ap.add_argument("--single", type=int, default=1, help="single-stream blocks")
-    ap.add_argument("--cfg", type=float, default=1.0, help="CFG of both samplers (Flux-dev: 1, distilled guidance)")
+    ap.add_argument("--double", type=int, default=1, help="blocks of the first stack (double-stream / main layers)")
+    ap.add_argument("--single", type=int, default=1, help="blocks of the second stack (single-stream / refiners)")
+    ap.add_argument(
+        "--cfg", type=float, default=None, help="CFG of both samplers (default: the family's; Flux-dev 1, distilled)"
+    )
     ap.add_argument(
         "--reference",
         choices=["resampled", "inverted"],
@@ -228,15 +208,18 @@ def load_modules() -> dict:
     return {k: pack_module(v) for k, v in names.items()}
 
 
-def random_conds() -> list:
-    """Flux-style ``source``, ``edited``, ``negative`` conditionings: random T5 tokens, pooled, guidance 3.5."""
+def random_conds(fam: DitFamily) -> list:
+    """``source``, ``edited``, ``negative`` conditionings of ``fam``: random text tokens, its pooled output and
+    distilled guidance where it has them."""
     import torch
 
     conds = []
     for seed in (2, 3, 4):
         g = torch.Generator().manual_seed(seed)
-        extra = {"pooled_output": torch.randn(1, POOLED, generator=g), "guidance": 3.5}
-        conds.append([[torch.randn(1, TEXT_TOKENS, CONTEXT, generator=g), extra]])
+        extra = {"pooled_output": None if fam.pooled is None else torch.randn(1, fam.pooled, generator=g)}
+        if fam.guidance is not None:
+            extra["guidance"] = fam.guidance
+        conds.append([[torch.randn(1, fam.text_tokens, fam.context, generator=g), extra]])
     return conds
 
 
@@ -343,28 +326,29 @@ def time_guided(args: argparse.Namespace, model, m: dict, conds: list, latent: d
     }
 
 
-def capture_figures(dc, size: int) -> dict:
+def capture_figures(dc, fam: DitFamily, size: int) -> dict:
     """Measured capture memory at ``size`` and the formula's at 1024 px."""
     chunk = dc.Chunking()
-    n1024 = (1024 // 16) ** 2
+    n1024, heads, tokens = (1024 // fam.px_per_token) ** 2, fam.heads, fam.text_tokens
+    total = n1024 + tokens
     return {
         "chunk": [chunk.queries, chunk.keys],
-        "capture_memory": capture_memory(dc, size, chunk),
+        "capture_memory": capture_memory(dc, fam, size, chunk),
         "capture_memory_1024_formula_mb": {
-            "forward": dc.capture_bytes(1, HEADS, n1024, TEXT_TOKENS, n1024 + TEXT_TOKENS, chunk) / 2**20,
-            "backward": dc.capture_bytes(
-                1, HEADS, n1024, TEXT_TOKENS, n1024 + TEXT_TOKENS, chunk, backward=True, head_dim=HIDDEN // HEADS
-            )
+            "forward": dc.capture_bytes(1, heads, n1024, tokens, total, chunk) / 2**20,
+            "backward": dc.capture_bytes(1, heads, n1024, tokens, total, chunk, backward=True, head_dim=fam.head_dim)
             / 2**20,
-            "dense_softmax_all_keys": 4 * HEADS * (n1024 + TEXT_TOKENS) ** 2 / 2**20,
+            "dense_softmax_all_keys": 4 * heads * total**2 / 2**20,
         },
     }
 
 
 def report(args: argparse.Namespace, res: dict, path: Path) -> str:
+    fam = FAMILIES[args.family]
     cm, c1024 = res["capture_memory"], res["capture_memory_1024_formula_mb"]
     lines = [
-        f"Flux-shaped DiT ({args.double} double + {args.single} single blocks, width {HIDDEN}, {HEADS} heads), "
+        f"{fam.name} ({args.double} + {args.single} blocks, {fam.heads} heads of {fam.head_dim}, "
+        f"{fam.text_tokens} text tokens), "
         f"{args.size}px, CPU, {args.threads} threads, cfg {args.cfg}, reference {args.reference}; "
         f"guided layers {res['guided_layers']}",
         f"stock euler step:  {res['stock_step_wall_s']:.2f} s wall, {res['stock_step_cpu_s']:.2f} s CPU",
@@ -375,7 +359,7 @@ def report(args: argparse.Namespace, res: dict, path: Path) -> str:
     lines += [
         f"guided / stock = {res['guided_over_stock_wall']:.2f} (wall), {res['guided_over_stock_cpu']:.2f} (CPU) "
         "(target <= 2.5)",
-        f"capture memory per guided block at {args.size}px ({cm['image_tokens']} image x {TEXT_TOKENS} text tokens): "
+        f"capture memory per guided block at {args.size}px ({cm['image_tokens']} image x {cm['text_tokens']} text tokens): "
         f"measured {cm['measured_forward_mb']:.1f} MB forward, {cm['measured_backward_mb']:.1f} MB backward "
         f"(formula {cm['formula_forward_mb']:.1f} / {cm['formula_backward_mb']:.1f}); "
         f"dense softmax {cm['dense_softmax_forward_mb']:.1f} MB",
@@ -388,26 +372,27 @@ def report(args: argparse.Namespace, res: dict, path: Path) -> str:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    fam = FAMILIES[args.family]
+    args.cfg = fam.cfg if args.cfg is None else args.cfg
     start_comfyui(args.threads)
     import torch
 
     m = load_modules()
-    res: dict = {"size": args.size, "double": args.double, "single": args.single, "cfg": args.cfg}
-    res["reference"] = args.reference
-    res["threads"] = args.threads
+    res: dict = {"family": args.family, "size": args.size, "double": args.double, "single": args.single}
+    res.update(cfg=args.cfg, reference=args.reference, threads=args.threads)
     start = Clock.now()
-    model = build_model(args.double, args.single, 0)
+    model = build_model(fam, (args.double, args.single), 0)
     res["build_s"] = Clock.since(start)[0]
-    conds = random_conds()
-    h = args.size // 8
+    conds = random_conds(fam)
     gen = torch.Generator().manual_seed(1)
-    latent = {"samples": torch.randn(1, 16, h, h, generator=gen)}
+    latent = {"samples": torch.randn(fam.latent(args.size), generator=gen)}
     res.update(time_stock(args, model, conds, latent))
     res.update(time_guided(args, model, m, conds, latent, gen))
     res["guided_over_stock_wall"] = res["guided_step_wall_s"] / res["stock_step_wall_s"]
     res["guided_over_stock_cpu"] = res["guided_step_cpu_s"] / res["stock_step_cpu_s"]
-    res.update(capture_figures(m["dc"], args.size))
-    path = write_json(Path(args.out) / f"bench_dit_{args.size}_{args.reference}.json", res)
+    res.update(capture_figures(m["dc"], fam, args.size))
+    name = "bench_dit" if args.family == "flux" else f"bench_dit_{args.family}"
+    path = write_json(Path(args.out) / f"{name}_{args.size}_{args.reference}.json", res)
     sys.stdout.write(report(args, res, path))
     return 0
 
