@@ -38,3 +38,9 @@ def flow_family(adapter: FamilyAdapter, model, base, packed: int = 1, channels_n
     family module's ``detect`` when it has no checks of its own."""
     check_flow_network(adapter, model, base, packed=packed, channels_note=channels_note)
     return ModelFamily(name=adapter.name, prediction_type="flow", latent_channels=adapter.latent_channels)
+
+
+def txt_in_width(base) -> int:
+    """The conditioning width a network with a ``txt_in`` projection takes (its input features: Qwen-Image's 3584,
+    Flux.2's stacked LLM layers), for ``FamilyAdapter.context_width``."""
+    return int(base.diffusion_model.txt_in.in_features)

@@ -15,6 +15,7 @@ the network patched to a discrete (eps / v) schedule.
 from __future__ import annotations
 
 from .adapter import FamilyAdapter, GradientPasses, Recognition
+from .flow_checks import txt_in_width
 from .flux import FLUX_BLOCK_LAYERS, detect_flux_network
 from .model_family import ModelFamily
 
@@ -25,11 +26,6 @@ FLUX2_LATENT_SCALE = 16
 def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
     """Flux.2-dev (a guidance embedding: cfg 1) or Klein (real CFG)."""
     return detect_flux_network(adapter, model, base, ("dev", "Klein"))
-
-
-def _context_width(base) -> int:
-    """The conditioning width the network takes (its ``txt_in``'s input: the LLM's stacked hidden states)."""
-    return int(base.diffusion_model.txt_in.in_features)
 
 
 FLUX2 = FamilyAdapter(
@@ -47,7 +43,7 @@ FLUX2 = FamilyAdapter(
     guided_layers=FLUX_BLOCK_LAYERS,
     text_layout="Flux.2",
     gradient=GradientPasses(torch_paths=True, rope=True),
-    context_width=_context_width,
+    context_width=txt_in_width,
     detect=_detect,
 )
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ...zerocon_core.method.denoiser import DIT_DEFAULT_CROSS_BLOCKS, DIT_DEFAULT_FEATURE_BLOCKS
 from .adapter import FamilyAdapter, GradientPasses, GuidedLayers, Recognition
-from .flow_checks import flow_family, unet_config
+from .flow_checks import flow_family, txt_in_width, unet_config
 from .model_family import ModelFamily, unsupported
 
 
@@ -33,11 +33,6 @@ def _detect(adapter: FamilyAdapter, model, base) -> ModelFamily:
         )
     patch = int(unet_config(base).get("patch_size", 2))
     return flow_family(adapter, model, base, packed=patch * patch, channels_note="")
-
-
-def _context_width(base) -> int:
-    """The conditioning width the network takes (its ``txt_in``'s input: 3584, Qwen2.5-VL 7B's hidden size)."""
-    return int(base.diffusion_model.txt_in.in_features)
 
 
 QWEN_IMAGE = FamilyAdapter(
@@ -61,7 +56,7 @@ QWEN_IMAGE = FamilyAdapter(
     text_layout="Qwen-Image",
     gradient=GradientPasses(torch_paths=True, rope=True),
     frame_axis=True,
-    context_width=_context_width,
+    context_width=txt_in_width,
     detect=_detect,
 )
 

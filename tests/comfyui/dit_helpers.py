@@ -60,10 +60,11 @@ def _recording_patch(store, key):
     return patch
 
 
-def first_blocks_captured(zc, model, cond, features=None):
+def first_blocks_captured(zc, model, cond, features=None, latent=None):
     """(prediction, records) of one prediction on ``cond`` at the first sigma with the text maps of the first
     double and single blocks captured, and as features the two blocks' image outputs (or ``features(layers)``);
-    ``records["double"]`` / ``records["single"]``: those blocks' arguments and outputs (``_recording_patch``)."""
+    ``records["double"]`` / ``records["single"]``: those blocks' arguments and outputs (``_recording_patch``);
+    ``latent``: the LATENT to predict on (default ``_inside_sampler``'s 16-channel one)."""
     seen = {}
     model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
     model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
@@ -75,7 +76,7 @@ def first_blocks_captured(zc, model, cond, features=None):
         req = core_den.CaptureRequest(probs=names, features=wanted)
         return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
 
-    return _inside_sampler(model, {"positive": cond}, body), seen
+    return _inside_sampler(model, {"positive": cond}, body, latent=latent), seen
 
 
 def each_term(num_patches: int):

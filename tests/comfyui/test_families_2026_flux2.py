@@ -20,7 +20,7 @@ import tiny_models as tm
 import torch
 from conftest import pack_module
 from test_diffuseit_nodes import dino, dino_nodes  # noqa: F401  (fixtures)
-from test_dit_capture import _den, _inside_sampler, _recording_patch, _rope_angles, _rotate, _sharp
+from test_dit_capture import _rope_angles, _rotate, _sharp
 from test_families_2026_flux import _assert_diffuseit_runs, _assert_guided_runs_leave_the_model_as_it_was, _chroma_qk
 
 guidance = pack_module("zerocon_core.method.guidance")
@@ -101,22 +101,12 @@ def test_flux2_probabilities_equal_a_float64_recomputation_with_4_axis_rope(zc, 
     reference) of (RoPE q)(RoPE k)^T, recomputed in float64 from the blocks' weights and the global modulations,
     with the text position on RoPE axis 3 and a reference at index 10; rows are the image tokens only."""
     model = _sharp(tf.flux2(klein=True)).clone()
-    seen = {}
-    model.set_model_patch_replace(_recording_patch(seen, "double"), "dit", "double_block", 0)
-    model.set_model_patch_replace(_recording_patch(seen, "single"), "dit", "single_block", 0)
     dm = model.model.diffusion_model
     tokens, grid = 12, 8
     n = grid * grid
     ref = tf.flux2_latent(42, size=6)["samples"] if with_reference else None
-
-    def body(guider, x, sigmas, extra_args):
-        den = _den(zc, guider, extra_args)
-        names = frozenset({"double.0.img2txt", "single.0.img2txt"})
-        req = core_den.CaptureRequest(probs=names, features=frozenset({"double.0.img", "single.0.img"}))
-        return den.predict(x, sigmas[0], [guider.conds["positive"]], req)[0]
-
     cond = tf.flux2_conditioning(2, tokens=tokens, guidance=None, reference=ref)
-    pred = _inside_sampler(model, {"positive": cond}, body, latent=tf.flux2_latent(70, size=grid))
+    pred, seen = dh.first_blocks_captured(zc, model, cond, latent=tf.flux2_latent(70, size=grid))
     text = torch.zeros(FLUX2_TEXT, 4)
     text[:, 3] = torch.arange(FLUX2_TEXT)
     parts = [text, _positions(0, grid, grid)] + ([_positions(10, 6, 6)] if with_reference else [])
@@ -165,9 +155,17 @@ def test_flux2_diffuseit_runs_and_decodes_with_its_128_channel_vae(run, dino):  
     assert lat["samples"].shape == (1, 128, 4, 4)  # a 64 px image
 
 
-def test_a_flux1_latent_into_flux2_names_the_expected_channels(zc, run):
-    """A Flux.1 LATENT (16 channels, /8) into a Flux.2 MODEL: the error names Flux.2's 128 channels and the shape."""
+def test_a_flux1_latent_or_conditioning_into_flux2_names_what_is_expected(zc, run):
+    """A Flux.1 LATENT (16 channels, /8) into a Flux.2 MODEL: the error names Flux.2's 128 channels and the shape;
+    a conditioning of another width (here 48 vs the tiny Flux.2's 64; real Flux.1 T5 4096 vs Klein's 7680) names the
+    width its ``txt_in`` takes."""
     with pytest.raises(
         ValueError, match=r"Flux\.2 needs a 128-channel image latent \(B, 128, H, W\); got shape \(1, 16, 8, 8\)"
     ):
         h.invert(zc, run, tf.flux2(), tm.flow_latent(1, size=8), tf.flux2_conditioning(1), steps=2)
+    other = [[torch.randn(1, 12, 48), {"pooled_output": None, "guidance": 4.0}]]
+    with pytest.raises(
+        ValueError,
+        match=r"the caption conditioning is 48 wide but this Flux\.2 MODEL takes 64-wide text \(its Flux\.2 text encoder\)",
+    ):
+        h.invert(zc, run, tf.flux2(), tf.flux2_latent(1, size=4), other, steps=2)

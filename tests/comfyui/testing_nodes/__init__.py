@@ -104,13 +104,12 @@ class TinyFlowCheckpoint(io.ComfyNode):
     def execute(cls, kind, seed):
         key = ("flow", kind, seed)
         if key not in _CACHE:
-            tiny_models = _sibling("tiny_models")
+            tiny_models, families = _sibling("tiny_models"), _sibling("tiny_families")
             if kind == "flux2":  # Flux.2 Klein: 128-channel latents at 16x, its own VAE
-                families = _sibling("tiny_families")
                 _CACHE[key] = (families.flux2(seed, klein=True), families.flux2_vae(seed))
-                return io.NodeOutput(*_CACHE[key])
-            build = {"flux": tiny_models.flux, "flux_dev": tiny_models.flux_dev, "sd3": tiny_models.sd3}[kind]
-            _CACHE[key] = (build(seed), tiny_models.flow_vae(seed))
+            else:
+                build = {"flux": tiny_models.flux, "flux_dev": tiny_models.flux_dev, "sd3": tiny_models.sd3}[kind]
+                _CACHE[key] = (build(seed), tiny_models.flow_vae(seed))
         return io.NodeOutput(*_CACHE[key])
 
 
